@@ -1,0 +1,1 @@
+"""Hydra configs of the stale commands, packaged as stale.conf."""

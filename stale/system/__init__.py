@@ -1,0 +1,1 @@
+"""The Lightning system: the only place where model, objective, optimiser and sampling meet."""

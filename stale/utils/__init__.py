@@ -1,0 +1,1 @@
+"""Small helpers: media writing, provenance."""
