@@ -1,0 +1,1 @@
+"""stale-bench sections: each module measures one thing and returns rows."""

@@ -1,0 +1,1 @@
+"""Evaluation and data hygiene: Fréchet DoG distance, label agreement, contamination."""

@@ -1,0 +1,1 @@
+"""Export and inference: safetensors + JSON exports, ONNX, StalePipeline."""
