@@ -2,25 +2,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU machine must not pull several GB of CUDA wheels: torch is installed first, pinned.
-# Override for a GPU machine, e.g. `make train TORCH_SPEC="torch==2.13.0" TORCH_INDEX=...`.
+# A CPU machine must not pull several GB of CUDA wheels, so torch is installed first, pinned.
+# On a GPU machine choose the build, e.g. `make train TORCH_SPEC="torch==2.13.0" ARGS="trainer=gpu"`.
 TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: train test install clean-venv
+.PHONY: train test install install-dev clean-venv
 
-$(BIN)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# the runtime package (make train); re-run when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
 	@touch $@
 
-install: $(BIN)/.installed
+# plus the test and tooling extra (make test)
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 train: install
 	$(BIN)/stale-train $(ARGS)
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest $(ARGS)
 
 clean-venv:
