@@ -6,7 +6,10 @@ few steps after warm-up, and peak memory during those steps above the memory hel
 (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size, ru_maxrss). With it,
 the analytic training FLOPs per clip (stale.models.flops) and the FLOP rate they imply.
 
-    python -m stale.bench.attention            # a small model on the CPU; prints a Markdown table
+    python -m stale.bench.attention --threads 1   # a small model on the CPU; prints a Markdown table
+
+Callers that use run(isolate=True) from a script need the usual `if __name__ == "__main__":` guard, since
+the measurement processes are spawned and re-import the calling script.
     python -m stale.bench.attention --size s --image 32 --patch 1 2 2 --batch 8 --device cuda
 
 Step time is the point on a CPU: scaled_dot_product_attention's CPU and CUDA kernels (flash / memory
@@ -49,8 +52,18 @@ def _peak_rss_bytes() -> int:
 
 def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16, patch=(1, 4, 4),
             model_overrides: dict | None = None, batch: int = 2, steps: int = 3, warmup: int = 1,
-            device: str = "cpu", seed: int = 0) -> dict:
+            device: str = "cpu", threads: int | None = None, seed: int = 0) -> dict:
     """One training-step measurement in this process. Returns one result row."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed)
+    finally:
+        torch.set_num_threads(previous)  # leave the process as it was (matters when not isolated)
+
+
+def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed) -> dict:
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = build_model(model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern,
@@ -89,7 +102,7 @@ def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16
         "frames": frames, "pattern": pattern, "model": model_size, "dim": cfg.dim, "depth": cfg.depth,
         "image": image, "patch": list(cfg.patch), "batch": batch,
         "tokens": (frames // pt) * ((image // ph) * (image // pw) + 1),  # per clip, joy tokens included
-        "params": count_parameters(model), "device": str(dev),
+        "params": count_parameters(model), "device": str(dev), "threads": torch.get_num_threads(),
         "step_s": step_s, "peak_mem_mb": max(0, peak - base) / 2**20,
         "train_gflop_per_clip": flops / 1e9, "gflop_per_s": flops * batch / step_s / 1e9,
     }
@@ -101,11 +114,13 @@ def _measure_kwargs(kwargs: dict) -> dict:
 
 def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", image: int = 16, patch=(1, 4, 4),
         model_overrides: dict | None = None, batch: int = 2, steps: int = 3, warmup: int = 1,
-        device: str | None = None, isolate: bool = True, seed: int = 0) -> list[dict]:
+        device: str | None = None, threads: int | None = None, isolate: bool = True, seed: int = 0) -> list[dict]:
     """Measure every (T, pattern); rows in that order, full rows with their ratio to alternating at that T.
 
     The default model is small enough for a CPU: tiny with width 64 and 4 blocks, 16x16 clips, 4x4 patches
     (17 tokens per frame). `isolate` runs each row in a fresh spawned process (needed for CPU peak memory).
+    `threads` sets torch's intra-op threads; on a shared CPU use 1: with more threads than idle cores,
+    OpenMP barriers wait on descheduled threads (we saw 2 threads run 30x slower than 1 on 2 busy cores).
     A configuration that fails (e.g. out of memory) gives a row with an `error` instead of numbers.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +131,7 @@ def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", ima
         for pattern in patterns:
             kwargs = dict(frames=T, pattern=pattern, model_size=model_size, image=image, patch=tuple(patch),
                           model_overrides=model_overrides, batch=batch, steps=steps, warmup=warmup,
-                          device=device, seed=seed)
+                          device=device, threads=threads, seed=seed)
             try:
                 if isolate:
                     with mp.get_context("spawn").Pool(1) as pool:
@@ -124,7 +139,7 @@ def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", ima
                 else:
                     row = measure(**kwargs)
             except Exception as e:  # noqa: BLE001 - a failed configuration is a result, not a crash
-                row = {"frames": T, "pattern": pattern, "error": f"{type(e).__name__}: {e}"[:200]}
+                row = {"frames": T, "pattern": pattern, "error": " ".join(f"{type(e).__name__}: {e}".split())[:200]}
             rows.append(row)
     by_key = {(r["frames"], r["pattern"]): r for r in rows}
     for r in rows:
@@ -164,9 +179,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU)")
     a = p.parse_args(argv)
     rows = run(frames=tuple(a.frames), model_size=a.size, image=a.image, patch=tuple(a.patch), batch=a.batch,
-               steps=a.steps, device=a.device)
+               steps=a.steps, device=a.device, threads=a.threads)
     print(to_markdown(rows))
 
 

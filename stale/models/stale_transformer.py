@@ -42,8 +42,9 @@ class StaleConfig:
     depth: int = 4  # number of blocks; each block is one attention (of one mode) + one MLP
     heads: int = 4  # attention heads; dim must be divisible by heads
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
-    # Attention mode of each block, cycled over depth: ("spatial", "temporal") alternates (the default,
-    # cost linear in T); ("full",) is joint space-time attention (the comparator, cost quadratic in T).
+    # Attention mode of each block, cycled over depth: ("spatial", "temporal") alternates (the default; cost
+    # about linear in T, as temporal attention is quadratic only in T' over sequences of T' tokens);
+    # ("full",) is joint space-time attention over all T' N tokens (the comparator; quadratic in T).
     pattern: tuple = ("spatial", "temporal")
     num_classes: int = 4  # label classes; index num_classes is the null label for classifier-free guidance
     qk_norm: bool = True  # RMS-normalise queries and keys per head: keeps attention logits bounded at scale
@@ -61,8 +62,9 @@ class StaleConfig:
         if bad or not self.pattern:
             raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of {MODES} "
                              f"or one of {sorted(PATTERNS)}")
-        if self.dim % self.heads or self.dim % 2:
-            raise ValueError(f"model.dim={self.dim} must be even and divisible by model.heads={self.heads}")
+        if self.dim % self.heads or self.dim % 2 or self.dim < 8:
+            raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
+                             f"and divisible by model.heads={self.heads}")
         for name in ("in_channels", "depth", "num_classes", "frames", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -97,8 +99,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #             Positional encoding: fixed 3D sin-cos (time, height, width)        #
 #################################################################################
 # Why sin-cos and not 3D RoPE: the code is added once at the input, so every attention mode (spatial,
-# temporal, full) sees the same tokens and stays a plain scaled_dot_product_attention call (flash /
-# memory-efficient kernels, a clean ONNX export); it is a pure function of the grid size, so any
+# temporal, full) sees the same tokens and stays a plain scaled_dot_product_attention call on q and k, with
+# no per-mode rotation tables to build and export; it is a pure function of the grid size, so any
 # (T, H, W) divisible by the patch works with no learned table to interpolate; and it gives the joy token
 # a time code but no place in the frame, which RoPE would have to special-case. DiT and Latte use it too.
 # RoPE's edge is relative positions (better extrapolation to longer clips than trained on); switching is
@@ -119,7 +121,7 @@ def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None) -> torch.Tensor:
     but no position inside the frame (an all-zero spatial code is no real position, since cos(0) = 1).
     """
     dt = dim // 4 // 2 * 2  # even split points, so each part has sin and cos halves
-    dh = (dim - dt) // 2 // 2 * 2
+    dh = (dim - dt) // 2 // 2 * 2  # dim >= 8 (checked in StaleConfig) keeps all three non-empty
     dw = dim - dt - dh
     et = sincos_1d(dt, torch.arange(t, device=device))  # (t, dt)
     eh = sincos_1d(dh, torch.arange(h, device=device))  # (h, dh)
@@ -343,6 +345,12 @@ class StaleTransformer(nn.Module):
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                       h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c)  # (B, C, T, H, W)
         return v, scores
+
+
+def fsdp_wrap_policy() -> set:
+    """FSDP wraps each StaleBlock as one unit: Lightning's FSDPStrategy(auto_wrap_policy=...) turns this set
+    into torch's ModuleWrapPolicy (and accepts it as activation_checkpointing_policy too)."""
+    return {StaleBlock}
 
 
 def build_model(name: str = "tiny", **overrides) -> StaleTransformer:
