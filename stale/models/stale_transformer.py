@@ -2,18 +2,24 @@
 
 Paper -> code: the Transformer that "alternates between its vehicular and anthropomorphic form" is a
 stack of blocks that alternate spatial attention (the tokens of one frame) and temporal attention (one
-spatial position across frames), as in TimeSformer and Latte. The non-learnable crying-joy parameter 😂
-is the *joy token*: a fixed buffer appended as one extra spatial position to every frame, whose final
-state feeds a hinge-loss classifier head.
+spatial position across frames), as in TimeSformer (Bertasius et al. 2021, "divided space-time
+attention") and Latte (Ma et al. 2024). The non-learnable crying-joy parameter 😂 is the *joy token*: a
+fixed buffer appended as one extra spatial position to every frame, whose final state, averaged over
+frames, feeds a hinge-loss classifier head.
 
-Layout follows facebookresearch/DiT: adaLN-Zero conditioning (every block starts as the identity and the
-final layer outputs exactly zero), shape comments, one file for the whole architecture.
+Layout follows facebookresearch/DiT models.py: adaLN-Zero conditioning (every block starts as the
+identity and the final layer outputs exactly zero), shape comments, one file for the whole architecture.
+
+Token layout inside the blocks is (B, T', N, D): T' = T/pt latent frames, N = H'W' + 1 positions per
+frame (the H'W' patches of the frame, then the joy token), D the width. Spatial attention runs over N
+with (B T') sequences, temporal attention over T' with (B N) sequences, full attention over T' N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,29 +27,61 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+MODES = ("spatial", "temporal", "full")
+# Shorthands accepted for `pattern` (e.g. `model.pattern=full` on the command line).
+PATTERNS = {"alternating": ("spatial", "temporal"), "full": ("full",)}
+
 
 @dataclass
 class StaleConfig:
     in_channels: int = 3  # RGB
-    frames: int = 8  # T of the training clips (the positional encoding works for any T divisible by pt)
-    size: int = 16  # H = W of the training clips
-    patch: tuple = (1, 4, 4)  # tubelet (pt, ph, pw)
-    dim: int = 128  # width D
-    depth: int = 4  # number of blocks (each block is one attention + one MLP)
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    pattern: tuple = ("spatial", "temporal")  # repeated over depth; ("full",) is joint space-time attention
+    frames: int = 8  # T of the training clips; any T divisible by pt works at inference
+    size: int = 16  # H = W of the training clips; any H, W divisible by (ph, pw) works at inference
+    patch: tuple = (1, 4, 4)  # tubelet (pt, ph, pw): one token per pt x ph x pw pixels
+    dim: int = 128  # width D (even: the sin-cos code splits it into sin/cos halves)
+    depth: int = 4  # number of blocks; each block is one attention (of one mode) + one MLP
+    heads: int = 4  # attention heads; dim must be divisible by heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
+    # Attention mode of each block, cycled over depth: ("spatial", "temporal") alternates (the default; cost
+    # about linear in T, as temporal attention is quadratic only in T' over sequences of T' tokens);
+    # ("full",) is joint space-time attention over all T' N tokens (the comparator; quadratic in T).
+    pattern: tuple = ("spatial", "temporal")
     num_classes: int = 4  # label classes; index num_classes is the null label for classifier-free guidance
-    qk_norm: bool = True  # RMS-normalise queries and keys: keeps attention logits bounded at scale
-    grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
-    joy_seed: int = 0x1F602  # the joy token is drawn once from this seed: fixed, deterministic, never trained
+    qk_norm: bool = True  # RMS-normalise queries and keys per head: keeps attention logits bounded at scale
+    grad_checkpointing: bool = False  # recompute each block in backward: activation memory for ~1/3 more compute
+    joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
+
+    def __post_init__(self):
+        # Hydra hands lists; the model wants tuples (hashable, printable as in the defaults).
+        if isinstance(self.pattern, str):
+            self.pattern = PATTERNS.get(self.pattern, (self.pattern,))
+        self.patch, self.pattern = tuple(int(p) for p in self.patch), tuple(self.pattern)
+        if len(self.patch) != 3 or min(self.patch) < 1:
+            raise ValueError(f"model.patch={list(self.patch)} must be three positive ints (pt, ph, pw)")
+        bad = [m for m in self.pattern if m not in MODES]
+        if bad or not self.pattern:
+            raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of {MODES} "
+                             f"or one of {sorted(PATTERNS)}")
+        if self.dim % self.heads or self.dim % 2 or self.dim < 8:
+            raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
+                             f"and divisible by model.heads={self.heads}")
+        for name in ("in_channels", "depth", "num_classes", "frames", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
 
     @property
     def head_outputs(self) -> int:
         return 1 if self.num_classes <= 2 else self.num_classes  # binary hinge: one score; else Crammer-Singer
 
+    @property
+    def modes(self) -> tuple:
+        """The attention mode of every block, in order."""
+        return tuple(self.pattern[i % len(self.pattern)] for i in range(self.depth))
 
-# Sizes: widths and depths follow DiT (S/B/L/XL); tiny is for CPUs and CI.
+
+# Sizes: widths, depths and heads of DiT-S/B/L/XL (Peebles & Xie 2023, Table 1); tiny is for CPUs and CI.
+# Depth counts blocks, and each block attends over space or time, so DiT-S (12 blocks) becomes 6 spatial +
+# 6 temporal blocks, as Latte does.
 SIZES = {
     "tiny": dict(dim=128, depth=4, heads=4),
     "s": dict(dim=384, depth=12, heads=6),
@@ -57,27 +95,46 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+#################################################################################
+#             Positional encoding: fixed 3D sin-cos (time, height, width)        #
+#################################################################################
+# Why sin-cos and not 3D RoPE: the code is added once at the input, so every attention mode (spatial,
+# temporal, full) sees the same tokens and stays a plain scaled_dot_product_attention call on q and k, with
+# no per-mode rotation tables to build and export; it is a pure function of the grid size, so any
+# (T, H, W) divisible by the patch works with no learned table to interpolate; and it gives the joy token
+# a time code but no place in the frame, which RoPE would have to special-case. DiT and Latte use it too.
+# RoPE's edge is relative positions (better extrapolation to longer clips than trained on); switching is
+# local to Attention if that is ever measured to matter.
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """Fixed sin-cos encoding of positions `pos` (N,) -> (N, dim)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
-    out = pos.double()[:, None] * omega[None]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+    """Fixed sin-cos code of positions `pos` (N,) -> (N, dim), dim even (DiT's get_1d_sincos_pos_embed)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
+    out = pos.float()[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_3d(dim: int, t: int, h: int, w: int) -> torch.Tensor:
-    """3D sin-cos positional encoding (t, h, w, dim): channels split into time, height and width parts.
+def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Positional code of the token grid, joy tokens included: (t, h*w + 1, dim).
 
-    Fixed rather than learned so that any (T, H, W) divisible by the patch works at inference, with no
-    interpolation of a learned table.
+    Channels split into a time quarter and two spatial parts. Patch (i, j) of frame k gets
+    [time(k), height(i), width(j)]; the joy token of frame k gets [time(k), 0, 0]: it has its frame's time
+    but no position inside the frame (an all-zero spatial code is no real position, since cos(0) = 1).
     """
-    dt = dim // 4 // 2 * 2  # a quarter of the channels for time
-    dh = (dim - dt) // 2 // 2 * 2
+    dt = dim // 4 // 2 * 2  # even split points, so each part has sin and cos halves
+    dh = (dim - dt) // 2 // 2 * 2  # dim >= 8 (checked in StaleConfig) keeps all three non-empty
     dw = dim - dt - dh
-    et = sincos_1d(dt, torch.arange(t))[:, None, None].expand(t, h, w, dt)
-    eh = sincos_1d(dh, torch.arange(h))[None, :, None].expand(t, h, w, dh)
-    ew = sincos_1d(dw, torch.arange(w))[None, None, :].expand(t, h, w, dw)
-    return torch.cat([et, eh, ew], dim=-1)
+    et = sincos_1d(dt, torch.arange(t, device=device))  # (t, dt)
+    eh = sincos_1d(dh, torch.arange(h, device=device))  # (h, dh)
+    ew = sincos_1d(dw, torch.arange(w, device=device))  # (w, dw)
+    grid = torch.cat([et[:, None, None].expand(t, h, w, dt), eh[None, :, None].expand(t, h, w, dh),
+                      ew[None, None, :].expand(t, h, w, dw)], dim=-1).reshape(t, h * w, dim)
+    joy = F.pad(et, (0, dh + dw))[:, None]  # (t, 1, dim)
+    return torch.cat([grid, joy], dim=1)  # (t, h*w + 1, dim)
 
+
+#################################################################################
+#                     Embedding layers for timesteps and labels                  #
+#################################################################################
 
 class TimestepEmbedder(nn.Module):
     """Embeds flow time t in [0, 1] with sinusoids and an MLP (DiT)."""
@@ -87,38 +144,64 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: (B,)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (t.float() * 1000)[:, None] * freqs[None]  # scale t to DiT's 0..1000 range of timesteps
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, D)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
 
+
+class LabelEmbedder(nn.Module):
+    """Label table with one extra row, the null label (index num_classes), for classifier-free guidance.
+
+    Label dropout lives in the objective (it replaces labels by the null index), so the model is a pure
+    function of its inputs; sampling passes the null index for the unconditional branch.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.null_label = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:  # y: (B,) long in [0, num_classes]
+        return self.embedding_table(y)  # (B, D)
+
+
+#################################################################################
+#                                 Core blocks                                    #
+#################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional QK-norm, through scaled_dot_product_attention."""
+    """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
-        self.heads = heads
+        self.heads, self.qk_norm = heads, qk_norm
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L, D) for any batch of sequences N
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D/heads)
-        return self.proj(rearrange(out, "n h l d -> n l (h d)"))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
+        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
+        if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
+            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
+            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
+        return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
 
 
 class StaleBlock(nn.Module):
-    """One transformer block attending over space, time or both, with adaLN-Zero conditioning."""
+    """One transformer block attending over space, time or both, with adaLN-Zero conditioning.
+
+    The unit of gradient checkpointing and of FSDP wrapping (conf/trainer/fsdp.yaml).
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool):
         super().__init__()
-        if mode not in ("spatial", "temporal", "full"):
-            raise ValueError(f"attention mode {mode!r} is not one of spatial, temporal, full")
+        if mode not in MODES:
+            raise ValueError(f"attention mode {mode!r} is not one of {MODES}")
         self.mode = mode
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm)
@@ -127,20 +210,20 @@ class StaleBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, N, D), N = H*W + 1 (joy)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
-        if self.mode == "spatial":  # the tokens of one frame see each other
+        if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d")).view(b, t, n, -1)
-        if self.mode == "temporal":  # one position sees itself across frames
+        if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'
             return rearrange(self.attn(rearrange(x, "b t n d -> (b n) t d")), "(b n) t d -> b t n d", b=b)
-        return self.attn(rearrange(x, "b t n d -> b (t n) d")).view(b, t, n, -1)  # full space-time
+        return self.attn(rearrange(x, "b t n d -> b (t n) d")).view(b, t, n, -1)  # full: B sequences of T' N
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T, N, D), c: (B, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), c: (B, D)
         mods = self.adaLN_modulation(c)[:, None, None]  # (B, 1, 1, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
-        x = x + gate_a * self._attend(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a))
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-        return x
+        return x  # (B, T', N, D)
 
 
 class FinalLayer(nn.Module):
@@ -152,22 +235,33 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_volume * channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', H'W', D)
         shift, scale = self.adaLN_modulation(c)[:, None, None].chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T', H'W', pt*ph*pw*C)
 
 
 class HingeHead(nn.Module):
-    """Reads the joy token's final state (averaged over frames) and scores the classes."""
+    """Reads the joy token's final state, averaged over frames, and scores the classes."""
 
     def __init__(self, dim: int, outputs: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.linear = nn.Linear(dim, outputs)
 
-    def forward(self, joy: torch.Tensor) -> torch.Tensor:  # joy: (B, T, D)
+    def forward(self, joy: torch.Tensor) -> torch.Tensor:  # joy: (B, T', D)
         return self.linear(self.norm(joy.mean(dim=1)))  # (B, outputs)
 
+
+def joy_vector(dim: int, seed: int) -> torch.Tensor:
+    """😂: a fixed vector of exactly unit RMS drawn from `seed`, on the CPU, so it is the same everywhere."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(dim, generator=g, device="cpu")
+    return v / v.pow(2).mean().sqrt()
+
+
+#################################################################################
+#                               The Stale Transformer                            #
+#################################################################################
 
 class StaleTransformer(nn.Module):
     """Video velocity model v(x_t, t, label) with a joy-token hinge head.
@@ -178,24 +272,19 @@ class StaleTransformer(nn.Module):
 
     def __init__(self, config: StaleConfig | None = None, **overrides):
         super().__init__()
-        cfg = config or StaleConfig()
-        for k, v in overrides.items():
-            if not hasattr(cfg, k):
-                raise TypeError(f"StaleConfig has no field {k!r}")
-            setattr(cfg, k, tuple(v) if k in ("patch", "pattern") else v)
-        cfg.patch, cfg.pattern = tuple(cfg.patch), tuple(cfg.pattern)
-        if cfg.dim % cfg.heads:
-            raise ValueError(f"model.dim={cfg.dim} must be divisible by model.heads={cfg.heads}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(StaleConfig)}
+        if unknown:
+            raise TypeError(f"StaleConfig has no field(s) {sorted(unknown)}")
+        cfg = dataclasses.replace(config or StaleConfig(), **overrides)  # a copy: the caller's config is untouched
         self.config = cfg
         pt, ph, pw = cfg.patch
         self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.t_embed = TimestepEmbedder(cfg.dim)
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # last row: the null label
-        g = torch.Generator().manual_seed(cfg.joy_seed)
-        # 😂: a fixed, deterministic vector of unit RMS. A buffer, so no optimizer ever sees it.
-        self.register_buffer("joy_token", torch.randn(cfg.dim, generator=g), persistent=True)
-        modes = [cfg.pattern[i % len(cfg.pattern)] for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in modes)
+        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.dim)
+        # A buffer, not a Parameter: no optimizer sees it, so training never changes it. Persistent, so
+        # checkpoints and exports carry it (and a checkpoint with a different joy token fails to load).
+        self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
+        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
         self.initialize_weights()
@@ -211,7 +300,7 @@ class StaleTransformer(nn.Module):
         w = self.patch_embed.weight.data  # like nn.Linear over the flattened tubelet
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.y_embed.embedding_table.weight, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: gates start at 0, so each block is the identity
@@ -222,36 +311,53 @@ class StaleTransformer(nn.Module):
         nn.init.zeros_(self.final.linear.weight)  # the velocity is exactly zero at initialisation
         nn.init.zeros_(self.final.linear.bias)
 
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, C={cfg.in_channels}, T, H, W); got shape {tuple(x.shape)}")
+        _, _, T, H, W = x.shape
+        if T % cfg.patch[0] or H % cfg.patch[1] or W % cfg.patch[2]:
+            raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(cfg.patch)}")
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(f"t and y must be (B,)=({x.shape[0]},); got t {tuple(t.shape)}, y {tuple(y.shape)}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
+        self._check_inputs(x, t, y)
         b, c, T, H, W = x.shape
         pt, ph, pw = cfg.patch
-        if T % pt or H % ph or W % pw:
-            raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by the patch {cfg.patch}")
         gt, gh, gw = T // pt, H // ph, W // pw
-        tokens = rearrange(self.patch_embed(x), "b d t h w -> b t (h w) d")  # (B, T', H'W', D)
-        pos = sincos_3d(cfg.dim, gt, gh, gw).to(tokens)  # (T', H', W', D)
-        tokens = tokens + rearrange(pos, "t h w d -> t (h w) d")
-        joy = self.joy_token.to(tokens.dtype) + sincos_1d(cfg.dim, torch.arange(gt)).to(tokens)  # (T', D)
-        tokens = torch.cat([tokens, joy[None, :, None].expand(b, gt, 1, cfg.dim)], dim=2)  # (B, T', H'W'+1, D)
+        # The residual stream keeps the parameters' dtype: float32 under bf16 autocast (only the matmuls run
+        # in bf16), bf16 when the weights themselves are bf16 (e.g. FSDP mixed precision).
+        dtype = self.patch_embed.weight.dtype
+        patches = rearrange(self.patch_embed(x.to(dtype)), "b d t h w -> b t (h w) d").to(dtype)  # (B, T', H'W', D)
+        joy = self.joy_token.to(dtype)[None, None, None].expand(b, gt, 1, cfg.dim)  # (B, T', 1, D)
+        tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
+        tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device).to(dtype)
         c_emb = self.t_embed(t) + self.y_embed(y)  # (B, D)
         for block in self.blocks:
-            if cfg.grad_checkpointing and self.training:
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c_emb, use_reentrant=False)
             else:
                 tokens = block(tokens, c_emb)
-        scores = self.head(tokens[:, :, -1])  # (B, outputs) from the joy token
+        scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame
         out = self.final(tokens[:, :, :-1], c_emb)  # (B, T', H'W', pt*ph*pw*C)
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                       h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c)  # (B, C, T, H, W)
         return v, scores
 
 
+def fsdp_wrap_policy() -> set:
+    """FSDP wraps each StaleBlock as one unit: Lightning's FSDPStrategy(auto_wrap_policy=...) turns this set
+    into torch's ModuleWrapPolicy (and accepts it as activation_checkpointing_policy too)."""
+    return {StaleBlock}
+
+
 def build_model(name: str = "tiny", **overrides) -> StaleTransformer:
     """Build a model of a named size (tiny, s, b, l, xl) with StaleConfig field overrides."""
     if name not in SIZES:
         raise ValueError(f"model.name={name!r} is not one of {sorted(SIZES)}")
-    unknown = set(overrides) - set(StaleConfig.__dataclass_fields__)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(StaleConfig)}
     if unknown:
-        raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(StaleConfig.__dataclass_fields__)}")
+        raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(StaleConfig))}")
     return StaleTransformer(StaleConfig(**{**SIZES[name], **overrides}))

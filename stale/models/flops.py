@@ -1,0 +1,94 @@
+"""Parameters and analytic FLOPs of the Stale Transformer, for compute budgets, MFU and benchmarks.
+
+Convention (that of torch.utils.flop_counter.FlopCounterMode, Kaplan et al. 2020 and PaLM's MFU): count
+matrix products and convolutions only, 2 FLOPs per multiply-add; norms, softmax, activations and
+embedding look-ups are not counted. Training = 3 x forward (the backward computes two products per
+forward product: the gradient of the input and of the weight). Exactly, the backward skips the input
+gradient of the patch embedding and of the first time-MLP layer, whose inputs need no gradient, so
+3 x forward overstates FlopCounterMode by about 0.3% for `tiny` and under 0.01% from `s` up. Gradient
+checkpointing recomputes the forward (4 x forward executed); by the MFU convention that is not counted.
+
+Attention counts Q K^T and A V: 4 L^2 D per sequence of length L (all heads together). Spatial blocks run
+B T' sequences of H'W'+1 tokens and temporal blocks B (H'W'+1) sequences of T' tokens, so their cost is
+linear in T; full blocks run one sequence of T'(H'W'+1) tokens, quadratic in T.
+
+Note for measuring with FlopCounterMode on a CPU: the default CPU kernel of scaled_dot_product_attention
+(_scaled_dot_product_flash_attention_for_cpu) has no FLOP formula and counts as 0; wrap the step in
+`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` to count attention.
+
+The objective's hinge branch runs a second forward and backward on `diffusion.hinge_fraction` of the
+batch; a training step therefore costs about (1 + hinge_fraction) x training_flops_per_clip per clip.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from stale.models.stale_transformer import StaleConfig
+
+FREQ_DIM = 256  # TimestepEmbedder's sinusoid width
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as the joy token are not parameters, so they are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_count(config: StaleConfig) -> int:
+    """Parameters of StaleTransformer(config), without building it (equals count_parameters of the model)."""
+    d, c = config.dim, config.in_channels
+    pvol = config.patch[0] * config.patch[1] * config.patch[2]
+    hidden = int(d * config.mlp_ratio)
+    head_dim = d // config.heads
+    block = (
+        3 * d * d + 3 * d  # qkv
+        + (2 * head_dim if config.qk_norm else 0)  # RMSNorm weights of q and k
+        + d * d + d  # attention output projection
+        + d * hidden + hidden + hidden * d + d  # MLP
+        + d * 6 * d + 6 * d  # adaLN modulation
+    )
+    return (
+        c * pvol * d + d  # patch embedding
+        + FREQ_DIM * d + d + d * d + d  # timestep MLP
+        + (config.num_classes + 1) * d  # label table with the null label
+        + config.depth * block
+        + d * 2 * d + 2 * d + d * pvol * c + pvol * c  # final layer
+        + 2 * d + d * config.head_outputs + config.head_outputs  # hinge head (LayerNorm, linear)
+    )
+
+
+def forward_flops(config: StaleConfig, frames: int | None = None, size: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per clip of T=frames, H=W=size (defaults: the config's), by part; 'total' sums them."""
+    T = config.frames if frames is None else frames
+    H = W = config.size if size is None else size
+    pt, ph, pw = config.patch
+    if T % pt or H % ph or W % pw:
+        raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(config.patch)}")
+    d, c = config.dim, config.in_channels
+    pvol = pt * ph * pw
+    hidden = int(d * config.mlp_ratio)
+    gt, s = T // pt, (H // ph) * (W // pw)  # latent frames, patches per frame
+    n = s + 1  # tokens per frame: the patches and the joy token
+    tokens = gt * n
+    attention_per_mode = {
+        "spatial": 4 * gt * n * n * d,  # T' sequences of N tokens
+        "temporal": 4 * n * gt * gt * d,  # N sequences of T' tokens
+        "full": 4 * tokens * tokens * d,  # one sequence of T' N tokens
+    }
+    linear_per_block = 2 * tokens * d * (3 * d + d + 2 * hidden) + 2 * d * 6 * d  # qkv, proj, MLP, adaLN
+    parts = {
+        "patch_embed": 2 * gt * s * c * pvol * d,
+        "conditioning": 2 * (FREQ_DIM * d + d * d),
+        "blocks_linear": config.depth * linear_per_block,
+        "attention": sum(attention_per_mode[m] for m in config.modes),
+        "final": 2 * d * 2 * d + 2 * gt * s * d * pvol * c,
+        "head": 2 * d * config.head_outputs,
+    }
+    parts = {k: float(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def training_flops_per_clip(config: StaleConfig, frames: int | None = None, size: int | None = None) -> float:
+    """Analytic training FLOPs (forward + backward = 3 x forward) per clip of T=frames, H=W=size."""
+    return 3.0 * forward_flops(config, frames, size)["total"]

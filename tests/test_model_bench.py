@@ -1,0 +1,19 @@
+"""stale.bench.attention: the alternating-vs-full benchmark returns complete, consistent rows."""
+
+from stale.bench.attention import run, to_markdown
+
+
+def test_attention_benchmark_rows():
+    rows = run(frames=(2, 4), image=8, patch=(1, 4, 4), model_overrides=dict(dim=16, depth=2, heads=2),
+               batch=1, steps=1, warmup=0, device="cpu", threads=1, isolate=False)
+    assert [(r["frames"], r["pattern"]) for r in rows] == [(2, "alternating"), (2, "full"), (4, "alternating"),
+                                                          (4, "full")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["step_s"] > 0 and r["peak_mem_mb"] >= 0 and r["tokens"] == r["frames"] * (2 * 2 + 1)
+        assert r["time_vs_shortest"] > 0 and r["time_vs_alternating"] > 0
+    alt, full = rows[2], rows[3]
+    assert full["train_gflop_per_clip"] > alt["train_gflop_per_clip"]  # same weights, more attention work
+    assert alt["params"] == full["params"]
+    table = to_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| 4 | full |" in table
