@@ -13,9 +13,9 @@ def main(cfg: DictConfig) -> None:
     result = export_checkpoint(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     print("\nstale-export finished. Outputs:")
     for name, path in result["paths"].items():
-        print(f"  {name:<15} {path}")
+        print(f"  {name:<18} {path}")
     for name, value in result["checks"].items():
-        print(f"  {name:<15} {value:.3g}")
+        print(f"  {name:<18} {value:.3g}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
                 diff = check_onnx(paths["onnx"], model)
                 result["checks"]["onnx_max_abs_diff"] = diff
                 if not diff <= tolerance:
-                    raise AssertionError(f"{paths['onnx']}: onnxruntime differs from PyTorch by {diff:.3g} "
-                                         f"(> {tolerance:g}) in fp32")
+                    raise RuntimeError(f"{paths['onnx']}: onnxruntime differs from PyTorch by {diff:.3g} "
+                                       f"(> {tolerance:g}) in fp32")
         _json(paths["config"], config)
+    written = {p.name for p in paths.values()} | ({ONNX_FILE + ".data"} if onnx else set())
+    for name in (ONNX_FILE, ONNX_FILE + ".data", PROGRAM_FILE):
+        if (out / name).exists() and name not in written:
+            log.warning("%s is left over from an earlier export into %s (config.json does not list it): "
+                        "delete it or export into an empty folder", out / name, out)
     return result

@@ -15,6 +15,9 @@ TorchScript exporter has no symbolic for RMSNorm (the model's QK-norm).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,25 @@ def example_inputs(config, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor,
     return x, t, y
 
 
+@contextlib.contextmanager
+def quiet_exporters():
+    """The exporters log every graph rewrite at INFO (shown by Hydra's console logging), warn that torchvision
+    is missing (its ops are not used here) and hit a torch-internal pytree deprecation: keep their warnings,
+    drop that noise."""
+    levels = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING,
+              "torch.onnx._internal.exporter._registration": logging.ERROR}
+    old = {name: logging.getLogger(name).level for name in levels}
+    try:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        for name, level in old.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def export_program(model: nn.Module, batch: int = 2) -> torch.export.ExportedProgram:
     """torch.export the denoiser with a dynamic batch dimension shared by x, t and y."""
     if batch < 2:
@@ -54,7 +76,7 @@ def export_program(model: nn.Module, batch: int = 2) -> torch.export.ExportedPro
     denoiser = Denoiser(model).eval()
     b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     dynamic = {"x": {0: b}, "t": {0: b}, "y": {0: b}}
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporters():
         return torch.export.export(denoiser, example_inputs(model.config, batch), dynamic_shapes=dynamic)
 
 
@@ -68,9 +90,10 @@ def export_onnx(model: nn.Module, path: str | Path, batch: int = 2, opset: int |
     path = Path(path)
     program = program or export_program(model, batch)
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                                     opset_version=opset, dynamo=True, verbose=False)
-    onnx_program.save(str(path), external_data=n_bytes > ONNX_INLINE_LIMIT)
+    with quiet_exporters():
+        onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                         opset_version=opset, dynamo=True, verbose=False)
+        onnx_program.save(str(path), external_data=n_bytes > ONNX_INLINE_LIMIT)
     return path
 
 
