@@ -82,6 +82,7 @@ class StaleCheckpoint:
     weights: str  # "ema" or "raw"
     global_step: int | None = None
     epoch: int | None = None
+    provenance: dict | None = None  # what trained it: git commit, package versions, ... (see read_checkpoint)
     extra: dict = field(default_factory=dict)  # Lightning version, stale_format
 
     def build_model(self) -> torch.nn.Module:
@@ -112,6 +113,8 @@ def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
     if not isinstance(source, dict) or not any(k.startswith(PREFIX) for k in source):
         raise CheckpointError(f"checkpoint {path} has no model weights (no '{PREFIX}*' keys in its state dict)")
     state = {k[len(PREFIX):]: v for k, v in source.items() if k.startswith(PREFIX)}
+    # stale_format 1 kept provenance inside run_config; later checkpoints carry a top-level "provenance" entry
+    prov = ckpt.get("provenance") if isinstance(ckpt.get("provenance"), dict) else run_config.get("provenance")
     return StaleCheckpoint(path=path, run_config=run_config, state_dict=state, weights=weights,
-                           global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"),
+                           global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"), provenance=prov,
                            extra={k: ckpt[k] for k in ("pytorch-lightning_version", "stale_format") if k in ckpt})

@@ -100,14 +100,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
     model = source.build_model()
     run = source.run_config
     record = {
-        "training": run.get("provenance"),  # git commit and package versions of the run (stale-train writes it)
+        "training": source.provenance,  # git commit, package versions, ... of the training run
         "run_config": {k: v for k, v in run.items() if k != "provenance"},
         "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256(ckpt), "global_step": source.global_step,
                        "epoch": source.epoch, "weights": weights, **source.extra},
         "export": provenance(),
     }
     if record["training"] is None:
-        log.warning("checkpoint %s carries no provenance (run_config.provenance); provenance.json records "
+        log.warning("checkpoint %s carries no provenance; provenance.json records "
                     "only the checkpoint and the exporting environment", ckpt)
     paths = save_pretrained(model, out, name=run["model"].get("name"), diffusion=run.get("diffusion"),
                             sample=run.get("sample"), weights=weights, provenance_record=record)
