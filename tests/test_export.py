@@ -20,21 +20,37 @@ from safetensors.torch import load_file
 from stale.data.video_io import decode_mp4
 from stale.export import StalePipeline, export_checkpoint
 from stale.export.registry import ALLOWED_TARGETS
+from stale.export.sample import sample_to_dir
 from stale.train import build_system
 from stale.utils.media import save_videos
+
+
+# One thread per process, here and in the commands: the shapes are tiny, and on a shared 2-core machine two
+# threads per process made a forward pass of this model 3-40x slower than one (measured; barrier waits).
+# Same thread count on both sides also keeps the command's samples bit-identical to the in-process ones.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    run_cli("stale-train", "debug=smoke", "logger=csv", "callbacks.ema.decay=0.5", f"hydra.run.dir={run}")
+    run_cli("stale-train", "debug=smoke", "logger=csv", "callbacks.ema.decay=0.5", f"hydra.run.dir={run}",
+            env=ONE_THREAD)
     return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    proc = run_cli("stale-export", f"ckpt={trained}", f"out={out}", "onnx=true", "torch_export=true")
+    proc = run_cli("stale-export", f"ckpt={trained}", f"out={out}", "onnx=true", "torch_export=true", env=ONE_THREAD)
     return out, proc
 
 
@@ -69,7 +85,8 @@ def test_acceptance_train_export_sample(trained, exported, tmp_path):
     assert "onnx_max_abs_diff" in export_proc.stdout
 
     samples = tmp_path / "samples"
-    proc = run_cli("stale-sample", f"model={out}", f"out={samples}", "num_videos=3", "steps=4", "seed=7")
+    proc = run_cli("stale-sample", f"model={out}", f"out={samples}", "num_videos=3", "steps=4", "seed=7",
+                   env=ONE_THREAD)
     assert "4/4" in proc.stderr  # the progress bar reached the last step
     mp4s = sorted(samples.glob("sample_*.mp4"))
     assert len(mp4s) == 3
@@ -153,3 +170,16 @@ def test_samples_identical_from_checkpoint_and_export(trained, exported, lightni
     guided = dict(num_videos=3, label=labels, steps=3, guidance=2.5, seed=11)
     assert torch.equal(from_export(**guided), from_ckpt(**guided))
     assert not torch.equal(b, from_export(num_videos=3, label=labels, steps=3, guidance=1.0, seed=12))
+
+
+def test_sample_from_checkpoint(trained, exported, tmp_path):
+    """stale-sample ckpt=PATH goes through sample_to_dir(ckpt=...): same videos as from the export."""
+    out, _ = exported
+    paths = sample_to_dir(tmp_path / "a", ckpt=trained, num_videos=2, steps=2, seed=3, device="cpu", progress=False)
+    sample_to_dir(tmp_path / "b", model=out, num_videos=2, steps=2, seed=3, device="cpu", progress=False)
+    record = json.loads(paths["record"].read_text())
+    assert record["source"] == {"model": None, "ckpt": str(trained), "weights": "ema"}
+    sheets = [np.asarray(Image.open(tmp_path / d / "contact_sheet.png")) for d in ("a", "b")]
+    assert np.array_equal(*sheets)
+    with pytest.raises(ValueError, match="exactly one of model=EXPORT_DIR or ckpt=CHECKPOINT"):
+        sample_to_dir(tmp_path / "c", model=out, ckpt=trained)
