@@ -132,3 +132,15 @@ def test_checkpoint_run_config_is_allow_listed_too(tmp_path):
     with pytest.raises(DisallowedTargetError, match="odd.ckpt: run_config.model: _target_='os.makedirs'"):
         read_checkpoint(tmp_path / "odd.ckpt").build_model()
     assert not victim.exists()
+
+
+def test_omegaconf_objects_in_a_checkpoint_are_refused_with_the_fix(tmp_path):
+    """What stale-train's checkpoint holds when data.shards is a list and the data module receives Hydra's
+    ListConfig: save_hyperparameters() stores it, and weights_only loading refuses the whole file."""
+    from omegaconf import OmegaConf
+
+    ckpt = checkpoint_dict(datamodule_hyper_parameters={"shards": OmegaConf.create(["a.tar", "b.tar"])})
+    torch.save(ckpt, tmp_path / "listconfig.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="omegaconf.listconfig.ListConfig") as err:
+        read_checkpoint(tmp_path / "listconfig.ckpt")
+    assert "store plain Python containers" in str(err.value)

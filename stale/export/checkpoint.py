@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +60,13 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = _unpickler_reason(err)
-        if "global" in reason:
+        # The restricted unpickler refused a real checkpoint (a zip archive, or any file that names a global):
+        # that is a refusal, not a corrupt file.
+        if "global" in reason or zipfile.is_zipfile(path):
+            what = (f"{reason}, which is not a tensor or a plain container" if "global" in reason
+                    else f"PyTorch's restricted unpickler rejected it ({reason})")
             raise UnsafeCheckpointError(
-                f"refused to load checkpoint {path}: {reason}, which is not a tensor or a plain container. "
+                f"refused to load checkpoint {path}: {what}. "
                 "Unpickling it could run arbitrary code, so stale loads checkpoints only with "
                 "torch.load(weights_only=True) and refuses this one. If the file is your own training run, "
                 "the training code stored a non-plain object (for example an OmegaConf DictConfig/ListConfig, "
