@@ -1,0 +1,22 @@
+"""stale-export: `stale-export ckpt=PATH out=DIR [weights=ema|raw] [onnx=true] [torch_export=true]`."""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stale.cli import CONFIG_PATH
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def main(cfg: DictConfig) -> None:
+    from stale.export.export import export_checkpoint  # imported late so that --help and config errors are fast
+
+    result = export_checkpoint(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    print("\nstale-export finished. Outputs:")
+    for name, path in result["paths"].items():
+        print(f"  {name:<18} {path}")
+    for name, value in result["checks"].items():
+        print(f"  {name:<18} {value:.3g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""stale-sample: `stale-sample model=EXPORT_DIR out=DIR num_videos=8 steps=50 seed=0` (or `ckpt=PATH`)."""
+
+from importlib.resources import files
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+# `model` is also a config group of stale.conf (conf/model/*.yaml), and Hydra reads `model=DIR` as a choice in
+# that group whenever the app's config path is stale.conf. So this app registers conf/sample.yaml in the
+# ConfigStore and runs without a config path: there `model` is a plain key, as the command line promises.
+CONFIG_NAME = "stale_sample"
+ConfigStore.instance().store(name=CONFIG_NAME, node=OmegaConf.create((files("stale.conf") / "sample.yaml").read_text()))
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> None:
+    from stale.export.sample import sample_to_dir  # imported late so that --help and config errors are fast
+
+    paths = sample_to_dir(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    print("\nstale-sample finished. Outputs:")
+    for name in ("gif", "contact_sheet", "record"):
+        print(f"  {name:<15} {paths[name]}")
+    print(f"  {'mp4s':<15} {sum(k.startswith('mp4_') for k in paths)} in {paths['gif'].parent}")
+
+
+if __name__ == "__main__":
+    main()

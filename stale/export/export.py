@@ -1,0 +1,139 @@
+"""Export a trained model out of Lightning: safetensors weights + plain-JSON config, and optional graphs.
+
+An export folder:
+
+    model.safetensors   the weights (EMA by default), no pickle
+    config.json         {"model": {"_target_": "stale.models.build_model", name, every StaleConfig field},
+                         "diffusion": {"_target_": "stale.diffusion.objective.StaleObjective", ...},
+                         "sample": default sampling settings, "weights": "ema" | "raw", "files": {...}}
+    provenance.json     what produced it: the training run's git commit and package versions, its full
+                        resolved config, the checkpoint (path, sha256, step) and the exporting environment
+    denoiser.onnx       (onnx=true) one velocity evaluation, dynamic batch; see stale/export/onnx.py
+    denoiser.pt2        (torch_export=true) the same as a torch.export program (torch.export.load it; that
+                        loader may unpickle, so load only .pt2 files you trust; StalePipeline never reads it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stale.export.checkpoint import read_checkpoint
+from stale.export.onnx import check_onnx, export_onnx, export_program
+from stale.utils.provenance import provenance
+
+log = logging.getLogger("stale")
+
+FORMAT = "stale-export"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json", "provenance.json"
+ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
+MODEL_TARGET = "stale.models.build_model"
+DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
+SAMPLE_KEYS = ("steps", "sampler", "guidance")  # from the run's `sample` node: the defaults of StalePipeline
+
+
+def model_node(model: torch.nn.Module, name: str | None = None) -> dict:
+    """The config.json node that rebuilds `model`: every StaleConfig field, so later default changes cannot drift it."""
+    fields = dataclasses.asdict(model.config)
+    fields["grad_checkpointing"] = False  # a training-time memory option
+    # `name` picks SIZES defaults in build_model; every field is given explicitly, so it only labels the size.
+    return {"_target_": MODEL_TARGET, "name": name or "tiny", **fields}
+
+
+def diffusion_node(diffusion: dict | None) -> dict:
+    node = {k: v for k, v in (diffusion or {}).items() if k != "_target_"}
+    return {"_target_": DIFFUSION_TARGET, **node}
+
+
+def _json(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None = None,
+                    diffusion: dict | None = None, sample: dict | None = None, weights: str = "ema",
+                    provenance_record: dict | None = None) -> dict[str, Path]:
+    """Write model.safetensors, config.json and provenance.json for `model` into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    paths = {"weights": out / WEIGHTS_FILE}
+    save_file(state, str(paths["weights"]), metadata={"format": "pt", "stale_export": str(FORMAT_VERSION),
+                                                      "weights": weights})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_node(model, name),
+        "diffusion": diffusion_node(diffusion),
+        "sample": {k: v for k, v in (sample or {}).items() if k in SAMPLE_KEYS},
+        "weights": weights,
+        "files": {"weights": WEIGHTS_FILE},
+    }
+    paths["config"] = _json(out / CONFIG_FILE, config)
+    paths["provenance"] = _json(out / PROVENANCE_FILE, provenance_record or {"export": provenance()})
+    return paths
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", onnx: bool = False,
+                      torch_export: bool = False, opset: int | None = None, trace_batch: int = 2,
+                      check: bool = True, tolerance: float = 1e-4) -> dict:
+    """Export a stale-train checkpoint (loaded with weights_only=True) to `out`. Returns paths and checks."""
+    ckpt, out = Path(ckpt), Path(out)
+    source = read_checkpoint(ckpt, weights)
+    model = source.build_model()
+    run = source.run_config
+    record = {
+        "training": source.provenance,  # git commit, package versions, ... of the training run
+        "run_config": {k: v for k, v in run.items() if k != "provenance"},
+        "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256(ckpt), "global_step": source.global_step,
+                       "epoch": source.epoch, "weights": weights, **source.extra},
+        "export": provenance(),
+    }
+    if record["training"] is None:
+        log.warning("checkpoint %s carries no provenance; provenance.json records "
+                    "only the checkpoint and the exporting environment", ckpt)
+    paths = save_pretrained(model, out, name=run["model"].get("name"), diffusion=run.get("diffusion"),
+                            sample=run.get("sample"), weights=weights, provenance_record=record)
+    result: dict = {"paths": paths, "checks": {}}
+    config = json.loads(paths["config"].read_text())
+    if onnx or torch_export:
+        program = export_program(model, trace_batch)
+        if torch_export:
+            paths["torch_export"] = out / PROGRAM_FILE
+            torch.export.save(program, str(paths["torch_export"]))
+            config["files"]["torch_export"] = PROGRAM_FILE
+        if onnx:
+            paths["onnx"] = export_onnx(model, out / ONNX_FILE, opset=opset, program=program)
+            config["files"]["onnx"] = ONNX_FILE
+            if check and importlib.util.find_spec("onnxruntime") is None:
+                log.warning("onnxruntime is not installed: %s was written but not checked", paths["onnx"])
+            elif check:
+                diff = check_onnx(paths["onnx"], model)
+                result["checks"]["onnx_max_abs_diff"] = diff
+                if not diff <= tolerance:
+                    raise RuntimeError(f"{paths['onnx']}: onnxruntime differs from PyTorch by {diff:.3g} "
+                                       f"(> {tolerance:g}) in fp32")
+        _json(paths["config"], config)
+    written = {p.name for p in paths.values()} | ({ONNX_FILE + ".data"} if onnx else set())
+    for name in (ONNX_FILE, ONNX_FILE + ".data", PROGRAM_FILE):
+        if (out / name).exists() and name not in written:
+            log.warning("%s is left over from an earlier export into %s (config.json does not list it): "
+                        "delete it or export into an empty folder", out / name, out)
+    return result
