@@ -168,9 +168,11 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     if budget.max_flops is not None:  # the schedule decays to its floor where the FLOP budget ends
         clips_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
         affordable = budget.max_steps_within(clips_per_step)
-        if affordable < 1:
-            raise ConfigError(f"budget.max_flops={budget.max_flops:.4g} pays for less than one step "
-                              f"({budget.flops_per_clip * clips_per_step:.4g} FLOPs)")
+        warmup = int(cfg.schedule.get("warmup", 0))
+        if affordable <= warmup:
+            raise ConfigError(f"budget.max_flops={budget.max_flops:.4g} pays for {affordable} steps of "
+                              f"{budget.flops_per_clip * clips_per_step:.4g} FLOPs, not more than "
+                              f"schedule.warmup={warmup}")
         system.schedule_steps = min(cfg.trainer.max_steps, affordable)
     datamodule = datamodule if datamodule is not None else instantiate(cfg.data)  # checks every shard exists
     n_params = sum(p.numel() for p in system.model.parameters())

@@ -60,6 +60,7 @@ class NaNGuard(L.Callback):
         flag = trainer.strategy.reduce(flag, reduce_op="sum")  # the same decision on every rank
         pl_module.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)
         if flag.item() == 0:
+            pl_module.log("train/skipped_steps", float(self.skips), on_step=True, on_epoch=False)
             return
         step = trainer.global_step
         parts = {k: float(v) for k, v in self._parts.items()}
