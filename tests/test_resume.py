@@ -83,10 +83,10 @@ class StreamData(L.LightningDataModule):
         return DataLoader(TensorDataset(self.val_video, self.val_labels), batch_size=4)
 
 
-def run(out: Path, *overrides: str, stream_cls=ClipStream) -> dict[int, dict]:
+def run(out: Path, *overrides: str, stream_cls=ClipStream, callbacks=()) -> dict[int, dict]:
     with initialize_config_module("stale.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*TINY, f"paths.output_dir={out}", *overrides])
-    train(cfg, datamodule=StreamData(stream_cls))
+    train(cfg, datamodule=StreamData(stream_cls), callbacks=callbacks)
     with open(out / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     per_step: dict[int, dict] = {}
@@ -103,28 +103,47 @@ def nested_equal(a, b) -> bool:
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
+class StopAt(L.Callback):
+    """Stops training after a given step, as a budget or a time limit would: last.ckpt is written there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 def test_resume_is_exact(tmp_path):
     straight = run(tmp_path / "straight")  # 6 steps; checkpoints at 3 and 6, validation at 3 and 6
+    # (1) from the periodic checkpoint written at step 3 (written in on_train_batch_end, mid-epoch)
     ckpt3 = tmp_path / "straight" / "checkpoints" / "step0000003.ckpt"
-    resumed = run(tmp_path / "resumed", f"ckpt_path={ckpt3}")  # steps 3..5 again, from the checkpoint
+    resumed = run(tmp_path / "resumed", f"ckpt_path={ckpt3}")
+    # (2) from last.ckpt of a run stopped after step 3 (written at the end of the endless epoch)
+    run(tmp_path / "stopped", "sample_every_n_steps=0", callbacks=[StopAt(3)])
+    stopped_ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert torch.load(stopped_ckpt, weights_only=True)["global_step"] == 3
+    from_last = run(tmp_path / "from-last", "sample_every_n_steps=0", f"ckpt_path={stopped_ckpt}")
 
-    for step in (3, 4, 5):
-        for key in ("train/loss", "train/velocity", "train/hinge", "lr/decay", "train/grad_norm"):
-            assert straight[step][key] == resumed[step][key], f"{key} differs at step {step}"
-    assert straight[5]["val/loss"] == resumed[5]["val/loss"]  # validation (EMA weights) after step 6
+    for other in (resumed, from_last):
+        for step in (3, 4, 5):  # the CSV's step axis is global_step in every run
+            for key in ("train/loss", "train/velocity", "train/hinge", "lr/decay", "train/grad_norm"):
+                assert straight[step][key] == other[step][key], f"{key} differs at step {step}"
+        assert straight[5]["val/loss"] == other[5]["val/loss"]  # validation (EMA weights) after step 6
 
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 6
-    assert nested_equal(a["state_dict"], b["state_dict"])  # EMA weights
-    assert nested_equal(a["current_model_state"], b["current_model_state"])  # live weights
-    assert nested_equal(a["averaging_state"], b["averaging_state"])
-    assert nested_equal(a["optimizer_states"], b["optimizer_states"])
-    assert nested_equal(a["lr_schedulers"], b["lr_schedulers"])
-    loader = [c["loops"]["fit_loop"]["state_dict"]["combined_loader"] for c in (a, b)]
-    assert loader[0] == loader[1] == [{"pos": 6}]  # the data position
-    assert a["callbacks"]["ComputeBudget"]["flops"] == b["callbacks"]["ComputeBudget"]["flops"] == 6 * 4e6
-    assert a["callbacks"]["NaNGuard"] == b["callbacks"]["NaNGuard"]
+    for name in ("resumed", "from-last"):
+        b = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert a["global_step"] == b["global_step"] == 6
+        assert nested_equal(a["state_dict"], b["state_dict"])  # EMA weights
+        assert nested_equal(a["current_model_state"], b["current_model_state"])  # live weights
+        assert nested_equal(a["averaging_state"], b["averaging_state"])
+        assert nested_equal(a["optimizer_states"], b["optimizer_states"])
+        assert nested_equal(a["lr_schedulers"], b["lr_schedulers"])
+        loader = [c["loops"]["fit_loop"]["state_dict"]["combined_loader"] for c in (a, b)]
+        assert loader[0] == loader[1] == [{"pos": 6}]  # the data position
+        assert a["callbacks"]["ComputeBudget"]["flops"] == b["callbacks"]["ComputeBudget"]["flops"] == 6 * 4e6
+        assert a["callbacks"]["NaNGuard"] == b["callbacks"]["NaNGuard"]
     assert not nested_equal(a["state_dict"], a["current_model_state"])  # the EMA really differs from live
 
 

@@ -181,7 +181,14 @@ class StaleSystem(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming on another number of devices works, but cannot reproduce the uninterrupted run: say why."""
+        """Keep the loggers' step axis on global_step; warn when the number of devices changed."""
+        # Lightning adds one to its logging-step counter on restart, assuming the checkpoint was written in
+        # on_train_batch_end, before the counter moves. last.ckpt is written at the end of the (endless) epoch,
+        # after it moved: undo that, so that a run resumed from last.ckpt logs step s at s, not s + 1.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        step = checkpoint.get("global_step", 0)
+        if step > 0 and loop.get("_batches_that_stepped") == step:
+            loop["_batches_that_stepped"] = step - 1
         old = (checkpoint.get("provenance") or {}).get("world_size")
         trainer = self._trainer
         if old is None or trainer is None or old == trainer.world_size:
