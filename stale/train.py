@@ -75,7 +75,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
     _number(cfg, "trainer.max_steps", 0, strict=True, integer=True)  # streams have no epochs
     _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
-    _number(cfg, "trainer.gradient_clip_val", 0, strict=True, optional=True)
+    _number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
     if str(cfg.trainer.get("precision")) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.get('precision')!r} is not one of {PRECISIONS}")
     _number(cfg, "data.batch_size", 1, integer=True)
