@@ -53,7 +53,8 @@ class Snapshots(L.Callback):
     @staticmethod
     def _state(trainer, pl_module):
         # the optimiser's state (moments, step counts); its param_groups hold the lr, which the schedule moves
-        return copy.deepcopy({"model": pl_module.model.state_dict(), "optim": trainer.optimizers[0].state_dict()["state"]})
+        optim = trainer.optimizers[0].state_dict()["state"]
+        return copy.deepcopy({"model": pl_module.model.state_dict(), "optim": optim})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before[trainer.global_step] = self._state(trainer, pl_module)

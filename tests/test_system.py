@@ -146,8 +146,8 @@ def test_bf16_mixed_and_grad_checkpointing_step(tmp_path):
     assert torch.isfinite(l2) and abs(float(l2 - l0)) < 0.05 * float(l0)  # bf16 is close, not equal
 
     out = tmp_path / "bf16"
-    train(make_cfg(out, "trainer.precision=bf16-mixed", "model.grad_checkpointing=true", "trainer.max_steps=2", "schedule.warmup=1",
-                   "sample_every_n_steps=0"))
+    train(make_cfg(out, "trainer.precision=bf16-mixed", "model.grad_checkpointing=true", "trainer.max_steps=2",
+                   "schedule.warmup=1", "sample_every_n_steps=0"))
     loss = column(read_csv(out), "train/loss")
     assert len(loss) == 2 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
 
@@ -158,8 +158,8 @@ def test_compile_trains_and_keeps_parameter_names(tmp_path):
     The eager backend runs Dynamo's tracing without code generation (inductor, the default, needs minutes
     of C++ compilation on this CPU)."""
     out = tmp_path / "compiled"
-    cfg = make_cfg(out, "compile={backend: eager}", "trainer.max_steps=2", "schedule.warmup=1", "sample_every_n_steps=0",
-                   "trainer.limit_val_batches=0", "sample.steps=1")
+    cfg = make_cfg(out, "compile={backend: eager}", "trainer.max_steps=2", "schedule.warmup=1",
+                   "sample_every_n_steps=0", "trainer.limit_val_batches=0", "sample.steps=1")
     train(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     plain = build_system(make_cfg(tmp_path / "plain"))
