@@ -2,24 +2,32 @@
 
 The console command `stale-train` is a thin @hydra.main wrapper over this function (stale/cli/train.py),
 so tests and notebooks can call train() with a config composed by Hydra's compose API.
+Every check that can fail does so in check_config(), before any data is generated or a step is taken.
+See docs/training.md for what a run writes and how to resume it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from stale.system.budget import ComputeBudget, measure_flops_per_clip
+from stale.system.sampling import log_videos, sample_to_disk
+from stale.system.schedules import lr_multiplier
 from stale.system.stale_system import StaleSystem
-from stale.utils.media import save_videos
 from stale.utils.provenance import provenance
 
 log = logging.getLogger("stale")
+
+PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
 class ConfigError(ValueError):
@@ -44,45 +52,143 @@ def _loggers(cfg: DictConfig, out: Path) -> list:
     return loggers
 
 
+def _number(cfg: DictConfig, key: str, low: float | None = None, *, strict: bool = False, integer: bool = False,
+            optional: bool = False) -> None:
+    """Check that the value at dotted `key` is a number (>= low, or > low when strict)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key}={value!r} must be {'an integer' if integer else 'a number'}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} {low}")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks that must fail before any data is generated or a step is taken."""
+    """Cheap checks that must fail before any data is generated or a step is taken. Each error names its key."""
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
     patch = list(cfg.model.get("patch", [1, 1, 1]))
     frames, size = cfg.data.frames, cfg.data.size
     if frames % patch[0] or size % patch[1] or size % patch[2]:
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
-    if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be > 0 (streams have no epochs)")
+    _number(cfg, "trainer.max_steps", 0, strict=True, integer=True)  # streams have no epochs
+    _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
+    _number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
+    if str(cfg.trainer.get("precision")) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.get('precision')!r} is not one of {PRECISIONS}")
+    _number(cfg, "data.batch_size", 1, integer=True)
+    _number(cfg, "optim.lr", 0, strict=True)
+    _number(cfg, "optim.weight_decay", 0)
+    betas = list(cfg.optim.get("betas", [0.9, 0.99]))
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+    sched = OmegaConf.to_container(cfg.schedule, resolve=True)
+    try:
+        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), cfg.trainer.max_steps, **sched)(0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(cfg.model.get("grad_checkpointing", False), bool):
+        raise ConfigError(f"model.grad_checkpointing={cfg.model.grad_checkpointing!r} must be true or false")
+    if not isinstance(cfg.get("compile", False), (bool, DictConfig)):
+        raise ConfigError(f"compile={cfg.compile!r} must be true, false or a dict of torch.compile arguments")
+    _number(cfg, "nan_guard.max_skips", 0, integer=True)
+    _number(cfg, "sample_every_n_steps", 0, integer=True)
+    _number(cfg, "sample.num_videos", 1, integer=True)
+    _number(cfg, "sample.steps", 1, integer=True)
+    for key in ("flops_per_clip", "max_flops", "max_gpu_hours", "max_cost", "cost_per_gpu_hour",
+                "peak_flops_per_device"):
+        _number(cfg, f"budget.{key}", 0, strict=True, optional=True)
+    if cfg.budget.get("max_cost") is not None and cfg.budget.get("cost_per_gpu_hour") is None:
+        raise ConfigError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
 
 
 def build_system(cfg: DictConfig) -> StaleSystem:
     model = instantiate(cfg.model, _convert_="all")
     objective = instantiate(cfg.diffusion)
+    compile_opts = cfg.get("compile", False)
     return StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
                        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
-                       run_config={**OmegaConf.to_container(cfg, resolve=True), "provenance": provenance()})
+                       seed=cfg.seed,
+                       compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
+                       else bool(compile_opts),
+                       provenance=provenance(),
+                       run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def train(cfg: DictConfig) -> dict:
+def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float | Callable[[], float]:
+    """Training FLOPs per clip: budget.flops_per_clip if set, else the analytic count of
+    stale.models.flops when it exists, else a one-off FlopCounterMode measurement (made on first use)."""
+    if cfg.budget.get("flops_per_clip") is not None:
+        return float(cfg.budget.flops_per_clip)
+    try:
+        from stale.models.flops import training_flops_per_clip
+    except ImportError:
+        return lambda: measure_flops_per_clip(system.model, system.objective, cfg.data.frames, cfg.data.size)
+    return float(training_flops_per_clip(system.model.config, frames=cfg.data.frames, size=cfg.data.size))
+
+
+def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
+    """The callbacks group (Lightning's own: EMA, checkpoints, lr and throughput monitors; sampling), then the
+    NaN guard and the compute budget. Lightning moves checkpoint callbacks last, after every other hook."""
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        if name == "ema" and node.get("device", None) is None and _accelerator_is_cuda(cfg):
+            # the model is still on the CPU when the callback copies it; keep the average on the GPU
+            kwargs["device"] = "cuda"
+        callbacks.append(instantiate(node, **kwargs))
+    callbacks.append(instantiate(cfg.nan_guard))
+    callbacks.append(instantiate(cfg.budget, flops_per_clip=flops_per_clip(cfg, system)))
+    return callbacks
+
+
+def _accelerator_is_cuda(cfg: DictConfig) -> bool:
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, callbacks: list | tuple = ()) -> dict:
+    """Fit a system as configured and return the final metrics. For notebooks and tests, `datamodule`
+    replaces cfg.data and `callbacks` are added to the configured ones."""
     out = Path(cfg.paths.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    # ThroughputMonitor's FLOP columns need module.flops_per_batch; the budget callback logs FLOP/s and MFU instead
+    warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
     system = build_system(cfg)
-    datamodule = instantiate(cfg.data)  # checks every shard exists before training
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = build_callbacks(cfg, system) + list(callbacks)
+    budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     loggers = _loggers(cfg, out)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if budget.max_flops is not None:  # the schedule decays to its floor where the FLOP budget ends
+        clips_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+        affordable = budget.max_steps_within(clips_per_step)
+        warmup = int(cfg.schedule.get("warmup", 0))
+        if affordable <= warmup:
+            raise ConfigError(f"budget.max_flops={budget.max_flops:.4g} pays for {affordable} steps of "
+                              f"{budget.flops_per_clip * clips_per_step:.4g} FLOPs, not more than "
+                              f"schedule.warmup={warmup}")
+        system.schedule_steps = min(cfg.trainer.max_steps, affordable)
+    datamodule = datamodule if datamodule is not None else instantiate(cfg.data)  # checks every shard exists
     n_params = sum(p.numel() for p in system.model.parameters())
     log.info("model %s: %.2fM parameters; outputs in %s", cfg.model.name, n_params / 1e6, out)
 
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    outputs = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt"}
+    outputs = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt",
+               "steps": trainer.global_step,
+               "spend": f"{budget.flops:.4g} FLOPs, {budget.gpu_hours:.4g} GPU-hours"
+                        + (f", cost {budget.cost:.4g}" if budget.cost_per_gpu_hour else "")}
+    if budget.stop_reason:
+        outputs["stopped by"] = budget.stop_reason
     if trainer.is_global_zero:
-        outputs.update(_sample_and_save(cfg, system, out, loggers))
+        outputs.update(_sample_and_save(cfg, system, out, loggers, trainer.global_step))
         for lg in loggers:
             if type(lg).__name__ == "CSVLogger":
                 lg.save()
@@ -96,18 +202,10 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list) -> dict:
+def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list, step: int) -> dict:
     """Sample with the EMA weights (EMAWeightAveraging copied them into the model at the end of fit)."""
     s = cfg.sample
-    k = system.model.config.num_classes
-    labels = torch.arange(s.num_videos) % k
-    videos = system.sample(labels, steps=s.steps, sampler=s.sampler, guidance=s.guidance, seed=s.seed)
-    paths = save_videos(videos, out / "samples", fps=8)
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            # from the written files: raw arrays would need moviepy, which stale does not depend on
-            clips = [wandb.Video(str(p), format="mp4") for name, p in paths.items() if name.startswith("mp4_")]
-            lg.experiment.log({"samples": clips}, step=system.global_step)
+    paths = sample_to_disk(system, out / "samples", num_videos=s.num_videos, steps=s.steps, sampler=s.sampler,
+                           guidance=s.guidance, seed=s.seed)
+    log_videos(loggers, paths, step)
     return {"samples": out / "samples", "contact sheet": paths["contact_sheet"], "gif grid": paths["gif"]}

@@ -1,63 +1,109 @@
 """Learning-rate schedules as multipliers of the peak rate, stepped once per optimiser step.
 
 `arctan` is the paper's "arctangent learning-rate schedule" (METHOD.md); cosine, warmup-stable-decay
-(Hu et al. 2024, MiniCPM) and constant are the comparators. Every schedule warms up over `warmup` steps.
+(Hu et al. 2024, MiniCPM) and constant are the comparators. Every schedule warms up over `warmup` steps,
+then decays from 1 (lr = optim.lr) at step `warmup` to `min_ratio` (lr = min_ratio * optim.lr) at step
+`total`. Each is a pure function step -> multiplier; `lr_multiplier` checks a config and binds one for
+torch's LambdaLR.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
+from typing import Callable
 
 SCHEDULES = ("arctan", "cosine", "wsd", "constant")
 
 
-def arctan_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, sharpness: float = 5.0) -> float:
-    """warmup: arctan(a s / W) / arctan(a); decay: r + (1 - r)(1/2 - arctan(a (2p - 1)) / (2 arctan(a))).
+def _progress(step: int, start: int, total: int) -> float:
+    """p in [0, 1]: how far `step` is from `start` (p = 0) to `total` (p = 1); clamped past the end."""
+    return min(1.0, max(0.0, (step - start) / max(1, total - start)))
 
-    Equals 1 at p = 0 and min_ratio at p = 1, falls monotonically and is point-symmetric about p = 1/2.
+
+def _linear_warmup(step: int, warmup: int) -> float | None:
+    # (s + 1) / W: the first step already trains, and step W - 1 reaches the peak
+    return (step + 1) / warmup if step < warmup else None
+
+
+def arctan_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, sharpness: float = 5.0) -> float:
+    """METHOD.md, with r = lr_min / lr_max and a = sharpness:
+
+        warmup (s < W):  arctan(a s / W) / arctan(a)
+        decay:           p = (s - W) / (S - W)
+                         r + (1 - r) (1/2 - arctan(a (2p - 1)) / (2 arctan(a)))
+
+    Equals 1 at p = 0 and r at p = 1, falls monotonically and is point-symmetric about p = 1/2.
     Small `sharpness` is nearly linear; large is close to warmup-stable-decay.
     """
     a = sharpness
     if step < warmup:
         return math.atan(a * step / warmup) / math.atan(a)
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    p = _progress(step, warmup, total)
     return min_ratio + (1 - min_ratio) * (0.5 - math.atan(a * (2 * p - 1)) / (2 * math.atan(a)))
 
 
-def _linear_warmup(step: int, warmup: int) -> float | None:
-    return (step + 1) / warmup if step < warmup else None
-
-
-def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, **_) -> float:
+def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup, then half a cosine from 1 to min_ratio (Loshchilov & Hutter 2017)."""
     w = _linear_warmup(step, warmup)
     if w is not None:
         return w
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * _progress(step, warmup, total)))
 
 
-def wsd_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, decay_fraction: float = 0.2, **_) -> float:
+def wsd_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Warmup-stable-decay: linear warmup, flat at 1, then linear to min_ratio over the last
+    `decay_fraction` of the post-warmup steps."""
     w = _linear_warmup(step, warmup)
     if w is not None:
         return w
-    decay_start = total - int(decay_fraction * (total - warmup))
+    decay_start = total - round(decay_fraction * (total - warmup))
     if step < decay_start:
         return 1.0
-    p = min(1.0, (step - decay_start) / max(1, total - decay_start))
-    return 1.0 - (1.0 - min_ratio) * p
+    return 1.0 - (1.0 - min_ratio) * _progress(step, decay_start, total)
 
 
-def constant_lr(step: int, warmup: int, total: int = 0, **_) -> float:
+def constant_lr(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then flat at 1."""
     w = _linear_warmup(step, warmup)
     return 1.0 if w is None else w
 
 
-def lr_multiplier(name: str, warmup: int, total: int, **kwargs):
-    """A function step -> multiplier of the peak learning rate, for torch's LambdaLR."""
-    fns = {"arctan": arctan_lr, "cosine": cosine_lr, "wsd": wsd_lr, "constant": constant_lr}
-    if name not in fns:
-        raise ValueError(f"schedule={name!r} is not one of {SCHEDULES}")
-    if warmup < 0 or total <= 0 or warmup >= total:
-        raise ValueError(f"schedule needs 0 <= warmup ({warmup}) < total steps ({total})")
-    return partial(fns[name], warmup=warmup, total=total, **kwargs)
+SCHEDULE_FNS: dict[str, Callable[..., float]] = {
+    "arctan": arctan_lr, "cosine": cosine_lr, "wsd": wsd_lr, "constant": constant_lr,
+}
+
+# (low, high, low inclusive, high inclusive) for every schedule parameter
+_RANGES = {"min_ratio": (0.0, 1.0, True, True), "sharpness": (0.0, math.inf, False, False),
+           "decay_fraction": (0.0, 1.0, False, True)}
+
+
+def schedule_params(name: str) -> dict[str, float]:
+    """The tunable parameters of schedule `name` with their defaults."""
+    sig = inspect.signature(SCHEDULE_FNS[name])
+    return {k: p.default for k, p in sig.parameters.items() if k not in ("step", "warmup", "total")}
+
+
+def lr_multiplier(name: str, warmup: int, total: int, **params) -> Callable[[int], float]:
+    """A function step -> multiplier of the peak learning rate, for torch's LambdaLR.
+
+    Raises ValueError naming the config key (schedule.<key>) for an unknown schedule, an unknown or
+    out-of-range parameter, or a warmup that does not fit into the run.
+    """
+    if name not in SCHEDULE_FNS:
+        raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
+    known = schedule_params(name)
+    for key, value in params.items():
+        if key not in known:
+            raise ValueError(f"schedule.{key} is not a parameter of the {name} schedule (it has: {sorted(known)})")
+        lo, hi, lo_in, hi_in = _RANGES[key]
+        ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+            interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+            raise ValueError(f"schedule.{key}={value!r} must be in {interval}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"schedule.warmup={warmup!r} must be an integer >= 0")
+    if total <= 0 or warmup >= total:
+        raise ValueError(f"schedule.warmup={warmup} must be smaller than the number of training steps ({total})")
+    return partial(SCHEDULE_FNS[name], warmup=warmup, total=total, **params)

@@ -1,6 +1,8 @@
 """The Lightning system: wires the Stale Transformer to the Stale objective, the optimiser and sampling.
 
 The model, the objective and the samplers know nothing of Lightning; this file is the only place they meet.
+What a long run needs around it (EMA, compute budget, NaN guard, sampling during training, checkpoints)
+lives in callbacks next to this file and in Lightning's own callbacks; see docs/training.md.
 """
 
 from __future__ import annotations
@@ -8,13 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from stale.diffusion import flow
 from stale.diffusion.objective import StaleObjective
 from stale.diffusion.samplers import SAMPLERS, time_grid
 from stale.system.schedules import lr_multiplier
+from stale.utils.provenance import shard_list
+
+CHECKPOINT_FORMAT = 2  # bump when the layout of what on_save_checkpoint adds changes
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
@@ -24,6 +31,11 @@ def to_unit_range(video: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def no_decay(name: str, p: nn.Parameter) -> bool:
+    """No weight decay on norms and biases (1-D tensors) and embeddings (the label table)."""
+    return p.ndim < 2 or "y_embed" in name
 
 
 class StaleSystem(L.LightningModule):
@@ -37,6 +49,10 @@ class StaleSystem(L.LightningModule):
         schedule: dict | None = None,
         val_times: tuple = (0.1, 0.3, 0.5, 0.7, 0.9),
         run_config: dict | None = None,
+        seed: int = 0,
+        compile: bool | dict = False,
+        schedule_steps: int | None = None,
+        provenance: dict | None = None,
     ):
         super().__init__()
         if lr <= 0:
@@ -44,23 +60,59 @@ class StaleSystem(L.LightningModule):
         self.model, self.objective = model, objective
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = dict(schedule or {"name": "constant", "warmup": 0})
+        self.schedule_steps = schedule_steps  # None: trainer.max_steps (train() lowers it to fit a FLOP budget)
         self.val_times = tuple(val_times)
         self.null_label = model.config.num_classes
+        self.seed = seed
+        # compile: False, True (torch.compile defaults: inductor) or a dict of torch.compile keyword arguments
+        self.compile_options = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        self._compiled = False
+        self.provenance = dict(provenance or {})
+        self.last_loss_parts: dict[str, torch.Tensor] = {}  # the latest micro-batch's loss parts (NaN guard)
         # Everything needed to rebuild this system from a checkpoint, without pickled objects.
         self.save_hyperparameters({"run_config": run_config or {}})
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         return self.model(x, t, y)
 
+    def setup(self, stage: str) -> None:
+        # After the callbacks' setup, so that EMAWeightAveraging deep-copies the plain module. nn.Module.compile
+        # compiles in place: parameter names and checkpoints are the same with and without it.
+        if stage == "fit" and self.compile_options is not None and not self._compiled:
+            self.model.compile(**self.compile_options)
+            self._compiled = True
+
+    # --- training ---------------------------------------------------------------------------------------
+    def noise_seed(self) -> int:
+        """Seed of this micro-batch's noise, times and label dropout: a function of (seed, batch index, rank).
+
+        Drawing from a per-batch seed rather than the global RNG stream makes the noise of step s the same
+        whether the run got there straight or through a resume, whatever ran in between (validation,
+        sampling, data-loader start-up).
+        """
+        idx = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
+        return int(np.random.SeedSequence([self.seed, idx, self.global_rank]).generate_state(1)[0])
+
     def training_step(self, batch, batch_idx):
         video, label = batch
-        parts = self.objective(self.model, to_unit_range(video), label, self.null_label)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=False, on_step=True)
-        self.log("loss", parts["loss"].detach(), prog_bar=True, logger=False)
+        x = to_unit_range(video)
+        cuda = x.device.type == "cuda"
+        with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
+            torch.manual_seed(self.noise_seed())
+            parts = self.objective(self.model, x, label, self.null_label)
+        # every part is logged; "loss" is the weighted total the objective built from its config weights
+        self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
+        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, on_epoch=False,
+                      batch_size=x.shape[0])
+        self.log("loss", parts["loss"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
         return parts["loss"]
 
     def validation_step(self, batch, batch_idx):
-        """Velocity loss on held-out clips at a fixed grid of t with fixed noise: comparable across runs."""
+        """Velocity loss on held-out clips at a fixed grid of t with fixed noise: comparable across runs.
+
+        The noise of batch i comes from its own seeded CPU generator and t runs over `val_times`, so the
+        number depends only on the weights and the validation clips, not on the RNG state of training.
+        """
         video, label = batch
         x = to_unit_range(video)
         g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
@@ -70,23 +122,25 @@ class StaleSystem(L.LightningModule):
             t = torch.full((x.shape[0],), t_val, device=x.device)
             v, _ = self.model(flow.interpolate(z, x, t), t, label)
             losses.append((v.float() - flow.velocity_target(z, x)).pow(2).mean())
+            self.log(f"val/loss_t{t_val:.2f}", losses[-1], sync_dist=True, batch_size=x.shape[0])
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        decay, keep = [], []
         for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # no weight decay on norms, biases and embeddings (1-D tensors and the label table)
-            (no_decay if p.ndim < 2 or "y_embed" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = torch.cuda.is_available() and self.device.type == "cuda"
+            if p.requires_grad:
+                (keep if no_decay(name, p) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
+                  {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
+        fused = self.device.type == "cuda"  # one kernel for the whole update
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
-        sched_kwargs = {k: v for k, v in self.schedule.items() if k not in ("name", "warmup")}
-        fn = lr_multiplier(self.schedule["name"], int(self.schedule.get("warmup", 0)), total, **sched_kwargs)
+        total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
+        params = {k: v for k, v in self.schedule.items() if k not in ("name", "warmup")}
+        fn = lr_multiplier(self.schedule["name"], int(self.schedule.get("warmup", 0)), total, **params)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        # stepped after every optimiser step (not every micro-batch), logged by LearningRateMonitor as lr/*
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1,
+                                                   "name": "lr"}}
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int = 50, sampler: str = "euler", guidance: float = 1.0,
@@ -113,5 +167,39 @@ class StaleSystem(L.LightningModule):
         self.model.train(was_training)
         return to_uint8(out)
 
+    # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["stale_format"] = 1
+        """Provenance in every checkpoint: resolved config, git commit and dirty flag, package versions, shards."""
+        checkpoint["stale_format"] = CHECKPOINT_FORMAT
+        trainer = self._trainer
+        checkpoint["provenance"] = {
+            **self.provenance,
+            "config": self.hparams.get("run_config", {}),
+            "shards": shard_list(trainer.datamodule if trainer is not None else None),
+            "world_size": trainer.world_size if trainer is not None else 1,
+            "global_step": self.global_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the loggers' step axis on global_step; warn when the number of devices changed."""
+        # Lightning adds one to its logging-step counter on restart, assuming the checkpoint was written in
+        # on_train_batch_end, before the counter moves. last.ckpt is written at the end of the (endless) epoch,
+        # after it moved: undo that, so that a run resumed from last.ckpt logs step s at s, not s + 1.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        step = checkpoint.get("global_step", 0)
+        if step > 0 and loop.get("_batches_that_stepped") == step:
+            loop["_batches_that_stepped"] = step - 1
+        old = (checkpoint.get("provenance") or {}).get("world_size")
+        trainer = self._trainer
+        if old is None or trainer is None or old == trainer.world_size:
+            return
+        rank_zero_warn(
+            f"resuming a run saved with world size {old} on world size {trainer.world_size}. Restored exactly: "
+            "weights, EMA, optimiser, learning-rate schedule, step counter, budget spend. Cannot match the "
+            "uninterrupted run: the global batch (data.batch_size x devices x accumulation) changes by a factor "
+            f"{trainer.world_size / old:g} while optim.lr stays; each rank draws its own data stream and noise, so "
+            "the batches after the resume differ; only rank 0's data-loader position is in the checkpoint; "
+            "GPU-hours count the new number of devices from here on.", category=UserWarning)
+
+
+__all__ = ["StaleSystem", "no_decay", "to_uint8", "to_unit_range"]

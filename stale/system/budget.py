@@ -1,0 +1,196 @@
+"""Compute budget: the paper's cost constraint ("xz bit / 50 cent >= 1"), made real.
+
+Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`, from an
+analytic or measured count per clip), device time (`max_gpu_hours` = wall time x devices) and money
+(`max_cost` = GPU-hours x `cost_per_gpu_hour`). Spend is logged on every optimiser step (budget/*), with
+model FLOP utilisation (train/mfu) when the peak FLOP/s of one device is known.
+
+Rule: after each optimiser step the callback assumes the next step costs what this one did, and stops if
+that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded,
+and the time and money budgets are overrun by at most the difference between two steps (plus any
+validation or sampling in between). Every rank takes the same decision. The `last.ckpt` checkpoint
+callback (conf/callbacks/default.yaml) saves the state at the stop; the spend itself is part of every
+checkpoint, so a resumed run continues counting from where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+def batch_clips(batch: Any) -> int:
+    """Clips in a batch: (video (B, C, T, H, W), label) or a bare video tensor."""
+    video = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(video.shape[0])
+
+
+class ComputeBudget(L.Callback):
+    def __init__(self, flops_per_clip: float | Callable[[], float] | None = None, max_flops: float | None = None,
+                 max_gpu_hours: float | None = None, max_cost: float | None = None,
+                 cost_per_gpu_hour: float | None = None, peak_flops_per_device: float | None = None):
+        values = dict(max_flops=max_flops, max_gpu_hours=max_gpu_hours, max_cost=max_cost,
+                      cost_per_gpu_hour=cost_per_gpu_hour, peak_flops_per_device=peak_flops_per_device)
+        for key, value in values.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"budget.{key}={value!r} must be a positive number or null")
+        if max_cost is not None and cost_per_gpu_hour is None:
+            raise ValueError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
+        if not callable(flops_per_clip) and flops_per_clip is not None and not flops_per_clip > 0:
+            raise ValueError(f"budget.flops_per_clip={flops_per_clip!r} must be > 0")
+        if flops_per_clip is None and max_flops is not None:
+            raise ValueError("budget.max_flops needs a FLOP count per clip (flops_per_clip)")
+        self._flops_per_clip = flops_per_clip
+        self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
+        self.cost_per_gpu_hour, self.peak_flops_per_device = cost_per_gpu_hour, peak_flops_per_device
+        # spend so far, in the whole run (saved in checkpoints)
+        self.flops = 0.0
+        self.gpu_seconds = 0.0
+        self.cost = 0.0
+        self.stop_reason: str | None = None
+        # per-step bookkeeping
+        self._pending_flops = 0.0  # micro-batches since the last optimiser step
+        self._last_step = 0
+        self._last_time = 0.0
+        self._paused = 0.0  # validation time inside the current step (excluded from MFU only)
+        self._val_start: float | None = None
+
+    @property
+    def flops_per_clip(self) -> float | None:
+        """Training FLOPs per clip (forward + backward); a callable is evaluated once, on first use."""
+        if callable(self._flops_per_clip):
+            self._flops_per_clip = float(self._flops_per_clip())
+        return self._flops_per_clip
+
+    def max_steps_within(self, clips_per_step: int) -> int | None:
+        """How many optimiser steps of `clips_per_step` clips (all ranks) the FLOP budget pays for, from zero."""
+        if self.max_flops is None:
+            return None
+        return int(self.max_flops // (self.flops_per_clip * clips_per_step))
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpu_seconds / 3600.0
+
+    def fractions(self) -> dict[str, float]:
+        """Spent / budget for every budget that is set."""
+        out = {}
+        if self.max_flops:
+            out["flops"] = self.flops / self.max_flops
+        if self.max_gpu_hours:
+            out["gpu_hours"] = self.gpu_hours / self.max_gpu_hours
+        if self.max_cost:
+            out["cost"] = self.cost / self.max_cost
+        return out
+
+    def _overrun(self, step_flops: float, step_gpu_seconds: float) -> str | None:
+        """The first budget that one more step like the last one would overrun, or None."""
+        step_hours = step_gpu_seconds / 3600.0
+        if self.max_flops is not None and self.flops + step_flops > self.max_flops:
+            return f"budget.max_flops={self.max_flops:.4g} (spent {self.flops:.4g} FLOPs)"
+        if self.max_gpu_hours is not None and self.gpu_hours + step_hours > self.max_gpu_hours:
+            return f"budget.max_gpu_hours={self.max_gpu_hours:.4g} (spent {self.gpu_hours:.4g} GPU-hours)"
+        if self.max_cost is not None and self.cost + step_hours * self.cost_per_gpu_hour > self.max_cost:
+            return f"budget.max_cost={self.max_cost:.4g} (spent {self.cost:.4g})"
+        return None
+
+    def _stop(self, trainer: L.Trainer, reason: str | None) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)  # one decision for all ranks
+        if stop:
+            trainer.should_stop = True
+            self.stop_reason = reason or "a budget was reached on another rank"
+            rank_zero_info(f"compute budget: stopping after step {trainer.global_step}: {self.stop_reason}")
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._last_time = time.perf_counter()
+        self._pending_flops, self._paused = 0.0, 0.0
+        if any(f >= 1.0 for f in self.fractions().values()):  # resumed with the budget already spent
+            self._stop(trainer, f"budget already spent before step {trainer.global_step}: {self.fractions()}")
+        else:
+            self._stop(trainer, None)  # keep the collective calls paired on every rank
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._val_start is not None:
+            self._paused += time.perf_counter() - self._val_start
+            self._val_start = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.flops_per_clip is not None:
+            self._pending_flops += self.flops_per_clip * batch_clips(batch) * trainer.world_size
+        if trainer.global_step == self._last_step:  # accumulating gradients: no optimiser step yet
+            return
+        self._last_step = trainer.global_step
+        now = time.perf_counter()
+        dt, self._last_time = now - self._last_time, now
+        busy, self._paused = max(dt - self._paused, 1e-9), 0.0
+        step_flops, self._pending_flops = self._pending_flops, 0.0
+        world = trainer.world_size
+        self.flops += step_flops
+        self.gpu_seconds += dt * world
+        self.cost += dt * world / 3600.0 * (self.cost_per_gpu_hour or 0.0)
+
+        metrics = {"budget/gpu_hours": self.gpu_hours}
+        if self.flops_per_clip is not None:
+            metrics["budget/flops"] = self.flops
+            metrics["train/flops_per_sec"] = step_flops / busy
+            if self.peak_flops_per_device:
+                metrics["train/mfu"] = step_flops / busy / (self.peak_flops_per_device * world)
+        if self.cost_per_gpu_hour:
+            metrics["budget/cost"] = self.cost
+        fractions = self.fractions()
+        if fractions:
+            metrics["budget/used"] = max(fractions.values())
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        if fractions:
+            pl_module.log("budget", float(max(fractions.values())), on_step=True, on_epoch=False, prog_bar=True,
+                          logger=False)
+        self._stop(trainer, self._overrun(step_flops, busy * world))
+
+    def state_dict(self) -> dict:
+        return {"flops": self.flops, "gpu_seconds": self.gpu_seconds, "cost": self.cost,
+                "stop_reason": self.stop_reason, "flops_per_clip": self.flops_per_clip}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops = float(state_dict.get("flops", 0.0))
+        self.gpu_seconds = float(state_dict.get("gpu_seconds", 0.0))
+        self.cost = float(state_dict.get("cost", 0.0))
+
+
+
+def measure_flops_per_clip(model, objective, frames: int, size: int, clips: int = 4) -> float:
+    """Training FLOPs per clip, counted by torch.utils.flop_counter.FlopCounterMode over one real call of the
+    objective (flow branch, hinge branch, backward; recomputation too when grad_checkpointing is on) on `clips`
+    clips, divided by `clips`. Runs on a copy of the model on the meta device: shapes only, no arithmetic,
+    no memory; falls back to a real CPU pass where an operation has no meta kernel.
+    """
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.config
+
+    def count(m: torch.nn.Module, device: str) -> float:
+        m.train()
+        x = torch.zeros(clips, cfg.in_channels, frames, size, size, device=device)
+        y = torch.arange(clips, device=device) % cfg.num_classes
+        with FlopCounterMode(display=False) as counter:
+            objective(m, x, y, cfg.num_classes)["loss"].backward()
+        return counter.get_total_flops() / clips
+
+    try:
+        with torch.device("meta"):
+            meta = type(model)(copy.deepcopy(cfg))
+        return count(meta, "meta")
+    except (RuntimeError, NotImplementedError, TypeError):
+        return count(copy.deepcopy(model), "cpu")

@@ -1,0 +1,85 @@
+"""NaN/inf guard: skip an optimiser step whose loss or gradient is not finite, stop after too many.
+
+A week-long run should survive one bad batch but not a diverged model. On every optimiser step the guard
+measures the global gradient norm (before clipping; logged as train/grad_norm) and checks it, and every
+micro-batch loss since the last step, for NaN/inf. The flag is summed over all ranks, so every rank
+takes the same action:
+
+- skip: all gradients are dropped (set to None), so AdamW leaves the weights and its moments untouched.
+  The batch still counts as a step: the step counter, the learning-rate schedule and the compute budget
+  move on, the data is not replayed.
+- stop: after `max_skips` skipped steps in the run (the count survives resume), the next non-finite step
+  raises NonFiniteLossError with the step, the loss components and the gradient norm.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: too many steps with a non-finite loss or gradient norm."""
+
+
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """Global L2 norm of all gradients (a 0-d tensor on the gradients' device; 0 when there are none)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+
+
+class NaNGuard(L.Callback):
+    def __init__(self, max_skips: int = 10):
+        if not isinstance(max_skips, int) or isinstance(max_skips, bool) or max_skips < 0:
+            raise ValueError(f"nan_guard.max_skips={max_skips!r} must be an integer >= 0")
+        self.max_skips = max_skips
+        self.skips = 0  # skipped steps in the whole run (saved in checkpoints)
+        self.skipped_steps: list[int] = []  # the last few skipped steps, for the record
+        self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss since the last step
+        self._parts: dict = {}
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: no host sync per micro-batch
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        self._parts = getattr(pl_module, "last_loss_parts", {}) or {"loss": loss.detach()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        norm = grad_norm(pl_module)
+        if isinstance(trainer.strategy, FSDPStrategy):  # sharded gradients: sum the squares over ranks
+            norm = trainer.strategy.reduce(norm.float().pow(2), reduce_op="sum").sqrt()
+        bad_loss = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool)
+        self._bad_loss = None
+        flag = (bad_loss.to(norm.device) | ~torch.isfinite(norm)).float()
+        flag = trainer.strategy.reduce(flag, reduce_op="sum")  # the same decision on every rank
+        pl_module.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False)
+        if flag.item() == 0:
+            pl_module.log("train/skipped_steps", float(self.skips), on_step=True, on_epoch=False)
+            return
+        step = trainer.global_step
+        parts = {k: float(v) for k, v in self._parts.items()}
+        what = f"step {step}: non-finite loss or gradient (loss parts {parts}, grad norm {float(norm):.4g})"
+        if self.skips >= self.max_skips:
+            raise NonFiniteLossError(
+                f"stopping at {what}; {self.skips} step(s) were skipped before (nan_guard.max_skips="
+                f"{self.max_skips}, skipped steps {self.skipped_steps}). Lower optim.lr, check the data, or "
+                f"resume from an earlier checkpoint.")
+        optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients: nothing changes
+        self.skips += 1
+        self.skipped_steps = (self.skipped_steps + [step])[-20:]
+        log.warning("nan_guard: skipped %s (%d of at most %d)", what, self.skips, self.max_skips)
+        pl_module.log("train/skipped_steps", float(self.skips), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        return {"skips": self.skips, "skipped_steps": list(self.skipped_steps)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skips = int(state_dict.get("skips", 0))
+        self.skipped_steps = list(state_dict.get("skipped_steps", []))
+
