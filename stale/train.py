@@ -17,9 +17,11 @@ from typing import Callable
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from stale.system.budget import ComputeBudget, measure_flops_per_clip
+from stale.system.preemption import PreemptionCheckpoint
 from stale.system.sampling import log_videos, sample_to_disk
 from stale.system.schedules import lr_multiplier
 from stale.system.stale_system import StaleSystem
@@ -27,6 +29,7 @@ from stale.utils.provenance import provenance
 
 log = logging.getLogger("stale")
 
+NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
@@ -126,16 +129,23 @@ def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float | Callable[[],
         from stale.models.flops import training_flops_per_clip
     except ImportError:
         return lambda: measure_flops_per_clip(system.model, system.objective, cfg.data.frames, cfg.data.size)
-    return float(training_flops_per_clip(system.model.config, frames=cfg.data.frames, size=cfg.data.size))
+    flops = float(training_flops_per_clip(system.model.config, frames=cfg.data.frames, size=cfg.data.size))
+    obj = system.objective
+    if obj.hinge_weight > 0:  # the label-free hinge branch runs forward + backward on hinge_fraction of the batch
+        flops *= 1 + obj.hinge_fraction
+    return flops
 
 
 def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
     """The callbacks group (Lightning's own: EMA, checkpoints, lr and throughput monitors; sampling), then the
     NaN guard and the compute budget. Lightning moves checkpoint callbacks last, after every other hook."""
     callbacks = []
+    has_logger = any(node is not None for node in (cfg.get("logger") or {}).values())
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
+        if not has_logger and name in NEEDS_LOGGER:
+            continue  # logger=none: these callbacks refuse to run without a logger
         kwargs = {}
         if name == "ema" and node.get("device", None) is None and _accelerator_is_cuda(cfg):
             # the model is still on the CPU when the callback copies it; keep the average on the GPU
@@ -174,11 +184,18 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
                               f"{budget.flops_per_clip * clips_per_step:.4g} FLOPs, not more than "
                               f"schedule.warmup={warmup}")
         system.schedule_steps = min(cfg.trainer.max_steps, affordable)
-    datamodule = datamodule if datamodule is not None else instantiate(cfg.data)  # checks every shard exists
+    # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
+    datamodule = datamodule if datamodule is not None else instantiate(cfg.data, _convert_="all")
     n_params = sum(p.numel() for p in system.model.parameters())
     log.info("model %s: %.2fM parameters; outputs in %s", cfg.model.name, n_params / 1e6, out)
 
-    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt: a clean stop, not a failure
+        return _report_preemption(trainer, callbacks, "SIGTERM")
+    preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    if preempt is not None and preempt.stopped_by:
+        return _report_preemption(trainer, callbacks, preempt.stopped_by)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     outputs = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt",
@@ -200,6 +217,16 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
         for k, v in outputs.items():
             print(f"  {k:<15} {v}")
     return metrics
+
+
+def _report_preemption(trainer: L.Trainer, callbacks: list, signal_name: str) -> dict:
+    """A signal stopped the run after saving a checkpoint: say where it is and how to resume; no sampling."""
+    preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    if trainer.is_global_zero:
+        where = preempt.path if preempt is not None else "(no PreemptionCheckpoint callback: nothing saved)"
+        print(f"\nstale-train stopped by {signal_name} at step {trainer.global_step}.\n"
+              f"  checkpoint      {where}\n  resume with     stale-train ckpt_path={where} ...")
+    return {"stopped_by_signal": 1.0, "step": float(trainer.global_step)}
 
 
 def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list, step: int) -> dict:

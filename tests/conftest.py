@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
@@ -19,6 +20,10 @@ def _isolated_env(tmp_path_factory):
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_API_KEY", None)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # One torch thread per process: tests start several processes (CLI runs, DDP ranks, loader workers) on a
+    # 2-core machine, and oversubscribed OpenMP threads ran a step up to 30x slower there.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     yield
 
 
