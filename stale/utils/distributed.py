@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ class HydraSubprocessLauncher(_SubprocessScriptLauncher):
                 command, cwd = hydra_child_command(local_rank)
             else:
                 command = _basic_subprocess_cmd()
+            log.info("starting rank %d: %s", local_rank, shlex.join(command))
             self.procs.append(subprocess.Popen(command, env=env, cwd=cwd))
 
     def finish(self) -> None:
