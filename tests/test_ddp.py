@@ -121,13 +121,17 @@ def test_ddp_step_matches_one_process(tiny_shards, tmp_path):
     one, two = torch.load(tmp_path / "result1.pt"), torch.load(tmp_path / "result2.pt")
 
     assert [r["indices"] for r in one["records"]] == [[[0, 1, 2, 3]]] * 3
-    assert [r["indices"] for r in two["records"]] == [[[0, 2], [1, 3]]] * 3  # each rank its half, every step
+    halves = [sorted(map(sorted, r["indices"])) for r in two["records"]]  # each rank its own half, every step
+    assert all(len(h) == 2 and len(h[0]) == 2 and sorted(h[0] + h[1]) == [0, 1, 2, 3] for h in halves)
     loss1, loss2 = [r["loss"] for r in one["records"]], [r["loss"] for r in two["records"]]
     assert loss2[0] == pytest.approx(loss1[0], rel=1e-6, abs=0)  # same weights, same clips and noise
     assert loss2 == pytest.approx(loss1, rel=1e-5, abs=0)  # steps 2, 3: DDP's averaged gradient is the same
     assert abs(loss1[2] - loss1[0]) > 1e-3  # and the steps did change the weights
+    # AdamW moves a weight by up to lr = 1e-3 a step whatever its gradient's size, so float noise in the tiny
+    # gradients of the zero-initialised adaLN layers shows as ~5e-6; a gradient that is not averaged over the
+    # ranks would show as ~1e-3.
     for name, p in one["params"].items():
-        torch.testing.assert_close(two["params"][name], p, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(two["params"][name], p, rtol=0, atol=5e-5)
 
 
 # --------------------------------------------------------------------------------------------------------

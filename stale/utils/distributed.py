@@ -26,7 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
 
@@ -131,10 +131,12 @@ class HydraFSDPStrategy(_HydraLaunch, FSDPStrategy):
     """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
 
     def __init__(self, *args, auto_wrap_policy=None, activation_checkpointing_policy=None, **kwargs):
-        # Hydra passes lists; Lightning turns a *set* of module classes into a ModuleWrapPolicy.
-        if isinstance(auto_wrap_policy, (list, tuple)):
-            auto_wrap_policy = set(auto_wrap_policy)
-        if isinstance(activation_checkpointing_policy, (list, tuple)):
-            activation_checkpointing_policy = set(activation_checkpointing_policy)
-        super().__init__(*args, auto_wrap_policy=auto_wrap_policy,
-                         activation_checkpointing_policy=activation_checkpointing_policy, **kwargs)
+        # Hydra hands over lists (ListConfig); Lightning turns a *set* of module classes into a ModuleWrapPolicy.
+        super().__init__(*args, auto_wrap_policy=_as_set(auto_wrap_policy),
+                         activation_checkpointing_policy=_as_set(activation_checkpointing_policy), **kwargs)
+
+
+def _as_set(policy):
+    if isinstance(policy, Iterable) and not isinstance(policy, (set, str)) and not callable(policy):
+        return set(policy)
+    return policy
