@@ -163,7 +163,7 @@ def test_multirun_of_ddp_trials(tiny_shards, tmp_path):
         assert (sweep / trial / ".hydra" / "config.yaml").is_file()
         # rank 1 was started as a plain run of this trial: its overrides, its dir, no `-m`
         child = next(line for line in (sweep / trial / "train.log").read_text().splitlines() if "starting rank 1:" in line)
-        assert lr in child and f"hydra.run.dir='{sweep / trial}'" in child and "-m" not in child.split()
+        assert lr in child and "hydra.mode=RUN" in child and f"{sweep / trial}'" in child and " -m " not in child
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (sweep / trial / "train_rank1.log").read_text()
     with open(sweep / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
