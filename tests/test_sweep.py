@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,20 @@ def test_summary_table_and_best(tmp_path):
     assert write_summary(tmp_path, "val/loss", "maximize")["best"]["trial"] == 10
     with pytest.raises(ValueError, match="direction='lowest'"):
         write_summary(tmp_path, "val/loss", "lowest")
+
+
+def test_summary_command_for_an_interrupted_sweep(tmp_path):
+    """`python -m stale.utils.sweep DIR`: the summary of whatever trials finished."""
+    _record(tmp_path, 0, 0.5)
+    _record(tmp_path, 1, 0.4)
+    proc = subprocess.run([sys.executable, "-m", "stale.utils.sweep", str(tmp_path), "--direction", "maximize"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "best (maximize val/loss): trial 0" in proc.stdout
+    assert yaml.safe_load((tmp_path / "best_trial.yaml").read_text())["trial"] == 0
+    proc = subprocess.run([sys.executable, "-m", "stale.utils.sweep", str(tmp_path / "none")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "no sweep_result.json" in proc.stdout
 
 
 def test_no_finite_trial_means_no_best(tmp_path):

@@ -11,6 +11,10 @@ own result in its output dir (`sweep_result.json`), and the end of the sweep gat
 The metric is the job's return value: `stale-train` returns `val/loss`. Trials that failed, or returned
 no finite number, are listed but never chosen as best. Enabled in conf/hydra/default.yaml as
 `hydra.callbacks.sweep_summary`; it does nothing in plain (non `-m`) runs.
+
+A sweep that stops early (a failed trial stops Hydra's basic sweeper; the launching process may be killed)
+never reaches `on_multirun_end`; the trials that finished still have their result files, and
+`python -m stale.utils.sweep SWEEP_DIR [--direction maximize]` writes the summary from them.
 """
 
 from __future__ import annotations
@@ -140,3 +144,24 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str = "m
         best_file.unlink(missing_ok=True)
         log.warning("no trial of the sweep in %s returned a finite %s: no best trial", sweep_dir, metric)
     return {"trials": len(records), "best": best, "table": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stale.utils.sweep",
+                                     description="Write sweep_summary.{csv,md} and best_trial.yaml for a sweep dir.")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--metric", default="val/loss")
+    parser.add_argument("--direction", default="minimize", choices=["minimize", "maximize"])
+    args = parser.parse_args(argv)
+    summary = write_summary(args.sweep_dir, args.metric, args.direction)
+    if summary is None:
+        print(f"no {RESULT_FILE} under {args.sweep_dir}")
+        return 1
+    print(summary["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
