@@ -10,10 +10,10 @@ again, in the sweep's `hydra.run.dir` rather than in the job's own dir (Lightnin
            hydra.output_subdir=null hydra.job.name=<job name>_rank<r>
 
 so every rank of every trial composes the same config and writes into the same folder; only rank zero writes
-`.hydra/`. When the trial's fit ends, rank zero waits for its children, destroys the process group and puts
-back the environment variables the launch set (LOCAL_RANK, WORLD_SIZE, MASTER_PORT, ...): otherwise the next
-trial of the sweep would find `LOCAL_RANK` set, take itself for an externally launched rank, and reuse the
-dead process group.
+`.hydra/`. When the trial's fit ends, rank zero waits for its children (or, if the fit failed, stops them),
+destroys the process group and puts back the environment variables the launch set (LOCAL_RANK, WORLD_SIZE,
+MASTER_PORT, ...): otherwise the next trial of the sweep would find `LOCAL_RANK` set, take itself for an
+externally launched rank, and reuse the dead process group.
 
 Processes started by torchrun or SLURM are not launched here (Lightning sees the cluster environment
 `creates_processes_externally`): for those, pass the same `hydra.run.dir` to every rank (see scripts/).
@@ -30,11 +30,14 @@ from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
 
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import (
     _basic_subprocess_cmd,
     _SubprocessScriptLauncher,
 )
+from lightning.pytorch.trainer.states import TrainerStatus
 
 # Hydra overrides that describe the sweep, not the job: a child is a plain run of one job.
 log = logging.getLogger(__name__)
@@ -57,16 +60,28 @@ def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
         command = [sys.executable, "-m", __main__.__spec__.name]
     command += list(hc.overrides.task)  # this job's overrides, sweep values already chosen
     command += [o for o in hc.overrides.hydra if not o.lstrip("~+").startswith(_SWEEP_ONLY)]
-    out = str(hc.runtime.output_dir).replace("\\", "\\\\").replace("'", "\\'")
+    out = str(hc.runtime.output_dir).replace("'", "\\'")  # a quoted Hydra value
     command += ["hydra.mode=RUN", f"hydra.run.dir='{out}'", "hydra.output_subdir=null",
                 f"hydra.job.name={hc.job.name}_rank{local_rank}"]
     return command, get_original_cwd()
 
 
 class HydraSubprocessLauncher(_SubprocessScriptLauncher):
-    """Lightning's subprocess launcher, with `hydra_child_command` for the other local ranks."""
+    """Lightning's subprocess launcher, with `hydra_child_command` for the other local ranks, and a `finish`
+    that leaves the launching process as it found it, so that the next trial of a sweep can launch again."""
 
     child_exit_timeout_s = 300.0
+
+    def launch(self, function, *args, trainer=None, **kwargs):  # as Lightning's, keeping the watchdog thread
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        self._observer = None
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            # Lightning's watchdog: kills this process if a child dies during fit
+            self._observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=self.procs)
+            self._observer.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
     def _call_children_scripts(self) -> None:  # as Lightning's, except for the Hydra command
         self._check_can_spawn_children()
@@ -92,15 +107,25 @@ class HydraSubprocessLauncher(_SubprocessScriptLauncher):
             log.info("starting rank %d: %s", local_rank, shlex.join(command))
             self.procs.append(subprocess.Popen(command, env=env, cwd=cwd))
 
-    def finish(self) -> None:
-        """On the launching rank, after fit: let the children exit, then leave no distributed state behind."""
+    def finish(self, completed: bool) -> None:
+        """On the launching rank, when fit ends: reap the children (after a completed fit let them exit; after
+        a failure they may wait on this rank forever, so stop them), then drop the process group and restore
+        the environment."""
         if not self.procs:
             return  # a child rank, or nothing was launched
+        if self._observer is not None:
+            self._observer._child_processes = []  # reaped here from now on: a child we stop must not kill us
         for proc in self.procs:
-            try:
-                proc.wait(timeout=self.child_exit_timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("rank process %d still running %.0f s after fit ended", proc.pid, self.child_exit_timeout_s)
+            if completed:
+                try:
+                    proc.wait(timeout=self.child_exit_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("rank process %d still running %.0f s after fit: stopping it", proc.pid,
+                                self.child_exit_timeout_s)
+            if proc.poll() is None:
+                proc.kill()
+            if proc.wait() != 0 and completed:
+                log.warning("rank process %d exited with code %d after fit", proc.pid, proc.returncode)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         for key, value in self._env_before.items():
@@ -118,9 +143,11 @@ class _HydraLaunch:
             self._launcher = HydraSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def teardown(self) -> None:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        completed = trainer is not None and trainer.state.status != TrainerStatus.INTERRUPTED
         super().teardown()
         if isinstance(self._launcher, HydraSubprocessLauncher):
-            self._launcher.finish()
+            self._launcher.finish(completed)
 
 
 class HydraDDPStrategy(_HydraLaunch, DDPStrategy):
