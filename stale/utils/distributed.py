@@ -29,7 +29,6 @@ import sys
 from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
-
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
