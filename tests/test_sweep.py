@@ -29,6 +29,7 @@ def test_optuna_search_through_submitit(tiny_shards, tmp_path):  # noqa: F811
     """2 Optuna trials, each a submitit job in its own process: each writes its result, the sweep the summary."""
     sweep = tmp_path / "sweep"
     run_cli("stale-train", group_override("hparams_search", "optuna"), "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",  # one batch of 2: submitit runs both trials at once
             "hydra/launcher=submitit_local", *LITE, *tiny_shards["overrides"], f"hydra.sweep.dir={sweep}",
             cwd=tmp_path, timeout=380)
     optuna_best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
