@@ -1,0 +1,168 @@
+"""DDP and FSDP strategies that keep one Hydra output dir per run, also inside a Hydra multirun.
+
+When Lightning starts the other ranks itself (one machine, `trainer.devices=N`, no torchrun or SLURM), its
+subprocess launcher re-runs the command line: `sys.argv + hydra.run.dir=<hydra.run.dir>`. That is right for a
+single run, but under `stale-train -m a=1,2` every child would get `-m a=1,2` back and start the whole sweep
+again, in the sweep's `hydra.run.dir` rather than in the job's own dir (Lightning-AI/pytorch-lightning#11300,
+#18175). The launcher below starts each child as a single run of exactly this job instead:
+
+    python <script> <this job's overrides> hydra.mode=RUN hydra.run.dir=<this job's output dir>
+           hydra.output_subdir=null hydra.job.name=<job name>_rank<r>
+
+so every rank of every trial composes the same config and writes into the same folder; only rank zero writes
+`.hydra/`. When the trial's fit ends, rank zero waits for its children (or, if the fit failed, stops them),
+destroys the process group and puts back the environment variables the launch set (LOCAL_RANK, WORLD_SIZE,
+MASTER_PORT, ...): otherwise the next trial of the sweep would find `LOCAL_RANK` set, take itself for an
+externally launched rank, and reuse the dead process group.
+
+Processes started by torchrun or SLURM are not launched here (Lightning sees the cluster environment
+`creates_processes_externally`): for those, pass the same `hydra.run.dir` to every rank (see scripts/).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+
+import torch.distributed as dist
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import (
+    _basic_subprocess_cmd,
+    _SubprocessScriptLauncher,
+)
+from lightning.pytorch.trainer.states import TrainerStatus
+
+# Hydra overrides that describe the sweep, not the job: a child is a plain run of one job.
+log = logging.getLogger(__name__)
+
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.sweeper", "hydra/sweeper", "hydra.launcher",
+               "hydra/launcher", "hydra.job.name", "hydra.output_subdir")
+
+
+def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
+    """The command line and cwd that rerun the current Hydra job (run or multirun job) as one plain run."""
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is None:  # a script or console entry point (`stale-train`)
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:  # `python -m stale.cli.train`
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += list(hc.overrides.task)  # this job's overrides, sweep values already chosen
+    command += [o for o in hc.overrides.hydra if not o.lstrip("~+").startswith(_SWEEP_ONLY)]
+    out = str(hc.runtime.output_dir).replace("'", "\\'")  # a quoted Hydra value
+    command += ["hydra.mode=RUN", f"hydra.run.dir='{out}'", "hydra.output_subdir=null",
+                f"hydra.job.name={hc.job.name}_rank{local_rank}"]
+    return command, get_original_cwd()
+
+
+class HydraSubprocessLauncher(_SubprocessScriptLauncher):
+    """Lightning's subprocess launcher, with `hydra_child_command` for the other local ranks, and a `finish`
+    that leaves the launching process as it found it, so that the next trial of a sweep can launch again."""
+
+    child_exit_timeout_s = 300.0
+
+    def launch(self, function, *args, trainer=None, **kwargs):  # as Lightning's, keeping the watchdog thread
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        self._observer = None
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            # Lightning's watchdog: kills this process if a child dies during fit
+            self._observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=self.procs)
+            self._observer.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def _call_children_scripts(self) -> None:  # as Lightning's, except for the Hydra command
+        self._check_can_spawn_children()
+        self.procs = []
+        self._env_before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+        os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+        os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+        os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
+        os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
+        os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        from hydra.core.hydra_config import HydraConfig
+
+        for local_rank in range(1, self.num_processes):
+            env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            if os.environ.get("PL_GLOBAL_SEED") is None:
+                env.pop("PL_GLOBAL_SEED", None)
+            command: Sequence[str]
+            cwd = None
+            if HydraConfig.initialized():
+                command, cwd = hydra_child_command(local_rank)
+            else:
+                command = _basic_subprocess_cmd()
+            log.info("starting rank %d: %s", local_rank, shlex.join(command))
+            self.procs.append(subprocess.Popen(command, env=env, cwd=cwd))
+
+    def finish(self, completed: bool) -> None:
+        """On the launching rank, when fit ends: reap the children (after a completed fit let them exit; after
+        a failure they may wait on this rank forever, so stop them), then drop the process group and restore
+        the environment."""
+        if not self.procs:
+            return  # a child rank, or nothing was launched
+        if self._observer is not None:
+            self._observer._child_processes = []  # reaped here from now on: a child we stop must not kill us
+        for proc in self.procs:
+            if completed:
+                try:
+                    proc.wait(timeout=self.child_exit_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("rank process %d still running %.0f s after fit: stopping it", proc.pid,
+                                self.child_exit_timeout_s)
+            if proc.poll() is None:
+                proc.kill()
+            if proc.wait() != 0 and completed:
+                log.warning("rank process %d exited with code %d after fit", proc.pid, proc.returncode)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in self._env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.procs = []
+
+
+class _HydraLaunch:
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = HydraSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def teardown(self) -> None:
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        completed = trainer is not None and trainer.state.status != TrainerStatus.INTERRUPTED
+        super().teardown()
+        if isinstance(self._launcher, HydraSubprocessLauncher):
+            self._launcher.finish(completed)
+
+
+class HydraDDPStrategy(_HydraLaunch, DDPStrategy):
+    """`DDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
+
+
+class HydraFSDPStrategy(_HydraLaunch, FSDPStrategy):
+    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
+
+    def __init__(self, *args, auto_wrap_policy=None, activation_checkpointing_policy=None, **kwargs):
+        # Hydra hands over lists (ListConfig); Lightning turns a *set* of module classes into a ModuleWrapPolicy.
+        super().__init__(*args, auto_wrap_policy=_as_set(auto_wrap_policy),
+                         activation_checkpointing_policy=_as_set(activation_checkpointing_policy), **kwargs)
+
+
+def _as_set(policy):
+    if isinstance(policy, Iterable) and not isinstance(policy, (set, str)) and not callable(policy):
+        return set(policy)
+    return policy
