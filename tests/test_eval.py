@@ -200,3 +200,22 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
 def test_stale_eval_names_a_missing_samples_folder(real_shard, tmp_path):
     proc = run_cli("stale-eval", f"samples={tmp_path / 'nothing'}", f"real={real_shard}", check=False, timeout=120)
     assert proc.returncode != 0 and "samples folder not found" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_stale_eval_on_a_stale_train_run(tmp_path):
+    """End to end on real outputs: a smoke run's samples and Lightning checkpoint, against its test split."""
+    import glob
+    import os
+
+    run = tmp_path / "run"
+    run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={run}", timeout=600)
+    test_shards = sorted(glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*", "test-*.tar")))
+    assert test_shards, "the smoke run wrote no test split"
+    proc = run_cli("stale-eval", f"samples={run / 'samples'}", f"real={test_shards[0]}",
+                   f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "labels=cycle", timeout=300)
+    report = json.loads((run / "samples" / "eval.json").read_text())
+    assert report["samples"]["clips"] == 4 and report["fdd"]["value"] > 0
+    la = report["label_agreement"]
+    assert la["n"] == 4 and 0 <= la["agreement"] <= 1 and la["real_clips"] == report["real"]["clips"]
+    assert "label agreement" in proc.stdout
