@@ -219,3 +219,25 @@ def test_stale_eval_on_a_stale_train_run(tmp_path):
     la = report["label_agreement"]
     assert la["n"] == 4 and 0 <= la["agreement"] <= 1 and la["real_clips"] == report["real"]["clips"]
     assert "label agreement" in proc.stdout
+
+
+def test_fdd_callback_logs_val_fdd(tmp_path):
+    import lightning as L
+
+    from stale.data.synthetic_module import SyntheticDataModule
+    from stale.diffusion.objective import StaleObjective
+    from stale.eval.callback import FDDCallback
+    from stale.system.stale_system import StaleSystem
+
+    torch.manual_seed(0)
+    system = StaleSystem(build_model(**TINY), StaleObjective(), schedule={"name": "constant", "warmup": 0})
+    data = SyntheticDataModule(root=str(tmp_path / "data"), train_clips=16, val_clips=8, test_clips=4, batch_size=4,
+                               num_workers=0, shuffle_buffer=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[FDDCallback(num_videos=4, steps=2)])
+    trainer.fit(system, datamodule=data)
+    fdd_value = trainer.callback_metrics["val/fdd"].item()
+    assert np.isfinite(fdd_value) and fdd_value > 1000  # two steps in: samples are still prior noise
+    with pytest.raises(ValueError, match="num_videos=1"):
+        FDDCallback(num_videos=1)
