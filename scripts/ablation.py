@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="run only these variants (names: %s)" % [v[0] for v in VARIANTS])
     p.add_argument("--runs", type=Path, default=REPO / "outputs" / "ablation", help="where the runs go")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "ablation.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite --out from <runs>/ablation.json (a finished run) without training")
     p.add_argument("--force-dog", action="store_true", help="train the DoG row even if the objective has no DoG term")
     return p.parse_args(argv)
 
@@ -193,7 +195,8 @@ class Scorer:
                           seed=self.args.seed)
         gen, _ = load_sample_clips(folder)
         la = report.get("label_agreement", {})
-        return {"fdd": report["fdd"]["value"], "n_gen": report["fdd"]["generated_clips"],
+        return {"dir": folder.parent.name, "predicted_classes": sorted(set(la.get("predicted", {}).values())),
+                "fdd": report["fdd"]["value"], "n_gen": report["fdd"]["generated_clips"],
                 "n_real": report["fdd"]["real_clips"], "agreement": la.get("agreement"),
                 "real_accuracy": la.get("real_accuracy"), "near_dup": self.near_duplicate_share(gen),
                 "pixel_copy": self.pixel_copy_share(gen)}
@@ -258,8 +261,8 @@ def fmt(v, spec=".3f", none="—"):
     return none if v is None else format(v, spec)
 
 
-def write_report(args, rows: list[dict], meta: dict) -> None:
-    out = args.out
+def write_report(meta: dict, rows: list[dict], notes: list[str], out: Path) -> None:
+    args = argparse.Namespace(**meta["args"])
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Ablation: prior, DoG and hinge at one fixed compute budget",
@@ -275,8 +278,8 @@ def write_report(args, rows: list[dict], meta: dict) -> None:
         f"arctan schedule with {args.warmup} warmup steps, seed {args.seed}, torch threads {args.threads or 'default'}. "
         f"Samples: {args.samples} clips per row, {args.sample_steps} Euler steps, labels cycling through the classes. "
         f"Wall time {meta['minutes']:.1f} min in all on 2 CPU cores shared with other jobs (timings are not comparable "
-        "across rows). This is a small budget chosen to finish in about ten minutes: samples at this point are "
-        "blobs, not shapes, and one seed decides every row.",
+        "across rows). The budget was chosen to finish in about ten minutes on that machine, and one seed decides "
+        "every row.",
         "",
         "| row | what | FDD (lower is better) | val loss | val loss / untrained | label agreement | copies of train (pixel) | near-dup of train (dHash) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -294,7 +297,7 @@ def write_report(args, rows: list[dict], meta: dict) -> None:
                      f"{fmt(r.get('val_rel'), '.3f')} | {fmt(r.get('agreement'), '.2f')} | {fmt(r.get('pixel_copy'), '.0%')} | "
                      f"{fmt(r.get('near_dup'), '.0%')} |")
     lines += ["", "![FDD per row](ablation.png)", "", "## Reading the table", ""]
-    lines += [f"- {t}" for t in meta["notes"]]
+    lines += [f"- {t}" for t in notes]
     lines += ["", "Columns:", "",
               "- **FDD**: Fréchet DoG distance (docs/evaluation.md) of the row's clips against the "
               f"{rows[0].get('n_real', '?')} clips of the test split. It depends on both set sizes: every row uses "
@@ -343,6 +346,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        render(json.loads((args.runs / "ablation.json").read_text()), args.out)
+        return 0
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
@@ -392,21 +398,6 @@ def main(argv=None) -> int:
             r["note"] = "labels: default row's head" if default_ckpt else "no default run: no head"
     rows = [*rows, baselines[0], untrained, baselines[1]]
 
-    by = {r["name"]: r for r in rows}
-    if "default" in by and "gaussian" in by and by["default"].get("fdd") and by["gaussian"].get("fdd"):
-        u, g = by["default"], by["gaussian"]
-        noise = baselines[0]["fdd_spread"][1]
-        win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
-        notes.insert(0, f"Prior: the **{win}** prior wins on FDD at this budget ({u['fdd']:.1f} uniform vs "
-                        f"{g['fdd']:.1f} Gaussian; real-vs-real noise floor ± {noise:.1f}). Label agreement "
-                        f"{fmt(u.get('agreement'), '.2f')} vs {fmt(g.get('agreement'), '.2f')}, val loss / untrained "
-                        f"{fmt(u.get('val_rel'))} vs {fmt(g.get('val_rel'))}.")
-    if "no_hinge" in by and by["no_hinge"].get("fdd") and "default" in by and by["default"].get("fdd"):
-        notes.append(f"Hinge off: FDD {by['no_hinge']['fdd']:.1f} vs {by['default']['fdd']:.1f} with it on; "
-                     f"label agreement {fmt(by['no_hinge'].get('agreement'), '.2f')} (an untrained head).")
-    notes.append("Real vs real and the copies sit at the floor of FDD although the copies are pure memorisation: "
-                 "only the copies column tells them apart from a model that generalises.")
-
     import torch
 
     from stale.utils.provenance import git_state
@@ -420,11 +411,61 @@ def main(argv=None) -> int:
     meta = {"command": f".venv/bin/python scripts/ablation.py {argv_str}".strip(),
             "date": datetime.date.today().isoformat(),
             "commit": f"{(git['commit'] or 'unknown')[:10]}{' (dirty)' if git['dirty'] else ''}",
-            "params": params, "minutes": (time.perf_counter() - t_start) / 60, "notes": notes}
-    write_report(args, rows, meta)
-    (args.runs / "ablation.json").write_text(json.dumps(
-        [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))
+            "params": params, "minutes": (time.perf_counter() - t_start) / 60,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    results = {"meta": meta, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
+    (args.runs / "ablation.json").write_text(json.dumps(results, indent=1))
+    render(results, args.out)
     return 0
+
+
+def notes_for(rows: list[dict]) -> list[str]:
+    """What the table says, computed from it (so a rerun cannot leave stale prose behind)."""
+    by = {r["name"]: r for r in rows}
+    notes = []
+    u, g = by.get("default", {}), by.get("gaussian", {})
+    floor = by.get("real vs real", {}).get("fdd_spread")
+    if u.get("fdd") and g.get("fdd"):
+        win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
+        noise = f"; the real-vs-real spread over three slices is ± {floor[1]:.0f}" if floor else ""
+        notes.append(f"**Prior: the {win} prior wins** at this budget on FDD ({u['fdd']:.0f} uniform vs {g['fdd']:.0f} "
+                     f"Gaussian{noise}) and on val loss / untrained ({fmt(u.get('val_rel'))} vs {fmt(g.get('val_rel'))}). "
+                     "One seed each: a rerun with other seeds is the way to firm this up.")
+    trained = [r for r in rows if not r.get("baseline") and r.get("fdd")]
+    unt, real = by.get("untrained model", {}), by.get("real vs real", {})
+    if trained and unt.get("fdd") and real.get("fdd"):
+        best = min(trained, key=lambda r: r["fdd"])
+        notes.append(f"Sample quality: the best trained row ({best['name']}, FDD {best['fdd']:.0f}) has covered "
+                     f"{(unt['fdd'] - best['fdd']) / (unt['fdd'] - real['fdd']):.0%} of the way from prior noise "
+                     f"(untrained, {unt['fdd']:.0f}) to real clips ({real['fdd']:.0f}): the samples are still mostly "
+                     "coloured noise (contact sheets in the run folders). This budget ranks recipes early in "
+                     "training; it does not show what they converge to.")
+    for r in rows:
+        if r.get("error"):
+            notes.append(f"Row '{r['name']}' not run: {r['error']}. Rerun the script when that is fixed.")
+    single = [r for r in rows if len(r.get("predicted_classes") or []) == 1]
+    if single:
+        cls = sorted({r["predicted_classes"][0] for r in single})
+        notes.append(f"Label agreement is chance everywhere because the hinge head predicts one class ({cls}) for "
+                     f"every clip in {len(single)} of {sum(1 for r in rows if r.get('predicted_classes') is not None)} "
+                     "rows, real clips included. The untrained head must: with adaLN-Zero every block starts as the "
+                     "identity, so the joy token's final state does not depend on the input. At this budget the "
+                     "trained heads (hinge weight 0.1 on a quarter of each batch) have not yet departed from that.")
+    nh, d = by.get("no_hinge", {}), by.get("default", {})
+    if nh.get("fdd") and d.get("fdd"):
+        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on, val loss / untrained "
+                     f"{fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}: the head neither helps nor hurts "
+                     "generation visibly here.")
+    copies = by.get("nearest-training-clip copies", {})
+    if copies.get("fdd") and real.get("fdd"):
+        notes.append(f"Real vs real ({real['fdd']:.0f}) and the nearest-training-clip copies ({copies['fdd']:.0f}) "
+                     "sit together at the floor of FDD although the copies are pure memorisation: only the copies "
+                     "column tells them apart from a model that generalises.")
+    return notes
+
+
+def render(results: dict, out: Path) -> None:
+    write_report(results["meta"], results["rows"], notes_for(results["rows"]), out)
 
 
 if __name__ == "__main__":

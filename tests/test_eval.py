@@ -12,7 +12,7 @@ import webdataset as wds
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import encode_mp4, write_mp4_file
 from stale.eval.agreement import CheckpointError, agreement, head_predictions, load_checkpoint_model
-from stale.eval.evaluate import fdd, load_real_clips, load_sample_clips, sample_labels
+from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
 from stale.eval.features import FEATURE_NAMES, SIGMAS, dog, frame_features, gaussian_blur
 from stale.eval.frechet import frechet_between, frechet_distance
 from stale.eval.samples import SamplesError, read_labels, write_labels
@@ -197,9 +197,13 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
     assert "FDD" in proc.stdout and "label agreement 0.500 over 6 clips" in proc.stdout
 
 
-def test_stale_eval_names_a_missing_samples_folder(real_shard, tmp_path):
-    proc = run_cli("stale-eval", f"samples={tmp_path / 'nothing'}", f"real={real_shard}", check=False, timeout=120)
-    assert proc.returncode != 0 and "samples folder not found" in proc.stderr + proc.stdout
+def test_evaluate_names_a_missing_samples_folder_and_a_short_real_set(real_shard, tmp_path):
+    with pytest.raises(SamplesError, match="samples folder not found: .*nothing"):
+        evaluate(tmp_path / "nothing", real_shard)
+    (tmp_path / "s").mkdir()
+    write_mp4_file(tmp_path / "s" / "a.mp4", shapes(1, seed=7)[0][0])
+    with pytest.raises(SamplesError, match="gave 1 clip\\(s\\); a Fréchet distance needs >= 2"):
+        evaluate(tmp_path / "s", real_shard, max_real=1)
 
 
 @pytest.mark.slow
