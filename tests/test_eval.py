@@ -1,0 +1,247 @@
+"""stale-eval: DoG features against scipy, the Fréchet distance, label agreement and the FVD plumbing."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.ndimage
+import torch
+import webdataset as wds
+
+from stale.data.synthetic import SyntheticSpec, make_clip
+from stale.data.video_io import encode_mp4, write_mp4_file
+from stale.eval.agreement import CheckpointError, agreement, head_predictions, load_checkpoint_model
+from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
+from stale.eval.features import FEATURE_NAMES, SIGMAS, dog, frame_features, gaussian_blur
+from stale.eval.frechet import frechet_between, frechet_distance
+from stale.eval.samples import SamplesError, read_labels, write_labels
+from stale.models import build_model
+
+from conftest import run_cli
+
+SPEC = SyntheticSpec(frames=8, size=16, num_classes=4)
+TINY = dict(name="tiny", frames=8, size=16, num_classes=4, patch=[1, 4, 4], dim=32, depth=2, heads=2)
+
+
+def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n synthetic clips (the training data's generator) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=n)
+    return np.stack([make_clip(rng, SPEC, int(y)) for y in labels]), labels
+
+
+# --- features ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 4.0, 6.4])
+def test_gaussian_blur_matches_scipy_reflect(sigma):
+    x = torch.rand(2, 3, 12, 17, dtype=torch.float64)  # radius up to 26 px: wider than the frame
+    ref = np.stack([scipy.ndimage.gaussian_filter(a, sigma) for a in x.reshape(-1, 12, 17).numpy()])
+    np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), ref.reshape(x.shape), atol=1e-12)
+
+
+def test_dog_kills_constants_and_each_band_peaks_at_its_frequency():
+    assert dog(torch.full((16, 16), 7.0, dtype=torch.float64), 2.0).abs().max() < 1e-12
+    xx = torch.arange(64, dtype=torch.float64)
+    for band, s in enumerate(SIGMAS):
+        grating = torch.cos(1.10 / s * xx)[None].expand(64, 64)  # METHOD.md: peak response near 1.10 / s
+        energy = [dog(grating, b)[8:-8, 8:-8].pow(2).mean().item() for b in SIGMAS]
+        assert int(np.argmax(energy)) == band, energy
+
+
+def test_frame_features_shape_names_and_meaning():
+    clips, _ = shapes(3, seed=0)
+    f = frame_features(torch.from_numpy(clips))
+    assert f.shape == (3, 7, len(FEATURE_NAMES)) == (3, 7, 25)
+    still = torch.from_numpy(clips[:, :1].repeat(8, axis=1))  # a frozen clip: no motion at all
+    fs = frame_features(still)
+    diff_cols = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith("diff_")]
+    assert fs[..., diff_cols].abs().max() == 0 and f[..., diff_cols].abs().max() > 1
+    mean_r = FEATURE_NAMES.index("mean_r")
+    np.testing.assert_allclose(f[..., mean_r].numpy(), clips[:, 1:, ..., 0].mean(axis=(2, 3)), rtol=1e-5)
+    with pytest.raises(ValueError, match=">= 2 frames"):
+        frame_features(still[:, :1])
+
+
+# --- Fréchet distance --------------------------------------------------------------------------------
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(mu1, s1, mu1 + 3, s1) == pytest.approx(9 * 6, rel=1e-9)  # a pure shift
+
+
+def test_fdd_real_vs_real_is_far_below_real_vs_noise():
+    a, _ = shapes(48, seed=1)
+    b, _ = shapes(48, seed=2)
+    noise = np.random.default_rng(3).integers(0, 256, size=a.shape, dtype=np.uint8)
+    frozen = a[:, :1].repeat(8, axis=1)
+    real, bad_noise, bad_motion = fdd(a, b), fdd(noise, b), fdd(frozen, b)
+    assert real < bad_motion < bad_noise, (real, bad_motion, bad_noise)
+    assert bad_noise > 50 * real
+
+
+# --- label agreement ---------------------------------------------------------------------------------
+
+def test_agreement_counts_and_confusion():
+    out = agreement([0, 1, 2, 2, 3], [0, 2, 2, 2, 1], num_classes=4)
+    assert out["agreement"] == pytest.approx(0.6) and out["n"] == 5
+    assert out["per_class"] == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
+    assert np.array(out["confusion"]).sum() == 5 and out["confusion"][1][2] == 1
+    with pytest.raises(ValueError, match="in \\[0, 4\\)"):
+        agreement([0, 4], [0, 1], num_classes=4)
+
+
+def fixed_head_model(cls: int):
+    """A real tiny Stale Transformer whose hinge head always scores class `cls` highest."""
+    model = build_model(**TINY)
+    with torch.no_grad():
+        model.head.linear.weight.zero_()
+        model.head.linear.bias.copy_(torch.nn.functional.one_hot(torch.tensor(cls), 4).float())
+    return model
+
+
+def save_checkpoint(model, path, prior="uniform"):
+    """The checkpoint layout stale-train writes (Lightning state_dict with the 'model.' prefix + run_config)."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
+                                                    "diffusion": {"prior": prior}}}}, path)
+
+
+def test_checkpoint_round_trip_and_head_predictions(tmp_path):
+    model = fixed_head_model(2)
+    save_checkpoint(model, tmp_path / "m.ckpt")
+    loaded, run_config = load_checkpoint_model(tmp_path / "m.ckpt")
+    assert run_config["diffusion"]["prior"] == "uniform" and not loaded.training
+    clips, _ = shapes(5, seed=4)
+    for t in (1.0, 0.5):
+        pred, scores = head_predictions(loaded, clips, t=t, batch=2)
+        assert pred.tolist() == [2] * 5 and scores.shape == (5, 4)
+    torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="bad.ckpt: no hyper_parameters.run_config.model"):
+        load_checkpoint_model(tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint_model(tmp_path / "none.ckpt")
+
+
+def test_labels_sidecar(tmp_path):
+    write_labels(tmp_path, {"a.mp4": 1, "b.mp4": 3}, guidance=1.0)
+    side = read_labels(tmp_path, ["a.mp4", "b.mp4"])
+    assert side["labels"] == {"a.mp4": 1, "b.mp4": 3} and side["guidance"] == 1.0
+    with pytest.raises(SamplesError, match="no label for \\['c.mp4'\\]"):
+        read_labels(tmp_path, ["a.mp4", "c.mp4"])
+    labels, source = sample_labels(tmp_path / "x", ["s0.mp4", "s1.mp4", "s2.mp4"], "cycle", 2)
+    assert labels.tolist() == [0, 1, 0] and "cycle" in source
+    assert sample_labels(tmp_path / "x", ["s0.mp4"], "auto")[0] is None
+    (tmp_path / "labels.json").write_text('{"labels": {"a.mp4": "disc"}}')
+    with pytest.raises(SamplesError, match="label of 'a.mp4' is 'disc'"):
+        read_labels(tmp_path)
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+class StandInI3D(torch.nn.Module):
+    """Stands in for I3D in the FVD plumbing test: same call convention, simple per-clip statistics."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = True) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != 3 or x.shape[3] != 224 or x.shape[4] != 224:
+            raise RuntimeError("expected (B, 3, T, 224, 224)")
+        if bool(x.min() < -1.0) or bool(x.max() > 1.0) or rescale or resize or not return_features:
+            raise RuntimeError("expected inputs in [-1, 1] and rescale=False, resize=False, return_features=True")
+        motion = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(2, 3, 4))
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), motion], dim=1)  # (B, 9)
+
+
+@pytest.fixture(scope="module")
+def real_shard(tmp_path_factory):
+    clips, labels = shapes(24, seed=5)
+    path = tmp_path_factory.mktemp("real") / "test-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i, (clip, y) in enumerate(zip(clips, labels)):
+            sink.write({"__key__": f"test{i:07d}", "mp4": encode_mp4(clip),
+                        "json": json.dumps({"label": int(y)}).encode()})
+    return str(path)
+
+
+def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    clips, _ = shapes(6, seed=6)
+    for i, clip in enumerate(clips):
+        write_mp4_file(samples / f"sample_{i:03d}.mp4", clip)
+    write_labels(samples, {f"sample_{i:03d}.mp4": y for i, y in enumerate([2, 2, 2, 0, 1, 3])})
+    save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
+    torch.jit.script(StandInI3D()).save(str(tmp_path / "i3d.pt"))
+    out = tmp_path / "eval.json"
+    proc = run_cli("stale-eval", f"samples={samples}", f"real={real_shard}", f"ckpt={tmp_path / 'm.ckpt'}",
+                   f"i3d={tmp_path / 'i3d.pt'}", f"out={out}", "max_real=20", timeout=180)
+    report = json.loads(out.read_text())
+    assert report["real"]["clips"] == 20 and report["samples"]["clips"] == 6
+    assert report["fdd"]["generated_clips"] == 6 and report["fdd"]["real_clips"] == 20
+    # the command reports the library's FDD of the decoded files (6 clips: a noisy, upward-biased estimate)
+    gen, _ = load_sample_clips(samples)
+    real, _, _ = load_real_clips(real_shard, frames=8, size=16, max_clips=20)
+    assert report["fdd"]["value"] == pytest.approx(fdd(gen, real), rel=1e-9)
+    la = report["label_agreement"]
+    assert la["agreement"] == pytest.approx(0.5) and la["n"] == 6 and la["t"] == 1.0
+    assert la["labels_from"].endswith("labels.json") and set(la["predicted"].values()) == {2}
+    _, real_labels = shapes(24, seed=5)  # the real shard's labels: the head always says 2
+    assert la["real_accuracy"] == pytest.approx((real_labels[:20] == 2).mean()) and la["real_clips"] == 20
+    assert report["fvd"]["feature_dim"] == 9 and report["fvd"]["value"] > 0
+    assert "FDD" in proc.stdout and "label agreement 0.500 over 6 clips" in proc.stdout
+
+
+def test_evaluate_names_a_missing_samples_folder_and_a_short_real_set(real_shard, tmp_path):
+    with pytest.raises(SamplesError, match="samples folder not found: .*nothing"):
+        evaluate(tmp_path / "nothing", real_shard)
+    (tmp_path / "s").mkdir()
+    write_mp4_file(tmp_path / "s" / "a.mp4", shapes(1, seed=7)[0][0])
+    with pytest.raises(SamplesError, match="gave 1 clip\\(s\\); a Fréchet distance needs >= 2"):
+        evaluate(tmp_path / "s", real_shard, max_real=1)
+
+
+@pytest.mark.slow
+def test_stale_eval_on_a_stale_train_run(tmp_path):
+    """End to end on real outputs: a smoke run's samples and Lightning checkpoint, against its test split."""
+    import glob
+    import os
+
+    run = tmp_path / "run"
+    run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={run}", timeout=600)
+    test_shards = sorted(glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*", "test-*.tar")))
+    assert test_shards, "the smoke run wrote no test split"
+    proc = run_cli("stale-eval", f"samples={run / 'samples'}", f"real={test_shards[0]}",
+                   f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "labels=cycle", timeout=300)
+    report = json.loads((run / "samples" / "eval.json").read_text())
+    assert report["samples"]["clips"] == 4 and report["fdd"]["value"] > 0
+    la = report["label_agreement"]
+    assert la["n"] == 4 and 0 <= la["agreement"] <= 1 and la["real_clips"] == report["real"]["clips"]
+    assert "label agreement" in proc.stdout
+
+
+def test_fdd_callback_logs_val_fdd(tmp_path):
+    import lightning as L
+
+    from stale.data.synthetic_module import SyntheticDataModule
+    from stale.diffusion.objective import StaleObjective
+    from stale.eval.callback import FDDCallback
+    from stale.system.stale_system import StaleSystem
+
+    torch.manual_seed(0)
+    system = StaleSystem(build_model(**TINY), StaleObjective(), schedule={"name": "constant", "warmup": 0})
+    data = SyntheticDataModule(root=str(tmp_path / "data"), train_clips=16, val_clips=8, test_clips=4, batch_size=4,
+                               num_workers=0, shuffle_buffer=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[FDDCallback(num_videos=4, steps=2)])
+    trainer.fit(system, datamodule=data)
+    fdd_value = trainer.callback_metrics["val/fdd"].item()
+    assert np.isfinite(fdd_value) and fdd_value > 1000  # two steps in: samples are still prior noise
+    with pytest.raises(ValueError, match="num_videos=1"):
+        FDDCallback(num_videos=1)
