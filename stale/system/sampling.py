@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from stale.eval.samples import write_labels
+
 from stale.utils.media import save_videos
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,12 @@ def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: 
     k = system.model.config.num_classes
     labels = torch.arange(num_videos) % k
     videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed)
-    return save_videos(videos, out_dir, fps=fps)
+    paths = save_videos(videos, out_dir, fps=fps)
+    # labels.json: which class each clip was asked for, so stale-eval can measure label agreement
+    names = {paths[f"mp4_{i}"].name: int(label) for i, label in enumerate(labels)}
+    paths["labels"] = write_labels(out_dir, names, num_classes=k, guidance=guidance, sampler=sampler, steps=steps,
+                                   seed=seed)
+    return paths
 
 
 class SampleVideos(L.Callback):
