@@ -59,11 +59,14 @@ def classifier_guided(velocity: Velocity, grad_log_p: Callable[[torch.Tensor, to
 
 
 def input_gradient(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """grad_x sum(fn(x, t)) as a function (x, t) -> (B, ...); works inside torch.no_grad samplers."""
+    """grad_x sum(fn(x, t)) as a function (x, t) -> (B, ...); works inside torch.no_grad samplers.
+    A function that does not depend on x differentiably (piecewise constant) has gradient 0."""
 
     def grad(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            return torch.autograd.grad(fn(xg, t).sum(), xg)[0]
+            out = fn(xg, t).sum()
+            g = torch.autograd.grad(out, xg, allow_unused=True)[0] if out.requires_grad else None
+        return torch.zeros_like(x) if g is None else g
 
     return grad
