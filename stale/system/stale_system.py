@@ -144,8 +144,20 @@ class StaleSystem(L.LightningModule):
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int = 50, sampler: str = "euler", guidance: float = 1.0,
-               seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Generate uint8 videos (B, C, T, H, W) for `labels`, with classifier-free guidance weight `guidance`."""
+               seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False,
+               classifier_guidance: float = 0.0) -> torch.Tensor:
+        """Generate uint8 videos (B, C, T, H, W) for `labels`.
+
+        sampler: euler | heun | rk4 (stale/diffusion/samplers.py). guidance: classifier-free guidance
+        weight (1 = plain conditional). classifier_guidance: scale of the hinge head's margin gradient
+        (0 = off; a heuristic for the uniform prior, see stale/diffusion/guidance.py). The same seed gives
+        the same videos: the prior is drawn on the CPU from `seed` and the samplers are deterministic.
+        """
+        from stale.diffusion.guidance import classifier_free, classifier_guided, input_gradient
+        from stale.diffusion.hinge import margin
+        from stale.diffusion.samplers import get_sampler
+
+        solve = get_sampler(sampler)  # fails on an unknown name before any work
         cfg = self.model.config
         shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -153,18 +165,20 @@ class StaleSystem(L.LightningModule):
         labels = labels.to(self.device)
         null = torch.full_like(labels, self.null_label)
 
-        def velocity(x_t, t):
-            v_cond, _ = self.model(x_t, t, labels)
-            if guidance == 1.0:
-                return v_cond
-            v_null, _ = self.model(x_t, t, null)
-            return v_null + guidance * (v_cond - v_null)  # classifier-free guidance
+        velocity = classifier_free(lambda x_t, t: self.model(x_t, t, labels)[0],
+                                   lambda x_t, t: self.model(x_t, t, null)[0], guidance)
+        if classifier_guidance:
+            # the head is trained label-free (null label), so it is read the same way here
+            head_margin = lambda x_t, t: margin(self.model(x_t, t, null)[1].float(), labels)  # noqa: E731
+            velocity = classifier_guided(velocity, input_gradient(head_margin), classifier_guidance)
 
         was_training = self.model.training
         self.model.eval()
-        out = SAMPLERS[sampler](velocity, x, time_grid(steps, x.device), clamp=self.objective.prior == "uniform",
-                                progress=progress)
-        self.model.train(was_training)
+        try:
+            out = solve(velocity, x, time_grid(steps, x.device), clamp=self.objective.prior == "uniform",
+                        progress=progress)
+        finally:
+            self.model.train(was_training)
         return to_uint8(out)
 
     # --- checkpoints ------------------------------------------------------------------------------------
