@@ -233,6 +233,7 @@ def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: l
     """Sample with the EMA weights (EMAWeightAveraging copied them into the model at the end of fit)."""
     s = cfg.sample
     paths = sample_to_disk(system, out / "samples", num_videos=s.num_videos, steps=s.steps, sampler=s.sampler,
-                           guidance=s.guidance, seed=s.seed)
+                           guidance=s.guidance, seed=s.seed, progress=s.get("progress", False),
+                           classifier_guidance=s.get("classifier_guidance", 0.0))
     log_videos(loggers, paths, step)
     return {"samples": out / "samples", "contact sheet": paths["contact_sheet"], "gif grid": paths["gif"]}

@@ -45,11 +45,11 @@ def log_videos(loggers: list, paths: dict[str, Path], step: int, key: str = "sam
 
 
 def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: str, guidance: float, seed: int,
-                   fps: int = 8) -> dict[str, Path]:
+                   fps: int = 8, **sample_kwargs) -> dict[str, Path]:
     """Sample `num_videos` clips (labels cycle through the classes) and write them; returns the paths."""
     k = system.model.config.num_classes
     labels = torch.arange(num_videos) % k
-    videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+    videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, **sample_kwargs)
     paths = save_videos(videos, out_dir, fps=fps)
     # labels.json: which class each clip was asked for, so stale-eval can measure label agreement
     names = {paths[f"mp4_{i}"].name: int(label) for i, label in enumerate(labels)}

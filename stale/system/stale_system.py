@@ -17,7 +17,7 @@ from torch import nn
 
 from stale.diffusion import flow
 from stale.diffusion.objective import StaleObjective
-from stale.diffusion.samplers import SAMPLERS, time_grid
+from stale.diffusion.samplers import time_grid
 from stale.system.schedules import lr_multiplier
 from stale.utils.provenance import shard_list
 
