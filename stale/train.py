@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from stale.system.budget import ComputeBudget, measure_flops_per_clip
+from stale.system.checkpoint_io import SafeCheckpointIO
 from stale.system.preemption import PreemptionCheckpoint
 from stale.system.sampling import log_videos, sample_to_disk
 from stale.system.schedules import lr_multiplier
@@ -156,6 +157,13 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
     return callbacks
 
 
+def _checkpoint_io(cfg: DictConfig) -> dict:
+    """SafeCheckpointIO (clear disk-full errors) unless the strategy brings its own checkpoint I/O (FSDP)."""
+    if cfg.trainer.get("plugins") is not None or "fsdp" in str(cfg.trainer.get("strategy", "")).lower():
+        return {}
+    return {"plugins": [SafeCheckpointIO()]}
+
+
 def _accelerator_is_cuda(cfg: DictConfig) -> bool:
     acc = str(cfg.trainer.get("accelerator", "auto"))
     return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
@@ -174,7 +182,8 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     loggers = _loggers(cfg, out)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     **_checkpoint_io(cfg))
     if budget.max_flops is not None:  # the schedule decays to its floor where the FLOP budget ends
         clips_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
         affordable = budget.max_steps_within(clips_per_step)

@@ -83,19 +83,53 @@ def test_kill_9_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
     last = out / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     script = textwrap.dedent(f"""
-        import os, signal, torch, fsspec.implementations.local as local
-        from lightning.fabric.utilities.cloud_io import _atomic_save
-        real_write = local.LocalFileOpener.write
-        def dying_write(self, data):
-            real_write(self, data[: len(data) // 2])
-            self.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        local.LocalFileOpener.write = dying_write
+        import builtins, io, os, signal, torch
+        from stale.system.checkpoint_io import SafeCheckpointIO
+        class DyingFile(io.FileIO):  # the checkpoint's file: half of the bytes, then SIGKILL
+            def write(self, data):
+                super().write(bytes(data)[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        real_open = builtins.open
+        def dying_open(file, mode="r", *args, **kwargs):
+            if str(file).endswith(".tmp") and "w" in mode:
+                return DyingFile(file, "w")
+            return real_open(file, mode, *args, **kwargs)
+        builtins.open = dying_open
         ckpt = torch.load({str(last)!r}, map_location="cpu", weights_only=True)
         ckpt["global_step"] = 999
-        _atomic_save(ckpt, {str(last)!r})  # what Trainer.save_checkpoint calls
+        SafeCheckpointIO().save_checkpoint(ckpt, {str(last)!r})  # what Trainer.save_checkpoint calls
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert last.read_bytes() == before  # the half-written bytes went to a temporary file, not last.ckpt
     assert _step(last) == 6
+
+
+def test_disk_full_during_save_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real ENOSPC: the checkpoint folder is a tmpfs with room for one checkpoint, not two.
+
+    With Lightning's own writer this run succeeded by destroying the previous checkpoint: its temporary
+    file sits in /tmp and the cross-filesystem move truncates last.ckpt before copying (see checkpoint_io)."""
+    out, disk = tmp_path / "run", tmp_path / "small-disk"
+    disk.mkdir()
+    first = tmp_path / "first"
+    run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={first}", "sample_every_n_steps=0")
+    size = (first / "checkpoints" / "last.ckpt").stat().st_size
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        (disk / "last.ckpt").write_bytes((first / "checkpoints" / "last.ckpt").read_bytes())
+        good = (disk / "last.ckpt").read_bytes()
+        proc = run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={out}", "sample_every_n_steps=0",
+                       f"callbacks.model_checkpoint.dirpath={disk}", f"callbacks.final_checkpoint.dirpath={disk}",
+                       "callbacks.model_checkpoint.every_n_train_steps=1000", check=False, timeout=180)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "could not write checkpoint" in text and str(disk / "last.ckpt") in text and "intact" in text
+        assert (disk / "last.ckpt").read_bytes() == good  # the previous checkpoint survived, byte for byte
+        assert sorted(p.name for p in disk.iterdir()) == ["last.ckpt"]  # no half-written temporary left
+        torch.load(disk / "last.ckpt", map_location="cpu", weights_only=True)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
