@@ -4,7 +4,7 @@ Inside each DataLoader worker (`VideoStream`):
 
     training    shards drawn with replacement, seeded by (seed, epoch, rank, worker)  -> every rank and
                 worker reads its own endless sequence: the stream is split by node and by worker
-                -> tar members grouped into samples (webdataset's tar_file_iterator, group_by_keys)
+                -> tar members (iter_tar below) grouped into samples (webdataset's group_by_keys)
                 -> shuffle buffer (webdataset.shuffle, seeded the same way)
                 -> decode + clip + augment (PyAV; per-sample RNG seeded by its position)
                 -> batch, with the skip counts and the stream position attached
@@ -335,11 +335,11 @@ class _Loader:
 
     split = "train"
 
-    def __init__(self, dataset: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
+    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
                  prefetch_factor: int | None, persistent_workers: bool):
-        self.dataset, self.health, self.num_workers = dataset, health, num_workers
+        self.stream, self.health, self.num_workers = stream, health, num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
+        self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
                                      persistent_workers=persistent_workers and num_workers > 0,
                                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
 
@@ -375,17 +375,17 @@ class ValLoader(_Loader):
 class TrainLoader(_Loader):
     """Endless resampled stream cut into epochs of `epoch_batches`, mixed across workers, resumable."""
 
-    def __init__(self, dataset: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
+    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
                  prefetch_factor: int | None, persistent_workers: bool, epoch_batches: int, mix: bool = True):
         if epoch_batches < 1:
             raise ValueError(f"data.epoch_batches={epoch_batches} must be >= 1")
         self.workers = max(1, num_workers)
         self.mix = mix and self.workers > 1
         pin = pin_memory and not self.mix  # when mixing, the mixed batches are pinned instead
-        super().__init__(dataset, health, num_workers, pin, prefetch_factor, persistent_workers)
+        super().__init__(stream, health, num_workers, pin, prefetch_factor, persistent_workers)
         self.pin_mixed = pin_memory and self.mix and torch.cuda.is_available()
         self.epoch_batches = epoch_batches
-        dataset.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
+        stream.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
         self.state = self._fresh(epoch=0)
 
     def with_epoch(self, batches: int) -> "TrainLoader":
@@ -397,7 +397,7 @@ class TrainLoader(_Loader):
         return {"epoch": epoch, "batches": 0, "round": 0, "round_start": [0] * self.workers, "round_yielded": 0}
 
     def _fingerprint(self) -> dict:
-        d = self.dataset
+        d = self.stream
         return {"workers": self.workers, "batch_size": d.batch_size, "world_size": d.world_size,
                 "rank": d.rank, "seed": d.seed, "epoch_batches": self.epoch_batches, "mix": self.mix,
                 "shuffle_buffer": d.shuffle_buffer}
@@ -429,7 +429,7 @@ class TrainLoader(_Loader):
         video = torch.cat([it[0] for it in items])  # (W*B, C, T, H, W)
         label = torch.cat([it[1] for it in items])
         keys = [k for it in items for k in it[2]["keys"]]
-        d = self.dataset
+        d = self.stream
         perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
         out, b = [], d.batch_size
         for j in range(len(items)):
@@ -444,7 +444,7 @@ class TrainLoader(_Loader):
         if st["batches"] >= self.epoch_batches:
             st.update(self._fresh(epoch=st["epoch"] + 1))
         resume_skip = st["round_yielded"]  # > 0 only when resuming mid-round
-        control = self.dataset.control
+        control = self.stream.control
         control[0] = st["epoch"]
         control[1:] = torch.tensor(st["round_start"], dtype=torch.int64)
         it = iter(self.dataloader)
