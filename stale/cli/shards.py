@@ -14,9 +14,17 @@ from stale.cli import CONFIG_PATH
 SYNTHETIC_KEYS = ("frames", "size", "num_classes", "train_clips", "val_clips", "test_clips", "per_shard")
 
 
+class UsageError(ValueError):
+    """A missing or unknown stale-shards argument."""
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="shards")
 def _main(cfg: DictConfig) -> None:
-    from stale.data import shards  # imported late so that --help and config errors are fast
+    if cfg.mode not in ("convert", "synthetic"):
+        raise UsageError(f"mode={cfg.mode!r}: use convert or synthetic")
+    if cfg.mode == "convert" and not cfg.input:
+        raise UsageError("input= is missing: a folder of videos, a manifest.csv or a manifest.jsonl")
+    from stale.data import shards  # imported late (it pulls in torch via webdataset): usage errors are fast
 
     if cfg.mode == "synthetic":
         patterns = shards.write_synthetic(cfg.out, **OmegaConf.to_container(cfg.synthetic))
@@ -24,10 +32,6 @@ def _main(cfg: DictConfig) -> None:
         for split, pattern in patterns.items():
             print(f"  {split:<6} {pattern}")
         return
-    if cfg.mode != "convert":
-        raise shards.ShardsError(f"mode={cfg.mode!r}: use convert or synthetic")
-    if not cfg.input:
-        raise shards.ShardsError("input= is missing: a folder of videos, a manifest.csv or a manifest.jsonl")
     options = OmegaConf.to_container(cfg, resolve=True)
     options = {k: v for k, v in options.items() if k not in ("mode", "synthetic")}
     summary = shards.convert(shards.ShardsConfig(**options))

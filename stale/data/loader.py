@@ -172,24 +172,32 @@ def read_shard(url: str, counter: SkipCounter, count_shard_errors: bool = True) 
     except Exception as e:  # noqa: BLE001 - any failure to open is an unreadable shard
         skip("unreadable_shard", e)
         return 0
-    n = 0
+    n, error, closed = 0, None, False
     try:
-        files = ({**f, "__url__": url} for f in iter_tar(stream))
-        for sample in group_by_keys(files):
-            n += 1
-            yield sample
-    except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
-        skip("empty_shard" if n == 0 and "empty file" in str(e) else "corrupt_shard", e)
-    except OSError as e:  # a read error, or a pipe: command that exited non-zero
-        skip("unreadable_shard", e)
-    else:
-        if n == 0:
+        try:
+            files = ({**f, "__url__": url} for f in iter_tar(stream))
+            for sample in group_by_keys(files):
+                n += 1
+                yield sample
+        except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
+            error = ("corrupt_shard", e)
+        except OSError as e:  # a read error
+            error = ("unreadable_shard", e)
+        closed = True
+        try:
+            stream.close()  # a pipe: command reports its exit status here
+        except Exception as e:  # noqa: BLE001
+            error = error or ("unreadable_shard", e)
+        if error:
+            skip(*error)
+        elif n == 0:
             skip("empty_shard", None)
     finally:
-        try:
-            stream.close()
-        except Exception:  # noqa: BLE001 - a failed pipe reports its exit status again on close
-            pass
+        if not closed:  # the consumer stopped early: close quietly
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
     return n
 
 
@@ -351,6 +359,18 @@ class _Loader:
     @_iterator.setter
     def _iterator(self, value):
         self.dataloader._iterator = value
+
+    def close(self) -> None:
+        """Stop the worker processes now (Lightning does the same through `_iterator` at teardown).
+
+        Do this rather than leave it to the garbage collector: when the loader sits in a reference
+        cycle, the collector closes the workers' queues before the DataLoader's __del__ can tell the
+        workers to stop, and each worker then costs a 5 s join timeout.
+        """
+        it = self.dataloader._iterator
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.dataloader._iterator = None
 
     def iter_meta(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         raise NotImplementedError

@@ -391,13 +391,15 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
     index, (vstart, cstart), markers = _resume_point(out, split)
     if done_path.is_file() and index == json.loads(done_path.read_text())["shards"]:
         log.info("%s: complete, %d shards kept", split, index)
-        return json.loads(done_path.read_text())
+        result = json.loads(done_path.read_text())
+        failed.extend(json.loads(x) | {"split": split} for x in _lines(out / STATE_DIR / f"{split}.errors.jsonl"))
+        return result | {"pattern": _pattern(out, split, index)}  # the folder may have moved
     done_path.unlink(missing_ok=True)
     if index:
         log.info("%s: resuming after %d finished shards (video %d of %d)", split, index, vstart, len(videos))
     sink = _Sink(out, split, cfg.maxcount, cfg.maxsize, index)
     errors_path = out / STATE_DIR / f"{split}.errors.jsonl"
-    errors = [json.loads(x) for x in errors_path.read_text().splitlines()] if errors_path.is_file() else []
+    errors = [json.loads(x) for x in _lines(errors_path)]
     errors = [e for e in errors if e["index"] < vstart]
     jobs = [(i, videos[i].path, kw) for i in range(vstart, len(videos))]
     bar = _progress(cfg.progress, total=len(videos), initial=vstart, desc=f"stale-shards {split}")
@@ -438,6 +440,10 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
     return result
 
 
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def _sample(src: Source, split: str, j: int, clip: dict, res: dict, cfg: ShardsConfig, table: dict, classes) -> dict:
     key = f"{src.key}_{j:04d}"
     meta = {"key": key, "source": src.rel, "split": split, "clip": j, "start_time": clip["start_time"],
@@ -465,9 +471,10 @@ def _pattern(out: Path, split: str, n: int) -> str | None:
 
 def _train_command(out: Path, summary: dict, cfg: ShardsConfig, num_classes: int, labelled: bool) -> str:
     sp = summary["splits"]
-    parts = ["stale-train", "data=shards", f"'data.shards={sp.get('train', {}).get('pattern')}'"]
+    # Hydra reads {..} in an override as a dict unless the value is quoted: 'key="a-{0..9}.tar"'
+    parts = ["stale-train", "data=shards", f"""'data.shards="{sp.get('train', {}).get('pattern')}"'"""]
     if sp.get("val", {}).get("pattern"):
-        parts.append(f"'data.val_shards={sp['val']['pattern']}'")
+        parts.append(f"""'data.val_shards="{sp['val']['pattern']}"'""")
     parts.append(f"data.num_classes={num_classes}")
     if not labelled:
         parts.append("data.label_key=null")
