@@ -195,8 +195,9 @@ class DataHealthMonitor(Callback):
         if health is None or trainer.sanity_checking:
             return
         vec = self._reduce(trainer, health.vector("val"))
-        if vec.sum() > 0:
-            pl_module.log_dict(self._metrics(vec, "val"), on_step=False, on_epoch=True, logger=True)
+        if vec.sum() > 0 and trainer.is_global_zero:  # already summed over ranks: straight to the loggers
+            for logger in trainer.loggers:
+                logger.log_metrics(self._metrics(vec, "val"), step=trainer.global_step)
 
     def on_train_end(self, trainer, pl_module) -> None:
         health = _datamodule_health(trainer)

@@ -346,31 +346,37 @@ class _Loader:
     def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
                  prefetch_factor: int | None, persistent_workers: bool):
         self.stream, self.health, self.num_workers = stream, health, num_workers
+        self._live = None  # the running DataLoader iterator
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
                                      persistent_workers=persistent_workers and num_workers > 0,
                                      prefetch_factor=prefetch_factor if num_workers > 0 else None)
 
-    # Lightning shuts persistent workers down through `loader._iterator` (combined_loader.py).
+    # Lightning's teardown stops workers through `loader._iterator` (combined_loader.py): expose the live one.
     @property
     def _iterator(self):
-        return self.dataloader._iterator
+        return self._live
 
     @_iterator.setter
     def _iterator(self, value):
-        self.dataloader._iterator = value
+        if value is None:
+            self._live = self.dataloader._iterator = None
+
+    def _start(self):
+        self._live = iter(self.dataloader)
+        return self._live
 
     def close(self) -> None:
-        """Stop the worker processes now (Lightning does the same through `_iterator` at teardown).
+        """Stop the worker processes now (Lightning's teardown does the same through `_iterator`).
 
         Do this rather than leave it to the garbage collector: when the loader sits in a reference
         cycle, the collector closes the workers' queues before the DataLoader's __del__ can tell the
         workers to stop, and each worker then costs a 5 s join timeout.
         """
-        it = self.dataloader._iterator
+        it = getattr(self, "_live", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-        self.dataloader._iterator = None
+        self._live = self.dataloader._iterator = None
 
     def iter_meta(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         raise NotImplementedError
@@ -386,10 +392,13 @@ class ValLoader(_Loader):
     split = "val"
 
     def iter_meta(self):
-        for video, label, meta in self.dataloader:
-            self.health.add("val", 0 if label is None else len(label), meta["skips"])
-            if video is not None:
-                yield video, label, meta
+        try:
+            for video, label, meta in self._start():
+                self.health.add("val", 0 if label is None else len(label), meta["skips"])
+                if video is not None:
+                    yield video, label, meta
+        finally:  # finished, or dropped early (limit_val_batches): stop the workers now
+            self.close()
 
 
 class TrainLoader(_Loader):
@@ -467,7 +476,7 @@ class TrainLoader(_Loader):
         control = self.stream.control
         control[0] = st["epoch"]
         control[1:] = torch.tensor(st["round_start"], dtype=torch.int64)
-        it = iter(self.dataloader)
+        it = self._start()
         pos = list(st["round_start"])
         w = self.workers
         while st["batches"] < self.epoch_batches:
