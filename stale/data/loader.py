@@ -122,7 +122,7 @@ def iter_tar(stream) -> Iterator[dict]:
             checksum = int(block[148:156].strip(b" \0") or b"0", 8)
         except ValueError:
             raise tarfile.ReadError("invalid header (checksum field)") from None
-        if checksum != sum(block[:148]) + 256 + sum(block[156:]):
+        if checksum != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
             raise tarfile.ReadError("invalid header (bad checksum)")
         if block[124] & 0x80:  # base-256 size (members over 8 GiB)
             size = int.from_bytes(block[125:136], "big")
@@ -211,6 +211,7 @@ class VideoStream(IterableDataset):
         self.batch_size, self.num_classes, self.label_key = batch_size, num_classes, label_key
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
         self.control = control  # shared int64 [epoch, skip for worker 0, skip for worker 1, ...] (training)
+        self.released: torch.Tensor | None = None  # shared int64 (workers, RING): buffer generations handed back
         self.split = "train" if train else "val"
 
     # -- samples -------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ class VideoStream(IterableDataset):
             raise _Skip("bad_label", f"{name}: label {label} outside [0, {self.num_classes}) (data.num_classes)")
         return int(label)
 
-    def _clip(self, sample: dict, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def _clip(self, sample: dict, rng: random.Random, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         meta = None
         if "json" in sample:
@@ -277,7 +278,7 @@ class VideoStream(IterableDataset):
             raise _Skip("missing_mp4", f"{name}: no .mp4 member (members: {sorted(k for k in sample if k[0] != '_')})")
         label = self._label(sample, meta, name)
         try:
-            return decode_clip(sample["mp4"], self.spec, rng, name=name), label
+            return decode_clip(sample["mp4"], self.spec, rng, name=name, out=out), label
         except ClipTooShort as e:
             raise _Skip("too_short", str(e)) from None
         except VideoDecodeError as e:
@@ -299,17 +300,19 @@ class VideoStream(IterableDataset):
             epoch, skip = 0, 0
             samples = self._validation(worker, workers, counter)
         counter.muted = skip > 0  # replaying what was consumed before a resume: already counted
-        s, b = self.spec, self.batch_size
-        size = s.size
+        b = self.batch_size
+        ring = _Ring(self.released[worker] if self.released is not None and info is not None else None)
+        video, slot = self._new_batch(ring)  # clips are decoded straight into it (None when the size is not fixed)
         clips, labels, keys = [], [], []
         streak = 0
         for i, sample in enumerate(samples):
             if i < skip:
                 counter.muted = i < skip - 1
                 continue
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, i])
+            # per-sample RNG from the sample's position: skipping samples on resume leaves the rest as they were
+            rng = random.Random(hash((self.seed, epoch, self.rank, worker, i)))  # int tuples hash the same everywhere
             try:
-                clip, label = self._clip(sample, rng)
+                clip, label = self._clip(sample, rng, None if video is None else video[len(labels)].numpy())
             except _Skip as e:
                 counter.skip(e.reason, sample.get("__url__", "?"), e)
                 streak += 1
@@ -318,24 +321,74 @@ class VideoStream(IterableDataset):
                                           f"skipped, none decoded; last: [{e.reason}] {e}") from None
                 continue
             streak = 0
-            clips.append(clip)
+            if video is None:
+                clips.append(clip)
             labels.append(label)
             keys.append(sample.get("__key__", "?"))
-            if len(clips) == b:
-                yield self._batch(clips, labels, keys, worker, epoch, i + 1, counter, size)
+            if len(labels) == b:
+                yield self._batch(video, slot, clips, labels, keys, worker, epoch, i + 1, counter)
+                video, slot = self._new_batch(ring)
                 clips, labels, keys = [], [], []
-        if clips or counter.reasons:  # finite (validation) stream: the rest, and the last counts
-            yield self._batch(clips, labels, keys, worker, epoch, -1, counter, size)
+        if labels or counter.reasons:  # finite (validation) stream: the rest, and the last counts
+            yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
 
-    def _batch(self, clips, labels, keys, worker, epoch, consumed, counter, size):
-        meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take()}
-        if not clips:
+    def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
+        """uint8 (B, C, T, H, W), in shared memory inside a worker so that sending it costs no copy."""
+        s = self.spec
+        if s.size is None:
+            return None, None
+        shape = (self.batch_size, 3, s.frames, s.size, s.size)
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        return ring.take(shape)
+
+    def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter):
+        meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
+                "slot": slot}
+        if not labels:
             return None, None, meta
-        t, h, w, c = clips[0].shape
-        video = torch.empty((len(clips), c, t, h, w), dtype=torch.uint8)  # (B, C, T, H, W)
-        for j, clip in enumerate(clips):
-            video[j] = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
-        return video, torch.tensor(labels, dtype=torch.int64), meta
+        if video is None:  # size=None: clips of the stored size, stacked here
+            t, h, w, c = clips[0].shape
+            video = torch.empty((len(clips), c, t, h, w), dtype=torch.uint8)
+            for j, clip in enumerate(clips):
+                video[j] = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
+        return video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+
+
+RING = 6  # shared batch buffers per training worker: more than the batches a worker can have in flight
+
+
+def _shared(shape) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+class _Ring:
+    """A worker's shared-memory batch buffers, reused once the main process hands them back.
+
+    A fresh shared buffer costs its page faults on every batch (11 ms CPU for a 12.6 MB batch of
+    16 x 16 x 128 x 128 clips, as much as decoding three of them). The main process copies each training
+    batch out (it mixes or pins it anyway) and then writes the buffer's generation into `released`;
+    a worker reuses a buffer only when its last generation came back, and otherwise makes a new one,
+    so it never waits and never overwrites a batch still in use.
+    """
+
+    def __init__(self, released: torch.Tensor | None):
+        self.released = released  # this worker's row of the shared (workers, RING) tensor, or None: no reuse
+        self.buffers: list = [None] * RING
+        self.handed: list[int] = [0] * RING  # generation last handed out, per slot
+        self.next = 0
+
+    def take(self, shape) -> tuple[torch.Tensor, tuple | None]:
+        if self.released is None:
+            return _shared(shape), None
+        k = self.next
+        self.next = (k + 1) % RING
+        buf = self.buffers[k]
+        if buf is None or tuple(buf.shape) != tuple(shape) or int(self.released[k]) != self.handed[k]:
+            buf = self.buffers[k] = _shared(shape)  # first use, or the main process still holds the old one
+        self.handed[k] += 1
+        return buf, (k, self.handed[k])
 
 
 class _Loader:
@@ -410,11 +463,15 @@ class TrainLoader(_Loader):
             raise ValueError(f"data.epoch_batches={epoch_batches} must be >= 1")
         self.workers = max(1, num_workers)
         self.mix = mix and self.workers > 1
-        pin = pin_memory and not self.mix  # when mixing, the mixed batches are pinned instead
-        super().__init__(stream, health, num_workers, pin, prefetch_factor, persistent_workers)
-        self.pin_mixed = pin_memory and self.mix and torch.cuda.is_available()
+        # With workers, every batch is copied out of the worker's shared buffer (mixed across workers, or
+        # not), straight into pinned memory when asked: the DataLoader's own pinning would copy again.
+        self.copy_out = num_workers > 0
+        super().__init__(stream, health, num_workers, pin_memory and not self.copy_out, prefetch_factor,
+                         persistent_workers)
+        self.pin_out = pin_memory and self.copy_out and torch.cuda.is_available()
         self.epoch_batches = epoch_batches
         stream.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
+        stream.released = torch.zeros((self.workers, RING), dtype=torch.int64).share_memory_()
         self.state = self._fresh(epoch=0)
 
     def with_epoch(self, batches: int) -> "TrainLoader":
@@ -453,19 +510,32 @@ class TrainLoader(_Loader):
         self.state["round_start"] = list(state["round_start"])
 
     def _mix(self, items: list, epoch: int, rnd: int) -> list:
-        if not self.mix:
+        """Copy the round's batches out of the workers' buffers, shuffling samples across them when mixing."""
+        if not self.copy_out:
             return items
-        video = torch.cat([it[0] for it in items])  # (W*B, C, T, H, W)
-        label = torch.cat([it[1] for it in items])
-        keys = [k for it in items for k in it[2]["keys"]]
         d = self.stream
-        perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
-        out, b = [], d.batch_size
-        for j in range(len(items)):
-            idx = perm[j * b : (j + 1) * b]
-            v = torch.empty((len(idx), *video.shape[1:]), dtype=video.dtype, pin_memory=self.pin_mixed)
-            torch.index_select(video, 0, idx, out=v)
-            out.append((v, label[idx], {"keys": [keys[i] for i in idx.tolist()], "epoch": epoch, "round": rnd}))
+        if self.mix:
+            video = torch.cat([it[0] for it in items])  # (W*B, C, T, H, W)
+            label = torch.cat([it[1] for it in items])
+            keys = [k for it in items for k in it[2]["keys"]]
+            perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
+            parts = [(video, label, keys, perm[j * d.batch_size : (j + 1) * d.batch_size]) for j in range(len(items))]
+        else:
+            parts = [(it[0], it[1], it[2]["keys"], None) for it in items]
+        out = []
+        for video, label, keys, idx in parts:
+            n = len(label) if idx is None else len(idx)
+            v = torch.empty((n, *video.shape[1:]), dtype=video.dtype, pin_memory=self.pin_out)
+            if idx is None:
+                v.copy_(video)
+            else:
+                torch.index_select(video, 0, idx, out=v)
+                label, keys = label[idx], [keys[i] for i in idx.tolist()]
+            out.append((v, label.clone(), {"keys": keys, "epoch": epoch, "round": rnd}))
+        for _, _, meta in items:  # the copies are made: the workers may reuse their buffers
+            if meta.get("slot") is not None:
+                k, generation = meta["slot"]
+                d.released[meta["worker"], k] = generation
         return out
 
     def iter_meta(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
@@ -147,15 +148,15 @@ class ClipSpec:
             raise ValueError(f"fps={self.fps} must be > 0")
 
 
-def _frame_indices(spec: ClipSpec, total: int, src_fps: float, rng: np.random.Generator) -> list[int]:
+def _frame_indices(spec: ClipSpec, total: int, src_fps: float, rng: random.Random) -> list[int]:
     """Stored-frame indices of one clip, given the stored video's frame count and rate."""
-    step = src_fps / spec.fps if (spec.fps and src_fps > 0) else float(spec.stride)
-    offsets = [int(round(k * step)) for k in range(spec.frames)]
+    step = src_fps / spec.fps if (spec.fps and src_fps > 0) else spec.stride
+    offsets = range(0, spec.frames * step, step) if isinstance(step, int) else [round(k * step) for k in range(spec.frames)]
     need = offsets[-1] + 1
     if total < need:
         raise ClipTooShort(f"{total} frames, the clip needs {need} ({spec.frames} frames, step {step:g})")
     slack = total - need
-    start = int(rng.integers(0, slack + 1)) if spec.start == "random" else (slack // 2 if spec.start == "center" else 0)
+    start = rng.randrange(slack + 1) if spec.start == "random" else (slack // 2 if spec.start == "center" else 0)
     return [start + o for o in offsets]
 
 
@@ -167,22 +168,27 @@ def _out_shape(w: int, h: int, size: int | None) -> tuple[int, int]:
     return max(size, int(round(w * scale))), max(size, int(round(h * scale)))
 
 
-def decode_clip(data: bytes, spec: ClipSpec, rng: np.random.Generator, name: str = "<bytes>") -> np.ndarray:
+def decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str = "<bytes>",
+                out: np.ndarray | None = None) -> np.ndarray:
     """Decode one training clip from video bytes: uint8 (T, size, size, 3).
 
     Decodes sequentially and stops after the last frame the clip needs; only those frames are converted
     to RGB (and resized by swscale). When the container's frame count is missing or wrong, a second pass
     picks the clip from the frames that really decoded.
+
+    out: a (3, T, size, size) uint8 array (one sample of a channels-first batch) to write the clip into
+    directly, frame by frame, instead of stacking it first; returned as it is. The loader uses this.
     """
     try:
-        return _decode_clip(data, spec, rng, name, total_hint=None)
+        return _decode_clip(data, spec, rng, name, None, out)
     except VideoDecodeError:
         raise
     except _DECODE_ERRORS as e:
         raise VideoDecodeError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
 
 
-def _decode_clip(data: bytes, spec: ClipSpec, rng: np.random.Generator, name: str, total_hint: int | None):
+def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, total_hint: int | None,
+                 out: np.ndarray | None):
     rgb = _reformatter()
     with av.open(io.BytesIO(data), mode="r") as container:
         if not container.streams.video:
@@ -190,45 +196,74 @@ def _decode_clip(data: bytes, spec: ClipSpec, rng: np.random.Generator, name: st
         stream = container.streams.video[0]
         _set_threads(stream, spec.threads)
         total = total_hint if total_hint is not None else stream.frames
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        src_fps = float(stream.average_rate or stream.guessed_rate or 0) if spec.fps else 0.0  # only fps needs it
         indices = None
         if total:
             try:
                 indices = _frame_indices(spec, total, src_fps, rng)
             except ClipTooShort as e:
                 raise ClipTooShort(f"{name}: {e}") from None
-        wanted = set(indices) if indices is not None else None
-        last = max(indices) if indices is not None else None
+        slots: dict[int, list[int]] = {}  # stored-frame index -> positions in the clip (repeats when upsampling)
+        for pos, i in enumerate(indices or ()):
+            slots.setdefault(i, []).append(pos)
+        last = max(slots) if slots else None
         kept: dict[int, np.ndarray] = {}
         raw: list = []  # frames kept unconverted when the count is unknown
-        n = 0
-        shape = None
+        n, shape, window, filled = 0, None, None, 0
         for i, frame in enumerate(container.decode(stream)):
             n = i + 1
             if shape is None:
                 shape = _out_shape(frame.width, frame.height, spec.size)
-            if wanted is None:
+            if indices is None:
                 raw.append(frame)
-            elif i in wanted:
-                kept[i] = rgb.reformat(frame, width=shape[0], height=shape[1], format="rgb24",
-                                       interpolation=_interp(frame, shape), threads=1).to_ndarray()
+            elif i in slots and out is None:
+                kept[i] = np.stack(_rgb_planes(rgb, frame, shape), axis=-1)
+            elif i in slots:  # straight into the batch: one plane copy per channel, no HWC -> CHW transpose
+                if window is None:
+                    window = _window(shape[1], shape[0], spec, rng)
+                    top, left, side, flip = window
+                    whole = (top, left, side, side, flip) == (0, 0, shape[1], shape[0], False)
+                for channel, plane in enumerate(_rgb_planes(rgb, frame, shape)):
+                    if not whole:
+                        plane = plane[top : top + side, left : left + side]
+                        plane = plane[:, ::-1] if flip else plane
+                    for pos in slots[i]:
+                        out[channel, pos] = plane
+                filled += 1
             if last is not None and i >= last:
                 break
     if n == 0:
         raise VideoDecodeError(f"{name}: video holds no frames")
-    if wanted is None:  # unknown frame count: choose from what decoded
+    if indices is None:  # unknown frame count: choose from what decoded
         try:
             indices = _frame_indices(spec, n, src_fps, rng)
         except ClipTooShort as e:
             raise ClipTooShort(f"{name}: {e}") from None
-        kept = {i: rgb.reformat(raw[i], width=shape[0], height=shape[1], format="rgb24",
-                                interpolation=_interp(raw[i], shape), threads=1).to_ndarray() for i in set(indices)}
-    elif len(kept) < len(wanted):  # the header over-counted (e.g. a cut file): retry with the true count
+        kept = {i: np.stack(_rgb_planes(rgb, raw[i], shape), axis=-1) for i in set(indices)}
+    elif len(kept) + filled < len(slots):  # the header over-counted (e.g. a cut file): retry with the true count
         if total_hint is not None:
             raise ClipTooShort(f"{name}: decoded {n} frames, header said {total}")
-        return _decode_clip(data, spec, rng, name, total_hint=n)
+        return _decode_clip(data, spec, rng, name, n, out)
+    if out is not None and filled:
+        return out
     clip = np.stack([kept[i] for i in indices])  # (T, h, w, 3)
-    return _crop_flip(clip, spec, rng)
+    clip = _apply(clip, _window(clip.shape[1], clip.shape[2], spec, rng))
+    if out is not None:
+        out[:] = clip.transpose(3, 0, 1, 2)
+        return out
+    return clip
+
+
+def _rgb_planes(rgb: VideoReformatter, frame, shape) -> list[np.ndarray]:
+    """The frame resized to shape (w, h) as [R, G, B] uint8 (h, w) planes (views of swscale's output).
+
+    Planar RGB ("gbrp") lets the loader fill a channels-first batch with plain plane copies. Its values
+    equal packed rgb24's when nothing is resized; when resizing, the two swscale paths round differently.
+    """
+    g = rgb.reformat(frame, width=shape[0], height=shape[1], format="gbrp", interpolation=_interp(frame, shape),
+                     threads=1)
+    g, b, r = (np.ndarray((p.height, p.width), np.uint8, p, strides=(p.line_size, 1)) for p in g.planes)
+    return [r, g, b]
 
 
 def _interp(frame, shape) -> str | None:
@@ -237,22 +272,26 @@ def _interp(frame, shape) -> str | None:
     return "AREA" if shape[0] < frame.width else "BILINEAR"
 
 
-def _crop_flip(clip: np.ndarray, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
-    t, h, w, _ = clip.shape
+def _window(h: int, w: int, spec: ClipSpec, rng: random.Random) -> tuple[int, int, int, bool]:
+    """(top, left, side, flip) of the square crop; draws the crop offsets, then the flip, from rng."""
     s = spec.size
     if s is None:
         if h != w:
             raise VideoDecodeError(f"size=None needs square videos, got {w}x{h}")
         s = h
-    if (h, w) != (s, s):
-        if spec.crop == "random":
-            top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        else:
-            top, left = (h - s) // 2, (w - s) // 2
-        clip = clip[:, top : top + s, left : left + s]
-    if spec.hflip and rng.random() < 0.5:
-        clip = clip[:, :, ::-1]
-    return clip
+    if spec.crop == "random":
+        top, left = rng.randrange(h - s + 1), rng.randrange(w - s + 1)
+    else:
+        top, left = (h - s) // 2, (w - s) // 2
+    flip = bool(spec.hflip and rng.random() < 0.5)
+    return top, left, s, flip
+
+
+def _apply(a: np.ndarray, window: tuple[int, int, int, bool]) -> np.ndarray:
+    """Crop (..., H, W, C) to the window and flip it horizontally if asked (views, no copy)."""
+    top, left, s, flip = window
+    a = a[..., top : top + s, left : left + s, :]
+    return a[..., ::-1, :] if flip else a
 
 
 # --------------------------------------------------------------------------------------------------
