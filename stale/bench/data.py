@@ -1,9 +1,9 @@
 """Data benchmark: clips per second per worker of the full loader against a tight PyAV decode loop.
 
 Both read the same mp4 bytes. The raw loop holds them in memory and only decodes them the way PyAV
-is used by hand: open, decode every frame, `frame.to_ndarray()` in RGB (through the same cached
-swscale context the loader uses, so the baseline is not slowed by PyAV's per-frame context), with a
-single-threaded decoder as in the loader's workers.
+is used by hand: open (with the same "mp4" format hint the loader gives), decode every frame,
+`frame.to_ndarray()` in RGB (through the same cached swscale context the loader uses, so the baseline is
+not slowed by PyAV's per-frame context), with a single-threaded decoder as in the loader's workers.
 The loader does everything a training run does: tar reading, the shuffle buffer, JSON and label
 checks, clip sampling, batching, worker IPC and the mixing across workers. Its clip size equals the
 stored size, so no resize is added on top of the decode. The ratio loader/raw is what the loader
@@ -89,7 +89,7 @@ def _cpu_seconds(pid: int) -> float:
 def raw_decode(data: bytes) -> list:
     """Decode every frame of an mp4 to an RGB array, as a hand-written PyAV loop does."""
     rgb = _reformatter()
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), format="mp4") as container:  # the format hint the loader gives too
         stream = container.streams.video[0]
         stream.thread_type, stream.codec_context.thread_count = "SLICE", 1  # as the loader's workers
         return [rgb.reformat(frame, format="rgb24", threads=1).to_ndarray() for frame in container.decode(stream)]

@@ -278,7 +278,7 @@ class VideoStream(IterableDataset):
             raise _Skip("missing_mp4", f"{name}: no .mp4 member (members: {sorted(k for k in sample if k[0] != '_')})")
         label = self._label(sample, meta, name)
         try:
-            return decode_clip(sample["mp4"], self.spec, rng, name=name, out=out), label
+            return decode_clip(sample["mp4"], self.spec, rng, name=name, out=out, format="mp4"), label
         except ClipTooShort as e:
             raise _Skip("too_short", str(e)) from None
         except VideoDecodeError as e:

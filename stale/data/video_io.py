@@ -169,7 +169,7 @@ def _out_shape(w: int, h: int, size: int | None) -> tuple[int, int]:
 
 
 def decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str = "<bytes>",
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, format: str | None = None) -> np.ndarray:
     """Decode one training clip from video bytes: uint8 (T, size, size, 3).
 
     Decodes sequentially and stops after the last frame the clip needs; only those frames are converted
@@ -178,19 +178,30 @@ def decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str = "<b
 
     out: a (3, T, size, size) uint8 array (one sample of a channels-first batch) to write the clip into
     directly, frame by frame, instead of stacking it first; returned as it is. The loader uses this.
+    format: the container format to try first ("mp4" for a .mp4 member): skips FFmpeg's probing, 15% of
+    a 16x16 clip's decode; bytes that are not in that format are probed as usual.
     """
     try:
-        return _decode_clip(data, spec, rng, name, None, out)
+        return _decode_clip(data, spec, rng, name, None, out, format)
     except VideoDecodeError:
         raise
     except _DECODE_ERRORS as e:
         raise VideoDecodeError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
 
 
+def _open(data: bytes, format: str | None):
+    if format is not None:
+        try:
+            return av.open(io.BytesIO(data), mode="r", format=format)
+        except av.FFmpegError:
+            pass  # not that format after all: let FFmpeg probe
+    return av.open(io.BytesIO(data), mode="r")
+
+
 def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, total_hint: int | None,
-                 out: np.ndarray | None):
+                 out: np.ndarray | None, format: str | None = None):
     rgb = _reformatter()
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with _open(data, format) as container:
         if not container.streams.video:
             raise VideoDecodeError(f"{name}: no video stream")
         stream = container.streams.video[0]
@@ -243,7 +254,7 @@ def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, tot
     elif len(kept) + filled < len(slots):  # the header over-counted (e.g. a cut file): retry with the true count
         if total_hint is not None:
             raise ClipTooShort(f"{name}: decoded {n} frames, header said {total}")
-        return _decode_clip(data, spec, rng, name, n, out)
+        return _decode_clip(data, spec, rng, name, n, out, format)
     if out is not None and filled:
         return out
     clip = np.stack([kept[i] for i in indices])  # (T, h, w, 3)
