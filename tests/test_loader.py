@@ -143,6 +143,8 @@ def test_clip_sampling_stride_fps_crop_flip():
     spec = ClipSpec(frames=2, size=32, start="first", hflip=True)
     flips = [decode_clip(data, spec, random.Random(s)) for s in range(8)]
     assert any(np.array_equal(f, full[:2, :, ::-1]) for f in flips) and any(np.array_equal(f, full[:2]) for f in flips)
+    threaded = decode_clip(data, ClipSpec(frames=4, size=32, stride=3, start="center", threads=2), rng)
+    assert np.array_equal(threaded, full[[15, 18, 21, 24]])  # PyAV frame threading: same frames
     small = decode_clip(data, ClipSpec(frames=2, size=8, start="first", crop="center"), rng)
     assert small.shape == (2, 8, 8, 3)  # resized, short side 32 -> 8
     with pytest.raises(ClipTooShort, match="needs 41"):

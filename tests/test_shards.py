@@ -95,6 +95,12 @@ def test_manifest_labels_captions_and_a_broken_video(tmp_path):
             assert meta["label"] == 0 and s["txt"] == b"a phone call" and meta["caption"] == "a phone call"
         else:
             assert meta["label"] == 1 and "txt" not in s and "caption" not in meta
+    # maxsize: a new shard whenever the next clip would pass it (tar headers and padding come on top)
+    small = convert(ShardsConfig(input=str(tmp_path / "m.csv"), out=str(tmp_path / "small"), size=16, frames=8,
+                                 stride=8, max_clips_per_video=2, maxsize=6000, split={"train": 1.0}, progress=False))
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "small").glob("train-*.tar"))]
+    assert small["splits"]["train"]["shards"] == len(sizes) >= 2 and max(sizes) <= 6000 + 10240
+    assert small["splits"]["train"]["clips"] == 4
     # jsonl manifest, integer labels used as given
     (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "label": 3}\n{"path": "b.mp4", "label": 5, "caption": "x"}\n')
     summary = convert(ShardsConfig(input=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out2"), size=16, frames=8,
