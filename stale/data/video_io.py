@@ -151,7 +151,10 @@ class ClipSpec:
 def _frame_indices(spec: ClipSpec, total: int, src_fps: float, rng: random.Random) -> list[int]:
     """Stored-frame indices of one clip, given the stored video's frame count and rate."""
     step = src_fps / spec.fps if (spec.fps and src_fps > 0) else spec.stride
-    offsets = range(0, spec.frames * step, step) if isinstance(step, int) else [round(k * step) for k in range(spec.frames)]
+    if isinstance(step, int):
+        offsets = range(0, spec.frames * step, step)
+    else:
+        offsets = [round(k * step) for k in range(spec.frames)]
     need = offsets[-1] + 1
     if total < need:
         raise ClipTooShort(f"{total} frames, the clip needs {need} ({spec.frames} frames, step {step:g})")
