@@ -1,27 +1,31 @@
 """LightningDataModule that streams mp4 clips from WebDataset tar shards.
 
+`data=shards data.shards=<pattern>`: local paths, brace patterns (`/d/train-{000000..000099}.tar`),
+lists, folders (every *.tar inside), globs, and `pipe:` commands (`pipe:aws s3 cp s3://b/x-{0..9}.tar -`).
+Shards written by `stale-shards` and by video2dataset (`.mp4` + `.txt` + `.json` with caption, key,
+status; failed rows are skipped and counted) train as they are.
+
 Training: an endless resampled stream (each rank and worker draws shards with its own seed, so no
-splitter is needed and no worker ever runs dry), shuffled in a buffer, decoded by PyAV.
-Validation: each shard read once, split by node and by worker, so every clip is seen once.
-Batches are uint8 (B, C, T, H, W) plus int64 labels; scaling to [-1, 1] happens on the device.
+worker ever runs dry and no splitter is needed), shuffled in a buffer, decoded by PyAV, mixed across
+workers, cut into epochs of `epoch_batches`, resumable mid-epoch. Validation: each clip read once across
+ranks and workers. See stale/data/loader.py for the pipeline and the resume design, and
+stale/data/health.py for how bad samples are counted. Batches are uint8 (B, C, T, H, W) plus int64
+labels; scaling to [-1, 1] happens on the device.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import glob
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
 
-from stale.data.video_io import VideoDecodeError, decode_mp4
+from stale.data.health import DataHealth
+from stale.data.loader import TrainLoader, ValLoader, VideoStream
+from stale.data.video_io import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,82 +34,57 @@ class ShardError(ValueError):
     """Bad shard configuration: the message names the pattern or file."""
 
 
-def expand_shards(shards: str | list[str]) -> list[str]:
-    """Expand brace patterns and check that local shards exist and are non-empty, before training starts."""
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(shards: str | list[str], key: str = "data.shards") -> list[str]:
+    """Expand patterns into shard URLs and check local ones exist, before training starts.
+
+    Accepts a brace pattern, a `::`-separated string, a list, a folder (its *.tar files) or a glob.
+    A missing local shard is a ShardError (a typo in the pattern should not become a silent skip);
+    an empty (0-byte) one only warns: the loader counts it as an `empty_shard` and carries on.
+    """
     if shards is None or (isinstance(shards, str) and not shards.strip()):
-        raise ShardError("data.shards is empty: set data.shards=/path/to/train-{000000..000009}.tar")
+        raise ShardError(f"{key} is empty: set {key}=/path/to/train-{{000000..000009}}.tar")
     patterns = [shards] if isinstance(shards, str) else list(shards)
     urls: list[str] = []
     for pattern in patterns:
-        urls.extend(wds.shardlists.expand_urls(str(pattern)))
+        for url in wds.shardlists.expand_urls(str(pattern)):
+            if not _is_remote(url) and os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise ShardError(f"{key}: folder {url} holds no *.tar shard")
+                urls.extend(found)
+            elif not _is_remote(url) and any(ch in url for ch in "*?["):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise ShardError(f"{key}: glob {url!r} matches no file")
+                urls.extend(found)
+            else:
+                urls.append(url[len("file:"):] if url.startswith("file:") else url)
     if not urls:
-        raise ShardError(f"data.shards={shards!r} expands to no shard")
-    for url in urls:
-        if url.startswith("pipe:") or "://" in url:
-            continue  # remote or piped: can only be checked by reading it
-        if not os.path.exists(url):
-            raise ShardError(f"shard not found: {url} (from data.shards={shards!r})")
-        if os.path.getsize(url) == 0:
-            raise ShardError(f"shard is empty (0 bytes): {url}")
+        raise ShardError(f"{key}={shards!r} expands to no shard")
+    missing = [u for u in urls if not _is_remote(u) and not os.path.exists(u)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ShardError(f"shard not found: {', '.join(missing[:3])}{more} ({len(missing)} of {len(urls)} "
+                         f"from {key}={shards!r})")
+    empty = [u for u in urls if not _is_remote(u) and os.path.getsize(u) == 0]
+    if empty and len(empty) == len(urls):
+        raise ShardError(f"every shard of {key}={shards!r} is empty (0 bytes), e.g. {empty[0]}")
+    for u in empty:
+        log.warning("shard is empty (0 bytes): %s; it will be skipped and counted", u)
     return urls
 
 
-@dataclass
-class ClipSpec:
-    """How a decoded video becomes a training clip."""
-
-    frames: int = 8
-    size: int = 16  # output height = width
-    random_start: bool = True  # random temporal offset for training, first frames for validation
-
-
-class DecodeClip:
-    """Turns a raw WebDataset sample into (uint8 (C, T, H, W) tensor, label); counts what it skips."""
-
-    def __init__(self, spec: ClipSpec, label_key: str = "label", train: bool = True):
-        self.spec, self.label_key, self.train = spec, label_key, train
-        self.skipped: Counter = Counter()
-
-    def __call__(self, sample: dict):
-        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        if "mp4" not in sample:
-            raise VideoDecodeError(f"{name}: no .mp4 member")
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        label = meta.get(self.label_key, int(sample["cls"]) if "cls" in sample else 0)
-        if not isinstance(label, (int, np.integer)) or isinstance(label, bool):
-            raise VideoDecodeError(f"{name}: label {label!r} is not an integer")
-        video = decode_mp4(sample["mp4"], name=name)  # (T, H, W, 3)
-        video = self._clip(video, name)
-        return torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2), int(label)  # (C, T, H, W)
-
-    def _clip(self, video: np.ndarray, name: str) -> np.ndarray:
-        t, h, w, _ = video.shape
-        s = self.spec
-        if t < s.frames:
-            raise VideoDecodeError(f"{name}: {t} frames, need {s.frames}")
-        start = np.random.randint(0, t - s.frames + 1) if (self.train and s.random_start) else 0
-        video = video[start : start + s.frames]
-        if (h, w) != (s.size, s.size):
-            video = _resize_crop(video, s.size)
-        return video
-
-
-def _resize_crop(video: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to `size` (area-averaging) and centre-crop to size x size."""
-    frames = torch.from_numpy(video).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    h, w = frames.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    frames = torch.nn.functional.interpolate(frames, size=(nh, nw), mode="area" if scale < 1 else "bilinear")
-    top, left = (nh - size) // 2, (nw - size) // 2
-    frames = frames[..., top : top + size, left : left + size]
-    return frames.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def _skip_and_count(exn: Exception) -> bool:
-    """WebDataset handler: log the bad sample by name and keep going (no sleep)."""
-    log.warning("skipping bad sample: %s", exn)
-    return True
+def _rank_world(trainer) -> tuple[int, int]:
+    """The global rank and world size: the trainer's when attached, else torch.distributed's, else env."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -115,59 +94,56 @@ class VideoDataModule(L.LightningDataModule):
         self,
         shards: str | list[str],
         val_shards: str | list[str] | None = None,
-        frames: int = 8,
-        size: int = 16,
+        frames: int = 8,  # frames per clip
+        size: int = 16,  # clip height = width (short side resized to it, then cropped)
         batch_size: int = 16,
-        val_batch_size: int | None = None,
+        val_batch_size: int | None = None,  # None: batch_size
         num_workers: int = 1,
-        shuffle_buffer: int = 512,
+        shuffle_buffer: int = 512,  # samples per worker; 0 or 1 disables shuffling
         seed: int = 0,
         num_classes: int = 4,
-        label_key: str = "label",
+        label_key: str | None = "label",  # .json field with the integer label; None: every clip is class 0
         pin_memory: bool = False,
-        prefetch_factor: int = 2,
+        prefetch_factor: int = 2,  # batches each worker prepares ahead
+        frame_stride: int = 1,  # take every n-th stored frame ...
+        fps: float | None = None,  # ... or resample the clip to this frame rate (overrides frame_stride)
+        train_start: str = "random",  # random | center | first: clip start in the stored video
+        val_start: str = "center",
+        train_crop: str = "random",  # random | center
+        hflip: bool = False,  # random horizontal flips in training
+        decode_threads: int = 1,  # PyAV threads per decode: 1 = none (workers are the parallelism), 0 = auto
+        epoch_batches: int = 1000,  # batches per epoch on every rank (WebDataset's with_epoch)
+        mix_workers: bool = True,  # mix each round of worker batches in the main process
+        persistent_workers: bool = True,
+        max_skip_rate: float = 0.05,  # stop training when more of the samples are skipped (DataHealthMonitor)
+        skip_rate_min_samples: int = 100,  # ... once at least this many samples were seen
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.train_urls = expand_shards(shards)
-        self.val_urls = expand_shards(val_shards) if val_shards else None
+        self.train_urls = expand_shards(shards, "data.shards")
+        self.val_urls = expand_shards(val_shards, "data.val_shards") if val_shards else None
+        if label_key is None and num_classes < 1:
+            raise ValueError(f"data.num_classes={num_classes} must be >= 1")
+        self.train_spec = ClipSpec(frames, size, frame_stride, fps, train_start, train_crop, hflip, decode_threads)
+        self.val_spec = ClipSpec(frames, size, frame_stride, fps, val_start, "center", False, decode_threads)
+        self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
 
-    def _pipeline(self, train: bool) -> wds.DataPipeline:
+    def _stream(self, train: bool) -> VideoStream:
         hp = self.hparams
-        decode = DecodeClip(ClipSpec(hp.frames, hp.size, random_start=train), hp.label_key, train=train)
-        if train:
-            stages = [wds.ResampledShards(self.train_urls, seed=hp.seed, deterministic=True),
-                      wds.tarfile_to_samples(handler=_skip_and_count),
-                      wds.shuffle(hp.shuffle_buffer, initial=hp.shuffle_buffer // 2)]
-        else:
-            stages = [wds.SimpleShardList(self.val_urls), wds.split_by_node, wds.split_by_worker,
-                      wds.tarfile_to_samples(handler=_skip_and_count)]
-        stages.append(wds.map(decode, handler=_skip_and_count))
-        return wds.DataPipeline(*stages)
+        rank, world = _rank_world(self.trainer)
+        return VideoStream(self.train_urls if train else self.val_urls, self.train_spec if train else self.val_spec,
+                           train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
+                           num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
+                           seed=hp.seed, rank=rank, world_size=world)
 
-    def _loader(self, train: bool) -> DataLoader:
+    def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
-        workers = hp.num_workers
-        if not train:
-            workers = min(workers, len(self.val_urls))  # a worker without a shard would idle
-        return DataLoader(
-            self._pipeline(train),
-            batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
-            num_workers=workers,
-            pin_memory=hp.pin_memory,
-            persistent_workers=workers > 0 and train,
-            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
-            worker_init_fn=_seed_worker,
-        )
+        return TrainLoader(self._stream(train=True), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor,
+                           hp.persistent_workers, epoch_batches=hp.epoch_batches, mix=hp.mix_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(train=False) if self.val_urls else []
-
-
-def _seed_worker(worker_id: int) -> None:
-    # numpy's global RNG (random clip starts) is otherwise identical in every forked worker
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+    def val_dataloader(self) -> ValLoader | list:
+        if not self.val_urls:
+            return []
+        hp = self.hparams
+        return ValLoader(self._stream(train=False), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor,
+                         persistent_workers=False)

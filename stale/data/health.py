@@ -1,0 +1,207 @@
+"""Bad data never stops or slows a run silently: skipped samples are counted by reason and by shard.
+
+Where the counts live:
+- Each loader worker keeps a `SkipCounter`. Whatever it counted since its last batch travels *inside*
+  that batch (the batch's third element, stripped by the loader in the main process), so counts arrive
+  in order with the data, need no shared memory, and are exact when a run resumes mid-epoch.
+- The main process sums them in the DataModule's `DataHealth` (per split: "train", "val").
+- `DataHealthMonitor`, a Lightning callback, sums the training counts over ranks every few steps,
+  logs them (`data/skipped`, `data/skip_rate`, `data/skipped_<reason>`) and stops training with a
+  `DataHealthError` naming the worst shards once the skip rate passes `data.max_skip_rate`.
+
+No handler sleeps: WebDataset's `warn_and_continue` sleeps 0.5 s per bad sample; ours only count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+# Why a sample (or a whole shard) was skipped. Fixed order: counts are summed over ranks as one vector.
+REASONS = (
+    "failed_row",  # video2dataset row with status != "success" (its download failed): no video
+    "missing_mp4",  # no .mp4 member in the sample
+    "bad_json",  # .json is not valid JSON (or not an object)
+    "missing_label",  # no label under data.label_key (use data.label_key=null for unlabelled data)
+    "bad_label",  # label is not an integer in [0, num_classes)
+    "corrupt_video",  # the mp4 does not decode (truncated, damaged, not a video)
+    "too_short",  # decodes, but has fewer frames than the clip needs
+    "corrupt_shard",  # the tar stream breaks off or is damaged: the rest of that shard is lost
+    "unreadable_shard",  # the shard cannot be opened (missing file, failed pipe: command, ...)
+    "empty_shard",  # the shard opened fine but holds no sample
+)
+SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
+
+
+class DataHealthError(RuntimeError):
+    """Too much of the data is bad; the message names the worst shards and the reasons."""
+
+
+class SkipCounter:
+    """Worker-side counts since the last batch: `take()` hands them over and starts afresh."""
+
+    def __init__(self, split: str, log_first: int = 5):
+        self.split = split
+        self.log_first = log_first  # log the first few skips per reason, then only count
+        self.logged: Counter = Counter()
+        self.muted = False  # set while fast-forwarding on resume: those skips were counted before
+        self._reset()
+
+    def _reset(self):
+        self.reasons: Counter = Counter()
+        self.shards: dict[str, Counter] = defaultdict(Counter)
+
+    def skip(self, reason: str, url: str, detail: object = "") -> None:
+        if self.muted:
+            return
+        assert reason in REASONS, reason
+        self.reasons[reason] += 1
+        self.shards[url][reason] += 1
+        if self.logged[reason] < self.log_first:
+            self.logged[reason] += 1
+            more = " (further skips of this kind are only counted)" if self.logged[reason] == self.log_first else ""
+            log.warning("skipping %s sample [%s] in %s: %s%s", self.split, reason, url, detail, more)
+
+    def take(self) -> dict:
+        delta = {"reasons": dict(self.reasons), "shards": {u: dict(c) for u, c in self.shards.items()}}
+        self._reset()
+        return delta
+
+
+class DataHealth:
+    """Main-process totals, per split: clips delivered and samples skipped (by reason, by shard)."""
+
+    def __init__(self, max_skip_rate: float = 0.05, min_samples: int = 100):
+        if not 0 <= max_skip_rate <= 1:
+            raise ValueError(f"data.max_skip_rate={max_skip_rate} must be in [0, 1]")
+        self.max_skip_rate, self.min_samples = max_skip_rate, min_samples
+        self.clips: Counter = Counter()  # split -> clips delivered
+        self.reasons: dict[str, Counter] = defaultdict(Counter)  # split -> reason -> count
+        self.shards: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+
+    def add(self, split: str, clips: int, delta: dict | None) -> None:
+        self.clips[split] += clips
+        if delta:
+            self.reasons[split].update(delta["reasons"])
+            for url, c in delta["shards"].items():
+                self.shards[split][url].update(c)
+
+    def skipped(self, split: str = "train") -> int:
+        return sum(self.reasons[split].values())
+
+    def vector(self, split: str = "train") -> torch.Tensor:
+        """[clips, count of each REASONS entry] as one float64 tensor, to sum over ranks."""
+        return torch.tensor([self.clips[split], *(self.reasons[split][r] for r in REASONS)], dtype=torch.float64)
+
+    def worst_shards(self, split: str = "train", k: int = 5) -> list[tuple[str, int, dict]]:
+        rows = [(url, sum(c.values()), dict(c)) for url, c in self.shards[split].items()]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
+
+    def state_dict(self) -> dict:
+        return {"clips": dict(self.clips), "reasons": {s: dict(c) for s, c in self.reasons.items()},
+                "shards": {s: {u: dict(c) for u, c in d.items()} for s, d in self.shards.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clips = Counter(state.get("clips", {}))
+        self.reasons = defaultdict(Counter, {s: Counter(c) for s, c in state.get("reasons", {}).items()})
+        self.shards = defaultdict(lambda: defaultdict(Counter))
+        for s, d in state.get("shards", {}).items():
+            for u, c in d.items():
+                self.shards[s][u] = Counter(c)
+
+    def summary(self, split: str = "train") -> str:
+        skipped = self.skipped(split)
+        seen = skipped + self.clips[split]
+        rate = skipped / seen if seen else 0.0
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.reasons[split].items()) if n) or "none"
+        return f"{split}: {self.clips[split]} clips, {skipped} skipped ({rate:.2%}); by reason: {reasons}"
+
+
+def rate_of(vec: torch.Tensor) -> tuple[float, int, int]:
+    """(skip rate, skipped, seen) from a `DataHealth.vector()`."""
+    clips, skipped = int(vec[0]), int(vec[1:].sum())
+    seen = clips + skipped
+    return (skipped / seen if seen else 0.0), skipped, seen
+
+
+def health_error(vec: torch.Tensor, worst: list[tuple[str, int, dict]], max_rate: float, split: str = "train") -> str:
+    rate, skipped, seen = rate_of(vec)
+    reasons = ", ".join(f"{r}={int(n)}" for r, n in zip(REASONS, vec[1:].tolist()) if n)
+    lines = [f"{u}: {n} skipped ({', '.join(f'{r}={c}' for r, c in sorted(rs.items()))})" for u, n, rs in worst]
+    return (f"{split} data: {skipped} of {seen} samples skipped ({rate:.2%}), above data.max_skip_rate="
+            f"{max_rate:g}. By reason: {reasons}. Worst shards:\n  " + "\n  ".join(lines)
+            + "\nFix or drop these shards, or raise data.max_skip_rate.")
+
+
+def _datamodule_health(trainer) -> DataHealth | None:
+    dm = getattr(trainer, "datamodule", None)
+    return getattr(dm, "health", None)
+
+
+class DataHealthMonitor(Callback):
+    """Logs the loader's skip counts and stops training when the skip rate passes data.max_skip_rate.
+
+    The counts are summed over ranks before the check, so every rank sees the same rate and stops at the
+    same step (no rank is left waiting in a collective). The threshold and the minimum number of samples
+    before it applies are the DataModule's (data.max_skip_rate, data.skip_rate_min_samples).
+    """
+
+    def __init__(self, every_n_steps: int | None = None):
+        self.every_n_steps = every_n_steps  # None: the trainer's log_every_n_steps
+
+    def _reduce(self, trainer, vec: torch.Tensor) -> torch.Tensor:
+        if trainer.world_size > 1:
+            vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        return vec
+
+    def _metrics(self, vec: torch.Tensor, split: str) -> dict:
+        rate, skipped, _ = rate_of(vec)
+        out = {f"data/{split}_clips": float(vec[0]), f"data/{split}_skipped": float(skipped),
+               f"data/{split}_skip_rate": rate}
+        if split == "train":
+            out.update({f"data/skipped_{r}": float(n) for r, n in zip(REASONS, vec[1:].tolist()) if n})
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        health = _datamodule_health(trainer)
+        if health is None:
+            return
+        every = self.every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.global_step % every:
+            return
+        vec = self._reduce(trainer, health.vector("train"))
+        pl_module.log_dict(self._metrics(vec, "train"), on_step=True, on_epoch=False, logger=True)
+        rate, skipped, seen = rate_of(vec)
+        if seen >= health.min_samples and rate > health.max_skip_rate:
+            worst = health.worst_shards("train")
+            if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                gathered = [None] * trainer.world_size
+                torch.distributed.all_gather_object(gathered, worst)
+                merged: dict[str, tuple[int, Counter]] = {}
+                for rows in gathered:
+                    for url, n, rs in rows:
+                        m = merged.setdefault(url, (0, Counter()))
+                        merged[url] = (m[0] + n, m[1] + Counter(rs))
+                worst = sorted(((u, n, dict(c)) for u, (n, c) in merged.items()), key=lambda r: -r[1])[:5]
+            raise DataHealthError(health_error(vec, worst, health.max_skip_rate))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        health = _datamodule_health(trainer)
+        if health is None or trainer.sanity_checking:
+            return
+        vec = self._reduce(trainer, health.vector("val"))
+        if vec.sum() > 0 and trainer.is_global_zero:  # already summed over ranks: straight to the loggers
+            for logger in trainer.loggers:
+                logger.log_metrics(self._metrics(vec, "val"), step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        health = _datamodule_health(trainer)
+        if health is not None and trainer.is_global_zero:
+            log.info("data health (rank 0) %s", health.summary("train"))
+            if health.clips["val"] or health.skipped("val"):
+                log.info("data health (rank 0) %s", health.summary("val"))

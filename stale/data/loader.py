@@ -1,0 +1,578 @@
+"""The streaming loader behind VideoDataModule: WebDataset tar shards of mp4 clips -> uint8 batches.
+
+Inside each DataLoader worker (`VideoStream`):
+
+    training    shards drawn with replacement, seeded by (seed, epoch, rank, worker)  -> every rank and
+                worker reads its own endless sequence: the stream is split by node and by worker
+                -> tar members (iter_tar below) grouped into samples (webdataset's group_by_keys)
+                -> shuffle buffer (webdataset.shuffle, seeded the same way)
+                -> decode + clip + augment (PyAV; per-sample RNG seeded by its position)
+                -> batch, with the skip counts and the stream position attached
+    validation  the shard list split by rank and by worker (or, when there are fewer shards than
+                rank x worker slots, every worker reads every shard and keeps every n-th sample),
+                read once: every clip is seen exactly once across ranks and workers.
+
+In the main process, `TrainLoader` takes one batch from each worker per round, mixes the samples of
+the round across those batches (the "shuffle after the loader": a batch never holds only one worker's
+shards), strips the metadata, sums the skip counts into the DataModule's `DataHealth`, and stops after
+`epoch_batches` batches (WebDataset's `with_epoch`: every rank yields the same number of batches).
+
+Mid-epoch resume (why not torchdata's StatefulDataLoader): Lightning saves the state of any train
+loader that has `state_dict`/`load_state_dict` (the protocol StatefulDataLoader implements) under
+`checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]` and hands it back before the first
+batch on resume. Only rank 0 writes the checkpoint, so under DDP the state gathers every rank's part
+(Lightning builds the checkpoint dict on every rank) and each rank takes its own back. Our state is tiny: the epoch, how many batches it has yielded, and, per worker, how many
+shuffled samples it had consumed at the start of the current round. Everything random is a function
+of (seed, epoch, rank, worker, position), so on resume each worker replays its shard sequence and
+shuffle buffer and skips the consumed samples *without decoding them*, and the loader skips the
+batches of the current round it had already yielded. The stream continues exactly where it stopped.
+StatefulDataLoader's generic fallback for an IterableDataset without its own state replays and decodes
+the whole epoch, and it would be a new dependency. Because the loader has a length (epoch_batches),
+Lightning does not prefetch a batch ahead, so the saved state is exactly the batches trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import tarfile
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from stale.data.health import DataHealth, DataHealthError, SkipCounter
+from stale.data.video_io import ClipSpec, ClipTooShort, VideoDecodeError, decode_clip
+
+log = logging.getLogger(__name__)
+
+STALL_SAMPLES = 1000  # a worker that skipped this many samples in a row without one clip gives up
+STALL_SHARDS = 50  # ... or opened this many shards in a row (at least 2 x the shard count) without a sample
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (seed, tag, epoch, rank, worker, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+_ZERO_BLOCK = bytes(512)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd magic
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members like __info__.json are no samples
+
+
+class _Prefixed:
+    """A stream with some bytes already read put back in front (for the compressed-shard fallback)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+def _read(stream, n: int) -> bytes:
+    out = stream.read(n)
+    while len(out) < n:  # pipes may return short reads
+        more = stream.read(n - len(out))
+        if not more:
+            break
+        out += more
+    return out
+
+
+def iter_tar(stream) -> Iterator[dict]:
+    """Members of an uncompressed tar stream as dict(fname, data), like webdataset's tar_file_iterator.
+
+    Python's tarfile spends about 0.2 ms per member on header objects (0.8 ms per 4-member sample on
+    PAX shards such as webdataset's TarWriter writes), as much as decoding a 16x16 clip; reading the
+    512-byte headers directly is 7x faster. Handles ustar, PAX (path, size) and GNU long names, checks
+    every header checksum, and hands compressed shards (.tar.gz, ...) to webdataset's reader.
+    """
+    block = _read(stream, 512)
+    if not block:
+        return  # a 0-byte shard: no member (counted as empty_shard)
+    if block.startswith(_COMPRESSED):
+        yield from tar_file_iterator(_Prefixed(block, stream))
+        return
+    pax: dict[str, str] = {}
+    longname = None
+    while block:
+        if len(block) < 512:
+            raise tarfile.ReadError("unexpected end of data")
+        if block == _ZERO_BLOCK:
+            return
+        try:
+            checksum = int(block[148:156].strip(b" \0") or b"0", 8)
+        except ValueError:
+            raise tarfile.ReadError("invalid header (checksum field)") from None
+        if checksum != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
+            raise tarfile.ReadError("invalid header (bad checksum)")
+        if block[124] & 0x80:  # base-256 size (members over 8 GiB)
+            size = int.from_bytes(block[125:136], "big")
+        else:
+            size = int(block[124:136].strip(b" \0") or b"0", 8)
+        kind = block[156:157]
+        size = int(pax.get("size", size)) if kind not in (b"x", b"g") else size
+        data = _read(stream, size)
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        if size % 512 and len(_read(stream, 512 - size % 512)) < 512 - size % 512:
+            raise tarfile.ReadError("unexpected end of data")
+        if kind == b"x":  # PAX header of the next member: "<len> key=value\n" records
+            pax = dict(rec.split("=", 1) for rec in
+                       (r.split(" ", 1)[1] for r in data.decode("utf-8", "replace").splitlines() if " " in r)
+                       if "=" in rec)
+        elif kind == b"L":  # GNU long name of the next member
+            longname = data.rstrip(b"\0").decode("utf-8", "replace")
+        elif kind != b"g":
+            name = pax.get("path") or longname
+            if name is None:
+                name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+                if prefix:
+                    name = prefix.decode("utf-8", "replace") + "/" + name
+            pax, longname = {}, None
+            if kind in (b"0", b"\0", b"7") and not _META.match(name):
+                yield {"fname": name, "data": data}
+        block = _read(stream, 512)
+    # Every tar writer ends the archive with zero blocks; a stream that stops at a member boundary
+    # without them was cut short (a block-aligned truncation tarfile would not notice).
+    raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
+
+
+def read_shard(url: str, counter: SkipCounter, count_shard_errors: bool = True) -> Iterator[dict]:
+    """Samples of one tar shard (local path, pipe: command, or URL webdataset's gopen opens).
+
+    A shard that cannot be opened, breaks off, or holds nothing is counted, never raised; samples read
+    before a break are kept. Returns (as the generator's value) the number of samples read.
+    """
+    def skip(reason, exn):
+        if count_shard_errors:
+            counter.skip(reason, url, f"{type(exn).__name__}: {exn}" if exn else "no sample")
+
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - any failure to open is an unreadable shard
+        skip("unreadable_shard", e)
+        return 0
+    n, error, closed = 0, None, False
+    try:
+        try:
+            files = ({**f, "__url__": url} for f in iter_tar(stream))
+            for sample in group_by_keys(files):
+                n += 1
+                yield sample
+        except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
+            error = ("corrupt_shard", e)
+        except OSError as e:  # a read error
+            error = ("unreadable_shard", e)
+        closed = True
+        try:
+            stream.close()  # a pipe: command reports its exit status here
+        except Exception as e:  # noqa: BLE001
+            error = error or ("unreadable_shard", e)
+        if error:
+            skip(*error)
+        elif n == 0:
+            skip("empty_shard", None)
+    finally:
+        if not closed:  # the consumer stopped early: close quietly
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+    return n
+
+
+class VideoStream(IterableDataset):
+    """Worker-side pipeline. Yields (uint8 (B, C, T, H, W), int64 (B,), meta) batches."""
+
+    def __init__(self, urls: list[str], spec: ClipSpec, *, train: bool, batch_size: int, num_classes: int,
+                 label_key: str | None = "label", shuffle_buffer: int = 512, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, control: torch.Tensor | None = None):
+        self.urls, self.spec, self.train = list(urls), spec, train
+        self.batch_size, self.num_classes, self.label_key = batch_size, num_classes, label_key
+        self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
+        self.control = control  # shared int64 [epoch, skip for worker 0, skip for worker 1, ...] (training)
+        self.released: torch.Tensor | None = None  # shared int64 (workers, RING): buffer generations handed back
+        self.split = "train" if train else "val"
+
+    # -- samples -------------------------------------------------------------------------------------
+
+    def _resampled(self, epoch: int, worker: int, counter: SkipCounter) -> Iterator[dict]:
+        rng = random.Random(_seed(self.seed, 1, epoch, self.rank, worker))
+        dry, limit = 0, max(STALL_SHARDS, 2 * len(self.urls))
+        while True:
+            url = rng.choice(self.urls)
+            n = yield from read_shard(url, counter)
+            dry = 0 if n else dry + 1
+            if dry >= limit:
+                raise DataHealthError(f"rank {self.rank} worker {worker}: the last {dry} shards opened held no "
+                                      f"sample, e.g. {url}. Check data.shards (and pipe: commands by hand).")
+
+    def _validation(self, worker: int, workers: int, counter: SkipCounter) -> Iterator[dict]:
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        if len(self.urls) >= slots:  # split the shard list: each shard read by exactly one worker
+            for url in self.urls[slot::slots]:
+                yield from read_shard(url, counter)
+        else:  # fewer shards than slots: everyone reads everything, keeps every slots-th sample
+            i = 0
+            for url in self.urls:
+                for sample in read_shard(url, counter, count_shard_errors=slot == 0):
+                    if i % slots == slot:
+                        yield sample
+                    i += 1
+
+    # -- one sample ----------------------------------------------------------------------------------
+
+    def _label(self, sample: dict, meta: dict | None, name: str) -> int:
+        if self.label_key is None:
+            return 0  # unlabelled data (e.g. video2dataset): one class
+        if meta is not None and self.label_key in meta:
+            label = meta[self.label_key]
+        elif "cls" in sample:
+            text = sample["cls"].decode("utf-8", "replace").strip()
+            try:
+                label = int(text)
+            except ValueError:
+                raise _Skip("bad_label", f"{name}: .cls {text!r} is not an integer") from None
+        else:
+            raise _Skip("missing_label", f"{name}: no {self.label_key!r} in .json and no .cls")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise _Skip("bad_label", f"{name}: label {label!r} is {type(label).__name__}, not an integer")
+        if not 0 <= label < self.num_classes:
+            raise _Skip("bad_label", f"{name}: label {label} outside [0, {self.num_classes}) (data.num_classes)")
+        return int(label)
+
+    def _clip(self, sample: dict, rng: random.Random, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        meta = None
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError) as e:
+                raise _Skip("bad_json", f"{name}: .json does not parse ({e})") from None
+            if not isinstance(meta, dict):
+                raise _Skip("bad_json", f"{name}: .json is a {type(meta).__name__}, not an object")
+            status = meta.get("status")
+            if status is not None and status != "success":  # a video2dataset row whose download failed
+                raise _Skip("failed_row", f"{name}: status {status!r} {meta.get('error_message') or ''}".strip())
+        if "mp4" not in sample:
+            raise _Skip("missing_mp4", f"{name}: no .mp4 member (members: {sorted(k for k in sample if k[0] != '_')})")
+        label = self._label(sample, meta, name)
+        try:
+            return decode_clip(sample["mp4"], self.spec, rng, name=name, out=out, format="mp4"), label
+        except ClipTooShort as e:
+            raise _Skip("too_short", str(e)) from None
+        except VideoDecodeError as e:
+            raise _Skip("corrupt_video", str(e)) from None
+
+    # -- the stream ----------------------------------------------------------------------------------
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = SkipCounter(self.split)
+        if self.train:
+            epoch, skip = int(self.control[0]), int(self.control[1 + worker])
+            samples = self._resampled(epoch, worker, counter)
+            initial = max(1, self.shuffle_buffer // 2)
+            rng = random.Random(_seed(self.seed, 2, epoch, self.rank, worker))
+            if self.shuffle_buffer > 1:
+                samples = wds.shuffle(self.shuffle_buffer, initial, rng=rng)(samples)
+        else:
+            epoch, skip = 0, 0
+            samples = self._validation(worker, workers, counter)
+        counter.muted = skip > 0  # replaying what was consumed before a resume: already counted
+        b = self.batch_size
+        ring = _Ring(self.released[worker] if self.released is not None and info is not None else None)
+        video, slot = self._new_batch(ring)  # clips are decoded straight into it (None when the size is not fixed)
+        clips, labels, keys = [], [], []
+        streak = 0
+        for i, sample in enumerate(samples):
+            if i < skip:
+                counter.muted = i < skip - 1
+                continue
+            # per-sample RNG from the sample's position: skipping samples on resume leaves the rest as they were
+            rng = random.Random(hash((self.seed, epoch, self.rank, worker, i)))  # int tuples hash the same everywhere
+            try:
+                clip, label = self._clip(sample, rng, None if video is None else video[len(labels)].numpy())
+            except _Skip as e:
+                counter.skip(e.reason, sample.get("__url__", "?"), e)
+                streak += 1
+                if self.train and streak >= STALL_SAMPLES:
+                    raise DataHealthError(f"rank {self.rank} worker {worker}: {streak} samples in a row were "
+                                          f"skipped, none decoded; last: [{e.reason}] {e}") from None
+                continue
+            streak = 0
+            if video is None:
+                clips.append(clip)
+            labels.append(label)
+            keys.append(sample.get("__key__", "?"))
+            if len(labels) == b:
+                yield self._batch(video, slot, clips, labels, keys, worker, epoch, i + 1, counter)
+                video, slot = self._new_batch(ring)
+                clips, labels, keys = [], [], []
+        if labels or counter.reasons:  # finite (validation) stream: the rest, and the last counts
+            yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
+
+    def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
+        """uint8 (B, C, T, H, W), in shared memory inside a worker so that sending it costs no copy."""
+        s = self.spec
+        if s.size is None:
+            return None, None
+        shape = (self.batch_size, 3, s.frames, s.size, s.size)
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        return ring.take(shape)
+
+    def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter):
+        meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
+                "slot": slot}
+        if not labels:
+            return None, None, meta
+        if video is None:  # size=None: clips of the stored size, stacked here
+            t, h, w, c = clips[0].shape
+            video = torch.empty((len(clips), c, t, h, w), dtype=torch.uint8)
+            for j, clip in enumerate(clips):
+                video[j] = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
+        return video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+
+
+RING = 6  # shared batch buffers per training worker: more than the batches a worker can have in flight
+
+
+def _shared(shape) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+class _Ring:
+    """A worker's shared-memory batch buffers, reused once the main process hands them back.
+
+    A fresh shared buffer costs its page faults on every batch (11 ms CPU for a 12.6 MB batch of
+    16 x 16 x 128 x 128 clips, as much as decoding three of them). The main process copies each training
+    batch out (it mixes or pins it anyway) and then writes the buffer's generation into `released`;
+    a worker reuses a buffer only when its last generation came back, and otherwise makes a new one,
+    so it never waits and never overwrites a batch still in use.
+    """
+
+    def __init__(self, released: torch.Tensor | None):
+        self.released = released  # this worker's row of the shared (workers, RING) tensor, or None: no reuse
+        self.buffers: list = [None] * RING
+        self.handed: list[int] = [0] * RING  # generation last handed out, per slot
+        self.next = 0
+
+    def take(self, shape) -> tuple[torch.Tensor, tuple | None]:
+        if self.released is None:
+            return _shared(shape), None
+        k = self.next
+        self.next = (k + 1) % RING
+        buf = self.buffers[k]
+        if buf is None or tuple(buf.shape) != tuple(shape) or int(self.released[k]) != self.handed[k]:
+            buf = self.buffers[k] = _shared(shape)  # first use, or the main process still holds the old one
+        self.handed[k] += 1
+        return buf, (k, self.handed[k])
+
+
+class _Loader:
+    """A DataLoader over a VideoStream; batches come out as (video, label), metadata stripped."""
+
+    split = "train"
+
+    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int | None, persistent_workers: bool):
+        self.stream, self.health, self.num_workers = stream, health, num_workers
+        self._live = None  # the running DataLoader iterator
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
+                                     persistent_workers=persistent_workers and num_workers > 0,
+                                     prefetch_factor=prefetch_factor if num_workers > 0 else None)
+
+    # Lightning's teardown stops workers through `loader._iterator` (combined_loader.py): expose the live one.
+    @property
+    def _iterator(self):
+        return self._live
+
+    @_iterator.setter
+    def _iterator(self, value):
+        if value is None:
+            self._live = self.dataloader._iterator = None
+
+    def _start(self):
+        self._live = iter(self.dataloader)
+        return self._live
+
+    def close(self) -> None:
+        """Stop the worker processes now (Lightning's teardown does the same through `_iterator`).
+
+        Do this rather than leave it to the garbage collector: when the loader sits in a reference
+        cycle, the collector closes the workers' queues before the DataLoader's __del__ can tell the
+        workers to stop, and each worker then costs a 5 s join timeout.
+        """
+        it = getattr(self, "_live", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._live = self.dataloader._iterator = None
+
+    def iter_meta(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        for video, label, _ in self.iter_meta():
+            yield video, label
+
+
+class ValLoader(_Loader):
+    """Finite: each validation clip once across ranks and workers."""
+
+    split = "val"
+
+    def iter_meta(self):
+        try:
+            for video, label, meta in self._start():
+                self.health.add("val", 0 if label is None else len(label), meta["skips"])
+                if video is not None:
+                    yield video, label, meta
+        finally:  # finished, or dropped early (limit_val_batches): stop the workers now
+            self.close()
+
+
+class TrainLoader(_Loader):
+    """Endless resampled stream cut into epochs of `epoch_batches`, mixed across workers, resumable."""
+
+    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int | None, persistent_workers: bool, epoch_batches: int, mix: bool = True):
+        if epoch_batches < 1:
+            raise ValueError(f"data.epoch_batches={epoch_batches} must be >= 1")
+        self.workers = max(1, num_workers)
+        self.mix = mix and self.workers > 1
+        # With workers, every batch is copied out of the worker's shared buffer (mixed across workers, or
+        # not), straight into pinned memory when asked: the DataLoader's own pinning would copy again.
+        self.copy_out = num_workers > 0
+        super().__init__(stream, health, num_workers, pin_memory and not self.copy_out, prefetch_factor,
+                         persistent_workers)
+        self.pin_out = pin_memory and self.copy_out and torch.cuda.is_available()
+        self.epoch_batches = epoch_batches
+        stream.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
+        stream.released = torch.zeros((self.workers, RING), dtype=torch.int64).share_memory_()
+        self.state = self._fresh(epoch=0)
+
+    def with_epoch(self, batches: int) -> "TrainLoader":
+        """WebDataset's name for it: one epoch is `batches` batches on every rank."""
+        self.epoch_batches = batches
+        return self
+
+    def _fresh(self, epoch: int) -> dict:
+        return {"epoch": epoch, "batches": 0, "round": 0, "round_start": [0] * self.workers, "round_yielded": 0}
+
+    def _fingerprint(self) -> dict:
+        d = self.stream
+        return {"workers": self.workers, "batch_size": d.batch_size, "world_size": d.world_size,
+                "rank": d.rank, "seed": d.seed, "epoch_batches": self.epoch_batches, "mix": self.mix,
+                "shuffle_buffer": d.shuffle_buffer}
+
+    def __len__(self) -> int:
+        return self.epoch_batches
+
+    def state_dict(self) -> dict:
+        st = self.state
+        own = {**st, "round_start": list(st["round_start"]), "config": self._fingerprint(),
+               "health": self.health.state_dict()}
+        world = self.stream.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * world  # every rank builds the checkpoint dict; only rank 0 writes it
+            torch.distributed.all_gather_object(ranks, own)
+            return {"ranks": ranks}
+        return own
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ranks" in state:  # a DDP checkpoint: take this rank's part
+            ranks, rank = state["ranks"], self.stream.rank
+            state = ranks[rank] if rank < len(ranks) else {"config": None, "epoch": ranks[0].get("epoch", 0)}
+        self.health.load_state_dict(state.get("health", {}))
+        fp = self._fingerprint()
+        if state.get("config") != fp:
+            saved = state.get("config") or {}
+            changed = {k: (saved.get(k), v) for k, v in fp.items() if saved.get(k) != v}
+            log.warning("data loader changed since the checkpoint (%s): resuming at the start of the next "
+                        "epoch instead of the exact position", changed)
+            self.state = self._fresh(epoch=int(state.get("epoch", 0)) + 1)
+            return
+        self.state = {k: state[k] for k in ("epoch", "batches", "round", "round_yielded")}
+        self.state["round_start"] = list(state["round_start"])
+
+    def _mix(self, items: list, epoch: int, rnd: int) -> list:
+        """Copy the round's batches out of the workers' buffers, shuffling samples across them when mixing."""
+        if not self.copy_out:
+            return items
+        d = self.stream
+        if self.mix:
+            video = torch.cat([it[0] for it in items])  # (W*B, C, T, H, W)
+            label = torch.cat([it[1] for it in items])
+            keys = [k for it in items for k in it[2]["keys"]]
+            perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
+            parts = [(video, label, keys, perm[j * d.batch_size : (j + 1) * d.batch_size]) for j in range(len(items))]
+        else:
+            parts = [(it[0], it[1], it[2]["keys"], None) for it in items]
+        out = []
+        for video, label, keys, idx in parts:
+            n = len(label) if idx is None else len(idx)
+            v = torch.empty((n, *video.shape[1:]), dtype=video.dtype, pin_memory=self.pin_out)
+            if idx is None:
+                v.copy_(video)
+            else:
+                torch.index_select(video, 0, idx, out=v)
+                label, keys = label[idx], [keys[i] for i in idx.tolist()]
+            out.append((v, label.clone(), {"keys": keys, "epoch": epoch, "round": rnd}))
+        for _, _, meta in items:  # the copies are made: the workers may reuse their buffers
+            if meta.get("slot") is not None:
+                k, generation = meta["slot"]
+                d.released[meta["worker"], k] = generation
+        return out
+
+    def iter_meta(self):
+        st = self.state
+        if st["batches"] >= self.epoch_batches:
+            st.update(self._fresh(epoch=st["epoch"] + 1))
+        resume_skip = st["round_yielded"]  # > 0 only when resuming mid-round
+        control = self.stream.control
+        control[0] = st["epoch"]
+        control[1:] = torch.tensor(st["round_start"], dtype=torch.int64)
+        it = self._start()
+        pos = list(st["round_start"])
+        w = self.workers
+        while st["batches"] < self.epoch_batches:
+            items = [next(it) for _ in range(w)]  # the DataLoader serves workers round-robin
+            for j, (_, label, meta) in enumerate(items):
+                assert meta["worker"] == j, f"batch from worker {meta['worker']} where worker {j} was due"
+                pos[j] = meta["consumed"]
+                if not resume_skip:  # a resumed round was counted before the checkpoint
+                    self.health.add("train", len(label), meta["skips"])
+            for j, batch in enumerate(self._mix(items, st["epoch"], st["round"])):
+                if j < resume_skip:
+                    continue
+                if st["batches"] >= self.epoch_batches:
+                    break
+                st["round_yielded"], st["batches"] = j + 1, st["batches"] + 1
+                yield batch
+            resume_skip = 0
+            st["round"], st["round_start"], st["round_yielded"] = st["round"] + 1, list(pos), 0
