@@ -36,6 +36,10 @@ REASONS = (
     "empty_shard",  # the shard opened fine but holds no sample
 )
 SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
+# An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
+# the skip rate (with resampling it is drawn again and again and would inflate the rate without bound).
+NO_SAMPLE = ("empty_shard",)
+_IN_RATE = torch.tensor([r not in NO_SAMPLE for r in REASONS])
 
 
 class DataHealthError(RuntimeError):
@@ -92,7 +96,8 @@ class DataHealth:
                 self.shards[split][url].update(c)
 
     def skipped(self, split: str = "train") -> int:
-        return sum(self.reasons[split].values())
+        """Skipped samples (an empty shard is not a sample: see NO_SAMPLE)."""
+        return sum(n for r, n in self.reasons[split].items() if r not in NO_SAMPLE)
 
     def vector(self, split: str = "train") -> torch.Tensor:
         """[clips, count of each REASONS entry] as one float64 tensor, to sum over ranks."""
@@ -124,7 +129,7 @@ class DataHealth:
 
 def rate_of(vec: torch.Tensor) -> tuple[float, int, int]:
     """(skip rate, skipped, seen) from a `DataHealth.vector()`."""
-    clips, skipped = int(vec[0]), int(vec[1:].sum())
+    clips, skipped = int(vec[0]), int(vec[1:][_IN_RATE].sum())
     seen = clips + skipped
     return (skipped / seen if seen else 0.0), skipped, seen
 
