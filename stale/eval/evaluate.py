@@ -46,16 +46,25 @@ def load_sample_clips(folder: str | Path) -> tuple[np.ndarray, list[str]]:
 def load_real_clips(pattern, frames: int, size: int, max_clips: int | None = None,
                     label_key: str = "label") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Real clips from shards, cut like validation batches: uint8 (N, frames, size, size, 3), labels (N,), shards."""
+    import json
+    import random
+
     import webdataset as wds
 
-    from stale.data.datamodule import ClipSpec, DecodeClip
+    from stale.data.video_io import ClipSpec, VideoDecodeError, decode_clip
 
-    decode = DecodeClip(ClipSpec(frames=frames, size=size, random_start=False), label_key=label_key, train=False)
+    spec = ClipSpec(frames=frames, size=size, start="first", crop="center")  # cut like validation clips
     urls = resolve_shards(pattern)
     clips, labels = [], []
     for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        video, label = decode(sample)  # (C, T, H, W) uint8; raises naming the shard and key
-        clips.append(video.permute(1, 2, 3, 0).numpy())
+        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        if "mp4" not in sample:
+            raise VideoDecodeError(f"{name}: no .mp4 member")
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        label = meta.get(label_key, int(sample["cls"]) if "cls" in sample else 0)
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise VideoDecodeError(f"{name}: label {label!r} under {label_key!r} is not an integer")
+        clips.append(decode_clip(sample["mp4"], spec, random.Random(0), name=name, format="mp4"))  # (T, H, W, 3)
         labels.append(label)
         if max_clips and len(clips) >= max_clips:
             break
