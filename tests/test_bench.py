@@ -15,7 +15,7 @@ from stale.cli.bench import listify_sections
 
 QUICK = [
     "sections=train,sampler,memory,gpu", "threads=1",
-    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=1", "train.variants=[lightning,no_log]",
+    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=2", "train.variants=[lightning,no_log]",
     "train.micro=null",
     "sampler.batch_size=1", "sampler.steps=3", "sampler.rounds=2",
     "memory.sizes=[tiny]", "memory.batches=[1,3]",
@@ -38,7 +38,7 @@ def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
     train = doc["sections"]["train"]
     assert [r["loop"] for r in train["rows"]] == ["plain", "lightning", "no_log"]
     for r in train["rows"][1:]:
-        assert r["steps"] == 3 and r["median_ms"] > 0 and isinstance(r["overhead"], float)
+        assert r["samples"] == 2 and r["median_ms"] > 0 and isinstance(r["overhead"], float)  # 2 fits
     assert train["summary"]["compared"] == "lightning vs plain"
     assert train["summary"]["framework_overhead"] == train["rows"][1]["overhead"]
     prof = train["profile"]["lightning"]
@@ -67,8 +67,8 @@ def test_plain_loop_does_what_the_lightning_step_does():
     with _quiet():
         plain = _PlainLoop(plain_sys, "cpu", "32-true", clip=1.0, max_steps=len(batches))
         torch.manual_seed(7)
-        _lightning_round(lit, batches, "no_progress_bar", "cpu", "32-true", 1.0, _Recorder("cpu", None, batches),
-                         csv_every=1, logdir=None)
+        _lightning_round(lit, batches, "no_progress_bar", "cpu", "32-true", 1.0,
+                         _Recorder("cpu", None, batches, 0, 1), log_every_n_steps=1, logdir=None)
     torch.manual_seed(7)
     plain.step(batches[0])
     moved = 0
@@ -77,6 +77,18 @@ def test_plain_loop_does_what_the_lightning_step_does():
         moved += not torch.equal(a, c)
     assert moved > 10  # the step really updated the weights
     assert len(_InMemory(batches)) == 1
+
+
+def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
+    from stale.bench import train
+
+    res = train.run(frames=2, size=8, batch_size=1, steps=3, warmup=1, rounds=2, variants=["no_log", "barebones"],
+                    timing="step", profile=False, micro=None)
+    assert [r["loop"] for r in res["rows"]] == ["plain", "no_log", "barebones"]
+    assert res["rows"][0]["samples"] == 2 * 2 * 3  # plain steps beside both variants' fits
+    for r in res["rows"][1:]:
+        assert r["samples"] == 2 * 3 and r["plain_median_ms"] > 0 and abs(r["overhead_paired"]) < 5
+    assert res["setup"]["timing"] == "step"
 
 
 def test_gpu_path_runs_on_cpu_with_a_tiny_model():

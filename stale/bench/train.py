@@ -2,20 +2,34 @@
 
 Both sides get the same model (identical initial weights), the same pre-decoded uint8 batches held in
 memory (so no data loader is measured here), the same objective, the optimiser and LR scheduler built
-by StaleSystem.configure_optimizers(), the same gradient clipping and the same precision. The step time
-is the period between the starts of consecutive steps, so everything the framework does per step
-(hooks, logging, progress bar, scheduler, fetching the next batch) is inside it. Rounds of every
-variant are interleaved (order rotated each round) and the first `warmup` steps of every round are
-dropped, so that drift of a shared machine hits all variants alike; the headline is a ratio of
-medians measured in one run.
+by StaleSystem.configure_optimizers(), the same gradient clipping and the same precision (a test checks
+that one step of each lands on the same weights). Lightning's step time is the period between the
+starts of consecutive batches, so everything the framework does per step (hooks, self.log, logger,
+progress bar, scheduler, fetching the next batch) is inside it.
 
-Lightning variants (each a real Trainer.fit of the real StaleSystem):
-  lightning        Trainer defaults with logger=False and checkpointing off (the progress bar stays on,
-                   as in stale-train; it writes to /dev/null here so the console stays readable)
+Two timings:
+  block  (default) each fit and each plain run is timed as a whole (device synchronised only at the
+         two ends of the measured steps), so background threads (a progress bar redrawing), periodic
+         logging, asynchronous GPU execution and any syncs Lightning adds (a progress bar reading the
+         loss with .item()) count as they do in training; fits alternate with plain runs, and the ratio
+         is also taken per pair.
+  step   the plain step runs inside Lightning's on_train_batch_start, so the two loops alternate step
+         by step and load changes on a shared machine reach both alike; every step boundary
+         synchronises the device, and a background thread's cost is shared by both loops, so this
+         understates progress-bar costs. Many more samples: use it on a noisy machine.
+The first `warmup` steps of every fit are dropped; variants take turns (order rotated each round).
+
+Lightning variants (each a real Trainer.fit of the real StaleSystem, log_every_n_steps as in
+conf/trainer/*.yaml):
+  lightning        logger=False, checkpointing off, the default progress bar (Rich) rendering as on a
+                   terminal, into /dev/null
   no_progress_bar  as lightning, without the progress bar
   no_log           as no_progress_bar, with StaleSystem.log/log_dict replaced by no-ops
-  csv_logger       as no_progress_bar, with a CSVLogger writing every `csv_every` steps
-With `profile=true` one more round of `lightning` and of the plain loop runs under cProfile, and the
+  csv_logger       as no_progress_bar, with a CSVLogger
+  barebones        Trainer(barebones=True): Lightning's own minimal loop (self.log returns at once)
+  rich_4hz         as lightning, with RichProgressBar(refresh_rate=4) instead of 100 redraws a second
+  tqdm             as lightning, with TQDMProgressBar (redraws every batch, in the training thread)
+With `profile=true` one more fit of the first variant and one plain run go under cProfile, and the
 time per step is split by where the Python code lives (lightning, torch, stale, C builtins).
 """
 
@@ -37,7 +51,7 @@ import torch
 
 from stale.bench import build, median, random_batches, spread, sync
 
-VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger")
+VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich_4hz", "tqdm")
 TARGET_OVERHEAD = 0.03  # issue 11: framework overhead <= 3%
 
 
@@ -99,6 +113,10 @@ def _now(device: str) -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def _minus(b: tuple[float, float], a: tuple[float, float], n: int = 1) -> tuple[float, float]:
+    return (b[0] - a[0]) / n, (b[1] - a[1]) / n
+
+
 class _PlainLoop:
     """What Trainer.fit does per step, written out: to device, autocast forward, backward, clip, step."""
 
@@ -125,67 +143,104 @@ class _PlainLoop:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def block(self, batches: list, start: int, end: int,
+              profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+        """Run every batch; return the mean (wall, cpu) step time over steps [start, end)."""
+        a = b = None
+        for i, batch in enumerate(batches):
+            if i == start:
+                a = _now(self.device)
+                if profiler:
+                    profiler.enable()
+            if i == end:
+                if profiler:
+                    profiler.disable()
+                b = _now(self.device)
+            self.step(batch)
+        if b is None:
+            b = _now(self.device)
+            if profiler:
+                profiler.disable()
+        return _minus(b, a, end - start)
+
 
 class _Recorder:
-    """Step periods of one Lightning fit, with a plain step run inside each on_train_batch_start.
+    """Called at every Lightning batch start; records Lightning's step times (and runs plain steps).
 
-    Per batch i: t_a = now; plain step on batch i; t_b = now. The plain step took t_b - t_a, and
-    Lightning's step i-1 took t_a[i] - t_b[i-1]: everything Lightning does from one batch start to the
-    next, with the plain step cut out. The two loops alternate step by step, so load changes on a shared
-    machine reach both alike. With plain=None only Lightning's periods are recorded (profiling).
+    step mode (plain given): per batch i, t_a = now; plain step on batch i; t_b = now. The plain step
+    took t_b - t_a, and Lightning's step i-1 took t_a[i] - t_b[i-1]: everything Lightning does from one
+    batch start to the next, with the plain step cut out.
+    block mode (plain None): only batches `start` and `end` are stamped (no device sync in between);
+    also where the optional cProfile window opens and closes.
     """
 
-    def __init__(self, device: str, plain: "_PlainLoop | None", batches: list,
-                 profile_window: tuple[int, int] | None = None):
-        self.device, self.plain, self.batches, self.window = device, plain, batches, profile_window
-        self.lightning: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
-        self.paired: list[tuple[float, float]] = []  # the plain step run next to each
-        self._end = None
-        self.profiler = cProfile.Profile() if profile_window else None
+    def __init__(self, device: str, plain: _PlainLoop | None, batches: list, start: int, end: int,
+                 profiler: cProfile.Profile | None = None):
+        self.device, self.plain, self.batches = device, plain, batches
+        self.start, self.end, self.profiler = start, end, profiler
+        self.lightning: list[tuple[float, float]] = []  # step mode: Lightning step i, i >= start
+        self.paired: list[tuple[float, float]] = []  # step mode: the plain step i run beside it
+        self.block: tuple[float, float] | None = None  # block mode: mean step over [start, end)
+        self._end = self._a = None
 
     def __call__(self, i: int) -> None:
-        if self.profiler and i == self.window[1]:
-            self.profiler.disable()
+        if self.plain is None:
+            if i == self.end and self.profiler:
+                self.profiler.disable()
+            if i in (self.start, self.end):
+                t = _now(self.device)
+                if i == self.start:
+                    self._a = t
+                else:
+                    self.block = _minus(t, self._a, self.end - self.start)
+            if i == self.start and self.profiler:
+                self.profiler.enable()
+            return
         a = _now(self.device)
-        if self._end is not None:
-            self.lightning.append((a[0] - self._end[0], a[1] - self._end[1]))
-        self._end = a
-        if self.plain is not None:
-            self.plain.step(self.batches[i])
-            self._end = _now(self.device)
-            self.paired.append((self._end[0] - a[0], self._end[1] - a[1]))
-        if self.profiler and i == self.window[0]:
-            self.profiler.enable()
+        if self._end is not None and self.start < i <= self.end:
+            self.lightning.append(_minus(a, self._end))
+        self.plain.step(self.batches[i])
+        self._end = _now(self.device)
+        if self.start <= i < self.end:
+            self.paired.append(_minus(self._end, a))
 
-
-def _profile_plain(plain: _PlainLoop, batches: list, warmup: int, steps: int) -> cProfile.Profile:
-    prof = cProfile.Profile()
-    for i, batch in enumerate(batches[: warmup + steps]):
-        if i == warmup:
-            prof.enable()
-        plain.step(batch)
-    prof.disable()
-    return prof
 
 def _lightning_round(system, batches, variant: str, device: str, precision: str, clip: float,
-                     stamps: "_Recorder", csv_every: int, logdir: str) -> None:
+                     recorder: _Recorder, log_every_n_steps: int, logdir: str | None) -> None:
     import lightning as L
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            stamps(batch_idx)
+            recorder(batch_idx)
 
-    logger = False
+    logger, callbacks, null = False, [StepTimer()], None
     if variant == "csv_logger":
         from lightning.pytorch.loggers import CSVLogger
 
-        logger = CSVLogger(logdir, name="bench")
+        logger = CSVLogger(logdir or tempfile.gettempdir(), name="stale-bench")
+    if variant in ("lightning", "rich_4hz"):
+        try:  # Lightning's default bar when rich is installed; drawn as on a terminal, into /dev/null
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            null = open(os.devnull, "w")
+            console = {"force_terminal": True, "file": null, "width": 120}
+            rate = {"refresh_rate": 4} if variant == "rich_4hz" else {}  # default: 100 redraws per second
+            callbacks.append(RichProgressBar(console_kwargs=console, **rate))
+        except (ImportError, ModuleNotFoundError):
+            pass  # TQDMProgressBar, Trainer's fallback, writes to stderr (redirected by _quiet)
+    if variant == "tqdm":  # redraws every batch in the training thread, to stderr (redirected by _quiet)
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar())
+    kwargs = dict(logger=logger, enable_checkpointing=False,
+                  enable_progress_bar=variant in ("lightning", "rich_4hz", "tqdm"),
+                  enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps)
+    if variant == "barebones":  # it switches those off itself and refuses to be told
+        kwargs = dict(barebones=True)
     trainer = L.Trainer(
         accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
-        max_steps=len(batches), max_epochs=1, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=variant == "lightning", enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, log_every_n_steps=csv_every, gradient_clip_val=clip or None,
-        callbacks=[StepTimer()], default_root_dir=logdir,
+        max_steps=len(batches), max_epochs=1, limit_val_batches=0, gradient_clip_val=clip or None,
+        callbacks=callbacks, default_root_dir=logdir, **kwargs,
     )
     if variant == "no_log":  # the real training_step, minus its self.log calls
         system.log = system.log_dict = lambda *a, **k: None
@@ -194,6 +249,11 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
     finally:
         system.__dict__.pop("log", None)
         system.__dict__.pop("log_dict", None)
+        if null is not None:
+            import rich
+
+            rich.reconfigure()  # RichProgressBar reconfigured rich's global console: give it back
+            null.close()
     if trainer.global_step != len(batches):
         raise RuntimeError(f"Lightning ran {trainer.global_step} of {len(batches)} steps ({variant})")
 
@@ -243,61 +303,79 @@ def _profile_split(profiler: cProfile.Profile, steps: int, top: int) -> dict:
                                                for tt, ct, name in light[:top]]}
 
 
-def _stats(lightning: list, plain: list, name: str) -> dict:
-    """Row of one Lightning variant against the plain steps that ran beside it."""
+def _row(name: str, lightning: list, plain: list, pairs: list) -> dict:
+    """One Lightning variant against the plain steps (or runs) beside it; times are (wall, cpu) tuples."""
     lw, lc = [w for w, _ in lightning], [c for _, c in lightning]
     pw, pc = [w for w, _ in plain], [c for _, c in plain]
-    pairs = [l / p for l, p in zip(lw, pw[1:]) if p > 0]  # Lightning step i-1 with the plain step after it
-    return {"loop": name, "steps": len(lw), "median_ms": round(1e3 * median(lw), 3),
+    return {"loop": name, "samples": len(lw), "median_ms": round(1e3 * median(lw), 3),
             "plain_median_ms": round(1e3 * median(pw), 3), "overhead": round(median(lw) / median(pw) - 1, 4),
-            "overhead_paired": round(median(pairs) - 1, 4) if pairs else float("nan"),
+            "overhead_paired": round(median(pairs) - 1, 4),
             "overhead_cpu": round(median(lc) / median(pc) - 1, 4),
-            "overhead_mean": round(sum(lw) / sum(pw[: len(lw)]) - 1, 4) if lw else float("nan"),
-            "noise": round(spread(lw), 4)}
+            "overhead_mean": round(sum(lw) / sum(pw) - 1, 4),
+            "extra_ms": round(1e3 * (median(lw) - median(pw)), 3), "noise": round(spread(lw), 4)}
 
 
 def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: int, steps: int, warmup: int,
-             rounds: int, pool: int, precision: str, clip: float, lr: float, variants: list, csv_every: int,
-             profile: bool, profile_top: int, device: str, seed: int) -> tuple[list, dict, int]:
+             rounds: int, pool: int, precision: str, clip: float, lr: float, variants: list,
+             log_every_n_steps: int, timing: str, profile: bool, profile_top: int, device: str,
+             seed: int) -> tuple[list, dict, int]:
     torch.manual_seed(seed)
     base = build(model, frames, size, **overrides)
     n_params = sum(p.numel() for p in base.parameters())
     pool_batches = random_batches(pool, batch_size, frames, size, seed=seed)
-    n = warmup + steps + 1  # +1: a Lightning step's period ends at the next step's start
+    n = warmup + steps + 1  # +1: a Lightning step's period ends at the next batch's start
     batches = [pool_batches[i % pool] for i in range(n)]  # references: no extra memory
+    start, end = warmup, warmup + steps
 
     systems = {name: _make_system(copy.deepcopy(base), lr).to(device) for name in ["plain", *variants]}
-    rec = {name: ([], []) for name in variants}  # variant -> (Lightning periods, paired plain periods)
+    lit = {name: [] for name in variants}  # Lightning (wall, cpu) samples
+    pla = {name: [] for name in variants}  # plain samples measured beside them
+    pairs = {name: [] for name in variants}  # per-sample wall ratios
     logdir = tempfile.mkdtemp(prefix="stale-bench-train-")
     profiles = {}
     with _quiet():
-        plain = _PlainLoop(systems.pop("plain"), device, precision, clip, max_steps=n * (rounds + 1))
+        plain = _PlainLoop(systems.pop("plain"), device, precision, clip, max_steps=n * (rounds * 2 + 2))
         for r in range(rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
             for name in order:
-                recorder = _Recorder(device, plain, batches)
-                _lightning_round(systems[name], batches, name, device, precision, clip, recorder, csv_every, logdir)
-                rec[name][0].extend(recorder.lightning[warmup:])
-                rec[name][1].extend(recorder.paired[warmup:])
+                if timing == "step":
+                    rec = _Recorder(device, plain, batches, start, end)
+                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
+                                     log_every_n_steps, logdir)
+                    lit[name] += rec.lightning
+                    pla[name] += rec.paired
+                    pairs[name] += [lw / pw for (lw, _), (pw, _) in zip(rec.lightning, rec.paired)]
+                else:
+                    p = plain.block(batches, start, end)
+                    rec = _Recorder(device, None, batches, start, end)
+                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
+                                     log_every_n_steps, logdir)
+                    lit[name].append(rec.block)
+                    pla[name].append(p)
+                    pairs[name].append(rec.block[0] / p[0])
         if profile:
-            profiles["plain"] = _profile_split(_profile_plain(plain, batches, warmup, steps), steps, profile_top)
-            recorder = _Recorder(device, None, batches, profile_window=(warmup, warmup + steps))
-            _lightning_round(systems[variants[0]], batches, variants[0], device, precision, clip, recorder,
-                             csv_every, logdir)
-            profiles[variants[0]] = _profile_split(recorder.profiler, steps, profile_top)
+            prof = cProfile.Profile()
+            plain.block(batches, start, end, profiler=prof)
+            profiles["plain"] = _profile_split(prof, steps, profile_top)
+            prof = cProfile.Profile()
+            rec = _Recorder(device, None, batches, start, end, profiler=prof)
+            _lightning_round(systems[variants[0]], batches, variants[0], device, precision, clip, rec,
+                             log_every_n_steps, logdir)
+            profiles[variants[0]] = _profile_split(prof, steps, profile_top)
     shutil.rmtree(logdir, ignore_errors=True)
 
-    rows = [_stats(*rec[name], name) for name in variants]
-    all_plain = [w for name in variants for w, _ in rec[name][1]]
-    rows.insert(0, {"loop": "plain", "steps": len(all_plain), "median_ms": round(1e3 * median(all_plain), 3),
+    rows = [_row(name, lit[name], pla[name], pairs[name]) for name in variants]
+    all_plain = [w for name in variants for w, _ in pla[name]]
+    rows.insert(0, {"loop": "plain", "samples": len(all_plain), "median_ms": round(1e3 * median(all_plain), 3),
                     "noise": round(spread(all_plain), 4)})
     return rows, profiles, n_params
 
 
-def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 16, steps: int = 20,
-        warmup: int = 5, rounds: int = 3, pool: int = 4, precision: str = "auto", gradient_clip_val: float = 1.0,
-        lr: float = 1e-3, variants=VARIANTS, csv_every: int = 1, profile: bool = True, profile_top: int = 15,
-        micro: dict | None = None, device: str = "cpu", seed: int = 0) -> dict:
+def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 16, steps: int = 12,
+        warmup: int = 2, rounds: int = 3, pool: int = 4, precision: str = "auto", gradient_clip_val: float = 1.0,
+        lr: float = 1e-3, variants=VARIANTS[:5], log_every_n_steps: int = 10, timing: str = "block",
+        profile: bool = True, profile_top: int = 15, micro: dict | None = None, device: str = "cpu",
+        seed: int = 0) -> dict:
     """Framework overhead of each Lightning variant against a plain loop; see the module docstring.
 
     micro: optional model overrides (e.g. {dim: 32, depth: 2, heads: 2, frames: 2, size: 8, batch_size: 1})
@@ -309,37 +387,39 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
         raise ValueError(f"train.variants={variants}: unknown {bad}; known: {list(VARIANTS)}")
     if steps < 1 or rounds < 1 or warmup < 0:
         raise ValueError(f"train: steps={steps} and rounds={rounds} must be >= 1, warmup={warmup} >= 0")
+    if timing not in ("step", "block"):
+        raise ValueError(f"train.timing={timing!r} is not one of step, block")
     precision = _precision(str(precision), device)
     common = dict(steps=steps, warmup=warmup, rounds=rounds, pool=pool, precision=precision, clip=gradient_clip_val,
-                  lr=lr, variants=variants, csv_every=csv_every, profile_top=profile_top, device=device, seed=seed)
+                  lr=lr, variants=variants, log_every_n_steps=log_every_n_steps, timing=timing,
+                  profile_top=profile_top, device=device, seed=seed)
     rows, profiles, n_params = _measure(model, {}, frames, size, batch_size, profile=profile, **common)
     head = rows[1]
     summary = {"framework_overhead": head["overhead"], "framework_overhead_cpu": head["overhead_cpu"],
                "compared": f"{head['loop']} vs plain", "target": TARGET_OVERHEAD,
-               "meets_target": head["overhead"] <= TARGET_OVERHEAD,
-               "extra_ms_per_step": round(head["median_ms"] - head["plain_median_ms"], 3)}
+               "meets_target": head["overhead"] <= TARGET_OVERHEAD, "extra_ms_per_step": head["extra_ms"]}
     setup = {"model": model, "parameters": n_params, "clip": [frames, size, size], "batch_size": batch_size,
-             "precision": precision, "gradient_clip_val": gradient_clip_val, "rounds": rounds,
-             "steps_per_round": steps, "warmup": warmup, "device": device, "torch_threads": torch.get_num_threads()}
+             "precision": precision, "gradient_clip_val": gradient_clip_val, "timing": timing, "rounds": rounds,
+             "steps_per_fit": steps, "warmup": warmup, "log_every_n_steps": log_every_n_steps, "device": device,
+             "torch_threads": torch.get_num_threads()}
     if micro:
         m = dict(micro)
         m_frames, m_size, m_batch = m.pop("frames", 2), m.pop("size", 8), m.pop("batch_size", 1)
         m_rows, _, m_params = _measure(model, m, m_frames, m_size, m_batch, profile=False, **common)
         for r in m_rows:
             r["loop"] = f"{r['loop']} (micro)"
-            if "overhead" in r:
-                r["extra_ms"] = round(r["median_ms"] - r["plain_median_ms"], 3)
         rows += m_rows
         summary["micro_extra_ms_per_step"] = m_rows[1]["extra_ms"]
         setup["micro"] = {**micro, "parameters": m_params}
+    unit = "step" if timing == "step" else f"fit of {steps} steps"
     out = {"rows": rows, "summary": summary, "setup": setup,
-           "notes": ["same model weights, in-memory batches, optimiser and scheduler (StaleSystem.configure_optimizers),"
-                     " clipping and precision on both sides; the plain step runs inside Lightning's "
-                     "on_train_batch_start, so the two alternate step by step",
-                     "overhead = median(Lightning step) / median(plain step beside it) - 1 (wall); overhead_cpu: "
-                     "the same with process CPU time (steadier on a shared machine); overhead_paired: median of "
-                     f"per-step ratios; overhead_mean catches periodic costs; noise: half IQR / median. {rounds} "
-                     f"rounds x {steps} steps per variant, order rotated, first {warmup} steps of each fit dropped"]}
+           "notes": [f"timing={timing}: one sample per {unit}; same weights, in-memory batches, optimiser and "
+                     "scheduler (StaleSystem.configure_optimizers), clipping and precision on both sides",
+                     "overhead = median(Lightning) / median(plain beside it) - 1 (wall); overhead_cpu: the same "
+                     "with process CPU time (steadier on a shared machine); overhead_paired: median of "
+                     "per-sample ratios; overhead_mean: ratio of sums (catches periodic costs such as logging "
+                     f"every {log_every_n_steps} steps); extra_ms: difference of medians; noise: half IQR / "
+                     f"median. {rounds} rounds x {steps} steps per variant, first {warmup} of each fit dropped"]}
     if micro:
         out["notes"].append("(micro) rows: a model so small that the step is mostly framework; extra_ms is "
                             "Lightning's fixed cost per step, to set against any step time")
