@@ -114,6 +114,16 @@ def test_counted_flops_are_per_clip():
     assert 0.8 < per_clip[0] / (6 * per_token * tokens * 1.25) < 1.6
 
 
+def test_analytic_flops_agree_with_the_counter():
+    """stale.models.flops (another part of stale) x (1 + hinge share) against FlopCounterMode."""
+    pytest.importorskip("stale.models.flops")
+    model = build("tiny", 4, 16)
+    batch = random_batches(1, 8, 4, 16)[0]
+    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "analytic")
+    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "counted")
+    assert source.startswith("analytic") and analytic == pytest.approx(counted, rel=0.03)
+
+
 def test_peak_table_prefers_specific_names():
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4

@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "sampler": "stale.bench.sampler",  # sampling time / (steps x one forward)
     "memory": "stale.bench.memory",  # peak memory per clip, with and without gradient checkpointing
     "gpu": "stale.bench.gpu",  # tokens/s and MFU (CUDA only)
+    "contamination": "stale.bench.contamination",  # near-duplicate search speed (not in the default list)
 }
 
 
@@ -59,8 +60,8 @@ def load_section(name: str, registry: dict[str, str] | None = None) -> ModuleTyp
     module = registry[name]
     try:
         return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module or module.startswith(f"{e.name}."):
+    except ImportError as e:  # ModuleNotFoundError included
+        if isinstance(e, ModuleNotFoundError) and (e.name == module or module.startswith(f"{e.name}.")):
             raise SectionError(f"section {name!r} needs module {module}, which is not in this checkout",
                                missing=(name,)) from e
         raise SectionError(f"section {name!r}: importing {module} failed: {e}") from e

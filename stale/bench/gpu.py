@@ -9,9 +9,10 @@ measures the model and the kernels; Lightning's own cost is the `train` section.
   MFU      = training FLOPs per clip x batch / step time / the device's peak dense bf16 FLOP/s
 
 Training FLOPs per clip come from stale.models.flops.training_flops_per_clip when that module exists
-("analytic"), else from torch.utils.flop_counter.FlopCounterMode over one real eager training step
-("counted": matmuls, convolutions and attention, forward and backward, hinge branch included). Each row
-says which. Without CUDA the rows say "not measured (no CUDA)"; measure() itself runs on any device
+("analytic", times 1 + the hinge branch's share of the batch), else from
+torch.utils.flop_counter.FlopCounterMode over one real eager training step ("counted": matmuls,
+convolutions and attention, forward and backward, hinge branch included). Each row says which; with
+analytic FLOPs the counted figure is reported beside them as a cross-check. Without CUDA the rows say "not measured (no CUDA)"; measure() itself runs on any device
 (the tests run it on CPU with a tiny model, float32 and no compile).
 """
 
@@ -93,12 +94,29 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
+def hinge_share(batch_size: int) -> float:
+    """Share of the batch that the objective's hinge branch runs again (forward and backward)."""
+    from stale.diffusion.objective import StaleObjective
+
+    obj = StaleObjective()
+    if obj.hinge_weight <= 0:
+        return 0.0
+    return max(1, round(batch_size * obj.hinge_fraction)) / batch_size  # as StaleObjective.__call__ rounds it
+
+
 def count_flops_per_clip(model, batch, device: str, dtype: torch.dtype) -> float:
-    """Training FLOPs per clip, counted by FlopCounterMode over one eager forward + backward."""
+    """Training FLOPs per clip, counted by FlopCounterMode over one eager forward + backward of the objective.
+
+    On CPU attention is counted through the math SDPA kernel: the CPU flash kernel has no FLOP formula
+    and would count as 0. CUDA's flash, efficient and cuDNN kernels have formulas and keep the configured
+    backend (the math kernel would materialise the attention matrices).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     trainer = _Trainer(model, device, dtype, compile=False)
-    with FlopCounterMode(display=False) as counter:
+    math = sdpa_kernel(SDPBackend.MATH) if not device.startswith("cuda") else contextlib.nullcontext()
+    with math, FlopCounterMode(display=False) as counter:
         trainer.loss(model, *batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch[0].shape[0]
@@ -106,7 +124,12 @@ def count_flops_per_clip(model, batch, device: str, dtype: torch.dtype) -> float
 
 def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: torch.dtype,
                    source: str = "auto") -> tuple[float, str]:
-    """("analytic" from stale.models.flops when importable, else "counted") FLOPs per clip and the source."""
+    """Training FLOPs per clip of one objective step, and where they come from.
+
+    analytic: stale.models.flops.training_flops_per_clip (3 x forward of one clip) x (1 + hinge share),
+    since the objective's hinge branch runs a second forward and backward on part of the batch.
+    counted: FlopCounterMode over a real step (hinge branch included by construction).
+    """
     if source in ("auto", "analytic"):
         try:
             from stale.models.flops import training_flops_per_clip
@@ -114,7 +137,9 @@ def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: tor
             if source == "analytic":
                 raise
         else:
-            return float(training_flops_per_clip(model.config, frames=frames, size=size)), "analytic"
+            share = hinge_share(batch[0].shape[0])
+            per_clip = float(training_flops_per_clip(model.config, frames=frames, size=size)) * (1 + share)
+            return per_clip, f"analytic (stale.models.flops x {1 + share:g} for the hinge branch)"
     if source not in ("auto", "counted"):
         raise ValueError(f"gpu.flops={source!r} is not one of auto, analytic, counted")
     return count_flops_per_clip(model, batch, device, dtype), "counted (FlopCounterMode)"
@@ -171,7 +196,8 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
     batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
     with _backend(sdpa):
         per_clip, source = flops_per_clip(model, frames, resolution, batch, device, dt, flops)
-        counted = count_flops_per_clip(model, batch, device, dt) if cross_check and source == "analytic" else None
+        analytic = source.startswith("analytic")
+        counted = count_flops_per_clip(model, batch, device, dt) if cross_check and analytic else None
         trainer = _Trainer(model, device, dt, compile)
         t0 = time.perf_counter()
         for _ in range(warmup):
