@@ -1,0 +1,259 @@
+"""GPU throughput: tokens/s and model FLOPs utilisation (MFU) for sizes S, B and L.
+
+For each size: 16-frame clips at the largest resolution of `resolutions` whose eager bf16 training
+step fits in memory, then a timed loop of training steps (objective forward, backward, fused AdamW)
+with bf16 autocast, torch.compile and the flash SDPA kernel. The loop is plain PyTorch so that this
+measures the model and the kernels; Lightning's own cost is the `train` section.
+
+  tokens/s = batch x video tokens per clip / step time (the joy token and the hinge branch not counted)
+  MFU      = training FLOPs per clip x batch / step time / the device's peak dense bf16 FLOP/s
+
+Training FLOPs per clip come from stale.models.flops.training_flops_per_clip when that module exists
+("analytic", times 1 + the hinge branch's share of the batch), else from
+torch.utils.flop_counter.FlopCounterMode over one real eager training step ("counted": matmuls,
+convolutions and attention, forward and backward, hinge branch included). Each row says which; with
+analytic FLOPs the counted figure is reported beside them as a cross-check. Without CUDA the rows say "not measured (no CUDA)"; measure() itself runs on any device
+(the tests run it on CPU with a tiny model, float32 and no compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+
+import torch
+
+from stale.bench import build, random_batches, sync
+
+# Peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' data sheets; first match of the
+# device name wins, so the more specific names come first. `peak_tflops=` overrides.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM5
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+)
+TARGET_MFU_B = 0.45  # issue 11: MFU >= 45% for B on an H100 or H200 in bf16
+NOT_MEASURED = "not measured (no CUDA)"
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def _backend(sdpa: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if sdpa in (None, "auto", "default"):
+        return contextlib.nullcontext()
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if sdpa not in names:
+        raise ValueError(f"gpu.sdpa={sdpa!r} is not one of {sorted(names)} or auto")
+    return sdpa_kernel(names[sdpa])
+
+
+def _dtype(dtype: str) -> torch.dtype:
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"gpu.dtype={dtype!r} is not one of {sorted(table)}")
+    return table[dtype]
+
+
+class _Trainer:
+    """A plain training step: autocast forward of the objective, backward, AdamW step, zero_grad."""
+
+    def __init__(self, model, device: str, dtype: torch.dtype, compile: bool):
+        from stale.diffusion.objective import StaleObjective
+
+        self.model, self.device, self.dtype = model, device, dtype
+        self.objective = StaleObjective()
+        # dynamic=False: the flow branch (B clips) and the hinge branch (B/4 clips) get one static graph each
+        self.net = torch.compile(model, dynamic=False) if compile else model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.startswith("cuda") else None)
+        self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def loss(self, net, video, label):
+        from stale.system.stale_system import to_unit_range
+
+        with torch.autocast(self.dev_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.objective(net, to_unit_range(video), label, self.model.config.num_classes)["loss"]
+
+    def step(self, batch) -> None:
+        video, label = batch
+        self.loss(self.net, video, label).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def hinge_share(batch_size: int) -> float:
+    """Share of the batch that the objective's hinge branch runs again (forward and backward)."""
+    from stale.diffusion.objective import StaleObjective
+
+    obj = StaleObjective()
+    if obj.hinge_weight <= 0:
+        return 0.0
+    return max(1, round(batch_size * obj.hinge_fraction)) / batch_size  # as StaleObjective.__call__ rounds it
+
+
+def count_flops_per_clip(model, batch, device: str, dtype: torch.dtype) -> float:
+    """Training FLOPs per clip, counted by FlopCounterMode over one eager forward + backward of the objective.
+
+    On CPU attention is counted through the math SDPA kernel: the CPU flash kernel has no FLOP formula
+    and would count as 0. CUDA's flash, efficient and cuDNN kernels have formulas and keep the configured
+    backend (the math kernel would materialise the attention matrices).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = _Trainer(model, device, dtype, compile=False)
+    math = sdpa_kernel(SDPBackend.MATH) if not device.startswith("cuda") else contextlib.nullcontext()
+    with math, FlopCounterMode(display=False) as counter:
+        trainer.loss(model, *batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch[0].shape[0]
+
+
+def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: torch.dtype,
+                   source: str = "auto") -> tuple[float, str]:
+    """Training FLOPs per clip of one objective step, and where they come from.
+
+    analytic: stale.models.flops.training_flops_per_clip (3 x forward of one clip) x (1 + hinge share),
+    since the objective's hinge branch runs a second forward and backward on part of the batch.
+    counted: FlopCounterMode over a real step (hinge branch included by construction).
+    """
+    if source in ("auto", "analytic"):
+        try:
+            from stale.models.flops import training_flops_per_clip
+        except ImportError:
+            if source == "analytic":
+                raise
+        else:
+            share = hinge_share(batch[0].shape[0])
+            per_clip = float(training_flops_per_clip(model.config, frames=frames, size=size)) * (1 + share)
+            return per_clip, f"analytic (stale.models.flops x {1 + share:g} for the hinge branch)"
+    if source not in ("auto", "counted"):
+        raise ValueError(f"gpu.flops={source!r} is not one of auto, analytic, counted")
+    return count_flops_per_clip(model, batch, device, dtype), "counted (FlopCounterMode)"
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, dtype: torch.dtype,
+         sdpa: str) -> bool:
+    """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
+    try:
+        model = build(size, frames, resolution).to(device)
+        trainer = _Trainer(model, device, dtype, compile=False)
+        batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution)[0]]
+        with _backend(sdpa):
+            trainer.step(batch)
+        sync(device)
+        return True
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        return False
+    finally:
+        model = trainer = batch = None  # noqa: F841 (drop references before freeing)
+        _free(device)
+
+
+def largest_fitting(size: str, frames: int, resolutions, batch_size: int, device: str, dtype: torch.dtype,
+                    sdpa: str) -> int | None:
+    for res in sorted(resolutions, reverse=True):
+        if fits(size, frames, res, batch_size, device, dtype, sdpa):
+            return res
+    return None
+
+
+def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4, device: str = "cuda",
+            dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
+            flops: str = "auto", peak: float | None = None, seed: int = 0, cross_check: bool = True) -> dict:
+    """Time `steps` training steps after `warmup` (compilation happens there); tokens/s, FLOPs and MFU.
+
+    cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
+    """
+    torch.manual_seed(seed)
+    dt = _dtype(dtype)
+    model = build(size, frames, resolution).to(device)
+    batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
+    with _backend(sdpa):
+        per_clip, source = flops_per_clip(model, frames, resolution, batch, device, dt, flops)
+        analytic = source.startswith("analytic")
+        counted = count_flops_per_clip(model, batch, device, dt) if cross_check and analytic else None
+        trainer = _Trainer(model, device, dt, compile)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            trainer.step(batch)
+        sync(device)
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.step(batch)
+        sync(device)
+        step_s = (time.perf_counter() - t0) / steps
+    pt, ph, pw = model.config.patch
+    tokens = (frames // pt) * (resolution // ph) * (resolution // pw)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    peak = peak if peak else (peak_tflops(name) if dt == torch.bfloat16 and device.startswith("cuda") else None)
+    achieved = per_clip * batch_size / step_s
+    return {"size": size, "device_name": name, "clip": [frames, resolution, resolution], "batch_size": batch_size,
+            "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_clip": tokens,
+            "step_ms": round(1e3 * step_s, 3), "tokens_per_s": round(batch_size * tokens / step_s, 1),
+            "tflops_per_s": round(achieved / 1e12, 3), "flops_per_clip": per_clip, "flops_source": source,
+            **({"flops_per_clip_counted": counted} if counted else {}),
+            "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else "n/a (peak unknown)",
+            "dtype": dtype, "compile": compile, "sdpa": sdpa, "warmup_s": round(warm_s, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None}
+
+
+def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96, 64), batch_size: int = 4,
+        dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
+        flops: str = "auto", peak_tflops: float | None = None, measure_on_cpu: bool = False, device: str = "cpu",
+        seed: int = 0) -> dict:
+    """One row per size; measure_on_cpu runs the same path without CUDA (tests: tiny, float32, no compile)."""
+    if not device.startswith("cuda") and not measure_on_cpu:
+        return {"rows": [{"size": s, "tokens_per_s": NOT_MEASURED, "mfu": NOT_MEASURED} for s in sizes],
+                "summary": {"status": NOT_MEASURED, "target_mfu_b": TARGET_MFU_B},
+                "notes": ["the gpu section needs CUDA; its code path is tested on CPU (tests/test_bench.py)"]}
+    rows = []
+    for s in sizes:
+        res = largest_fitting(s, frames, resolutions, batch_size, device, _dtype(dtype), sdpa)
+        if res is None:
+            rows.append({"size": s, "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits "
+                                                     f"batch {batch_size})", "mfu": "not measured"})
+            continue
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            rows.append(measure(s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops,
+                                peak_tflops, seed))
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not _is_oom(e):
+                raise
+            rows.append({"size": s, "clip": [frames, res, res], "tokens_per_s": "not measured (compiled step OOM)",
+                         "mfu": "not measured"})
+        _free(device)
+    b = next((r for r in rows if r["size"] == "b" and isinstance(r.get("mfu"), float)), None)
+    summary = {"target_mfu_b": TARGET_MFU_B, "mfu_b": b["mfu"] if b else "not measured",
+               "meets_target": bool(b) and b["mfu"] >= TARGET_MFU_B}
+    return {"rows": rows, "summary": summary,
+            "notes": [f"bf16 autocast, torch.compile={compile}, SDPA backend {sdpa}, batch {batch_size}, "
+                      f"{frames} frames, largest fitting resolution of {list(resolutions)}"]}

@@ -1,0 +1,177 @@
+"""Peak training memory per clip, for each model size, with and without gradient checkpointing.
+
+One training step is the objective's forward, backward, AdamW step and zero_grad. Memory per clip is
+the slope between two batch sizes, (peak(B2) - peak(B1)) / (B2 - B1): what each extra clip costs in
+activations and temporaries, with the fixed part (weights, gradients, optimiser state, allocator
+and library baggage) cancelled. `fixed_mib` is the rest of peak(B1) above what was held before the
+first step.
+
+What "peak" is depends on the device, and each row says which:
+  cuda: torch.cuda.max_memory_allocated() (live tensor bytes; the caching allocator's reserve is extra)
+  cpu:  the peak resident set size of a fresh Python process per (size, checkpointing) row:
+        physical memory, including the CPU allocator's and libraries' own use. On Linux the peak
+        (VmHWM) is reset before each measured step, so import-time peaks do not hide small models;
+        elsewhere ru_maxrss (never reset) is used. Steps: B1 (creates the optimiser state), B1
+        (measured), B2 (measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+from stale.bench import build, random_batches, sync
+
+MARK = "STALE_BENCH_MEMORY "
+MIB = 2**20
+
+
+def _step_fn(model, device: str, amp: bool):
+    from stale.diffusion.objective import StaleObjective
+    from stale.system.stale_system import to_unit_range
+
+    objective = StaleObjective()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.startswith("cuda") else None)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def step(batch):
+        video, label = (t.to(device) for t in batch)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+            loss = objective(model, to_unit_range(video), label, model.config.num_classes)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    return step
+
+
+class _RSSPeak:
+    """Peak resident set size of this process, resettable where Linux allows it.
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to the current RSS, so a
+    phase's peak excludes earlier transients such as importing torch. Elsewhere this falls back to
+    getrusage's ru_maxrss, which never resets (the fresh process per row keeps that usable).
+    """
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._status("VmHWM")
+            self.method = "peak RSS (VmHWM, reset per phase) of a fresh process"
+        except OSError:
+            self.method = "peak RSS (ru_maxrss) of a fresh process"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        raise OSError(f"/proc/self/status has no {key}")
+
+    def reset(self) -> int:
+        """Reset the peak (when possible); return the current RSS in bytes."""
+        if "VmHWM" in self.method:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return self._status("VmRSS")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak(self) -> int:
+        if "VmHWM" in self.method:
+            return self._status("VmHWM")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peaks(size: str, checkpointing: bool, frames: int, image: int, batches: tuple[int, int], device: str,
+           seed: int) -> dict:
+    """Peak bytes before the first step and during steps at batches[0] and batches[1]."""
+    torch.manual_seed(seed)
+    model = build(size, frames, image, grad_checkpointing=checkpointing).to(device).train()
+    b1, b2 = batches
+    data = {b: random_batches(1, b, frames, image, seed=seed)[0] for b in (b1, b2)}
+    cuda = device.startswith("cuda")
+    step = _step_fn(model, device, amp=cuda)
+    if cuda:
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(data[b1])
+        step(data[b1])
+        p1 = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(data[b2])
+        p2 = torch.cuda.max_memory_allocated()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        rss = _RSSPeak()
+        base = rss.reset()
+        step(data[b1])  # the first step also creates AdamW's state
+        rss.reset()
+        step(data[b1])
+        p1 = rss.peak()
+        rss.reset()
+        step(data[b2])
+        p2 = rss.peak()
+        method = rss.method
+    return {"base": base, "p1": p1, "p2": p2, "parameters": sum(p.numel() for p in model.parameters()),
+            "method": method}
+
+
+def _peaks_cpu_subprocess(args: dict) -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "stale.bench.memory", json.dumps(args)], capture_output=True,
+                          text=True, env=env, timeout=args.get("timeout", 900))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory worker for {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARK):])
+
+
+def run(sizes=("tiny", "s"), frames: int = 8, size: int = 16, batches=(2, 10), checkpointing=(False, True),
+        device: str = "cpu", seed: int = 0) -> dict:
+    b1, b2 = (int(b) for b in batches)
+    if not 0 < b1 < b2:
+        raise ValueError(f"memory.batches={list(batches)} must be two batch sizes 0 < B1 < B2")
+    rows = []
+    for name in sizes:
+        plain_per_clip = None
+        for ckpt in checkpointing:
+            args = dict(size=name, checkpointing=bool(ckpt), frames=frames, image=size, batches=(b1, b2),
+                        seed=seed, threads=torch.get_num_threads())
+            if device.startswith("cuda"):
+                m = _peaks(name, bool(ckpt), frames, size, (b1, b2), device, seed)
+                torch.cuda.empty_cache()
+            else:
+                m = _peaks_cpu_subprocess(args)
+            per_clip = (m["p2"] - m["p1"]) / (b2 - b1)
+            row = {"size": name, "grad_checkpointing": bool(ckpt), "parameters": m["parameters"],
+                   "clip": [frames, size, size], "per_clip_mib": round(per_clip / MIB, 3),
+                   "fixed_mib": round((m["p1"] - m["base"] - b1 * per_clip) / MIB, 2),
+                   "peak_mib_at_b2": round((m["p2"] - (0 if device.startswith("cuda") else m["base"])) / MIB, 2),
+                   "method": m["method"]}
+            if not ckpt:
+                plain_per_clip = per_clip
+            elif plain_per_clip:
+                row["per_clip_vs_no_ckpt"] = round(per_clip / plain_per_clip, 3)
+            rows.append(row)
+    return {"rows": rows, "setup": {"batches": [b1, b2], "device": device,
+                                    "precision": "bf16-mixed" if device.startswith("cuda") else "32-true"},
+            "notes": ["per_clip_mib = (peak(B2) - peak(B1)) / (B2 - B1); fixed_mib = peak(B1) - held before "
+                      "the first step - B1 x per_clip (weights' gradients, AdamW state, workspaces)",
+                      "cpu peak_mib_at_b2 is above the process's resident size before the first step; cuda "
+                      "peak_mib_at_b2 is all live tensor memory"]}
+
+
+if __name__ == "__main__":  # worker: one (size, checkpointing) row in a fresh process
+    a = json.loads(sys.argv[1])
+    torch.set_num_threads(int(a["threads"]))
+    out = _peaks(a["size"], a["checkpointing"], a["frames"], a["image"], tuple(a["batches"]), "cpu", a["seed"])
+    print(MARK + json.dumps(out), flush=True)

@@ -1,0 +1,431 @@
+"""Framework overhead: the Lightning training step versus a plain PyTorch loop doing the same work.
+
+Both sides get the same model (identical initial weights), the same pre-decoded uint8 batches held in
+memory (so no data loader is measured here), the same objective, the optimiser and LR scheduler built
+by StaleSystem.configure_optimizers(), the same gradient clipping and the same precision (a test checks
+that one step of each lands on the same weights). Lightning's step time is the period between the
+starts of consecutive batches, so everything the framework does per step (hooks, self.log, logger,
+progress bar, scheduler, fetching the next batch) is inside it.
+
+Two timings:
+  block  (default) each fit and each plain run is timed as a whole (device synchronised only at the
+         two ends of the measured steps), so background threads (a progress bar redrawing), periodic
+         logging, asynchronous GPU execution and any syncs Lightning adds (a progress bar reading the
+         loss with .item()) count as they do in training; fits alternate with plain runs, and the ratio
+         is also taken per pair.
+  step   the plain step runs inside Lightning's on_train_batch_start, so the two loops alternate step
+         by step and load changes on a shared machine reach both alike; every step boundary
+         synchronises the device, and a background thread's cost is shared by both loops, so this
+         understates progress-bar costs. Many more samples: use it on a noisy machine.
+The first `warmup` steps of every fit are dropped; variants take turns (order rotated each round).
+
+Lightning variants (each a real Trainer.fit of the real StaleSystem, log_every_n_steps as in
+conf/trainer/*.yaml):
+  lightning        logger=False, checkpointing off, the default progress bar (Rich) rendering as on a
+                   terminal, into /dev/null
+  no_progress_bar  as lightning, without the progress bar
+  no_log           as no_progress_bar, with StaleSystem.log/log_dict replaced by no-ops
+  csv_logger       as no_progress_bar, with a CSVLogger
+  barebones        Trainer(barebones=True): Lightning's own minimal loop (self.log returns at once)
+  rich_4hz         as lightning, with RichProgressBar(refresh_rate=4) instead of 100 redraws a second
+  tqdm             as lightning, with TQDMProgressBar (redraws every batch, in the training thread)
+With `profile=true` one more fit of the first variant and one plain run go under cProfile, and the
+time per step is split by where the Python code lives (lightning, torch, stale, C builtins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import cProfile
+import io
+import logging
+import os
+import pstats
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+
+from stale.bench import build, median, random_batches, spread, sync
+
+VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich_4hz", "tqdm")
+TARGET_OVERHEAD = 0.03  # issue 11: framework overhead <= 3%
+
+
+def _precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if device.startswith("cuda") else "32-true"
+    if precision in ("32", 32):
+        return "32-true"
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"train.precision={precision!r}: the plain loop supports 32-true and bf16-mixed")
+    return precision
+
+
+def _make_system(model, lr: float):
+    from stale.diffusion.objective import StaleObjective
+    from stale.system.stale_system import StaleSystem
+
+    return StaleSystem(model, StaleObjective(), lr=lr, schedule={"name": "constant", "warmup": 0})
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Lightning's per-Trainer info lines and the progress bar would bury the table: send them away."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for n, lv in levels.items():
+                logging.getLogger(n).setLevel(lv)
+
+
+class _InMemory:
+    """The pre-decoded batches as one iterable (a bare list would be read as a list of dataloaders)."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _now(device: str) -> tuple[float, float]:
+    """(wall, process CPU) seconds after synchronising the device.
+
+    Process CPU time counts the work of every thread of this process but not the time spent waiting for
+    a core, so on a shared machine it is far steadier than wall time; wall time is what a user waits for
+    (and the only one that matters on a GPU). Both are reported.
+    """
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def _minus(b: tuple[float, float], a: tuple[float, float], n: int = 1) -> tuple[float, float]:
+    return (b[0] - a[0]) / n, (b[1] - a[1]) / n
+
+
+class _PlainLoop:
+    """What Trainer.fit does per step, written out: to device, autocast forward, backward, clip, step."""
+
+    def __init__(self, system, device: str, precision: str, clip: float, max_steps: int):
+        self.system, self.device, self.clip = system, device, clip
+        self.amp = precision == "bf16-mixed"
+        self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.opt, self.sched = _plain_optimizer(system, device, max_steps)
+
+    def step(self, batch) -> None:
+        from stale.system.stale_system import to_unit_range
+
+        model, objective = self.system.model, self.system.objective
+        model.train()
+        video, label = batch
+        video, label = video.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
+        with torch.autocast(self.dev_type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = objective(model, to_unit_range(video), label, self.system.null_label)["loss"]
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def block(self, batches: list, start: int, end: int,
+              profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+        """Run every batch; return the mean (wall, cpu) step time over steps [start, end)."""
+        a = b = None
+        for i, batch in enumerate(batches):
+            if i == start:
+                a = _now(self.device)
+                if profiler:
+                    profiler.enable()
+            if i == end:
+                if profiler:
+                    profiler.disable()
+                b = _now(self.device)
+            self.step(batch)
+        if b is None:
+            b = _now(self.device)
+            if profiler:
+                profiler.disable()
+        return _minus(b, a, end - start)
+
+
+class _Recorder:
+    """Called at every Lightning batch start; records Lightning's step times (and runs plain steps).
+
+    step mode (plain given): per batch i, t_a = now; plain step on batch i; t_b = now. The plain step
+    took t_b - t_a, and Lightning's step i-1 took t_a[i] - t_b[i-1]: everything Lightning does from one
+    batch start to the next, with the plain step cut out.
+    block mode (plain None): only batches `start` and `end` are stamped (no device sync in between);
+    also where the optional cProfile window opens and closes.
+    """
+
+    def __init__(self, device: str, plain: _PlainLoop | None, batches: list, start: int, end: int,
+                 profiler: cProfile.Profile | None = None):
+        self.device, self.plain, self.batches = device, plain, batches
+        self.start, self.end, self.profiler = start, end, profiler
+        self.lightning: list[tuple[float, float]] = []  # step mode: Lightning step i, i >= start
+        self.paired: list[tuple[float, float]] = []  # step mode: the plain step i run beside it
+        self.block: tuple[float, float] | None = None  # block mode: mean step over [start, end)
+        self._end = self._a = None
+
+    def __call__(self, i: int) -> None:
+        if self.plain is None:
+            if i == self.end and self.profiler:
+                self.profiler.disable()
+            if i in (self.start, self.end):
+                t = _now(self.device)
+                if i == self.start:
+                    self._a = t
+                else:
+                    self.block = _minus(t, self._a, self.end - self.start)
+            if i == self.start and self.profiler:
+                self.profiler.enable()
+            return
+        a = _now(self.device)
+        if self._end is not None and self.start < i <= self.end:
+            self.lightning.append(_minus(a, self._end))
+        self.plain.step(self.batches[i])
+        self._end = _now(self.device)
+        if self.start <= i < self.end:
+            self.paired.append(_minus(self._end, a))
+
+
+def _lightning_round(system, batches, variant: str, device: str, precision: str, clip: float,
+                     recorder: _Recorder, log_every_n_steps: int, logdir: str | None) -> None:
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            recorder(batch_idx)
+
+    logger, callbacks, null = False, [StepTimer()], None
+    if variant == "csv_logger":
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(logdir or tempfile.gettempdir(), name="stale-bench")
+    if variant in ("lightning", "rich_4hz"):
+        try:  # Lightning's default bar when rich is installed; drawn as on a terminal, into /dev/null
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            null = open(os.devnull, "w")
+            console = {"force_terminal": True, "file": null, "width": 120}
+            rate = {"refresh_rate": 4} if variant == "rich_4hz" else {}  # default: 100 redraws per second
+            callbacks.append(RichProgressBar(console_kwargs=console, **rate))
+        except (ImportError, ModuleNotFoundError):
+            pass  # TQDMProgressBar, Trainer's fallback, writes to stderr (redirected by _quiet)
+    if variant == "tqdm":  # redraws every batch in the training thread, to stderr (redirected by _quiet)
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar())
+    kwargs = dict(logger=logger, enable_checkpointing=False,
+                  enable_progress_bar=variant in ("lightning", "rich_4hz", "tqdm"),
+                  enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps)
+    if variant == "barebones":  # it switches those off itself and refuses to be told
+        kwargs = dict(barebones=True)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
+        max_steps=len(batches), max_epochs=1, limit_val_batches=0, gradient_clip_val=clip or None,
+        callbacks=callbacks, default_root_dir=logdir, **kwargs,
+    )
+    if variant == "no_log":  # the real training_step, minus its self.log calls
+        system.log = system.log_dict = lambda *a, **k: None
+    try:
+        trainer.fit(system, train_dataloaders=_InMemory(batches))
+    finally:
+        system.__dict__.pop("log", None)
+        system.__dict__.pop("log_dict", None)
+        if null is not None:
+            import rich
+
+            rich.reconfigure()  # RichProgressBar reconfigured rich's global console: give it back
+            null.close()
+    if trainer.global_step != len(batches):
+        raise RuntimeError(f"Lightning ran {trainer.global_step} of {len(batches)} steps ({variant})")
+
+
+def _plain_optimizer(system, device: str, max_steps: int):
+    """The optimiser and scheduler of StaleSystem.configure_optimizers (it reads trainer.max_steps)."""
+    import lightning as L
+
+    system.trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
+                               max_steps=max_steps, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+    try:
+        conf = system.configure_optimizers()
+    finally:
+        system.trainer = None
+    if isinstance(conf, torch.optim.Optimizer):
+        return conf, None
+    sched = conf.get("lr_scheduler")
+    return conf["optimizer"], (sched["scheduler"] if isinstance(sched, dict) else sched)
+
+
+def _profile_split(profiler: cProfile.Profile, steps: int, top: int) -> dict:
+    """Per-step self time (ms) grouped by where the code lives, and the top Lightning functions."""
+    st = pstats.Stats(profiler, stream=io.StringIO())
+    groups: dict[str, float] = {}
+    light: list[tuple[float, float, str]] = []
+    for (file, line, fn), (_, ncalls, tt, ct, _) in st.stats.items():
+        f = file.replace("\\", "/")
+        if "/lightning/" in f or "/lightning_utilities/" in f or "/torchmetrics/" in f:
+            g = "lightning"
+            light.append((tt, ct, f"{f.split('site-packages/')[-1]}:{line}({fn}) x{ncalls // max(steps, 1)}"))
+        elif "/torch/" in f:
+            g = "torch_python"
+        elif "/stale/" in f:
+            g = "stale"
+        elif file == "~":
+            g = "c_builtins"  # kernels, autograd's run_backward, tensor methods: the real work
+        else:
+            g = "other_python"
+        groups[g] = groups.get(g, 0.0) + tt
+    light.sort(reverse=True)
+    per_step = {k: round(1e3 * v / steps, 3) for k, v in sorted(groups.items())}
+    per_step["total"] = round(sum(per_step.values()), 3)
+    return {"self_ms_per_step": per_step,
+            "top_lightning_self_ms_per_step": [{"fn": name, "self_ms": round(1e3 * tt / steps, 3),
+                                                "cum_ms": round(1e3 * ct / steps, 3)}
+                                               for tt, ct, name in light[:top]]}
+
+
+def _row(name: str, lightning: list, plain: list, pairs: list) -> dict:
+    """One Lightning variant against the plain steps (or runs) beside it; times are (wall, cpu) tuples."""
+    lw, lc = [w for w, _ in lightning], [c for _, c in lightning]
+    pw, pc = [w for w, _ in plain], [c for _, c in plain]
+    return {"loop": name, "samples": len(lw), "median_ms": round(1e3 * median(lw), 3),
+            "plain_median_ms": round(1e3 * median(pw), 3), "overhead": round(median(lw) / median(pw) - 1, 4),
+            "overhead_paired": round(median(pairs) - 1, 4),
+            "overhead_cpu": round(median(lc) / median(pc) - 1, 4),
+            "overhead_mean": round(sum(lw) / sum(pw) - 1, 4),
+            "extra_ms": round(1e3 * (median(lw) - median(pw)), 3), "noise": round(spread(lw), 4)}
+
+
+def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: int, steps: int, warmup: int,
+             rounds: int, pool: int, precision: str, clip: float, lr: float, variants: list,
+             log_every_n_steps: int, timing: str, profile: bool, profile_top: int, device: str,
+             seed: int) -> tuple[list, dict, int]:
+    torch.manual_seed(seed)
+    base = build(model, frames, size, **overrides)
+    n_params = sum(p.numel() for p in base.parameters())
+    pool_batches = random_batches(pool, batch_size, frames, size, seed=seed)
+    n = warmup + steps + 1  # +1: a Lightning step's period ends at the next batch's start
+    batches = [pool_batches[i % pool] for i in range(n)]  # references: no extra memory
+    start, end = warmup, warmup + steps
+
+    systems = {name: _make_system(copy.deepcopy(base), lr).to(device) for name in ["plain", *variants]}
+    lit = {name: [] for name in variants}  # Lightning (wall, cpu) samples
+    pla = {name: [] for name in variants}  # plain samples measured beside them
+    pairs = {name: [] for name in variants}  # per-sample wall ratios
+    logdir = tempfile.mkdtemp(prefix="stale-bench-train-")
+    profiles = {}
+    with _quiet():
+        plain = _PlainLoop(systems.pop("plain"), device, precision, clip, max_steps=n * (rounds * 2 + 2))
+        for r in range(rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
+            for name in order:
+                if timing == "step":
+                    rec = _Recorder(device, plain, batches, start, end)
+                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
+                                     log_every_n_steps, logdir)
+                    lit[name] += rec.lightning
+                    pla[name] += rec.paired
+                    pairs[name] += [lw / pw for (lw, _), (pw, _) in zip(rec.lightning, rec.paired)]
+                else:
+                    p = plain.block(batches, start, end)
+                    rec = _Recorder(device, None, batches, start, end)
+                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
+                                     log_every_n_steps, logdir)
+                    lit[name].append(rec.block)
+                    pla[name].append(p)
+                    pairs[name].append(rec.block[0] / p[0])
+        if profile:
+            prof = cProfile.Profile()
+            plain.block(batches, start, end, profiler=prof)
+            profiles["plain"] = _profile_split(prof, steps, profile_top)
+            prof = cProfile.Profile()
+            rec = _Recorder(device, None, batches, start, end, profiler=prof)
+            _lightning_round(systems[variants[0]], batches, variants[0], device, precision, clip, rec,
+                             log_every_n_steps, logdir)
+            profiles[variants[0]] = _profile_split(prof, steps, profile_top)
+    shutil.rmtree(logdir, ignore_errors=True)
+
+    rows = [_row(name, lit[name], pla[name], pairs[name]) for name in variants]
+    all_plain = [w for name in variants for w, _ in pla[name]]
+    rows.insert(0, {"loop": "plain", "samples": len(all_plain), "median_ms": round(1e3 * median(all_plain), 3),
+                    "noise": round(spread(all_plain), 4)})
+    return rows, profiles, n_params
+
+
+def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 16, steps: int = 12,
+        warmup: int = 2, rounds: int = 3, pool: int = 4, precision: str = "auto", gradient_clip_val: float = 1.0,
+        lr: float = 1e-3, variants=VARIANTS[:5], log_every_n_steps: int = 10, timing: str = "block",
+        profile: bool = True, profile_top: int = 15, micro: dict | None = None, device: str = "cpu",
+        seed: int = 0) -> dict:
+    """Framework overhead of each Lightning variant against a plain loop; see the module docstring.
+
+    micro: optional model overrides (e.g. {dim: 32, depth: 2, heads: 2, frames: 2, size: 8, batch_size: 1})
+    for a second measurement whose step is so cheap that Lightning's fixed cost per step shows in ms.
+    """
+    variants = list(variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"train.variants={variants}: unknown {bad}; known: {list(VARIANTS)}")
+    if steps < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"train: steps={steps} and rounds={rounds} must be >= 1, warmup={warmup} >= 0")
+    if timing not in ("step", "block"):
+        raise ValueError(f"train.timing={timing!r} is not one of step, block")
+    precision = _precision(str(precision), device)
+    common = dict(steps=steps, warmup=warmup, rounds=rounds, pool=pool, precision=precision, clip=gradient_clip_val,
+                  lr=lr, variants=variants, log_every_n_steps=log_every_n_steps, timing=timing,
+                  profile_top=profile_top, device=device, seed=seed)
+    rows, profiles, n_params = _measure(model, {}, frames, size, batch_size, profile=profile, **common)
+    head = rows[1]
+    summary = {"framework_overhead": head["overhead"], "framework_overhead_cpu": head["overhead_cpu"],
+               "compared": f"{head['loop']} vs plain", "target": TARGET_OVERHEAD,
+               "meets_target": head["overhead"] <= TARGET_OVERHEAD, "extra_ms_per_step": head["extra_ms"]}
+    setup = {"model": model, "parameters": n_params, "clip": [frames, size, size], "batch_size": batch_size,
+             "precision": precision, "gradient_clip_val": gradient_clip_val, "timing": timing, "rounds": rounds,
+             "steps_per_fit": steps, "warmup": warmup, "log_every_n_steps": log_every_n_steps, "device": device,
+             "torch_threads": torch.get_num_threads()}
+    if micro:
+        m = dict(micro)
+        m_frames, m_size, m_batch = m.pop("frames", 2), m.pop("size", 8), m.pop("batch_size", 1)
+        m_rows, _, m_params = _measure(model, m, m_frames, m_size, m_batch, profile=False, **common)
+        for r in m_rows:
+            r["loop"] = f"{r['loop']} (micro)"
+        rows += m_rows
+        summary["micro_extra_ms_per_step"] = m_rows[1]["extra_ms"]
+        setup["micro"] = {**micro, "parameters": m_params}
+    unit = "step" if timing == "step" else f"fit of {steps} steps"
+    out = {"rows": rows, "summary": summary, "setup": setup,
+           "notes": [f"timing={timing}: one sample per {unit}; same weights, in-memory batches, optimiser and "
+                     "scheduler (StaleSystem.configure_optimizers), clipping and precision on both sides",
+                     "overhead = median(Lightning) / median(plain beside it) - 1 (wall); overhead_cpu: the same "
+                     "with process CPU time (steadier on a shared machine); overhead_paired: median of "
+                     "per-sample ratios; overhead_mean: ratio of sums (catches periodic costs such as logging "
+                     f"every {log_every_n_steps} steps); extra_ms: difference of medians; noise: half IQR / "
+                     f"median. {rounds} rounds x {steps} steps per variant, first {warmup} of each fit dropped"]}
+    if micro:
+        out["notes"].append("(micro) rows: a model so small that the step is mostly framework; extra_ms is "
+                            "Lightning's fixed cost per step, to set against any step time")
+    if profiles:
+        out["profile"] = profiles
+        out["notes"].append("profile: cProfile self time per step by code location, plain vs "
+                            f"{variants[0]}; cProfile slows Python code, so compare the groups between the "
+                            "two loops rather than reading absolute ms")
+    return out

@@ -1,0 +1,48 @@
+"""stale-bench: `stale-bench [sections=train,sampler] [out=bench.json] [hydra overrides]`.
+
+Runs the selected benchmark sections (stale.bench.SECTIONS), prints a table per section and writes one
+JSON document to `out`. Every section's settings are keys of conf/bench.yaml, e.g.
+`stale-bench sections=train train.steps=50 out=overhead.json`.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from stale.cli import CONFIG_PATH
+
+
+def listify_sections(argv: list[str]) -> list[str]:
+    """`sections=train,data` -> `sections=[train,data]`.
+
+    Hydra reads an unquoted a,b as a sweep and refuses it outside --multirun; a comma list is the
+    natural way to name sections, so the command line is rewritten before Hydra parses it.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "sections" and "," in value and not value.startswith(("[", "'", '"')):
+            arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def _main(cfg: DictConfig) -> None:
+    from stale.bench import SectionError, run_bench  # imported late so that --help is fast
+
+    try:
+        run_bench(cfg, command=" ".join(["stale-bench", *sys.argv[1:]]))
+    except SectionError as e:  # a wrong section name is a usage error, not a crash: no traceback
+        print(f"stale-bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    sys.argv[1:] = listify_sections(sys.argv[1:])
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Issue 11: stale-bench. The CLI runs every CPU section and writes the documented JSON; the parts behind the
+numbers (the plain loop equals the Lightning step, per-clip FLOPs, the gpu path, section loading) are real."""
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+from stale.bench import SectionError, build, call_with_supported, load_section, parse_sections, random_batches
+from stale.bench import gpu, report
+from stale.cli.bench import listify_sections
+
+QUICK = [
+    "sections=train,sampler,memory,gpu", "threads=1",
+    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=2", "train.variants=[lightning,no_log]",
+    "train.micro=null",
+    "sampler.batch_size=1", "sampler.steps=3", "sampler.rounds=2",
+    "memory.sizes=[tiny]", "memory.batches=[1,3]",
+]
+
+
+def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("stale-bench", *QUICK, f"out={out}", timeout=300)
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"machine", "command", "config", "sections"}
+    assert {"device", "device_name", "torch", "lightning", "cpu_count", "loadavg_1_5_15"} <= set(doc["machine"])
+    assert doc["command"].startswith("stale-bench sections=")
+    assert list(doc["sections"]) == ["train", "sampler", "memory", "gpu"]
+    for name, sec in doc["sections"].items():
+        assert {"rows", "summary", "notes", "wall_s"} <= set(sec), name
+        assert sec["rows"], name
+        assert f"== {name} " in proc.stdout  # the table is printed too
+
+    train = doc["sections"]["train"]
+    assert [r["loop"] for r in train["rows"]] == ["plain", "lightning", "no_log"]
+    for r in train["rows"][1:]:
+        assert r["samples"] == 2 and r["median_ms"] > 0 and isinstance(r["overhead"], float)  # 2 fits
+    assert train["summary"]["compared"] == "lightning vs plain"
+    assert train["summary"]["framework_overhead"] == train["rows"][1]["overhead"]
+    prof = train["profile"]["lightning"]
+    assert prof["self_ms_per_step"]["lightning"] > 0 and "lightning" not in train["profile"]["plain"]["self_ms_per_step"]
+
+    rows = {r["sampler"]: r for r in doc["sections"]["sampler"]["rows"]}
+    assert rows["euler"]["nfe"] == 3 and rows["euler"]["forward_ms"] > 0
+    assert rows["heun"]["status"].startswith("not available") or rows["heun"]["nfe"] >= 3
+    assert rows["StaleSystem.sample(euler)"]["status"] == "measured"
+
+    mem = {r["grad_checkpointing"]: r for r in doc["sections"]["memory"]["rows"]}
+    assert mem[False]["per_clip_mib"] > 1  # tiny at 8x16x16 keeps several MiB of activations per clip
+    assert mem[True]["per_clip_mib"] < 0.8 * mem[False]["per_clip_mib"]  # checkpointing must save memory
+
+    assert all(r["mfu"] == "not measured (no CUDA)" for r in doc["sections"]["gpu"]["rows"])
+    assert [r["size"] for r in doc["sections"]["gpu"]["rows"]] == ["s", "b", "l"]
+
+
+def test_plain_loop_does_what_the_lightning_step_does():
+    """One step of each from the same weights and RNG state lands on the same weights: the same work is timed."""
+    from stale.bench.train import _InMemory, _lightning_round, _make_system, _PlainLoop, _quiet, _Recorder
+
+    base = build("tiny", 4, 16)
+    batches = random_batches(1, 2, 4, 16)
+    lit, plain_sys = _make_system(copy.deepcopy(base), 1e-3), _make_system(copy.deepcopy(base), 1e-3)
+    with _quiet():
+        plain = _PlainLoop(plain_sys, "cpu", "32-true", clip=1.0, max_steps=len(batches))
+        torch.manual_seed(7)
+        _lightning_round(lit, batches, "no_progress_bar", "cpu", "32-true", 1.0,
+                         _Recorder("cpu", None, batches, 0, 1), log_every_n_steps=1, logdir=None)
+    torch.manual_seed(7)
+    plain.step(batches[0])
+    moved = 0
+    for (name, a), b, c in zip(lit.model.named_parameters(), plain_sys.model.parameters(), base.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(a, c)
+    assert moved > 10  # the step really updated the weights
+    assert len(_InMemory(batches)) == 1
+
+
+def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
+    from stale.bench import train
+
+    res = train.run(frames=2, size=8, batch_size=1, steps=3, warmup=1, rounds=1, variants=["no_log", "barebones"],
+                    timing="step", profile=False, micro=None)
+    assert [r["loop"] for r in res["rows"]] == ["plain", "no_log", "barebones"]
+    assert res["rows"][0]["samples"] == 2 * 3  # plain steps beside both variants' fits
+    for r in res["rows"][1:]:
+        assert r["samples"] == 3 and r["plain_median_ms"] > 0 and abs(r["overhead_paired"]) < 5
+    assert res["setup"]["timing"] == "step"
+
+
+def test_gpu_path_runs_on_cpu_with_a_tiny_model():
+    res = gpu.run(sizes=["tiny"], frames=4, resolutions=[8, 16], batch_size=4, dtype="float32", compile=False,
+                  sdpa="flash", steps=1, warmup=1, flops="counted", measure_on_cpu=True, device="cpu")
+    (row,) = res["rows"]
+    assert row["clip"] == [4, 16, 16]  # the largest resolution that fits is chosen
+    assert row["tokens_per_clip"] == 4 * 4 * 4 and row["tokens_per_s"] > 0 and row["step_ms"] > 0
+    assert row["flops_source"].startswith("counted") and row["mfu"].startswith("n/a")
+    assert res["summary"]["meets_target"] is False  # no B row measured
+
+
+def test_counted_flops_are_per_clip():
+    """FlopCounterMode over a real step, divided by the batch: the same per clip at batch 4 and 8."""
+    model = build("tiny", 4, 16)
+    per_clip = [gpu.count_flops_per_clip(model, random_batches(1, b, 4, 16)[0], "cpu", torch.float32)
+                for b in (4, 8)]
+    assert per_clip[0] == pytest.approx(per_clip[1], rel=1e-6)
+    # forward + backward is about 3x the forward's 2 x (weights per token) x tokens; the hinge branch adds 1/4
+    tokens = 4 * (16 // 4) ** 2 + 4  # + the joy token of each frame
+    per_token = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and "adaLN" not in n
+                    and p.ndim == 2)
+    assert 0.8 < per_clip[0] / (6 * per_token * tokens * 1.25) < 1.6
+
+
+def test_analytic_flops_agree_with_the_counter():
+    """stale.models.flops (another part of stale) x (1 + hinge share) against FlopCounterMode."""
+    pytest.importorskip("stale.models.flops")
+    model = build("tiny", 4, 16)
+    batch = random_batches(1, 8, 4, 16)[0]
+    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "analytic")
+    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "counted")
+    assert source.startswith("analytic") and analytic == pytest.approx(counted, rel=0.03)
+
+
+def test_peak_table_prefers_specific_names():
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu.peak_tflops("NVIDIA GeForce GTX 1080") is None
+
+
+def test_sections_are_named_in_errors(tmp_path, monkeypatch):
+    assert parse_sections("train, sampler,train") == ["train", "sampler"]
+    with pytest.raises(SectionError, match="nope"):
+        parse_sections("train,nope")
+    with pytest.raises(SectionError, match="'attention' needs module stale.bench._absent"):
+        load_section("attention", registry={"attention": "stale.bench._absent"})
+    (tmp_path / "broken_section.py").write_text("import package_that_does_not_exist_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SectionError, match="'data': importing broken_section failed"):
+        load_section("data", registry={"data": "broken_section"})
+    proc = run_cli("stale-bench", "sections=train,nope", f"out={tmp_path / 'x.json'}", check=False, timeout=60)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_command_line_and_foreign_section_results():
+    assert listify_sections(["sections=train,data", "out=x.json"]) == ["sections=[train,data]", "out=x.json"]
+    assert listify_sections(["sections=[a,b]", "sections=train"]) == ["sections=[a,b]", "sections=train"]
+    # attention returns a list of rows, data one dict: both become {"rows": [...]}
+    assert report.normalise([{"T": 8}])["rows"] == [{"T": 8}]
+    data = report.normalise({"clips_per_s": 3.0, "per_worker": [1.0, 2.0]})
+    assert data["rows"] == [{"clips_per_s": 3.0}] and data["details"] == {"per_worker": [1.0, 2.0]}
+    assert call_with_supported(lambda frames=1: frames, {"frames": 2}, device="cpu") == 2
+    assert call_with_supported(lambda device="x", **kw: device, {}, device="cpu") == "cpu"
+    assert json.loads(json.dumps(report._jsonable({"a": float("nan"), "b": (1, 2)}))) == {"a": None, "b": [1, 2]}
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
