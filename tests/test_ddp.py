@@ -128,10 +128,10 @@ def test_ddp_step_matches_one_process(tiny_shards, tmp_path):
     assert loss2 == pytest.approx(loss1, rel=1e-5, abs=0)  # steps 2, 3: DDP's averaged gradient is the same
     assert abs(loss1[2] - loss1[0]) > 1e-3  # and the steps did change the weights
     # AdamW moves a weight by up to lr = 1e-3 a step whatever its gradient's size, so float noise in the tiny
-    # gradients of the zero-initialised adaLN layers shows as ~5e-6; a gradient that is not averaged over the
-    # ranks would show as ~1e-3.
+    # gradients of the zero-initialised adaLN layers shows as ~5e-6 (one weight in 32768 reached 5.4e-5 after
+    # the model's joy-token change); a gradient that is not averaged over the ranks would show as ~1e-3.
     for name, p in one["params"].items():
-        torch.testing.assert_close(two["params"][name], p, rtol=0, atol=5e-5)
+        torch.testing.assert_close(two["params"][name], p, rtol=0, atol=2e-4)
 
 
 # --------------------------------------------------------------------------------------------------------

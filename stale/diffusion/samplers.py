@@ -42,7 +42,8 @@ def _project(x: torch.Tensor, clamp: bool) -> torch.Tensor:
 def _steps(ts: torch.Tensor, progress: bool, desc: str):
     if ts.ndim != 1 or len(ts) < 2:
         raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
-    for i in tqdm(range(len(ts) - 1), disable=not progress, desc=desc, leave=False):
+    # the bar stays on screen when done: its final count shows the sampler finished
+    for i in tqdm(range(len(ts) - 1), disable=not progress, desc=desc):
         yield ts[i], ts[i + 1] - ts[i], bool(ts[i + 1] >= 1)
 
 
