@@ -202,7 +202,8 @@ class DataHealthMonitor(Callback):
         vec = self._reduce(trainer, health.vector("val"))
         if vec.sum() > 0 and trainer.is_global_zero:  # already summed over ranks: straight to the loggers
             for logger in trainer.loggers:
-                logger.log_metrics(self._metrics(vec, "val"), step=trainer.global_step)
+                # the step Lightning logs val/loss at: the last optimiser step taken, counted from 0
+                logger.log_metrics(self._metrics(vec, "val"), step=max(trainer.global_step - 1, 0))
 
     def on_train_end(self, trainer, pl_module) -> None:
         health = _datamodule_health(trainer)
