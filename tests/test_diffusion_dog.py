@@ -96,10 +96,3 @@ def test_dog_loss_rejects_bad_settings():
         DoGLoss()(torch.zeros(3, 16, 16))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, oversubscribed machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

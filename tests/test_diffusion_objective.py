@@ -10,14 +10,6 @@ from stale.diffusion.objective import StaleObjective
 from stale.models.stale_transformer import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_priors_have_the_documented_laws():
     g = torch.Generator().manual_seed(0)
     u = flow.sample_prior((200_000,), "uniform", generator=g)

@@ -12,14 +12,6 @@ from stale.diffusion.samplers import SAMPLERS, time_grid
 PRIORS = ["uniform", "gaussian"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=5, d=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, d, generator=g, dtype=torch.float64) * 1.6 - 0.8

@@ -4,7 +4,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import webdataset as wds
 
 from conftest import run_cli

@@ -14,14 +14,6 @@ from stale.system.stale_system import StaleSystem
 ORDERS = {"euler": 1, "heun": 2, "rk4": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_samplers_share_one_signature():
     sigs = {name: list(inspect.signature(fn).parameters) for name, fn in SAMPLERS.items()}
     assert set(sigs) == set(ORDERS) == set(EVALS_PER_STEP)

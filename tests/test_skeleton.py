@@ -1,10 +1,8 @@
 """Issue 2: the walking skeleton from shards to sample videos."""
 
 import csv
-import io
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
