@@ -286,3 +286,15 @@ def test_bf16_autocast_on_cpu_with_checkpointing():
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
     rel = (v.float() - v32).norm() / v32.norm()
     assert rel < 0.05, rel  # ... and the float32 residual stream keeps the result close
+
+
+def test_x_prediction_returns_the_velocity_that_lands_on_its_clean_estimate():
+    """model.prediction=data: the zero-initialised last layer predicts x1_hat = 0, so v = (0 - x_t) / (1 - t),
+    with 1 - t floored at t_eps; training, sampling and export see a velocity either way."""
+    model = build_model("tiny", prediction="data", t_eps=0.05)
+    x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    v, _ = model(x, torch.tensor([0.3, 0.99]), torch.tensor([0, 1]))
+    torch.testing.assert_close(v[0], -x[0] / 0.7)
+    torch.testing.assert_close(v[1], -x[1] / 0.05)  # 1 - 0.99 = 0.01 is floored at t_eps
+    with pytest.raises(ValueError, match="model.prediction"):
+        build_model("tiny", prediction="noise")

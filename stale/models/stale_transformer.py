@@ -49,6 +49,11 @@ class StaleConfig:
     num_classes: int = 4  # label classes; index num_classes is the null label for classifier-free guidance
     qk_norm: bool = True  # RMS-normalise queries and keys per head: keeps attention logits bounded at scale
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory for ~1/3 more compute
+    # What the network's last layer predicts. "velocity": v directly. "data": the clean clip x1 (x-prediction,
+    # Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"), returned as the velocity
+    # v = (x1_hat - x_t) / max(1 - t, t_eps), so every sampler, loss and export still sees a velocity.
+    prediction: str = "velocity"
+    t_eps: float = 0.05  # floor of 1 - t in the x-prediction division: bounds v near t = 1
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
 
     def __post_init__(self):
@@ -65,6 +70,10 @@ class StaleConfig:
         if self.dim % self.heads or self.dim % 2 or self.dim < 8:
             raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
                              f"and divisible by model.heads={self.heads}")
+        if self.prediction not in ("velocity", "data"):
+            raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
+        if not 0 < self.t_eps < 1:
+            raise ValueError(f"model.t_eps={self.t_eps} must be in (0, 1)")
         for name in ("in_channels", "depth", "num_classes", "frames", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -344,6 +353,9 @@ class StaleTransformer(nn.Module):
         out = self.final(tokens[:, :, :-1], c_emb)  # (B, T', H'W', pt*ph*pw*C)
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                       h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c)  # (B, C, T, H, W)
+        if cfg.prediction == "data":  # v is x1_hat here: turn it into the velocity that lands on it
+            one_minus_t = (1 - t.to(v.dtype)).clamp(min=cfg.t_eps).view(-1, 1, 1, 1, 1)
+            v = (v - x.to(v.dtype)) / one_minus_t
         return v, scores
 
 
