@@ -214,7 +214,11 @@ def test_stale_eval_on_a_stale_train_run(tmp_path):
 
     run = tmp_path / "run"
     run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={run}", timeout=600)
-    test_shards = sorted(glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*", "test-*.tar")))
+    # the cache may hold other tests' datasets (other frame counts): take the one this run trained on
+    folders = [d for d in glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*"))
+               if json.load(open(os.path.join(d, "spec.json"))).get("frames") == 8
+               and json.load(open(os.path.join(d, "spec.json"))).get("size") == 16]
+    test_shards = sorted(glob.glob(os.path.join(folders[0], "test-*.tar")))
     assert test_shards, "the smoke run wrote no test split"
     proc = run_cli("stale-eval", f"samples={run / 'samples'}", f"real={test_shards[0]}",
                    f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "labels=cycle", timeout=300)

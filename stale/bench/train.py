@@ -125,16 +125,22 @@ class _PlainLoop:
         self.amp = precision == "bf16-mixed"
         self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
         self.opt, self.sched = _plain_optimizer(system, device, max_steps)
+        self.steps_done = 0  # the batch index the system's per-step noise seed is built from
 
     def step(self, batch) -> None:
-        from stale.system.stale_system import to_unit_range
+        from stale.system.stale_system import noise_seed, to_unit_range
 
         model, objective = self.system.model, self.system.objective
         model.train()
         video, label = batch
         video, label = video.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
-        with torch.autocast(self.dev_type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = objective(model, to_unit_range(video), label, self.system.null_label)["loss"]
+        cuda = self.dev_type == "cuda"
+        # the system draws each step's noise from a per-step seed in a forked RNG: do (and time) the same
+        with torch.random.fork_rng(devices=[video.device] if cuda else [], device_type="cuda"):
+            torch.manual_seed(noise_seed(self.system.seed, self.steps_done, 0))
+            with torch.autocast(self.dev_type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = objective(model, to_unit_range(video), label, self.system.null_label)["loss"]
+        self.steps_done += 1
         loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)

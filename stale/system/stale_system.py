@@ -24,6 +24,11 @@ from stale.utils.provenance import shard_list
 CHECKPOINT_FORMAT = 2  # bump when the layout of what on_save_checkpoint adds changes
 
 
+def noise_seed(seed: int, batch_idx: int, rank: int) -> int:
+    """The seed of one micro-batch's noise, times and label dropout (see StaleSystem.noise_seed)."""
+    return int(np.random.SeedSequence([seed, batch_idx, rank]).generate_state(1)[0])
+
+
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], done on the device so the loader ships bytes."""
     return video.float().div_(127.5).sub_(1.0)
@@ -91,7 +96,7 @@ class StaleSystem(L.LightningModule):
         sampling, data-loader start-up).
         """
         idx = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
-        return int(np.random.SeedSequence([self.seed, idx, self.global_rank]).generate_state(1)[0])
+        return noise_seed(self.seed, idx, self.global_rank)
 
     def training_step(self, batch, batch_idx):
         video, label = batch
