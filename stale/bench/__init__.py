@@ -201,7 +201,8 @@ def run_bench(cfg, command: str = "") -> dict:
     doc = {"machine": machine_info(device), "command": command,
            "config": OmegaConf.to_container(cfg, resolve=True), "sections": {}}
     for name, module in modules.items():
-        kwargs = OmegaConf.to_container(cfg.get(name) or {}, resolve=True)
+        node = cfg.get(name)  # sections without a node in conf/bench.yaml (data, attention) run their defaults
+        kwargs = OmegaConf.to_container(node, resolve=True) if node is not None else {}
         t0 = time.perf_counter()
         result = report.normalise(call_with_supported(module.run, kwargs, device=device, seed=cfg.get("seed", 0)))
         result["wall_s"] = round(time.perf_counter() - t0, 2)
