@@ -198,13 +198,13 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     n_params = sum(p.numel() for p in system.model.parameters())
     log.info("model %s: %.2fM parameters; outputs in %s", cfg.model.name, n_params / 1e6, out)
 
+    preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt: a clean stop, not a failure
-        return _report_preemption(trainer, callbacks, "SIGTERM")
-    preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        return _report_preemption(trainer, preempt, "SIGTERM")
     if preempt is not None and preempt.stopped_by:
-        return _report_preemption(trainer, callbacks, preempt.stopped_by)
+        return _report_preemption(trainer, preempt, preempt.stopped_by)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     outputs = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt",
@@ -228,9 +228,8 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     return metrics
 
 
-def _report_preemption(trainer: L.Trainer, callbacks: list, signal_name: str) -> dict:
+def _report_preemption(trainer: L.Trainer, preempt: PreemptionCheckpoint | None, signal_name: str) -> dict:
     """A signal stopped the run after saving a checkpoint: say where it is and how to resume; no sampling."""
-    preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
     if trainer.is_global_zero:
         where = preempt.path if preempt is not None else "(no PreemptionCheckpoint callback: nothing saved)"
         print(f"\nstale-train stopped by {signal_name} at step {trainer.global_step}.\n"
