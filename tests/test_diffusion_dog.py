@@ -1,13 +1,15 @@
 """DoG band-pass loss: scipy-exact Gaussian blur, zero on constants, band peaks at 1.10 / s, normalisation."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from stale.diffusion.dog import DOG_BANDS, DOG_K, DoGLoss, dog, dog_gain, gaussian_blur, peak_frequency
+from stale.diffusion.dog import (DOG_BANDS, DOG_K, DoGLoss, dog, dog_gain, gaussian_blur, peak_frequency,
+                                realised_peak)
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5, 6.4])  # 6.4 = k * 4: a kernel wider than the 9 px axis
@@ -53,26 +55,30 @@ def _measured_peak(sigma: float, temporal_axis: bool) -> float:
 
 
 @pytest.mark.parametrize("temporal_axis", [False, True])
-@pytest.mark.parametrize("sigma", [
-    pytest.param(0.5, marks=pytest.mark.xfail(strict=True, reason="a sampled Gaussian of s=0.5 px aliases: the "
-                                              "band's response rises to Nyquist (pi rad/px = 1.57/s)")),
-    1.0, 2.0, 4.0])
+@pytest.mark.parametrize("sigma", DOG_BANDS)
 def test_band_peak_frequency_within_10_percent(sigma, temporal_axis):
     assert abs(peak_frequency(sigma) - 1.10 / sigma) < 0.01 / sigma  # the analytic value METHOD.md quotes
     measured = _measured_peak(sigma, temporal_axis)
     assert abs(measured - 1.10 / sigma) <= 0.10 * 1.10 / sigma, f"s={sigma}: peak {measured:.3f} rad/px"
+    assert realised_peak(sigma) == pytest.approx(measured, abs=2e-3)  # the closed form the warning uses
 
 
-def test_the_half_pixel_band_peaks_at_nyquist():
-    """The measured fact behind the xfail above, so that a change in the kernel is noticed."""
+def test_the_half_pixel_band_aliases_to_nyquist_and_warns():
+    """Why the finest default band is 0.6 px and not METHOD.md's 0.5 px: the sampled 0.5 px band is a high-pass."""
     assert _measured_peak(0.5, False) == pytest.approx(math.pi, rel=1e-3)
+    assert abs(_measured_peak(0.6, False) - 1.10 / 0.6) <= 0.10 * 1.10 / 0.6
+    with pytest.warns(UserWarning, match=r"0.5 px band peaks at 3.14 rad/px, not 2.20"):
+        DoGLoss(bands=[0.5, 1.0, 2.0, 4.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DoGLoss()  # the default bands do not warn
 
 
 def test_dog_gain_is_the_exact_white_noise_gain():
     """dog_gain = ||M||_F^2 / n for the DoG operator M on the given sizes, reflected boundaries included."""
     h, w = 6, 7
     basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, 1, h, w)
-    for s in (0.5, 2.0):
+    for s in (0.6, 2.0):
         m = dog(basis, s)  # row j: the response to the j-th unit impulse
         assert dog_gain(s, sizes=(h, w)) == pytest.approx(m.pow(2).sum().item() / (h * w), rel=1e-10)
 
