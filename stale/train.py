@@ -27,6 +27,7 @@ from stale.system.sampling import log_videos, sample_to_disk
 from stale.system.schedules import lr_multiplier
 from stale.system.stale_system import StaleSystem
 from stale.utils.provenance import provenance
+from stale.utils.schema import UnknownKeyError, check_train_keys
 
 log = logging.getLogger("stale")
 
@@ -71,6 +72,10 @@ def _number(cfg: DictConfig, key: str, low: float | None = None, *, strict: bool
 
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks that must fail before any data is generated or a step is taken. Each error names its key."""
+    try:
+        check_train_keys(cfg)  # a misspelt key would otherwise train with the default (stale/utils/schema.py)
+    except UnknownKeyError as e:
+        raise ConfigError(str(e)) from None
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
     patch = list(cfg.model.get("patch", [1, 1, 1]))

@@ -1,3 +1,89 @@
-"""Console entry points: thin @hydra.main apps over library functions."""
+"""Console entry points: thin @hydra.main apps over library functions.
+
+Every app is declared with `stale_app`, which is `hydra.main(version_base="1.3", ...)` plus one thing Hydra
+does not do: when a command-line key is misspelt, Hydra says only "Could not override 'optim.lrr'" and
+suggests appending it with `+`; stale_app then also prints every key that node accepts and the nearest one.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_PATH = "pkg://stale.conf"  # conf/ is packaged as stale.conf (see pyproject.toml)
+CONFIG_MODULE = "stale.conf"
+
+
+def explain_override_error(config_name: str, overrides: list[str], config_path: str | None = CONFIG_PATH) -> str:
+    """Compose the app's config with `overrides` again; if a key does not exist, say which keys its node has."""
+    from hydra import compose, initialize, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    from stale.utils.schema import UnknownKeyError, _fail
+
+    overrides = [o for o in overrides if not o.startswith("-")]  # --multirun, --cfg job, ...
+    GlobalHydra.instance().clear()
+    init = initialize_config_module(CONFIG_MODULE, version_base="1.3") if config_path else \
+        initialize(config_path=None, version_base="1.3")
+    try:
+        with init:
+            compose(config_name, overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - we only look for the OmegaConf error in the chain
+        cause: BaseException | None = e
+        while cause is not None:
+            parent = getattr(cause, "parent_node", None)
+            full_key = getattr(cause, "full_key", None)
+            if isinstance(cause, OmegaConfBaseException) and isinstance(parent, DictConfig) and full_key:
+                path, _, key = str(full_key).rpartition(".")
+                try:
+                    _fail(path, key, {str(k) for k in parent.keys()})
+                except UnknownKeyError as msg:
+                    return f"stale: {msg}"
+            cause = cause.__cause__ or cause.__context__
+    finally:
+        GlobalHydra.instance().clear()
+    return ""
+
+
+def stale_app(config_name: str, config_path: str | None = CONFIG_PATH,
+              flat_keys: DictConfig | None = None) -> Callable[[Callable], Callable[[], object]]:
+    """hydra.main for stale's apps. flat_keys: the packaged config of a flat app, whose root keys are the only
+    keys the app accepts (a `+typo=1` would otherwise be ignored)."""
+
+    def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
+        @functools.wraps(task)
+        def checked(cfg: DictConfig):
+            if flat_keys is not None:
+                from stale.utils.schema import check_flat_keys
+
+                check_flat_keys(cfg, flat_keys)
+            return task(cfg)
+
+        app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(checked)
+
+        @functools.wraps(task)
+        def entry() -> object:
+            try:
+                return app()
+            except SystemExit as e:
+                if e.code not in (0, None):
+                    hint = explain_override_error(config_name, sys.argv[1:], config_path)
+                    if hint:
+                        print(hint, file=sys.stderr)
+                raise
+
+        return entry
+
+    return decorate
+
+
+def packaged_config(name: str) -> DictConfig:
+    """conf/<name>.yaml as shipped in the package (the schema of a flat app)."""
+    from importlib.resources import files
+
+    return OmegaConf.create((files(CONFIG_MODULE) / f"{name}.yaml").read_text())

@@ -7,10 +7,9 @@ JSON document to `out`. Every section's settings are keys of conf/bench.yaml, e.
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from stale.cli import CONFIG_PATH
+from stale.cli import packaged_config, stale_app
 
 
 def listify_sections(argv: list[str]) -> list[str]:
@@ -28,7 +27,7 @@ def listify_sections(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+@stale_app("bench", flat_keys=packaged_config("bench"))
 def _main(cfg: DictConfig) -> None:
     from stale.bench import SectionError, run_bench  # imported late so that --help is fast
 

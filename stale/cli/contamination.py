@@ -1,12 +1,11 @@
 """stale-contamination: `stale-contamination train=PATTERN test=PATTERN out=FILE [threshold=8]`."""
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stale.cli import CONFIG_PATH
+from stale.cli import packaged_config, stale_app
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="contamination")
+@stale_app("contamination", flat_keys=packaged_config("contamination"))
 def main(cfg: DictConfig) -> int:
     from stale.eval.contamination import check_contamination  # late import: config errors stay fast
 

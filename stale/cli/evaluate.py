@@ -1,12 +1,11 @@
 """stale-eval: `stale-eval samples=DIR real=PATTERN [ckpt=PATH] [i3d=PATH]`."""
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stale.cli import CONFIG_PATH
+from stale.cli import packaged_config, stale_app
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@stale_app("eval", flat_keys=packaged_config("eval"))
 def main(cfg: DictConfig) -> float:
     from stale.eval.evaluate import evaluate, summary_lines  # late import: config errors stay fast
 

@@ -1,12 +1,11 @@
 """stale-export: `stale-export ckpt=PATH out=DIR [weights=ema|raw] [onnx=true] [torch_export=true]`."""
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stale.cli import CONFIG_PATH
+from stale.cli import packaged_config, stale_app
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@stale_app("export", flat_keys=packaged_config("export"))
 def main(cfg: DictConfig) -> None:
     from stale.export.export import export_checkpoint  # imported late so that --help and config errors are fast
 

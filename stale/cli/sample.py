@@ -1,19 +1,18 @@
 """stale-sample: `stale-sample model=EXPORT_DIR out=DIR num_videos=8 steps=50 seed=0` (or `ckpt=PATH`)."""
 
-from importlib.resources import files
-
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from stale.cli import packaged_config, stale_app
 
 # `model` is also a config group of stale.conf (conf/model/*.yaml), and Hydra reads `model=DIR` as a choice in
 # that group whenever the app's config path is stale.conf. So this app registers conf/sample.yaml in the
 # ConfigStore and runs without a config path: there `model` is a plain key, as the command line promises.
 CONFIG_NAME = "stale_sample"
-ConfigStore.instance().store(name=CONFIG_NAME, node=OmegaConf.create((files("stale.conf") / "sample.yaml").read_text()))
+ConfigStore.instance().store(name=CONFIG_NAME, node=packaged_config("sample"))
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name=CONFIG_NAME)
+@stale_app(CONFIG_NAME, config_path=None, flat_keys=packaged_config("sample"))
 def main(cfg: DictConfig) -> None:
     from stale.export.sample import sample_to_dir  # imported late so that --help and config errors are fast
 

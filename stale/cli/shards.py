@@ -6,10 +6,9 @@ Options are in conf/shards.yaml; the work is done by stale.data.shards (convert,
 
 import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stale.cli import CONFIG_PATH
+from stale.cli import packaged_config, stale_app
 
 SYNTHETIC_KEYS = ("frames", "size", "num_classes", "train_clips", "val_clips", "test_clips", "per_shard")
 
@@ -18,7 +17,7 @@ class UsageError(ValueError):
     """A missing or unknown stale-shards argument."""
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="shards")
+@stale_app("shards", flat_keys=packaged_config("shards"))
 def _main(cfg: DictConfig) -> None:
     if cfg.mode not in ("convert", "synthetic"):
         raise UsageError(f"mode={cfg.mode!r}: use convert or synthetic")

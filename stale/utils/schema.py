@@ -1,0 +1,179 @@
+"""The key schema of stale's configs: which keys each node accepts, and errors that list them.
+
+Hydra's struct mode refuses a typo on the command line (`optim.lrr=0.1`) but names only the key, and then
+suggests `+optim.lrr=0.1`, which it accepts silently; so is a typo inside a YAML file. A misspelt key that
+trains with the default is the worst kind of error in a sweep. check_keys() closes both holes before any
+data is generated: every key of the composed config must be in the schema of its node, and the error names
+the key, every key its node accepts, and the nearest one.
+
+The schema comes from the code, so it cannot drift from it:
+- a node with `_target_` accepts the target's parameters (following `**kwargs` up the class hierarchy while
+  each __init__ passes them on; a target that swallows arbitrary kwargs, such as WandbLogger, is open);
+- the model node accepts StaleConfig's fields (build_model's `**overrides`), the schedule node its
+  schedule's parameters (stale/system/schedules.py);
+- plain nodes (the root, optim, sample) are the dataclasses below; `logger` and `callbacks` are dicts of
+  target nodes with names of the user's choice; `paths` and `hydra` are free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from typing import Any, Callable
+
+from omegaconf import DictConfig
+
+PRIVATE = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}  # Hydra's instantiate keywords
+
+
+@dataclasses.dataclass
+class OptimSchema:
+    lr: float  # peak learning rate (AdamW)
+    weight_decay: float  # on matrices only
+    betas: list  # AdamW (beta1, beta2)
+
+
+@dataclasses.dataclass
+class SampleSchema:
+    num_videos: int
+    steps: int
+    sampler: str
+    guidance: float
+    classifier_guidance: float
+    progress: bool
+    seed: int
+
+
+@dataclasses.dataclass
+class TrainSchema:
+    """The root of conf/train.yaml: every top-level key stale-train reads."""
+
+    task_name: str
+    seed: int
+    ckpt_path: Any
+    compile: Any
+    optim: OptimSchema
+    nan_guard: dict  # a target node
+    budget: dict  # a target node
+    sample_every_n_steps: int
+    sample: SampleSchema
+    model: dict  # target nodes, checked by their constructors' signatures
+    data: dict
+    diffusion: dict
+    schedule: dict  # name + warmup + the schedule's own parameters
+    logger: dict  # {name: target node}
+    trainer: dict
+    callbacks: dict  # {name: target node}
+    paths: dict  # free: interpolation values
+    hydra: dict  # Hydra's own node (present with return_hydra_config)
+
+
+OPEN = None  # "any key": a node whose keys this schema does not constrain
+
+
+class UnknownKeyError(ValueError):
+    """A config key that no constructor or schema accepts."""
+
+
+def _signature_keys(fn: Callable) -> set[str] | None:
+    """Parameter names a callable accepts; None = anything (it takes **kwargs we cannot follow).
+
+    A stale class that takes **kwargs passes them to its base class (SyntheticDataModule -> VideoDataModule),
+    so for stale's own classes the walk goes on up the hierarchy; a third-party **kwargs may go anywhere
+    (DDPStrategy hands them to DistributedDataParallel, WandbLogger to wandb.init), so it leaves the node open.
+    """
+    if inspect.isclass(fn):
+        keys: set[str] = set()
+        for klass in fn.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return keys
+            if not klass.__module__.startswith("stale."):
+                return None
+        return None
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _model_keys() -> set[str]:
+    from stale.models.stale_transformer import StaleConfig
+
+    return {"name"} | {f.name for f in dataclasses.fields(StaleConfig)}
+
+
+SPECIAL_TARGETS: dict[str, Callable[[], set[str]]] = {"stale.models.build_model": _model_keys}
+
+
+def target_keys(target: str) -> set[str] | None:
+    if target in SPECIAL_TARGETS:
+        return SPECIAL_TARGETS[target]()
+    from hydra.utils import get_object
+
+    try:
+        fn = get_object(target)
+    except Exception as e:  # an unimportable target is its own clear error at instantiate time
+        raise UnknownKeyError(f"_target_={target!r} cannot be imported: {e}") from None
+    return _signature_keys(fn)
+
+
+def _fail(path: str, key: str, allowed: set[str]) -> None:
+    where = path or "the root"
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean {(path + '.') if path else ''}{close[0]}?" if close else ""
+    raise UnknownKeyError(f"unknown config key {full}: {where} accepts {', '.join(sorted(allowed))}{hint}")
+
+
+def _check_node(node: DictConfig, path: str, allowed: set[str] | None) -> None:
+    if allowed is OPEN:
+        return
+    for key in node.keys():
+        if key not in allowed and key not in PRIVATE:
+            _fail(path, str(key), allowed)
+
+
+def _check_target_node(node: Any, path: str) -> None:
+    """A node built by instantiate: its keys are its target's parameters; nested target nodes likewise."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    _check_node(node, path, target_keys(str(node._target_)))
+    for key in node.keys():
+        _check_target_node(node._get_node(key), f"{path}.{key}")
+
+
+def _check_dataclass(node: DictConfig, path: str, schema: type) -> None:
+    fields = typing.get_type_hints(schema)  # the annotations are strings (from __future__ import annotations)
+    _check_node(node, path, set(fields))
+    for key in node.keys():
+        sub = fields.get(str(key))
+        child = node._get_node(key)
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(child, DictConfig):
+            _check_dataclass(child, f"{path}.{key}" if path else str(key), sub)
+
+
+def check_train_keys(cfg: DictConfig) -> None:
+    """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts."""
+    from stale.system.schedules import SCHEDULE_FNS, schedule_params
+
+    _check_dataclass(cfg, "", TrainSchema)
+    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget"):
+        _check_target_node(cfg.get(name), name)
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            _check_target_node(node, f"{group}.{name}")
+    schedule = cfg.get("schedule")
+    if isinstance(schedule, DictConfig) and schedule.get("name") in SCHEDULE_FNS:
+        _check_node(schedule, "schedule", {"name", "warmup"} | set(schedule_params(schedule.name)))
+
+
+def check_flat_keys(cfg: DictConfig, reference: DictConfig, path: str = "") -> None:
+    """The flat apps (stale-sample, stale-eval, ...): every key must be one of the packaged config's keys."""
+    _check_node(cfg, path, {str(k) for k in reference.keys()} - {"defaults"} | {"hydra"})

@@ -1,0 +1,75 @@
+"""The config schema: a misspelt key stops before training with the key, every allowed key and the nearest one."""
+
+from importlib.resources import files
+
+import pytest
+from hydra import compose, initialize_config_module
+from lightning.pytorch.strategies import DDPStrategy
+
+from stale.data.synthetic_module import SyntheticDataModule
+from stale.train import ConfigError, check_config
+from stale.utils.schema import _signature_keys
+
+from conftest import run_cli
+
+
+def _check(overrides):
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        check_config(compose("train", overrides=overrides))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (files("stale.conf") / group).iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "schedule", "logger", "diffusion", "debug",
+                                   "hparams_search"])
+def test_every_shipped_config_passes_the_schema(group):
+    for option in _options(group):
+        extra = ["data.shards=/nowhere/train.tar"] if option in ("shards", "video2dataset") else []
+        _check([f"{group}={option}", *extra])  # raises on any key the schema does not know
+
+
+@pytest.mark.parametrize("override, key, allowed, nearest", [
+    ("+seeed=1", "seeed", "the root accepts budget, callbacks, ckpt_path", "seed"),
+    ("+optim.lrr=0.1", "optim.lrr", "optim accepts betas, lr, weight_decay", "optim.lr"),
+    ("+diffusion.priorr=gaussian", "diffusion.priorr", "diffusion accepts dog_bands", "diffusion.prior"),
+    ("+model.dimm=96", "model.dimm", "model accepts depth, dim,", "model.dim"),
+    ("+data.batchsize=4", "data.batchsize", "data accepts batch_size,", "data.batch_size"),
+    ("+schedule.min_ration=0.2", "schedule.min_ration", "schedule accepts min_ratio, name, sharpness, warmup",
+     "schedule.min_ratio"),
+    ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer accepts accelerator,", "trainer.max_steps"),
+    ("+sample.stepss=3", "sample.stepss", "sample accepts classifier_guidance, guidance,", "sample.steps"),
+    ("+callbacks.samples.step=1", "callbacks.samples.step", "callbacks.samples accepts every_n_steps,",
+     "callbacks.samples.steps"),
+])
+def test_a_typo_names_the_key_the_allowed_keys_and_the_nearest(override, key, allowed, nearest):
+    with pytest.raises(ConfigError) as err:
+        _check([override])
+    msg = str(err.value)
+    assert f"unknown config key {key}:" in msg and allowed in msg and f"did you mean {nearest}?" in msg
+
+
+def test_valid_additions_pass():
+    _check(["+model.dim=96", "+trainer.max_time=00:01:00:00"])  # StaleConfig field, Trainer argument
+
+
+def test_signature_keys_follow_stale_kwargs_but_not_third_party_ones():
+    keys = _signature_keys(SyntheticDataModule)  # **loader_kwargs go to VideoDataModule
+    assert {"train_clips", "batch_size", "shuffle_buffer"} <= keys
+    assert _signature_keys(DDPStrategy) is None  # its **kwargs go to DistributedDataParallel: open
+
+
+def test_cli_typo_without_plus_lists_the_allowed_keys(tmp_path):
+    """Hydra refuses `optim.lrr=...` naming only the key (and suggests `+`); stale adds the allowed keys."""
+    proc = run_cli("stale-train", "optim.lrr=0.1", f"hydra.run.dir={tmp_path}/run", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not override 'optim.lrr'" in proc.stderr
+    assert "unknown config key optim.lrr: optim accepts betas, lr, weight_decay; did you mean optim.lr?" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_typo_in_a_flat_app_is_refused(tmp_path):
+    proc = run_cli("stale-eval", f"samples={tmp_path}", "real=x.tar", "+batchh=3", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown config key batchh: the root accepts" in proc.stderr and "did you mean batch?" in proc.stderr
