@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_cli
 from stale.data.datamodule import ShardError, VideoDataModule
-from stale.data.synthetic import SyntheticSpec, ensure_synthetic, make_clip, split_pattern
+from stale.data.synthetic import COLOURS, SyntheticSpec, ensure_synthetic, make_clip, split_pattern
 from stale.data.video_io import decode_mp4
 from stale.models import build_model
 
@@ -64,6 +64,23 @@ def test_splits_do_not_share_clips(small_synthetic):
         return out
 
     assert not digests("train") & digests("val") and not digests("train") & digests("test")
+
+
+def test_simple_style_has_one_colour_per_class_and_one_background():
+    spec = SyntheticSpec(style="simple")
+    for label in range(spec.num_classes):
+        clips = [make_clip(np.random.default_rng(seed), spec, label).astype(int) for seed in range(3)]
+        for clip in clips:
+            pixels, counts = np.unique(clip.reshape(-1, 3), axis=0, return_counts=True)
+            assert (pixels[counts.argmax()] == [40, 40, 48]).all()  # the background: the commonest pixel
+            brightest = pixels[pixels.sum(1).argmax()]
+            assert np.abs(brightest - COLOURS[label]).max() <= 1  # the shape's fully covered pixels
+        # same draws as "varied": the motion is the same, only colours differ
+        varied = make_clip(np.random.default_rng(0), SyntheticSpec(), label)
+        assert ((varied != varied[0, 0, 0]).any(-1) == (clips[0] != clips[0][0, 0, 0]).any(-1)).mean() > 0.9
+    assert SyntheticSpec(style="simple").fingerprint() != SyntheticSpec().fingerprint()
+    with pytest.raises(ValueError, match="data.style='plain' is not one of"):
+        SyntheticSpec(style="plain")
 
 
 @pytest.mark.parametrize("name,shape", [("tiny", (2, 3, 8, 16, 16)), ("tiny", (1, 3, 4, 32, 16))])

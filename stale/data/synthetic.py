@@ -27,6 +27,8 @@ COLOURS = np.array(
     [[230, 60, 50], [60, 200, 80], [60, 110, 240], [245, 210, 50], [220, 80, 220], [60, 220, 230], [250, 250, 250]],
     dtype=np.float32,
 )
+SIMPLE_BACKGROUND = np.array([40, 40, 48], dtype=np.float32)  # style="simple": one dark background for all clips
+STYLES = ("varied", "simple")
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}  # different seeds: no clip is shared between splits
 
 
@@ -41,10 +43,18 @@ class SyntheticSpec:
     supersample: int = 4  # anti-aliasing factor of the rasteriser
     counts: dict = field(default_factory=lambda: {"train": 2048, "val": 128, "test": 128})
     per_shard: int = 256
+    style: str = "varied"  # varied: random shape colour and background | simple: one colour per class, fixed background
     version: int = 1  # bump when the generator's output changes
 
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"data.style={self.style!r} is not one of {STYLES}")
+
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["style"] == "varied":  # the style field came later: keep the caches written before it
+            del fields["style"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:10]
 
 
@@ -84,6 +94,8 @@ def make_clip(rng: np.random.Generator, spec: SyntheticSpec, label: int) -> np.n
     vel = speed * np.array([np.sin(angle), np.cos(angle)])
     fg = COLOURS[rng.integers(len(COLOURS))]
     bg = rng.uniform(20, 90, size=3).astype(np.float32)  # dark, muted background
+    if spec.style == "simple":  # same draws as "varied" (same positions and motions), fewer factors of variation
+        fg, bg = COLOURS[label % len(COLOURS)], SIMPLE_BACKGROUND
     frames = []
     for _ in range(spec.frames):
         mask = _shape_mask(SHAPES[label], yy, xx, pos[0], pos[1], r).astype(np.float32)
