@@ -20,6 +20,7 @@ two spinning OpenMP threads per process made a training step ~10x slower than on
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import datetime
 import json
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +51,13 @@ PIXEL_COPY_RMSE = 8.0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=250, help="training steps per variant (the compute budget)")
-    p.add_argument("--batch", type=int, default=16, help="clips per training batch")
-    p.add_argument("--warmup", type=int, default=25, help="learning-rate warmup steps")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant (the compute budget; "
+                   "default: the default run's trainer.max_steps)")
+    p.add_argument("--batch", type=int, default=None, help="clips per training batch (default: data.batch_size)")
+    p.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps (default: schedule.warmup)")
     p.add_argument("--samples", type=int, default=64, help="generated clips per variant (and per baseline row)")
-    p.add_argument("--sample-steps", type=int, default=25, help="Euler steps when sampling")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: sample.steps)")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at the same time (one process each)")
     p.add_argument("--dog-weight", type=float, default=1.0, help="lambda_dog of the DoG-on row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0 = torch's default)")
@@ -63,7 +67,21 @@ def parse_args(argv=None):
     p.add_argument("--render-only", action="store_true",
                    help="rewrite --out from <runs>/ablation.json (a finished run) without training")
     p.add_argument("--force-dog", action="store_true", help="train the DoG row even if the objective has no DoG term")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cfg = default_config()
+    for name, key in (("steps", "trainer.max_steps"), ("batch", "data.batch_size"), ("warmup", "schedule.warmup"),
+                      ("sample_steps", "sample.steps")):
+        if getattr(args, name) is None:
+            setattr(args, name, int(OmegaConf.select(cfg, key)))
+    return args
+
+
+def default_config(overrides: list[str] = ()):
+    """stale-train's packaged config (the default recipe), composed as the command would compose it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def env_for(args) -> dict:
@@ -155,21 +173,51 @@ class Scorer:
         from stale.eval.evaluate import load_real_clips
 
         self.args = args
-        self.folder = ensure_synthetic(default_cache_root(), SyntheticSpec())  # the same data stale-train uses
+        data = default_config().data  # the same data stale-train uses (style, sizes and counts of conf/data)
+        self.frames, self.size = int(data.frames), int(data.size)
+        spec = SyntheticSpec(frames=self.frames, size=self.size, num_classes=int(data.num_classes), style=data.style,
+                             counts={"train": data.train_clips, "val": data.val_clips, "test": data.test_clips})
+        self.folder = ensure_synthetic(data.root or default_cache_root(), spec)
         self.train_pattern, self.test_pattern = split_pattern(self.folder, "train"), split_pattern(self.folder, "test")
         self.val_pattern = split_pattern(self.folder, "val")
         print(f"[ablation] data: {self.folder}", flush=True)
-        self.train_clips, self.train_labels, _ = load_real_clips(self.train_pattern, 8, 16)
-        self.test_clips, self.test_labels, _ = load_real_clips(self.test_pattern, 8, 16)
-        val, _, _ = load_real_clips(self.val_pattern, 8, 16)
+        self.train_clips, self.train_labels, _ = load_real_clips(self.train_pattern, self.frames, self.size)
+        self.test_clips, self.test_labels, _ = load_real_clips(self.test_pattern, self.frames, self.size)
+        val, self.val_labels, _ = load_real_clips(self.val_pattern, self.frames, self.size)
+        self.val_clips = val
         self.val_x2 = float(((val.astype(np.float64) / 127.5 - 1) ** 2).mean())  # E[x^2] on the validation split
         self.train_fp = fingerprint_shards(resolve_shards(self.train_pattern), progress=False)
         self.train_flat = self.train_clips.reshape(len(self.train_clips), -1).astype(np.float32)
         self.train_sq = (self.train_flat**2).sum(1)
 
     def trivial_loss(self, prior: str) -> float:
-        """Validation loss of v = 0 (the untrained model: zero-initialised output layer), in expectation over z."""
+        """Validation loss of v = 0, in expectation over z: a reference comparable across priors (a velocity model
+        starts there: its output layer is zero-initialised; an x-prediction model starts at x1_hat = 0 instead)."""
         return self.val_x2 + PRIOR_VAR[prior]
+
+    def val_loss(self, system, batch_size: int) -> float:
+        """StaleSystem.validation_step's number without a Trainer: the velocity MSE at its fixed t grid with the
+        noise of batch i drawn from seed 1000 + i, averaged over batches as Lightning averages val/loss."""
+        import torch
+
+        from stale.diffusion import flow
+
+        losses, sizes = [], []
+        with torch.no_grad():
+            for i, start in enumerate(range(0, len(self.val_clips), batch_size)):
+                video = torch.from_numpy(self.val_clips[start:start + batch_size]).permute(0, 4, 1, 2, 3)
+                label = torch.as_tensor(self.val_labels[start:start + batch_size], dtype=torch.long)
+                x = video.float() / 127.5 - 1
+                z = flow.sample_prior(x.shape, system.objective.prior,
+                                      generator=torch.Generator().manual_seed(1000 + i))
+                per_t = []
+                for t_val in system.val_times:
+                    t = torch.full((len(x),), t_val)
+                    v, _ = system.model(flow.interpolate(z, x, t), t, label)
+                    per_t.append((v - flow.velocity_target(z, x)).pow(2).mean())
+                losses.append(torch.stack(per_t).mean().item())
+                sizes.append(len(x))
+        return float(np.average(losses, weights=sizes))
 
     def near_duplicate_share(self, clips: np.ndarray) -> float:
         """Share of clips that stale-contamination's dHash rule (threshold 8) pairs with a training clip."""
@@ -219,7 +267,7 @@ def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     save_videos(videos, folder)
     ckpt = folder.parent / "untrained.ckpt"
     torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
-    return ckpt
+    return ckpt, scorer.val_loss(system.eval(), int(cfg.data.get("val_batch_size") or cfg.data.batch_size))
 
 
 def real_rows(args, scorer: Scorer, default_ckpt: Path | None) -> list[dict]:
@@ -274,14 +322,15 @@ def write_report(meta: dict, rows: list[dict], notes: list[str], out: Path) -> N
         "```",
         "",
         f"{meta['date']}, git {meta['commit']}. Budget per trained row: {args.steps} steps x {args.batch} clips "
-        f"(8 frames, 16 x 16) of the embedded synthetic dataset, model `tiny` ({meta['params']}), "
-        f"arctan schedule with {args.warmup} warmup steps, seed {args.seed}, torch threads {args.threads or 'default'}. "
-        f"Samples: {args.samples} clips per row, {args.sample_steps} Euler steps, labels cycling through the classes. "
-        f"Wall time {meta['minutes']:.1f} min in all on 2 CPU cores shared with other jobs (timings are not comparable "
-        "across rows). The budget was chosen to finish in about ten minutes on that machine, and one seed decides "
-        "every row.",
+        f"of the embedded synthetic dataset ({meta.get('data', '8 frames, 16 x 16')}), model `tiny` ({meta['params']}"
+        f"{meta.get('model_extra', '')}), arctan schedule with {args.warmup} warmup steps, seed {args.seed}, torch "
+        f"threads {args.threads or 'default'}. Samples: {args.samples} clips per row, {args.sample_steps} "
+        f"{meta.get('sampler', 'Euler')} steps{meta.get('guidance_note', '')}, labels cycling through the classes. "
+        f"Wall time {meta['minutes']:.1f} min in all on a 2-core CPU, {getattr(args, 'jobs', 1)} variant(s) training "
+        "at once (timings are not comparable across rows). Every trained row is the default recipe of `stale-train` "
+        "with one change, and one seed decides every row.",
         "",
-        "| row | what | FDD (lower is better) | val loss | val loss / untrained | label agreement | copies of train (pixel) | near-dup of train (dHash) |",
+        "| row | what | FDD (lower is better) | val loss | val loss / loss of v = 0 | label agreement | copies of train (pixel) | near-dup of train (dHash) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -303,15 +352,17 @@ def write_report(meta: dict, rows: list[dict], notes: list[str], out: Path) -> N
               f"{rows[0].get('n_real', '?')} clips of the test split. It depends on both set sizes: every row uses "
               f"{args.samples} clips. The spread over three disjoint slices of real training clips is the noise floor.",
               "- **val loss**: `val/loss` of the run (velocity MSE at t in {0.1, 0.3, 0.5, 0.7, 0.9}, fixed noise, all "
-              "128 validation clips). Not comparable across priors: the target u = x - z has per-coordinate variance "
+              "validation clips). Not comparable across priors: the target u = x - z has per-coordinate variance "
               "E[x^2] + 1/3 under the uniform prior and E[x^2] + 1 under the Gaussian one.",
-              "- **val loss / untrained**: the val loss divided by the loss of the untrained model (whose zero-initialised "
-              "output layer predicts v = 0: loss E[x^2] + Var(z) in expectation). Comparable across priors.",
+              "- **val loss / loss of v = 0**: the val loss divided by E[x^2] + Var(z), the loss of predicting v = 0 "
+              "(where a velocity model starts: its output layer is zero-initialised). Comparable across priors. "
+              "The untrained row's val loss is measured with the same protocol (an x-prediction model starts at "
+              "x1_hat = 0, not at v = 0).",
               "- **label agreement**: share of samples whose hinge-head prediction (model(x, t=1, null label)) is the "
               "requested class; chance is 0.25. Baseline rows are classified by the default row's head. "
               "'hinge off' shows the head untrained: chance, as it should be.",
               f"- **copies of train (pixel)**: share of the row's clips within {PIXEL_COPY_RMSE:g} grey levels RMS of "
-              "their nearest training clip (all 2048). FDD cannot see memorisation; this column can.",
+              "their nearest training clip (the whole training split). FDD cannot see memorisation; this column can.",
               "- **near-dup of train (dHash)**: the same question asked with stale-contamination's rule (64-bit dHash "
               "of 5 frames, median Hamming distance <= 8). At 16 x 16 pixels dHash is at its resolution limit: an mp4 "
               "round trip alone moves a clip by a median of about 12 bits (docs/bench/contamination.md), so it misses "
@@ -361,19 +412,22 @@ def main(argv=None) -> int:
     wanted = [v for v in VARIANTS if args.only is None or v[0] in args.only]
 
     dog_ok, dog_reason = dog_term_available()
-    trained = {}
+    trained, todo = {}, []
     for name, overrides, what in wanted:
         overrides = [o.format(dog_weight=args.dog_weight) for o in overrides]
         row = {"name": name, "what": what}
+        rows.append(row)
         if name == "dog" and not dog_ok and not args.force_dog:
             row["error"] = f"this checkout's objective has no DoG term ({dog_reason})"
             notes.append(f"DoG row not run: {dog_reason}. Rerun when the DoG loss (stale/diffusion/dog.py) is merged.")
-            rows.append(row)
             continue
-        result = train(name, overrides, args)
+        todo.append((row, name, overrides))
+    # --jobs N trains N variants at once (one stale-train process each, args.threads threads each)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda job: train(job[1], job[2], args), todo))
+    for (row, name, overrides), result in zip(todo, results):
         if not result["ok"]:
             row["error"] = result["error"]
-            rows.append(row)
             continue
         if name == "dog" and not result["logged_dog"]:
             row["note"] = "dog_weight accepted but no train/dog was logged: the term may be inactive"
@@ -383,15 +437,15 @@ def main(argv=None) -> int:
         row["val_rel"] = result["val_loss"] / scorer.trivial_loss(prior) if result["val_loss"] is not None else None
         row["seconds"] = result["seconds"]
         trained[name] = result
-        rows.append(row)
 
     print("[ablation] baselines", flush=True)
     default_ckpt = trained["default"]["run"] / "checkpoints" / "last.ckpt" if "default" in trained else None
     baselines = real_rows(args, scorer, default_ckpt)
     folder = args.runs / "untrained" / "samples"
-    ckpt = untrained_samples(args, scorer, folder)
-    untrained = {"name": "untrained model", "what": "default recipe before any step (v = 0: samples are prior draws)",
-                 **scorer.score_folder(folder, ckpt), "val_loss": scorer.trivial_loss("uniform"), "val_rel": 1.0}
+    ckpt, untrained_loss = untrained_samples(args, scorer, folder)
+    untrained = {"name": "untrained model", "what": "default recipe before any step (same code path, no update)",
+                 **scorer.score_folder(folder, ckpt), "val_loss": untrained_loss,
+                 "val_rel": untrained_loss / scorer.trivial_loss("uniform")}
     for r in (*baselines, untrained):
         r["baseline"] = True
         if r["name"] != "untrained model":
@@ -411,12 +465,22 @@ def main(argv=None) -> int:
     meta = {"command": f".venv/bin/python scripts/ablation.py {argv_str}".strip(),
             "date": datetime.date.today().isoformat(),
             "commit": f"{(git['commit'] or 'unknown')[:10]}{' (dirty)' if git['dirty'] else ''}",
-            "params": params, "minutes": (time.perf_counter() - t_start) / 60,
+            "params": params, "minutes": (time.perf_counter() - t_start) / 60, **recipe_meta(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     results = {"meta": meta, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
     (args.runs / "ablation.json").write_text(json.dumps(results, indent=1))
     render(results, args.out)
     return 0
+
+
+def recipe_meta() -> dict:
+    """The default recipe's data, model and sampler, as the report's header describes them."""
+    cfg = default_config()
+    d, m, smp = cfg.data, cfg.model, cfg.sample
+    extra = f", {m.prediction}-prediction" if m.get("prediction", "velocity") != "velocity" else ""
+    return {"data": f"{d.frames} frames, {d.size} x {d.size}, style {d.get('style', 'varied')}",
+            "model_extra": f", patch {list(m.patch)}{extra}", "sampler": str(smp.sampler).capitalize(),
+            "guidance_note": f" with classifier-free guidance {smp.guidance:g}" if smp.guidance != 1 else ""}
 
 
 def notes_for(rows: list[dict]) -> list[str]:
@@ -429,7 +493,7 @@ def notes_for(rows: list[dict]) -> list[str]:
         win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
         noise = f"; the real-vs-real spread over three slices is ± {floor[1]:.0f}" if floor else ""
         notes.append(f"**Prior: the {win} prior wins** at this budget on FDD ({u['fdd']:.0f} uniform vs {g['fdd']:.0f} "
-                     f"Gaussian{noise}) and on val loss / untrained ({fmt(u.get('val_rel'))} vs {fmt(g.get('val_rel'))}). "
+                     f"Gaussian{noise}) and on val loss / loss of v = 0 ({fmt(u.get('val_rel'))} vs {fmt(g.get('val_rel'))}). "
                      "One seed each: a rerun with other seeds is the way to firm this up.")
     trained = [r for r in rows if not r.get("baseline") and r.get("fdd")]
     unt, real = by.get("untrained model", {}), by.get("real vs real", {})
@@ -437,9 +501,9 @@ def notes_for(rows: list[dict]) -> list[str]:
         best = min(trained, key=lambda r: r["fdd"])
         notes.append(f"Sample quality: the best trained row ({best['name']}, FDD {best['fdd']:.0f}) has covered "
                      f"{(unt['fdd'] - best['fdd']) / (unt['fdd'] - real['fdd']):.0%} of the way from prior noise "
-                     f"(untrained, {unt['fdd']:.0f}) to real clips ({real['fdd']:.0f}): the samples are still mostly "
-                     "coloured noise (contact sheets in the run folders). This budget ranks recipes early in "
-                     "training; it does not show what they converge to.")
+                     f"(untrained, {unt['fdd']:.0f}) to real clips ({real['fdd']:.0f}). Look at the contact sheets "
+                     "in the run folders (`<runs>/<row>/samples/contact_sheet.png`) before reading more into FDD: "
+                     "this budget ranks recipes at the default run's length; it does not show what they converge to.")
     for r in rows:
         if r.get("error"):
             notes.append(f"Row '{r['name']}' not run: {r['error']}. Rerun the script when that is fixed.")
@@ -453,7 +517,7 @@ def notes_for(rows: list[dict]) -> list[str]:
                      "trained heads (hinge weight 0.1 on a quarter of each batch) have not yet departed from that.")
     nh, d = by.get("no_hinge", {}), by.get("default", {})
     if nh.get("fdd") and d.get("fdd"):
-        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on, val loss / untrained "
+        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on, val loss / loss of v = 0 "
                      f"{fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}: the head neither helps nor hurts "
                      "generation visibly here.")
     copies = by.get("nearest-training-clip copies", {})
