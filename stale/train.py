@@ -224,6 +224,7 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
             if type(lg).__name__ == "CSVLogger":
                 lg.save()
                 outputs["metrics csv"] = Path(lg.log_dir) / "metrics.csv"
+                outputs.update(_loss_summary(outputs["metrics csv"], metrics))
             if type(lg).__name__ == "WandbLogger":
                 outputs["wandb run"] = Path(lg.experiment.dir).parent
                 lg.experiment.finish()
@@ -231,6 +232,21 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
         for k, v in outputs.items():
             print(f"  {k:<15} {v}")
     return metrics
+
+
+def _loss_summary(csv_path: Path, metrics: dict) -> dict:
+    """First and last logged train/loss (did it fall?) and the last val/loss, for the end-of-run report."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        logged = [(row["step"], float(row["train/loss"])) for row in csv.DictReader(f) if row.get("train/loss")]
+    out = {}
+    if logged:
+        (s0, l0), (s1, l1) = logged[0], logged[-1]
+        out["train/loss"] = f"{l0:.4g} at step {s0} -> {l1:.4g} at step {s1}"
+    if "val/loss" in metrics:
+        out["val/loss"] = f"{metrics['val/loss']:.4g}"
+    return out
 
 
 def _report_preemption(trainer: L.Trainer, preempt: PreemptionCheckpoint | None, signal_name: str) -> dict:
