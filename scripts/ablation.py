@@ -490,10 +490,19 @@ def notes_for(rows: list[dict]) -> list[str]:
     u, g = by.get("default", {}), by.get("gaussian", {})
     floor = by.get("real vs real", {}).get("fdd_spread")
     if u.get("fdd") and g.get("fdd"):
-        win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
-        noise = f"; the real-vs-real spread over three slices is ± {floor[1]:.0f}" if floor else ""
-        notes.append(f"**Prior: the {win} prior wins** at this budget on FDD ({u['fdd']:.0f} uniform vs {g['fdd']:.0f} "
-                     f"Gaussian{noise}) and on val loss / loss of v = 0 ({fmt(u.get('val_rel'))} vs {fmt(g.get('val_rel'))}). "
+        spread = floor[1] if floor else 0.0
+        gap = abs(u["fdd"] - g["fdd"])
+        fdd_win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
+        fdd_says = (f"the {fdd_win} prior by {gap:.0f}, more than the real-vs-real spread of ± {spread:.0f}"
+                    if gap > spread else f"no winner: the gap of {gap:.0f} is inside the real-vs-real spread of "
+                    f"± {spread:.0f}")
+        if u.get("val_rel") is not None and g.get("val_rel") is not None:
+            loss_win = "uniform" if u["val_rel"] < g["val_rel"] else "Gaussian"
+            loss_says = (f"; on val loss / loss of v = 0 the {loss_win} prior ({fmt(u['val_rel'])} uniform vs "
+                         f"{fmt(g['val_rel'])} Gaussian)")
+        else:
+            loss_says = ""
+        notes.append(f"**Prior.** FDD {u['fdd']:.0f} uniform vs {g['fdd']:.0f} Gaussian: {fdd_says}{loss_says}. "
                      "One seed each: a rerun with other seeds is the way to firm this up.")
     trained = [r for r in rows if not r.get("baseline") and r.get("fdd")]
     unt, real = by.get("untrained model", {}), by.get("real vs real", {})
@@ -509,17 +518,22 @@ def notes_for(rows: list[dict]) -> list[str]:
             notes.append(f"Row '{r['name']}' not run: {r['error']}. Rerun the script when that is fixed.")
     single = [r for r in rows if len(r.get("predicted_classes") or []) == 1]
     if single:
-        cls = sorted({r["predicted_classes"][0] for r in single})
-        notes.append(f"Label agreement is chance everywhere because the hinge head predicts one class ({cls}) for "
-                     f"every clip in {len(single)} of {sum(1 for r in rows if r.get('predicted_classes') is not None)} "
-                     "rows, real clips included. The untrained head must: with adaLN-Zero every block starts as the "
-                     "identity, so the joy token's final state does not depend on the input. At this budget the "
-                     "trained heads (hinge weight 0.1 on a quarter of each batch) have not yet departed from that.")
+        names = ", ".join(f"{r['name']} (class {r['predicted_classes'][0]})" for r in single)
+        notes.append(f"The hinge head predicts one class for every clip in: {names}; there label agreement is "
+                     "chance. An untrained head must: with adaLN-Zero every block starts as the identity, so the joy "
+                     "token's final state does not depend on the input; with the hinge loss off, nothing trains it.")
+    agree = [r for r in rows if not r.get("baseline") and r.get("agreement") is not None and len(r.get("predicted_classes") or []) > 1]
+    if agree:
+        notes.append("Label agreement of the trained heads: " + ", ".join(f"{r['name']} {r['agreement']:.2f}" for r in agree)
+                     + " (chance 0.25).")
     nh, d = by.get("no_hinge", {}), by.get("default", {})
     if nh.get("fdd") and d.get("fdd"):
-        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on, val loss / loss of v = 0 "
-                     f"{fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}: the head neither helps nor hurts "
-                     "generation visibly here.")
+        spread = floor[1] if floor else 0.0
+        better = "lower" if nh["fdd"] < d["fdd"] else "higher"
+        beyond = "beyond" if abs(nh["fdd"] - d["fdd"]) > spread else "within"
+        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on ({better}, {beyond} the real-vs-real "
+                     f"spread), val loss / loss of v = 0 {fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}. The hinge "
+                     "branch also costs a forward and backward pass on a quarter of each batch.")
     copies = by.get("nearest-training-clip copies", {})
     if copies.get("fdd") and real.get("fdd"):
         notes.append(f"Real vs real ({real['fdd']:.0f}) and the nearest-training-clip copies ({copies['fdd']:.0f}) "
