@@ -141,5 +141,9 @@ def test_cli_writes_the_synthetic_dataset(tmp_path):
     assert f"{tmp_path}/train-{{000000..000001}}.tar" in proc.stdout and "val" in proc.stdout
     samples = read_samples(str(tmp_path / "train-{000000..000001}.tar"))
     assert len(samples) == 12 and decode_mp4(samples[0]["mp4"]).shape == (8, 16, 16, 3)
+    assert json.loads((tmp_path / "spec.json").read_text())["style"] == "simple"  # stale-train's default data
+    run_cli("stale-shards", "synthetic", f"out={tmp_path / 'v'}", "train_clips=2", "val_clips=0", "test_clips=0",
+            "style=varied", timeout=120)  # every key of conf/shards.yaml's synthetic node works bare
+    assert json.loads((tmp_path / "v" / "spec.json").read_text())["style"] == "varied"
     bad = run_cli("stale-shards", f"out={tmp_path / 'x'}", check=False, timeout=120)
     assert bad.returncode != 0 and "input= is missing" in bad.stderr

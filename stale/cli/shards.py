@@ -10,14 +10,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from stale.cli import packaged_config, stale_app
 
-SYNTHETIC_KEYS = ("frames", "size", "num_classes", "train_clips", "val_clips", "test_clips", "per_shard")
+CONFIG = packaged_config("shards")
+SYNTHETIC_KEYS = tuple(str(k) for k in CONFIG.synthetic)  # the bare keys `stale-shards synthetic ...` takes
 
 
 class UsageError(ValueError):
     """A missing or unknown stale-shards argument."""
 
 
-@stale_app("shards", flat_keys=packaged_config("shards"))
+@stale_app("shards", flat_keys=CONFIG)
 def _main(cfg: DictConfig) -> None:
     if cfg.mode not in ("convert", "synthetic"):
         raise UsageError(f"mode={cfg.mode!r}: use convert or synthetic")
