@@ -196,27 +196,20 @@ class Scorer:
         return self.val_x2 + PRIOR_VAR[prior]
 
     def val_loss(self, system, batch_size: int) -> float:
-        """StaleSystem.validation_step's number without a Trainer: the velocity MSE at its fixed t grid with the
-        noise of batch i drawn from seed 1000 + i, averaged over batches as Lightning averages val/loss."""
+        """StaleSystem.validation_step's number without a Trainer (stale.system.stale_system.validation_losses
+        over the validation split in batches), averaged over batches as Lightning averages val/loss."""
         import torch
 
-        from stale.diffusion import flow
+        from stale.system.stale_system import validation_losses
 
         losses, sizes = [], []
         with torch.no_grad():
             for i, start in enumerate(range(0, len(self.val_clips), batch_size)):
                 video = torch.from_numpy(self.val_clips[start:start + batch_size]).permute(0, 4, 1, 2, 3)
                 label = torch.as_tensor(self.val_labels[start:start + batch_size], dtype=torch.long)
-                x = video.float() / 127.5 - 1
-                z = flow.sample_prior(x.shape, system.objective.prior,
-                                      generator=torch.Generator().manual_seed(1000 + i))
-                per_t = []
-                for t_val in system.val_times:
-                    t = torch.full((len(x),), t_val)
-                    v, _ = system.model(flow.interpolate(z, x, t), t, label)
-                    per_t.append((v - flow.velocity_target(z, x)).pow(2).mean())
+                per_t = validation_losses(system.model, system.objective.prior, video, label, i, system.val_times)
                 losses.append(torch.stack(per_t).mean().item())
-                sizes.append(len(x))
+                sizes.append(len(video))
         return float(np.average(losses, weights=sizes))
 
     def near_duplicate_share(self, clips: np.ndarray) -> float:
@@ -253,13 +246,11 @@ class Scorer:
 def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     """Samples and a checkpoint of the default recipe's model before any step (same seed, same code path)."""
     import torch
-    from hydra import compose, initialize_config_module
 
     from stale.train import build_system
     from stale.utils.media import save_videos
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*common_overrides(args), f"paths.output_dir={folder.parent}"])
+    cfg = default_config([*common_overrides(args), f"paths.output_dir={folder.parent}"])
     torch.manual_seed(cfg.seed)
     system = build_system(cfg)
     k = system.model.config.num_classes

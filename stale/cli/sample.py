@@ -9,10 +9,11 @@ from stale.cli import packaged_config, stale_app
 # that group whenever the app's config path is stale.conf. So this app registers conf/sample.yaml in the
 # ConfigStore and runs without a config path: there `model` is a plain key, as the command line promises.
 CONFIG_NAME = "stale_sample"
-ConfigStore.instance().store(name=CONFIG_NAME, node=packaged_config("sample"))
+CONFIG = packaged_config("sample")
+ConfigStore.instance().store(name=CONFIG_NAME, node=CONFIG)
 
 
-@stale_app(CONFIG_NAME, config_path=None, flat_keys=packaged_config("sample"))
+@stale_app(CONFIG_NAME, config_path=None, flat_keys=CONFIG)
 def main(cfg: DictConfig) -> None:
     from stale.export.sample import sample_to_dir  # imported late so that --help and config errors are fast
 

@@ -138,10 +138,10 @@ class DoGLoss:
             raise ValueError(f"diffusion.dog_k={k} must be > 1 (the second Gaussian is the wider one)")
         self.bands, self.k, self.temporal = bands, float(k), bool(temporal)
         for s in bands:  # a band that aliases is a high-pass: say so, with the numbers
-            peak = realised_peak(s, self.k)
-            if abs(peak - peak_frequency(s, self.k)) > 0.10 * peak_frequency(s, self.k):
+            peak, expected = realised_peak(s, self.k), peak_frequency(s, self.k)
+            if abs(peak - expected) > 0.10 * expected:
                 warnings.warn(f"diffusion.dog_bands: the {s} px band peaks at {peak:.2f} rad/px, not "
-                              f"{peak_frequency(s, self.k):.2f} (a sampled Gaussian below ~0.6 px aliases; "
+                              f"{expected:.2f} (a sampled Gaussian below ~0.6 px aliases; "
                               "it acts as a high-pass)", stacklevel=2)
         self.dims = (-3, -2, -1) if temporal else (-2, -1)
 

@@ -34,6 +34,21 @@ def to_unit_range(video: torch.Tensor) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
+def validation_losses(model: nn.Module, prior: str, video: torch.Tensor, label: torch.Tensor, batch_idx: int,
+                      times) -> list[torch.Tensor]:
+    """Velocity MSE of one uint8 batch at each t in `times`, with noise from a CPU generator seeded 1000 + batch_idx:
+    the number depends only on the weights and the clips, never on the RNG state of training."""
+    x = to_unit_range(video)
+    g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
+    z = flow.sample_prior(x.shape, prior, generator=g).to(x)
+    losses = []
+    for t_val in times:
+        t = torch.full((x.shape[0],), t_val, device=x.device)
+        v, _ = model(flow.interpolate(z, x, t), t, label)
+        losses.append((v.float() - flow.velocity_target(z, x)).pow(2).mean())
+    return losses
+
+
 def to_uint8(video: torch.Tensor) -> torch.Tensor:
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
@@ -123,16 +138,10 @@ class StaleSystem(L.LightningModule):
         number depends only on the weights and the validation clips, not on the RNG state of training.
         """
         video, label = batch
-        x = to_unit_range(video)
-        g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
-        z = flow.sample_prior(x.shape, self.objective.prior, generator=g).to(x)
-        losses = []
-        for t_val in self.val_times:
-            t = torch.full((x.shape[0],), t_val, device=x.device)
-            v, _ = self.model(flow.interpolate(z, x, t), t, label)
-            losses.append((v.float() - flow.velocity_target(z, x)).pow(2).mean())
-            self.log(f"val/loss_t{t_val:.2f}", losses[-1], sync_dist=True, batch_size=x.shape[0])
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        losses = validation_losses(self.model, self.objective.prior, video, label, batch_idx, self.val_times)
+        for t_val, loss in zip(self.val_times, losses):
+            self.log(f"val/loss_t{t_val:.2f}", loss, sync_dist=True, batch_size=video.shape[0])
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
 
     def configure_optimizers(self):
         decay, keep = [], []

@@ -124,12 +124,13 @@ def target_keys(target: str) -> set[str] | None:
     return _signature_keys(fn)
 
 
-def _fail(path: str, key: str, allowed: set[str]) -> None:
+def unknown_key_message(path: str, key: str, allowed: set[str]) -> str:
+    """`unknown config key optim.lrr: optim accepts betas, lr, weight_decay; did you mean optim.lr?`"""
     where = path or "the root"
     full = f"{path}.{key}" if path else key
     close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
     hint = f"; did you mean {(path + '.') if path else ''}{close[0]}?" if close else ""
-    raise UnknownKeyError(f"unknown config key {full}: {where} accepts {', '.join(sorted(allowed))}{hint}")
+    return f"unknown config key {full}: {where} accepts {', '.join(sorted(allowed))}{hint}"
 
 
 def _check_node(node: DictConfig, path: str, allowed: set[str] | None) -> None:
@@ -137,7 +138,7 @@ def _check_node(node: DictConfig, path: str, allowed: set[str] | None) -> None:
         return
     for key in node.keys():
         if key not in allowed and key not in PRIVATE:
-            _fail(path, str(key), allowed)
+            raise UnknownKeyError(unknown_key_message(path, str(key), allowed))
 
 
 def _check_target_node(node: Any, path: str) -> None:
