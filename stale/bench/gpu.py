@@ -224,6 +224,51 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None}
 
 
+def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4,
+                    device: str = "cuda", dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash",
+                    steps: int = 3, top: int = 15, seed: int = 0) -> dict:
+    """Where a training step's GPU time goes: the top kernels by CUDA time over `steps` profiled steps,
+    and the share of attention, matmul and everything else (elementwise, norms, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(seed)
+    dt = _dtype(dtype)
+    model = build(size, frames, resolution).to(device)
+    batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
+    trainer = _Trainer(model, device, dt, compile)
+    with _backend(sdpa):
+        for _ in range(3):  # compile and warm up outside the profile
+            trainer.step(batch)
+        sync(device)
+        cuda = device.startswith("cuda")  # on CPU (tests) the operators' own CPU time stands in
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                trainer.step(batch)
+            sync(device)
+    def time_of(e) -> float:
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if time_of(e) > 0]
+    total = sum(time_of(e) for e in events) or 1.0
+
+    def kind(name: str) -> str:
+        n = name.lower()
+        if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
+            return "attention"
+        if "gemm" in n or "sm90" in n or n.endswith("::mm") or "addmm" in n or "bmm" in n or "cutlass" in n or "matmul" in n or "cublas" in n or "nvjet" in n:
+            return "matmul"
+        return "other"
+
+    shares: dict[str, float] = {}
+    for e in events:
+        shares[kind(e.key)] = shares.get(kind(e.key), 0.0) + time_of(e) / total
+    rows = [{"kernel": e.key[:90], "share": round(time_of(e) / total, 4), "calls": e.count}
+            for e in sorted(events, key=lambda e: -time_of(e))[:top]]
+    return {"size": size, "clip": [frames, resolution, resolution], "batch_size": batch_size,
+            "step_ms_profiled": round(total / 1e3 / steps, 3), "shares": {k: round(v, 4) for k, v in shares.items()},
+            "top": rows}
+
+
 def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96, 64), batch_size: int = 4,
         dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
         flops: str = "auto", peak_tflops: float | None = None, measure_on_cpu: bool = False, device: str = "cpu",

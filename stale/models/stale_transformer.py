@@ -181,6 +181,11 @@ class LabelEmbedder(nn.Module):
 #                                 Core blocks                                    #
 #################################################################################
 
+# CUDA's attention kernels put the sequences on a grid axis of at most 65535 blocks ("CUDA error: invalid
+# argument" past it, seen on an H100 with temporal attention of 4 clips of 16 x 256 x 256): split above this.
+SDPA_MAX_SEQUENCES = 32768
+
+
 class Attention(nn.Module):
     """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
@@ -197,7 +202,11 @@ class Attention(nn.Module):
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
             k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
+        if q.shape[0] <= SDPA_MAX_SEQUENCES:
+            out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
+        else:  # temporal attention of large clips: B (H'W' + 1) sequences can exceed the kernels' grid
+            out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
+                q.split(SDPA_MAX_SEQUENCES), k.split(SDPA_MAX_SEQUENCES), v.split(SDPA_MAX_SEQUENCES))])
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
 
 
