@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stale.system.budget import ComputeBudget, measure_flops_per_clip
 from stale.system.checkpoint_io import SafeCheckpointIO
+from stale.system.deadline import TrainingDeadline
 from stale.system.preemption import PreemptionCheckpoint
 from stale.system.sampling import log_videos, sample_to_disk
 from stale.system.schedules import lr_multiplier
@@ -82,7 +83,11 @@ def check_config(cfg: DictConfig) -> None:
     frames, size = cfg.data.frames, cfg.data.size
     if frames % patch[0] or size % patch[1] or size % patch[2]:
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
-    _number(cfg, "trainer.max_steps", 0, strict=True, integer=True)  # streams have no epochs
+    if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
+        raise ConfigError("trainer.max_steps=null lets a training deadline decide the step count, but "
+                          "deadline.max_minutes is null: set one of them")
+    _number(cfg, "deadline.max_steps" if cfg.trainer.max_steps is None else "trainer.max_steps", 0, strict=True,
+            integer=True)  # streams have no epochs
     _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
     _number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
     if str(cfg.trainer.get("precision")) not in PRECISIONS:
@@ -95,7 +100,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
     sched = OmegaConf.to_container(cfg.schedule, resolve=True)
     try:
-        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), cfg.trainer.max_steps, **sched)(0)
+        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), max_steps(cfg), **sched)(0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not isinstance(cfg.model.get("grad_checkpointing", False), bool):
@@ -111,6 +116,12 @@ def check_config(cfg: DictConfig) -> None:
         _number(cfg, f"budget.{key}", 0, strict=True, optional=True)
     if cfg.budget.get("max_cost") is not None and cfg.budget.get("cost_per_gpu_hour") is None:
         raise ConfigError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
+
+
+def max_steps(cfg: DictConfig) -> int:
+    """The step count the trainer is built with: trainer.max_steps, or with trainer.max_steps=null the most
+    a training deadline may plan (deadline.max_steps); the deadline lowers it once it has measured the rate."""
+    return cfg.trainer.max_steps if cfg.trainer.max_steps is not None else cfg.deadline.max_steps
 
 
 def build_system(cfg: DictConfig) -> StaleSystem:
@@ -159,6 +170,8 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
         callbacks.append(instantiate(node, **kwargs))
     callbacks.append(instantiate(cfg.nan_guard))
     callbacks.append(instantiate(cfg.budget, flops_per_clip=flops_per_clip(cfg, system)))
+    if cfg.trainer.max_steps is None:  # a deadline, not a step count (the CPU default: conf/trainer/cpu.yaml)
+        callbacks.append(instantiate(cfg.deadline, out_dir=cfg.paths.output_dir))
     return callbacks
 
 
@@ -188,7 +201,7 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     loggers = _loggers(cfg, out)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     **_checkpoint_io(cfg))
+                                     max_steps=max_steps(cfg), **_checkpoint_io(cfg))
     if budget.max_flops is not None:  # the schedule decays to its floor where the FLOP budget ends
         clips_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
         affordable = budget.max_steps_within(clips_per_step)
@@ -197,7 +210,7 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
             raise ConfigError(f"budget.max_flops={budget.max_flops:.4g} pays for {affordable} steps of "
                               f"{budget.flops_per_clip * clips_per_step:.4g} FLOPs, not more than "
                               f"schedule.warmup={warmup}")
-        system.schedule_steps = min(cfg.trainer.max_steps, affordable)
+        system.schedule_steps = min(max_steps(cfg), affordable)
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
     datamodule = datamodule if datamodule is not None else instantiate(cfg.data, _convert_="all")
     n_params = sum(p.numel() for p in system.model.parameters())
@@ -218,6 +231,10 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
                         + (f", cost {budget.cost:.4g}" if budget.cost_per_gpu_hour else "")}
     if budget.stop_reason:
         outputs["stopped by"] = budget.stop_reason
+    deadline = next((c for c in callbacks if isinstance(c, TrainingDeadline)), None)
+    if deadline is not None and deadline.decisions:
+        d = deadline.decisions[-1]
+        outputs["deadline"] = f"{deadline.max_minutes:g} min: {d['why']} (planned {d['planned_steps']} steps; deadline.json)"
     if trainer.is_global_zero:
         outputs.update(_sample_and_save(cfg, system, out, loggers, trainer.global_step))
         for lg in loggers:

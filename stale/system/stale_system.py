@@ -143,6 +143,19 @@ class StaleSystem(L.LightningModule):
             self.log(f"val/loss_t{t_val:.2f}", loss, sync_dist=True, batch_size=video.shape[0])
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
 
+    def _schedule_fn(self, total: int):
+        params = {k: v for k, v in self.schedule.items() if k not in ("name", "warmup")}
+        return lr_multiplier(self.schedule["name"], int(self.schedule.get("warmup", 0)), total, **params)
+
+    def set_schedule_steps(self, total: int) -> None:
+        """End the learning-rate schedule at step `total` from the next optimiser step on (the training deadline
+        decides the step count while training runs: stale/system/deadline.py)."""
+        # a plan shorter than the warmup still needs a valid schedule; the deadline's hard stop ends such a run
+        total = max(int(total), int(self.schedule.get("warmup", 0)) + 1)
+        self.schedule_steps = total
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.lr_lambdas = [self._schedule_fn(total)] * len(config.scheduler.optimizer.param_groups)
+
     def configure_optimizers(self):
         decay, keep = [], []
         for name, p in self.model.named_parameters():
@@ -153,9 +166,7 @@ class StaleSystem(L.LightningModule):
         fused = self.device.type == "cuda"  # one kernel for the whole update
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
-        params = {k: v for k, v in self.schedule.items() if k not in ("name", "warmup")}
-        fn = lr_multiplier(self.schedule["name"], int(self.schedule.get("warmup", 0)), total, **params)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
         # stepped after every optimiser step (not every micro-batch), logged by LearningRateMonitor as lr/*
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1,
                                                    "name": "lr"}}

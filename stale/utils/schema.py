@@ -57,6 +57,7 @@ class TrainSchema:
     optim: OptimSchema
     nan_guard: dict  # a target node
     budget: dict  # a target node
+    deadline: dict  # a target node (used when trainer.max_steps is null)
     sample_every_n_steps: int
     sample: SampleSchema
     model: dict  # target nodes, checked by their constructors' signatures
@@ -165,7 +166,7 @@ def check_train_keys(cfg: DictConfig) -> None:
     from stale.system.schedules import SCHEDULE_FNS, schedule_params
 
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget"):
+    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget", "deadline"):
         _check_target_node(cfg.get(name), name)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():

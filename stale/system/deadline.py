@@ -1,0 +1,146 @@
+"""A training deadline: plan the number of steps so that training ends on time, whatever the machine's speed.
+
+Machines of one kind differ by 2x in speed from day to day, so a fixed step count that fits a 10-minute
+quick start on a fast day overruns it on a slow one. `deadline.max_minutes` turns the step count into an
+outcome: the callback measures the optimiser-step rate during the learning-rate warmup, sets the number of
+steps that fit before the deadline (at most `max_steps`), and stretches the learning-rate schedule over
+exactly those steps, so the arctan decay completes instead of being cut off halfway.
+
+  planned = step + floor(rate x (deadline - now) x (1 - margin)),  capped at max_steps
+
+`margin` pays for what a step-rate measurement does not see: validation, periodic samples and checkpoints.
+After every validation the plan is checked against the effective rate so far (those costs included) and
+lowered if the run would finish late; a hard stop at the deadline is the last guard. The decision is
+printed, logged as deadline/*, written to <out_dir>/deadline.json and saved in every checkpoint: a resumed
+run keeps the planned step count and has no deadline of its own.
+
+The clock starts when the callback is built (train() builds it before the data is generated), so the
+deadline covers data generation, training, validation and periodic sampling; the final sampling after
+training is not included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger("stale")
+
+
+def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_steps: int) -> int:
+    """Optimiser steps to train in total: those that fit into `remaining_s` at `rate` steps/s, less the margin,
+    at least one more than `step` and at most `max_steps`."""
+    more = math.floor(rate * max(0.0, remaining_s) * (1.0 - margin))
+    return int(min(max_steps, max(step + 1, step + more)))
+
+
+class TrainingDeadline(L.Callback):
+    def __init__(self, max_minutes: float, max_steps: int, calibration_steps: int = 40, skip_steps: int = 5,
+                 margin: float = 0.08, out_dir: str | None = None):
+        if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
+            raise ValueError(f"deadline.max_minutes={max_minutes!r} must be a positive number of minutes")
+        for key, value, low in (("max_steps", max_steps, 1), ("calibration_steps", calibration_steps, 1),
+                                ("skip_steps", skip_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"deadline.{key}={value!r} must be an integer >= {low}")
+        if not 0 <= margin < 1:
+            raise ValueError(f"deadline.margin={margin!r} must be in [0, 1)")
+        self.max_minutes, self.max_steps = float(max_minutes), max_steps
+        self.calibration_steps, self.skip_steps, self.margin = calibration_steps, skip_steps, margin
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.t_start = time.monotonic()  # the deadline counts from here: train() builds callbacks first
+        self.wall_start = datetime.now()
+        self.t_deadline = self.t_start + 60.0 * self.max_minutes
+        self.planned_steps: int | None = None  # saved in checkpoints: a resumed run keeps it
+        self.rate: float | None = None  # measured optimiser steps per second (calibration window)
+        self.decisions: list[dict] = []
+        self.resumed = False
+        self.stopped_at: int | None = None  # the step the hard stop ended training at, if it did
+        self._mark: tuple[int, float] | None = None  # (step, time) at the start of the calibration window
+        self._calibrated_at: tuple[int, float] | None = None
+
+    # --- the plan -----------------------------------------------------------------------------------------
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, planned: int, why: str) -> None:
+        planned = int(trainer.strategy.broadcast(planned, src=0))  # every rank trains the same number of steps
+        self.planned_steps = planned
+        trainer.fit_loop.epoch_loop.max_steps = planned  # what trainer.max_steps reads (no setter above it)
+        pl_module.set_schedule_steps(planned)  # the schedule decays to its floor at the last planned step
+        self._record(trainer, why)
+
+    def _record(self, trainer: L.Trainer, why: str) -> None:
+        """Say what was decided: the console, the loggers (deadline/*) and <out_dir>/deadline.json."""
+        finish = self.wall_start + timedelta(seconds=self.t_deadline - self.t_start)
+        self.decisions.append({"step": trainer.global_step, "planned_steps": self.planned_steps, "why": why,
+                               "steps_per_s": round(self.rate, 3) if self.rate else None,
+                               "deadline": finish.isoformat(timespec="seconds"),
+                               "elapsed_s": round(time.monotonic() - self.t_start, 1)})
+        if not trainer.is_global_zero:
+            return
+        planned = f"{self.planned_steps:,}" if self.planned_steps is not None else "(no plan yet)"
+        log.info(f"deadline: {why}; training {planned} steps (max {self.max_steps:,}) to finish by "
+                 f"{finish:%H:%M:%S} (deadline.max_minutes={self.max_minutes:g})")
+        if self.planned_steps is not None:
+            for lg in trainer.loggers:
+                lg.log_metrics({"deadline/planned_steps": self.planned_steps, "deadline/steps_per_s": self.rate or 0.0},
+                               step=trainer.global_step)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "deadline.json").write_text(json.dumps(
+                {"max_minutes": self.max_minutes, "max_steps": self.max_steps, "margin": self.margin,
+                 "planned_steps": self.planned_steps, "stopped_at": self.stopped_at, "decisions": self.decisions},
+                indent=1))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.planned_steps is not None:  # restored from a checkpoint: keep the plan, no new deadline
+            self.resumed = True
+            self._apply(trainer, pl_module, self.planned_steps, "resumed: keeping the planned step count")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.resumed:
+            return
+        step, now = trainer.global_step, time.monotonic()
+        if self.planned_steps is None:
+            if self._mark is None and step >= self.skip_steps:  # start-up (first batches, workers) left out
+                self._mark = (step, now)
+            elif self._mark is not None and step >= self._mark[0] + self.calibration_steps:
+                self.rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
+                planned = plan_steps(step, self.rate, self.t_deadline - now, self.margin, self.max_steps)
+                self._calibrated_at = (step, now)
+                self._apply(trainer, pl_module, planned, f"measured {self.rate:.3g} steps/s over steps "
+                                                         f"{self._mark[0]}-{step}")
+        late = trainer.strategy.reduce_boolean_decision(now >= self.t_deadline, all=False)
+        if late and not trainer.should_stop:
+            self.stopped_at = step
+            trainer.should_stop = True
+            self._record(trainer, f"deadline reached at step {step}: stopping")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check the plan against the effective rate so far (validation and sampling included); lower it if late."""
+        if self.resumed or self._calibrated_at is None or trainer.sanity_checking:
+            return
+        step, now = trainer.global_step, time.monotonic()
+        step0, t0 = self._calibrated_at
+        if step <= step0:
+            return
+        effective = (step - step0) / (now - t0)
+        if now + (self.planned_steps - step) / effective > self.t_deadline:
+            planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
+            if planned < self.planned_steps:
+                self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
+                                                         f"with validation and sampling")
+
+    def state_dict(self) -> dict:
+        return {"planned_steps": self.planned_steps, "rate": self.rate, "decisions": self.decisions}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.planned_steps = state_dict.get("planned_steps")
+        self.rate = state_dict.get("rate")
+        self.decisions = list(state_dict.get("decisions", []))

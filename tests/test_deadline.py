@@ -1,0 +1,58 @@
+"""The training deadline (stale/system/deadline.py): plan the steps from the measured rate, stretch the schedule
+over them, say so, and keep the plan on resume."""
+
+import json
+import logging
+
+import pytest
+import torch
+from test_resume import run
+
+from stale.system.deadline import TrainingDeadline, plan_steps
+
+DEADLINE = ["trainer.max_steps=null", "deadline.max_minutes=0.25", "deadline.max_steps=100000",
+            "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.1", "schedule.warmup=20",
+            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15"]
+
+
+def test_plan_steps_arithmetic():
+    # 10 steps/s for 100 s, 10% kept back: 900 more steps after step 50
+    assert plan_steps(step=50, rate=10.0, remaining_s=100.0, margin=0.1, max_steps=4000) == 950
+    assert plan_steps(step=50, rate=10.0, remaining_s=100.0, margin=0.1, max_steps=500) == 500  # the cap wins
+    assert plan_steps(step=50, rate=10.0, remaining_s=-3.0, margin=0.1, max_steps=4000) == 51  # already late
+
+
+@pytest.mark.parametrize("key,value", [("max_minutes", 0), ("max_minutes", True), ("max_steps", 0),
+                                       ("calibration_steps", 1.5), ("margin", 1.0)])
+def test_bad_values_name_the_key(key, value):
+    kwargs = {"max_minutes": 1.0, "max_steps": 10, key: value}
+    with pytest.raises(ValueError, match=rf"deadline\.{key}="):
+        TrainingDeadline(**kwargs)
+
+
+def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    steps = run(tmp_path / "first", *DEADLINE)
+    record = json.loads((tmp_path / "first" / "deadline.json").read_text())
+    planned = record["planned_steps"]
+    assert 15 < planned < 100000  # decided after the 10 calibration steps, far below the cap
+    assert record["decisions"][0]["step"] == 12 and record["decisions"][0]["steps_per_s"] > 0
+    assert any("deadline: measured" in r.getMessage() and f"training {planned:,} steps" in r.getMessage()
+               for r in caplog.records)
+    last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == planned
+    assert last["callbacks"]["TrainingDeadline"]["planned_steps"] == planned
+    # the arctan schedule decayed over the planned steps: the last step's lr is near the floor (0.1 x 1e-3);
+    # over the 100000-step cap it would still be near the peak
+    lr = {s: float(v["lr/decay"]) for s, v in steps.items() if "lr/decay" in v}
+    assert lr[max(lr)] < 0.12e-3, lr[max(lr)]
+    assert max(lr.values()) > 0.9e-3  # the warmup reached the peak first
+
+    # resume from the periodic checkpoint after the decision: the plan is kept, no new measurement
+    ckpt = tmp_path / "first" / "checkpoints" / "step0000015.ckpt"
+    caplog.clear()
+    resumed = run(tmp_path / "resumed", *DEADLINE, f"ckpt_path={ckpt}")
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["global_step"] == planned
+    assert any("resumed: keeping the planned step count" in r.getMessage() for r in caplog.records)
+    assert resumed[16]["lr/decay"] == steps[16]["lr/decay"]  # the same stretched schedule after the resume
