@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "sampler": "stale.bench.sampler",  # sampling time / (steps x one forward)
     "memory": "stale.bench.memory",  # peak memory per clip, with and without gradient checkpointing
     "gpu": "stale.bench.gpu",  # tokens/s and MFU (CUDA only)
+    "cpu": "stale.bench.cpu",  # threads and torch.compile for the default run's step (CPU only)
     "contamination": "stale.bench.contamination",  # near-duplicate search speed (not in the default list)
 }
 

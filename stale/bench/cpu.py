@@ -1,0 +1,69 @@
+"""What pays on a CPU for the default run's step (issue 16): torch threads and torch.compile, compile time included.
+
+The default `stale-train` run is the tiny model on 8 x 16 x 16 clips in batches of 8, trained against a
+deadline on a 2-core machine, so a faster step is more steps, and more steps are better samples. Each
+variant runs the same plain training step (objective forward, backward, AdamW; stale.bench.gpu's step) on
+the same in-memory batches; variants take turns round by round so that a change in the machine's load
+reaches all of them. Compile time is the extra wall time of the compiled variant's first steps, and
+`break_even_steps` is how many steps it takes for the faster step to pay it back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from stale.bench import build, median, random_batches
+
+
+def _variant_name(threads: int, compiled: bool) -> str:
+    return f"{threads} thread{'s' if threads > 1 else ''}, {'compiled' if compiled else 'eager'}"
+
+
+def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 8, steps: int = 30,
+        rounds: int = 3, threads=(1, 2), compile=(False, True), device: str = "cpu", seed: int = 0) -> dict:
+    from stale.bench.gpu import _Trainer  # the plain step: objective forward, backward, AdamW
+
+    if not str(device).startswith("cpu"):
+        return {"rows": [{"variant": "not measured (a CPU section; this run's device is CUDA)"}]}
+    previous = torch.get_num_threads()
+    batches = random_batches(4, batch_size, frames, size, seed=seed)
+    trainers, first_s, times = {}, {}, {}
+    try:
+        for r in range(rounds):
+            for n_threads in threads:
+                for compiled in compile:
+                    torch.set_num_threads(int(n_threads))
+                    name = _variant_name(int(n_threads), bool(compiled))
+                    if name not in trainers:  # built and warmed up (compiled) in its first round
+                        torch.manual_seed(seed)
+                        trainers[name] = _Trainer(build(model, frames, size), "cpu", torch.float32, bool(compiled))
+                        t0 = time.perf_counter()
+                        for b in batches[:2]:
+                            trainers[name].step(b)
+                        first_s[name] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    for i in range(steps):
+                        trainers[name].step(batches[i % len(batches)])
+                    times.setdefault(name, []).append((time.perf_counter() - t0) / steps)
+    finally:
+        torch.set_num_threads(previous)
+    base = _variant_name(int(max(threads)), False)  # torch's default on this machine: one thread per core
+    rows = []
+    for name, ts in times.items():
+        step = median(ts)
+        row = {"variant": name, "step_ms": round(1e3 * step, 2), "steps_per_s": round(1 / step, 2),
+               "speed_vs_default": round(median(times[base]) / step, 3) if base in times else None,
+               "first_2_steps_s": round(first_s[name], 2)}
+        if "compiled" in name and name.replace("compiled", "eager") in times:
+            eager = median(times[name.replace("compiled", "eager")])
+            extra = first_s[name] - first_s[name.replace("compiled", "eager")]
+            row["compile_s"] = round(extra, 1)
+            row["break_even_steps"] = round(extra / (eager - step)) if eager > step else "never"
+        rows.append(row)
+    return {"rows": rows,
+            "summary": {"default": base, "fastest": min(times, key=lambda k: median(times[k]))},
+            "notes": [f"{model} model, {frames}x{size}x{size} clips, batch {batch_size}, {rounds} rounds x {steps} "
+                      "steps per variant (median step), variants interleaved; compile_s: extra wall time of the "
+                      "compiled variant's first 2 steps over eager's"]}
