@@ -169,7 +169,8 @@ class Scorer:
     def __init__(self, args):
         from stale.data.synthetic import SyntheticSpec, ensure_synthetic, split_pattern
         from stale.data.synthetic_module import default_cache_root
-        from stale.eval.contamination import fingerprint_shards, resolve_shards
+        from stale.data.reader import expand_shards
+        from stale.eval.contamination import fingerprint_shards
         from stale.eval.evaluate import load_real_clips
 
         self.args = args
@@ -186,7 +187,7 @@ class Scorer:
         val, self.val_labels, _ = load_real_clips(self.val_pattern, self.frames, self.size)
         self.val_clips = val
         self.val_x2 = float(((val.astype(np.float64) / 127.5 - 1) ** 2).mean())  # E[x^2] on the validation split
-        self.train_fp = fingerprint_shards(resolve_shards(self.train_pattern), progress=False)
+        self.train_fp = fingerprint_shards(expand_shards(self.train_pattern), progress=False)
         self.train_flat = self.train_clips.reshape(len(self.train_clips), -1).astype(np.float32)
         self.train_sq = (self.train_flat**2).sum(1)
 

@@ -13,7 +13,8 @@ import pytest
 import webdataset as wds
 
 from stale.data.video_io import decode_mp4, encode_mp4
-from stale.eval.contamination import check_contamination, find_pairs, fingerprint_shards, resolve_shards
+from stale.data.reader import ShardError
+from stale.eval.contamination import check_contamination, find_pairs, fingerprint_shards
 from stale.eval.fingerprint import area_matrix, clip_distance, clip_fingerprint, dhash, frame_indices, hamming
 
 from conftest import run_cli
@@ -161,7 +162,7 @@ def test_find_pairs_matches_brute_force_on_planted_duplicates():
 
 
 def test_bad_patterns_name_the_pattern(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope-\\*.tar"):
-        resolve_shards(str(tmp_path / "nope-*.tar"))
-    with pytest.raises(Exception, match="shard not found"):
-        resolve_shards(str(tmp_path / "missing-{000000..000001}.tar"))
+    with pytest.raises(ShardError, match="train: glob .*nope-\\*.tar"):
+        check_contamination(str(tmp_path / "nope-*.tar"), str(tmp_path / "nope-*.tar"), tmp_path / "r.json")
+    with pytest.raises(ShardError, match="shard not found.*missing-000000.tar"):
+        check_contamination(str(tmp_path / "missing-{000000..000001}.tar"), "x", tmp_path / "r.json")

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
-import scipy.ndimage
 import torch
 import webdataset as wds
 
@@ -13,7 +12,8 @@ from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import encode_mp4, write_mp4_file
 from stale.eval.agreement import CheckpointError, agreement, head_predictions, load_checkpoint_model
 from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
-from stale.eval.features import FEATURE_NAMES, SIGMAS, dog, frame_features, gaussian_blur
+from stale.diffusion.dog import DOG_BANDS
+from stale.eval.features import FEATURE_NAMES, frame_features
 from stale.eval.frechet import frechet_between, frechet_distance
 from stale.eval.samples import SamplesError, read_labels, write_labels
 from stale.models import build_model
@@ -33,20 +33,17 @@ def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --- features ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 4.0, 6.4])
-def test_gaussian_blur_matches_scipy_reflect(sigma):
-    x = torch.rand(2, 3, 12, 17, dtype=torch.float64)  # radius up to 26 px: wider than the frame
-    ref = np.stack([scipy.ndimage.gaussian_filter(a, sigma) for a in x.reshape(-1, 12, 17).numpy()])
-    np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), ref.reshape(x.shape), atol=1e-12)
-
-
-def test_dog_kills_constants_and_each_band_peaks_at_its_frequency():
-    assert dog(torch.full((16, 16), 7.0, dtype=torch.float64), 2.0).abs().max() < 1e-12
+def test_dog_features_put_a_grating_into_its_own_band():
+    """The band energies are the DoG loss's filter (scipy parity: test_diffusion_dog.py) on the loss's bands."""
     xx = torch.arange(64, dtype=torch.float64)
-    for band, s in enumerate(SIGMAS):
-        grating = torch.cos(1.10 / s * xx)[None].expand(64, 64)  # METHOD.md: peak response near 1.10 / s
-        energy = [dog(grating, b)[8:-8, 8:-8].pow(2).mean().item() for b in SIGMAS]
-        assert int(np.argmax(energy)) == band, energy
+    cols = [FEATURE_NAMES.index(f"dog_s{s:g}_g") for s in DOG_BANDS]
+    for band, s in enumerate(DOG_BANDS):
+        grating = 127.5 + 100 * torch.cos(1.10 / s * xx)[None].expand(64, 64)  # METHOD.md: peak near 1.10 / s
+        clip = grating[None, None, :, :, None].expand(1, 2, 64, 64, 3)  # (N, T, H, W, 3)
+        energy = frame_features(clip)[0, 0, cols]
+        assert int(energy.argmax()) == band, energy
+    flat = frame_features(torch.full((1, 2, 16, 16, 3), 200.0))
+    assert flat[..., cols].abs().max() < 1e-3  # DoG of a constant is 0
 
 
 def test_frame_features_shape_names_and_meaning():

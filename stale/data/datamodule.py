@@ -9,73 +9,22 @@ Training: an endless resampled stream (each rank and worker draws shards with it
 worker ever runs dry and no splitter is needed), shuffled in a buffer, decoded by PyAV, mixed across
 workers, cut into epochs of `epoch_batches`, resumable mid-epoch. Validation: each clip read once across
 ranks and workers. See stale/data/loader.py for the pipeline and the resume design, and
-stale/data/health.py for how bad samples are counted. Batches are uint8 (B, C, T, H, W) plus int64
+stale/data/reader.py for the shard reading and sample checks every tool shares, stale/data/health.py for
+how bad samples are counted. Batches are uint8 (B, C, T, H, W) plus int64
 labels; scaling to [-1, 1] happens on the device.
 """
 
 from __future__ import annotations
 
-import glob
-import logging
 import os
 
 import lightning as L
 import torch
-import webdataset as wds
 
 from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
+from stale.data.reader import expand_shards
 from stale.data.video_io import ClipSpec
-
-log = logging.getLogger(__name__)
-
-
-class ShardError(ValueError):
-    """Bad shard configuration: the message names the pattern or file."""
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
-def expand_shards(shards: str | list[str], key: str = "data.shards") -> list[str]:
-    """Expand patterns into shard URLs and check local ones exist, before training starts.
-
-    Accepts a brace pattern, a `::`-separated string, a list, a folder (its *.tar files) or a glob.
-    A missing local shard is a ShardError (a typo in the pattern should not become a silent skip);
-    an empty (0-byte) one only warns: the loader counts it as an `empty_shard` and carries on.
-    """
-    if shards is None or (isinstance(shards, str) and not shards.strip()):
-        raise ShardError(f"{key} is empty: set {key}=/path/to/train-{{000000..000009}}.tar")
-    patterns = [shards] if isinstance(shards, str) else list(shards)
-    urls: list[str] = []
-    for pattern in patterns:
-        for url in wds.shardlists.expand_urls(str(pattern)):
-            if not _is_remote(url) and os.path.isdir(url):
-                found = sorted(glob.glob(os.path.join(url, "*.tar")))
-                if not found:
-                    raise ShardError(f"{key}: folder {url} holds no *.tar shard")
-                urls.extend(found)
-            elif not _is_remote(url) and any(ch in url for ch in "*?["):
-                found = sorted(glob.glob(url))
-                if not found:
-                    raise ShardError(f"{key}: glob {url!r} matches no file")
-                urls.extend(found)
-            else:
-                urls.append(url[len("file:"):] if url.startswith("file:") else url)
-    if not urls:
-        raise ShardError(f"{key}={shards!r} expands to no shard")
-    missing = [u for u in urls if not _is_remote(u) and not os.path.exists(u)]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ShardError(f"shard not found: {', '.join(missing[:3])}{more} ({len(missing)} of {len(urls)} "
-                         f"from {key}={shards!r})")
-    empty = [u for u in urls if not _is_remote(u) and os.path.getsize(u) == 0]
-    if empty and len(empty) == len(urls):
-        raise ShardError(f"every shard of {key}={shards!r} is empty (0 bytes), e.g. {empty[0]}")
-    for u in empty:
-        log.warning("shard is empty (0 bytes): %s; it will be skipped and counted", u)
-    return urls
 
 
 def _rank_world(trainer) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Bad data never stops or slows a run silently: skipped samples are counted by reason and by shard.
 
 Where the counts live:
-- Each loader worker keeps a `SkipCounter`. Whatever it counted since its last batch travels *inside*
+- Each loader worker keeps a `SkipCounter` (stale.data.reader, with the reasons: every reader shares them). Whatever it counted since its last batch travels *inside*
   that batch (the batch's third element, stripped by the loader in the main process), so counts arrive
   in order with the data, need no shared memory, and are exact when a run resumes mid-epoch.
 - The main process sums them in the DataModule's `DataHealth` (per split: "train", "val").
@@ -20,61 +20,15 @@ from collections import Counter, defaultdict
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from stale.data.reader import NO_SAMPLE, REASONS
+
 log = logging.getLogger(__name__)
 
-# Why a sample (or a whole shard) was skipped. Fixed order: counts are summed over ranks as one vector.
-REASONS = (
-    "failed_row",  # video2dataset row with status != "success" (its download failed): no video
-    "missing_mp4",  # no .mp4 member in the sample
-    "bad_json",  # .json is not valid JSON (or not an object)
-    "missing_label",  # no label under data.label_key (use data.label_key=null for unlabelled data)
-    "bad_label",  # label is not an integer in [0, num_classes)
-    "corrupt_video",  # the mp4 does not decode (truncated, damaged, not a video)
-    "too_short",  # decodes, but has fewer frames than the clip needs
-    "corrupt_shard",  # the tar stream breaks off or is damaged: the rest of that shard is lost
-    "unreadable_shard",  # the shard cannot be opened (missing file, failed pipe: command, ...)
-    "empty_shard",  # the shard opened fine but holds no sample
-)
-SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
-# An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
-# the skip rate (with resampling it is drawn again and again and would inflate the rate without bound).
-NO_SAMPLE = ("empty_shard",)
 _IN_RATE = torch.tensor([r not in NO_SAMPLE for r in REASONS])
 
 
 class DataHealthError(RuntimeError):
     """Too much of the data is bad; the message names the worst shards and the reasons."""
-
-
-class SkipCounter:
-    """Worker-side counts since the last batch: `take()` hands them over and starts afresh."""
-
-    def __init__(self, split: str, log_first: int = 5):
-        self.split = split
-        self.log_first = log_first  # log the first few skips per reason, then only count
-        self.logged: Counter = Counter()
-        self.muted = False  # set while fast-forwarding on resume: those skips were counted before
-        self._reset()
-
-    def _reset(self):
-        self.reasons: Counter = Counter()
-        self.shards: dict[str, Counter] = defaultdict(Counter)
-
-    def skip(self, reason: str, url: str, detail: object = "") -> None:
-        if self.muted:
-            return
-        assert reason in REASONS, reason
-        self.reasons[reason] += 1
-        self.shards[url][reason] += 1
-        if self.logged[reason] < self.log_first:
-            self.logged[reason] += 1
-            more = " (further skips of this kind are only counted)" if self.logged[reason] == self.log_first else ""
-            log.warning("skipping %s sample [%s] in %s: %s%s", self.split, reason, url, detail, more)
-
-    def take(self) -> dict:
-        delta = {"reasons": dict(self.reasons), "shards": {u: dict(c) for u, c in self.shards.items()}}
-        self._reset()
-        return delta
 
 
 class DataHealth:

@@ -4,9 +4,10 @@ Inside each DataLoader worker (`VideoStream`):
 
     training    shards drawn with replacement, seeded by (seed, epoch, rank, worker)  -> every rank and
                 worker reads its own endless sequence: the stream is split by node and by worker
-                -> tar members (iter_tar below) grouped into samples (webdataset's group_by_keys)
+                -> tar members grouped into samples (stale.data.reader.read_shard)
                 -> shuffle buffer (webdataset.shuffle, seeded the same way)
-                -> decode + clip + augment (PyAV; per-sample RNG seeded by its position)
+                -> checks, decode + clip + augment (stale.data.reader.decode_sample; per-sample RNG
+                   seeded by its position: sample_seed)
                 -> batch, with the skip counts and the stream position attached
     validation  the shard list split by rank and by worker (or, when there are fewer shards than
                 rank x worker slots, every worker reads every shard and keeps every n-th sample),
@@ -33,22 +34,19 @@ Lightning does not prefetch a batch ahead, so the saved state is exactly the bat
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
-import tarfile
-import zlib
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from stale.data.health import DataHealth, DataHealthError, SkipCounter
-from stale.data.video_io import ClipSpec, ClipTooShort, VideoDecodeError, decode_clip
+from stale.data.health import DataHealth, DataHealthError
+from stale.data.reader import Skip, SkipCounter, all_skipped, decode_sample, read_shard
+from stale.data.video_io import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,150 +54,15 @@ STALL_SAMPLES = 1000  # a worker that skipped this many samples in a row without
 STALL_SHARDS = 50  # ... or opened this many shards in a row (at least 2 x the shard count) without a sample
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
 def _seed(*parts: int) -> int:
     """One 32-bit seed from several integers (seed, tag, epoch, rank, worker, ...)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-_ZERO_BLOCK = bytes(512)
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd magic
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members like __info__.json are no samples
-
-
-class _Prefixed:
-    """A stream with some bytes already read put back in front (for the compressed-shard fallback)."""
-
-    def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(n)
-        if n < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
-
-
-def _read(stream, n: int) -> bytes:
-    out = stream.read(n)
-    while len(out) < n:  # pipes may return short reads
-        more = stream.read(n - len(out))
-        if not more:
-            break
-        out += more
-    return out
-
-
-def iter_tar(stream) -> Iterator[dict]:
-    """Members of an uncompressed tar stream as dict(fname, data), like webdataset's tar_file_iterator.
-
-    Python's tarfile spends about 0.2 ms per member on header objects (0.8 ms per 4-member sample on
-    PAX shards such as webdataset's TarWriter writes), as much as decoding a 16x16 clip; reading the
-    512-byte headers directly is 7x faster. Handles ustar, PAX (path, size) and GNU long names, checks
-    every header checksum, and hands compressed shards (.tar.gz, ...) to webdataset's reader.
-    """
-    block = _read(stream, 512)
-    if not block:
-        return  # a 0-byte shard: no member (counted as empty_shard)
-    if block.startswith(_COMPRESSED):
-        yield from tar_file_iterator(_Prefixed(block, stream))
-        return
-    pax: dict[str, str] = {}
-    longname = None
-    while block:
-        if len(block) < 512:
-            raise tarfile.ReadError("unexpected end of data")
-        if block == _ZERO_BLOCK:
-            return
-        try:
-            checksum = int(block[148:156].strip(b" \0") or b"0", 8)
-        except ValueError:
-            raise tarfile.ReadError("invalid header (checksum field)") from None
-        if checksum != sum(block) - sum(block[148:156]) + 256:  # the checksum field counts as 8 spaces
-            raise tarfile.ReadError("invalid header (bad checksum)")
-        if block[124] & 0x80:  # base-256 size (members over 8 GiB)
-            size = int.from_bytes(block[125:136], "big")
-        else:
-            size = int(block[124:136].strip(b" \0") or b"0", 8)
-        kind = block[156:157]
-        size = int(pax.get("size", size)) if kind not in (b"x", b"g") else size
-        data = _read(stream, size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        if size % 512 and len(_read(stream, 512 - size % 512)) < 512 - size % 512:
-            raise tarfile.ReadError("unexpected end of data")
-        if kind == b"x":  # PAX header of the next member: "<len> key=value\n" records
-            pax = dict(rec.split("=", 1) for rec in
-                       (r.split(" ", 1)[1] for r in data.decode("utf-8", "replace").splitlines() if " " in r)
-                       if "=" in rec)
-        elif kind == b"L":  # GNU long name of the next member
-            longname = data.rstrip(b"\0").decode("utf-8", "replace")
-        elif kind != b"g":
-            name = pax.get("path") or longname
-            if name is None:
-                name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
-                if prefix:
-                    name = prefix.decode("utf-8", "replace") + "/" + name
-            pax, longname = {}, None
-            if kind in (b"0", b"\0", b"7") and not _META.match(name):
-                yield {"fname": name, "data": data}
-        block = _read(stream, 512)
-    # Every tar writer ends the archive with zero blocks; a stream that stops at a member boundary
-    # without them was cut short (a block-aligned truncation tarfile would not notice).
-    raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
-
-
-def read_shard(url: str, counter: SkipCounter, count_shard_errors: bool = True) -> Iterator[dict]:
-    """Samples of one tar shard (local path, pipe: command, or URL webdataset's gopen opens).
-
-    A shard that cannot be opened, breaks off, or holds nothing is counted, never raised; samples read
-    before a break are kept. Returns (as the generator's value) the number of samples read.
-    """
-    def skip(reason, exn):
-        if count_shard_errors:
-            counter.skip(reason, url, f"{type(exn).__name__}: {exn}" if exn else "no sample")
-
-    try:
-        stream = wds.gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 - any failure to open is an unreadable shard
-        skip("unreadable_shard", e)
-        return 0
-    n, error, closed = 0, None, False
-    try:
-        try:
-            files = ({**f, "__url__": url} for f in iter_tar(stream))
-            for sample in group_by_keys(files):
-                n += 1
-                yield sample
-        except (tarfile.TarError, EOFError, zlib.error, ValueError) as e:
-            error = ("corrupt_shard", e)
-        except OSError as e:  # a read error
-            error = ("unreadable_shard", e)
-        closed = True
-        try:
-            stream.close()  # a pipe: command reports its exit status here
-        except Exception as e:  # noqa: BLE001
-            error = error or ("unreadable_shard", e)
-        if error:
-            skip(*error)
-        elif n == 0:
-            skip("empty_shard", None)
-    finally:
-        if not closed:  # the consumer stopped early: close quietly
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001
-                pass
-    return n
+def sample_seed(seed: int, epoch: int, rank: int, worker: int, position: int) -> int:
+    """The seed of one sample's clip sampling and augmentation: a function of its place in the stream only,
+    stable across Python versions and processes (NumPy's SeedSequence, unlike hash()), so exact resume holds."""
+    return _seed(seed, 4, epoch, rank, worker, position)
 
 
 class VideoStream(IterableDataset):
@@ -241,50 +104,6 @@ class VideoStream(IterableDataset):
                         yield sample
                     i += 1
 
-    # -- one sample ----------------------------------------------------------------------------------
-
-    def _label(self, sample: dict, meta: dict | None, name: str) -> int:
-        if self.label_key is None:
-            return 0  # unlabelled data (e.g. video2dataset): one class
-        if meta is not None and self.label_key in meta:
-            label = meta[self.label_key]
-        elif "cls" in sample:
-            text = sample["cls"].decode("utf-8", "replace").strip()
-            try:
-                label = int(text)
-            except ValueError:
-                raise _Skip("bad_label", f"{name}: .cls {text!r} is not an integer") from None
-        else:
-            raise _Skip("missing_label", f"{name}: no {self.label_key!r} in .json and no .cls")
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise _Skip("bad_label", f"{name}: label {label!r} is {type(label).__name__}, not an integer")
-        if not 0 <= label < self.num_classes:
-            raise _Skip("bad_label", f"{name}: label {label} outside [0, {self.num_classes}) (data.num_classes)")
-        return int(label)
-
-    def _clip(self, sample: dict, rng: random.Random, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        meta = None
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (ValueError, UnicodeDecodeError) as e:
-                raise _Skip("bad_json", f"{name}: .json does not parse ({e})") from None
-            if not isinstance(meta, dict):
-                raise _Skip("bad_json", f"{name}: .json is a {type(meta).__name__}, not an object")
-            status = meta.get("status")
-            if status is not None and status != "success":  # a video2dataset row whose download failed
-                raise _Skip("failed_row", f"{name}: status {status!r} {meta.get('error_message') or ''}".strip())
-        if "mp4" not in sample:
-            raise _Skip("missing_mp4", f"{name}: no .mp4 member (members: {sorted(k for k in sample if k[0] != '_')})")
-        label = self._label(sample, meta, name)
-        try:
-            return decode_clip(sample["mp4"], self.spec, rng, name=name, out=out, format="mp4"), label
-        except ClipTooShort as e:
-            raise _Skip("too_short", str(e)) from None
-        except VideoDecodeError as e:
-            raise _Skip("corrupt_video", str(e)) from None
-
     # -- the stream ----------------------------------------------------------------------------------
 
     def __iter__(self):
@@ -306,23 +125,24 @@ class VideoStream(IterableDataset):
         ring = _Ring(self.released[worker] if self.released is not None and info is not None else None)
         video, slot = self._new_batch(ring)  # clips are decoded straight into it (None when the size is not fixed)
         clips, labels, keys = [], [], []
-        streak = 0
+        streak = Counter()  # skips by reason since the last clip that decoded
         for i, sample in enumerate(samples):
             if i < skip:
                 counter.muted = i < skip - 1
                 continue
             # per-sample RNG from the sample's position: skipping samples on resume leaves the rest as they were
-            rng = random.Random(hash((self.seed, epoch, self.rank, worker, i)))  # int tuples hash the same everywhere
+            rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
             try:
-                clip, label = self._clip(sample, rng, None if video is None else video[len(labels)].numpy())
-            except _Skip as e:
+                clip, label = decode_sample(sample, self.spec, rng, self.label_key, self.num_classes,
+                                            None if video is None else video[len(labels)].numpy())
+            except Skip as e:
                 counter.skip(e.reason, sample.get("__url__", "?"), e)
-                streak += 1
-                if self.train and streak >= STALL_SAMPLES:
-                    raise DataHealthError(f"rank {self.rank} worker {worker}: {streak} samples in a row were "
-                                          f"skipped, none decoded; last: [{e.reason}] {e}") from None
+                streak[e.reason] += 1
+                if self.train and streak.total() >= STALL_SAMPLES:
+                    raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
+                                                      self.label_key, in_a_row=True)) from None
                 continue
-            streak = 0
+            streak.clear()
             if video is None:
                 clips.append(clip)
             labels.append(label)

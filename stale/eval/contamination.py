@@ -3,7 +3,8 @@
 The paper leaves "train-test contamination" as future work; this is the tool that lets a user show there
 is none. Steps:
 
-1. fingerprint_shards: decode every clip (PyAV) and take the dHash of a few evenly spaced frames
+1. fingerprint_shards: read the shards with stale.data.reader (bad samples skipped and listed), decode
+   every clip (PyAV) and take the dHash of a few evenly spaced frames
    (stale.eval.fingerprint), keeping each clip's key and shard.
 2. find_pairs: all pairs whose median matched-frame Hamming distance is <= threshold. Brute force, but
    vectorised: XOR + popcount over uint64 in cache-sized tiles (about 1 ns per frame comparison on one
@@ -18,7 +19,6 @@ first K - need + 1 frames (3 of 5), and checks the exact median on the few pairs
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm.auto import tqdm
 
+from stale.data.reader import SHARD_REASONS, Skip, SkipCounter, check_sample, expand_shards, read_shard, sample_name
 from stale.data.video_io import VideoDecodeError, decode_mp4
 from stale.eval.fingerprint import DEFAULT_FRAMES, DEFAULT_THRESHOLD, clip_fingerprint, hamming
 
@@ -48,7 +48,7 @@ class Fingerprints:
     hashes: np.ndarray  # (N, K) uint64
     keys: list[str]
     shards: list[str]
-    errors: list[str] = field(default_factory=list)  # clips that could not be decoded, "shard:key: why"
+    errors: list[str] = field(default_factory=list)  # skipped clips and shards, "[reason] shard:key: why"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -61,46 +61,30 @@ class Fingerprints:
                    [e for p in parts for e in p.errors])
 
 
-def resolve_shards(pattern) -> list[str]:
-    """Brace patterns (train-{000000..000009}.tar), globs (train-*.tar), or a list of either -> shard paths."""
-    patterns = [pattern] if isinstance(pattern, (str, os.PathLike)) else list(pattern)
-    urls: list[str] = []
-    for p in map(str, patterns):
-        if any(c in p for c in "*?[") and "://" not in p:
-            matched = sorted(glob.glob(p))
-            if not matched:
-                raise FileNotFoundError(f"no shard matches the glob {p!r}")
-            urls.extend(matched)
-        else:
-            urls.extend(wds.shardlists.expand_urls(p))  # brace ranges, as the training loader reads them
-    if not urls:
-        raise FileNotFoundError(f"shard pattern {pattern!r} names no shard")
-    for url in urls:  # same checks as stale.data.datamodule.expand_shards, without importing Lightning
-        if "://" in url or url.startswith("pipe:"):
-            continue
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f"shard not found: {url} (from {pattern!r})")
-        if os.path.getsize(url) == 0:
-            raise ValueError(f"shard is empty (0 bytes): {url}")
-    return urls
-
-
 def fingerprint_shard(url: str, frames: int = DEFAULT_FRAMES) -> Fingerprints:
-    """Fingerprint every sample with an .mp4 member in one shard. Undecodable clips are listed, not fatal."""
+    """Fingerprint every clip of one shard, read by stale.data.reader (labels are not needed, not read).
+
+    Bad samples and shards are skipped by the readers' rule and listed as "[reason] detail", not fatal.
+    """
     hashes, keys, errors = [], [], []
-    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
-    for sample in pipeline:
-        key = sample["__key__"]
-        if "mp4" not in sample:
-            errors.append(f"{url}:{key}: no .mp4 member")
-            continue
+    counter = SkipCounter("contamination", log_first=0)  # listed in the report instead
+    for sample in read_shard(url, counter):
+        name = sample_name(sample)
         try:
-            video = decode_mp4(sample["mp4"], name=f"{url}:{key}")
-        except VideoDecodeError as e:
-            errors.append(str(e))
+            check_sample(sample, label_key=None)
+            try:
+                video = decode_mp4(sample["mp4"], name=name)
+            except VideoDecodeError as e:
+                raise Skip("corrupt_video", str(e)) from None
+        except Skip as e:
+            counter.skip(e.reason, url)
+            errors.append(f"[{e.reason}] {e}")
             continue
         hashes.append(clip_fingerprint(video, frames))
-        keys.append(key)
+        keys.append(sample["__key__"])
+    for reason in counter.take()["reasons"]:
+        if reason in SHARD_REASONS:
+            errors.append(f"[{reason}] {url}")
     arr = np.stack(hashes) if hashes else np.zeros((0, frames), np.uint64)
     return Fingerprints(arr, keys, [url] * len(keys), errors)
 
@@ -290,7 +274,7 @@ def check_contamination(train, test, out: str | Path, threshold: float = DEFAULT
     list_file = Path(f"{stem}.clean-test.txt")
     seconds = {}
     t0 = time.perf_counter()
-    train_urls, test_urls = resolve_shards(train), resolve_shards(test)
+    train_urls, test_urls = expand_shards(train, "train"), expand_shards(test, "test")
     overlap = sorted(set(map(os.path.abspath, train_urls)) & set(map(os.path.abspath, test_urls)))
     if overlap:
         raise ValueError(f"the same shard is in train and test: {overlap[:3]}")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stale.data.video_io import decode_mp4
-from stale.eval.contamination import resolve_shards
+from stale.data.reader import read_clips
+from stale.data.video_io import ClipSpec, decode_mp4
 from stale.eval.features import FEATURE_NAMES, clip_batches_features
 from stale.eval.frechet import frechet_between
 from stale.eval.samples import SamplesError, read_labels, sample_files
@@ -44,30 +44,16 @@ def load_sample_clips(folder: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def load_real_clips(pattern, frames: int, size: int, max_clips: int | None = None,
-                    label_key: str = "label") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Real clips from shards, cut like validation batches: uint8 (N, frames, size, size, 3), labels (N,), shards."""
-    import json
-    import random
+                    label_key: str | None = "label") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Real clips from shards, cut like validation batches: uint8 (N, frames, size, size, 3), labels (N,), shards.
 
-    import webdataset as wds
-
-    from stale.data.video_io import ClipSpec, VideoDecodeError, decode_clip
-
+    Read by stale.data.reader like training's: bad samples are skipped and counted (logged), and when
+    none decodes the error counts them by reason and names the fix (label_key=null for unlabelled shards).
+    """
     spec = ClipSpec(frames=frames, size=size, start="first", crop="center")  # cut like validation clips
-    urls = resolve_shards(pattern)
-    clips, labels = [], []
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        if "mp4" not in sample:
-            raise VideoDecodeError(f"{name}: no .mp4 member")
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        label = meta.get(label_key, int(sample["cls"]) if "cls" in sample else 0)
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise VideoDecodeError(f"{name}: label {label!r} under {label_key!r} is not an integer")
-        clips.append(decode_clip(sample["mp4"], spec, random.Random(0), name=name, format="mp4"))  # (T, H, W, 3)
-        labels.append(label)
-        if max_clips and len(clips) >= max_clips:
-            break
+    clips, labels, urls, skips = read_clips(pattern, spec, label_key, max_clips=max_clips)
+    if skips:
+        log.warning("real=%r: skipped %s", pattern, ", ".join(f"{r}={n}" for r, n in skips.most_common()))
     if len(clips) < 2:
         raise SamplesError(f"real={pattern!r} gave {len(clips)} clip(s); a Fréchet distance needs >= 2")
     return np.stack(clips), np.array(labels, dtype=np.int64), urls
