@@ -124,8 +124,8 @@ class TrainingDeadline(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check the plan against the effective rate so far (validation and sampling included); lower it if late."""
-        if self.resumed or self._calibrated_at is None or trainer.sanity_checking:
-            return
+        if self.resumed or self._calibrated_at is None or trainer.sanity_checking or trainer.should_stop:
+            return  # (the validation Lightning runs after a stop needs no new plan)
         step, now = trainer.global_step, time.monotonic()
         step0, t0 = self._calibrated_at
         if step <= step0:
