@@ -248,7 +248,7 @@ def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     import torch
 
     from stale.train import build_system
-    from stale.utils.media import save_videos
+    from stale.data.media import save_videos
 
     cfg = default_config([*common_overrides(args), f"paths.output_dir={folder.parent}"])
     torch.manual_seed(cfg.seed)
@@ -266,8 +266,7 @@ def real_rows(args, scorer: Scorer, default_ckpt: Path | None) -> list[dict]:
     import torch
 
     from stale.eval.evaluate import fdd
-    from stale.eval.samples import write_labels
-    from stale.utils.media import save_videos
+    from stale.data.media import save_videos, write_labels
 
     n, rows = args.samples, []
     tr = scorer.train_clips
