@@ -41,13 +41,6 @@ def _count_nfe(sampler, velocity, x, ts, clamp: bool) -> int:
     return calls[0]
 
 
-def _timed_cpu(fn, device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn()."""
-    c0 = time.process_time()
-    wall = timed(fn, device)
-    return wall, time.process_time() - c0
-
-
 @torch.no_grad()
 def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 4, steps: int = 20,
         samplers=("euler", "heun"), rounds: int = 5, system_sample: bool = True, cfg_weight: float = 3.0,
@@ -57,7 +50,6 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     torch.manual_seed(seed)
     net = build(model, frames, size).to(device).eval()
     labels = (torch.arange(batch_size) % net.config.num_classes).to(device)
-    null = torch.full_like(labels, net.config.num_classes)
     x0 = flow.sample_prior((batch_size, net.config.in_channels, frames, size, size), "uniform",
                            generator=torch.Generator().manual_seed(seed)).to(device)
     ts = time_grid(steps, device)
@@ -100,9 +92,8 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     summary = {"target": TARGET_OVERHEAD, "worst_overhead": max(r["overhead"] for r in rows),
                "meets_target": all(r["meets_target"] for r in rows)}
     if cfg_weight != 1.0:
-        rows_cfg, ratio = _guidance_rows(net, labels, null, x0, ts, cfg_weight, rounds, device, seed)
-        rows += rows_cfg
-        summary.update(ratio)
+        cfg_rows, ratio = _guidance_rows(net, labels, x0, ts, cfg_weight, rounds, device, seed)
+        rows, summary = rows + cfg_rows, {**summary, **ratio}
     return {"rows": rows, "summary": summary,
             "setup": {"model": model, "clip": [frames, size, size], "batch_size": batch_size, "steps": steps,
                       "rounds": rounds, "cfg_weight": cfg_weight, "device": device},
@@ -112,26 +103,24 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
                       "per video = sample_ms / batch_size"]}
 
 
-def _guidance_rows(net, labels, null, x0, ts, weight: float, rounds: int, device: str, seed: int):
-    """Euler sampling at guidance `weight`: generate() (one batched forward per step) against two forwards."""
-    steps, b = len(ts) - 1, len(labels)
-
-    def two_pass(x, t):  # the pre-batching field: conditional and null-label forwards one after the other
-        return cfg_combine(net(x, t, labels)[0], net(x, t, null)[0], weight)
-
-    plans = {"cfg two passes (euler)": lambda: sample_euler(two_pass, x0, ts, clamp=True),
-             "cfg batched, generate() (euler)": lambda: generate(net, labels, steps=steps, guidance=weight, seed=seed)}
-    times = {name: ([], []) for name in plans}
-    for fn in plans.values():
+def _guidance_rows(net, labels, x0, ts, weight: float, rounds: int, device: str, seed: int):
+    """Euler at guidance `weight`: generate() (one batched forward per step) against two forwards per step."""
+    null = torch.full_like(labels, net.config.num_classes)
+    two_pass = lambda x, t: cfg_combine(net(x, t, labels)[0], net(x, t, null)[0], weight)  # noqa: E731 (before)
+    before, after = "cfg two passes (euler)", "cfg batched, generate() (euler)"
+    plans = {before: lambda: sample_euler(two_pass, x0, ts),
+             after: lambda: generate(net, labels, steps=len(ts) - 1, guidance=weight, seed=seed)}
+    wall, cpu = {name: [] for name in plans}, {name: [] for name in plans}
+    for name, fn in plans.items():
         fn()  # warm up
     for _ in range(rounds):
         for name, fn in plans.items():
-            wall, cpu = _timed_cpu(fn, device)
-            times[name][0].append(wall)
-            times[name][1].append(cpu)
-    rows = [{"sampler": name, "status": "measured", "steps": steps, "guidance": weight, "nfe": 2 * steps,
-             "sample_ms": round(1e3 * median(wall), 3), "ms_per_video": round(1e3 * median(wall) / b, 3),
-             "cpu_ms_per_video": round(1e3 * median(cpu) / b, 3)} for name, (wall, cpu) in times.items()]
-    (w2, c2), (w1, c1) = times.values()
-    ratio = {"cfg_ratio_wall": round(median(w1) / median(w2), 4), "cfg_ratio_cpu": round(median(c1) / median(c2), 4)}
-    return rows, ratio
+            c0 = time.process_time()
+            wall[name].append(timed(fn, device))
+            cpu[name].append(time.process_time() - c0)
+    b = len(labels)
+    rows = [{"sampler": name, "status": "measured", "steps": len(ts) - 1, "guidance": weight, "nfe": 2 * (len(ts) - 1),
+             "sample_ms": round(1e3 * median(wall[name]), 3), "ms_per_video": round(1e3 * median(wall[name]) / b, 3),
+             "cpu_ms_per_video": round(1e3 * median(cpu[name]) / b, 3)} for name in plans]
+    return rows, {"cfg_ratio_wall": round(median(wall[after]) / median(wall[before]), 4),
+                  "cfg_ratio_cpu": round(median(cpu[after]) / median(cpu[before]), 4)}
