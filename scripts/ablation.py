@@ -257,7 +257,8 @@ def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     videos = system.sample(torch.arange(args.samples) % k, steps=args.sample_steps, seed=cfg.sample.seed)
     save_videos(videos, folder)
     ckpt = folder.parent / "untrained.ckpt"
-    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
+    state = system.state_dict()  # stale-train's layout; the EMA of weights that never moved is the weights
+    torch.save({"state_dict": state, "current_model_state": state, "hyper_parameters": dict(system.hparams)}, ckpt)
     return ckpt, scorer.val_loss(system.eval(), int(cfg.data.get("val_batch_size") or cfg.data.batch_size))
 
 
