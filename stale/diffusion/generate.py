@@ -1,14 +1,8 @@
 """generate(): the one sampling path, from a seed to uint8 videos.
 
-StaleSystem.sample (stale-train's samples), StalePipeline (stale-sample, exports), stale-eval's label
-agreement and stale-bench's sampler section all call it, so a seed gives the same videos from a Lightning
-checkpoint and from its export. The steps, each a small function of its own:
-
-    prior    z ~ p0, drawn on the CPU from `seed` for all videos at once (stale.diffusion.flow)
-    guidance v(x, t) = classifier-free guidance over one batched forward, plus the hinge head's margin
-             gradient when classifier_guidance > 0 (stale.diffusion.guidance)
-    sampler  integrate dx/dt = v from t = 0 to 1 (stale.diffusion.samplers), clamped for the uniform prior
-    output   [-1, 1] -> uint8 (B, C, T, H, W) on the CPU
+StaleSystem.sample (stale-train's samples), StalePipeline (stale-sample, exports) and stale-bench call it,
+so a seed gives the same videos from a Lightning checkpoint and from its export: prior z ~ p0 drawn on the
+CPU (flow.py) -> guided velocity (guidance.py) -> sampler from t = 0 to 1 (samplers.py) -> uint8.
 """
 
 from __future__ import annotations
