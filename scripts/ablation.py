@@ -249,7 +249,7 @@ def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     import torch
 
     from stale.train import build_system
-    from stale.utils.media import save_videos
+    from stale.data.media import save_videos
 
     cfg = default_config([*common_overrides(args), f"paths.output_dir={folder.parent}"])
     torch.manual_seed(cfg.seed)
@@ -258,7 +258,8 @@ def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     videos = system.sample(torch.arange(args.samples) % k, steps=args.sample_steps, seed=cfg.sample.seed)
     save_videos(videos, folder)
     ckpt = folder.parent / "untrained.ckpt"
-    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, ckpt)
+    state = system.state_dict()  # stale-train's layout; the EMA of weights that never moved is the weights
+    torch.save({"state_dict": state, "current_model_state": state, "hyper_parameters": dict(system.hparams)}, ckpt)
     return ckpt, scorer.val_loss(system.eval(), int(cfg.data.get("val_batch_size") or cfg.data.batch_size))
 
 
@@ -267,8 +268,7 @@ def real_rows(args, scorer: Scorer, default_ckpt: Path | None) -> list[dict]:
     import torch
 
     from stale.eval.evaluate import fdd
-    from stale.eval.samples import write_labels
-    from stale.utils.media import save_videos
+    from stale.data.media import save_videos, write_labels
 
     n, rows = args.samples, []
     tr = scorer.train_clips

@@ -77,14 +77,14 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
 
     from stale.diffusion import flow
     from stale.diffusion.hinge import hinge_loss
-    from stale.system.stale_system import StaleSystem, to_unit_range
+    from stale.system.stale_system import StaleSystem
 
     class FixedNoiseSystem(StaleSystem):
         records: list = []
 
         def training_step(self, batch, batch_idx):
             video, label, z, t, index = batch
-            x = to_unit_range(video)
+            x = flow.to_unit_range(video)
             v, scores = self.model(flow.interpolate(z, x, t), t, label)
             loss = (v.float() - flow.velocity_target(z, x)).pow(2).mean() + 0.1 * hinge_loss(scores.float(), label)
             losses, indices = self.all_gather(loss.detach()), self.all_gather(index)  # every rank's

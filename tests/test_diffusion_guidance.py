@@ -46,20 +46,27 @@ def test_classifier_free_combination():
     a, b = torch.randn(4, 2), torch.randn(4, 2)
     assert torch.allclose(cfg_combine(a, b, 1.0), a) and torch.equal(cfg_combine(a, b, 0.0), b)
     assert torch.allclose(cfg_combine(a, b, 3.0), b + 3 * (a - b))
+
+
+def test_classifier_free_guidance_is_one_batched_call():
+    """DiT's forward_with_cfg: w != 0, 1 makes ONE call over [x; x] with labels [y; null], not two calls."""
     calls = []
 
-    def cond(x, t):
-        calls.append("cond")
-        return x + 1
+    def field(x, t, y):  # a label-conditional field: v = x + y (labels 1, 2; null label 0)
+        calls.append((x.shape[0], y.tolist()))
+        return x + y.view(-1, 1).to(x)
 
-    def null(x, t):
-        calls.append("null")
-        return x - 1
-
-    x, t = torch.zeros(2, 2), torch.full((2,), 0.5)
-    assert torch.equal(classifier_free(cond, null, 1.0)(x, t), x + 1) and calls == ["cond"]  # w=1: one pass
-    assert torch.equal(classifier_free(cond, null, 2.0)(x, t), x + 3)
-    assert classifier_guided(cond, None, scale=0.0) is cond
+    x, t = torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.full((2,), 0.5)
+    labels, null = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.long)
+    out = classifier_free(field, labels, null, 3.0)(x, t)
+    assert calls == [(4, [1, 2, 0, 0])]
+    assert out.tolist() == [[3.0, 4.0], [8.0, 9.0]]  # v_null + 3 (v_y - v_null) = x + 3 y
+    calls.clear()
+    assert torch.equal(classifier_free(field, labels, null, 1.0)(x, t), x + torch.tensor([[1.0], [2.0]]))
+    assert torch.equal(classifier_free(field, labels, null, 0.0)(x, t), x)
+    assert calls == [(2, [1, 2]), (2, [0, 0])]  # w = 1 and w = 0: one pass of batch B each
+    v = lambda x, t: x  # noqa: E731
+    assert classifier_guided(v, None, scale=0.0) is v
 
 
 def test_classifier_guidance_factor_is_capped_near_t0():

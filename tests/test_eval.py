@@ -10,12 +10,14 @@ import webdataset as wds
 
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import encode_mp4, write_mp4_file
-from stale.eval.agreement import CheckpointError, agreement, head_predictions, load_checkpoint_model
+from stale.eval.agreement import agreement, head_predictions
 from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
 from stale.diffusion.dog import DOG_BANDS
 from stale.eval.features import FEATURE_NAMES, frame_features
 from stale.eval.frechet import frechet_between, frechet_distance
-from stale.eval.samples import SamplesError, read_labels, write_labels
+from stale.data.media import write_labels
+from stale.eval.samples import SamplesError, read_labels
+from stale.export.checkpoint import CheckpointError, read_checkpoint
 from stale.models import build_model
 
 from conftest import run_cli
@@ -103,9 +105,11 @@ def fixed_head_model(cls: int):
     return model
 
 
-def save_checkpoint(model, path, prior="uniform"):
-    """The checkpoint layout stale-train writes (Lightning state_dict with the 'model.' prefix + run_config)."""
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+def save_checkpoint(model, path, prior="uniform", ema=True):
+    """The checkpoint layout stale-train writes: Lightning's state_dict with the 'model.' prefix (the EMA weights;
+    EMAWeightAveraging moves the raw ones to current_model_state) and the run_config."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, **({"current_model_state": state} if ema else {}),
                 "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
                                                     "diffusion": {"prior": prior}}}}, path)
 
@@ -113,17 +117,23 @@ def save_checkpoint(model, path, prior="uniform"):
 def test_checkpoint_round_trip_and_head_predictions(tmp_path):
     model = fixed_head_model(2)
     save_checkpoint(model, tmp_path / "m.ckpt")
-    loaded, run_config = load_checkpoint_model(tmp_path / "m.ckpt")
-    assert run_config["diffusion"]["prior"] == "uniform" and not loaded.training
+    source = read_checkpoint(tmp_path / "m.ckpt")  # what stale-eval reads the model with
+    loaded = source.build_model()
+    assert source.run_config["diffusion"]["prior"] == "uniform" and not loaded.training
     clips, _ = shapes(5, seed=4)
     for t in (1.0, 0.5):
         pred, scores = head_predictions(loaded, clips, t=t, batch=2)
         assert pred.tolist() == [2] * 5 and scores.shape == (5, 4)
-    torch.save({"state_dict": {}}, tmp_path / "bad.ckpt")
-    with pytest.raises(CheckpointError, match="bad.ckpt: no hyper_parameters.run_config.model"):
-        load_checkpoint_model(tmp_path / "bad.ckpt")
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint_model(tmp_path / "none.ckpt")
+
+
+def test_stale_eval_reads_checkpoints_through_the_export_reader(real_shard, tmp_path):
+    """One checkpoint reader: stale-eval refuses what stale-export refuses (here: no EMA weights)."""
+    (tmp_path / "s").mkdir()
+    for i, clip in enumerate(shapes(2, seed=8)[0]):
+        write_mp4_file(tmp_path / "s" / f"sample_{i:03d}.mp4", clip)
+    save_checkpoint(fixed_head_model(2), tmp_path / "raw_only.ckpt", ema=False)
+    with pytest.raises(CheckpointError, match="raw_only.ckpt has no EMA weights"):
+        evaluate(tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle")
 
 
 def test_labels_sidecar(tmp_path):

@@ -22,7 +22,7 @@ from stale.export import StalePipeline, export_checkpoint
 from stale.export.registry import ALLOWED_TARGETS
 from stale.export.sample import sample_to_dir
 from stale.train import build_system
-from stale.utils.media import save_videos
+from stale.data.media import save_videos
 
 
 # One thread per process, here and in the commands: the shapes are tiny, and on a shared 2-core machine two
@@ -159,9 +159,31 @@ def test_samples_identical_from_checkpoint_and_export(trained, exported, lightni
     b = from_export(num_videos=3, label=labels, steps=3, sampler="euler", guidance=1.0, seed=11)
     c = from_ckpt(num_videos=3, label=labels, steps=3, sampler="euler", guidance=1.0, seed=11)
     assert torch.equal(a, b) and torch.equal(b, c)
-    guided = dict(num_videos=3, label=labels, steps=3, guidance=2.5, seed=11)
-    assert torch.equal(from_export(**guided), from_ckpt(**guided))
+    # the default guidance (3) and classifier guidance: the system and both pipelines, bit for bit
+    for settings in ({"guidance": 3.0}, {"guidance": 3.0, "classifier_guidance": 2.0}):
+        a = system.sample(labels, steps=3, sampler="euler", seed=11, **settings)
+        assert torch.equal(a, from_export(num_videos=3, label=labels, steps=3, sampler="euler", seed=11, **settings))
+        assert torch.equal(a, from_ckpt(num_videos=3, label=labels, steps=3, sampler="euler", seed=11, **settings))
     assert not torch.equal(b, from_export(num_videos=3, label=labels, steps=3, guidance=1.0, seed=12))
+
+
+@pytest.mark.parametrize("settings", [["guidance=3"], ["guidance=3", "classifier_guidance=2"]],
+                         ids=["cfg3", "cfg3+classifier2"])
+def test_stale_sample_cli_writes_the_same_videos_from_checkpoint_and_export(trained, exported, tmp_path, settings):
+    """The acceptance of issue 15: `stale-sample ckpt=last.ckpt` and `stale-sample model=EXPORT_DIR` agree."""
+    out, _ = exported
+    frames = {}
+    for name, source in (("ckpt", f"ckpt={trained}"), ("model", f"model={out}")):
+        run_cli("stale-sample", source, f"out={tmp_path / name}", "num_videos=2", "steps=2", "seed=3",
+                "device=cpu", "progress=false", *settings, env=ONE_THREAD)
+        record = json.loads((tmp_path / name / "samples.json").read_text())
+        assert record["guidance"] == 3.0 and record["classifier_guidance"] == (2.0 if len(settings) == 2 else 0.0)
+        frames[name] = [decode_mp4(p.read_bytes()) for p in sorted((tmp_path / name).glob("sample_*.mp4"))]
+    assert len(frames["ckpt"]) == 2
+    for a, b in zip(frames["ckpt"], frames["model"]):
+        assert np.array_equal(a, b)
+    unguided = StalePipeline.from_pretrained(out)(num_videos=2, steps=2, seed=3, guidance=1.0)
+    assert not np.array_equal(frames["model"][0], unguided[0].permute(1, 2, 3, 0).numpy())
 
 
 def test_sample_from_checkpoint(trained, exported, tmp_path):

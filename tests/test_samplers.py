@@ -109,3 +109,16 @@ def test_system_guidance_options_change_the_samples():
         assert not torch.equal(base, other)
     with pytest.raises(ValueError, match="sample.sampler"):
         system.sample(labels, steps=3, sampler="ddim")
+
+
+def test_uint8_conversion_round_trips_and_leaves_its_input_alone():
+    from stale.diffusion.flow import to_uint8, to_unit_range
+
+    levels = torch.arange(256, dtype=torch.uint8)
+    x = to_unit_range(levels)
+    assert x[0] == -1 and x[-1] == 1 and x[128].item() == pytest.approx(1 / 255, abs=1e-6)  # 128 / 127.5 - 1 in float32
+    assert torch.equal(to_uint8(x), levels)
+    video = torch.tensor([0.0, 127.5, 255.0])  # a float batch: .float() returns it, so in-place ops would write it
+    assert to_unit_range(video).tolist() == [-1.0, 0.0, 1.0]
+    assert video.tolist() == [0.0, 127.5, 255.0]
+    assert to_uint8(torch.tensor([-3.0, 0.0, 3.0])).tolist() == [0, 128, 255]  # clamped, rounded half to even

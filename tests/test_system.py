@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from stale.diffusion import flow
 from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
 from stale.train import ConfigError, build_system, check_config, train
@@ -135,7 +136,7 @@ def test_bf16_mixed_and_grad_checkpointing_step(tmp_path):
         m.model.config.grad_checkpointing = checkpointing
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = m.objective(m.model, x.float() / 127.5 - 1, y, m.null_label)["loss"]
+            loss = m.objective(m.model, flow.to_unit_range(x), y, m.null_label)["loss"]
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in m.model.parameters() if p.grad is not None])
 

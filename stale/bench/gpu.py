@@ -82,7 +82,7 @@ class _Trainer:
         self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
     def loss(self, net, video, label):
-        from stale.system.stale_system import to_unit_range
+        from stale.diffusion.flow import to_unit_range
 
         with torch.autocast(self.dev_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.objective(net, to_unit_range(video), label, self.model.config.num_classes)["loss"]

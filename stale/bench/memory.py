@@ -33,7 +33,7 @@ MIB = 2**20
 
 def _step_fn(model, device: str, amp: bool):
     from stale.diffusion.objective import StaleObjective
-    from stale.system.stale_system import to_unit_range
+    from stale.diffusion.flow import to_unit_range
 
     objective = StaleObjective()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.startswith("cuda") else None)

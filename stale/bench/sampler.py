@@ -1,20 +1,31 @@
-"""Sampler overhead: sampling time / (number of model evaluations x one forward).
+"""Sampler overhead and the cost of classifier-free guidance.
 
-For each sampler, a round times `nfe` back-to-back forwards of the same velocity closure that
-StaleSystem.sample builds (model(x_t, t, labels)[0]), then one sampling run with `steps` steps; the
-overhead of the round is sampling / forwards - 1, where nfe is counted by running the sampler once
-with a counting closure (Euler: steps; Heun: usually 2 x steps - 1). Rounds alternate the two timings
-so machine drift hits both; the headline is the median over rounds. `per_step_ratio` is the figure
-the issue names, sampling / (steps x one forward): 1 for a perfect Euler, about 2 for Heun.
+Overhead: for each sampler, a round times `nfe` back-to-back forwards of the velocity that
+stale.diffusion.generate integrates at guidance 1 (model(x_t, t, labels)[0]), then one sampling run with
+`steps` steps; the overhead of the round is sampling / forwards - 1, where nfe is counted by running the
+sampler once with a counting closure (Euler: steps; Heun: usually 2 x steps - 1). `per_step_ratio` is
+sampling / (steps x one forward): 1 for a perfect Euler, about 2 for Heun. The row
+`StaleSystem.sample(euler)` times the user-facing path (prior draw, sampler, uint8 conversion).
 
-A sampler name missing from stale.diffusion.samplers.SAMPLERS gets the row "not available".
+Guidance (w = `cfg_weight`): generate() runs the conditional and null-label passes as one forward over the
+doubled batch (DiT's forward_with_cfg); the reference row runs them as two forwards of batch B, as stale did
+before. Both integrate with Euler from the same prior; `cfg_ratio` is batched / two-pass, in wall and in
+process CPU time (the latter is less sensitive to other jobs on a shared machine).
+
+Rounds alternate the timings so machine drift hits all of them; the headline is the median over rounds.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from stale.bench import build, median, timed
+from stale.diffusion import flow
+from stale.diffusion.generate import generate, guided_velocity
+from stale.diffusion.guidance import cfg_combine
+from stale.diffusion.samplers import get_sampler, sample_euler, time_grid
 
 TARGET_OVERHEAD = 0.05  # issue 11: sampler overhead <= 5%
 
@@ -32,11 +43,8 @@ def _count_nfe(sampler, velocity, x, ts, clamp: bool) -> int:
 
 @torch.no_grad()
 def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 4, steps: int = 20,
-        samplers=("euler", "heun"), rounds: int = 5, system_sample: bool = True, device: str = "cpu",
-        seed: int = 0) -> dict:
-    from stale.diffusion import flow
-    from stale.diffusion.samplers import SAMPLERS, time_grid
-
+        samplers=("euler", "heun"), rounds: int = 5, system_sample: bool = True, cfg_weight: float = 3.0,
+        device: str = "cpu", seed: int = 0) -> dict:
     if steps < 1 or rounds < 1:
         raise ValueError(f"sampler: steps={steps} and rounds={rounds} must be >= 1")
     torch.manual_seed(seed)
@@ -45,9 +53,7 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     x0 = flow.sample_prior((batch_size, net.config.in_channels, frames, size, size), "uniform",
                            generator=torch.Generator().manual_seed(seed)).to(device)
     ts = time_grid(steps, device)
-
-    def velocity(x_t, t):  # as in StaleSystem.sample with guidance 1
-        return net(x_t, t, labels)[0]
+    velocity = guided_velocity(net, labels)  # guidance 1: one forward per evaluation
 
     def forwards(n: int):
         t = ts[0].expand(batch_size)
@@ -55,22 +61,18 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
             velocity(x0, t)
 
     plans = []  # (row name, callable running one sampling, nfe)
-    rows = []
     for name in samplers:
-        if name not in SAMPLERS:
-            rows.append({"sampler": name, "status": f"not available (no {name!r} in "
-                                                   f"stale.diffusion.samplers.SAMPLERS: {sorted(SAMPLERS)})"})
-            continue
-        fn = SAMPLERS[name]
+        fn = get_sampler(name)
         nfe = _count_nfe(fn, velocity, x0, ts, clamp=True)
         plans.append((name, lambda fn=fn: fn(velocity, x0, ts, clamp=True, progress=False), nfe))
-    if system_sample and "euler" in SAMPLERS:  # the user-facing path: prior draw, sampler, uint8 conversion
+    if system_sample:  # the user-facing path: prior draw, sampler, uint8 conversion
         from stale.bench.train import _make_system
 
         system = _make_system(net, 1e-3).to(device)
         plans.append(("StaleSystem.sample(euler)",
                       lambda: system.sample(labels, steps=steps, sampler="euler", seed=seed), steps))
 
+    rows = []
     for name, sample, nfe in plans:
         forwards(1)  # warm up (allocator, lazy inits)
         sample()
@@ -87,14 +89,38 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
                      "per_step_ratio": round(median(sample_s) / (steps * one), 4),
                      "overhead": round(median(ratios) - 1, 4),
                      "meets_target": median(ratios) - 1 <= TARGET_OVERHEAD})
-    order = {name: i for i, name in enumerate(samplers)}
-    rows.sort(key=lambda r: order.get(r["sampler"], len(order)))  # as asked; the system row last
-    measured = [r for r in rows if isinstance(r.get("overhead"), float)]
-    summary = {"target": TARGET_OVERHEAD,
-               "worst_overhead": max((r["overhead"] for r in measured), default=float("nan")),
-               "meets_target": bool(measured) and all(r["meets_target"] for r in measured)}
+    summary = {"target": TARGET_OVERHEAD, "worst_overhead": max(r["overhead"] for r in rows),
+               "meets_target": all(r["meets_target"] for r in rows)}
+    if cfg_weight != 1.0:
+        cfg_rows, ratio = _guidance_rows(net, labels, x0, ts, cfg_weight, rounds, device, seed)
+        rows, summary = rows + cfg_rows, {**summary, **ratio}
     return {"rows": rows, "summary": summary,
             "setup": {"model": model, "clip": [frames, size, size], "batch_size": batch_size, "steps": steps,
-                      "rounds": rounds, "device": device},
+                      "rounds": rounds, "cfg_weight": cfg_weight, "device": device},
             "notes": ["overhead = median over rounds of sampling time / (nfe back-to-back forwards) - 1; "
-                      "per_step_ratio = sampling time / (steps x one forward)"]}
+                      "per_step_ratio = sampling time / (steps x one forward)",
+                      "cfg_ratio = batched-CFG sampling time / two-pass CFG sampling time (Euler, same prior); "
+                      "per video = sample_ms / batch_size"]}
+
+
+def _guidance_rows(net, labels, x0, ts, weight: float, rounds: int, device: str, seed: int):
+    """Euler at guidance `weight`: generate() (one batched forward per step) against two forwards per step."""
+    null = torch.full_like(labels, net.config.num_classes)
+    two_pass = lambda x, t: cfg_combine(net(x, t, labels)[0], net(x, t, null)[0], weight)  # noqa: E731 (before)
+    before, after = "cfg two passes (euler)", "cfg batched, generate() (euler)"
+    plans = {before: lambda: sample_euler(two_pass, x0, ts),
+             after: lambda: generate(net, labels, steps=len(ts) - 1, guidance=weight, seed=seed)}
+    wall, cpu = {name: [] for name in plans}, {name: [] for name in plans}
+    for name, fn in plans.items():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in plans.items():
+            c0 = time.process_time()
+            wall[name].append(timed(fn, device))
+            cpu[name].append(time.process_time() - c0)
+    b = len(labels)
+    rows = [{"sampler": name, "status": "measured", "steps": len(ts) - 1, "guidance": weight, "nfe": 2 * (len(ts) - 1),
+             "sample_ms": round(1e3 * median(wall[name]), 3), "ms_per_video": round(1e3 * median(wall[name]) / b, 3),
+             "cpu_ms_per_video": round(1e3 * median(cpu[name]) / b, 3)} for name in plans]
+    return rows, {"cfg_ratio_wall": round(median(wall[after]) / median(wall[before]), 4),
+                  "cfg_ratio_cpu": round(median(cpu[after]) / median(cpu[before]), 4)}

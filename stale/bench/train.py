@@ -136,7 +136,8 @@ class _PlainLoop:
         self.steps_done = 0  # the batch index the system's per-step noise seed is built from
 
     def step(self, batch) -> None:
-        from stale.system.stale_system import noise_seed, to_unit_range
+        from stale.diffusion.flow import to_unit_range
+        from stale.system.stale_system import noise_seed
 
         model, objective = self.system.model, self.system.objective
         model.train()

@@ -33,6 +33,17 @@ def sample_time(n: int, kind: str = "logit_normal", mean: float = 0.0, std: floa
     raise ValueError(f"diffusion.time_sampling={kind!r} is not one of {TIME_SAMPLERS}")
 
 
+def to_unit_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]. Out of place (a new float tensor), so the caller's batch is untouched;
+    called on the device, so that loaders ship bytes (4x fewer than floats)."""
+    return video.float() / 127.5 - 1.0
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounding to the nearest level (the inverse of to_unit_range on uint8)."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def expand_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast per-sample times (B,) against x (B, ...)."""
     return t.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)

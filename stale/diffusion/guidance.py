@@ -31,6 +31,7 @@ import torch
 from stale.diffusion.flow import expand_t
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Conditional = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # v(x (B, ...), t (B,), y (B,))
 
 
 def cfg_combine(v_cond: torch.Tensor, v_null: torch.Tensor, weight: float) -> torch.Tensor:
@@ -38,11 +39,25 @@ def cfg_combine(v_cond: torch.Tensor, v_null: torch.Tensor, weight: float) -> to
     return v_null + weight * (v_cond - v_null)
 
 
-def classifier_free(cond: Velocity, null: Velocity, weight: float) -> Velocity:
-    """Classifier-free guided field; w = 1 calls only the conditional field (no extra evaluation)."""
+def classifier_free(velocity: Conditional, labels: torch.Tensor, null: torch.Tensor, weight: float) -> Velocity:
+    """Classifier-free guided field of a label-conditional field `velocity(x, t, y)`.
+
+    w = 1 is the conditional field and w = 0 the unconditional one: one pass each. Otherwise the conditional
+    and the null-label passes run as ONE forward over the doubled batch [x; x] with labels [y; null], split in
+    halves afterwards (DiT's forward_with_cfg, Peebles & Xie 2023): one model call per step instead of two,
+    which fills the device better and halves the per-call overhead.
+    """
     if weight == 1.0:
-        return cond
-    return lambda x, t: cfg_combine(cond(x, t), null(x, t), weight)
+        return lambda x, t: velocity(x, t, labels)
+    if weight == 0.0:
+        return lambda x, t: velocity(x, t, null)
+    both = torch.cat([labels, null])  # (2B,)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v_cond, v_null = velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (2B, ...) -> 2 x (B, ...)
+        return cfg_combine(v_cond, v_null, weight)
+
+    return guided
 
 
 def classifier_guided(velocity: Velocity, grad_log_p: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -149,9 +149,11 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
                      "real_mean": dict(zip(FEATURE_NAMES, np.round(real_f.mean(0), 3).tolist()))}
 
     if ckpt:
-        from stale.eval.agreement import agreement, head_predictions, load_checkpoint_model
+        from stale.eval.agreement import agreement, head_predictions
+        from stale.export.checkpoint import read_checkpoint
 
-        model, run_config = load_checkpoint_model(ckpt, device)
+        source = read_checkpoint(ckpt)  # the EMA weights, allow-listed model targets, weights_only loading
+        model, run_config = source.build_model().to(device), source.run_config
         k = model.config.num_classes
         prior = run_config.get("diffusion", {}).get("prior", "uniform")
         requested, source = sample_labels(samples, names, labels, k)

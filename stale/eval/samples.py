@@ -1,15 +1,5 @@
-"""Generated samples on disk: a folder of mp4 clips plus an optional labels sidecar, `labels.json`.
-
-The sidecar says which class each clip was asked for, so stale-eval can measure label agreement:
-
-    {
-      "format": "stale-samples", "version": 1,
-      "labels": {"sample_000.mp4": 0, "sample_001.mp4": 1, ...},   # required: file name -> requested class
-      "num_classes": 4, "guidance": 1.0, "sampler": "euler", "steps": 50, "seed": 0   # optional, recorded
-    }
-
-Writers (stale-train's sampling, stale-sample) call write_labels(); readers call read_labels().
-This module imports nothing heavy, so writers can use it freely.
+"""Generated samples on disk: a folder of mp4 clips plus an optional labels sidecar, `labels.json`, written by
+stale.data.media.write_labels (its docstring shows the format) and read here.
 """
 
 from __future__ import annotations
@@ -17,8 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SIDECAR = "labels.json"
-FORMAT = "stale-samples"
+from stale.data.media import SIDECAR
 
 
 class SamplesError(ValueError):
@@ -34,15 +23,6 @@ def sample_files(folder: str | Path) -> list[Path]:
     if not files:
         raise SamplesError(f"no .mp4 clips in {folder}")
     return files
-
-
-def write_labels(folder: str | Path, labels: dict[str, int], **meta) -> Path:
-    """Write <folder>/labels.json: `labels` maps clip file names (not paths) to requested classes."""
-    folder = Path(folder)
-    clean = {Path(name).name: int(label) for name, label in labels.items()}
-    path = folder / SIDECAR
-    path.write_text(json.dumps({"format": FORMAT, "version": 1, "labels": clean, **meta}, indent=1))
-    return path
 
 
 def read_labels(folder: str | Path, names: list[str] | None = None) -> dict | None:

@@ -37,7 +37,8 @@ WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json",
 ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
 MODEL_TARGET = "stale.models.build_model"
 DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
-SAMPLE_KEYS = ("steps", "sampler", "guidance")  # from the run's `sample` node: the defaults of StalePipeline
+# from the run's `sample` node: StalePipeline's default settings, with these values where the run has none
+SAMPLE_DEFAULTS = {"steps": 50, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0}
 
 
 def model_node(model: torch.nn.Module, name: str | None = None) -> dict:
@@ -82,7 +83,7 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
         "format_version": FORMAT_VERSION,
         "model": model_node(model, name),
         "diffusion": diffusion_node(diffusion),
-        "sample": {k: v for k, v in (sample or {}).items() if k in SAMPLE_KEYS},
+        "sample": {k: v for k, v in (sample or {}).items() if k in SAMPLE_DEFAULTS},
         "weights": weights,
         "files": {"weights": WEIGHTS_FILE},
     }

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from stale.models.stale_transformer import SDPA_MAX_SEQUENCES
+
 INPUT_NAMES = ("x", "t", "y")
 OUTPUT_NAMES = ("velocity",)
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export needs one; ONNX keeps it symbolic)
@@ -69,12 +71,21 @@ def quiet_exporters():
             logging.getLogger(name).setLevel(level)
 
 
+def max_batch(config) -> int:
+    """The dynamic batch's upper bound: at most MAX_BATCH, and small enough that every attention call stays
+    below SDPA_MAX_SEQUENCES sequences (B T' spatial, B (H'W' + 1) temporal), so that the model's split branch
+    is statically dead and torch.export does not have to guard on `B x sequences <= SDPA_MAX_SEQUENCES`."""
+    pt, ph, pw = config.patch
+    per_clip = max(config.frames // pt, (config.size // ph) * (config.size // pw) + 1)
+    return max(2, min(MAX_BATCH, SDPA_MAX_SEQUENCES // per_clip))
+
+
 def export_program(model: nn.Module, batch: int = 2) -> torch.export.ExportedProgram:
     """torch.export the denoiser with a dynamic batch dimension shared by x, t and y."""
     if batch < 2:
         raise ValueError(f"batch={batch}: trace with batch >= 2, or torch.export specialises the batch to 1")
     denoiser = Denoiser(model).eval()
-    b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    b = torch.export.Dim("batch", min=1, max=max_batch(model.config))
     dynamic = {"x": {0: b}, "t": {0: b}, "y": {0: b}}
     with torch.no_grad(), quiet_exporters():
         return torch.export.export(denoiser, example_inputs(model.config, batch), dynamic_shapes=dynamic)

@@ -3,36 +3,30 @@
     pipe = StalePipeline.from_pretrained("export/")      # config.json + model.safetensors
     videos = pipe(num_videos=4, label=2, steps=50, sampler="euler", guidance=2.0, seed=0)  # uint8 (B, C, T, H, W)
 
-The loop itself is the shared samplers' (stale.diffusion.samplers); this file only draws the prior,
-wraps the model into a velocity field with classifier-free guidance, and converts to uint8. It matches
-StaleSystem.sample (what stale-train writes after training), so a seed gives the same videos from the
-Lightning checkpoint and from its export.
+Sampling is stale.diffusion.generate, the same function StaleSystem.sample (what stale-train writes after
+training) calls, so a seed gives the same videos from the Lightning checkpoint and from its export; this
+file only loads the model and fills in the export's default settings.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from stale.diffusion import flow
-from stale.diffusion.samplers import SAMPLERS, time_grid
+from stale.diffusion.generate import generate
 from stale.export.checkpoint import read_checkpoint
-from stale.export.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, save_pretrained
+from stale.export.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, SAMPLE_DEFAULTS, WEIGHTS_FILE, save_pretrained
 from stale.export.registry import build, check_targets
 
 
 class ExportError(ValueError):
     """An export folder that is incomplete, malformed or from an unknown format; the message names the file."""
-
-
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255] (the same map as stale.system.stale_system.to_uint8)."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class StalePipeline:
@@ -44,7 +38,7 @@ class StalePipeline:
             raise ValueError(f"prior={prior!r} is not one of {flow.PRIORS}")
         self.model = model.eval()
         self.prior = prior
-        self.defaults = {"steps": 50, "sampler": "euler", "guidance": 1.0, **(defaults or {})}
+        self.defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
         self.diffusion = dict(diffusion or {"prior": prior})  # kept so save_pretrained writes it back
         self.name = name
 
@@ -93,7 +87,7 @@ class StalePipeline:
         diffusion_cfg = run.get("diffusion") or {"_target_": "stale.diffusion.objective.StaleObjective"}
         objective = build(diffusion_cfg, where=f"{ckpt}: run_config.diffusion")
         diffusion = {k: v for k, v in diffusion_cfg.items() if k != "_target_"}
-        sample = {k: v for k, v in (run.get("sample") or {}).items() if k in ("steps", "sampler", "guidance")}
+        sample = {k: v for k, v in (run.get("sample") or {}).items() if k in SAMPLE_DEFAULTS}
         return cls(source.build_model().to(device), prior=objective.prior, defaults=sample, diffusion=diffusion,
                    name=run["model"].get("name"))
 
@@ -132,48 +126,21 @@ class StalePipeline:
                              f"({self.config.num_classes} classes; {self.null_label} = unconditional)")
         return labels
 
-    def velocity_fn(self, labels: torch.Tensor, guidance: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """v(x, t) for the samplers, with classifier-free guidance v_null + w (v_label - v_null); w = 1 is plain
-        conditional sampling (one model call per step), w = 0 unconditional."""
-        labels = labels.to(self.device)
-        null = torch.full_like(labels, self.null_label)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if guidance == 0.0:
-                return self.model(x, t, null)[0]
-            v_label = self.model(x, t, labels)[0]
-            if guidance == 1.0:
-                return v_label
-            v_null = self.model(x, t, null)[0]
-            return v_null + guidance * (v_label - v_null)
-
-        return velocity
-
     @torch.no_grad()
     def __call__(self, num_videos: int = 4, label: int | Sequence[int] | torch.Tensor | None = None,
                  steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                  seed: int = 0, frames: int | None = None, size: int | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Generate uint8 videos (B, C, T, H, W) on the CPU. steps/sampler/guidance default to the export's
-        `sample` settings. The prior noise is drawn on the CPU from `seed` for all videos at once, so every
-        video starts from the same noise on any device and with any `batch_size` (which bounds memory; the
-        model's float sums can differ in the last bit with the batch size, so pixels may differ by one level)."""
-        steps = int(steps if steps is not None else self.defaults["steps"])
-        sampler = sampler if sampler is not None else self.defaults["sampler"]
-        guidance = float(guidance if guidance is not None else self.defaults["guidance"])
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
-        cfg = self.config
-        labels = self.labels(num_videos, label)
-        shape = (num_videos, cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        noise = flow.sample_prior(shape, self.prior, generator=g)  # (B, C, T, H, W)
-        ts = time_grid(steps, self.device)
-        chunk = batch_size or num_videos
-        out = []
-        for i in range(0, num_videos, chunk):
-            x = noise[i : i + chunk].to(self.device)
-            velocity = self.velocity_fn(labels[i : i + chunk], guidance)
-            x = SAMPLERS[sampler](velocity, x, ts, clamp=self.prior == "uniform", progress=progress)
-            out.append(to_uint8(x).cpu())
-        return torch.cat(out)
+                 batch_size: int | None = None, progress: bool = False,
+                 classifier_guidance: float | None = None) -> torch.Tensor:
+        """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate. steps, sampler, guidance
+        and classifier_guidance default to the export's `sample` settings; batch_size bounds memory."""
+        settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
+                                 classifier_guidance=classifier_guidance)
+        return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
+                        size=size, batch_size=batch_size, progress=progress, **settings)
+
+    def settings(self, **given) -> dict:
+        """The sampling settings: each given value, else the export's default."""
+        out = {k: given[k] if given.get(k) is not None else self.defaults[k] for k in SAMPLE_DEFAULTS}
+        return {"steps": int(out["steps"]), "sampler": out["sampler"], "guidance": float(out["guidance"]),
+                "classifier_guidance": float(out["classifier_guidance"])}

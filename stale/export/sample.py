@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from stale.export.pipeline import StalePipeline
-from stale.utils.media import save_videos
+from stale.data.media import save_videos
 
 
 def resolve_device(device: str | None) -> str:
@@ -35,14 +35,13 @@ def load_pipeline(model: str | Path | None = None, ckpt: str | Path | None = Non
 def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | Path | None = None,
                   weights: str = "ema", num_videos: int = 8, label: int | Sequence[int] | None = None,
                   steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                  seed: int = 0, frames: int | None = None, size: int | None = None, batch_size: int | None = None,
-                  fps: int = 8, device: str | None = "auto", progress: bool = True) -> dict[str, Path]:
+                  classifier_guidance: float | None = None, seed: int = 0, frames: int | None = None,
+                  size: int | None = None, batch_size: int | None = None, fps: int = 8, device: str | None = "auto",
+                  progress: bool = True) -> dict[str, Path]:
     """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png and samples.json."""
     pipe = load_pipeline(model, ckpt, weights, device)
     labels = pipe.labels(num_videos, label)
-    settings = {"steps": steps if steps is not None else pipe.defaults["steps"],
-                "sampler": sampler if sampler is not None else pipe.defaults["sampler"],
-                "guidance": guidance if guidance is not None else pipe.defaults["guidance"]}
+    settings = pipe.settings(steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance)
     videos = pipe(num_videos=num_videos, label=labels, seed=seed, frames=frames, size=size,
                   batch_size=batch_size, progress=progress, **settings)  # uint8 (B, C, T, H, W)
     paths = save_videos(videos, out, fps=fps)

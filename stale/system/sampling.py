@@ -15,9 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-from stale.eval.samples import write_labels
-
-from stale.utils.media import save_videos
+from stale.data.media import save_videos, write_labels
 
 log = logging.getLogger(__name__)
 

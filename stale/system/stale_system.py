@@ -16,8 +16,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from stale.diffusion import flow
+from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
-from stale.diffusion.samplers import time_grid
 from stale.system.schedules import lr_multiplier
 from stale.utils.provenance import shard_list
 
@@ -29,16 +29,11 @@ def noise_seed(seed: int, batch_idx: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, batch_idx, rank]).generate_state(1)[0])
 
 
-def to_unit_range(video: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], done on the device so the loader ships bytes."""
-    return video.float().div_(127.5).sub_(1.0)
-
-
 def validation_losses(model: nn.Module, prior: str, video: torch.Tensor, label: torch.Tensor, batch_idx: int,
                       times) -> list[torch.Tensor]:
     """Velocity MSE of one uint8 batch at each t in `times`, with noise from a CPU generator seeded 1000 + batch_idx:
     the number depends only on the weights and the clips, never on the RNG state of training."""
-    x = to_unit_range(video)
+    x = flow.to_unit_range(video)
     g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
     z = flow.sample_prior(x.shape, prior, generator=g).to(x)
     losses = []
@@ -47,10 +42,6 @@ def validation_losses(model: nn.Module, prior: str, video: torch.Tensor, label: 
         v, _ = model(flow.interpolate(z, x, t), t, label)
         losses.append((v.float() - flow.velocity_target(z, x)).pow(2).mean())
     return losses
-
-
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
@@ -115,7 +106,7 @@ class StaleSystem(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         video, label = batch
-        x = to_unit_range(video)
+        x = flow.to_unit_range(video)
         cuda = x.device.type == "cuda"
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
@@ -171,44 +162,14 @@ class StaleSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1,
                                                    "name": "lr"}}
 
-    @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int = 50, sampler: str = "euler", guidance: float = 1.0,
                seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False,
                classifier_guidance: float = 0.0) -> torch.Tensor:
-        """Generate uint8 videos (B, C, T, H, W) for `labels`.
-
-        sampler: euler | heun | rk4 (stale/diffusion/samplers.py). guidance: classifier-free guidance
-        weight (1 = plain conditional). classifier_guidance: scale of the hinge head's margin gradient
-        (0 = off; a heuristic for the uniform prior, see stale/diffusion/guidance.py). The same seed gives
-        the same videos: the prior is drawn on the CPU from `seed` and the samplers are deterministic.
-        """
-        from stale.diffusion.guidance import classifier_free, classifier_guided, input_gradient
-        from stale.diffusion.hinge import margin
-        from stale.diffusion.samplers import get_sampler
-
-        solve = get_sampler(sampler)  # fails on an unknown name before any work
-        cfg = self.model.config
-        shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        x = flow.sample_prior(shape, self.objective.prior, generator=g).to(self.device)
-        labels = labels.to(self.device)
-        null = torch.full_like(labels, self.null_label)
-
-        velocity = classifier_free(lambda x_t, t: self.model(x_t, t, labels)[0],
-                                   lambda x_t, t: self.model(x_t, t, null)[0], guidance)
-        if classifier_guidance:
-            # the head is trained label-free (null label), so it is read the same way here
-            head_margin = lambda x_t, t: margin(self.model(x_t, t, null)[1].float(), labels)  # noqa: E731
-            velocity = classifier_guided(velocity, input_gradient(head_margin), classifier_guidance)
-
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = solve(velocity, x, time_grid(steps, x.device), clamp=self.objective.prior == "uniform",
-                        progress=progress)
-        finally:
-            self.model.train(was_training)
-        return to_uint8(out)
+        """Generate uint8 videos (B, C, T, H, W) on the CPU for `labels`, with stale.diffusion.generate (the same
+        path as StalePipeline, so a seed gives the same videos from this system and from its export)."""
+        return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
+                        guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
+                        size=size, progress=progress)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -245,4 +206,4 @@ class StaleSystem(L.LightningModule):
             "GPU-hours count the new number of devices from here on.", category=UserWarning)
 
 
-__all__ = ["StaleSystem", "no_decay", "to_uint8", "to_unit_range"]
+__all__ = ["StaleSystem", "no_decay"]

@@ -1,7 +1,18 @@
-"""Write sample videos: one mp4 per clip, an animated GIF grid and a PNG contact sheet."""
+"""Write sample videos: one mp4 per clip, an animated GIF grid, a PNG contact sheet and the labels sidecar.
+
+Next to the mp4 codec (video_io) so that every writer of samples (stale-train's sampling, stale-sample, the
+ablation script) imports it from below: training does not import evaluation, and `utils` imports no stale module.
+The sidecar, <folder>/labels.json, says which class each clip was asked for, so stale-eval can measure label
+agreement (read back by stale.eval.samples.read_labels):
+
+    {"format": "stale-samples", "version": 1,
+     "labels": {"sample_000.mp4": 0, "sample_001.mp4": 1, ...},   # required: file name -> requested class
+     "num_classes": 4, "guidance": 1.0, "sampler": "euler", "steps": 50, "seed": 0}   # optional, recorded
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +20,9 @@ import torch
 from PIL import Image
 
 from stale.data.video_io import write_mp4_file
+
+SIDECAR = "labels.json"
+SIDECAR_FORMAT = "stale-samples"
 
 
 def _upscale(frames: np.ndarray, factor: int) -> np.ndarray:  # (..., H, W, C) nearest-neighbour
@@ -57,3 +71,11 @@ def save_videos(videos: torch.Tensor, out_dir: str | Path, fps: int = 8, prefix:
     paths["contact_sheet"] = out / "contact_sheet.png"
     Image.fromarray(contact_sheet(arr, scale=max(1, scale // 2))).save(paths["contact_sheet"])
     return paths
+
+
+def write_labels(folder: str | Path, labels: dict[str, int], **meta) -> Path:
+    """Write <folder>/labels.json: `labels` maps clip file names (not paths) to requested classes."""
+    clean = {Path(name).name: int(label) for name, label in labels.items()}
+    path = Path(folder) / SIDECAR
+    path.write_text(json.dumps({"format": SIDECAR_FORMAT, "version": 1, "labels": clean, **meta}, indent=1))
+    return path
