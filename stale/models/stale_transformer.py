@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("spatial", "temporal", "full")
@@ -184,6 +185,11 @@ class LabelEmbedder(nn.Module):
 # CUDA's attention kernels put the sequences on a grid axis of at most 65535 blocks ("CUDA error: invalid
 # argument" past it, seen on an H100 with temporal attention of 4 clips of 16 x 256 x 256): split above this.
 SDPA_MAX_SEQUENCES = 32768
+# Temporal attention is B (H'W' + 1) sequences of only T' tokens, a shape flash attention's backward is slow on:
+# B's eager bf16 step (16 x 64 x 64, batch 4, one H100) took 0.91x the time with the memory-efficient kernel
+# for temporal blocks (cuDNN 0.92x, math 0.94x; BENCHMARKS.md). Tried in this order; CPUs fall to their flash.
+TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -233,7 +239,9 @@ class StaleBlock(nn.Module):
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d")).view(b, t, n, -1)
         if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'
-            return rearrange(self.attn(rearrange(x, "b t n d -> (b n) t d")), "(b n) t d -> b t n d", b=b)
+            with sdpa_kernel(TEMPORAL_SDPA, set_priority=True):
+                out = self.attn(rearrange(x, "b t n d -> (b n) t d"))
+            return rearrange(out, "(b n) t d -> b t n d", b=b)
         return self.attn(rearrange(x, "b t n d -> b (t n) d")).view(b, t, n, -1)  # full: B sequences of T' N
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), c: (B, D)
