@@ -118,6 +118,24 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
 
 
+def set_threads(cfg: DictConfig) -> None:
+    """torch threads of this training process on CPU (cfg.threads). OpenMP threads that share their cores with
+    data workers or other processes spin against each other: a step measured 4x slower on a busy 2-core
+    machine with 2 threads than with 1 (BENCHMARKS.md "Threads")."""
+    threads = cfg.get("threads", "auto")
+    if threads is None or _accelerator_is_cuda(cfg):
+        return
+    if threads == "auto" and os.environ.get("OMP_NUM_THREADS"):
+        return  # the environment chose (torch reads OMP_NUM_THREADS itself)
+    if threads == "auto":
+        devices = cfg.trainer.get("devices", 1)
+        per_node = devices if isinstance(devices, int) and devices > 0 else 1
+        threads = max(1, (os.cpu_count() or 1) // per_node - int(cfg.data.get("num_workers", 0) or 0))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads={threads!r} must be auto, null or an integer >= 1")
+    torch.set_num_threads(threads)
+
+
 def max_steps(cfg: DictConfig) -> int:
     """The step count the trainer is built with: trainer.max_steps, or with trainer.max_steps=null the most
     a training deadline may plan (deadline.max_steps); the deadline lowers it once it has measured the rate."""
@@ -194,6 +212,7 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     out.mkdir(parents=True, exist_ok=True)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    set_threads(cfg)
     # ThroughputMonitor's FLOP columns need module.flops_per_batch; the budget callback logs FLOP/s and MFU instead
     warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
     system = build_system(cfg)

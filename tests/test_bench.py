@@ -15,7 +15,8 @@ from stale.cli.bench import listify_sections
 
 QUICK = [
     "sections=train,sampler,memory,gpu", "threads=1",
-    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=2", "train.variants=[lightning,no_log]",
+    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=2", "train.max_rounds=2",
+    "train.variants=[lightning,no_log]",
     "train.micro=null",
     "sampler.batch_size=1", "sampler.steps=3", "sampler.rounds=2",
     "memory.sizes=[tiny]", "memory.batches=[1,3]",
@@ -40,7 +41,8 @@ def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
     for r in train["rows"][1:]:
         assert r["samples"] == 2 and r["median_ms"] > 0 and isinstance(r["overhead"], float)  # 2 fits
     assert train["summary"]["compared"] == "lightning vs plain"
-    assert train["summary"]["framework_overhead"] == train["rows"][1]["overhead"]
+    assert train["summary"]["framework_overhead"] == train["rows"][1]["overhead_paired"]
+    assert train["summary"]["rounds"] == 2 and train["rows"][1]["overhead_error"] > 0
     prof = train["profile"]["lightning"]
     assert prof["self_ms_per_step"]["lightning"] > 0 and "lightning" not in train["profile"]["plain"]["self_ms_per_step"]
 
@@ -159,3 +161,11 @@ def test_command_line_and_foreign_section_results():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_median_error_is_the_robust_standard_error_of_the_median():
+    from stale.bench.train import median_error
+
+    ratios = [1.00, 1.02, 1.04, 1.06, 1.08]  # exclusive quartiles 1.01 and 1.07: IQR 0.06, robust sigma 0.06 / 1.349
+    assert abs(median_error(ratios) - 1.2533 * 0.06 / 1.349 / 5 ** 0.5) < 1e-9
+    assert median_error(ratios[:3]) == float("inf")  # too few rounds to say

@@ -54,6 +54,7 @@ class TrainSchema:
     seed: int
     ckpt_path: Any
     compile: Any
+    threads: Any
     optim: OptimSchema
     nan_guard: dict  # a target node
     budget: dict  # a target node
