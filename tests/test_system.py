@@ -239,3 +239,41 @@ def test_system_rejects_bad_lr():
 
     with pytest.raises(ValueError, match="optim.lr"):
         StaleSystem(build_model("tiny", dim=32, depth=1, heads=2), StaleObjective(), lr=-1.0)
+
+
+def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):
+    """The joy token is fixed: after a real run it equals joy_vector(dim, seed) in the EMA weights, in last.ckpt
+    (EMA and raw) and in the export; weights whose token differs are refused on load, naming the token."""
+    from safetensors.torch import load_file
+
+    from stale.export import CheckpointError, export_checkpoint, read_checkpoint
+    from stale.models.stale_transformer import JoyTokenMismatchError, joy_vector
+    from stale.system.sampling import ema_module
+
+    class Grab(L.Callback):
+        token = None
+
+        def on_train_end(self, trainer, pl_module):  # before EMAWeightAveraging copies the average back
+            Grab.token = ema_module(trainer, pl_module).model.joy_token.detach().cpu().clone()
+
+    out = tmp_path / "run"
+    train(make_cfg(out, "trainer.max_steps=4", "sample_every_n_steps=0", "callbacks.ema.decay=0.9",
+                   "optim.lr=0.01", logger="none"), callbacks=[Grab()])
+    want = joy_vector(32, 0x1F602)  # TINY's dim, StaleConfig's default joy_seed
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(Grab.token, want)
+    assert torch.equal(ckpt["state_dict"]["model.joy_token"], want)  # the EMA weights
+    assert torch.equal(ckpt["current_model_state"]["model.joy_token"], want)
+    export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "export", check=False)
+    assert torch.equal(load_file(tmp_path / "export" / "model.safetensors")["joy_token"], want)
+
+    model = read_checkpoint(out / "checkpoints" / "last.ckpt").build_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["joy_token"][3] += 1e-6
+    with pytest.raises(JoyTokenMismatchError, match="joy_token .* is not joy_vector\\(dim=32"):
+        model.load_state_dict(state)
+    assert torch.equal(model.joy_token, want)  # refused before anything was copied
+    ckpt["state_dict"]["model.joy_token"] = ckpt["state_dict"]["model.joy_token"] * 1.0001
+    torch.save(ckpt, tmp_path / "drifted.ckpt")
+    with pytest.raises(CheckpointError, match="joy_token"):
+        read_checkpoint(tmp_path / "drifted.ckpt").build_model()

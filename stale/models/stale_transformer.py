@@ -277,6 +277,25 @@ def joy_vector(dim: int, seed: int) -> torch.Tensor:
     return v / v.pow(2).mean().sqrt()
 
 
+class JoyTokenMismatchError(RuntimeError):
+    """Weights whose joy token is not joy_vector(dim, joy_seed): trained with another token, or averaged."""
+
+
+def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the stored token must equal the model's own, bit for bit."""
+    stored = state_dict.get(prefix + "joy_token")
+    if stored is None:  # strict loading reports the missing key itself
+        return
+    cfg = module.config
+    own = joy_vector(cfg.dim, cfg.joy_seed)
+    if stored.shape != own.shape or not torch.equal(stored.detach().cpu(), own.to(stored.dtype)):
+        diff = (stored.detach().cpu().float() - own).abs().max().item() if stored.shape == own.shape else "n/a"
+        raise JoyTokenMismatchError(
+            f"{prefix}joy_token in the loaded weights is not joy_vector(dim={cfg.dim}, joy_seed={cfg.joy_seed}) "
+            f"(shape {tuple(stored.shape)}, max abs difference {diff}): the weights were trained with another "
+            "model.joy_seed, or the token was averaged (EMAWeightAveraging needs use_buffers=false)")
+
+
 #################################################################################
 #                               The Stale Transformer                            #
 #################################################################################
@@ -300,8 +319,10 @@ class StaleTransformer(nn.Module):
         self.t_embed = TimestepEmbedder(cfg.dim)
         self.y_embed = LabelEmbedder(cfg.num_classes, cfg.dim)
         # A buffer, not a Parameter: no optimizer sees it, so training never changes it. Persistent, so
-        # checkpoints and exports carry it (and a checkpoint with a different joy token fails to load).
+        # checkpoints and exports carry it, and a state dict with a different joy token fails to load
+        # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
+        self.register_load_state_dict_pre_hook(_check_joy_token)
         self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
