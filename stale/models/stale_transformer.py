@@ -70,6 +70,8 @@ class StaleConfig:
         if self.dim % self.heads or self.dim % 2 or self.dim < 8:
             raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
                              f"and divisible by model.heads={self.heads}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"model.grad_checkpointing={self.grad_checkpointing!r} must be true or false")
         if self.prediction not in ("velocity", "data"):
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
