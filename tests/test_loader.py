@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from test_data_helpers import read_samples, real_shards, relabelled, write_shard
+from helpers_data import read_samples, real_shards, relabelled, write_shard
 
 from stale.data.datamodule import ShardError, VideoDataModule, expand_shards
 from stale.data.health import REASONS

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_module
 from PIL import Image
 
@@ -109,8 +110,10 @@ def test_configs_compose():
         for override in ["model=s", "model=xl", "data=shards", "diffusion.prior=gaussian", "schedule=cosine",
                          "schedule=wsd", "schedule=constant", "logger=csv", "logger=none", "trainer=gpu",
                          "trainer=ddp", "trainer=fsdp", "debug=smoke"]:
-            cfg = compose("train", overrides=[override])
-            assert cfg.model._target_ and cfg.trainer._target_, override
+            cfg = compose("train", overrides=[override], return_hydra_config=True)
+            key, value = override.split("=")
+            chosen = cfg.hydra.runtime.choices.get(key, OmegaConf.select(cfg, key))
+            assert str(chosen) == value, override  # the override took effect
 
 
 def test_smoke_train_writes_every_output(tmp_path):
