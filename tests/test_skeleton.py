@@ -134,7 +134,8 @@ def test_smoke_train_writes_every_output(tmp_path):
     for i in range(gif.n_frames):
         gif.seek(i)
         durations.append(gif.info["duration"])
-    assert 1 <= gif.n_frames <= 8 and sum(durations) == 8 * 125
+    # GIF delays are centiseconds: 125 ms is stored as 12 (Pillow 13 truncates) or 13 cs
+    assert 1 <= gif.n_frames <= 8 and sum(durations) in (8 * 120, 8 * 130)
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 6 and all(np.isfinite(losses))
