@@ -7,15 +7,18 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_cli
 from stale.data.datamodule import ShardError, VideoDataModule
-from stale.data.synthetic import COLOURS, SyntheticSpec, ensure_synthetic, make_clip, split_pattern
+from stale.data.synthetic import SyntheticSpec, ensure_synthetic, make_clip, split_pattern
 from stale.data.video_io import decode_mp4
 from stale.models import build_model
+
+# the label colours of the synthetic data set (stale/data/synthetic.py), typed here: red, green, blue, yellow
+LABEL_RGB = np.array([[230, 60, 50], [60, 200, 80], [60, 110, 240], [245, 210, 50]], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def test_simple_style_has_one_colour_per_class_and_one_background():
             pixels, counts = np.unique(clip.reshape(-1, 3), axis=0, return_counts=True)
             assert (pixels[counts.argmax()] == [40, 40, 48]).all()  # the background: the commonest pixel
             brightest = pixels[pixels.sum(1).argmax()]
-            assert np.abs(brightest - COLOURS[label]).max() <= 1  # the shape's fully covered pixels
+            assert np.abs(brightest - LABEL_RGB[label]).max() <= 1  # the shape's fully covered pixels
         # same draws as "varied": the motion is the same, only colours differ
         varied = make_clip(np.random.default_rng(0), SyntheticSpec(), label)
         assert ((varied != varied[0, 0, 0]).any(-1) == (clips[0] != clips[0][0, 0, 0]).any(-1)).mean() > 0.9
