@@ -204,7 +204,9 @@ class Attention(nn.Module):
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
             k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
-        if q.shape[0] <= SDPA_MAX_SEQUENCES:
+        # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
+        # refuses "batch <= 32768/17"); an exported graph therefore keeps one SDPA call for any batch.
+        if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
             out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
         else:  # temporal attention of large clips: B (H'W' + 1) sequences can exceed the kernels' grid
             out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
