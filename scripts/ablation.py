@@ -66,7 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO / "docs" / "ablation.md")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite --out from <runs>/ablation.json (a finished run) without training")
-    p.add_argument("--force-dog", action="store_true", help="train the DoG row even if the objective has no DoG term")
     args = p.parse_args(argv)
     cfg = default_config()
     for name, key in (("steps", "trainer.max_steps"), ("batch", "data.batch_size"), ("warmup", "schedule.warmup"),
@@ -102,24 +101,6 @@ def common_overrides(args) -> list[str]:
 
 # --- checks and training -----------------------------------------------------------------------------
 
-def dog_term_available() -> tuple[bool, str]:
-    """Does this checkout's objective compute a DoG term? One forward pass of a small model tells."""
-    import torch
-
-    from stale.diffusion.objective import StaleObjective
-    from stale.models import build_model
-
-    try:
-        objective = StaleObjective(dog_weight=1.0)
-    except TypeError as e:
-        return False, f"StaleObjective has no dog_weight ({e})"
-    model = build_model("tiny", frames=2, size=8, num_classes=2, patch=[1, 4, 4], dim=32, depth=1, heads=2)
-    parts = objective(model, torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.tensor([0, 1]), 2)
-    if "dog" not in parts:
-        return False, "StaleObjective(dog_weight=1) accepts the weight but returns no 'dog' loss part"
-    return True, "ok"
-
-
 def last_metric(run: Path, key: str) -> float | None:
     path = run / "logs" / "metrics.csv"
     if not path.exists():
@@ -130,14 +111,6 @@ def last_metric(run: Path, key: str) -> float | None:
             if row.get(key):
                 value = float(row[key])
     return value
-
-
-def has_column(run: Path, key: str) -> bool:
-    path = run / "logs" / "metrics.csv"
-    if not path.exists():
-        return False
-    with path.open() as f:
-        return any(row.get(key) for row in csv.DictReader(f))
 
 
 def train(name: str, overrides: list[str], args) -> dict:
@@ -156,7 +129,6 @@ def train(name: str, overrides: list[str], args) -> dict:
         print(f"[ablation] {name} FAILED: {result['error']} (log: {args.runs / f'{name}.log'})", flush=True)
         return result
     result["val_loss"] = last_metric(run, "val/loss")
-    result["logged_dog"] = has_column(run, "train/dog")
     print(f"[ablation] {name}: {seconds:.0f} s, val/loss {result['val_loss']}", flush=True)
     return result
 
@@ -403,16 +375,11 @@ def main(argv=None) -> int:
     rows, notes = [], []
     wanted = [v for v in VARIANTS if args.only is None or v[0] in args.only]
 
-    dog_ok, dog_reason = dog_term_available()
     trained, todo = {}, []
     for name, overrides, what in wanted:
         overrides = [o.format(dog_weight=args.dog_weight) for o in overrides]
         row = {"name": name, "what": what}
         rows.append(row)
-        if name == "dog" and not dog_ok and not args.force_dog:
-            row["error"] = f"this checkout's objective has no DoG term ({dog_reason})"
-            notes.append(f"DoG row not run: {dog_reason}. Rerun when the DoG loss (stale/diffusion/dog.py) is merged.")
-            continue
         todo.append((row, name, overrides))
     # --jobs N trains N variants at once (one stale-train process each, args.threads threads each)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -421,8 +388,6 @@ def main(argv=None) -> int:
         if not result["ok"]:
             row["error"] = result["error"]
             continue
-        if name == "dog" and not result["logged_dog"]:
-            row["note"] = "dog_weight accepted but no train/dog was logged: the term may be inactive"
         prior = "gaussian" if "diffusion.prior=gaussian" in overrides else "uniform"
         row.update(scorer.score_folder(result["run"] / "samples", result["run"] / "checkpoints" / "last.ckpt"))
         row["val_loss"] = result["val_loss"]

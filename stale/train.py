@@ -2,17 +2,18 @@
 
 The console command `stale-train` is a thin @hydra.main wrapper over this function (stale/cli/train.py),
 so tests and notebooks can call train() with a config composed by Hydra's compose API.
-Every check that can fail does so in check_config(), before any data is generated or a step is taken.
-See docs/training.md for what a run writes and how to resume it.
+A value is range-checked where it is used (StaleConfig, StaleSystem, the callbacks' constructors), all of which
+run before any data is generated or a step is taken; check_config() holds the key schema and the checks that
+span nodes or guard Lightning's own trainer arguments. See docs/training.md for what a run writes and how to
+resume it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -20,12 +21,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from stale.system.budget import ComputeBudget, measure_flops_per_clip
+from stale.models.flops import training_flops_per_clip
+from stale.models.stale_transformer import StaleConfig
+from stale.system.budget import ComputeBudget
 from stale.system.checkpoint_io import SafeCheckpointIO
 from stale.system.deadline import TrainingDeadline
 from stale.system.preemption import PreemptionCheckpoint
 from stale.system.sampling import log_videos, sample_to_disk
-from stale.system.schedules import lr_multiplier
+from stale.system.schedules import SCHEDULE_FNS, lr_multiplier, schedule_params
 from stale.system.stale_system import StaleSystem
 from stale.utils.provenance import provenance
 from stale.utils.schema import UnknownKeyError, check_train_keys
@@ -72,9 +75,13 @@ def _number(cfg: DictConfig, key: str, low: float | None = None, *, strict: bool
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks that must fail before any data is generated or a step is taken. Each error names its key."""
+    """The checks no single constructor can make, before any data is generated or a step is taken: the key
+    schema, checks that span nodes, and Lightning's trainer arguments (its Trainer does not range-check them)."""
+    keys = {"model": {"name"} | {f.name for f in dataclasses.fields(StaleConfig)}}  # build_model's **overrides
+    if cfg.schedule.get("name") in SCHEDULE_FNS:
+        keys["schedule"] = {"name", "warmup"} | set(schedule_params(cfg.schedule.name))
     try:
-        check_train_keys(cfg)  # a misspelt key would otherwise train with the default (stale/utils/schema.py)
+        check_train_keys(cfg, keys)  # a misspelt key would otherwise train with the default (stale/utils/schema.py)
     except UnknownKeyError as e:
         raise ConfigError(str(e)) from None
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
@@ -92,30 +99,14 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
     if str(cfg.trainer.get("precision")) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.get('precision')!r} is not one of {PRECISIONS}")
-    _number(cfg, "data.batch_size", 1, integer=True)
-    _number(cfg, "optim.lr", 0, strict=True)
-    _number(cfg, "optim.weight_decay", 0)
-    betas = list(cfg.optim.get("betas", [0.9, 0.99]))
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+    _number(cfg, "data.batch_size", 1, integer=True)  # x accumulation x devices: the clips a budget step pays for
     sched = OmegaConf.to_container(cfg.schedule, resolve=True)
-    try:
-        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), max_steps(cfg), **sched)(0)
+    try:  # the schedule's own ranges, and its warmup against trainer.max_steps
+        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), max_steps(cfg), **sched)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not isinstance(cfg.model.get("grad_checkpointing", False), bool):
-        raise ConfigError(f"model.grad_checkpointing={cfg.model.grad_checkpointing!r} must be true or false")
-    if not isinstance(cfg.get("compile", False), (bool, DictConfig)):
-        raise ConfigError(f"compile={cfg.compile!r} must be true, false or a dict of torch.compile arguments")
-    _number(cfg, "nan_guard.max_skips", 0, integer=True)
-    _number(cfg, "sample_every_n_steps", 0, integer=True)
-    _number(cfg, "sample.num_videos", 1, integer=True)
+    _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
-    for key in ("flops_per_clip", "max_flops", "max_gpu_hours", "max_cost", "cost_per_gpu_hour",
-                "peak_flops_per_device"):
-        _number(cfg, f"budget.{key}", 0, strict=True, optional=True)
-    if cfg.budget.get("max_cost") is not None and cfg.budget.get("cost_per_gpu_hour") is None:
-        raise ConfigError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
 
 
 def set_threads(cfg: DictConfig) -> None:
@@ -150,25 +141,18 @@ def build_system(cfg: DictConfig) -> StaleSystem:
                        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
                        seed=cfg.seed,
                        compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
-                       else bool(compile_opts),
+                       else compile_opts,
                        provenance=provenance(),
                        run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float | Callable[[], float]:
-    """Training FLOPs per clip: budget.flops_per_clip if set, else the analytic count of
-    stale.models.flops when it exists, else a one-off FlopCounterMode measurement (made on first use)."""
+def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float:
+    """Training FLOPs per clip: budget.flops_per_clip if set, else the analytic count of stale.models.flops."""
     if cfg.budget.get("flops_per_clip") is not None:
         return float(cfg.budget.flops_per_clip)
-    try:
-        from stale.models.flops import training_flops_per_clip
-    except ImportError:
-        return lambda: measure_flops_per_clip(system.model, system.objective, cfg.data.frames, cfg.data.size)
     flops = float(training_flops_per_clip(system.model.config, frames=cfg.data.frames, size=cfg.data.size))
-    obj = system.objective
-    if obj.hinge_weight > 0:  # the label-free hinge branch runs forward + backward on hinge_fraction of the batch
-        flops *= 1 + obj.hinge_fraction
-    return flops
+    # the label-free hinge branch runs forward + backward on hinge_fraction of the batch
+    return flops * (1 + system.objective.hinge_fraction) if system.objective.hinge_weight > 0 else flops
 
 
 def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
@@ -213,11 +197,10 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     set_threads(cfg)
-    # ThroughputMonitor's FLOP columns need module.flops_per_batch; the budget callback logs FLOP/s and MFU instead
-    warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
     system = build_system(cfg)
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
+    system.flops_per_batch = budget.flops_per_clip * cfg.data.batch_size  # ThroughputMonitor's FLOP/s and MFU
     loggers = _loggers(cfg, out)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      max_steps=max_steps(cfg), **_checkpoint_io(cfg))
@@ -238,60 +221,34 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt: a clean stop, not a failure
-        return _report_preemption(trainer, preempt, "SIGTERM")
+    except SIGTERMException:  # PreemptionCheckpoint saved last.ckpt in on_exception: a clean stop, not a failure
+        if preempt is None:
+            raise
     if preempt is not None and preempt.stopped_by:
-        return _report_preemption(trainer, preempt, preempt.stopped_by)
+        if trainer.is_global_zero:
+            print(preempt.report(trainer.global_step))
+        return {"stopped_by_signal": 1.0, "step": float(trainer.global_step)}
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    outputs = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt",
-               "steps": trainer.global_step,
-               "spend": f"{budget.flops:.4g} FLOPs, {budget.gpu_hours:.4g} GPU-hours"
-                        + (f", cost {budget.cost:.4g}" if budget.cost_per_gpu_hour else "")}
-    if budget.stop_reason:
-        outputs["stopped by"] = budget.stop_reason
-    deadline = next((c for c in callbacks if isinstance(c, TrainingDeadline)), None)
-    if deadline is not None and deadline.decisions:
-        d = deadline.decisions[-1]
-        outputs["deadline"] = f"{deadline.max_minutes:g} min: {d['why']} (planned {d['planned_steps']} steps; deadline.json)"
     if trainer.is_global_zero:
-        outputs.update(_sample_and_save(cfg, system, out, loggers, trainer.global_step))
+        report = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt", "steps": trainer.global_step,
+                  "spend": budget.summary(), **({"stopped by": budget.stop_reason} if budget.stop_reason else {})}
+        report.update(system.loss_summary())
+        for c in callbacks:
+            if isinstance(c, TrainingDeadline):
+                report.update(c.summary())
+        report.update(_sample_and_save(cfg, system, out, loggers, trainer.global_step))
         for lg in loggers:
             if type(lg).__name__ == "CSVLogger":
                 lg.save()
-                outputs["metrics csv"] = Path(lg.log_dir) / "metrics.csv"
-                outputs.update(_loss_summary(outputs["metrics csv"], metrics))
+                report["metrics csv"] = Path(lg.log_dir) / "metrics.csv"
             if type(lg).__name__ == "WandbLogger":
-                outputs["wandb run"] = Path(lg.experiment.dir).parent
+                report["wandb run"] = Path(lg.experiment.dir).parent
                 lg.experiment.finish()
         print("\nstale-train finished. Outputs:")
-        for k, v in outputs.items():
+        for k, v in report.items():
             print(f"  {k:<15} {v}")
     return metrics
-
-
-def _loss_summary(csv_path: Path, metrics: dict) -> dict:
-    """First and last logged train/loss (did it fall?) and the last val/loss, for the end-of-run report."""
-    import csv
-
-    with open(csv_path, newline="") as f:
-        logged = [(row["step"], float(row["train/loss"])) for row in csv.DictReader(f) if row.get("train/loss")]
-    out = {}
-    if logged:
-        (s0, l0), (s1, l1) = logged[0], logged[-1]
-        out["train/loss"] = f"{l0:.4g} at step {s0} -> {l1:.4g} at step {s1}"
-    if "val/loss" in metrics:
-        out["val/loss"] = f"{metrics['val/loss']:.4g}"
-    return out
-
-
-def _report_preemption(trainer: L.Trainer, preempt: PreemptionCheckpoint | None, signal_name: str) -> dict:
-    """A signal stopped the run after saving a checkpoint: say where it is and how to resume; no sampling."""
-    if trainer.is_global_zero:
-        where = preempt.path if preempt is not None else "(no PreemptionCheckpoint callback: nothing saved)"
-        print(f"\nstale-train stopped by {signal_name} at step {trainer.global_step}.\n"
-              f"  checkpoint      {where}\n  resume with     stale-train ckpt_path={where} ...")
-    return {"stopped_by_signal": 1.0, "step": float(trainer.global_step)}
 
 
 def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list, step: int) -> dict:

@@ -8,9 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import run_cli
-from stale.diffusion.objective import StaleObjective
-from stale.models import build_model
-from stale.system.budget import ComputeBudget, measure_flops_per_clip
+from stale.system.budget import ComputeBudget
 from stale.train import ConfigError, train
 
 TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
@@ -45,23 +43,19 @@ def test_stale_train_stops_at_flop_budget_with_checkpoint(tmp_path):
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.1)  # arctan floor at step 3
 
 
-def test_cost_budget_stops_in_process_and_logs_mfu(tmp_path):
-    """A money budget smaller than one step: the first step runs, then training stops; MFU needs a peak."""
+def test_cost_budget_stops_in_process(tmp_path):
+    """A money budget smaller than one step: the first step runs, then training stops."""
     out = tmp_path / "run"
     with initialize_config_module("stale.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*TINY, "logger=csv", f"paths.output_dir={out}", "budget.flops_per_clip=1e6",
-                                          "budget.max_cost=1e-9", "budget.cost_per_gpu_hour=2.0",
-                                          "budget.peak_flops_per_device=1e9"])
+                                          "budget.max_cost=1e-9", "budget.cost_per_gpu_hour=2.0"])
     train(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1
     state = ckpt["callbacks"]["ComputeBudget"]
     assert state["cost"] == pytest.approx(state["gpu_seconds"] / 3600 * 2.0)
     assert "budget.max_cost" in state["stop_reason"]
-    rows = rows_of(out)
-    cost, mfu, fps = column(rows, "budget/cost"), column(rows, "train/mfu"), column(rows, "train/flops_per_sec")
-    assert cost[0] == pytest.approx(state["cost"])
-    assert mfu[0] == pytest.approx(fps[0] / 1e9, rel=1e-5) and 0 < mfu[0]
+    assert column(rows_of(out), "budget/cost")[0] == pytest.approx(state["cost"])
 
 
 def test_flop_budget_smaller_than_warmup_fails_before_training(tmp_path):
@@ -82,7 +76,7 @@ def test_overrun_rule_and_state():
     assert "max_gpu_hours" in b._overrun(1.0, 1801.0)
     assert "max_cost" in b._overrun(1.0, 361.0)  # 0.1 h x 10 = 1.0 > 5 - 4
     assert b.fractions() == pytest.approx({"flops": 0.7, "gpu_hours": 0.5, "cost": 0.8})
-    fresh = ComputeBudget(flops_per_clip=lambda: 7.0)
+    fresh = ComputeBudget(flops_per_clip=7.0)
     fresh.load_state_dict(b.state_dict())
     assert (fresh.flops, fresh.gpu_seconds, fresh.cost, fresh.flops_per_clip) == (70.0, 1800.0, 4.0, 7.0)
 
@@ -96,19 +90,3 @@ def test_overrun_rule_and_state():
 def test_bad_budget_names_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ComputeBudget(**kwargs)
-
-
-def test_measured_flops_per_clip():
-    """The FlopCounterMode fallback counts the real objective (flow + hinge branch, forward + backward)."""
-    model = build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8, num_classes=4)
-    objective = StaleObjective(hinge_fraction=0.25)
-    meta = measure_flops_per_clip(model, objective, frames=4, size=8)
-    # reference: 2 FLOPs per multiply-add, x3 for forward + backward, matmul parameters x tokens per clip
-    tokens = 4 * (8 // 4) * (8 // 4)  # T' x H' x W' = 16 (plus the joy token)
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n)
-    rough = 6 * matmul_params * tokens * 1.25  # 1.25: the hinge branch re-runs a quarter of the batch
-    assert 0.7 * rough < meta < 2.0 * rough
-    model.config.grad_checkpointing = True  # recomputing the blocks costs about one more forward of them
-    assert measure_flops_per_clip(model, objective, frames=4, size=8) > 1.2 * meta
-    with torch.no_grad():
-        assert all(torch.isfinite(p).all() for p in model.parameters())  # the live model was not touched

@@ -214,7 +214,7 @@ def test_distributed_trainer_configs(name):
         assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {StaleBlock}
     else:
         assert isinstance(strategy, HydraDDPStrategy)
-        assert strategy._process_group_backend == ("gloo" if name == "ddp_cpu" else None)
+        assert strategy.process_group_backend == ("gloo" if name == "ddp_cpu" else None)
 
 
 if __name__ == "__main__":  # the DDP worker (both ranks)

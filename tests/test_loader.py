@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from test_data_helpers import read_samples, real_shards, relabelled, write_shard
+from helpers_data import read_samples, real_shards, relabelled, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError

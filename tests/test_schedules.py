@@ -29,8 +29,8 @@ def test_endpoints_and_monotone_decay(name):
 def test_arctan_matches_method_formula():
     a, lo = 5.0, 0.1
     f = lr_multiplier("arctan", W, S, min_ratio=lo, sharpness=a)
-    for s in (0, 3, 9):  # warmup: arctan(a s / W) / arctan(a)
-        assert f(s) == pytest.approx(math.atan(a * s / W) / math.atan(a), abs=1e-15)
+    for s in (0, 3, 9):  # warmup: arctan(a (s + 1) / W) / arctan(a)
+        assert f(s) == pytest.approx(math.atan(a * (s + 1) / W) / math.atan(a), abs=1e-15)
     for s in (10, 37, 60, 99, 110):
         p = (s - W) / (S - W)
         expected = lo + (1 - lo) * (0.5 - math.atan(a * (2 * p - 1)) / (2 * math.atan(a)))
@@ -51,6 +51,19 @@ def test_arctan_sharpness_interpolates_linear_and_wsd():
     linear = lambda s: 1 - (1 - R) * (s - W) / (S - W)  # noqa: E731
     assert max(abs(at(s, 0.01) - linear(s)) for s in range(W, S + 1)) < 1e-3  # small a: nearly linear
     assert at(W + 20, 100.0) > 0.99 and at(S - 20, 100.0) < R + 0.01  # large a: flat, then a short drop
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_step_zero_trains(name):
+    # optimiser step 0 must move the weights: lr(0) > 0 for every schedule (arctan(0) = 0 gave lr = 0)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(name, W, S))
+    assert opt.param_groups[0]["lr"] > 0.05  # arctan: atan(0.5) / atan(5) = 0.34; linear: 1 / W = 0.1
+    p.grad = torch.ones(1)
+    opt.step()
+    sched.step()
+    assert p.item() < 0
 
 
 def test_lambdalr_steps_per_optimiser_step():

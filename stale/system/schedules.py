@@ -30,16 +30,17 @@ def _linear_warmup(step: int, warmup: int) -> float | None:
 def arctan_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1, sharpness: float = 5.0) -> float:
     """METHOD.md, with r = lr_min / lr_max and a = sharpness:
 
-        warmup (s < W):  arctan(a s / W) / arctan(a)
+        warmup (s < W):  arctan(a (s + 1) / W) / arctan(a)
         decay:           p = (s - W) / (S - W)
                          r + (1 - r) (1/2 - arctan(a (2p - 1)) / (2 arctan(a)))
 
     Equals 1 at p = 0 and r at p = 1, falls monotonically and is point-symmetric about p = 1/2.
-    Small `sharpness` is nearly linear; large is close to warmup-stable-decay.
+    Small `sharpness` is nearly linear; large is close to warmup-stable-decay. The warmup counts s + 1, as
+    the linear warmups do: arctan(0) = 0 would make optimiser step 0 a step with lr = 0.
     """
     a = sharpness
     if step < warmup:
-        return math.atan(a * step / warmup) / math.atan(a)
+        return math.atan(a * (step + 1) / warmup) / math.atan(a)
     p = _progress(step, warmup, total)
     return min_ratio + (1 - min_ratio) * (0.5 - math.atan(a * (2 * p - 1)) / (2 * math.atan(a)))
 

@@ -66,8 +66,13 @@ class StaleSystem(L.LightningModule):
         provenance: dict | None = None,
     ):
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"optim.lr={lr} must be > 0")
+        for key, value, ok in (("optim.lr", lr, lambda v: v > 0), ("optim.weight_decay", weight_decay, lambda v: v >= 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{key}={value!r} must be a number {'> 0' if key == 'optim.lr' else '>= 0'}")
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"compile={compile!r} must be true, false or a dict of torch.compile arguments")
         self.model, self.objective = model, objective
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = dict(schedule or {"name": "constant", "warmup": 0})
@@ -80,6 +85,8 @@ class StaleSystem(L.LightningModule):
         self._compiled = False
         self.provenance = dict(provenance or {})
         self.last_loss_parts: dict[str, torch.Tensor] = {}  # the latest micro-batch's loss parts (NaN guard)
+        self.logged_loss: list[tuple[int, torch.Tensor]] = []  # (step, train/loss) first and last logged
+        self.flops_per_batch: float | None = None  # training FLOPs of one micro-batch, for ThroughputMonitor
         # Everything needed to rebuild this system from a checkpoint, without pickled objects.
         self.save_hyperparameters({"run_config": run_config or {}})
 
@@ -120,7 +127,19 @@ class StaleSystem(L.LightningModule):
             logged = {f"train/{k}": v.detach() for k, v in parts.items()}
             self.log_dict(logged, on_step=True, on_epoch=False, batch_size=x.shape[0])
             self.log("loss", logged["train/loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+            self.logged_loss = (self.logged_loss[:1] + [(self.global_step, logged["train/loss"])])[-2:]
         return parts["loss"]
+
+    def loss_summary(self) -> dict[str, str]:
+        """First and last logged train/loss (did it fall?) and the last val/loss, for stale-train's report."""
+        out = {}
+        if self.logged_loss:
+            (s0, l0), (s1, l1) = self.logged_loss[0], self.logged_loss[-1]
+            out["train/loss"] = f"{float(l0):.4g} at step {s0} -> {float(l1):.4g} at step {s1}"
+        val = self.trainer.callback_metrics.get("val/loss") if self._trainer is not None else None
+        if val is not None:
+            out["val/loss"] = f"{float(val):.4g}"
+        return out
 
     def validation_step(self, batch, batch_idx):
         """Velocity loss on held-out clips at a fixed grid of t with fixed noise: comparable across runs.

@@ -9,8 +9,8 @@ the key, every key its node accepts, and the nearest one.
 The schema comes from the code, so it cannot drift from it:
 - a node with `_target_` accepts the target's parameters (following `**kwargs` up the class hierarchy while
   each __init__ passes them on; a target that swallows arbitrary kwargs, such as WandbLogger, is open);
-- the model node accepts StaleConfig's fields (build_model's `**overrides`), the schedule node its
-  schedule's parameters (stale/system/schedules.py);
+- the model node (build_model's `**overrides`) and the schedule node take the keys their caller passes
+  (stale.train: StaleConfig's fields, the schedule's parameters), so that utils imports no other stale package;
 - plain nodes (the root, optim, sample) are the dataclasses below; `logger` and `callbacks` are dicts of
   target nodes with names of the user's choice; `paths` and `hydra` are free.
 """
@@ -105,18 +105,7 @@ def _signature_keys(fn: Callable) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _model_keys() -> set[str]:
-    from stale.models.stale_transformer import StaleConfig
-
-    return {"name"} | {f.name for f in dataclasses.fields(StaleConfig)}
-
-
-SPECIAL_TARGETS: dict[str, Callable[[], set[str]]] = {"stale.models.build_model": _model_keys}
-
-
 def target_keys(target: str) -> set[str] | None:
-    if target in SPECIAL_TARGETS:
-        return SPECIAL_TARGETS[target]()
     from hydra.utils import get_object
 
     try:
@@ -143,13 +132,13 @@ def _check_node(node: DictConfig, path: str, allowed: set[str] | None) -> None:
             raise UnknownKeyError(unknown_key_message(path, str(key), allowed))
 
 
-def _check_target_node(node: Any, path: str) -> None:
-    """A node built by instantiate: its keys are its target's parameters; nested target nodes likewise."""
+def _check_target_node(node: Any, path: str, keys: dict[str, set[str]]) -> None:
+    """A node built by instantiate: its keys are its target's parameters (or keys[path]); nested ones likewise."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return
-    _check_node(node, path, target_keys(str(node._target_)))
+    _check_node(node, path, keys[path] if path in keys else target_keys(str(node._target_)))
     for key in node.keys():
-        _check_target_node(node._get_node(key), f"{path}.{key}")
+        _check_target_node(node._get_node(key), f"{path}.{key}", keys)
 
 
 def _check_dataclass(node: DictConfig, path: str, schema: type) -> None:
@@ -162,19 +151,17 @@ def _check_dataclass(node: DictConfig, path: str, schema: type) -> None:
             _check_dataclass(child, f"{path}.{key}" if path else str(key), sub)
 
 
-def check_train_keys(cfg: DictConfig) -> None:
-    """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts."""
-    from stale.system.schedules import SCHEDULE_FNS, schedule_params
-
+def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
+    """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
+    keys of nodes whose target's signature does not list them (the model's **overrides, the schedule)."""
     _check_dataclass(cfg, "", TrainSchema)
     for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget", "deadline"):
-        _check_target_node(cfg.get(name), name)
+        _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
-            _check_target_node(node, f"{group}.{name}")
-    schedule = cfg.get("schedule")
-    if isinstance(schedule, DictConfig) and schedule.get("name") in SCHEDULE_FNS:
-        _check_node(schedule, "schedule", {"name", "warmup"} | set(schedule_params(schedule.name)))
+            _check_target_node(node, f"{group}.{name}", keys)
+    if isinstance(cfg.get("schedule"), DictConfig) and "schedule" in keys:
+        _check_node(cfg.schedule, "schedule", keys["schedule"])
 
 
 def check_flat_keys(cfg: DictConfig, reference: DictConfig, path: str = "") -> None:

@@ -1,4 +1,4 @@
-"""Shared builders for the data tests: real-video shards made once per session (no tests in this file).
+"""Shared builders for the data tests: real-video shards made once per session (no tests here: the name does not start with test_).
 
 Session-wide caching goes through a marker file under pytest's base temp dir, so every test module that
 asks gets the same folders without converting the videos twice.
