@@ -11,7 +11,7 @@ from test_resume import run
 from stale.system.deadline import TrainingDeadline, plan_steps
 
 DEADLINE = ["trainer.max_steps=null", "deadline.max_minutes=0.25", "deadline.max_steps=100000",
-            "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.1", "schedule.warmup=20",
+            "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.3", "schedule.warmup=20",
             "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15"]
 
 
@@ -40,7 +40,8 @@ def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path,
     assert any("deadline: measured" in r.getMessage() and f"training {planned:,} steps" in r.getMessage()
                for r in caplog.records)
     last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == planned
+    # the plan keeps 30% of the time back; only a machine that slowed down by more stops at the deadline instead
+    assert last["global_step"] == (record["stopped_at"] or planned)
     assert last["callbacks"]["TrainingDeadline"]["planned_steps"] == planned
     # the arctan schedule decayed over the planned steps: the last step's lr is near the floor (0.1 x 1e-3);
     # over the 100000-step cap it would still be near the peak
