@@ -30,6 +30,7 @@ from stale.system.preemption import PreemptionCheckpoint
 from stale.system.sampling import log_videos, sample_to_disk
 from stale.system.schedules import SCHEDULE_FNS, lr_multiplier, schedule_params
 from stale.system.stale_system import StaleSystem
+from stale.system.threads import ThreadTuner
 from stale.utils.provenance import provenance
 from stale.utils.schema import UnknownKeyError, check_train_keys
 
@@ -109,22 +110,21 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "sample.steps", 1, integer=True)
 
 
-def set_threads(cfg: DictConfig) -> None:
-    """torch threads of this training process on CPU (cfg.threads). OpenMP threads that share their cores with
-    data workers or other processes spin against each other: a step measured 4x slower on a busy 2-core
-    machine with 2 threads than with 1 (BENCHMARKS.md "Threads")."""
+def thread_tuner(cfg: DictConfig) -> ThreadTuner | None:
+    """cfg.threads on CPU: an integer sets torch's threads now; auto returns a ThreadTuner that measures 1 thread
+    against this process's share of the cores in the first steps (unless $OMP_NUM_THREADS chose); null keeps
+    torch's default (one per core)."""
     threads = cfg.get("threads", "auto")
-    if threads is None or _accelerator_is_cuda(cfg):
-        return
-    if threads == "auto" and os.environ.get("OMP_NUM_THREADS"):
-        return  # the environment chose (torch reads OMP_NUM_THREADS itself)
+    if threads is None or _accelerator_is_cuda(cfg) or (threads == "auto" and os.environ.get("OMP_NUM_THREADS")):
+        return None
     if threads == "auto":
         devices = cfg.trainer.get("devices", 1)
-        per_node = devices if isinstance(devices, int) and devices > 0 else 1
-        threads = max(1, (os.cpu_count() or 1) // per_node - int(cfg.data.get("num_workers", 0) or 0))
+        share = max(1, (os.cpu_count() or 1) // (devices if isinstance(devices, int) and devices > 0 else 1))
+        return ThreadTuner(sorted({1, share})) if share > 1 else None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads={threads!r} must be auto, null or an integer >= 1")
     torch.set_num_threads(threads)
+    return None
 
 
 def max_steps(cfg: DictConfig) -> int:
@@ -172,6 +172,9 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
         callbacks.append(instantiate(node, **kwargs))
     callbacks.append(instantiate(cfg.nan_guard))
     callbacks.append(instantiate(cfg.budget, flops_per_clip=flops_per_clip(cfg, system)))
+    tuner = thread_tuner(cfg)
+    if tuner is not None:
+        callbacks.append(tuner)
     if cfg.trainer.max_steps is None:  # a deadline, not a step count (the CPU default: conf/trainer/cpu.yaml)
         callbacks.append(instantiate(cfg.deadline, out_dir=cfg.paths.output_dir))
     return callbacks
@@ -196,7 +199,6 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     out.mkdir(parents=True, exist_ok=True)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    set_threads(cfg)
     system = build_system(cfg)
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))

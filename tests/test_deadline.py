@@ -57,3 +57,20 @@ def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path,
     assert again["global_step"] == planned
     assert any("resumed: keeping the planned step count" in r.getMessage() for r in caplog.records)
     assert resumed[16]["lr/decay"] == steps[16]["lr/decay"]  # the same stretched schedule after the resume
+
+
+def test_thread_tuner_tries_each_count_keeps_the_fastest_and_saves_it(tmp_path):
+    from stale.system.threads import ThreadTuner
+
+    before = torch.get_num_threads()
+    tuner = ThreadTuner([1, 2], steps_each=2, skip_steps=1)
+    try:
+        run(tmp_path, "threads=null", "trainer.max_steps=8", "sample_every_n_steps=0", callbacks=[tuner])
+        assert {c: len(ts) for c, ts in tuner.times.items()} == {1: 2, 2: 2}  # steps 1-2 on 1 thread, 3-4 on 2
+        medians = {c: sorted(ts)[1] for c, ts in tuner.times.items()}  # the upper of two, as the tuner takes it
+        assert tuner.chosen == min(medians, key=medians.get) and tuner.done_at == 5
+        assert torch.get_num_threads() == tuner.chosen
+        last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["callbacks"]["ThreadTuner"] == {"chosen": tuner.chosen}
+    finally:
+        torch.set_num_threads(before)

@@ -31,6 +31,8 @@ from typing import Any
 
 import lightning as L
 
+from stale.system.threads import ThreadTuner
+
 log = logging.getLogger("stale")
 
 
@@ -108,7 +110,8 @@ class TrainingDeadline(L.Callback):
             return
         step, now = trainer.global_step, time.monotonic()
         if self.planned_steps is None:
-            if self._mark is None and step >= self.skip_steps:  # start-up (first batches, workers) left out
+            tuning = any(c.chosen is None for c in trainer.callbacks if isinstance(c, ThreadTuner))
+            if self._mark is None and step >= self.skip_steps and not tuning:  # start-up, thread trials left out
                 self._mark = (step, now)
             elif self._mark is not None and step >= self._mark[0] + self.calibration_steps:
                 self.rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
