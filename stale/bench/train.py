@@ -234,15 +234,12 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
 
         logger = CSVLogger(logdir or tempfile.gettempdir(), name="stale-bench")
     if variant in ("lightning", "rich_4hz"):
-        try:  # Lightning's default bar when rich is installed; drawn as on a terminal, into /dev/null
-            from lightning.pytorch.callbacks import RichProgressBar
+        from lightning.pytorch.callbacks import RichProgressBar  # Lightning's default bar (rich is a dependency)
 
-            null = open(os.devnull, "w")
-            console = {"force_terminal": True, "file": null, "width": 120}
-            rate = {"refresh_rate": 4} if variant == "rich_4hz" else {}  # default: 100 redraws per second
-            callbacks.append(RichProgressBar(console_kwargs=console, **rate))
-        except (ImportError, ModuleNotFoundError):
-            pass  # TQDMProgressBar, Trainer's fallback, writes to stderr (redirected by _quiet)
+        null = open(os.devnull, "w")  # drawn as on a terminal, into /dev/null
+        console = {"force_terminal": True, "file": null, "width": 120}
+        rate = {"refresh_rate": 4} if variant == "rich_4hz" else {}  # default: 100 redraws per second
+        callbacks.append(RichProgressBar(console_kwargs=console, **rate))
     if variant == "tqdm":  # redraws every batch in the training thread, to stderr (redirected by _quiet)
         from lightning.pytorch.callbacks import TQDMProgressBar
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from stale.data.reader import read_clips
 from stale.data.video_io import ClipSpec, decode_mp4
+from stale.diffusion.flow import to_unit_range
 from stale.eval.features import FEATURE_NAMES, clip_batches_features
 from stale.eval.frechet import frechet_between
 from stale.eval.samples import SamplesError, read_labels, sample_files
@@ -88,13 +89,14 @@ def i3d_features(detector, clips: np.ndarray, size: int = 224, batch: int = 8, d
     """Features of uint8 clips (N, T, H, W, 3) from an I3D TorchScript module.
 
     Preprocessing follows the common PyTorch FVD port (universome/fvd-comparison, StyleGAN-V): frames
-    scaled to [0, 1], short side resized to `size` (bilinear), centre crop, then mapped to [-1, 1];
+    scaled to [0, 1], short side resized to `size` (bilinear), centre crop, then mapped to [-1, 1]; here mapped
+    to [-1, 1] first (flow.to_unit_range), which is the same since bilinear weights sum to 1;
     called as detector(x (B, 3, T, size, size), rescale=False, resize=False, return_features=True).
     """
     kwargs = {"rescale": False, "resize": False, "return_features": True} if kwargs is None else dict(kwargs)
     out = []
     for i in range(0, len(clips), batch):
-        x = torch.as_tensor(clips[i : i + batch]).to(device).float() / 255  # (B, T, H, W, 3)
+        x = to_unit_range(torch.as_tensor(clips[i : i + batch]).to(device))  # (B, T, H, W, 3) in [-1, 1]
         b, t, h, w, _ = x.shape
         frames = x.permute(0, 1, 4, 2, 3).reshape(b * t, 3, h, w)
         scale = size / min(h, w)
@@ -102,7 +104,7 @@ def i3d_features(detector, clips: np.ndarray, size: int = 224, batch: int = 8, d
         frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         frames = frames[..., top : top + size, left : left + size]
-        x = frames.reshape(b, t, 3, size, size).permute(0, 2, 1, 3, 4) * 2 - 1  # (B, 3, T, size, size)
+        x = frames.reshape(b, t, 3, size, size).permute(0, 2, 1, 3, 4)  # (B, 3, T, size, size)
         with torch.no_grad():
             f = detector(x, **kwargs)
         out.append(torch.as_tensor(f).float().reshape(b, -1).cpu())
