@@ -3,6 +3,7 @@ numbers (the plain loop equals the Lightning step, per-clip FLOPs, the gpu path,
 
 import copy
 import json
+import os
 import sys
 
 import pytest
@@ -163,3 +164,16 @@ def test_median_error_is_the_robust_standard_error_of_the_median():
     ratios = [1.00, 1.02, 1.04, 1.06, 1.08]  # exclusive quartiles 1.01 and 1.07: IQR 0.06, robust sigma 0.06 / 1.349
     assert abs(median_error(ratios) - 1.2533 * 0.06 / 1.349 / 5 ** 0.5) < 1e-9
     assert median_error(ratios[:3]) == float("inf")  # too few rounds to say
+
+
+def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "MFU and tokens/s for S, B, L" in proc.stdout and "no CUDA device here; nothing measured" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
