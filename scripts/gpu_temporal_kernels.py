@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stale.bench import build, random_batches, sync
-from stale.bench.gpu import _Trainer
+from stale.bench.gpu import PlainStep
 from stale.models.stale_transformer import StaleBlock
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -42,7 +42,7 @@ def main() -> None:
     StaleBlock.attend = attend
     torch.manual_seed(0)
     model = build(args.size, 16, args.res).cuda()
-    trainer = _Trainer(model, "cuda", torch.bfloat16, compile=False)
+    trainer = PlainStep(model, "cuda", torch.bfloat16, compile=False)
     batch = [t.cuda() for t in random_batches(1, 4, 16, args.res)[0]]
     times: dict[str, list[float]] = {}
     for _ in range(args.rounds):

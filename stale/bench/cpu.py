@@ -23,7 +23,7 @@ def _variant_name(threads: int, compiled: bool) -> str:
 
 def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 8, steps: int = 30,
         rounds: int = 3, threads=(1, 2), compile=(False, True), device: str = "cpu", seed: int = 0) -> dict:
-    from stale.bench.gpu import _Trainer  # the plain step: objective forward, backward, AdamW
+    from stale.bench.gpu import PlainStep  # the plain step: objective forward, backward, AdamW
 
     if not str(device).startswith("cpu"):
         return {"rows": [{"variant": "not measured (a CPU section; this run's device is CUDA)"}]}
@@ -38,7 +38,7 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
                     name = _variant_name(int(n_threads), bool(compiled))
                     if name not in trainers:  # built and warmed up (compiled) in its first round
                         torch.manual_seed(seed)
-                        trainers[name] = _Trainer(build(model, frames, size), "cpu", torch.float32, bool(compiled))
+                        trainers[name] = PlainStep(build(model, frames, size), "cpu", torch.float32, bool(compiled))
                         t0 = time.perf_counter()
                         for b in batches[:2]:
                             trainers[name].step(b)

@@ -70,7 +70,7 @@ def _dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
-class _Trainer:
+class PlainStep:
     """A plain training step: autocast forward of the objective, backward, AdamW step, zero_grad."""
 
     def __init__(self, model, device: str, dtype: torch.dtype, compile: bool):
@@ -116,7 +116,7 @@ def count_flops_per_clip(model, batch, device: str, dtype: torch.dtype) -> float
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer = _Trainer(model, device, dtype, compile=False)
+    trainer = PlainStep(model, device, dtype, compile=False)
     math = sdpa_kernel(SDPBackend.MATH) if not device.startswith("cuda") else contextlib.nullcontext()
     with math, FlopCounterMode(display=False) as counter:
         trainer.loss(model, *batch).backward()
@@ -156,7 +156,7 @@ def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, 
     """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
     try:
         model = build(size, frames, resolution).to(device)
-        trainer = _Trainer(model, device, dtype, compile=False)
+        trainer = PlainStep(model, device, dtype, compile=False)
         batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution)[0]]
         with _backend(sdpa):
             trainer.step(batch)
@@ -179,6 +179,13 @@ def largest_fitting(size: str, frames: int, resolutions, batch_size: int, device
     return None
 
 
+def _model_and_batch(size: str, frames: int, resolution: int, batch_size: int, device: str, seed: int):
+    """The seeded model of `size` on `device` and one uint8 batch for it: what measure() and profile_kernels() time."""
+    torch.manual_seed(seed)
+    model = build(size, frames, resolution).to(device)
+    return model, [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
+
+
 def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4, device: str = "cuda",
             dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
             flops: str = "auto", peak: float | None = None, seed: int = 0, cross_check: bool = True) -> dict:
@@ -186,15 +193,13 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
 
     cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
     """
-    torch.manual_seed(seed)
     dt = _dtype(dtype)
-    model = build(size, frames, resolution).to(device)
-    batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
+    model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
     with _backend(sdpa):
         per_clip, source = flops_per_clip(model, frames, resolution, batch, device, dt, flops)
         analytic = source.startswith("analytic")
         counted = count_flops_per_clip(model, batch, device, dt) if cross_check and analytic else None
-        trainer = _Trainer(model, device, dt, compile)
+        trainer = PlainStep(model, device, dt, compile)
         t0 = time.perf_counter()
         for _ in range(warmup):
             trainer.step(batch)
@@ -227,11 +232,9 @@ def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, ba
     and the share of attention, matmul and everything else (elementwise, norms, copies)."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(seed)
     dt = _dtype(dtype)
-    model = build(size, frames, resolution).to(device)
-    batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
-    trainer = _Trainer(model, device, dt, compile)
+    model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
+    trainer = PlainStep(model, device, dt, compile)
     with _backend(sdpa):
         for _ in range(3):  # compile and warm up outside the profile
             trainer.step(batch)
