@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stale.diffusion import context as frame_context
 from stale.diffusion import flow
 from stale.diffusion.guidance import Velocity, classifier_free, classifier_guided, input_gradient
 from stale.diffusion.hinge import margin
@@ -17,25 +18,30 @@ from stale.diffusion.samplers import get_sampler, time_grid
 
 
 def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.0,
-                    classifier_guidance: float = 0.0) -> Velocity:
+                    classifier_guidance: float = 0.0, context: torch.Tensor | None = None) -> Velocity:
     """The field the samplers integrate: v(x (B, C, T, H, W), t (B,)) for a model(x, t, y) -> (v, scores).
 
-    The model's extra label row, num_classes, is the null label of classifier-free guidance.
+    The model's extra label row, num_classes, is the null label of classifier-free guidance. context: (T',) bool,
+    the latent frames given clean: the model sees t = 1 there and the field is 0 there, so they never move.
     """
     null = torch.full_like(labels, model.config.num_classes)
-    velocity = classifier_free(lambda x, t, y: model(x, t, y)[0], labels, null, guidance)
+    times = (lambda t: t) if context is None else (lambda t: frame_context.frame_times(t, context))  # noqa: E731
+    velocity = classifier_free(lambda x, t, y: model(x, times(t), y)[0], labels, null, guidance)
     if classifier_guidance:
         # the head is trained label-free (null label), so it is read the same way here
-        head_margin = lambda x, t: margin(model(x, t, null)[1].float(), labels)  # noqa: E731
+        head_margin = lambda x, t: margin(model(x, times(t), null)[1].float(), labels)  # noqa: E731
         velocity = classifier_guided(velocity, input_gradient(head_margin), classifier_guidance)
-    return velocity
+    if context is None:
+        return velocity
+    keep = frame_context.expand_frames(~context[None], torch.empty(0), model.config.patch[0])  # (1, 1, T, 1, 1)
+    return lambda x, t: velocity(x, t) * keep.to(x)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", steps: int = 50,
              sampler: str = "euler", guidance: float = 1.0, classifier_guidance: float = 0.0, seed: int = 0,
              frames: int | None = None, size: int | None = None, batch_size: int | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, context: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
@@ -44,12 +50,24 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     the CPU for all videos at once, so every video starts from the same noise on any device and with any
     `batch_size` (which only bounds memory; the model's float sums can differ in the last bit with the batch
     size, so pixels may then differ by one level).
+
+    context: uint8 (B, C, K, H, W), the first K frames given (image-to-video: K = 1; continuation): they start
+    clean, stay fixed, and are copied into the output unchanged; the model generates the other frames.
     """
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
     device = next(model.parameters()).device
     shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
     noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed))
+    given = None
+    if context is not None:
+        k = context.shape[2]
+        if context.dtype != torch.uint8 or context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:]:
+            raise ValueError(f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
+                             f"{shape[4]}); got {context.dtype} {tuple(context.shape)}")
+        pt = cfg.patch[0]
+        given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
+        noise[:, :, :k] = flow.to_unit_range(context)
     ts = time_grid(steps, device)
     labels = labels.to(device)
     chunk = batch_size or len(labels)
@@ -58,9 +76,12 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     try:
         out = []
         for i in range(0, len(labels), chunk):
-            velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance)
+            velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given)
             x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=prior == "uniform", progress=progress)
             out.append(flow.to_uint8(x).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    videos = torch.cat(out)
+    if context is not None:  # bit-exact: the field is 0 there, and this also undoes any float round trip
+        videos[:, :, : context.shape[2]] = context
+    return videos

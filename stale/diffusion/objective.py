@@ -8,6 +8,10 @@ Flow branch: x_t = (1 - t) z + t x, target u = x - z, labels dropped with `label
 classifier-free guidance. L_velocity = mean ||v - u||^2; L_dog is the band-pass loss on the clean-sample
 error (1 - t)(v - u) (stale/diffusion/dog.py).
 
+Frame conditioning (context_frames K, context_prob p): with probability p per clip the first K frames are
+given clean (t = 1 for those frames, one time per latent frame) and left out of the loss
+(stale/diffusion/context.py). With K = 0 or p = 0 the model sees one time per clip, as without it.
+
 Hinge branch: the head must not see the label it predicts, so it is a second, label-free forward pass on
 a fraction of the batch at fresh times (x_t, t, null label). Cost: about `hinge_fraction` extra forward
 and backward work per step (0.25 by default). Mixup ("mess-up") applies here only, never to the flow
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stale.diffusion import flow
+from stale.diffusion import context, flow
 from stale.diffusion.dog import DOG_BANDS, DOG_K, DoGLoss
 from stale.diffusion.hinge import hinge_loss, predict
 from stale.diffusion.mixup import mixup, mixup_hinge
@@ -41,6 +45,8 @@ class StaleObjective:
     dog_temporal: bool = False  # also filter along time (a space-time DoG)
     mixup: bool = False  # "mess-up": mixup on the hinge branch only
     mixup_alpha: float = 0.2  # lam ~ Beta(a, a) (Zhang et al. 2017)
+    context_frames: int = 0  # K: the first K frames are clean context (image-to-video: 1); 0 = off
+    context_prob: float = 0.0  # share of the clips trained with context; the rest generate every frame
     _dog: DoGLoss = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -50,7 +56,9 @@ class StaleObjective:
             raise ValueError(f"diffusion.time_sampling={self.time_sampling!r} is not one of {flow.TIME_SAMPLERS}")
         if self.time_std <= 0:
             raise ValueError(f"diffusion.time_std={self.time_std} must be > 0")
-        for name in ("label_dropout", "hinge_fraction"):
+        if isinstance(self.context_frames, bool) or not isinstance(self.context_frames, int) or self.context_frames < 0:
+            raise ValueError(f"diffusion.context_frames={self.context_frames!r} must be an integer >= 0")
+        for name in ("label_dropout", "hinge_fraction", "context_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("hinge_weight", "dog_weight"):
@@ -66,14 +74,24 @@ class StaleObjective:
         b = x.shape[0]
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype)
         t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
-        x_t = flow.interpolate(z, x, t)
+        t_in, tt, keep = t, flow.expand_t(t, x), None  # the model's times, t against x, frames in the loss
+        if self.context_frames and self.context_prob > 0:
+            pt = model.config.patch[0]
+            k = context.latent_context(self.context_frames, x.shape[2], pt)
+            ctx = context.draw_context(b, x.shape[2] // pt, k, self.context_prob, device=x.device)  # (B, T')
+            t_in = context.frame_times(t, ctx)  # (B, T'): 1 on context frames
+            tt, keep = context.expand_frames(t_in, x, pt), context.expand_frames(~ctx, x, pt)  # (B, 1, T, 1, 1)
+        x_t = (1 - tt) * z + tt * x  # flow.interpolate, per frame; x_t = x exactly on context frames
         drop = torch.rand(b, device=x.device) < self.label_dropout
-        v, _ = model(x_t, t, torch.where(drop, torch.full_like(y, null_label), y))
+        v, _ = model(x_t, t_in, torch.where(drop, torch.full_like(y, null_label), y))
         err = v.float() - flow.velocity_target(z, x).float()  # (B, C, T, H, W)
-        velocity = err.pow(2).mean()
+        if keep is None:
+            velocity = err.pow(2).mean()
+        else:  # mean over the generated frames only
+            velocity = (err.pow(2) * keep).sum() / (keep.sum() * err[:, :, 0].numel() / b).clamp_min(1)
         out = {"loss": velocity, "velocity": velocity.detach()}
-        if self.dog_weight > 0:
-            dog = self._dog((1 - flow.expand_t(t, err)) * err)  # on the clean-sample error x1_hat - x
+        if self.dog_weight > 0:  # (1 - t) is 0 on context frames: they add nothing to the band-pass term
+            dog = self._dog((1 - tt.float()) * err)  # on the clean-sample error x1_hat - x
             out["loss"] = out["loss"] + self.dog_weight * dog
             out["dog"] = dog.detach()
         if self.hinge_weight > 0:

@@ -248,8 +248,8 @@ class StaleBlock(nn.Module):
             return rearrange(out, "(b n) t d -> b t n d", b=b)
         return self.attn(rearrange(x, "b t n d -> b (t n) d")).view(b, t, n, -1)  # full: B sequences of T' N
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), c: (B, D)
-        mods = self.adaLN_modulation(c)[:, None, None]  # (B, 1, 1, 6D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+        mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a))
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
@@ -265,8 +265,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_volume * channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', H'W', D)
-        shift, scale = self.adaLN_modulation(c)[:, None, None].chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', H'W', D), c: (B, 1 or T', D)
+        shift, scale = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None].chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, T', H'W', pt*ph*pw*C)
 
 
@@ -315,8 +315,11 @@ def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, 
 class StaleTransformer(nn.Module):
     """Video velocity model v(x_t, t, label) with a joy-token hinge head.
 
-    forward(x (B, C, T, H, W), t (B,), y (B,) long) -> (velocity (B, C, T, H, W), scores (B, outputs)).
+    forward(x (B, C, T, H, W), t (B,) or (B, T'), y (B,) long) -> (velocity (B, C, T, H, W), scores (B, outputs)).
     Use y = num_classes (the null label) for the unconditional branch of classifier-free guidance.
+    A per-latent-frame time t (B, T') is frame conditioning as in LTX-Video: frames given as clean context sit
+    at t = 1 while the others are noisy. adaLN-Zero then modulates each frame (its patches and its joy token)
+    with its own time; with t (B,) every frame shares one modulation, exactly as in DiT.
     """
 
     def __init__(self, config: StaleConfig | None = None, **overrides):
@@ -369,8 +372,9 @@ class StaleTransformer(nn.Module):
         _, _, T, H, W = x.shape
         if T % cfg.patch[0] or H % cfg.patch[1] or W % cfg.patch[2]:
             raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(cfg.patch)}")
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"t and y must be (B,)=({x.shape[0]},); got t {tuple(t.shape)}, y {tuple(y.shape)}")
+        if t.shape not in ((x.shape[0],), (x.shape[0], T // cfg.patch[0])) or y.shape != (x.shape[0],):
+            raise ValueError(f"t must be (B,)=({x.shape[0]},) or per latent frame (B, T')=({x.shape[0]}, "
+                             f"{T // cfg.patch[0]}) and y (B,); got t {tuple(t.shape)}, y {tuple(y.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
@@ -385,7 +389,10 @@ class StaleTransformer(nn.Module):
         joy = self.joy_token.to(dtype)[None, None, None].expand(b, gt, 1, cfg.dim)  # (B, T', 1, D)
         tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
         tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device).to(dtype)
-        c_emb = self.t_embed(t) + self.y_embed(y)  # (B, D)
+        if t.ndim == 1:  # one time per clip
+            c_emb = (self.t_embed(t) + self.y_embed(y))[:, None]  # (B, 1, D)
+        else:  # one time per latent frame
+            c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + self.y_embed(y)[:, None]  # (B, T', D)
         for block in self.blocks:
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c_emb, use_reentrant=False)
@@ -396,7 +403,8 @@ class StaleTransformer(nn.Module):
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                       h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c)  # (B, C, T, H, W)
         if cfg.prediction == "data":  # v is x1_hat here: turn it into the velocity that lands on it
-            one_minus_t = (1 - t.to(v.dtype)).clamp(min=cfg.t_eps).view(-1, 1, 1, 1, 1)
+            tt = t.to(v.dtype).view(b, 1, -1, 1, 1)  # (B, 1, 1 or T', 1, 1)
+            one_minus_t = (1 - tt.repeat_interleave(pt, dim=2) if t.ndim == 2 else 1 - tt).clamp(min=cfg.t_eps)
             v = (v - x.to(v.dtype)) / one_minus_t
         return v, scores
 
