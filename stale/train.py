@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from stale.export.weights import prepare
 from stale.models.flops import training_flops_per_clip
 from stale.models.stale_transformer import StaleConfig
 from stale.system.budget import ComputeBudget
@@ -87,6 +88,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+    if cfg.get("init_from") and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
+    if (cfg.get("finetune") or {}).get("name") == "lora" and not cfg.get("init_from"):
+        raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
     patch = list(cfg.model.get("patch", [1, 1, 1]))
     frames, size = cfg.data.frames, cfg.data.size
     if frames % patch[0] or size % patch[1] or size % patch[2]:
@@ -135,6 +140,11 @@ def max_steps(cfg: DictConfig) -> int:
 
 def build_system(cfg: DictConfig) -> StaleSystem:
     model = instantiate(cfg.model, _convert_="all")
+    finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
+    try:  # init_from (weights into a possibly different model), then what trains: stale/export/weights.py
+        prepared = prepare(model, finetune, cfg.get("init_from"), bool(cfg.get("init_from_strict", True)))
+    except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
+        raise ConfigError(str(e)) from None
     objective = instantiate(cfg.diffusion)
     compile_opts = cfg.get("compile", False)
     return StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
@@ -143,6 +153,7 @@ def build_system(cfg: DictConfig) -> StaleSystem:
                        compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
                        else compile_opts,
                        provenance=provenance(),
+                       finetune_base=prepared.base,
                        run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -218,7 +229,9 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
     datamodule = datamodule if datamodule is not None else instantiate(cfg.data, _convert_="all")
     n_params = sum(p.numel() for p in system.model.parameters())
-    log.info("model %s: %.2fM parameters; outputs in %s", cfg.model.name, n_params / 1e6, out)
+    n_train = sum(p.numel() for p in system.model.parameters() if p.requires_grad)
+    log.info("model %s: %.2fM parameters (%s trainable); outputs in %s", cfg.model.name, n_params / 1e6,
+             f"{n_train:,}", out)
 
     preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
     try:

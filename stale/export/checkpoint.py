@@ -11,6 +11,8 @@ Layout written by Lightning with the EMAWeightAveraging callback (conf/callbacks
   state_dict           the EMA ("stale") weights, keys prefixed "model."
   current_model_state  the raw (last optimiser step) weights, same keys
   hyper_parameters     {"run_config": the resolved Hydra config, with "provenance"}
+  finetune_base        (fine-tuning from init_from only) {"init_from", "sha256"}: the state dicts then hold only
+                       the trained tensors; the frozen ones are rebuilt from that file (stale/export/weights.py)
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ class StaleCheckpoint:
     extra: dict = field(default_factory=dict)  # Lightning version, stale_format
 
     def build_model(self) -> torch.nn.Module:
-        """The model named by run_config["model"] (allow-listed targets only), with these weights, in eval mode."""
+        """The model named by run_config["model"] (allow-listed targets only), with these weights, in eval mode.
+        A fine-tuning checkpoint that left its frozen tensors out is rebuilt from its init_from base (weights.py)."""
+        if "finetune_base" in self.extra:
+            from stale.export.weights import rebuild  # weights.py reads checkpoints through this module
+
+            return rebuild(self)
         model = build({**self.run_config["model"], "grad_checkpointing": False}, where=f"{self.path}: run_config.model")
         try:
             model.load_state_dict(self.state_dict, strict=True)
@@ -122,4 +129,4 @@ def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
     prov = ckpt.get("provenance") if isinstance(ckpt.get("provenance"), dict) else run_config.get("provenance")
     return StaleCheckpoint(path=path, run_config=run_config, state_dict=state, weights=weights,
                            global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"), provenance=prov,
-                           extra={k: ckpt[k] for k in ("pytorch-lightning_version", "stale_format") if k in ckpt})
+                           extra={k: ckpt[k] for k in ("pytorch-lightning_version", "stale_format", "finetune_base") if k in ckpt})

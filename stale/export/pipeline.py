@@ -29,6 +29,40 @@ class ExportError(ValueError):
     """An export folder that is incomplete, malformed or from an unknown format; the message names the file."""
 
 
+def read_export(path: str | Path) -> tuple[dict, torch.nn.Module]:
+    """An export folder's config.json (checked: format, version, allow-listed targets) and its model with the
+    safetensors weights loaded, on the CPU. The one reader of export folders (StalePipeline, init_from)."""
+    path = Path(path)
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise ExportError(f"{f} does not exist: {path} is not a stale export (run stale-export first)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
+                          f"expected {FORMAT!r}")
+    if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
+        raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
+                          f"versions <= {FORMAT_VERSION}")
+    for key in ("model", "diffusion"):
+        if not isinstance(config.get(key), dict):
+            raise ExportError(f"{cfg_path} has no '{key}' mapping")
+    check_targets(config, str(cfg_path))  # refuse before building anything
+    model = build(config["model"], where=f"{cfg_path}: model")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
+    return config, model
+
+
 class StalePipeline:
     """A Stale model, its prior and default sampling settings; call it to generate uint8 videos."""
 
@@ -44,37 +78,16 @@ class StalePipeline:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "StalePipeline":
-        """Load an export folder: JSON config (allow-listed targets only) and safetensors weights."""
-        path = Path(path)
-        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for f in (cfg_path, weights_path):
-            if not f.is_file():
-                raise ExportError(f"{f} does not exist: {path} is not a stale export (run stale-export first)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-        if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-            raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
-                              f"versions <= {FORMAT_VERSION}")
-        for key in ("model", "diffusion"):
-            if not isinstance(config.get(key), dict):
-                raise ExportError(f"{cfg_path} has no '{key}' mapping")
-        check_targets(config, str(cfg_path))  # refuse before building anything
-        model = build(config["model"], where=f"{cfg_path}: model")
-        objective = build(config["diffusion"], where=f"{cfg_path}: diffusion")  # validates the prior
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        lora: str | Path | None = None) -> "StalePipeline":
+        """Load an export folder: JSON config (allow-listed targets only) and safetensors weights; `lora`: an adapter
+        folder (stale-export merge=false) to inject into the model."""
+        config, model = read_export(path)
+        objective = build(config["diffusion"], where=f"{Path(path) / CONFIG_FILE}: diffusion")  # validates the prior
+        if lora is not None:
+            from stale.models.finetune import load_adapter
+
+            load_adapter(model, lora)
         diffusion = {k: v for k, v in config["diffusion"].items() if k != "_target_"}
         return cls(model.to(device), prior=objective.prior, defaults=config.get("sample"), diffusion=diffusion,
                    name=config["model"].get("name"))
@@ -131,13 +144,16 @@ class StalePipeline:
                  steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                  seed: int = 0, frames: int | None = None, size: int | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 classifier_guidance: float | None = None) -> torch.Tensor:
+                 classifier_guidance: float | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate. steps, sampler, guidance
-        and classifier_guidance default to the export's `sample` settings; batch_size bounds memory."""
+        and classifier_guidance default to the export's `sample` settings; batch_size bounds memory.
+        context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1)."""
         settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
                                  classifier_guidance=classifier_guidance)
+        if context is not None and context.ndim == 4:
+            context = context[None].expand(num_videos, *context.shape).contiguous()
         return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
-                        size=size, batch_size=batch_size, progress=progress, **settings)
+                        size=size, batch_size=batch_size, progress=progress, context=context, **settings)
 
     def settings(self, **given) -> dict:
         """The sampling settings: each given value, else the export's default."""

@@ -64,6 +64,7 @@ class StaleSystem(L.LightningModule):
         compile: bool | dict = False,
         schedule_steps: int | None = None,
         provenance: dict | None = None,
+        finetune_base: dict | None = None,
     ):
         super().__init__()
         for key, value, ok in (("optim.lr", lr, lambda v: v > 0), ("optim.weight_decay", weight_decay, lambda v: v >= 0)):
@@ -84,6 +85,8 @@ class StaleSystem(L.LightningModule):
         self.compile_options = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
         self._compiled = False
         self.provenance = dict(provenance or {})
+        # {"init_from", "sha256"} when frozen tensors came from init_from: checkpoints then leave them out
+        self.finetune_base = dict(finetune_base) if finetune_base else None
         self.last_loss_parts: dict[str, torch.Tensor] = {}  # the latest micro-batch's loss parts (NaN guard)
         self.logged_loss: list[tuple[int, torch.Tensor]] = []  # (step, train/loss) first and last logged
         self.flops_per_batch: float | None = None  # training FLOPs of one micro-batch, for ThroughputMonitor
@@ -202,9 +205,26 @@ class StaleSystem(L.LightningModule):
             "world_size": trainer.world_size if trainer is not None else 1,
             "global_step": self.global_step,
         }
+        if self.finetune_base:  # keep only what trains; resume and export rebuild the rest from init_from
+            checkpoint["finetune_base"] = self.finetune_base
+            trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            for key in ("state_dict", "current_model_state"):
+                if key in checkpoint:
+                    checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the loggers' step axis on global_step; warn when the number of devices changed."""
+        """Keep the loggers' step axis on global_step; warn when the number of devices changed; fill in the frozen
+        tensors a fine-tuning checkpoint left out, from this run's init_from (checked to be the same file)."""
+        base = checkpoint.get("finetune_base")
+        if base:
+            if not self.finetune_base or self.finetune_base["sha256"] != base["sha256"]:
+                raise ValueError(f"this checkpoint holds only its trained tensors, on top of init_from="
+                                 f"{base['init_from']} (sha256 {base['sha256'][:12]}); resume it with that init_from "
+                                 f"(this run has {self.finetune_base})")
+            own = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+            for key in ("state_dict", "current_model_state"):
+                if key in checkpoint:
+                    checkpoint[key] = {**own, **checkpoint[key]}
         # Lightning adds one to its logging-step counter on restart, assuming the checkpoint was written in
         # on_train_batch_end, before the counter moves. last.ckpt is written at the end of the (endless) epoch,
         # after it moved: undo that, so that a run resumed from last.ckpt logs step s at s, not s + 1.

@@ -53,6 +53,8 @@ class TrainSchema:
     task_name: str
     seed: int
     ckpt_path: Any
+    init_from: Any
+    init_from_strict: bool
     compile: Any
     threads: Any
     optim: OptimSchema
@@ -68,6 +70,7 @@ class TrainSchema:
     logger: dict  # {name: target node}
     trainer: dict
     callbacks: dict  # {name: target node}
+    finetune: dict  # a target node
     paths: dict  # free: interpolation values
     hydra: dict  # Hydra's own node (present with return_hydra_config)
 
@@ -155,7 +158,7 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides, the schedule)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget", "deadline"):
+    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget", "deadline", "finetune"):
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
