@@ -11,6 +11,9 @@ An export folder:
     denoiser.onnx       (onnx=true) one velocity evaluation, dynamic batch; see stale/export/onnx.py
     denoiser.pt2        (torch_export=true) the same as a torch.export program (torch.export.load it; that
                         loader may unpickle, so load only .pt2 files you trust; StalePipeline never reads it)
+    lora/               (a LoRA checkpoint with merge=false) the adapter in peft's layout; model.safetensors is
+                        then the base without it: `stale-sample model=OUT lora=OUT/lora`. merge=true (the
+                        default) folds the adapter into model.safetensors instead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from safetensors.torch import save_file
 
 from stale.export.checkpoint import read_checkpoint
 from stale.export.onnx import check_onnx, export_onnx, export_program
+from stale.export.registry import build
+from stale.models.finetune import Finetune, has_adapters, merged, save_adapter, unmerged_base
 from stale.utils.provenance import provenance
 
 log = logging.getLogger("stale")
@@ -35,6 +40,7 @@ FORMAT = "stale-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json", "provenance.json"
 ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
+LORA_DIR = "lora"
 MODEL_TARGET = "stale.models.build_model"
 DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
 # from the run's `sample` node: StalePipeline's default settings, with these values where the run has none
@@ -94,12 +100,20 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", onnx: bool = False,
                       torch_export: bool = False, opset: int | None = None, trace_batch: int = 2,
-                      check: bool = True, tolerance: float = 1e-4) -> dict:
-    """Export a stale-train checkpoint (loaded with weights_only=True) to `out`. Returns paths and checks."""
+                      check: bool = True, tolerance: float = 1e-4, merge: bool = True) -> dict:
+    """Export a stale-train checkpoint (loaded with weights_only=True) to `out`. Returns paths and checks.
+    merge: for a LoRA checkpoint, fold the adapter into the weights (true) or write it beside the base (false)."""
     ckpt, out = Path(ckpt), Path(out)
     source = read_checkpoint(ckpt, weights)
     model = source.build_model()
     run = source.run_config
+    adapter = None
+    if has_adapters(model):
+        adapter = None if merge else model
+        model = merged(model) if merge else build({**run["model"], "grad_checkpointing": False}, where=str(ckpt))
+        if not merge:
+            model.load_state_dict(unmerged_base(adapter), strict=True)
+        model.eval()
     record = {
         "training": source.provenance,  # git commit, package versions, ... of the training run
         "run_config": {k: v for k, v in run.items() if k != "provenance"},
@@ -114,6 +128,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
                             sample=run.get("sample"), weights=weights, provenance_record=record)
     result: dict = {"paths": paths, "checks": {}}
     config = json.loads(paths["config"].read_text())
+    if adapter is not None:
+        ft = Finetune(**{k: v for k, v in run["finetune"].items() if k != "_target_"})
+        paths.update(save_adapter(adapter, ft, out / LORA_DIR))
+        config["files"]["lora"] = LORA_DIR
+        _json(paths["config"], config)
     if onnx or torch_export:
         program = export_program(model, trace_batch)
         if torch_export:
