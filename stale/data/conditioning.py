@@ -32,7 +32,7 @@ def fit_frames(frames: np.ndarray, size: int, name: str) -> np.ndarray:
         raise ConditioningError(f"{name} is {w}x{h}, not square: the model makes {size}x{size} clips; crop it to a "
                                 "square (it is not stretched, which would distort its shapes)")
     log.warning("%s is %dx%d: resized to the model's %dx%d", name, w, h, size, size)
-    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
+    return np.stack([np.array(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
 
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -46,7 +46,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         raise ConditioningError(f"image={path} does not exist")
     try:
         with Image.open(path) as im:
-            frame = np.asarray(im.convert("RGB"))
+            frame = np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
         raise ConditioningError(f"image={path} is not a readable image ({err})") from None
     return _to_tensor(fit_frames(frame[None], size, f"image={path}"))
