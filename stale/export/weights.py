@@ -40,14 +40,21 @@ class SourceWeights:
 
 
 def read_weights(path: str | Path) -> SourceWeights:
-    """Weights and model config of a stale-train checkpoint (EMA weights) or an export folder."""
+    """Weights and model config of a stale-train checkpoint (EMA weights, or the raw ones of a run without the EMA
+    callback) or an export folder."""
     path = Path(path)
     if path.is_dir():
         from stale.export.pipeline import read_export  # pipeline imports this package's checkpoint reader
 
         config, model = read_export(path)
         return SourceWeights(path, model.state_dict(), dataclasses.asdict(model.config), sha256(path / WEIGHTS_FILE))
-    ckpt = read_checkpoint(path, "ema")
+    try:
+        ckpt = read_checkpoint(path, "ema")
+    except CheckpointError as err:
+        if "has no EMA weights" not in str(err):
+            raise
+        log.warning("init_from %s has no EMA weights: using its raw weights", path)
+        ckpt = read_checkpoint(path, "raw")
     model = ckpt.build_model()
     if has_adapters(model):  # a LoRA checkpoint: start from the adapted weights
         model = merged(model)

@@ -40,11 +40,13 @@ class Finetune:
     alpha: float = 8.0  # lora: the update is (alpha / rank) B A
     dropout: float = 0.0  # lora: dropout on the adapter's input
     target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # lora: nn.Linear module patterns
+    train: list = field(default_factory=list)  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
 
     def __post_init__(self):
         if self.name not in MODES:
             raise ValueError(f"finetune.name={self.name!r} is not one of {MODES}")
         self.freeze, self.target_modules = list(self.freeze or []), list(self.target_modules or [])
+        self.train = list(self.train or [])
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"finetune.rank={self.rank!r} must be an integer >= 1")
         if not 0 <= self.dropout < 1:
@@ -81,8 +83,9 @@ def apply_finetune(model: nn.Module, ft: Finetune, train_anyway: tuple = ()) -> 
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         targets = matching(linears, ft.target_modules, "finetune.target_modules")
         inject_adapter_in_model(lora_config(ft, targets), model)
+        extra = set(matching([n for n, _ in model.named_parameters()], ft.train, "finetune.train"))
         for name, p in model.named_parameters():
-            p.requires_grad_(".lora_" in name)
+            p.requires_grad_(".lora_" in name or name in extra)
     frozen = set(matching([n for n, _ in model.named_parameters()], ft.freeze, "finetune.freeze"))
     for name, p in model.named_parameters():
         if name in frozen:
