@@ -29,40 +29,6 @@ class ExportError(ValueError):
     """An export folder that is incomplete, malformed or from an unknown format; the message names the file."""
 
 
-def read_export(path: str | Path) -> tuple[dict, torch.nn.Module]:
-    """An export folder's config.json (checked: format, version, allow-listed targets) and its model with the
-    safetensors weights loaded, on the CPU. The one reader of export folders (StalePipeline, init_from)."""
-    path = Path(path)
-    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_path, weights_path):
-        if not f.is_file():
-            raise ExportError(f"{f} does not exist: {path} is not a stale export (run stale-export first)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
-                          f"expected {FORMAT!r}")
-    if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-        raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
-                          f"versions <= {FORMAT_VERSION}")
-    for key in ("model", "diffusion"):
-        if not isinstance(config.get(key), dict):
-            raise ExportError(f"{cfg_path} has no '{key}' mapping")
-    check_targets(config, str(cfg_path))  # refuse before building anything
-    model = build(config["model"], where=f"{cfg_path}: model")
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
-    return config, model
-
-
 class StalePipeline:
     """A Stale model, its prior and default sampling settings; call it to generate uint8 videos."""
 
@@ -81,11 +47,38 @@ class StalePipeline:
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         lora: str | Path | None = None) -> "StalePipeline":
         """Load an export folder: JSON config (allow-listed targets only) and safetensors weights; `lora`: an adapter
-        folder (stale-export merge=false) to inject into the model."""
-        config, model = read_export(path)
-        objective = build(config["diffusion"], where=f"{Path(path) / CONFIG_FILE}: diffusion")  # validates the prior
+        folder (stale-export merge=false) to inject into the model (stale.models.finetune.load_adapter)."""
+        path = Path(path)
+        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for f in (cfg_path, weights_path):
+            if not f.is_file():
+                raise ExportError(f"{f} does not exist: {path} is not a stale export (run stale-export first)")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+        if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
+            raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
+                              f"versions <= {FORMAT_VERSION}")
+        for key in ("model", "diffusion"):
+            if not isinstance(config.get(key), dict):
+                raise ExportError(f"{cfg_path} has no '{key}' mapping")
+        check_targets(config, str(cfg_path))  # refuse before building anything
+        model = build(config["model"], where=f"{cfg_path}: model")
+        objective = build(config["diffusion"], where=f"{cfg_path}: diffusion")  # validates the prior
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
         if lora is not None:
-            from stale.models.finetune import load_adapter
+            from stale.models.finetune import load_adapter  # imports peft: only when asked for
 
             load_adapter(model, lora)
         diffusion = {k: v for k, v in config["diffusion"].items() if k != "_target_"}

@@ -1,7 +1,7 @@
 """Start from weights: init_from=CKPT_OR_EXPORT_DIR and the fine-tuning set-up built on it.
 
 Reading goes through the one reader of each format: read_checkpoint (a stale-train checkpoint, EMA weights;
-a LoRA checkpoint is rebuilt and merged) and read_export (an export folder). Loading into a possibly different
+a LoRA checkpoint is rebuilt and merged) and StalePipeline.from_pretrained (an export folder). Loading into a possibly different
 model is stale.models.transfer; which tensors train is stale.models.finetune.
 
 A fine-tuning checkpoint whose frozen tensors came from init_from leaves them out (a LoRA checkpoint holds only
@@ -44,9 +44,9 @@ def read_weights(path: str | Path) -> SourceWeights:
     callback) or an export folder."""
     path = Path(path)
     if path.is_dir():
-        from stale.export.pipeline import read_export  # pipeline imports this package's checkpoint reader
+        from stale.export.pipeline import StalePipeline  # the export reader; it imports checkpoint.py itself
 
-        config, model = read_export(path)
+        model = StalePipeline.from_pretrained(path).model
         return SourceWeights(path, model.state_dict(), dataclasses.asdict(model.config), sha256(path / WEIGHTS_FILE))
     try:
         ckpt = read_checkpoint(path, "ema")
