@@ -64,7 +64,10 @@ def test_plain_loop_does_what_the_lightning_step_does():
     """One step of each from the same weights and RNG state lands on the same weights: the same work is timed."""
     from stale.bench.train import _InMemory, _lightning_round, _make_system, _PlainLoop, _quiet, _Recorder
 
-    torch.manual_seed(0)  # the init must not follow whatever ran before it in this worker (xdist reorders tests)
+    # Seeded: the init must not follow whatever ran before it in this worker (xdist reorders tests). Unseeded, about
+    # one init in 25 (seed 20 of 0..24) puts both clips past the hinge margin: hinge loss 0, and only the final
+    # layer (2 tensors) moves in the first step, since adaLN-Zero blocks pass no gradient inwards.
+    torch.manual_seed(0)
     base = build("tiny", 4, 16)
     batches = random_batches(1, 2, 4, 16)
     lit, plain_sys = _make_system(copy.deepcopy(base), 1e-3), _make_system(copy.deepcopy(base), 1e-3)
