@@ -101,7 +101,7 @@ def test_adamw_groups_exclude_norms_biases_embeddings(tmp_path):
     kept = {names[id(p)] for p in keep["params"]}
     assert any(n.startswith("y_embed.") for n in kept) and any(n.endswith(".bias") for n in kept)
     assert len(decay["params"]) + len(keep["params"]) == len(list(system.model.parameters()))
-    assert not opt.defaults.get("fused")  # fused only on CUDA
+    assert opt.defaults.get("fused")  # one kernel on CPU too (tests/test_bench.py: the same update as the loop)
     assert all(no_decay(n, p) == (id(p) in {id(q) for q in keep["params"]}) for n, p in system.model.named_parameters())
 
 
@@ -132,6 +132,20 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
     fps, sps = column(rows, "train/device/flops_per_sec"), column(rows, "train/device/samples_per_sec")
     assert set(fps) == set(sps) and all(fps[s] == pytest.approx(1e6 * sps[s], rel=1e-6) for s in fps)
     assert not column(rows, "train/device/mfu")  # a CPU is not in Lightning's device table: no MFU
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_clips_the_fused_optimizers_gradients(tmp_path, precision):
+    """Lightning's AMP plugin refuses to clip for a fused optimizer; bf16 has no GradScaler, so stale clips anyway."""
+    system = build_system(make_cfg(tmp_path))
+    system.trainer = L.Trainer(max_steps=10, precision=precision, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False)
+    opt = system.configure_optimizers()["optimizer"]
+    for p in system.model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    system.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in system.model.parameters()]))
+    assert abs(float(norm) - 1.0) < 1e-4
 
 
 def test_bf16_mixed_and_grad_checkpointing_step(tmp_path):

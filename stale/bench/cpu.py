@@ -10,6 +10,7 @@ reaches all of them. Compile time is the extra wall time of the compiled variant
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -17,12 +18,15 @@ import torch
 from stale.bench import build, median, random_batches
 
 
-def _variant_name(threads: int, compiled: bool) -> str:
-    return f"{threads} thread{'s' if threads > 1 else ''}, {'compiled' if compiled else 'eager'}"
+def _variant_name(threads: int, compiled: bool, fused: bool) -> str:
+    return (f"{threads} thread{'s' if threads > 1 else ''}, {'compiled' if compiled else 'eager'}, "
+            f"{'fused' if fused else 'loop'} AdamW")
 
 
 def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 8, steps: int = 30,
-        rounds: int = 3, threads=(1, 2), compile=(False, True), device: str = "cpu", seed: int = 0) -> dict:
+        rounds: int = 3, threads=(1, 2), compile=(False, True), fused=(True, False), device: str = "cpu",
+        seed: int = 0) -> dict:
+    """fused: AdamW's one-kernel update (StaleSystem's choice) against torch's per-tensor loop (its CPU default)."""
     from stale.bench.gpu import PlainStep  # the plain step: objective forward, backward, AdamW
 
     if not str(device).startswith("cpu"):
@@ -32,24 +36,24 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     trainers, first_s, times = {}, {}, {}
     try:
         for r in range(rounds):
-            for n_threads in threads:
-                for compiled in compile:
-                    torch.set_num_threads(int(n_threads))
-                    name = _variant_name(int(n_threads), bool(compiled))
-                    if name not in trainers:  # built and warmed up (compiled) in its first round
-                        torch.manual_seed(seed)
-                        trainers[name] = PlainStep(build(model, frames, size), "cpu", torch.float32, bool(compiled))
-                        t0 = time.perf_counter()
-                        for b in batches[:2]:
-                            trainers[name].step(b)
-                        first_s[name] = time.perf_counter() - t0
+            for n_threads, compiled, fuse in itertools.product(threads, compile, fused):
+                torch.set_num_threads(int(n_threads))
+                name = _variant_name(int(n_threads), bool(compiled), bool(fuse))
+                if name not in trainers:  # built and warmed up (compiled) in its first round
+                    torch.manual_seed(seed)
+                    trainers[name] = PlainStep(build(model, frames, size), "cpu", torch.float32, bool(compiled),
+                                               fused=bool(fuse))
                     t0 = time.perf_counter()
-                    for i in range(steps):
-                        trainers[name].step(batches[i % len(batches)])
-                    times.setdefault(name, []).append((time.perf_counter() - t0) / steps)
+                    for b in batches[:2]:
+                        trainers[name].step(b)
+                    first_s[name] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    trainers[name].step(batches[i % len(batches)])
+                times.setdefault(name, []).append((time.perf_counter() - t0) / steps)
     finally:
         torch.set_num_threads(previous)
-    base = _variant_name(int(max(threads)), False)  # torch's default on this machine: one thread per core
+    base = _variant_name(int(max(threads)), False, bool(fused[0]))  # one thread per core (torch's default), eager
     rows = []
     for name, ts in times.items():
         step = median(ts)

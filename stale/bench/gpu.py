@@ -73,14 +73,14 @@ def _dtype(dtype: str) -> torch.dtype:
 class PlainStep:
     """A plain training step: autocast forward of the objective, backward, AdamW step, zero_grad."""
 
-    def __init__(self, model, device: str, dtype: torch.dtype, compile: bool):
+    def __init__(self, model, device: str, dtype: torch.dtype, compile: bool, fused: bool = True):
         from stale.diffusion.objective import StaleObjective
 
         self.model, self.device, self.dtype = model, device, dtype
         self.objective = StaleObjective()
         # dynamic=False: the flow branch (B clips) and the hinge branch (B/4 clips) get one static graph each
         self.net = torch.compile(model, dynamic=False) if compile else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.startswith("cuda") else None)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)  # as StaleSystem's
         self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
     def loss(self, net, video, label):

@@ -36,7 +36,7 @@ def _step_fn(model, device: str, amp: bool):
     from stale.diffusion.flow import to_unit_range
 
     objective = StaleObjective()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.startswith("cuda") else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as StaleSystem's
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
     def step(batch):

@@ -331,7 +331,7 @@ def _row(name: str, lightning: list, plain: list, pairs: list) -> dict:
 def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: int, steps: int, warmup: int,
              rounds: int, max_rounds: int, pool: int, precision: str, clip: float, lr: float, variants: list,
              log_every_n_steps: int, timing: str, profile: bool, profile_top: int, device: str,
-             seed: int) -> tuple[list, dict, int]:
+             seed: int, max_seconds: float | None = None) -> tuple[list, dict, int, str]:
     torch.manual_seed(seed)
     base = build(model, frames, size, **overrides)
     n_params = sum(p.numel() for p in base.parameters())
@@ -346,10 +346,15 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
     pairs = {name: [] for name in variants}  # per-sample wall ratios
     logdir = tempfile.mkdtemp(prefix="stale-bench-train-")
     profiles = {}
+    began, stopped = time.perf_counter(), "max_rounds"
     with _quiet():
         plain = _PlainLoop(systems.pop("plain"), device, precision, clip, max_steps=n * (rounds * 2 + 2))
         for r in range(max(rounds, max_rounds)):  # at least `rounds`; more until the headline is precise
             if r >= rounds and median_error(pairs[variants[0]]) <= TARGET_OVERHEAD:
+                stopped = "target error reached"
+                break
+            if r >= rounds and max_seconds is not None and time.perf_counter() - began > max_seconds:
+                stopped = "max_seconds"  # the section's time budget: stale-bench has 5 minutes in all
                 break
             order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
             for name in order:
@@ -383,14 +388,14 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
     all_plain = [w for name in variants for w, _ in pla[name]]
     rows.insert(0, {"loop": "plain", "samples": len(all_plain), "median_ms": round(1e3 * median(all_plain), 3),
                     "noise": round(spread(all_plain), 4)})
-    return rows, profiles, n_params
+    return rows, profiles, n_params, stopped
 
 
 def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 16, steps: int = 12,
         warmup: int = 2, rounds: int = 3, max_rounds: int = 12, pool: int = 4, precision: str = "auto", gradient_clip_val: float = 1.0,
         lr: float = 1e-3, variants=VARIANTS[:5], log_every_n_steps: int = 10, timing: str = "block",
         profile: bool = True, profile_top: int = 15, micro: dict | None = None, device: str = "cpu",
-        seed: int = 0) -> dict:
+        seed: int = 0, max_seconds: float | None = None) -> dict:
     """Framework overhead of each Lightning variant against a plain loop; see the module docstring.
 
     micro: optional model overrides (e.g. {dim: 32, depth: 2, heads: 2, frames: 2, size: 8, batch_size: 1})
@@ -408,10 +413,11 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     common = dict(steps=steps, warmup=warmup, rounds=rounds, max_rounds=max_rounds, pool=pool, precision=precision, clip=gradient_clip_val,
                   lr=lr, variants=variants, log_every_n_steps=log_every_n_steps, timing=timing,
                   profile_top=profile_top, device=device, seed=seed)
-    rows, profiles, n_params = _measure(model, {}, frames, size, batch_size, profile=profile, **common)
+    rows, profiles, n_params, stopped = _measure(model, {}, frames, size, batch_size, profile=profile,
+                                                 max_seconds=max_seconds, **common)
     head = rows[1]
     summary = {"framework_overhead": head["overhead_paired"], "framework_overhead_error": head["overhead_error"],
-               "rounds": head["samples"], "framework_overhead_cpu": head["overhead_cpu"],
+               "rounds": head["samples"], "stopped": stopped, "framework_overhead_cpu": head["overhead_cpu"],
                "compared": f"{head['loop']} vs plain", "target": TARGET_OVERHEAD,
                "meets_target": head["overhead_paired"] <= TARGET_OVERHEAD,
                "extra_ms_per_step": head["extra_ms"]}
@@ -422,7 +428,9 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     if micro:
         m = dict(micro)
         m_frames, m_size, m_batch = m.pop("frames", 2), m.pop("size", 8), m.pop("batch_size", 1)
-        m_rows, _, m_params = _measure(model, m, m_frames, m_size, m_batch, profile=False, **common)
+        # Lightning's fixed ms per step, for reading beside any step time: `rounds` rounds, no error target
+        m_rows, _, m_params, _ = _measure(model, m, m_frames, m_size, m_batch, profile=False,
+                                          **{**common, "max_rounds": rounds})
         for r in m_rows:
             r["loop"] = f"{r['loop']} (micro)"
         rows += m_rows
@@ -434,7 +442,8 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
                      "scheduler (StaleSystem.configure_optimizers), clipping and precision on both sides",
                      "framework_overhead (the headline) = overhead_paired: median of per-round ratios of "
                      "Lightning to the plain run beside it, - 1; overhead_error: the standard error of that median "
-                     f"(rounds run on from {rounds} until it is <= the {TARGET_OVERHEAD:.0%} target, at most {max_rounds}); "
+                     f"(rounds run on from {rounds} until it is <= the {TARGET_OVERHEAD:.0%} target, at most {max_rounds} "
+                     f"rounds or max_seconds={max_seconds}; `stopped` says which ended it); "
                      "meets_target: overhead <= target (read it with the error beside it). "
                      "overhead = median(Lightning) / median(plain beside it) - 1 (wall); overhead_cpu: the same "
                      "with process CPU time (steadier on a shared machine); overhead_paired: median of "

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -169,6 +170,19 @@ class StaleSystem(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.lr_lambdas = [self._schedule_fn(total)] * len(config.scheduler.optimizer.param_groups)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except that bf16-mixed may clip a fused optimizer's gradients.
+
+        Lightning's AMP plugin refuses to clip for any optimizer that unscales in its own step (fused AdamW),
+        which guards fp16's GradScaler; bf16-mixed has no scaler, so the gradients are already true ones and
+        the plain clipping of the base Precision plugin is right (the refusal would stop every GPU run).
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         decay, keep = [], []
         for name, p in self.model.named_parameters():
@@ -176,7 +190,10 @@ class StaleSystem(L.LightningModule):
                 (keep if no_decay(name, p) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
                   {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
-        fused = self.device.type == "cuda"  # one kernel for the whole update
+        # One fused kernel for the whole update, on CUDA and CPU: on the tiny CPU model (63 tensors) torch's
+        # default per-tensor loop took 15.6 ms an update, fused 3.7 ms (stale-bench cpu; BENCHMARKS.md). Not
+        # with fp16's GradScaler: a fused AdamW unscales inside its step, after gradient clipping would have run.
+        fused = self.device.type in ("cuda", "cpu") and self.trainer.precision != "16-mixed"
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
