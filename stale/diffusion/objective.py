@@ -33,7 +33,7 @@ class StaleObjective:
     time_mean: float = 0.0  # logit-normal m
     time_std: float = 1.0  # logit-normal s
     label_dropout: float = 0.1  # p(null label) in the flow branch, for classifier-free guidance
-    hinge_weight: float = 0.1  # lambda_hinge; 0 turns the head's training off
+    hinge_weight: float = 0.01  # lambda_hinge; 0 turns the head's training off; 0.1 slowed the flow's learning
     hinge_fraction: float = 0.25  # share of the batch used by the label-free hinge branch
     dog_weight: float = 0.0  # lambda_dog; 0 skips the band-pass term
     dog_bands: tuple = DOG_BANDS  # DoG sigmas in pixels (METHOD.md)
