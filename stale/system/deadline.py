@@ -9,8 +9,10 @@ exactly those steps, so the arctan decay completes instead of being cut off half
   planned = step + floor(rate x (deadline - now) x (1 - margin)),  capped at max_steps
 
 `margin` pays for what a step-rate measurement does not see: validation, periodic samples and checkpoints.
-After every validation the plan is checked against the effective rate so far (those costs included) and
-lowered if the run would finish late; a hard stop at the deadline is the last guard. The decision is
+After every validation the plan is checked against the effective rate so far (those costs included):
+lowered if the run would finish late, raised if the machine got faster (at least 5% more steps: a make train
+that began beside other jobs which then ended finished a minute early); a hard stop at the deadline is the
+last guard. The decision is
 printed, logged as deadline/*, written to <out_dir>/deadline.json and saved in every checkpoint: a resumed
 run keeps the planned step count and has no deadline of its own.
 
@@ -44,6 +46,8 @@ def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_st
 
 
 class TrainingDeadline(L.Callback):
+    RAISE_AT = 0.05  # raise the plan after a validation only for at least 5% more steps (each raise moves the LR curve)
+
     def __init__(self, max_minutes: float, max_steps: int, calibration_steps: int = 40, skip_steps: int = 5,
                  margin: float = 0.08, out_dir: str | None = None):
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
@@ -126,7 +130,8 @@ class TrainingDeadline(L.Callback):
             self._record(trainer, f"deadline reached at step {step}: stopping")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the plan against the effective rate so far (validation and sampling included); lower it if late."""
+        """Check the plan against the effective rate so far (validation and sampling included): lower it if late,
+        raise it if there is time for at least RAISE_AT more."""
         if self.resumed or self._calibrated_at is None or trainer.sanity_checking or trainer.should_stop:
             return  # (the validation Lightning runs after a stop needs no new plan)
         step, now = trainer.global_step, time.monotonic()
@@ -134,11 +139,14 @@ class TrainingDeadline(L.Callback):
         if step <= step0:
             return
         effective = (step - step0) / (now - t0)
-        if now + (self.planned_steps - step) / effective > self.t_deadline:
-            planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
-            if planned < self.planned_steps:
-                self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
-                                                         f"with validation and sampling")
+        planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
+        late = now + (self.planned_steps - step) / effective > self.t_deadline
+        if late and planned < self.planned_steps:
+            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
+                                                     f"with validation and sampling")
+        elif planned > self.planned_steps * (1 + self.RAISE_AT):  # the machine got faster (other jobs ended)
+            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s with "
+                                                     f"validation and sampling, faster than measured")
 
     def summary(self) -> dict:
         """The end-of-run report's line: the last decision and where the record is."""
