@@ -18,7 +18,8 @@ from stale.train import build_system
 
 DEADLINE = ["trainer.max_steps=null", "deadline.max_minutes=0.25", "deadline.max_steps=100000",
             "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.3", "schedule.warmup=20",
-            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15"]
+            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15",
+            "optim.lr=1e-3"]  # the lr values below
 
 
 def test_plan_steps_arithmetic():
