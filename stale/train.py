@@ -142,6 +142,8 @@ def check_autoencoder(cfg: DictConfig):
         from stale.latent.cache import CacheError, cache_info
     except ImportError as e:
         raise ConfigError(f"vae=diffusers needs the latent extra: pip install 'stale[latent]' ({e})") from None
+    if OmegaConf.is_missing(vae, "pretrained") or not vae.get("pretrained"):
+        raise ConfigError("vae=diffusers needs vae.pretrained=<a diffusers autoencoder folder or hub id>")
     node = OmegaConf.to_container(vae, resolve=True)
     node.pop("name")
     info = None
