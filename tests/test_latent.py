@@ -262,3 +262,16 @@ def test_per_frame_autoencoder_trains_on_cache_and_on_the_fly(videos, tmp_path, 
         with av.open(str(tmp_path / name / "samples" / "sample_000.mp4")) as c:
             frame = next(c.decode(video=0))
             assert (frame.width, frame.height) == (64, 64)
+
+
+def test_bench_latent_section_measures_encode_cache_and_both_steps(tmp_path_factory):
+    from stale.bench import latent
+
+    wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
+    result = latent.run(vae=str(wan), frames=5, size=16, batch_size=1, steps=1, rounds=1, encode_clips=1)
+    s = result["summary"]
+    assert s["latent_clip"] == [4, 2, 2, 2] and s["encode_clips_per_s"] > 0
+    assert s["cache_bytes_per_clip_float32"] > 2 * 4 * 2 * 2 * 2 * 4  # the moments (2C values) in float32
+    assert s["cache_bytes_per_clip_float16"] < s["cache_bytes_per_clip_float32"]
+    assert [r["variant"] for r in result["rows"]] == ["pixels", "cached latents", "latents encoded on the fly"]
+    assert all(r["step_ms"] > 0 for r in result["rows"]) and s["step_ratio_pixels_over_cached"] > 0
