@@ -152,6 +152,10 @@ def check_autoencoder(cfg: DictConfig):
             info, info_path = cache_info(cfg.data.shards, "data.shards")
         except (CacheError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        for key in ("frames", "size"):
+            if cfg.data.get(key) is not None and cfg.data[key] != info[key]:
+                raise ConfigError(f"data.{key}={cfg.data[key]}, but the cache {info_path} holds clips of {key} "
+                                  f"{info[key]}: leave data.{key} unset with data=latents, or encode again")
         with open_dict(cfg):
             cfg.data.frames, cfg.data.size = info["frames"], info["size"]
         if node.get("stats") is None:
