@@ -179,7 +179,8 @@ class Autoencoder:
             dist = self.model.encode(v).latent_dist
             return torch.cat([dist.mean, dist.logvar], 1)
 
-        return (self._per_frame(x, enc) if self.per_frame else enc(x)).float()
+        with torch.autocast(self.device.type, enabled=False):  # vae.dtype decides, not the trainer's precision
+            return (self._per_frame(x, enc) if self.per_frame else enc(x)).float()
 
     def normalize(self, latent: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (latent.ndim - 2)
@@ -205,7 +206,8 @@ class Autoencoder:
         """Normalised latents (B, C, T', H', W') -> pixels float32 in [-1, 1]-ish (B, 3, T, H, W)."""
         latent = self.denormalize(z.float()).to(self.device, self.dtype)
         dec = lambda v: self.model.decode(v).sample  # noqa: E731
-        return (self._per_frame(latent, dec) if self.per_frame else dec(latent)).float()
+        with torch.autocast(self.device.type, enabled=False):
+            return (self._per_frame(latent, dec) if self.per_frame else dec(latent)).float()
 
     # ------------------------------------------------------------------ records
     def node(self) -> dict:
