@@ -81,7 +81,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -236,10 +236,10 @@ def _read_config(pretrained: str, subfolder: str | None) -> dict:
             return json.loads((folder / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise AutoencoderError(f"vae.pretrained={pretrained!r}: {folder / 'config.json'} is not JSON: {e}") from None
-    from diffusers import ConfigMixin
+    from diffusers import AutoencoderKL  # any ModelMixin: load_config reads its config.json, whatever the class
 
     try:
-        return dict(ConfigMixin.load_config(pretrained, subfolder=subfolder))
+        return dict(AutoencoderKL.load_config(pretrained, subfolder=subfolder))
     except Exception as e:  # noqa: BLE001 - diffusers raises OSError/EnvironmentError/HTTP errors here
         raise AutoencoderError(f"vae.pretrained={pretrained!r} is not a local folder and could not be loaded as a "
                                f"hub id: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
