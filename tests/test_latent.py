@@ -308,3 +308,18 @@ def test_bench_latent_section_measures_encode_cache_and_both_steps(tmp_path_fact
     assert s["cache_bytes_per_clip_float16"] < s["cache_bytes_per_clip_float32"]
     assert [r["variant"] for r in result["rows"]] == ["pixels", "cached latents", "latents encoded on the fly"]
     assert all(r["step_ms"] > 0 for r in result["rows"]) and s["step_ratio_pixels_over_cached"] > 0
+
+
+def test_data_latents_refuses_mp4_shards_and_another_autoencoders_cache(videos, tmp_path, tmp_path_factory):
+    wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
+    hunyuan = tiny_vae(tmp_path_factory, "AutoencoderKLHunyuanVideo")  # same latent shape, other weights
+    with pytest.raises(ConfigError, match="is not a stale-encode cache .* mp4 shards train with data=shards"):
+        check_config(cfg_of(tmp_path, "data=latents", f"data.shards='{videos['train']}'", "vae=diffusers",
+                            f"vae.pretrained={wan}"))
+    encode_shards(videos["train"], tmp_path / "lat", {"pretrained": str(wan)}, frames=9, size=64, progress=False)
+    with pytest.raises(ConfigError, match="was encoded by the autoencoder at .* holds other weights"):
+        check_config(cfg_of(tmp_path, "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers",
+                            f"vae.pretrained={hunyuan}"))
+    with pytest.raises(ConfigError, match="data.frames=17, but the cache"):
+        check_config(cfg_of(tmp_path, "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.frames=17",
+                            "vae=diffusers", f"vae.pretrained={wan}"))

@@ -57,7 +57,9 @@ def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
                          "(their folder holds its info.json)")
     info = json.loads(path.read_text())
     if info.get("format") != FORMAT:
-        raise CacheError(f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r})")
+        raise CacheError(f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r}): mp4 shards "
+                         "train with data=shards (add vae=diffusers to encode them on the fly), or encode them once "
+                         "with stale-encode and train on its out= with data=latents")
     return info, path
 
 
