@@ -35,7 +35,7 @@ def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.
 def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", steps: int = 50,
              sampler: str = "euler", guidance: float = 1.0, classifier_guidance: float = 0.0, seed: int = 0,
              frames: int | None = None, size: int | None = None, batch_size: int | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, prior_scale: float = 1.0, autoencoder=None) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
@@ -48,8 +48,15 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
     device = next(model.parameters()).device
+    if autoencoder is not None and (frames or size):  # a pixel clip -> its latent clip
+        pixel_frames, pixel_size = autoencoder.pixel_shape(cfg.frames, cfg.size)
+        _, frames, size, _ = autoencoder.latent_shape(frames or pixel_frames, size or pixel_size)
     shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
-    noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed))
+    noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed),
+                              scale=prior_scale)
+    clamp = prior == "uniform" and autoencoder is None and prior_scale == 1.0  # the pixel box [-1, 1]
+    if autoencoder is not None:
+        autoencoder.to(device)
     ts = time_grid(steps, device)
     labels = labels.to(device)
     chunk = batch_size or len(labels)
@@ -59,8 +66,8 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
         out = []
         for i in range(0, len(labels), chunk):
             velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance)
-            x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=prior == "uniform", progress=progress)
-            out.append(flow.to_uint8(x).cpu())
+            x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=clamp, progress=progress)
+            out.append(flow.to_uint8(x if autoencoder is None else autoencoder.decode(x)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

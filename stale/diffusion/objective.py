@@ -29,6 +29,9 @@ from stale.diffusion.mixup import mixup, mixup_hinge
 @dataclass
 class StaleObjective:
     prior: str = "uniform"  # uniform (U[-1,1]^d, the paper's maximum-entropy prior) or gaussian (N(0, I))
+    # a of the uniform prior U[-a, a]^d: null = 1 on pixels, sqrt(3) on normalised latents (train.py resolves it;
+    # docs/latent.md says why)
+    prior_scale: float | None = None
     time_sampling: str = "logit_normal"  # logit_normal (SD3) or uniform
     time_mean: float = 0.0  # logit-normal m
     time_std: float = 1.0  # logit-normal s
@@ -48,6 +51,8 @@ class StaleObjective:
             raise ValueError(f"diffusion.prior={self.prior!r} is not one of {flow.PRIORS}")
         if self.time_sampling not in flow.TIME_SAMPLERS:
             raise ValueError(f"diffusion.time_sampling={self.time_sampling!r} is not one of {flow.TIME_SAMPLERS}")
+        if self.prior_scale is not None and not self.prior_scale > 0:
+            raise ValueError(f"diffusion.prior_scale={self.prior_scale} must be > 0 (or null)")
         if self.time_std <= 0:
             raise ValueError(f"diffusion.time_std={self.time_std} must be > 0")
         for name in ("label_dropout", "hinge_fraction"):
@@ -61,10 +66,15 @@ class StaleObjective:
         self.dog_bands = tuple(float(s) for s in self.dog_bands)
         self._dog = DoGLoss(self.dog_bands, self.dog_k, self.dog_temporal)
 
+    @property
+    def scale(self) -> float:
+        """a of U[-a, a]: prior_scale, 1 when unset (pixels)."""
+        return 1.0 if self.prior_scale is None else float(self.prior_scale)
+
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int) -> dict[str, torch.Tensor]:
         """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts."""
         b = x.shape[0]
-        z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype)
+        z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
         t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
         x_t = flow.interpolate(z, x, t)
         drop = torch.rand(b, device=x.device) < self.label_dropout
@@ -81,7 +91,7 @@ class StaleObjective:
             xh, yh = x[:n], y[:n]
             if self.mixup:
                 xh, ya, yb, lam = mixup(xh, yh, self.mixup_alpha)
-            zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype)
+            zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
             th = flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device)
             _, scores = model(flow.interpolate(zh, xh, th), th, torch.full_like(yh, null_label))
             if self.mixup:
