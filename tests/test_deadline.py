@@ -105,3 +105,16 @@ def test_plan_is_raised_when_the_machine_gets_faster(tmp_path):
     assert raised and raised[0]["step"] == 20 and raised[0]["planned_steps"] > 1.05 * first["planned_steps"]
     assert trainer.global_step == (deadline.stopped_at or deadline.planned_steps)
     assert json.loads((tmp_path / "deadline.json").read_text())["planned_steps"] == deadline.planned_steps
+
+
+def test_make_trains_clock_counts_the_set_up(monkeypatch, caplog):
+    """make train sets STALE_DEADLINE_FROM to when make started: its venv and install count against the deadline."""
+    monkeypatch.setenv("STALE_DEADLINE_FROM", str(time.time() - 90.0))
+    left = TrainingDeadline(max_minutes=8.5, max_steps=10).t_deadline - time.monotonic()
+    assert 8.5 * 60 - 90 - 5 < left <= 8.5 * 60 - 90
+    for stale in ("1000", "soon", str(time.time() + 600)):  # older than the deadline, not a number, in the future
+        monkeypatch.setenv("STALE_DEADLINE_FROM", stale)
+        caplog.clear()
+        left = TrainingDeadline(max_minutes=8.5, max_steps=10).t_deadline - time.monotonic()
+        assert 8.5 * 60 - 5 < left <= 8.5 * 60
+        assert any("ignoring STALE_DEADLINE_FROM" in r.getMessage() for r in caplog.records)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from stale.bench import build, median, random_batches, sync
+from stale.diffusion import flow
 
 
 def _autoencoder(vae: str | None, device: str):
@@ -53,14 +54,14 @@ def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int 
     c, t, h, w = ae.latent_shape(frames, size)
     pixels = random_batches(2, batch_size, frames, size, seed=seed)
     # encode: clips/s at batch 1 (stale-encode's batch_size is yours to choose; 1 bounds memory)
-    clip = pixels[0][0][:1].to(device).float() / 127.5 - 1
+    clip = flow.to_unit_range(pixels[0][0][:1].to(device))
     ae.encode(clip)  # warm-up
     t0 = time.perf_counter()
     for _ in range(encode_clips):
         moments = ae.encode(clip)
     sync(device)
     encode_s = (time.perf_counter() - t0) / encode_clips
-    cached = [(ae.encode(v.to(device).float() / 127.5 - 1), y) for v, y in pixels]  # (B, 2C, T', H', W')
+    cached = [(ae.encode(flow.to_unit_range(v.to(device))), y) for v, y in pixels]  # (B, 2C, T', H', W')
 
     torch.manual_seed(seed)
     pixel_step = PlainStep(build(model, frames, size).to(device), device, torch.float32, False)
@@ -78,7 +79,7 @@ def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int 
 
     def step_fly(batch):
         v, y = batch
-        step_latent((ae.encode(v.to(device).float() / 127.5 - 1), y))
+        step_latent((ae.encode(flow.to_unit_range(v.to(device))), y))
 
     variants = {"pixels": lambda i: pixel_step.step(tuple(p.to(device) for p in pixels[i % 2])),
                 "cached latents": lambda i: step_latent(cached[i % 2]),

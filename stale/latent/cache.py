@@ -34,6 +34,7 @@ import webdataset as wds
 
 from stale.data.reader import Skip, SkipCounter, decode_sample, expand_shards, read_shard, sample_name
 from stale.data.video_io import ClipSpec
+from stale.diffusion import flow
 from stale.latent.autoencoder import Autoencoder, load_autoencoder
 
 log = logging.getLogger("stale")
@@ -180,7 +181,7 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
             if not pending:
                 return
             pixels = torch.from_numpy(np.stack([p[0] for p in pending])).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
-            moments = ae.encode(pixels.float() / 127.5 - 1.0).cpu()
+            moments = ae.encode(flow.to_unit_range(pixels)).cpu()
             sums.append(_sums(moments))
             for m, (_, label, sample) in zip(moments, pending):
                 meta = {"label": label, "source": sample_name(sample), "clip": {"frames": frames, "size": size},

@@ -18,7 +18,8 @@ run keeps the planned step count and has no deadline of its own.
 
 The clock starts when the callback is built (train() builds it before the data is generated), so the
 deadline covers data generation, training, validation and periodic sampling; the final sampling after
-training is not included.
+training is not included. `make train` starts the clock earlier, when make itself starts
+($STALE_DEADLINE_FROM), so that the set-up (venv, pip install) counts too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +38,7 @@ import lightning as L
 from stale.system.threads import ThreadTuner
 
 log = logging.getLogger("stale")
+CLOCK_ENV = "STALE_DEADLINE_FROM"
 
 
 def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_steps: int) -> int:
@@ -43,6 +46,25 @@ def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_st
     at least one more than `step` and at most `max_steps`."""
     more = math.floor(rate * max(0.0, remaining_s) * (1.0 - margin))
     return int(min(max_steps, max(step + 1, step + more)))
+
+
+def clock_started_ago(max_minutes: float) -> float:
+    """Seconds since $STALE_DEADLINE_FROM (Unix time), else 0. `make train` sets it to when make started, so
+    that creating the venv and installing count against the deadline: a slow download or a slow disk then
+    shortens training instead of stretching the quick start past its 10 minutes. A value in the future or
+    older than the deadline itself (a stale export in a shell) is ignored with a warning."""
+    raw = os.environ.get(CLOCK_ENV)
+    if not raw:
+        return 0.0
+    try:
+        ago = time.time() - float(raw)
+    except ValueError:
+        ago = -1.0
+    if not 0.0 <= ago < 60.0 * max_minutes:
+        log.warning(f"deadline: ignoring {CLOCK_ENV}={raw!r} (not a Unix time within the last {max_minutes:g} "
+                    "minutes); the deadline counts from now")
+        return 0.0
+    return ago
 
 
 class TrainingDeadline(L.Callback):
@@ -61,8 +83,9 @@ class TrainingDeadline(L.Callback):
         self.max_minutes, self.max_steps = float(max_minutes), max_steps
         self.calibration_steps, self.skip_steps, self.margin = calibration_steps, skip_steps, margin
         self.out_dir = Path(out_dir) if out_dir else None
-        self.t_start = time.monotonic()  # the deadline counts from here: train() builds callbacks first
-        self.wall_start = datetime.now()
+        # the deadline counts from here (train() builds callbacks first), or from when `make train` started
+        self.t_start = time.monotonic() - clock_started_ago(self.max_minutes)
+        self.wall_start = datetime.now() - timedelta(seconds=time.monotonic() - self.t_start)
         self.t_deadline = self.t_start + 60.0 * self.max_minutes
         self.planned_steps: int | None = None  # saved in checkpoints: a resumed run keeps it
         self.rate: float | None = None  # measured optimiser steps per second (calibration window)

@@ -212,7 +212,8 @@ class StaleSystem(L.LightningModule):
         # One fused kernel for the whole update, on CUDA and CPU: on the tiny CPU model (63 tensors) torch's
         # default per-tensor loop took 15.6 ms an update, fused 3.7 ms (stale-bench cpu; BENCHMARKS.md). Not
         # with fp16's GradScaler: a fused AdamW unscales inside its step, after gradient clipping would have run.
-        fused = self.device.type in ("cuda", "cpu") and self.trainer.precision != "16-mixed"
+        fp16 = self._trainer is not None and self.trainer.precision == "16-mixed"
+        fused = self.device.type in ("cuda", "cpu") and not fp16
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
