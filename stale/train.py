@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stale.export.weights import prepare
 from stale.models.flops import training_flops_per_clip
@@ -92,8 +93,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
     if (cfg.get("finetune") or {}).get("name") == "lora" and not cfg.get("init_from"):
         raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
+    autoencoder = check_autoencoder(cfg)  # fills in the latent shape, the normalisation and the prior's scale
     patch = list(cfg.model.get("patch", [1, 1, 1]))
     frames, size = cfg.data.frames, cfg.data.size
+    if autoencoder is not None:
+        frames, size = cfg.model.frames, cfg.model.size
+        if frames % patch[0] or size % patch[1] or size % patch[2]:
+            raise ConfigError(f"the latent clip of {frames} x {size} x {size} (data.frames={cfg.data.frames} and "
+                              f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
+                              f"model.patch={patch}: choose a smaller model.patch or a larger clip")
     if frames % patch[0] or size % patch[1] or size % patch[2]:
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
     if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
@@ -113,6 +121,69 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
     _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
+    return autoencoder
+
+
+def _is_latent_data(cfg: DictConfig) -> bool:
+    return str(cfg.data.get("_target_", "")).endswith("LatentDataModule")
+
+
+def check_autoencoder(cfg: DictConfig):
+    """vae=diffusers: load the autoencoder (a bad vae.pretrained stops here, naming the path), check the pixel
+    clip against its shape rules (naming the key and the nearest valid values) and write what follows into the
+    config, so that the checkpoint and the export record it: model.in_channels/frames/size (the latent clip),
+    vae.shift/scale/sha256 (the normalisation and the weights) and diffusion.prior_scale (sqrt(3) when null:
+    docs/latent.md). Returns the Autoencoder, or None in pixel space."""
+    vae = cfg.get("vae") or {}
+    if vae.get("name", "none") in ("none", None):
+        if _is_latent_data(cfg):
+            raise ConfigError("data=latents holds latents of an autoencoder: add vae=diffusers "
+                              "vae.pretrained=<the folder or hub id stale-encode used>")
+        return None
+    if vae.get("name") != "diffusers":
+        raise ConfigError(f"vae.name={vae.get('name')!r}: use vae=none or vae=diffusers")
+    try:
+        from stale.latent.autoencoder import AutoencoderError, load_autoencoder
+        from stale.latent.cache import CacheError, cache_info
+    except ImportError as e:
+        raise ConfigError(f"vae=diffusers needs the latent extra: pip install 'stale[latent]' ({e})") from None
+    if OmegaConf.is_missing(vae, "pretrained") or not vae.get("pretrained"):
+        raise ConfigError("vae=diffusers needs vae.pretrained=<a diffusers autoencoder folder or hub id>")
+    node = OmegaConf.to_container(vae, resolve=True)
+    node.pop("name")
+    info = None
+    if _is_latent_data(cfg):
+        try:
+            info, info_path = cache_info(cfg.data.shards, "data.shards")
+        except (CacheError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        for key in ("frames", "size"):
+            if cfg.data.get(key) is not None and cfg.data[key] != info[key]:
+                raise ConfigError(f"data.{key}={cfg.data[key]}, but the cache {info_path} holds clips of {key} "
+                                  f"{info[key]}: leave data.{key} unset with data=latents, or encode again")
+        with open_dict(cfg):
+            cfg.data.frames, cfg.data.size = info["frames"], info["size"]
+        if node.get("stats") is None:
+            node["stats"] = info["stats"]
+    try:
+        autoencoder = load_autoencoder(**node)
+        if info is not None and info["vae"]["sha256"] != autoencoder.source["sha256"]:
+            raise ConfigError(f"data.shards: the cache {info_path} was encoded by the autoencoder at "
+                              f"{info['vae']['pretrained']!r} (weights sha256 {info['vae']['sha256'][:12]}...), "
+                              f"but vae.pretrained={vae.pretrained!r} holds other weights "
+                              f"({autoencoder.source['sha256'][:12]}...)")
+        c, t, h, _ = autoencoder.latent_shape(cfg.data.frames, cfg.data.size)
+    except AutoencoderError as e:
+        raise ConfigError(str(e)) from None
+    with open_dict(cfg):
+        cfg.model.in_channels, cfg.model.frames, cfg.model.size = c, t, h
+        cfg.vae.shift = [float(v) for v in autoencoder.shift]
+        cfg.vae.scale = [float(v) for v in autoencoder.scale]
+        cfg.vae.sha256 = autoencoder.source["sha256"]
+        cfg.vae.normalization = autoencoder.normalization
+        if cfg.diffusion.get("prior_scale") is None:
+            cfg.diffusion.prior_scale = math.sqrt(3.0)
+    return autoencoder
 
 
 def thread_tuner(cfg: DictConfig) -> ThreadTuner | None:
@@ -138,7 +209,8 @@ def max_steps(cfg: DictConfig) -> int:
     return cfg.trainer.max_steps if cfg.trainer.max_steps is not None else cfg.deadline.max_steps
 
 
-def build_system(cfg: DictConfig) -> StaleSystem:
+def build_system(cfg: DictConfig, autoencoder=None) -> StaleSystem:
+    """The system of a (checked) config; `autoencoder` is check_config's, else loaded from the resolved vae node."""
     model = instantiate(cfg.model, _convert_="all")
     finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
     try:  # init_from (weights into a possibly different model), then what trains: stale/export/weights.py
@@ -146,6 +218,12 @@ def build_system(cfg: DictConfig) -> StaleSystem:
     except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
         raise ConfigError(str(e)) from None
     objective = instantiate(cfg.diffusion)
+    vae = cfg.get("vae") or {}
+    if autoencoder is None and vae.get("name") == "diffusers":
+        from stale.latent.autoencoder import load_autoencoder
+
+        autoencoder = load_autoencoder(**{k: v for k, v in OmegaConf.to_container(vae, resolve=True).items()
+                                          if k != "name"})
     compile_opts = cfg.get("compile", False)
     return StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
                        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
@@ -154,14 +232,14 @@ def build_system(cfg: DictConfig) -> StaleSystem:
                        else compile_opts,
                        provenance=provenance(),
                        finetune_base=prepared.base,
-                       run_config=OmegaConf.to_container(cfg, resolve=True))
+                       run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder)
 
 
 def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float:
     """Training FLOPs per clip: budget.flops_per_clip if set, else the analytic count of stale.models.flops."""
     if cfg.budget.get("flops_per_clip") is not None:
         return float(cfg.budget.flops_per_clip)
-    flops = float(training_flops_per_clip(system.model.config, frames=cfg.data.frames, size=cfg.data.size))
+    flops = float(training_flops_per_clip(system.model.config))  # the model's clip: the latent one with a vae
     # the label-free hinge branch runs forward + backward on hinge_fraction of the batch
     return flops * (1 + system.objective.hinge_fraction) if system.objective.hinge_weight > 0 else flops
 
@@ -208,9 +286,9 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     replaces cfg.data and `callbacks` are added to the configured ones."""
     out = Path(cfg.paths.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    check_config(cfg)
+    autoencoder = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    system = build_system(cfg)
+    system = build_system(cfg, autoencoder)
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     system.flops_per_batch = budget.flops_per_clip * cfg.data.batch_size  # ThroughputMonitor's FLOP/s and MFU

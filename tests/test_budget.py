@@ -28,7 +28,7 @@ def test_stale_train_stops_at_flop_budget_with_checkpoint(tmp_path):
     """`stale-train budget.max_flops=...`: 1e6 FLOPs/clip x 4 clips = 4e6 per step; 1.4e7 pays for 3 steps."""
     out = tmp_path / "run"
     proc = run_cli("stale-train", *TINY, "logger=csv", "budget.flops_per_clip=1e6", "budget.max_flops=1.4e7",
-                   "trainer.max_steps=100", f"hydra.run.dir={out}")
+                   "trainer.max_steps=100", "optim.lr=1e-3", f"hydra.run.dir={out}")
     assert "stopped by" in proc.stdout and "budget.max_flops" in proc.stdout
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3

@@ -94,7 +94,7 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
     with initialize_config_module("stale.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
                                           f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
-                                          f"paths.output_dir={out}"])
+                                          "optim.lr=1e-3", f"paths.output_dir={out}"])  # the tolerance below
     L.seed_everything(0)
     system = FixedNoiseSystem(instantiate(cfg.model, _convert_="all"), instantiate(cfg.diffusion),
                               **OmegaConf.to_container(cfg.optim), schedule=OmegaConf.to_container(cfg.schedule))

@@ -3,16 +3,23 @@ over them, say so, and keep the plan on resume."""
 
 import json
 import logging
+import time
 
+import lightning as L
 import pytest
 import torch
 from test_resume import run
+from test_system import make_cfg
 
+from stale.bench import random_batches
+from stale.bench.train import _InMemory
 from stale.system.deadline import TrainingDeadline, plan_steps
+from stale.train import build_system
 
 DEADLINE = ["trainer.max_steps=null", "deadline.max_minutes=0.25", "deadline.max_steps=100000",
             "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.3", "schedule.warmup=20",
-            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15"]
+            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15",
+            "optim.lr=1e-3"]  # the lr values below
 
 
 def test_plan_steps_arithmetic():
@@ -74,3 +81,40 @@ def test_thread_tuner_tries_each_count_keeps_the_fastest_and_saves_it(tmp_path):
         assert last["callbacks"]["ThreadTuner"] == {"chosen": tuner.chosen}
     finally:
         torch.set_num_threads(before)
+
+
+class SlowStart(L.Callback):
+    """A machine that is busy while the rate is measured and free afterwards: 60 ms more per step until step 12."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step <= 12:
+            time.sleep(0.06)
+
+
+def test_plan_is_raised_when_the_machine_gets_faster(tmp_path):
+    system = build_system(make_cfg(tmp_path, "data.frames=2", "data.size=8"))
+    deadline = TrainingDeadline(max_minutes=0.2, max_steps=100000, calibration_steps=6, skip_steps=2, margin=0.3,
+                                out_dir=str(tmp_path))
+    trainer = L.Trainer(max_steps=-1, callbacks=[SlowStart(), deadline], val_check_interval=20, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        accelerator="cpu")
+    trainer.fit(system, _InMemory(random_batches(400, 2, 2, 8)), _InMemory(random_batches(1, 2, 2, 8)))
+    first, *later = deadline.decisions
+    assert first["why"].startswith("measured") and first["step"] == 8
+    raised = [d for d in later if d["why"].endswith("faster than measured")]
+    assert raised and raised[0]["step"] == 20 and raised[0]["planned_steps"] > 1.05 * first["planned_steps"]
+    assert trainer.global_step == (deadline.stopped_at or deadline.planned_steps)
+    assert json.loads((tmp_path / "deadline.json").read_text())["planned_steps"] == deadline.planned_steps
+
+
+def test_make_trains_clock_counts_the_set_up(monkeypatch, caplog):
+    """make train sets STALE_DEADLINE_FROM to when make started: its venv and install count against the deadline."""
+    monkeypatch.setenv("STALE_DEADLINE_FROM", str(time.time() - 90.0))
+    left = TrainingDeadline(max_minutes=8.5, max_steps=10).t_deadline - time.monotonic()
+    assert 8.5 * 60 - 90 - 5 < left <= 8.5 * 60 - 90
+    for stale in ("1000", "soon", str(time.time() + 600)):  # older than the deadline, not a number, in the future
+        monkeypatch.setenv("STALE_DEADLINE_FROM", stale)
+        caplog.clear()
+        left = TrainingDeadline(max_minutes=8.5, max_steps=10).t_deadline - time.monotonic()
+        assert 8.5 * 60 - 5 < left <= 8.5 * 60
+        assert any("ignoring STALE_DEADLINE_FROM" in r.getMessage() for r in caplog.records)

@@ -111,7 +111,7 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
     out = tmp_path / "run"
     cfg = make_cfg(out, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.01",
                    "diffusion.hinge_weight=0.3", "schedule=cosine", "schedule.warmup=1", "sample_every_n_steps=0",
-                   "trainer.val_check_interval=4")
+                   "trainer.val_check_interval=4", "optim.lr=1e-3")
     train(cfg, callbacks=[rec])
     rows = read_csv(out)
     loss, vel, hinge = column(rows, "train/loss"), column(rows, "train/velocity"), column(rows, "train/hinge")

@@ -23,7 +23,7 @@ import torch
 
 from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
-from stale.data.reader import expand_shards
+from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
 
 
@@ -96,3 +96,28 @@ class VideoDataModule(L.LightningDataModule):
         hp = self.hparams
         return ValLoader(self._stream(train=False), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor,
                          persistent_workers=False)
+
+
+class LatentDataModule(VideoDataModule):
+    """Streams (posterior moments, label) batches from a stale-encode cache (docs/latent.md): float32
+    (B, 2C, T', H', W'). The clip shapes come from the cache's info.json; the system draws the latent from the
+    moments and normalises it (stale.latent.autoencoder), as it does for clips it encodes itself."""
+
+    def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
+                 frames: int | None = None, size: int | None = None, **loader_kwargs):
+        from stale.latent.cache import cache_info  # the latent package is an optional extra's
+
+        info, path = cache_info(shards, "data.shards")
+        for key, value in (("frames", frames), ("size", size)):
+            if value is not None and value != info[key]:
+                raise ValueError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: "
+                                 f"leave data.{key} unset (null) with data=latents")
+        if val_shards:
+            val_info, val_path = cache_info(val_shards, "data.val_shards")
+            if val_info["latent_shape"] != info["latent_shape"] or val_info["vae"] != info["vae"]:
+                raise ValueError(f"data.val_shards: {val_path} was encoded differently from {path} "
+                                 "(autoencoder or clip shape)")
+        super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], **loader_kwargs)
+        c, t, h, w = info["latent_shape"]
+        self.info = info
+        self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))

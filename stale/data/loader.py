@@ -155,14 +155,17 @@ class VideoStream(IterableDataset):
             yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
 
     def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
-        """uint8 (B, C, T, H, W), in shared memory inside a worker so that sending it costs no copy."""
+        """uint8 (B, C, T, H, W) (float32 latent moments with a LatentSpec), in shared memory inside a worker so
+        that sending it costs no copy."""
         s = self.spec
-        if s.size is None:
+        latent = getattr(s, "batch_shape", None)
+        if s.size is None and latent is None:
             return None, None
-        shape = (self.batch_size, 3, s.frames, s.size, s.size)
+        shape = (self.batch_size, *latent) if latent is not None else (self.batch_size, 3, s.frames, s.size, s.size)
+        dtype = torch.float32 if latent is not None else torch.uint8
         if get_worker_info() is None:
-            return torch.empty(shape, dtype=torch.uint8), None
-        return ring.take(shape)
+            return torch.empty(shape, dtype=dtype), None
+        return ring.take(shape, dtype)
 
     def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter):
         meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
@@ -180,9 +183,9 @@ class VideoStream(IterableDataset):
 RING = 6  # shared batch buffers per training worker: more than the batches a worker can have in flight
 
 
-def _shared(shape) -> torch.Tensor:
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+def _shared(shape, dtype=torch.uint8) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 class _Ring:
@@ -201,14 +204,14 @@ class _Ring:
         self.handed: list[int] = [0] * RING  # generation last handed out, per slot
         self.next = 0
 
-    def take(self, shape) -> tuple[torch.Tensor, tuple | None]:
+    def take(self, shape, dtype=torch.uint8) -> tuple[torch.Tensor, tuple | None]:
         if self.released is None:
-            return _shared(shape), None
+            return _shared(shape, dtype), None
         k = self.next
         self.next = (k + 1) % RING
         buf = self.buffers[k]
         if buf is None or tuple(buf.shape) != tuple(shape) or int(self.released[k]) != self.handed[k]:
-            buf = self.buffers[k] = _shared(shape)  # first use, or the main process still holds the old one
+            buf = self.buffers[k] = _shared(shape, dtype)  # first use, or the main process still holds the old one
         self.handed[k] += 1
         return buf, (k, self.handed[k])
 

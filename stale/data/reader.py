@@ -9,12 +9,14 @@ likely fix (`all_skipped`).
 A sample is `<key>.mp4` + optional `<key>.json` (an object; `label_key` names its integer label) or
 `<key>.cls` (the label as text), + anything else (`.txt` captions are carried, not read). video2dataset's
 rows carry `status` in their .json; a row whose status is not "success" has no video and is skipped as
-`failed_row`.
+`failed_row`. A latent sample (stale-encode's cache, docs/latent.md) has `<key>.latent.npy` in place of the
+mp4 and is read with a `LatentSpec` through the same functions.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ import random
 import tarfile
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -97,6 +100,7 @@ REASONS = (
     "corrupt_shard",  # the tar stream breaks off or is damaged: the rest of that shard is lost
     "unreadable_shard",  # the shard cannot be opened (missing file, failed pipe: command, ...)
     "empty_shard",  # the shard opened fine but holds no sample
+    "bad_latent",  # a latent cache sample whose .latent.npy is missing, unreadable or of another shape
 )
 SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
 # An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
@@ -118,6 +122,7 @@ FIXES = {
     "corrupt_shard": "the shards are damaged or cut short: download or write them again",
     "unreadable_shard": "the shards cannot be opened: check the paths and run pipe: commands by hand",
     "empty_shard": "the shards hold no sample",
+    "bad_latent": "the latent samples do not match the cache's info.json: encode them again with stale-encode",
 }
 
 
@@ -262,10 +267,12 @@ def sample_name(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-def check_sample(sample: dict, label_key: str | None = "label", num_classes: int | None = None) -> int:
+def check_sample(sample: dict, label_key: str | None = "label", num_classes: int | None = None,
+                 member: str = "mp4") -> int:
     """The sample's integer label after the checks every reader makes; raises Skip (never decodes).
 
     label_key None: unlabelled data, every clip is class 0. num_classes None: no upper bound on labels.
+    member: the clip's member (`latent.npy` in a latent cache).
     """
     name = sample_name(sample)
     meta = None
@@ -279,7 +286,9 @@ def check_sample(sample: dict, label_key: str | None = "label", num_classes: int
         status = meta.get("status")
         if status is not None and status != "success":  # a video2dataset row whose download failed
             raise Skip("failed_row", f"{name}: status {status!r} {meta.get('error_message') or ''}".strip())
-    if "mp4" not in sample:
+    if member not in sample:
+        if member != "mp4":
+            raise Skip("bad_latent", f"{name}: no .{member} member")
         raise Skip("missing_mp4", f"{name}: no .mp4 member (members: {sorted(k for k in sample if k[0] != '_')})")
     if label_key is None:
         return 0
@@ -300,9 +309,43 @@ def check_sample(sample: dict, label_key: str | None = "label", num_classes: int
     return int(label)
 
 
-def decode_sample(sample: dict, spec: ClipSpec, rng: random.Random, label_key: str | None = "label",
+@dataclass(frozen=True)
+class LatentSpec:
+    """A latent cache sample's array: `member` holds a float array of `shape` (the posterior moments, 2C x T' x H' x W')."""
+
+    shape: tuple
+    member: str = "latent.npy"
+    size = None  # not a pixel size: the loader allocates `batch_shape` instead
+    dtype = np.float32
+
+    @property
+    def batch_shape(self) -> tuple:
+        return tuple(self.shape)
+
+
+def decode_latent(sample: dict, spec: LatentSpec, label_key: str | None = "label", num_classes: int | None = None,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(moments float32 (2C, T', H', W'), label) of a latent cache sample; a wrong or unreadable array is a Skip."""
+    label = check_sample(sample, label_key, num_classes, member=spec.member)
+    try:
+        array = np.load(io.BytesIO(sample[spec.member]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise Skip("bad_latent", f"{sample_name(sample)}: .{spec.member} does not load ({e})") from None
+    if tuple(array.shape) != tuple(spec.shape):
+        raise Skip("bad_latent", f"{sample_name(sample)}: .{spec.member} has shape {list(array.shape)}, the cache's "
+                                 f"info.json says {list(spec.shape)}")
+    if out is None:
+        return array.astype(np.float32), label
+    out[...] = array
+    return out, label
+
+
+def decode_sample(sample: dict, spec: ClipSpec | LatentSpec, rng: random.Random, label_key: str | None = "label",
                   num_classes: int | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(clip, label) of one sample: check_sample, then decode_clip; decode failures become Skip."""
+    """(clip, label) of one sample: check_sample, then decode_clip; decode failures become Skip. A LatentSpec
+    reads a latent cache sample instead (decode_latent)."""
+    if isinstance(spec, LatentSpec):
+        return decode_latent(sample, spec, label_key, num_classes, out)
     label = check_sample(sample, label_key, num_classes)
     try:
         return decode_clip(sample["mp4"], spec, rng, name=sample_name(sample), out=out, format="mp4"), label

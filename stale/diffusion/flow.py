@@ -3,6 +3,8 @@
 Conventions (shared/METHOD.md): data x in [-1, 1], prior z ~ p0, t in [0, 1] with t=0 the prior and
 t=1 the data. Path x_t = (1 - t) z + t x, target velocity u = x - z, clean estimate x1 = x_t + (1 - t) v.
 The paper's "maximum-entropy uniform prior" is U[-1, 1]^d: the maximum-entropy law on the pixel range.
+In a latent space the prior is U[-a, a]^d with a = `scale` (docs/latent.md: a = sqrt(3) matches the unit
+variance of normalised latents); the Gaussian is scaled the same way (std = scale / sqrt(3)) only when asked.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
 def sample_prior(shape, prior: str = "uniform", generator: torch.Generator | None = None,
-                 device=None, dtype=torch.float32) -> torch.Tensor:
-    """Draw z ~ p0: U[-1, 1]^d (`uniform`, the default) or N(0, I) (`gaussian`, the ablation baseline)."""
+                 device=None, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    """Draw z ~ p0: U[-scale, scale]^d (`uniform`, the default; scale 1 on pixels) or N(0, I) (`gaussian`, the
+    ablation baseline, unit variance whatever the scale: it already matches normalised latents)."""
     if prior == "uniform":
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1
+        z = torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1
+        return z * scale if scale != 1.0 else z
     if prior == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     raise ValueError(f"diffusion.prior={prior!r} is not one of {PRIORS}")

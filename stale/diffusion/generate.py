@@ -41,7 +41,8 @@ def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.
 def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", steps: int = 50,
              sampler: str = "euler", guidance: float = 1.0, classifier_guidance: float = 0.0, seed: int = 0,
              frames: int | None = None, size: int | None = None, batch_size: int | None = None,
-             progress: bool = False, context: torch.Tensor | None = None) -> torch.Tensor:
+             progress: bool = False, prior_scale: float = 1.0, autoencoder=None,
+             context: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
@@ -57,10 +58,20 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
     device = next(model.parameters()).device
+    if autoencoder is not None and (frames or size):  # a pixel clip -> its latent clip
+        pixel_frames, pixel_size = autoencoder.pixel_shape(cfg.frames, cfg.size)
+        _, frames, size, _ = autoencoder.latent_shape(frames or pixel_frames, size or pixel_size)
     shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
-    noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed))
+    noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed),
+                              scale=prior_scale)
+    clamp = prior == "uniform" and autoencoder is None and prior_scale == 1.0  # the pixel box [-1, 1]
+    if autoencoder is not None:
+        autoencoder.to(device)
     given = None
     if context is not None:
+        if autoencoder is not None:
+            raise ValueError("frame conditioning (context) of a latent model is not supported yet: the given frames "
+                             "would have to be encoded; use a pixel model")
         k = context.shape[2]
         if context.dtype != torch.uint8 or context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:]:
             raise ValueError(f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
@@ -77,8 +88,8 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
         out = []
         for i in range(0, len(labels), chunk):
             velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given)
-            x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=prior == "uniform", progress=progress)
-            out.append(flow.to_uint8(x).cpu())
+            x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=clamp, progress=progress)
+            out.append(flow.to_uint8(x if autoencoder is None else autoencoder.decode(x)).cpu())
     finally:
         model.train(was_training)
     videos = torch.cat(out)

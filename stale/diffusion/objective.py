@@ -33,11 +33,14 @@ from stale.diffusion.mixup import mixup, mixup_hinge
 @dataclass
 class StaleObjective:
     prior: str = "uniform"  # uniform (U[-1,1]^d, the paper's maximum-entropy prior) or gaussian (N(0, I))
+    # a of the uniform prior U[-a, a]^d: null = 1 on pixels, sqrt(3) on normalised latents (train.py resolves it;
+    # docs/latent.md says why)
+    prior_scale: float | None = None
     time_sampling: str = "logit_normal"  # logit_normal (SD3) or uniform
     time_mean: float = 0.0  # logit-normal m
     time_std: float = 1.0  # logit-normal s
     label_dropout: float = 0.1  # p(null label) in the flow branch, for classifier-free guidance
-    hinge_weight: float = 0.1  # lambda_hinge; 0 turns the head's training off
+    hinge_weight: float = 0.01  # lambda_hinge; 0 turns the head's training off; 0.1 slowed the flow's learning
     hinge_fraction: float = 0.25  # share of the batch used by the label-free hinge branch
     dog_weight: float = 0.0  # lambda_dog; 0 skips the band-pass term
     dog_bands: tuple = DOG_BANDS  # DoG sigmas in pixels (METHOD.md)
@@ -54,6 +57,8 @@ class StaleObjective:
             raise ValueError(f"diffusion.prior={self.prior!r} is not one of {flow.PRIORS}")
         if self.time_sampling not in flow.TIME_SAMPLERS:
             raise ValueError(f"diffusion.time_sampling={self.time_sampling!r} is not one of {flow.TIME_SAMPLERS}")
+        if self.prior_scale is not None and not self.prior_scale > 0:
+            raise ValueError(f"diffusion.prior_scale={self.prior_scale} must be > 0 (or null)")
         if self.time_std <= 0:
             raise ValueError(f"diffusion.time_std={self.time_std} must be > 0")
         if isinstance(self.context_frames, bool) or not isinstance(self.context_frames, int) or self.context_frames < 0:
@@ -69,10 +74,15 @@ class StaleObjective:
         self.dog_bands = tuple(float(s) for s in self.dog_bands)
         self._dog = DoGLoss(self.dog_bands, self.dog_k, self.dog_temporal)
 
+    @property
+    def scale(self) -> float:
+        """a of U[-a, a]: prior_scale, 1 when unset (pixels)."""
+        return 1.0 if self.prior_scale is None else float(self.prior_scale)
+
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int) -> dict[str, torch.Tensor]:
         """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts."""
         b = x.shape[0]
-        z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype)
+        z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
         t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
         t_in, tt, keep = t, flow.expand_t(t, x), None  # the model's times, t against x, frames in the loss
         if self.context_frames and self.context_prob > 0:
@@ -99,7 +109,7 @@ class StaleObjective:
             xh, yh = x[:n], y[:n]
             if self.mixup:
                 xh, ya, yb, lam = mixup(xh, yh, self.mixup_alpha)
-            zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype)
+            zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
             th = flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device)
             _, scores = model(flow.interpolate(zh, xh, th), th, torch.full_like(yh, null_label))
             if self.mixup:

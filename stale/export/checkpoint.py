@@ -106,6 +106,27 @@ class StaleCheckpoint:
             raise CheckpointError(f"checkpoint {self.path}: {self.weights} weights do not fit run_config.model: {err}") from None
         return model.eval()
 
+    def build_autoencoder(self, device: str | torch.device = "cpu"):
+        """The run's autoencoder (vae=diffusers) with its recorded normalisation and weights hash, else None."""
+        return autoencoder_from_node(self.run_config.get("vae"), f"{self.path}: run_config.vae", device)
+
+
+def autoencoder_from_node(node: dict | None, where: str, device: str | torch.device = "cpu", folder=None):
+    """A run config's or an export's `vae` node -> a stale.latent Autoencoder (None for pixel space). `folder`
+    replaces the recorded vae.pretrained (an export's own copy)."""
+    if not isinstance(node, dict) or node.get("name", "diffusers") in ("none", None):
+        return None
+    from stale.latent.autoencoder import AutoencoderError, load_autoencoder
+
+    kwargs = {k: node.get(k) for k in ("pretrained", "subfolder", "dtype", "normalization", "shift", "scale",
+                                       "sha256")}
+    if folder is not None:
+        kwargs.update(pretrained=str(folder), subfolder=None)
+    try:
+        return load_autoencoder(**kwargs, device=device)
+    except AutoencoderError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
 
 def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
     """Load a stale-train checkpoint safely and pick the EMA (default) or raw weights."""

@@ -8,6 +8,8 @@ An export folder:
                          "sample": default sampling settings, "weights": "ema" | "raw", "files": {...}}
     provenance.json     what produced it: the training run's git commit and package versions, its full
                         resolved config, the checkpoint (path, sha256, step) and the exporting environment
+    vae/                (latent runs) the autoencoder's own copy (diffusers save_pretrained, safetensors);
+                        config.json's "vae" node records its class, source, weights sha256 and normalisation
     denoiser.onnx       (onnx=true) one velocity evaluation, dynamic batch; see stale/export/onnx.py
     denoiser.pt2        (torch_export=true) the same as a torch.export program (torch.export.load it; that
                         loader may unpickle, so load only .pt2 files you trust; StalePipeline never reads it)
@@ -39,6 +41,7 @@ log = logging.getLogger("stale")
 FORMAT = "stale-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json", "provenance.json"
+VAE_FOLDER = "vae"
 ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
 LORA_DIR = "lora"
 MODEL_TARGET = "stale.models.build_model"
@@ -75,8 +78,9 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None = None,
                     diffusion: dict | None = None, sample: dict | None = None, weights: str = "ema",
-                    provenance_record: dict | None = None) -> dict[str, Path]:
-    """Write model.safetensors, config.json and provenance.json for `model` into `out`."""
+                    provenance_record: dict | None = None, autoencoder=None) -> dict[str, Path]:
+    """Write model.safetensors, config.json and provenance.json for `model` into `out` (and the autoencoder's
+    copy into out/vae/ for a latent model)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
@@ -93,6 +97,10 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
         "weights": weights,
         "files": {"weights": WEIGHTS_FILE},
     }
+    if autoencoder is not None:
+        paths["vae"] = autoencoder.save(out / VAE_FOLDER)
+        config["vae"] = {**autoencoder.node(), "source": autoencoder.source["pretrained"], "pretrained": VAE_FOLDER}
+        config["files"]["vae"] = VAE_FOLDER
     paths["config"] = _json(out / CONFIG_FILE, config)
     paths["provenance"] = _json(out / PROVENANCE_FILE, provenance_record or {"export": provenance()})
     return paths
@@ -125,7 +133,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
         log.warning("checkpoint %s carries no provenance; provenance.json records "
                     "only the checkpoint and the exporting environment", ckpt)
     paths = save_pretrained(model, out, name=run["model"].get("name"), diffusion=run.get("diffusion"),
-                            sample=run.get("sample"), weights=weights, provenance_record=record)
+                            sample=run.get("sample"), weights=weights, provenance_record=record,
+                            autoencoder=source.build_autoencoder())
     result: dict = {"paths": paths, "checks": {}}
     config = json.loads(paths["config"].read_text())
     if adapter is not None:

@@ -3,6 +3,9 @@
     pipe = StalePipeline.from_pretrained("export/")      # config.json + model.safetensors
     videos = pipe(num_videos=4, label=2, steps=50, sampler="euler", guidance=2.0, seed=0)  # uint8 (B, C, T, H, W)
 
+A latent model's export carries its autoencoder (vae/ beside the weights): the pipeline decodes through it and
+returns pixels, as stale-train's samples do.
+
 Sampling is stale.diffusion.generate, the same function StaleSystem.sample (what stale-train writes after
 training) calls, so a seed gives the same videos from the Lightning checkpoint and from its export; this
 file only loads the model and fills in the export's default settings.
@@ -20,7 +23,7 @@ from safetensors.torch import load_file
 
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
-from stale.export.checkpoint import read_checkpoint
+from stale.export.checkpoint import autoencoder_from_node, read_checkpoint
 from stale.export.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, SAMPLE_DEFAULTS, WEIGHTS_FILE, save_pretrained
 from stale.export.registry import build, check_targets
 
@@ -33,7 +36,8 @@ class StalePipeline:
     """A Stale model, its prior and default sampling settings; call it to generate uint8 videos."""
 
     def __init__(self, model: torch.nn.Module, prior: str = "uniform", defaults: dict | None = None,
-                 diffusion: dict | None = None, name: str | None = None):
+                 diffusion: dict | None = None, name: str | None = None, prior_scale: float = 1.0,
+                 autoencoder=None):
         if prior not in flow.PRIORS:
             raise ValueError(f"prior={prior!r} is not one of {flow.PRIORS}")
         self.model = model.eval()
@@ -41,6 +45,8 @@ class StalePipeline:
         self.defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
         self.diffusion = dict(diffusion or {"prior": prior})  # kept so save_pretrained writes it back
         self.name = name
+        self.prior_scale = float(prior_scale)
+        self.autoencoder = autoencoder  # stale.latent Autoencoder of a latent model: samples are decoded through it
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -82,8 +88,17 @@ class StalePipeline:
 
             load_adapter(model, lora)
         diffusion = {k: v for k, v in config["diffusion"].items() if k != "_target_"}
+        vae = config.get("vae")
+        autoencoder = None
+        if vae is not None:
+            if not isinstance(vae, dict) or not (path / str(vae.get("pretrained"))).is_dir():
+                raise ExportError(f"{cfg_path}: 'vae' names no autoencoder folder inside {path}")
+            try:
+                autoencoder = autoencoder_from_node(vae, f"{cfg_path}: vae", device, folder=path / vae["pretrained"])
+            except ValueError as err:
+                raise ExportError(str(err)) from None
         return cls(model.to(device), prior=objective.prior, defaults=config.get("sample"), diffusion=diffusion,
-                   name=config["model"].get("name"))
+                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=autoencoder)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> "StalePipeline":
@@ -95,11 +110,13 @@ class StalePipeline:
         diffusion = {k: v for k, v in diffusion_cfg.items() if k != "_target_"}
         sample = {k: v for k, v in (run.get("sample") or {}).items() if k in SAMPLE_DEFAULTS}
         return cls(source.build_model().to(device), prior=objective.prior, defaults=sample, diffusion=diffusion,
-                   name=run["model"].get("name"))
+                   name=run["model"].get("name"), prior_scale=objective.scale,
+                   autoencoder=source.build_autoencoder(device))
 
     def save_pretrained(self, out: str | Path) -> dict[str, Path]:
         """Write this pipeline as an export folder (model.safetensors, config.json, provenance.json)."""
-        return save_pretrained(self.model, out, name=self.name, diffusion=self.diffusion, sample=self.defaults)
+        return save_pretrained(self.model, out, name=self.name, diffusion=self.diffusion, sample=self.defaults,
+                               autoencoder=self.autoencoder)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -138,7 +155,8 @@ class StalePipeline:
                  seed: int = 0, frames: int | None = None, size: int | None = None,
                  batch_size: int | None = None, progress: bool = False,
                  classifier_guidance: float | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate. steps, sampler, guidance
+        """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate: pixels, decoded through
+        the autoencoder for a latent model (frames/size are then the pixel clip's). steps, sampler, guidance
         and classifier_guidance default to the export's `sample` settings; batch_size bounds memory.
         context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1)."""
         settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
@@ -146,7 +164,8 @@ class StalePipeline:
         if context is not None and context.ndim == 4:
             context = context[None].expand(num_videos, *context.shape).contiguous()
         return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
-                        size=size, batch_size=batch_size, progress=progress, context=context, **settings)
+                        size=size, batch_size=batch_size, progress=progress, prior_scale=self.prior_scale,
+                        autoencoder=self.autoencoder, context=context, **settings)
 
     def settings(self, **given) -> dict:
         """The sampling settings: each given value, else the export's default."""

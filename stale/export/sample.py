@@ -79,9 +79,10 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
                   batch_size=batch_size, progress=progress, context=context, **settings)  # uint8 (B, C, T, H, W)
     paths = save_videos(videos, out, fps=fps)
     record = {"source": {"model": str(model) if model else None, "ckpt": str(ckpt) if ckpt else None,
-                         "weights": None if model else weights, "lora": str(lora) if lora else None,
-                         "image": str(image) if image else None, "video": str(video) if video else None,
-                         "context_frames": 0 if context is None else context.shape[1]},
+                         "weights": None if model else weights},
+              "lora": str(lora) if lora else None,
+              "conditioning": {"image": str(image) if image else None, "video": str(video) if video else None,
+                               "context_frames": 0 if context is None else context.shape[1]},
               "num_videos": num_videos, "labels": labels.tolist(), "seed": seed, **settings,
               "shape": list(videos.shape), "prior": pipe.prior, "device": str(pipe.device)}
     paths["record"] = Path(out) / "samples.json"

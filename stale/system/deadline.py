@@ -9,14 +9,17 @@ exactly those steps, so the arctan decay completes instead of being cut off half
   planned = step + floor(rate x (deadline - now) x (1 - margin)),  capped at max_steps
 
 `margin` pays for what a step-rate measurement does not see: validation, periodic samples and checkpoints.
-After every validation the plan is checked against the effective rate so far (those costs included) and
-lowered if the run would finish late; a hard stop at the deadline is the last guard. The decision is
+After every validation the plan is checked against the effective rate so far (those costs included):
+lowered if the run would finish late, raised if the machine got faster (at least 5% more steps: a make train
+that began beside other jobs which then ended finished a minute early); a hard stop at the deadline is the
+last guard. The decision is
 printed, logged as deadline/*, written to <out_dir>/deadline.json and saved in every checkpoint: a resumed
 run keeps the planned step count and has no deadline of its own.
 
 The clock starts when the callback is built (train() builds it before the data is generated), so the
 deadline covers data generation, training, validation and periodic sampling; the final sampling after
-training is not included.
+training is not included. `make train` starts the clock earlier, when make itself starts
+($STALE_DEADLINE_FROM), so that the set-up (venv, pip install) counts too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,6 +38,7 @@ import lightning as L
 from stale.system.threads import ThreadTuner
 
 log = logging.getLogger("stale")
+CLOCK_ENV = "STALE_DEADLINE_FROM"
 
 
 def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_steps: int) -> int:
@@ -43,7 +48,28 @@ def plan_steps(step: int, rate: float, remaining_s: float, margin: float, max_st
     return int(min(max_steps, max(step + 1, step + more)))
 
 
+def clock_started_ago(max_minutes: float) -> float:
+    """Seconds since $STALE_DEADLINE_FROM (Unix time), else 0. `make train` sets it to when make started, so
+    that creating the venv and installing count against the deadline: a slow download or a slow disk then
+    shortens training instead of stretching the quick start past its 10 minutes. A value in the future or
+    older than the deadline itself (a stale export in a shell) is ignored with a warning."""
+    raw = os.environ.get(CLOCK_ENV)
+    if not raw:
+        return 0.0
+    try:
+        ago = time.time() - float(raw)
+    except ValueError:
+        ago = -1.0
+    if not 0.0 <= ago < 60.0 * max_minutes:
+        log.warning(f"deadline: ignoring {CLOCK_ENV}={raw!r} (not a Unix time within the last {max_minutes:g} "
+                    "minutes); the deadline counts from now")
+        return 0.0
+    return ago
+
+
 class TrainingDeadline(L.Callback):
+    RAISE_AT = 0.05  # raise the plan after a validation only for at least 5% more steps (each raise moves the LR curve)
+
     def __init__(self, max_minutes: float, max_steps: int, calibration_steps: int = 40, skip_steps: int = 5,
                  margin: float = 0.08, out_dir: str | None = None):
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
@@ -57,8 +83,9 @@ class TrainingDeadline(L.Callback):
         self.max_minutes, self.max_steps = float(max_minutes), max_steps
         self.calibration_steps, self.skip_steps, self.margin = calibration_steps, skip_steps, margin
         self.out_dir = Path(out_dir) if out_dir else None
-        self.t_start = time.monotonic()  # the deadline counts from here: train() builds callbacks first
-        self.wall_start = datetime.now()
+        # the deadline counts from here (train() builds callbacks first), or from when `make train` started
+        self.t_start = time.monotonic() - clock_started_ago(self.max_minutes)
+        self.wall_start = datetime.now() - timedelta(seconds=time.monotonic() - self.t_start)
         self.t_deadline = self.t_start + 60.0 * self.max_minutes
         self.planned_steps: int | None = None  # saved in checkpoints: a resumed run keeps it
         self.rate: float | None = None  # measured optimiser steps per second (calibration window)
@@ -126,7 +153,8 @@ class TrainingDeadline(L.Callback):
             self._record(trainer, f"deadline reached at step {step}: stopping")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the plan against the effective rate so far (validation and sampling included); lower it if late."""
+        """Check the plan against the effective rate so far (validation and sampling included): lower it if late,
+        raise it if there is time for at least RAISE_AT more."""
         if self.resumed or self._calibrated_at is None or trainer.sanity_checking or trainer.should_stop:
             return  # (the validation Lightning runs after a stop needs no new plan)
         step, now = trainer.global_step, time.monotonic()
@@ -134,11 +162,14 @@ class TrainingDeadline(L.Callback):
         if step <= step0:
             return
         effective = (step - step0) / (now - t0)
-        if now + (self.planned_steps - step) / effective > self.t_deadline:
-            planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
-            if planned < self.planned_steps:
-                self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
-                                                         f"with validation and sampling")
+        planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
+        late = now + (self.planned_steps - step) / effective > self.t_deadline
+        if late and planned < self.planned_steps:
+            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
+                                                     f"with validation and sampling")
+        elif planned > self.planned_steps * (1 + self.RAISE_AT):  # the machine got faster (other jobs ended)
+            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s with "
+                                                     f"validation and sampling, faster than measured")
 
     def summary(self) -> dict:
         """The end-of-run report's line: the last decision and where the record is."""

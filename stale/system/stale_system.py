@@ -30,13 +30,13 @@ def noise_seed(seed: int, batch_idx: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, batch_idx, rank]).generate_state(1)[0])
 
 
-def validation_losses(model: nn.Module, prior: str, video: torch.Tensor, label: torch.Tensor, batch_idx: int,
-                      times) -> list[torch.Tensor]:
-    """Velocity MSE of one uint8 batch at each t in `times`, with noise from a CPU generator seeded 1000 + batch_idx:
-    the number depends only on the weights and the clips, never on the RNG state of training."""
-    x = flow.to_unit_range(video)
+def validation_losses(model: nn.Module, prior: str, x: torch.Tensor, label: torch.Tensor, batch_idx: int,
+                      times, prior_scale: float = 1.0) -> list[torch.Tensor]:
+    """Velocity MSE of one batch x (in the model's space: pixels in [-1, 1], or normalised latents) at each t in
+    `times`, with noise from a CPU generator seeded 1000 + batch_idx: the number depends only on the weights and
+    the clips, never on the RNG state of training."""
     g = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
-    z = flow.sample_prior(x.shape, prior, generator=g).to(x)
+    z = flow.sample_prior(x.shape, prior, generator=g, scale=prior_scale).to(x)
     losses = []
     for t_val in times:
         t = torch.full((x.shape[0],), t_val, device=x.device)
@@ -66,6 +66,7 @@ class StaleSystem(L.LightningModule):
         schedule_steps: int | None = None,
         provenance: dict | None = None,
         finetune_base: dict | None = None,
+        autoencoder=None,
     ):
         super().__init__()
         for key, value, ok in (("optim.lr", lr, lambda v: v > 0), ("optim.weight_decay", weight_decay, lambda v: v >= 0)):
@@ -76,6 +77,9 @@ class StaleSystem(L.LightningModule):
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"compile={compile!r} must be true, false or a dict of torch.compile arguments")
         self.model, self.objective = model, objective
+        # a frozen stale.latent.autoencoder.Autoencoder (vae=diffusers) or None (pixel space). Not an nn.Module:
+        # never in state_dict, the optimiser or the EMA copy (docs/latent.md)
+        self.autoencoder = autoencoder
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = dict(schedule or {"name": "constant", "warmup": 0})
         self.schedule_steps = schedule_steps  # None: trainer.max_steps (train() lowers it to fit a FLOP budget)
@@ -115,12 +119,28 @@ class StaleSystem(L.LightningModule):
         idx = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
         return noise_seed(self.seed, idx, self.global_rank)
 
+    def encode_batch(self, video: torch.Tensor) -> torch.Tensor:
+        """A batch as the loader gives it -> pixels in [-1, 1] (pixel space), or the posterior moments of its
+        latents: uint8 clips are encoded here (vae=diffusers with data=shards), float moments come from a
+        stale-encode cache (data=latents). Deterministic: the draw from the moments is `latents`'."""
+        if self.autoencoder is None:
+            return flow.to_unit_range(video)
+        self.autoencoder.to(video.device)
+        return self.autoencoder.encode(flow.to_unit_range(video)) if video.dtype == torch.uint8 else video.float()
+
+    def latents(self, moments: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """The model's input: a normalised posterior draw (from the global RNG), or its mean with sample=False."""
+        if self.autoencoder is None:
+            return moments
+        return self.autoencoder.sample(moments) if sample else self.autoencoder.mode(moments)
+
     def training_step(self, batch, batch_idx):
         video, label = batch
-        x = flow.to_unit_range(video)
+        x = self.encode_batch(video)
         cuda = x.device.type == "cuda"
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
+            x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
             parts = self.objective(self.model, x, label, self.null_label)
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
@@ -152,7 +172,9 @@ class StaleSystem(L.LightningModule):
         number depends only on the weights and the validation clips, not on the RNG state of training.
         """
         video, label = batch
-        losses = validation_losses(self.model, self.objective.prior, video, label, batch_idx, self.val_times)
+        x = self.latents(self.encode_batch(video), sample=False)
+        losses = validation_losses(self.model, self.objective.prior, x, label, batch_idx, self.val_times,
+                                   self.objective.scale)
         for t_val, loss in zip(self.val_times, losses):
             self.log(f"val/loss_t{t_val:.2f}", loss, sync_dist=True, batch_size=video.shape[0])
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
@@ -193,7 +215,8 @@ class StaleSystem(L.LightningModule):
         # One fused kernel for the whole update, on CUDA and CPU: on the tiny CPU model (63 tensors) torch's
         # default per-tensor loop took 15.6 ms an update, fused 3.7 ms (stale-bench cpu; BENCHMARKS.md). Not
         # with fp16's GradScaler: a fused AdamW unscales inside its step, after gradient clipping would have run.
-        fused = self.device.type in ("cuda", "cpu") and self.trainer.precision != "16-mixed"
+        fp16 = self._trainer is not None and self.trainer.precision == "16-mixed"
+        fused = self.device.type in ("cuda", "cpu") and not fp16
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
@@ -205,10 +228,12 @@ class StaleSystem(L.LightningModule):
                seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False,
                classifier_guidance: float = 0.0) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU for `labels`, with stale.diffusion.generate (the same
-        path as StalePipeline, so a seed gives the same videos from this system and from its export)."""
+        path as StalePipeline, so a seed gives the same videos from this system and from its export); with an
+        autoencoder they are decoded to pixels, and frames/size are the pixel clip's."""
         return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
                         guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
-                        size=size, progress=progress)
+                        size=size, progress=progress, prior_scale=self.objective.scale,
+                        autoencoder=self.autoencoder)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

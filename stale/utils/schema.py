@@ -47,6 +47,21 @@ class SampleSchema:
 
 
 @dataclasses.dataclass
+class VaeSchema:
+    """conf/vae/*.yaml: none (pixel space) or a diffusers autoencoder (stale/latent/autoencoder.py)."""
+
+    name: str
+    pretrained: Any
+    subfolder: Any
+    dtype: str
+    normalization: str
+    stats: Any
+    shift: Any
+    scale: Any
+    sha256: Any
+
+
+@dataclasses.dataclass
 class TrainSchema:
     """The root of conf/train.yaml: every top-level key stale-train reads."""
 
@@ -65,6 +80,7 @@ class TrainSchema:
     sample: SampleSchema
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
+    vae: VaeSchema  # the autoencoder group; filled in by stale.train.check_autoencoder
     diffusion: dict
     schedule: dict  # name + warmup + the schedule's own parameters
     logger: dict  # {name: target node}

@@ -1,0 +1,26 @@
+"""stale-encode: `stale-encode input=SHARDS out=DIR vae.pretrained=VAE frames=T size=S` (docs/latent.md)."""
+
+from omegaconf import DictConfig, OmegaConf
+
+from stale.cli import packaged_config, stale_app
+
+
+@stale_app("encode", flat_keys=packaged_config("encode"))
+def main(cfg: DictConfig) -> None:
+    from stale.export.sample import resolve_device  # imported late so that --help and config errors are fast
+    from stale.latent.cache import encode_shards
+
+    options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    options["device"] = resolve_device(options["device"])
+    result = encode_shards(**options)
+    info = result["info"]
+    print("\nstale-encode finished:")
+    print(f"  clips          {info['clips']} in {len(info['shards'])} shards ({sum(info['skipped'].values())} "
+          f"skipped: {info['skipped'] or 'none'})")
+    print(f"  latent shape   {info['latent_shape']} per clip of {info['frames']} x {info['size']} x {info['size']} px")
+    print(f"  cache          {result['out']}")
+    print(f"  train with     {result['command']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Latent diffusion: pretrained diffusers video autoencoders and the stale-encode latent cache."""

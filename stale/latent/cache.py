@@ -1,0 +1,230 @@
+"""stale-encode: mp4 shards -> latent shards (WebDataset), one sample per clip, resumable.
+
+    stale-encode input='shards/train-{000000..000009}.tar' out=LAT vae.pretrained=VAE frames=9 size=64
+
+Each input shard is read with the training reader (stale.data.reader: read_shard, decode_sample) with the
+validation clip rule (centre start and crop, no flip) and becomes `<stem>-NNN.tar` in `out` (WebDataset's
+ShardWriter, `maxcount` clips per file). A sample is
+
+    <key>.latent.npy   the posterior moments: mean and log-variance stacked on channels, (2C, T', H', W')
+    <key>.json         {"label", "source": "<shard>:<key>", "clip": {"frames", "size"}, "latent_shape"}
+    <key>.txt          the caption, when the source sample had one
+
+and later stages add their own members under the same key (e.g. a text encoder's `<key>.t5.npy`, issue 18).
+The files of an input shard are written under out/.partial/ and moved into `out` when the whole input shard is
+done; `progress.jsonl` records each finished input shard (its outputs, clip and skip counts, and the per-channel
+sums of the statistics), so a killed run restarts at the first unfinished input shard. `info.json` is rewritten
+after every finished input shard: the autoencoder (source and weights hash), the pixel and latent clip shapes,
+and the per-channel mean and std of the latents (the normalisation when the autoencoder has no constants).
+Clips that fail to decode are skipped and counted by reason, never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from stale.data.reader import Skip, SkipCounter, decode_sample, expand_shards, read_shard, sample_name
+from stale.data.video_io import ClipSpec
+from stale.diffusion import flow
+from stale.latent.autoencoder import Autoencoder, load_autoencoder
+
+log = logging.getLogger("stale")
+
+FORMAT, FORMAT_VERSION = "stale-latents", 1
+INFO, PROGRESS, PARTIAL = "info.json", "progress.jsonl", ".partial"
+MEMBER = "latent.npy"
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class CacheError(ValueError):
+    """A cache that cannot be written or read as asked; the message names the folder or key."""
+
+
+def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
+    """The info.json beside the first shard of a latent cache, and its path."""
+    urls = expand_shards(shards, key)
+    path = Path(urls[0]).parent / INFO
+    if not path.is_file():
+        raise CacheError(f"{key}: {path} does not exist: data=latents reads shards written by stale-encode "
+                         "(their folder holds its info.json)")
+    info = json.loads(path.read_text())
+    if info.get("format") != FORMAT:
+        raise CacheError(f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r}): mp4 shards "
+                         "train with data=shards (add vae=diffusers to encode them on the fly), or encode them once "
+                         "with stale-encode and train on its out= with data=latents")
+    return info, path
+
+
+def _sums(moments: torch.Tensor) -> dict:
+    """Per-channel sums over a batch: count, sum of means, sum of (mean^2 + var) (the second moment of a draw)."""
+    mean, logvar = moments.double().chunk(2, dim=1)
+    dims = (0, 2, 3, 4)
+    return {"n": mean[:, 0].numel(), "s1": mean.sum(dims).tolist(),
+            "s2": (mean.pow(2) + logvar.exp()).sum(dims).tolist()}
+
+
+def _stats(records: list[dict], ae: Autoencoder | None = None) -> dict | None:
+    n = sum(r["sums"]["n"] for r in records if r.get("sums"))
+    if not n:
+        return None
+    s1 = np.sum([r["sums"]["s1"] for r in records if r.get("sums")], axis=0)
+    s2 = np.sum([r["sums"]["s2"] for r in records if r.get("sums")], axis=0)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    out = {"mean": mean.tolist(), "std": std.tolist(), "values_per_channel": int(n)}
+    if ae is not None and ae.normalization == "vae":  # how close the autoencoder's own constants bring it to 1
+        out["std_after_vae_normalization"] = (std * ae.scale.double().numpy()).tolist()
+    return out
+
+
+def _settings(ae: Autoencoder, frames: int, size: int, fps, frame_stride: int, latent_dtype: str,
+              label_key) -> dict:
+    vae = {k: ae.source.get(k) for k in ("pretrained", "subfolder", "dtype", "sha256")}
+    return {"vae": {**vae, "class": ae.cls}, "frames": frames, "size": size, "fps": fps,
+            "frame_stride": frame_stride, "latent_dtype": latent_dtype, "label_key": label_key}
+
+
+def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict]) -> dict:
+    skipped = Counter()
+    for r in records:
+        skipped.update(r["skipped"])
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings,
+            "latent_shape": list(ae.latent_shape(settings["frames"], settings["size"])),
+            "members": {MEMBER: "posterior moments (mean, log-variance) on channels: (2C, T', H', W')",
+                        "json": "label, source, clip, latent_shape", "txt": "caption, when the source had one"},
+            "clips": sum(r["clips"] for r in records), "skipped": dict(skipped),
+            "shards": sorted(f for r in records for f in r["outputs"]),
+            "inputs_done": len(records), "stats": _stats(records, ae)}
+    tmp = out / (INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out / INFO)
+    return info
+
+
+def _read_progress(out: Path) -> list[dict]:
+    path = out / PROGRESS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: that shard is done again
+            break
+    return records
+
+
+def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, batch_size: int = 8,
+                  fps: float | None = None, frame_stride: int = 1, label_key: str | None = "label",
+                  num_classes: int | None = None, latent_dtype: str = "float32", maxcount: int = 1000,
+                  device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict:
+    """Encode every clip of the `input` mp4 shards into latent shards in `out` (see the module docstring)."""
+    if latent_dtype not in STORE_DTYPES:
+        raise CacheError(f"latent_dtype={latent_dtype!r} is not one of {tuple(STORE_DTYPES)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CacheError(f"batch_size={batch_size!r} must be an integer >= 1")
+    ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device)
+    ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
+    urls = expand_shards(input, "input")
+    stems = [Path(u).name.removesuffix(".tar") for u in urls]
+    if len(set(stems)) < len(stems):
+        raise CacheError(f"input={input!r}: two shards share a file name; encode each folder into its own out=")
+    out = Path(out)
+    settings = _settings(ae, frames, size, fps, frame_stride, latent_dtype, label_key)
+    records = _read_progress(out)
+    if (out / INFO).is_file():
+        old = json.loads((out / INFO).read_text())
+        if {k: old.get(k) for k in settings} != settings:
+            if not overwrite:
+                raise CacheError(f"out={out} holds a cache made with other settings (autoencoder, clip shape, "
+                                 "dtype or fps): choose another out= or pass overwrite=true to start over")
+            records = []
+    if overwrite:  # start over: remove what the earlier run wrote (and nothing else in the folder)
+        for r in _read_progress(out):
+            for name in r["outputs"]:
+                (out / name).unlink(missing_ok=True)
+        for name in (PROGRESS, INFO):
+            (out / name).unlink(missing_ok=True)
+        records = []
+    (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+    done = {r["input"] for r in records}
+    ids = [u if "://" in u or u.startswith("pipe:") else str(Path(u).resolve()) for u in urls]  # cwd-independent
+    spec = ClipSpec(frames, size, frame_stride, fps, "center", "center", False)
+    store = STORE_DTYPES[latent_dtype]
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="clip", desc="stale-encode", disable=not progress)
+    for url, ident, stem in zip(urls, ids, stems):
+        if ident in done:
+            continue
+        for leftover in (out / PARTIAL).glob(f"{stem}-*.tar"):
+            leftover.unlink()
+        written: list[str] = []
+        writer = wds.ShardWriter(str(out / PARTIAL / f"{stem}-%03d.tar"), maxcount=maxcount, verbose=0,
+                                 post=written.append)
+        counter = SkipCounter("encode")
+        sums: list[dict] = []
+        pending: list[tuple[np.ndarray, int, dict]] = []
+        clips = 0
+
+        def flush():
+            nonlocal clips
+            if not pending:
+                return
+            pixels = torch.from_numpy(np.stack([p[0] for p in pending])).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+            moments = ae.encode(flow.to_unit_range(pixels)).cpu()
+            sums.append(_sums(moments))
+            for m, (_, label, sample) in zip(moments, pending):
+                meta = {"label": label, "source": sample_name(sample), "clip": {"frames": frames, "size": size},
+                        "latent_shape": list(m.shape)}
+                row = {"__key__": sample["__key__"], MEMBER: m.numpy().astype(store), "json": meta}
+                if "txt" in sample:
+                    row["txt"] = sample["txt"]
+                writer.write(row)
+            clips += len(pending)
+            bar.update(len(pending))
+            pending.clear()
+
+        for sample in read_shard(url, counter):
+            try:
+                clip, label = decode_sample(sample, spec, random.Random(0), label_key, num_classes)
+            except Skip as e:
+                counter.skip(e.reason, url, e)
+                continue
+            pending.append((clip, label, sample))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+        writer.close()
+        outputs = []
+        for f in written:  # ShardWriter opens a first file even for an input shard with no clip: drop empty ones
+            f = Path(f)
+            if clips == 0:
+                f.unlink(missing_ok=True)
+                continue
+            f.replace(out / f.name)
+            outputs.append(f.name)
+        skipped = counter.take()["reasons"]
+        total = {"n": sum(s["n"] for s in sums), "s1": np.sum([s["s1"] for s in sums], axis=0).tolist(),
+                 "s2": np.sum([s["s2"] for s in sums], axis=0).tolist()} if sums else None
+        record = {"input": ident, "outputs": outputs, "clips": clips, "skipped": skipped, "sums": total}
+        with open(out / PROGRESS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+        _write_info(out, settings, ae, records)
+    bar.close()
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    info = _write_info(out, settings, ae, records)
+    if not info["clips"]:
+        raise CacheError(f"input={input!r}: no clip decoded (skipped by reason: {info['skipped']})")
+    return {"info": info, "out": out, "command": f"stale-train data=latents \"data.shards=[{out}]\" vae=diffusers "
+                                                 f"vae.pretrained={ae.source['pretrained']}"}
