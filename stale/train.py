@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stale.export.weights import prepare
+from stale.models.finetune import require_peft
 from stale.models.flops import training_flops_per_clip
 from stale.models.stale_transformer import StaleConfig
 from stale.system.budget import ComputeBudget
@@ -93,6 +94,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
     if (cfg.get("finetune") or {}).get("name") == "lora" and not cfg.get("init_from"):
         raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
+    if (cfg.get("finetune") or {}).get("name") == "lora":
+        try:
+            require_peft()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     autoencoder = check_autoencoder(cfg)  # fills in the latent shape, the normalisation and the prior's scale
     patch = list(cfg.model.get("patch", [1, 1, 1]))
     frames, size = cfg.data.frames, cfg.data.size
@@ -345,7 +351,7 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
 
 
 def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list, step: int) -> dict:
-    """Sample with the EMA weights (EMAWeightAveraging copied them into the model at the end of fit)."""
+    """Sample with the EMA weights (the EMA callback copied them into the model at the end of fit)."""
     s = cfg.sample
     paths = sample_to_disk(system, out / "samples", num_videos=s.num_videos, steps=s.steps, sampler=s.sampler,
                            guidance=s.guidance, seed=s.seed, progress=s.get("progress", False),

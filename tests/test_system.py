@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging
 
 from stale.diffusion import flow
 from stale.system.nan_guard import grad_norm
@@ -229,7 +229,7 @@ def test_samples_during_training_use_ema_and_go_to_wandb(tmp_path):
             from stale.system.sampling import ema_module
 
             ema = ema_module(trainer, pl_module)
-            ema_cb = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+            ema_cb = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))
             self.seen.append(ema is ema_cb._average_model.module and ema is not pl_module)
 
     train(cfg, callbacks=[Check()])

@@ -7,7 +7,7 @@ and refuses every other global. A checkpoint written by `stale-train` holds only
 that names any other global is refused here with the file and the global in the message, and there is
 deliberately no switch to fall back to full unpickling.
 
-Layout written by Lightning with the EMAWeightAveraging callback (conf/callbacks/default.yaml):
+Layout written by Lightning with the EMA callback (WeightAveraging) (conf/callbacks/default.yaml):
   state_dict           the EMA ("stale") weights, keys prefixed "model."
   current_model_state  the raw (last optimiser step) weights, same keys
   hyper_parameters     {"run_config": the resolved Hydra config, with "provenance"}
@@ -138,10 +138,10 @@ def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
     if not isinstance(run_config, dict) or not isinstance(run_config.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} has no hyper_parameters.run_config.model: "
                               "it was not written by stale-train")
-    has_ema = "current_model_state" in ckpt  # EMAWeightAveraging moves the raw weights there
+    has_ema = "current_model_state" in ckpt  # WeightAveraging moves the raw weights there
     if weights == "ema" and not has_ema:
         raise CheckpointError(f"checkpoint {path} has no EMA weights (it was trained without the "
-                              "EMAWeightAveraging callback): use weights=raw")
+                              "EMA callback): use weights=raw")
     source = ckpt["current_model_state"] if weights == "raw" and has_ema else ckpt.get("state_dict")
     if not isinstance(source, dict) or not any(k.startswith(PREFIX) for k in source):
         raise CheckpointError(f"checkpoint {path} has no model weights (no '{PREFIX}*' keys in its state dict)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,17 @@ def matching(names, patterns, what: str) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
+def require_peft() -> None:
+    """peft is the `finetune` extra (it pulls in transformers and accelerate, which make train does not need)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError("LoRA (finetune=lora, lora=ADAPTER, a LoRA checkpoint or export) needs peft: "
+                          "pip install 'stale[finetune]'") from None
+
+
 def lora_config(ft: Finetune, targets: list[str]):
+    require_peft()
     from peft import LoraConfig
 
     return LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=ft.dropout, target_modules=targets, bias="none")
@@ -78,6 +89,7 @@ def apply_finetune(model: nn.Module, ft: Finetune, train_anyway: tuple = ()) -> 
     """Set which parameters train, in place; inject LoRA adapters for finetune=lora. `train_anyway`: parameter
     names (before injection) that always train, e.g. the layers init_from reported as new or reshaped."""
     if ft.lora:
+        require_peft()
         from peft import inject_adapter_in_model
 
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -101,6 +113,8 @@ def base_name(name: str) -> str:
 
 
 def has_adapters(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # adapters are peft layers: a process that never imported peft has none
+        return False
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
@@ -150,6 +164,7 @@ def save_adapter(model: nn.Module, ft: Finetune, out: str | Path) -> dict[str, P
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Inject the LoRA adapter saved in `folder` (save_adapter's layout) into `model`, in place, for inference."""
+    require_peft()
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 

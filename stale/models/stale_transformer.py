@@ -305,7 +305,7 @@ def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, 
         raise JoyTokenMismatchError(
             f"{prefix}joy_token in the loaded weights is not joy_vector(dim={cfg.dim}, joy_seed={cfg.joy_seed}) "
             f"(shape {tuple(stored.shape)}, max abs difference {diff}): the weights were trained with another "
-            "model.joy_seed, or the token was averaged (EMAWeightAveraging needs use_buffers=false)")
+            "model.joy_seed, or the token was averaged (the EMA callback needs use_buffers=false)")
 
 
 #################################################################################

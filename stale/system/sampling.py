@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def ema_module(trainer: L.Trainer | None, pl_module: L.LightningModule) -> L.LightningModule:
-    """The moving-average copy of `pl_module` kept by Lightning's EMAWeightAveraging, else `pl_module`.
+    """The moving-average copy of `pl_module` kept by the EMA callback (Lightning's WeightAveraging: stale.system.ema.StaleEMA), else `pl_module`.
 
     During fit the average lives in the callback (an AveragedModel around a deep copy of the system);
     after fit the callback has copied it into `pl_module` itself.

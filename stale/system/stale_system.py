@@ -102,7 +102,7 @@ class StaleSystem(L.LightningModule):
         return self.model(x, t, y)
 
     def setup(self, stage: str) -> None:
-        # After the callbacks' setup, so that EMAWeightAveraging deep-copies the plain module. nn.Module.compile
+        # After the callbacks' setup, so that the EMA callback (WeightAveraging) deep-copies the plain module. nn.Module.compile
         # compiles in place: parameter names and checkpoints are the same with and without it.
         if stage == "fit" and self.compile_options is not None and not self._compiled:
             self.model.compile(**self.compile_options)
