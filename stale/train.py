@@ -92,23 +92,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
     if cfg.get("init_from") and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
-    if (cfg.get("finetune") or {}).get("name") == "lora" and not cfg.get("init_from"):
-        raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
     if (cfg.get("finetune") or {}).get("name") == "lora":
+        if not cfg.get("init_from"):
+            raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
         try:
             require_peft()
         except ImportError as e:
             raise ConfigError(str(e)) from None
     autoencoder = check_autoencoder(cfg)  # fills in the latent shape, the normalisation and the prior's scale
     patch = list(cfg.model.get("patch", [1, 1, 1]))
-    frames, size = cfg.data.frames, cfg.data.size
-    if autoencoder is not None:
-        frames, size = cfg.model.frames, cfg.model.size
-        if frames % patch[0] or size % patch[1] or size % patch[2]:
+    frames, size = (cfg.model.frames, cfg.model.size) if autoencoder is not None else (cfg.data.frames, cfg.data.size)
+    if frames % patch[0] or size % patch[1] or size % patch[2]:
+        if autoencoder is not None:
             raise ConfigError(f"the latent clip of {frames} x {size} x {size} (data.frames={cfg.data.frames} and "
                               f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
                               f"model.patch={patch}: choose a smaller model.patch or a larger clip")
-    if frames % patch[0] or size % patch[1] or size % patch[2]:
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
     if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
         raise ConfigError("trainer.max_steps=null lets a training deadline decide the step count, but "

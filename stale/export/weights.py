@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,7 +83,6 @@ class Prepared:
     model: nn.Module
     report: TransferReport | None = None
     base: dict | None = None  # {"init_from", "sha256"} when the frozen tensors come from init_from
-    log: list = field(default_factory=list)
 
 
 def prepare(model: nn.Module, finetune: dict | None, init_path: str | None, strict: bool = True) -> Prepared:
