@@ -170,6 +170,68 @@ def run(sizes=("tiny", "s"), frames: int = 8, size: int = 16, batches=(2, 10), c
                       "peak_mib_at_b2 is all live tensor memory"]}
 
 
+def largest_fitting(fits, start: int, limit: int, step: int) -> int:
+    """Largest n in {start, start + step, ...} <= limit with fits(n), assuming fits is monotone (0 if none).
+
+    Doubles n until a try fails (or passes limit), then bisects between the last fit and the first failure
+    in multiples of step: about 2 log2(limit / start) tries, each one training step.
+    """
+    if start < step or start % step:
+        raise ValueError(f"start={start} must be a positive multiple of step={step}")
+    good, bad, n = 0, None, start
+    while n <= limit:
+        if not fits(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    hi = bad if bad is not None else limit + step  # the first size known not to fit (or past the limit)
+    while hi - good > step:
+        mid = (good + hi) // 2 // step * step
+        if mid <= good:
+            break
+        good, hi = (mid, hi) if fits(mid) else (good, mid)
+    return good
+
+
+def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = False, device: str = "cuda",
+                 batch_size: int = 1, start: int = 4, max_frames: int = 1024, seed: int = 0) -> dict:
+    """The longest clip (frames at resolution x resolution) whose bf16 training step fits on the GPU.
+
+    One eager training step per try (objective forward, backward, AdamW); a try that raises CUDA's
+    out-of-memory error does not fit. Frames move in multiples of the model's temporal patch.
+    """
+    if not device.startswith("cuda"):
+        return {"size": size, "grad_checkpointing": checkpointing, "longest_frames": None,
+                "note": "not measured (no CUDA): out-of-memory needs a device with a fixed memory size"}
+    tries = []
+
+    def fits(frames: int) -> bool:
+        torch.manual_seed(seed)
+        model = opt_step = None
+        try:
+            model = build(size, frames, resolution, grad_checkpointing=checkpointing).to(device).train()
+            opt_step = _step_fn(model, device, amp=True)
+            torch.cuda.reset_peak_memory_stats()
+            opt_step(random_batches(1, batch_size, frames, resolution, seed=seed)[0])
+            tries.append({"frames": frames, "fits": True, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+            return True
+        except torch.cuda.OutOfMemoryError:
+            tries.append({"frames": frames, "fits": False})
+            return False
+        finally:
+            del model, opt_step
+            torch.cuda.empty_cache()
+
+    from stale.bench import model_kwargs
+
+    pt, ph, pw = model_kwargs(size, frames=start, size=resolution)["patch"]
+    best = largest_fitting(fits, start, max_frames, pt)
+    tokens = best // pt * (resolution // ph) * (resolution // pw)
+    return {"size": size, "grad_checkpointing": checkpointing, "resolution": resolution, "batch_size": batch_size,
+            "longest_frames": best, "tokens_per_clip": tokens, "tries": tries,
+            "device": torch.cuda.get_device_name()}
+
+
 if __name__ == "__main__":  # worker: one (size, checkpointing) row in a fresh process
     a = json.loads(sys.argv[1])
     torch.set_num_threads(int(a["threads"]))
