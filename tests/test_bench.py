@@ -179,7 +179,8 @@ def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
-    assert "MFU and tokens/s for S, B, L" in proc.stdout and "no CUDA device here; nothing measured" in proc.stdout
+    assert "MFU and tokens/s of B" in proc.stdout and "the longest clip" in proc.stdout
+    assert "no CUDA device here; nothing measured" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing measured, nothing written
 
 
@@ -215,3 +216,50 @@ def test_fused_adamw_of_the_system_updates_as_the_per_tensor_loop_does():
     for (name, p), q in zip(system.model.named_parameters(), loop.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(next(system.model.parameters()), next(base.parameters()))
+
+
+def test_longest_clip_search_finds_the_boundary_in_few_tries():
+    from stale.bench.memory import largest_size_that_fits, longest_clip
+
+    for boundary, step in [(27, 1), (24, 4), (4, 4), (142, 1), (1000, 8)]:
+        tried = []
+
+        def fits(n, boundary=boundary):
+            tried.append(n)
+            return n <= boundary
+
+        got = largest_size_that_fits(fits, max(4, step), 1024, step)
+        assert got == boundary // step * step and got % step == 0
+        assert len(tried) <= 2 * 10 + 2  # doubling then bisecting, not a scan
+    assert largest_size_that_fits(lambda n: False, 4, 64, 4) == 0
+    assert largest_size_that_fits(lambda n: True, 4, 64, 4) == 64  # capped by the limit
+    with pytest.raises(ValueError, match="start=6"):
+        largest_size_that_fits(lambda n: True, 6, 64, 4)
+    assert longest_clip("b", device="cpu")["longest_frames"] is None  # no out-of-memory to find on a CPU
+
+
+def test_gpu_rows_render_and_replace_only_their_block(tmp_path):
+    import json
+
+    from stale.bench import gpu_rows, machine_info
+
+    res = gpu.run(sizes=["tiny"], frames=4, resolutions=[16], batch_size=2, dtype="float32", compile=False,
+                  sdpa="flash", steps=1, warmup=1, flops="analytic", peak_tflops=1.0, measure_on_cpu=True, device="cpu")
+    (row,) = res["rows"]
+    (tmp_path / "gpu_b.json").write_text(json.dumps({"machine": machine_info("cpu"), "sections": {"gpu": res}}))
+    text = gpu_rows.render(tmp_path)
+    assert f'{row["step_ms"]:.1f} ms' in text and f'**{row["mfu"]:.1%}**' in text
+    for missing in ("| l | | | | | | not measured", "| s | | | | | | not measured", "Longest clip B trains: not measured",
+                    "Data wait at 256 px (data section): not measured"):  # parts without JSON never borrow numbers
+        assert missing in text
+    md = tmp_path / "BENCH.md"
+    md.write_text("# Title\n\nbefore\n")
+    gpu_rows.write(tmp_path, md)
+    first = md.read_text()
+    assert first.startswith("# Title\n\nbefore\n") and first.count(gpu_rows.BEGIN) == 1
+    md.write_text(first + "\nafter\n")
+    gpu_rows.write(tmp_path, md)  # a second write replaces the block, keeps the text around it
+    assert md.read_text() == first + "\nafter\n"
+    md.write_text("only " + gpu_rows.BEGIN)
+    with pytest.raises(ValueError, match="only one of the markers"):
+        gpu_rows.write(tmp_path, md)

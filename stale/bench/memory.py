@@ -170,7 +170,7 @@ def run(sizes=("tiny", "s"), frames: int = 8, size: int = 16, batches=(2, 10), c
                       "peak_mib_at_b2 is all live tensor memory"]}
 
 
-def largest_fitting(fits, start: int, limit: int, step: int) -> int:
+def largest_size_that_fits(fits, start: int, limit: int, step: int) -> int:
     """Largest n in {start, start + step, ...} <= limit with fits(n), assuming fits is monotone (0 if none).
 
     Doubles n until a try fails (or passes limit), then bisects between the last fit and the first failure
@@ -225,7 +225,7 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
     from stale.bench import model_kwargs
 
     pt, ph, pw = model_kwargs(size, frames=start, size=resolution)["patch"]
-    best = largest_fitting(fits, start, max_frames, pt)
+    best = largest_size_that_fits(fits, start, max_frames, pt)
     tokens = best // pt * (resolution // ph) * (resolution // pw)
     return {"size": size, "grad_checkpointing": checkpointing, "resolution": resolution, "batch_size": batch_size,
             "longest_frames": best, "tokens_per_clip": tokens, "tries": tries,
