@@ -120,3 +120,17 @@ def test_mixup_touches_the_hinge_branch_only():
     assert torch.equal(y_flow, y) and (y_hinge == 3).all()  # the hinge branch is label-free
     assert (excess(x_flow, t_flow) <= 1e-5).all()  # the flow branch saw the clean clips
     assert (excess(x_hinge, t_hinge) > 0.05).sum() >= 5  # the hinge branch saw blends
+
+
+@pytest.mark.parametrize("options", [{}, {"dog_weight": 0.1, "dog_temporal": True, "mixup": True},
+                                     {"context_frames": 1, "context_prob": 0.5, "prior": "gaussian"}])
+def test_objective_traces_as_one_graph(options):
+    """Every setting of the objective is one Dynamo graph with the model inside (no graph break): the compiled
+    training step uses fullgraph=True. Value checks (labels in range) stay eager-only; the DoG gains are constants."""
+    torch._dynamo.reset()
+    model = build_model("tiny", frames=4, size=16, num_classes=4)
+    objective = StaleObjective(**options)
+    x, y = torch.rand(4, 3, 4, 16, 16) * 2 - 1, torch.randint(0, 4, (4,))
+    explained = torch._dynamo.explain(lambda x, y: objective(model, x, y, 4))(x, y)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -101,6 +101,7 @@ def dog(x: torch.Tensor, sigma: float, k: float = DOG_K, dims=(-2, -1)) -> torch
     return gaussian_blur(x, sigma, dims) - gaussian_blur(x, k * sigma, dims)
 
 
+@torch.compiler.assume_constant_result  # a number fixed by the shapes: a compiled step embeds it, no .item() break
 def dog_gain(sigma: float, k: float = DOG_K, sizes=(16, 16), truncate: float = TRUNCATE) -> float:
     """White-noise power gain E||DoG n||^2 / E||n||^2 of the separable DoG on an array of `sizes`, boundaries
     included (on 16 px the 4 px band's gain is ~1.4x its infinite-domain value, so this is exact, not ideal).

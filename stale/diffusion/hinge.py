@@ -33,7 +33,9 @@ def margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Margin of the true class, (B,): y s for one score per clip, s_y - max_{j != y} s_j for K scores."""
     if scores.shape[-1] == 1:
         return binary_labels(labels).to(scores.dtype) * scores.reshape(-1)
-    if labels.min() < 0 or labels.max() >= scores.shape[-1]:
+    # Not inside a compiled graph: the check reads the labels' values, which would break a fullgraph training
+    # step into pieces; eager runs (and the data layer's own label checks) still catch bad labels.
+    if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() >= scores.shape[-1]):
         raise ValueError(f"labels {labels.unique().tolist()} out of range for {scores.shape[-1]} hinge scores")
     true = scores.gather(1, labels[:, None]).squeeze(1)
     others = scores.scatter(1, labels[:, None], float("-inf"))

@@ -105,8 +105,14 @@ class StaleSystem(L.LightningModule):
         # After the callbacks' setup, so that the EMA callback (WeightAveraging) deep-copies the plain module. nn.Module.compile
         # compiles in place: parameter names and checkpoints are the same with and without it.
         if stage == "fit" and self.compile_options is not None and not self._compiled:
-            self.model.compile(**self.compile_options)
+            self.model.compile(**{k: v for k, v in self.compile_options.items() if k != "fullgraph"})  # validation, sampling
+            # The training step's loss (both branches of the objective, noise draws included) is one graph: any
+            # graph break is an error, not a silent slowdown (tests/test_system.py checks there is none).
+            self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})
             self._compiled = True
+
+    def _loss_parts(self, x: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, x, label, self.null_label)
 
     # --- training ---------------------------------------------------------------------------------------
     def noise_seed(self) -> int:
@@ -141,7 +147,7 @@ class StaleSystem(L.LightningModule):
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
             x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
-            parts = self.objective(self.model, x, label, self.null_label)
+            parts = self._loss_parts(x, label)
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         # Log only on the steps the loggers write: each self.log call costs ~0.3 ms of Lightning bookkeeping
