@@ -74,15 +74,21 @@ def resolve_device(device: str = "auto") -> str:
     return str(device)
 
 
+def packaged_conf(*parts: str) -> Path:
+    """A file of the packaged configs: conf/<parts> of the source tree, or the package stale.conf when installed."""
+    path = Path(__file__).resolve().parents[2] / "conf" / Path(*parts)
+    if not path.is_file():  # installed (non-editable): conf/ is the package stale.conf
+        import stale.conf
+
+        path = Path(stale.conf.__file__).parent / Path(*parts)
+    return path
+
+
 def model_kwargs(name: str, **overrides) -> dict:
     """patch/pattern of `stale-train model=<name>` (read from the packaged conf/model/<name>.yaml)."""
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():  # installed (non-editable): conf/ is the package stale.conf
-        import stale.conf
-
-        path = Path(stale.conf.__file__).parent / "model" / f"{name}.yaml"
+    path = packaged_conf("model", f"{name}.yaml")
     if not path.is_file():
         raise ValueError(f"model size {name!r} has no config {path}")
     node = OmegaConf.load(path)

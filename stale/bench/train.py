@@ -21,13 +21,15 @@ The first `warmup` steps of every fit are dropped; variants take turns (order ro
 
 Lightning variants (each a real Trainer.fit of the real StaleSystem, log_every_n_steps as in
 conf/trainer/*.yaml):
-  lightning        logger=False, checkpointing off, the default progress bar (Rich) rendering as on a
-                   terminal, into /dev/null
+  lightning        logger=False, checkpointing off, stale-train's progress bar (conf/callbacks/default.yaml:
+                   TQDM redrawn every 10 steps), to stderr (redirected)
   no_progress_bar  as lightning, without the progress bar
   no_log           as no_progress_bar, with StaleSystem.log/log_dict replaced by no-ops
   csv_logger       as no_progress_bar, with a CSVLogger
   barebones        Trainer(barebones=True): Lightning's own minimal loop (self.log returns at once)
-  rich_4hz         as lightning, with RichProgressBar(refresh_rate=4) instead of 100 redraws a second
+  rich             as lightning, with Lightning's own default bar (Rich, up to 100 redraws a second from a
+                   thread, metrics read every step) rendering as on a terminal, into /dev/null
+  rich_4hz         as rich, with RichProgressBar(refresh_rate=4)
   tqdm             as lightning, with TQDMProgressBar (redraws every batch, in the training thread)
 With `profile=true` one more fit of the first variant and one plain run go under cProfile, and the
 time per step is split by where the Python code lives (lightning, torch, stale, C builtins).
@@ -51,7 +53,17 @@ import torch
 
 from stale.bench import build, median, random_batches, spread, sync
 
-VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich_4hz", "tqdm")
+VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich", "rich_4hz", "tqdm")
+
+
+def default_progress_bar():
+    """The progress bar stale-train uses, built from the packaged conf/callbacks/default.yaml."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from stale.bench import packaged_conf
+
+    return instantiate(OmegaConf.load(packaged_conf("callbacks", "default.yaml")).progress_bar)
 TARGET_OVERHEAD = 0.03  # issue 11: framework overhead <= 3%
 
 
@@ -233,7 +245,9 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(logdir or tempfile.gettempdir(), name="stale-bench")
-    if variant in ("lightning", "rich_4hz"):
+    if variant == "lightning":  # the default run's bar: conf/callbacks/default.yaml's progress_bar node
+        callbacks.append(default_progress_bar())
+    if variant in ("rich", "rich_4hz"):
         from lightning.pytorch.callbacks import RichProgressBar  # Lightning's default bar (rich is a dependency)
 
         null = open(os.devnull, "w")  # drawn as on a terminal, into /dev/null
@@ -245,7 +259,7 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
 
         callbacks.append(TQDMProgressBar())
     kwargs = dict(logger=logger, enable_checkpointing=False,
-                  enable_progress_bar=variant in ("lightning", "rich_4hz", "tqdm"),
+                  enable_progress_bar=variant in ("lightning", "rich", "rich_4hz", "tqdm"),
                   enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps)
     if variant == "barebones":  # it switches those off itself and refuses to be told
         kwargs = dict(barebones=True)
