@@ -78,8 +78,11 @@ class PlainStep:
 
         self.model, self.device, self.dtype = model, device, dtype
         self.objective = StaleObjective()
-        # dynamic=False: the flow branch (B clips) and the hinge branch (B/4 clips) get one static graph each
-        self.net = torch.compile(model, dynamic=False) if compile else model
+        # As StaleSystem compiles (compile=true): the loss of both objective branches, the model inside, is one
+        # fullgraph graph. dynamic=False: one static graph per batch shape
+        self.net = model
+        if compile:
+            self.loss = torch.compile(self.loss, fullgraph=True, dynamic=False)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)  # as StaleSystem's
         self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
 
