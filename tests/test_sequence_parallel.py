@@ -7,8 +7,10 @@ DDP does) must equal the unsharded gradient.
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +118,73 @@ def test_sequence_parallel_equals_one_process(case):
         assert r["vmax"] > 1e-3 and r["zero_grads"] == 0  # the comparison is not trivially zero
         assert r["v"] < 1e-10 and r["s"] < 1e-10, r  # float64: exact up to summation order
         assert r["g"] < 1e-10, r
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training: `stale-train trainer=ddp_cpu trainer.devices=2 parallel.sequence=2` against one process, and resume.
+
+# odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the joy token; hinge branch on
+TINY = ["debug=smoke", "logger=csv", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=5",
+        "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
+        "callbacks.ema.decay=0.5", "threads=1"]
+SP = ["trainer=ddp_cpu", "trainer.devices=2", "parallel.sequence=2"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _weights(ckpt: Path) -> dict:
+    """The live weights and the EMA (WeightAveraging stores the average as state_dict, the live ones aside)."""
+    state = torch.load(ckpt, weights_only=True)
+    return {**state["current_model_state"], **{f"ema.{k}": v for k, v in state["state_dict"].items()}}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(400)
+def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
+    from conftest import run_cli
+
+    from stale.export.checkpoint import read_checkpoint
+
+    run_cli("stale-train", *TINY, f"hydra.run.dir={tmp_path / 'one'}")
+    run_cli("stale-train", *TINY, *SP, f"hydra.run.dir={tmp_path / 'sp'}")
+    one, sp = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
+    assert sorted(one) == sorted(sp) == [0, 1, 2, 3]
+    assert sp == pytest.approx(one, rel=1e-5, abs=0)  # step 0: same weights, clips, noise; then same gradients
+    assert abs(one[3] - one[0]) > 1e-3  # the steps changed the weights
+    w1, w2 = _weights(tmp_path / "one" / "checkpoints" / "last.ckpt"), _weights(tmp_path / "sp" / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
+    for k in w1:  # weights and EMA: AdamW's update is at most lr a step, float noise in tiny gradients shows ~1e-6
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
+
+    # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
+    run_cli("stale-train", *TINY, *SP, f"ckpt_path={tmp_path / 'sp' / 'checkpoints' / 'step0000002.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: sp[s] for s in (2, 3)}, rel=1e-6, abs=0)
+    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k in w2:
+        torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-6)
+    ckpt = read_checkpoint(tmp_path / "sp" / "checkpoints" / "last.ckpt")  # stale-export's reader
+    assert ckpt.run_config["parallel"]["sequence"] == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
+    (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
+    (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
+    ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
+    ([*SP, "model.pattern=full", "+model.heads=1", "+model.dim=32"], "model.heads=1 over the ranks"),
+])
+def test_parallel_config_is_checked_before_training(overrides, message, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from stale.train import ConfigError, check_config
+
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        check_config(cfg)
