@@ -41,7 +41,7 @@ log = logging.getLogger("stale")
 
 NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
 # strategies with a sequence_parallel argument (stale/parallel/mesh.py)
-SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDP2Strategy")
+SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDPStrategy")
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 

@@ -188,3 +188,36 @@ def test_parallel_config_is_checked_before_training(overrides, message, tmp_path
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         check_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# stale-bench sections=parallel (item 7): the analytic volume, and the section on a tiny clip.
+
+
+def test_analytic_volume_counts_each_layout_switch_and_the_gather():
+    from stale.bench.parallel import analytic
+    from stale.models.stale_transformer import StaleConfig
+
+    # T' = 5 -> [3, 2] frames, N = 2 x 2 + 1 = 5 -> [3, 2] positions; rank 0 is the largest
+    cfg = StaleConfig(dim=8, heads=2, depth=4, patch=(1, 4, 4), frames=5, size=8)  # S T S T
+    one = analytic(cfg, batch=2, sp=1, params=100)
+    assert one["comm_bytes"] == 0 and one["predicted_share"] == 1
+    two = analytic(cfg, batch=2, sp=2, params=100)
+    # forward: S->T sends 3 frames x 2 positions, T->S 3 positions x 2 frames, S->T again; the gather first
+    # returns to frames (3 x 2) and sends 3 frames x 5 positions to the other rank: 6 + 6 + 6 + 6 + 15 = 39
+    token = 2 * 8 * 4  # batch x dim x fp32
+    assert two["comm_bytes"] == 2 * 39 * token + 2 * (1 / 2) * 100 * 4  # backward as much; ring all-reduce
+    assert two["predicted_share"] == pytest.approx((3 / 5 + 3 / 5) / 2)
+    assert two["tokens_per_rank_max"] == 15
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_parallel_bench_section_runs_and_halves_saved_activations():
+    from stale.bench.parallel import run
+
+    out = run(frames=4, size=8, batch_size=1, sequences=(1, 2), steps=1, warmup=0)
+    one, two = out["rows"]
+    assert one["loss0"] == pytest.approx(two["loss0"], rel=1e-5)  # the same step, sharded
+    assert one["comm_mib"] == 0 and two["comm_mib"] > 0
+    assert two["saved_mib"] < one["saved_mib"] and two["predicted_ratio"] == pytest.approx((2 / 4 + 3 / 5) / 2)  # S: T' 2/4, T: N 3/5

@@ -6,11 +6,12 @@ model in one process. One step is the velocity loss's forward and backward (diff
 forward per step, so the volume below is exact), the gradient all-reduce over the group (DDP's job in
 training) and AdamW. Per row:
 
-- step_ms: median wall time of the measured steps on rank 0;
+- step_ms: median wall time of the measured steps on rank 0; cpu_ms: the median process CPU time of a step, the
+  largest rank's (on a shared machine the steadier number: the N processes compete for the same cores);
 - saved_mib: bytes autograd saved for backward during the forward (torch.autograd.graph.saved_tensors_hooks),
   the largest rank's: the activation memory that sequence parallelism divides;
-- rss_step_mib: peak resident set size during a step above the resident size before it (VmHWM reset per step),
-  the largest rank's: physical memory, allocator and collectives' buffers included;
+- rss_step_mib: peak resident set size over all steps above the resident size before the first (model, AdamW
+  and clips built), the largest rank's: physical memory, AdamW's state, allocator and gloo buffers included;
 - predicted_ratio: the analytic share of a clip's block tokens on the largest rank (T'_r / T' in whole-frame
   blocks, N_r / N in whole-position blocks, averaged over the blocks); measured ratios are against N = 1;
 - comm_mib: analytic bytes each rank sends per step (the largest rank's): every layout switch sends the
@@ -104,19 +105,18 @@ def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides:
             return loss.item()
 
         rss = _RSSPeak()
-        times, peaks, losses = [], [], []
+        before = rss.reset()  # model, optimiser and clips built; no step taken yet
+        times, cpu, losses = [], [], []
         for i in range(warmup + steps):
             if world > 1:
                 dist.barrier()
-            before = rss.reset()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses.append(step())
-            dt = time.perf_counter() - t0
             if i >= warmup:
-                times.append(dt)
-                peaks.append(rss.peak() - before)
-        queue.put({"rank": rank, "step_s": statistics.median(times), "saved": saved[0], "rss": max(peaks),
-                   "loss0": losses[0], "method": rss.method})
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        queue.put({"rank": rank, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+                   "saved": saved[0], "rss": rss.peak() - before, "loss0": losses[0], "method": rss.method})
     except Exception:  # to the parent, which would otherwise wait on the queue
         import traceback
 
@@ -161,6 +161,7 @@ def run(model: str = "tiny", frames: int = 16, size: int = 32, batch_size: int =
         a = analytic(model_cfg, batch_size, sp, params)
         row = {"sequence": sp, "clip": f"{frames}x{size}x{size}", "batch": batch_size,
                "tokens_per_rank": a["tokens_per_rank_max"], "step_ms": round(res[0]["step_s"] * 1e3, 1),
+               "cpu_ms": round(max(r["cpu_s"] for r in res) * 1e3, 1),
                "saved_mib": round(max(r["saved"] for r in res) / MIB, 2),
                "rss_step_mib": round(max(r["rss"] for r in res) / MIB, 1),
                "comm_mib": round(a["comm_bytes"] / MIB, 2), "predicted_ratio": round(a["predicted_share"], 3),
@@ -169,6 +170,7 @@ def run(model: str = "tiny", frames: int = 16, size: int = 32, batch_size: int =
         row["saved_ratio"] = round(row["saved_mib"] / base["saved_mib"], 3)
         row["rss_ratio"] = round(row["rss_step_mib"] / base["rss_step_mib"], 3) if base["rss_step_mib"] else None
         row["step_ratio"] = round(row["step_ms"] / base["step_ms"], 3)
+        row["cpu_ratio"] = round(row["cpu_ms"] / base["cpu_ms"], 3)
         rows.append(row)
     return {"rows": rows, "summary": {f"saved_ratio_N{r['sequence']}": r["saved_ratio"] for r in rows},
             "notes": [__doc__.split("\n\n")[1].replace("\n", " "), f"model {model} {model_cfg.modes}",

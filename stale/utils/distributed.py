@@ -156,8 +156,9 @@ class HydraDDPStrategy(SequenceParallelMixin, _HydraLaunch, DDPStrategy):
     `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
 
 
-class HydraFSDPStrategy(_HydraLaunch, FSDPStrategy):
-    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
+class HydraFSDPStrategy(SequenceParallelMixin, _HydraLaunch, FSDPStrategy):
+    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir, plus
+    `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
 
     def __init__(self, *args, auto_wrap_policy=None, activation_checkpointing_policy=None, **kwargs):
         # Hydra hands over lists (ListConfig); Lightning turns a *set* of module classes into a ModuleWrapPolicy.
