@@ -172,6 +172,28 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     assert ckpt.run_config["parallel"]["sequence"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(400)
+def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
+    """4 processes as 2 data-parallel groups x 2 sequence-parallel ranks == plain DDP over 2 processes: the same
+    clips per data rank, the same noise, the same averaged gradient; and the loader's checkpoint state is
+    gathered from all 4 processes and read back by data rank."""
+    from conftest import run_cli
+
+    short = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
+    run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=4", "parallel.sequence=2",
+            f"hydra.run.dir={tmp_path / 'dpsp'}", timeout=400)
+    dp, dpsp = _losses(tmp_path / "dp"), _losses(tmp_path / "dpsp")
+    assert sorted(dp) == [0, 1, 2] and dpsp == pytest.approx(dp, rel=1e-5, abs=0)
+    w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "dpsp"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
+    loader = torch.load(tmp_path / "dpsp" / "checkpoints" / "last.ckpt", weights_only=True)["loops"]
+    assert "'rank': 1" in str(loader) and "'world_size': 2" in str(loader)  # data ranks 0, 1 of 2
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
     (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
