@@ -148,7 +148,7 @@ def check_parallel(cfg: DictConfig) -> None:
     if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % p:
         raise ConfigError(f"parallel.sequence={p} must divide trainer.devices x trainer.num_nodes = {devices * nodes}")
     node = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "name")}
-    model = StaleConfig(**{**SIZES[cfg.model.name], **node})  # what build_model builds
+    model = StaleConfig(**{**SIZES.get(cfg.model.name, {}), **node})  # what build_model builds (it names a bad size)
     latent_frames = model.frames // model.patch[0]
     if latent_frames < p:
         raise ConfigError(f"parallel.sequence={p} splits each clip's {latent_frames} latent frames over {p} ranks: "

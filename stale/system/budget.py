@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from stale.parallel.mesh import data_parallel_rank_world
 
+
 def batch_clips(batch: Any) -> int:
     """Clips in a batch: (video (B, C, T, H, W), label) or a bare video tensor."""
     video = batch[0] if isinstance(batch, (tuple, list)) else batch
