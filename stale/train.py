@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stale.export.weights import prepare
 from stale.models.finetune import require_peft
 from stale.models.flops import training_flops_per_clip
-from stale.models.stale_transformer import StaleConfig
+from stale.models.stale_transformer import SIZES, StaleConfig
 from stale.system.budget import ComputeBudget
 from stale.system.checkpoint_io import SafeCheckpointIO
 from stale.system.deadline import TrainingDeadline
@@ -40,6 +40,8 @@ from stale.utils.schema import UnknownKeyError, check_train_keys
 log = logging.getLogger("stale")
 
 NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
+# strategies with a sequence_parallel argument (stale/parallel/mesh.py)
+SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDPStrategy")
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
@@ -123,9 +125,37 @@ def check_config(cfg: DictConfig) -> None:
         lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), max_steps(cfg), **sched)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_parallel(cfg)
     _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
     return autoencoder
+
+
+def check_parallel(cfg: DictConfig) -> None:
+    """parallel.sequence: an integer, a strategy that can split a clip over ranks, at least one latent frame per
+    rank, and one head per rank for full attention (docs/parallel.md)."""
+    _number(cfg, "parallel.sequence", 1, integer=True)
+    p = cfg.parallel.sequence
+    if p == 1:
+        return
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
+    if target not in SEQUENCE_PARALLEL_STRATEGIES or strategy.get("sequence_parallel") != p:
+        raise ConfigError(f"parallel.sequence={p} needs a multi-process trainer that splits clips over ranks: "
+                          f"trainer=ddp_cpu (CPU processes) or trainer=ddp / trainer=fsdp (GPUs), not trainer.strategy="
+                          f"{target or strategy!r}")
+    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % p:
+        raise ConfigError(f"parallel.sequence={p} must divide trainer.devices x trainer.num_nodes = {devices * nodes}")
+    node = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "name")}
+    model = StaleConfig(**{**SIZES.get(cfg.model.name, {}), **node})  # what build_model builds (it names a bad size)
+    latent_frames = model.frames // model.patch[0]
+    if latent_frames < p:
+        raise ConfigError(f"parallel.sequence={p} splits each clip's {latent_frames} latent frames over {p} ranks: "
+                          f"use at most {latent_frames} (every rank needs a frame)")
+    if "full" in model.modes and model.heads < p:
+        raise ConfigError(f"parallel.sequence={p} with full attention splits model.heads={model.heads} over the "
+                          f"ranks (Ulysses): use at most {model.heads}")
 
 
 def _is_latent_data(cfg: DictConfig) -> bool:
@@ -300,7 +330,8 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      max_steps=max_steps(cfg), **_checkpoint_io(cfg))
     if budget.max_flops is not None:  # the schedule decays to its floor where the FLOP budget ends
-        clips_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+        clips_per_step = (cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+                          // cfg.parallel.sequence)  # the ranks of a sequence-parallel group share clips
         affordable = budget.max_steps_within(clips_per_step)
         warmup = int(cfg.schedule.get("warmup", 0))
         if affordable <= warmup:

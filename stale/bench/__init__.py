@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "gpu": "stale.bench.gpu",  # tokens/s and MFU (CUDA only)
     "cpu": "stale.bench.cpu",  # threads and torch.compile for the default run's step (CPU only)
     "contamination": "stale.bench.contamination",  # near-duplicate search speed (not in the default list)
+    "parallel": "stale.bench.parallel",  # sequence parallelism over gloo processes: time, memory, volume (not default)
     "latent": "stale.bench.latent",  # encode speed, cache bytes, latent vs pixel step (needs stale[latent]; not default)
 }
 

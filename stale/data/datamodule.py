@@ -25,12 +25,14 @@ from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
 from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
+from stale.parallel.mesh import data_parallel_rank_world
 
 
 def _rank_world(trainer) -> tuple[int, int]:
-    """The global rank and world size: the trainer's when attached, else torch.distributed's, else env."""
+    """The data-parallel rank and size: the trainer's when attached (the ranks of one sequence-parallel group read
+    the same clips: stale/parallel/mesh.py), else torch.distributed's, else env."""
     if trainer is not None:
-        return int(trainer.global_rank), int(trainer.world_size)
+        return data_parallel_rank_world(trainer)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -320,17 +320,22 @@ class TrainLoader(_Loader):
         st = self.state
         own = {**st, "round_start": list(st["round_start"]), "config": self._fingerprint(),
                "health": self.health.state_dict()}
-        world = self.stream.world_size
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every process, not only every data rank: under sequence parallelism (stale/parallel/mesh.py) several
+        # processes share one data rank, and all of them take part in the collective
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if dist else self.stream.world_size
+        if world > 1 and dist:
             ranks = [None] * world  # every rank builds the checkpoint dict; only rank 0 writes it
             torch.distributed.all_gather_object(ranks, own)
             return {"ranks": ranks}
         return own
 
     def load_state_dict(self, state: dict) -> None:
-        if "ranks" in state:  # a DDP checkpoint: take this rank's part
+        if "ranks" in state:  # a DDP checkpoint: take this data rank's part (the processes' list, in rank order)
             ranks, rank = state["ranks"], self.stream.rank
-            state = ranks[rank] if rank < len(ranks) else {"config": None, "epoch": ranks[0].get("epoch", 0)}
+            mine = [s for s in ranks if (s.get("config") or {}).get("rank") == rank]
+            state = mine[0] if mine else ranks[rank] if rank < len(ranks) else {"config": None,
+                                                                                 "epoch": ranks[0].get("epoch", 0)}
         self.health.load_state_dict(state.get("health", {}))
         fp = self._fingerprint()
         if state.get("config") != fp:

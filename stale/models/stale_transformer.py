@@ -205,11 +205,13 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
+    def forward(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
         q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
             k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+        if sp is not None:  # sequence-parallel full attention (Ulysses): this rank's heads over the whole clip
+            q, k, v = (sp.heads_to_sequence(u) for u in (q, k, v))
         # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
         # refuses "batch <= 32768/17"); an exported graph therefore keeps one SDPA call for any batch.
         if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
@@ -217,6 +219,8 @@ class Attention(nn.Module):
         else:  # temporal attention of large clips: B (H'W' + 1) sequences can exceed the kernels' grid
             out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
                 q.split(SDPA_MAX_SEQUENCES), k.split(SDPA_MAX_SEQUENCES), v.split(SDPA_MAX_SEQUENCES))])
+        if sp is not None:  # back to all heads of this rank's frames
+            out = sp.sequence_to_heads(out)
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
 
 
@@ -238,7 +242,7 @@ class StaleBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
+    def attend(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d")).view(b, t, n, -1)
@@ -246,12 +250,13 @@ class StaleBlock(nn.Module):
             with sdpa_kernel(TEMPORAL_SDPA, set_priority=True):
                 out = self.attn(rearrange(x, "b t n d -> (b n) t d"))
             return rearrange(out, "(b n) t d -> b t n d", b=b)
-        return self.attn(rearrange(x, "b t n d -> b (t n) d")).view(b, t, n, -1)  # full: B sequences of T' N
+        # full: B sequences of T' N (under sequence parallelism this rank's T'_r N, the heads exchanged inside)
+        return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp).view(b, t, n, -1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, sp=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
         mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
-        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp)
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x  # (B, T', N, D)
 
@@ -341,6 +346,8 @@ class StaleTransformer(nn.Module):
         self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
+        # a stale.parallel.sequence.SequenceParallel inside its `sharded` block (training steps), else None
+        self.sequence_parallel = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -393,11 +400,19 @@ class StaleTransformer(nn.Module):
             c_emb = (self.t_embed(t) + self.y_embed(y))[:, None]  # (B, 1, D)
         else:  # one time per latent frame
             c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + self.y_embed(y)[:, None]  # (B, T', D)
+        sp = self.sequence_parallel  # sequence parallelism: the blocks see this rank's share of the tokens
+        if sp is not None:
+            tokens = sp.scatter(tokens, c_emb)  # (B, T'_r, N, D): this rank's frames
         for block in self.blocks:
+            c_block = c_emb
+            if sp is not None:  # whole frames for spatial and full blocks, whole positions for temporal ones
+                tokens, c_block = sp.layout(tokens, block.mode), sp.condition(block.mode)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c_emb, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c_block, sp, use_reentrant=False)
             else:
-                tokens = block(tokens, c_emb)
+                tokens = block(tokens, c_block, sp)
+        if sp is not None:
+            tokens = sp.gather(tokens)  # (B, T', N, D) on every rank: head, final layer and loss as without it
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame
         out = self.final(tokens[:, :, :-1], c_emb)  # (B, T', H'W', pt*ph*pw*C)
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",

@@ -23,6 +23,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from stale.parallel.mesh import data_parallel_rank_world
+
+
 def batch_clips(batch: Any) -> int:
     """Clips in a batch: (video (B, C, T, H, W), label) or a bare video tensor."""
     video = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -123,7 +126,8 @@ class ComputeBudget(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.flops_per_clip is not None:
-            self._pending_flops += self.flops_per_clip * batch_clips(batch) * trainer.world_size
+            # clips of all data-parallel groups: under sequence parallelism a group's ranks share each clip
+            self._pending_flops += self.flops_per_clip * batch_clips(batch) * data_parallel_rank_world(trainer)[1]
         if trainer.global_step == self._last_step:  # accumulating gradients: no optimiser step yet
             return
         self._last_step = trainer.global_step

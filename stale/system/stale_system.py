@@ -19,6 +19,8 @@ from torch import nn
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
+from stale.parallel.mesh import data_parallel_rank_world, sequence_parallel_of
+from stale.parallel.sequence import sharded
 from stale.system.schedules import lr_multiplier
 from stale.utils.provenance import shard_list
 
@@ -120,10 +122,12 @@ class StaleSystem(L.LightningModule):
 
         Drawing from a per-batch seed rather than the global RNG stream makes the noise of step s the same
         whether the run got there straight or through a resume, whatever ran in between (validation,
-        sampling, data-loader start-up).
+        sampling, data-loader start-up). The rank is the data-parallel one: the ranks that share a clip under
+        sequence parallelism draw the same noise (stale/parallel/mesh.py).
         """
-        idx = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
-        return noise_seed(self.seed, idx, self.global_rank)
+        if self._trainer is None:
+            return noise_seed(self.seed, 0, 0)
+        return noise_seed(self.seed, self.trainer.fit_loop.total_batch_idx, data_parallel_rank_world(self.trainer)[0])
 
     def encode_batch(self, video: torch.Tensor) -> torch.Tensor:
         """A batch as the loader gives it -> pixels in [-1, 1] (pixel space), or the posterior moments of its
@@ -147,7 +151,9 @@ class StaleSystem(L.LightningModule):
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
             x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
-            parts = self._loss_parts(x, label)
+            # parallel.sequence > 1: the blocks see this rank's share of each clip's tokens (stale/parallel/)
+            with sharded(self.model, sequence_parallel_of(self.trainer) if self._trainer is not None else None):
+                parts = self._loss_parts(x, label)
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         # Log only on the steps the loggers write: each self.log call costs ~0.3 ms of Lightning bookkeeping

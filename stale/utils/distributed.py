@@ -38,6 +38,8 @@ from lightning.pytorch.strategies.launchers.subprocess_script import (
 )
 from lightning.pytorch.trainer.states import TrainerStatus
 
+from stale.parallel.mesh import SequenceParallelMixin
+
 # Hydra overrides that describe the sweep, not the job: a child is a plain run of one job.
 log = logging.getLogger(__name__)
 
@@ -149,12 +151,14 @@ class _HydraLaunch:
             self._launcher.finish(completed)
 
 
-class HydraDDPStrategy(_HydraLaunch, DDPStrategy):
-    """`DDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
+class HydraDDPStrategy(SequenceParallelMixin, _HydraLaunch, DDPStrategy):
+    """`DDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir, plus
+    `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
 
 
-class HydraFSDPStrategy(_HydraLaunch, FSDPStrategy):
-    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir."""
+class HydraFSDPStrategy(SequenceParallelMixin, _HydraLaunch, FSDPStrategy):
+    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir, plus
+    `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
 
     def __init__(self, *args, auto_wrap_policy=None, activation_checkpointing_policy=None, **kwargs):
         # Hydra hands over lists (ListConfig); Lightning turns a *set* of module classes into a ModuleWrapPolicy.

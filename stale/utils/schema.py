@@ -62,6 +62,13 @@ class VaeSchema:
 
 
 @dataclasses.dataclass
+class ParallelSchema:
+    """The parallel node of conf/train.yaml (docs/parallel.md)."""
+
+    sequence: int  # ranks that split each clip's tokens (sequence parallelism)
+
+
+@dataclasses.dataclass
 class TrainSchema:
     """The root of conf/train.yaml: every top-level key stale-train reads."""
 
@@ -78,6 +85,7 @@ class TrainSchema:
     deadline: dict  # a target node (used when trainer.max_steps is null)
     sample_every_n_steps: int
     sample: SampleSchema
+    parallel: ParallelSchema
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
     vae: VaeSchema  # the autoencoder group; filled in by stale.train.check_autoencoder

@@ -1,0 +1,245 @@
+"""Issue 21: sequence parallelism over 2 gloo processes equals one process (forward, backward, training).
+
+Each worker builds the same model and inputs from one seed, runs the whole clip unsharded (the reference) and
+then sharded over its sequence-parallel group; the outputs must agree, and the ranks' gradients averaged (what
+DDP does) must equal the unsharded gradient.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from stale.parallel.sequence import LAYOUT, split_sizes
+
+
+def _spawn(target, *args, world: int = 2) -> list:
+    ctx = mp.get_context("fork")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in range(world)]
+    errors = [r["error"] for r in results if "error" in r]
+    assert not errors, errors[0][-3000:]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def _forward_backward(rank: int, world: int, port: int, queue, model_kw: dict, frames: int, per_frame_t: bool,
+                      sp_size: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from stale.models.stale_transformer import build_model
+    from stale.parallel.sequence import SequenceParallel, sharded
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+        torch.manual_seed(0)
+        model = build_model("tiny", **model_kw).double()
+        for p in model.parameters():  # adaLN-Zero starts every block as the identity: make the blocks do work
+            torch.nn.init.normal_(p, std=0.2)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 3, frames, 8, 8, generator=g, dtype=torch.float64)
+        gt = frames // model.config.patch[0]
+        t = torch.rand((2, gt) if per_frame_t else (2,), generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 2])
+        w_v = torch.randn(x.shape, generator=g, dtype=torch.float64)  # a loss that weighs every output element
+        w_s = torch.randn(2, model.config.head_outputs, generator=g, dtype=torch.float64)
+
+        def run():
+            model.zero_grad()
+            v, s = model(x, t, y)
+            ((v * w_v).sum() + (s * w_s).sum()).backward()
+            return v.detach(), s.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        model.train()
+        v0, s0, g0 = run()
+        with sharded(model, SequenceParallel(mesh.get_group("sp"))):
+            v1, s1, g1 = run()
+        assert model.sequence_parallel is None  # only inside the block
+        for grad in g1.values():  # DDP's average over the ranks
+            dist.all_reduce(grad)
+            grad /= world
+        err_v, err_s = (v1 - v0).abs().max().item(), (s1 - s0).abs().max().item()
+        err_g = max(((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-12)).item() for n in g0)
+        queue.put({"rank": rank, "v": err_v, "s": err_s, "g": err_g, "vmax": v0.abs().max().item(),
+                   "zero_grads": sum(int(g0[n].abs().max() == 0) for n in g0)})
+    except Exception:  # report it: the other rank would wait in a collective until the queue times out
+        import traceback
+
+        queue.put({"rank": rank, "error": traceback.format_exc()})
+        os._exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_sizes_and_layouts():
+    assert split_sizes(5, 2) == [3, 2] and split_sizes(17, 4) == [5, 4, 4, 4] and split_sizes(2, 2) == [1, 1]
+    assert LAYOUT == {"spatial": "frames", "temporal": "positions", "full": "frames"}
+
+
+CASES = {  # model overrides, frames, per-frame times
+    # odd T' = 5 over 2 ranks (3 + 2 frames); N = 2 x 2 + 1 = 5 positions, the joy token last (3 + 2)
+    "alternating-odd-frames": (dict(dim=32, heads=4, depth=4, patch=[1, 4, 4], frames=5, size=8), 5, False),
+    # per-frame times (frame conditioning: c is sliced per rank in the frames layout), checkpointed blocks
+    "alternating-per-frame-t-checkpointed": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=4, size=8,
+                                                  grad_checkpointing=True), 4, True),
+    # full attention, heads exchanged (Ulysses); 3 heads over 2 ranks: uneven head split, odd T' = 3
+    "full-odd-heads": (dict(dim=24, heads=3, depth=2, patch=[1, 4, 4], frames=3, size=8, pattern="full"), 3, False),
+    # a temporal block first, then full: every layout change, tubelets over time (pt = 2, T' = 3)
+    "mixed-pattern": (dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8,
+                           pattern=["temporal", "full", "spatial"]), 6, True),
+}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(CASES))
+def test_sequence_parallel_equals_one_process(case):
+    model_kw, frames, per_frame_t = CASES[case]
+    results = _spawn(_forward_backward, model_kw, frames, per_frame_t, 2)
+    for r in results:
+        assert r["vmax"] > 1e-3 and r["zero_grads"] == 0  # the comparison is not trivially zero
+        assert r["v"] < 1e-10 and r["s"] < 1e-10, r  # float64: exact up to summation order
+        assert r["g"] < 1e-10, r
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training: `stale-train trainer=ddp_cpu trainer.devices=2 parallel.sequence=2` against one process, and resume.
+
+# odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the joy token; hinge branch on
+TINY = ["debug=smoke", "logger=csv", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=5",
+        "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
+        "callbacks.ema.decay=0.5", "threads=1"]
+SP = ["trainer=ddp_cpu", "trainer.devices=2", "parallel.sequence=2"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def _weights(ckpt: Path) -> dict:
+    """The live weights and the EMA (WeightAveraging stores the average as state_dict, the live ones aside)."""
+    state = torch.load(ckpt, weights_only=True)
+    return {**state["current_model_state"], **{f"ema.{k}": v for k, v in state["state_dict"].items()}}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(400)
+def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
+    from conftest import run_cli
+
+    from stale.export.checkpoint import read_checkpoint
+
+    run_cli("stale-train", *TINY, f"hydra.run.dir={tmp_path / 'one'}")
+    run_cli("stale-train", *TINY, *SP, f"hydra.run.dir={tmp_path / 'sp'}")
+    one, sp = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
+    assert sorted(one) == sorted(sp) == [0, 1, 2, 3]
+    assert sp == pytest.approx(one, rel=1e-5, abs=0)  # step 0: same weights, clips, noise; then same gradients
+    assert abs(one[3] - one[0]) > 1e-3  # the steps changed the weights
+    w1, w2 = _weights(tmp_path / "one" / "checkpoints" / "last.ckpt"), _weights(tmp_path / "sp" / "checkpoints" / "last.ckpt")
+    assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
+    for k in w1:  # weights and EMA: AdamW's update is at most lr a step, float noise in tiny gradients shows ~1e-6
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
+
+    # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
+    run_cli("stale-train", *TINY, *SP, f"ckpt_path={tmp_path / 'sp' / 'checkpoints' / 'step0000002.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: sp[s] for s in (2, 3)}, rel=1e-6, abs=0)
+    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k in w2:
+        torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-6)
+    ckpt = read_checkpoint(tmp_path / "sp" / "checkpoints" / "last.ckpt")  # stale-export's reader
+    assert ckpt.run_config["parallel"]["sequence"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(400)
+def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
+    """4 processes as 2 data-parallel groups x 2 sequence-parallel ranks == plain DDP over 2 processes: the same
+    clips per data rank, the same noise, the same averaged gradient; and the loader's checkpoint state is
+    gathered from all 4 processes and read back by data rank."""
+    from conftest import run_cli
+
+    short = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
+    run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=4", "parallel.sequence=2",
+            f"hydra.run.dir={tmp_path / 'dpsp'}", timeout=400)
+    dp, dpsp = _losses(tmp_path / "dp"), _losses(tmp_path / "dpsp")
+    assert sorted(dp) == [0, 1, 2] and dpsp == pytest.approx(dp, rel=1e-5, abs=0)
+    w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "dpsp"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
+    loader = torch.load(tmp_path / "dpsp" / "checkpoints" / "last.ckpt", weights_only=True)["loops"]
+    assert "'rank': 1" in str(loader) and "'world_size': 2" in str(loader)  # data ranks 0, 1 of 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
+    (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
+    (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
+    ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
+    ([*SP, "model.pattern=full", "+model.heads=1", "+model.dim=32"], "model.heads=1 over the ranks"),
+])
+def test_parallel_config_is_checked_before_training(overrides, message, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from stale.train import ConfigError, check_config
+
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        check_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# stale-bench sections=parallel (item 7): the analytic volume, and the section on a tiny clip.
+
+
+def test_analytic_volume_counts_each_layout_switch_and_the_gather():
+    from stale.bench.parallel import analytic
+    from stale.models.stale_transformer import StaleConfig
+
+    # T' = 5 -> [3, 2] frames, N = 2 x 2 + 1 = 5 -> [3, 2] positions; rank 0 is the largest
+    cfg = StaleConfig(dim=8, heads=2, depth=4, patch=(1, 4, 4), frames=5, size=8)  # S T S T
+    one = analytic(cfg, batch=2, sp=1, params=100)
+    assert one["comm_bytes"] == 0 and one["predicted_share"] == 1
+    two = analytic(cfg, batch=2, sp=2, params=100)
+    # forward: S->T sends 3 frames x 2 positions, T->S 3 positions x 2 frames, S->T again; the gather first
+    # returns to frames (3 x 2) and sends 3 frames x 5 positions to the other rank: 6 + 6 + 6 + 6 + 15 = 39
+    token = 2 * 8 * 4  # batch x dim x fp32
+    assert two["comm_bytes"] == 2 * 39 * token + 2 * (1 / 2) * 100 * 4  # backward as much; ring all-reduce
+    assert two["predicted_share"] == pytest.approx((3 / 5 + 3 / 5) / 2)
+    assert two["tokens_per_rank_max"] == 15
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_parallel_bench_section_runs_and_halves_saved_activations():
+    from stale.bench.parallel import run
+
+    out = run(frames=4, size=8, batch_size=1, sequences=(1, 2), steps=1, warmup=0)
+    one, two = out["rows"]
+    assert one["loss0"] == pytest.approx(two["loss0"], rel=1e-5)  # the same step, sharded
+    assert one["comm_mib"] == 0 and two["comm_mib"] > 0
+    assert two["saved_mib"] < one["saved_mib"] and two["predicted_ratio"] == pytest.approx((2 / 4 + 3 / 5) / 2)  # S: T' 2/4, T: N 3/5
