@@ -108,6 +108,8 @@ def check_config(cfg: DictConfig) -> None:
                               f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
                               f"model.patch={patch}: choose a smaller model.patch or a larger clip")
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
+    if cfg.data.get("buckets") is not None:
+        check_buckets(cfg, patch, autoencoder)
     if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
         raise ConfigError("trainer.max_steps=null lets a training deadline decide the step count, but "
                           "deadline.max_minutes is null: set one of them")
@@ -126,6 +128,20 @@ def check_config(cfg: DictConfig) -> None:
     _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
     return autoencoder
+
+
+def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
+    """data.buckets: a preset or a list whose every bucket the model's patch divides; pixel clips only for now."""
+    from stale.data.buckets import BucketError, parse_buckets
+
+    if autoencoder is not None or _is_latent_data(cfg):
+        raise ConfigError("data.buckets with a latent model (vae=... or data=latents) is not supported yet: bucketed "
+                          "latent caches are a documented gap (docs/buckets.md); train on pixels or drop data.buckets")
+    buckets = cfg.data.buckets
+    try:
+        parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets, tuple(patch))
+    except BucketError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _is_latent_data(cfg: DictConfig) -> bool:

@@ -98,7 +98,7 @@ def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") 
             raise BucketError(f"{key}[{i}]={b!r}: frames, height, width and batch_size must be integers >= 1")
         if not 0 < bucket.keep_prob <= 1:
             raise BucketError(f"{key}[{i}]={b!r}: keep_prob={bucket.keep_prob} must be in (0, 1]")
-        if patch is not None and (bucket.frames % patch[0] and bucket.frames != 1 or bucket.height % patch[1]
+        if patch is not None and (bucket.frames % patch[0] or bucket.height % patch[1]
                                   or bucket.width % patch[2]):
             raise BucketError(f"{key}[{i}]: the bucket {bucket.name} is not divisible by model.patch={list(patch)}")
         out.append(bucket)

@@ -16,6 +16,7 @@ labels; scaling to [-1, 1] happens on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -75,6 +76,7 @@ class VideoDataModule(L.LightningDataModule):
         bucket_max_upscale: float = 1.0,  # ... and it is scaled up at most this much
         image_share: float | None = None,  # with buckets: the share of training clips that are images (T = 1)
         bucket_scan: bool = True,  # read the shards' .json once at start: clips per bucket, warnings, image_share
+        bucket_batch_max: int | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +88,10 @@ class VideoDataModule(L.LightningDataModule):
         self.val_spec = ClipSpec(frames, size, frame_stride, fps, val_start, "center", False, decode_threads)
         self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
         self.buckets = bucketing.parse_buckets(buckets)
+        if self.buckets and bucket_batch_max is not None:
+            if bucket_batch_max < 1:
+                raise ValueError(f"data.bucket_batch_max={bucket_batch_max} must be >= 1 (or null)")
+            self.buckets = [dataclasses.replace(b, batch_size=min(b.batch_size, bucket_batch_max)) for b in self.buckets]
         if image_share is not None and not (self.buckets and bucket_scan and 0 <= image_share <= 1):
             raise ValueError(f"data.image_share={image_share} needs data.buckets, data.bucket_scan=true and a value "
                              "in [0, 1]")
@@ -96,8 +102,9 @@ class VideoDataModule(L.LightningDataModule):
         if self.buckets:
             self.health.bucket_names = [b.name for b in self.buckets]
 
-    def assigner(self) -> bucketing.Assigner | None:
-        """The bucket rule of this run; scans the training shards the first time (data.bucket_scan)."""
+    def assigner(self, train: bool = True) -> bucketing.Assigner | None:
+        """The bucket rule of this run; scans the training shards the first time (data.bucket_scan). Validation
+        keeps every clip (no image_share thinning)."""
         hp = self.hparams
         if not self.buckets:
             return None
@@ -113,7 +120,7 @@ class VideoDataModule(L.LightningDataModule):
                 for warning in bucketing.report(found, self.buckets):
                     log.warning("%s", warning)
         keep = (1.0, 1.0)
-        if hp.image_share is not None:
+        if hp.image_share is not None and train:
             keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, hp.image_share)
         return bucketing.Assigner(self.buckets, keep=keep, **rule)
 
@@ -124,7 +131,7 @@ class VideoDataModule(L.LightningDataModule):
                            train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
                            num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
                            seed=hp.seed, rank=rank, world_size=world,
-                           buckets=self.buckets if train else None, assigner=self.assigner() if train else None)
+                           buckets=self.buckets, assigner=self.assigner(train))
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams

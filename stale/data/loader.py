@@ -83,7 +83,7 @@ class VideoStream(IterableDataset):
                  world_size: int = 1, control: torch.Tensor | None = None, buckets: list[Bucket] | None = None,
                  assigner: Assigner | None = None):
         self.urls, self.spec, self.train = list(urls), spec, train
-        self.buckets = buckets if train else None  # validation keeps the one clip shape of `spec`
+        self.buckets = buckets
         self.assigner = assigner or (Assigner(buckets, spec.stride) if buckets else None)
         self.bucket_specs = [dataclasses.replace(spec, frames=b.frames, height=b.height, width=b.width, size=None)
                              for b in self.buckets] if self.buckets else None
@@ -176,7 +176,8 @@ class VideoStream(IterableDataset):
             yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
 
     def _bucketed(self, samples, worker: int, epoch: int, skip: int, counter: SkipCounter):
-        """One partly filled batch per bucket; yields whichever fills first (training only: endless stream)."""
+        """One partly filled batch per bucket; yields whichever fills first. A finite (validation) stream ends with
+        the partly filled ones."""
         resume = set()
         if skip and self.pending is not None:
             resume = {int(p) for p in self.pending[worker].tolist() if p >= 0}
@@ -211,7 +212,7 @@ class VideoStream(IterableDataset):
             except Skip as e:
                 counter.skip(e.reason, sample.get("__url__", "?"), e)
                 streak[e.reason] += 1
-                if streak.total() >= STALL_SAMPLES:
+                if self.train and streak.total() >= STALL_SAMPLES:
                     raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
                                                       self.label_key, in_a_row=True)) from None
                 continue
@@ -225,6 +226,14 @@ class VideoStream(IterableDataset):
                 meta = {"worker": worker, "epoch": epoch, "consumed": i + 1, "keys": keys, "skips": counter.take(),
                         "slot": None, "pending": pending, "bucket": bucket.name}
                 yield video, torch.tensor(labels, dtype=torch.int64), meta
+        for n, k in enumerate(sorted(partial)):  # finite stream: the rest of every bucket, and the last counts
+            video, labels, keys, _ = partial[k]
+            meta = {"worker": worker, "epoch": epoch, "consumed": -1, "keys": keys, "skips": counter.take(),
+                    "slot": None, "pending": [], "bucket": self.buckets[k].name}
+            yield video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+        if not partial and counter.reasons:
+            yield None, None, {"worker": worker, "epoch": epoch, "consumed": -1, "keys": [], "skips": counter.take(),
+                               "slot": None}
 
     def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
         """uint8 (B, C, T, H, W) (float32 latent moments with a LatentSpec), in shared memory inside a worker so

@@ -206,6 +206,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
+        if x.shape[1] == 1 and not torch.compiler.is_exporting():
+            return self._single(x)
         q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
@@ -218,6 +220,16 @@ class Attention(nn.Module):
             out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
                 q.split(SDPA_MAX_SEQUENCES), k.split(SDPA_MAX_SEQUENCES), v.split(SDPA_MAX_SEQUENCES))])
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
+
+    def _single(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequences of one token (temporal attention of a T' = 1 batch: images): the softmax over one key is 1, so
+        the output is the token's value; q, k and their norms are not computed (a third of the qkv projection and
+        the whole attention kernel saved)."""
+        d = x.shape[-1]
+        out = self.proj(F.linear(x, self.qkv.weight[2 * d :], self.qkv.bias[2 * d :]))  # (S, 1, D)
+        if self.qk_norm and torch.is_grad_enabled():  # a zero gradient: DDP wants one for every parameter on every rank
+            out = out + 0.0 * (self.q_norm.weight.sum() + self.k_norm.weight.sum())
+        return out
 
 
 class StaleBlock(nn.Module):
