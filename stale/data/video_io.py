@@ -290,7 +290,13 @@ def _rgb_planes(rgb: VideoReformatter, frame, shape) -> list[np.ndarray]:
 
     Planar RGB ("gbrp") lets the loader fill a channels-first batch with plain plane copies. Its values
     equal packed rgb24's when nothing is resized; when resizing, the two swscale paths round differently.
+    Output widths that are not a multiple of 16 go through packed rgb24 instead: FFmpeg's gbrp output left
+    columns past 16 unwritten (garbage, different on every call) at widths 20, 24, 40 and 56 (tests/test_buckets.py).
     """
+    if shape[0] % 16:
+        a = rgb.reformat(frame, width=shape[0], height=shape[1], format="rgb24", interpolation=_interp(frame, shape),
+                         threads=1).to_ndarray()
+        return [a[..., 0], a[..., 1], a[..., 2]]
     g = rgb.reformat(frame, width=shape[0], height=shape[1], format="gbrp", interpolation=_interp(frame, shape),
                      threads=1)
     g, b, r = (np.ndarray((p.height, p.width), np.uint8, p, strides=(p.line_size, 1)) for p in g.planes)
