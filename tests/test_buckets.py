@@ -318,3 +318,15 @@ def test_unscaled_decode_of_odd_widths_equals_rgb24(h, w):
     out = np.zeros((3, 3, h, w), np.uint8)
     decode_clip(data, spec, random.Random(0), out=out)
     assert np.array_equal(out, ref.transpose(3, 0, 1, 2))
+
+
+def test_bench_section_measures_buckets_against_padding():
+    from stale.bench.buckets import run
+
+    out = run(mix=[[1, 8, 8, 4, 1], [4, 8, 12, 2, 1], [4, 12, 8, 2, 1]], rounds=1, loader=False)
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"buckets", "pad_to_largest", "crop_to_common"}
+    # useful tokens in patches of 1 x 4 x 4 (the tiny model's): 4 clips x 1 x (2 x 2) + 2 x 2 clips x 4 x (2 x 3) = 112
+    assert rows["buckets"]["useful_tokens"] == rows["pad_to_largest"]["useful_tokens"] == 112
+    assert out["train"]["largest_shape"] == [4, 12, 12] and out["train"]["common_shape"] == [1, 8, 8]
+    assert rows["crop_to_common"]["content_kept"] < 1 and out["train"]["buckets_over_padding"] > 0

@@ -8,7 +8,8 @@
    Steps are forward + backward + AdamW of the model stale-train builds, timed in alternation (rounds).
 2. Loader clips/s per worker on real videos kept at their aspect by stale-shards (resize=aspect) at 64 px and
    larger, bucketed by their stored shapes, against a tight PyAV decode loop over the same bytes
-   (stale.bench.data.raw_decode): the 0.9-of-raw-decode target of BENCHMARKS.md, now with buckets.
+   (stale.bench.data.raw_decode): the 0.9-of-raw-decode target of BENCHMARKS.md, now with buckets; and the square
+   loader (16 x size x size, short side resized and cropped) on the same shards, for what buckets cost the loader.
 """
 
 from __future__ import annotations
@@ -131,13 +132,15 @@ def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
     return str(out / f"train-{{000000..{math.ceil(clips / per) - 1:06d}}}.tar"), [[16, h, w, 8] for h, w in shapes]
 
 
-def _loader(pattern: str, buckets: list, workers: int, batches: int) -> tuple[float, float]:
-    """(wall clips/s per worker, clips per CPU second of the decoding processes) of the bucketed loader."""
+def _loader(pattern: str, buckets: list | None, workers: int, batches: int, square: int = 64) -> tuple[float, float]:
+    """(wall clips/s per worker, clips per CPU second of the decoding processes) of the bucketed loader, or with
+    buckets=None the square loader (16 x square x square clips: short side resized, cropped) on the same shards."""
     from stale.bench.data import _cpu_seconds
     from stale.data.datamodule import VideoDataModule
 
-    dm = VideoDataModule(pattern, buckets=buckets, num_workers=workers, shuffle_buffer=64, prefetch_factor=4,
-                         num_classes=8, label_key=None, bucket_scan=False)
+    shape = {"buckets": buckets} if buckets else {"frames": 16, "size": square, "batch_size": 8}
+    dm = VideoDataModule(pattern, num_workers=workers, shuffle_buffer=64, prefetch_factor=4, num_classes=8,
+                         label_key=None, bucket_scan=False, **shape)
     loader = dm.train_dataloader()
     it = loader.iter_meta()
     for _ in range(2 * max(1, workers) + 2):
@@ -164,15 +167,18 @@ def loader_rate(sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 
             pattern, buckets = _aspect_shards(root, size, clips)
             blobs = [s["mp4"] for s in _samples(pattern)]
             for w in workers:
-                raw, load = [], []
+                raw, load, square = [], [], []
                 for _ in range(repeats):
                     raw.append(_raw(blobs))
                     load.append(_loader(pattern, buckets, w, batches))
+                    square.append(_loader(pattern, None, w, batches, square=size))
                 rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
                 lw, lc = (statistics.median(x[i] for x in load) for i in (0, 1))
+                sw, sc = (statistics.median(x[i] for x in square) for i in (0, 1))
                 rows.append({"size": size, "buckets": " ".join(f"{b[0]}x{b[1]}x{b[2]}" for b in buckets), "workers": w,
                              "raw_clips_per_s": round(rw, 1), "loader_clips_per_s_per_worker": round(lw, 1),
-                             "ratio": round(lw / rw, 3), "cpu_ratio": round(lc / rc, 3)})
+                             "ratio": round(lw / rw, 3), "cpu_ratio": round(lc / rc, 3),
+                             "square_cpu_ratio": round(sc / rc, 3), "square_ratio": round(sw / rw, 3)})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"rows": rows}
