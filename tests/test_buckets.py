@@ -330,3 +330,16 @@ def test_bench_section_measures_buckets_against_padding():
     assert rows["buckets"]["useful_tokens"] == rows["pad_to_largest"]["useful_tokens"] == 112
     assert out["train"]["largest_shape"] == [4, 12, 12] and out["train"]["common_shape"] == [1, 8, 8]
     assert rows["crop_to_common"]["content_kept"] < 1 and out["train"]["buckets_over_padding"] > 0
+
+
+def test_check_config_names_a_bucket_the_patch_does_not_divide():
+    from hydra import compose, initialize_config_module
+
+    from stale.train import ConfigError, check_config
+
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=[[8,14,20,2]]"])
+        ok = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=smoke", "model.pos_base=4"])
+    with pytest.raises(ConfigError, match=r"data.buckets\[0\]: the bucket 8x14x20 is not divisible by model.patch"):
+        check_config(cfg)
+    check_config(ok)
