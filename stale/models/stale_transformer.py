@@ -58,7 +58,7 @@ class StaleConfig:
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
     # Spatial positions of the sin-cos code: None = patch indices 0, 1, 2, ... at every resolution; an int B =
     # resolution-scaled (Open-Sora 1.2, PixArt): indices times B / sqrt(H'W'), so every grid spans about B
-    # positions per side whatever its size (docs/buckets.md has the measurement behind the default).
+    # positions per side whatever its size (docs/buckets.md: measured better on unseen shapes; opt-in).
     pos_base: int | None = None
 
     def __post_init__(self):
