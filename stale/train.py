@@ -139,9 +139,14 @@ def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
                           "latent caches are a documented gap (docs/buckets.md); train on pixels or drop data.buckets")
     buckets = cfg.data.buckets
     try:
-        parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets, tuple(patch))
+        parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets, tuple(patch))
     except BucketError as e:
         raise ConfigError(str(e)) from None
+    if cfg.model.get("pos_base") is None:
+        side = round(max(b.height * b.width for b in parsed) ** 0.5 / patch[1])
+        log.warning("data.buckets with model.pos_base=null: integer sin-cos positions held up far worse than "
+                    "resolution-scaled ones on shapes not trained on (docs/buckets.md); consider model.pos_base=%d "
+                    "(the largest bucket's grid side)", side)
 
 
 def _is_latent_data(cfg: DictConfig) -> bool:
