@@ -345,3 +345,12 @@ def test_check_config_names_a_bucket_the_patch_does_not_divide():
     with pytest.raises(ConfigError, match=r"data.buckets\[0\]: the bucket 8x14x20 is not divisible by model.patch"):
         check_config(cfg)
     check_config(ok)
+
+
+def test_image_share_zero_and_one_in_the_loader(mixed):
+    """image_share=0: no image batch at all; 1: only image batches (the scan found both kinds)."""
+    for share, frames in ((0.0, {8}), (1.0, {1})):
+        dm = VideoDataModule(mixed["pattern"], buckets="smoke", num_workers=0, shuffle_buffer=8, epoch_batches=6,
+                             image_share=share)
+        assert {v.shape[2] for v, _ in dm.train_dataloader()} == frames
+    assert mixed["summary"]["command"].endswith("data.buckets=smoke")  # the preset made for size=16 grid=4

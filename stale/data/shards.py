@@ -53,6 +53,8 @@ STATE_DIR = ".stale-shards"
 OUTPUT_OPTIONS = ("fps", "size", "frames", "stride", "max_clips_per_video", "maxcount", "maxsize", "split", "seed",
                   "crf", "preset", "resize", "grid", "max_frames")
 RESIZE = ("aspect", "square")
+# (size, grid) of resize=aspect -> the data.buckets preset made for the shapes it writes (stale/data/buckets.py)
+BUCKET_PRESETS = {(64, 16): "default", (16, 4): "smoke", (256, 16): "256"}
 
 
 class ShardsError(ValueError):
@@ -544,6 +546,9 @@ def _train_command(out: Path, summary: dict, cfg: ShardsConfig, num_classes: int
     parts.append(f"data.num_classes={num_classes}")
     if not labelled:
         parts.append("data.label_key=null")
+    preset = BUCKET_PRESETS.get((cfg.size, cfg.grid)) if cfg.resize == "aspect" else None
+    if preset:  # the bucket preset made for these shapes (docs/buckets.md)
+        parts.append(f"data.buckets={preset}")
     return " ".join(parts)
 
 
