@@ -110,6 +110,8 @@ def check_config(cfg: DictConfig) -> None:
                               f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
                               f"model.patch={patch}: choose a smaller model.patch or a larger clip")
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
+    if cfg.data.get("buckets") is not None:
+        check_buckets(cfg, patch, autoencoder)
     if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
         raise ConfigError("trainer.max_steps=null lets a training deadline decide the step count, but "
                           "deadline.max_minutes is null: set one of them")
@@ -156,6 +158,25 @@ def check_parallel(cfg: DictConfig) -> None:
     if "full" in model.modes and model.heads < p:
         raise ConfigError(f"parallel.sequence={p} with full attention splits model.heads={model.heads} over the "
                           f"ranks (Ulysses): use at most {model.heads}")
+
+
+def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
+    """data.buckets: a preset or a list whose every bucket the model's patch divides; pixel clips only for now."""
+    from stale.data.buckets import BucketError, parse_buckets
+
+    if autoencoder is not None or _is_latent_data(cfg):
+        raise ConfigError("data.buckets with a latent model (vae=... or data=latents) is not supported yet: bucketed "
+                          "latent caches are a documented gap (docs/buckets.md); train on pixels or drop data.buckets")
+    buckets = cfg.data.buckets
+    try:
+        parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets, tuple(patch))
+    except BucketError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.get("pos_base") is None:
+        side = round(max(b.height * b.width for b in parsed) ** 0.5 / patch[1])
+        log.warning("data.buckets with model.pos_base=null: integer sin-cos positions held up far worse than "
+                    "resolution-scaled ones on shapes not trained on (docs/buckets.md); consider model.pos_base=%d "
+                    "(the largest bucket's grid side)", side)
 
 
 def _is_latent_data(cfg: DictConfig) -> bool:

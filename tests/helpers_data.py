@@ -15,8 +15,9 @@ import webdataset as wds
 from stale.data.shards import ShardsConfig, convert
 from stale.data.testing import mixed_video_folder
 
-# Small clips keep decoding cheap: 8 frames of 16x16 at 8 fps, the default run's clip shape.
-CLIP = dict(size=16, frames=8, fps=8)
+# Small clips keep decoding cheap: 8 frames of 16x16 at 8 fps, the default run's clip shape (the square mode: the
+# tests below were written for it; tests/test_buckets.py covers resize=aspect).
+CLIP = dict(size=16, frames=8, fps=8, resize="square")
 
 
 def real_shards(tmp_path_factory) -> dict:

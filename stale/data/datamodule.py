@@ -16,16 +16,21 @@ labels; scaling to [-1, 1] happens on the device.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 
 import lightning as L
 import torch
 
+from stale.data import buckets as bucketing
 from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
 from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
 from stale.parallel.mesh import data_parallel_rank_world
+
+log = logging.getLogger(__name__)
 
 
 def _rank_world(trainer) -> tuple[int, int]:
@@ -68,6 +73,12 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         max_skip_rate: float = 0.05,  # stop training when more of the samples are skipped (DataHealthMonitor)
         skip_rate_min_samples: int = 100,  # ... once at least this many samples were seen
+        buckets=None,  # None: every clip is frames x size x size; a preset name or a list (stale/data/buckets.py)
+        bucket_max_crop: float = 0.25,  # a clip fits a bucket when its crop loses at most this share ...
+        bucket_max_upscale: float = 1.0,  # ... and it is scaled up at most this much
+        image_share: float | None = None,  # with buckets: the share of training clips that are images (T = 1)
+        bucket_scan: bool = True,  # read the shards' .json once at start: clips per bucket, warnings, image_share
+        bucket_batch_max: int | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +89,42 @@ class VideoDataModule(L.LightningDataModule):
         self.train_spec = ClipSpec(frames, size, frame_stride, fps, train_start, train_crop, hflip, decode_threads)
         self.val_spec = ClipSpec(frames, size, frame_stride, fps, val_start, "center", False, decode_threads)
         self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
+        self.buckets = bucketing.parse_buckets(buckets)
+        if self.buckets and bucket_batch_max is not None:
+            if bucket_batch_max < 1:
+                raise ValueError(f"data.bucket_batch_max={bucket_batch_max} must be >= 1 (or null)")
+            self.buckets = [dataclasses.replace(b, batch_size=min(b.batch_size, bucket_batch_max)) for b in self.buckets]
+        if image_share is not None and not (self.buckets and bucket_scan and 0 <= image_share <= 1):
+            raise ValueError(f"data.image_share={image_share} needs data.buckets, data.bucket_scan=true and a value "
+                             "in [0, 1]")
+        if not 0 <= bucket_max_crop < 1 or bucket_max_upscale < 1:
+            raise ValueError(f"data.bucket_max_crop={bucket_max_crop} must be in [0, 1) and data.bucket_max_upscale="
+                             f"{bucket_max_upscale} >= 1")
+        self.bucket_scan: bucketing.Scan | None = None
+        if self.buckets:
+            self.health.bucket_names = [b.name for b in self.buckets]
+
+    def assigner(self, train: bool = True) -> bucketing.Assigner | None:
+        """The bucket rule of this run; scans the training shards the first time (data.bucket_scan). Validation
+        keeps every clip (no image_share thinning)."""
+        hp = self.hparams
+        if not self.buckets:
+            return None
+        rule = dict(stride=hp.frame_stride, max_crop=hp.bucket_max_crop, max_upscale=hp.bucket_max_upscale)
+        if hp.bucket_scan and self.bucket_scan is None:
+            self.bucket_scan = bucketing.scan(self.train_urls, bucketing.Assigner(self.buckets, **rule))
+            rank, _ = _rank_world(self.trainer)
+            if rank == 0:
+                found = self.bucket_scan
+                log.info("buckets: %d clips (%d images, %d videos) in data.shards; largest bucket each fits: %s",
+                         found.clips, found.images, found.videos,
+                         ", ".join(f"{n}={c}" for n, c in found.per_bucket.items()))
+                for warning in bucketing.report(found, self.buckets):
+                    log.warning("%s", warning)
+        keep = (1.0, 1.0)
+        if hp.image_share is not None and train:
+            keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, hp.image_share)
+        return bucketing.Assigner(self.buckets, keep=keep, **rule)
 
     def _stream(self, train: bool) -> VideoStream:
         hp = self.hparams
@@ -85,7 +132,8 @@ class VideoDataModule(L.LightningDataModule):
         return VideoStream(self.train_urls if train else self.val_urls, self.train_spec if train else self.val_spec,
                            train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
                            num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
-                           seed=hp.seed, rank=rank, world_size=world)
+                           seed=hp.seed, rank=rank, world_size=world,
+                           buckets=self.buckets, assigner=self.assigner(train))
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams

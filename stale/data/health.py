@@ -41,9 +41,13 @@ class DataHealth:
         self.clips: Counter = Counter()  # split -> clips delivered
         self.reasons: dict[str, Counter] = defaultdict(Counter)  # split -> reason -> count
         self.shards: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+        self.buckets: Counter = Counter()  # bucket name -> training clips delivered (data.buckets)
+        self.bucket_names: list[str] = []  # the DataModule's buckets, in order: the vector summed over ranks
 
-    def add(self, split: str, clips: int, delta: dict | None) -> None:
+    def add(self, split: str, clips: int, delta: dict | None, bucket: str | None = None) -> None:
         self.clips[split] += clips
+        if bucket is not None:
+            self.buckets[bucket] += clips
         if delta:
             self.reasons[split].update(delta["reasons"])
             for url, c in delta["shards"].items():
@@ -57,16 +61,22 @@ class DataHealth:
         """[clips, count of each REASONS entry] as one float64 tensor, to sum over ranks."""
         return torch.tensor([self.clips[split], *(self.reasons[split][r] for r in REASONS)], dtype=torch.float64)
 
+    def bucket_vector(self) -> torch.Tensor:
+        """Clips per bucket (in bucket_names order) as one float64 tensor, to sum over ranks."""
+        return torch.tensor([self.buckets[n] for n in self.bucket_names], dtype=torch.float64)
+
     def worst_shards(self, split: str = "train", k: int = 5) -> list[tuple[str, int, dict]]:
         rows = [(url, sum(c.values()), dict(c)) for url, c in self.shards[split].items()]
         return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
 
     def state_dict(self) -> dict:
         return {"clips": dict(self.clips), "reasons": {s: dict(c) for s, c in self.reasons.items()},
-                "shards": {s: {u: dict(c) for u, c in d.items()} for s, d in self.shards.items()}}
+                "shards": {s: {u: dict(c) for u, c in d.items()} for s, d in self.shards.items()},
+                "buckets": dict(self.buckets)}
 
     def load_state_dict(self, state: dict) -> None:
         self.clips = Counter(state.get("clips", {}))
+        self.buckets = Counter(state.get("buckets", {}))
         self.reasons = defaultdict(Counter, {s: Counter(c) for s, c in state.get("reasons", {}).items()})
         self.shards = defaultdict(lambda: defaultdict(Counter))
         for s, d in state.get("shards", {}).items():
@@ -135,6 +145,10 @@ class DataHealthMonitor(Callback):
             return
         vec = self._reduce(trainer, health.vector("train"))
         pl_module.log_dict(self._metrics(vec, "train"), on_step=True, on_epoch=False, logger=True)
+        if health.bucket_names:  # clips each bucket received, all ranks
+            per = self._reduce(trainer, health.bucket_vector())
+            pl_module.log_dict({f"data/bucket_{n}": float(c) for n, c in zip(health.bucket_names, per.tolist())},
+                               on_step=True, on_epoch=False, logger=True)
         rate, skipped, seen = rate_of(vec)
         if seen >= health.min_samples and rate > health.max_skip_rate:
             worst = health.worst_shards("train")
@@ -163,5 +177,8 @@ class DataHealthMonitor(Callback):
         health = _datamodule_health(trainer)
         if health is not None and trainer.is_global_zero:
             log.info("data health (rank 0) %s", health.summary("train"))
+            if health.bucket_names:
+                log.info("clips per bucket (rank 0): %s", ", ".join(f"{n}={health.buckets[n]}"
+                                                                    for n in health.bucket_names))
             if health.clips["val"] or health.skipped("val"):
                 log.info("data health (rank 0) %s", health.summary("val"))

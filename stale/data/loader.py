@@ -30,6 +30,13 @@ batches of the current round it had already yielded. The stream continues exactl
 StatefulDataLoader's generic fallback for an IterableDataset without its own state replays and decodes
 the whole epoch, and it would be a new dependency. Because the loader has a length (epoch_batches),
 Lightning does not prefetch a batch ahead, so the saved state is exactly the batches trained on.
+
+Buckets (`data.buckets`, stale/data/buckets.py): each worker keeps one partly filled batch per bucket and
+yields whichever fills first, so every batch has one shape, no worker ever waits on one bucket, and every
+rank still yields `epoch_batches` batches (equal optimiser steps under DDP). Batches are then not mixed
+across workers (shapes differ). The state adds, per worker, the stream positions of the clips sitting in
+partly filled buckets at the start of the round: on resume those few samples are decoded again (their
+bucket and crop are functions of their position) while the rest of the replay is skipped undecoded.
 """
 
 from __future__ import annotations
@@ -44,8 +51,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import dataclasses
+
+from stale.data.buckets import Assigner, Bucket, clip_shape
 from stale.data.health import DataHealth, DataHealthError
-from stale.data.reader import Skip, SkipCounter, all_skipped, decode_sample, read_shard
+from stale.data.reader import Skip, SkipCounter, all_skipped, check_sample, decode_sample, read_shard
 from stale.data.video_io import ClipSpec
 
 log = logging.getLogger(__name__)
@@ -70,8 +80,16 @@ class VideoStream(IterableDataset):
 
     def __init__(self, urls: list[str], spec: ClipSpec, *, train: bool, batch_size: int, num_classes: int,
                  label_key: str | None = "label", shuffle_buffer: int = 512, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, control: torch.Tensor | None = None):
+                 world_size: int = 1, control: torch.Tensor | None = None, buckets: list[Bucket] | None = None,
+                 assigner: Assigner | None = None):
         self.urls, self.spec, self.train = list(urls), spec, train
+        self.buckets = buckets
+        self.assigner = assigner or (Assigner(buckets, spec.stride) if buckets else None)
+        self.bucket_specs = [dataclasses.replace(spec, frames=b.frames, height=b.height, width=b.width, size=None)
+                             for b in self.buckets] if self.buckets else None
+        # shared int64 (workers, sum of batch sizes): stream positions of the clips in partly filled buckets at
+        # the round start (-1 = none), written by TrainLoader before the workers start
+        self.pending: torch.Tensor | None = None
         self.batch_size, self.num_classes, self.label_key = batch_size, num_classes, label_key
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
         self.control = control  # shared int64 [epoch, skip for worker 0, skip for worker 1, ...] (training)
@@ -121,6 +139,9 @@ class VideoStream(IterableDataset):
             epoch, skip = 0, 0
             samples = self._validation(worker, workers, counter)
         counter.muted = skip > 0  # replaying what was consumed before a resume: already counted
+        if self.buckets:
+            yield from self._bucketed(samples, worker, epoch, skip, counter)
+            return
         b = self.batch_size
         ring = _Ring(self.released[worker] if self.released is not None and info is not None else None)
         video, slot = self._new_batch(ring)  # clips are decoded straight into it (None when the size is not fixed)
@@ -153,6 +174,66 @@ class VideoStream(IterableDataset):
                 clips, labels, keys = [], [], []
         if labels or counter.reasons:  # finite (validation) stream: the rest, and the last counts
             yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
+
+    def _bucketed(self, samples, worker: int, epoch: int, skip: int, counter: SkipCounter):
+        """One partly filled batch per bucket; yields whichever fills first. A finite (validation) stream ends with
+        the partly filled ones."""
+        resume = set()
+        if skip and self.pending is not None:
+            resume = {int(p) for p in self.pending[worker].tolist() if p >= 0}
+        partial = {}  # bucket index -> (video, labels, keys, positions)
+        streak = Counter()
+        for i, sample in enumerate(samples):
+            counter.muted = i < skip - 1  # replayed samples were counted before the checkpoint
+            if i < skip and i not in resume:  # consumed before the checkpoint and not in a partly filled bucket
+                continue
+            rng = random.Random(_seed(self.seed, 5, epoch, self.rank, worker, i))
+            shape = clip_shape(sample)
+            try:
+                if shape is None:  # no .json shape and no readable header: the checks name why, else it is corrupt
+                    check_sample(sample, self.label_key, self.num_classes)
+                    raise Skip("corrupt_video", f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
+                                                "cannot read the clip's shape")
+                k = self.assigner.assign(*shape, rng)
+                if k == -1:  # thinned out by data.image_share
+                    continue
+                if k is None:
+                    raise Skip("no_bucket", f"{sample.get('__key__', '?')}: a clip of (T, H, W) = {shape} fits no "
+                                            "bucket of data.buckets")
+                bucket = self.buckets[k]
+                if k not in partial:
+                    shape_out = (bucket.batch_size, 3, bucket.frames, bucket.height, bucket.width)
+                    partial[k] = (_shared(shape_out) if get_worker_info() is not None else
+                                  torch.empty(shape_out, dtype=torch.uint8), [], [], [])
+                video, labels, keys, positions = partial[k]
+                clip_rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
+                _, label = decode_sample(sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes,
+                                         video[len(labels)].numpy())
+            except Skip as e:
+                counter.skip(e.reason, sample.get("__url__", "?"), e)
+                streak[e.reason] += 1
+                if self.train and streak.total() >= STALL_SAMPLES:
+                    raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
+                                                      self.label_key, in_a_row=True)) from None
+                continue
+            streak.clear()
+            labels.append(label)
+            keys.append(sample.get("__key__", "?"))
+            positions.append(i)
+            if len(labels) == bucket.batch_size and i >= skip:
+                del partial[k]
+                pending = sorted(p for _, _, _, ps in partial.values() for p in ps)
+                meta = {"worker": worker, "epoch": epoch, "consumed": i + 1, "keys": keys, "skips": counter.take(),
+                        "slot": None, "pending": pending, "bucket": bucket.name}
+                yield video, torch.tensor(labels, dtype=torch.int64), meta
+        for n, k in enumerate(sorted(partial)):  # finite stream: the rest of every bucket, and the last counts
+            video, labels, keys, _ = partial[k]
+            meta = {"worker": worker, "epoch": epoch, "consumed": -1, "keys": keys, "skips": counter.take(),
+                    "slot": None, "pending": [], "bucket": self.buckets[k].name}
+            yield video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+        if not partial and counter.reasons:
+            yield None, None, {"worker": worker, "epoch": epoch, "consumed": -1, "keys": [], "skips": counter.take(),
+                               "slot": None}
 
     def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
         """uint8 (B, C, T, H, W) (float32 latent moments with a LatentSpec), in shared memory inside a worker so
@@ -287,7 +368,7 @@ class TrainLoader(_Loader):
         if epoch_batches < 1:
             raise ValueError(f"data.epoch_batches={epoch_batches} must be >= 1")
         self.workers = max(1, num_workers)
-        self.mix = mix and self.workers > 1
+        self.mix = mix and self.workers > 1 and not stream.buckets  # bucket batches differ in shape
         # With workers, every batch is copied out of the worker's shared buffer (mixed across workers, or
         # not), straight into pinned memory when asked: the DataLoader's own pinning would copy again.
         self.copy_out = num_workers > 0
@@ -297,6 +378,9 @@ class TrainLoader(_Loader):
         self.epoch_batches = epoch_batches
         stream.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
         stream.released = torch.zeros((self.workers, RING), dtype=torch.int64).share_memory_()
+        if stream.buckets:
+            most = sum(b.batch_size for b in stream.buckets)
+            stream.pending = torch.full((self.workers, most), -1, dtype=torch.int64).share_memory_()
         self.state = self._fresh(epoch=0)
 
     def with_epoch(self, batches: int) -> "TrainLoader":
@@ -305,20 +389,25 @@ class TrainLoader(_Loader):
         return self
 
     def _fresh(self, epoch: int) -> dict:
-        return {"epoch": epoch, "batches": 0, "round": 0, "round_start": [0] * self.workers, "round_yielded": 0}
+        return {"epoch": epoch, "batches": 0, "round": 0, "round_start": [0] * self.workers, "round_yielded": 0,
+                "round_pending": [[] for _ in range(self.workers)]}
 
     def _fingerprint(self) -> dict:
         d = self.stream
         return {"workers": self.workers, "batch_size": d.batch_size, "world_size": d.world_size,
                 "rank": d.rank, "seed": d.seed, "epoch_batches": self.epoch_batches, "mix": self.mix,
-                "shuffle_buffer": d.shuffle_buffer}
+                "shuffle_buffer": d.shuffle_buffer,
+                **({"buckets": [list(dataclasses.astuple(b)) for b in d.buckets], "bucket_rule":
+                    [d.assigner.stride, d.assigner.max_crop, d.assigner.max_upscale, list(d.assigner.keep)]}
+                   if d.buckets else {})}
 
     def __len__(self) -> int:
         return self.epoch_batches
 
     def state_dict(self) -> dict:
         st = self.state
-        own = {**st, "round_start": list(st["round_start"]), "config": self._fingerprint(),
+        own = {**st, "round_start": list(st["round_start"]), "round_pending": [list(p) for p in st["round_pending"]],
+               "config": self._fingerprint(),
                "health": self.health.state_dict()}
         # every process, not only every data rank: under sequence parallelism (stale/parallel/mesh.py) several
         # processes share one data rank, and all of them take part in the collective
@@ -341,12 +430,16 @@ class TrainLoader(_Loader):
         if state.get("config") != fp:
             saved = state.get("config") or {}
             changed = {k: (saved.get(k), v) for k, v in fp.items() if saved.get(k) != v}
+            rule = (" The bucket list or its rule changed: clips would land in other buckets, so the partly "
+                    "filled buckets are dropped and the new buckets start empty." if {"buckets", "bucket_rule"}
+                    & set(changed) else "")
             log.warning("data loader changed since the checkpoint (%s): resuming at the start of the next "
-                        "epoch instead of the exact position", changed)
+                        "epoch instead of the exact position.%s", changed, rule)
             self.state = self._fresh(epoch=int(state.get("epoch", 0)) + 1)
             return
         self.state = {k: state[k] for k in ("epoch", "batches", "round", "round_yielded")}
         self.state["round_start"] = list(state["round_start"])
+        self.state["round_pending"] = [list(p) for p in state.get("round_pending", [[]] * self.workers)]
 
     def _mix(self, items: list, epoch: int, rnd: int) -> list:
         """Copy the round's batches out of the workers' buffers, shuffling samples across them when mixing."""
@@ -385,16 +478,23 @@ class TrainLoader(_Loader):
         control = self.stream.control
         control[0] = st["epoch"]
         control[1:] = torch.tensor(st["round_start"], dtype=torch.int64)
+        pending = self.stream.pending
+        if pending is not None:
+            pending.fill_(-1)
+            for j, ps in enumerate(st["round_pending"]):
+                pending[j, : len(ps)] = torch.tensor(ps, dtype=torch.int64)
         it = self._start()
         pos = list(st["round_start"])
+        pend = [list(p) for p in st["round_pending"]]
         w = self.workers
         while st["batches"] < self.epoch_batches:
             items = [next(it) for _ in range(w)]  # the DataLoader serves workers round-robin
             for j, (_, label, meta) in enumerate(items):
                 assert meta["worker"] == j, f"batch from worker {meta['worker']} where worker {j} was due"
                 pos[j] = meta["consumed"]
+                pend[j] = list(meta.get("pending", ()))
                 if not resume_skip:  # a resumed round was counted before the checkpoint
-                    self.health.add("train", len(label), meta["skips"])
+                    self.health.add("train", len(label), meta["skips"], meta.get("bucket"))
             for j, batch in enumerate(self._mix(items, st["epoch"], st["round"])):
                 if j < resume_skip:
                     continue
@@ -404,3 +504,4 @@ class TrainLoader(_Loader):
                 yield batch
             resume_skip = 0
             st["round"], st["round_start"], st["round_yielded"] = st["round"] + 1, list(pos), 0
+            st["round_pending"] = [list(p) for p in pend]

@@ -101,11 +101,13 @@ REASONS = (
     "unreadable_shard",  # the shard cannot be opened (missing file, failed pipe: command, ...)
     "empty_shard",  # the shard opened fine but holds no sample
     "bad_latent",  # a latent cache sample whose .latent.npy is missing, unreadable or of another shape
+    "no_bucket",  # the clip fits no bucket of data.buckets (stale/data/buckets.py)
 )
 SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
 # An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
 # the skip rate (with resampling it is drawn again and again and would inflate the rate without bound).
-NO_SAMPLE = ("empty_shard",)
+# A clip that fits no bucket is not bad data (the bucket list decides), so it stays out of the rate too.
+NO_SAMPLE = ("empty_shard", "no_bucket")
 
 # The likely fix when a reason accounts for every skip; {p} is the config prefix ("data." in training).
 FIXES = {
@@ -123,6 +125,8 @@ FIXES = {
     "unreadable_shard": "the shards cannot be opened: check the paths and run pipe: commands by hand",
     "empty_shard": "the shards hold no sample",
     "bad_latent": "the latent samples do not match the cache's info.json: encode them again with stale-encode",
+    "no_bucket": "no clip fits a bucket of {p}buckets: add buckets of the clips' shapes (their .json height, width "
+                 "and frames) or lower the buckets' frames",
 }
 
 

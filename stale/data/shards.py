@@ -5,11 +5,15 @@
     out     <out>/{train,val,test}-NNNNNN.tar, <out>/info.json (patterns, counts, classes, the command
             that trains on them), <out>/sources.jsonl (which video went to which split).
 
-Every video FFmpeg reads through PyAV works (mp4, mkv, webm, avi, mov; H.264, VP9, MPEG-4, ...). Each
-video is resampled to `fps`, its short side resized to `size` and centre-cropped, then cut into clips of
-`frames` frames every `stride` frames (at most `max_clips_per_video`, spread over the whole video).
-A sample is `<key>.mp4` (H.264) + `<key>.json` (source, split, start/end time, fps, frames, label,
-class_name, caption) + `<key>.txt` (caption, when there is one).
+Every video FFmpeg reads through PyAV works (mp4, mkv, webm, avi, mov; H.264, VP9, MPEG-4, ...), and still
+images (png, jpg, webp) become one-frame samples. Each video is resampled to `fps` and resized:
+`resize=aspect` (the default) keeps its aspect ratio at about size x size pixels, each side a multiple of
+`grid` (never scaled up; docs/buckets.md); `resize=square` resizes the short side to `size` and centre-crops.
+Then it is cut into clips of `frames` frames every `stride` frames (at most `max_clips_per_video`, spread
+over the whole video); `frames=null` (the default) keeps each video's own length: back-to-back clips of at
+most `max_frames`, the last one shorter. A sample is `<key>.mp4` (H.264) + `<key>.json` (source, split,
+start/end time, fps, frames, height, width, duration, label, class_name, caption) + `<key>.txt` (caption,
+when there is one).
 
 Splits are drawn by *source video*: all clips of a video land in the same split, so no video leaks from
 train into val or test. Videos are converted in parallel (`workers`) and written in a fixed order, so
@@ -37,16 +41,20 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from stale.data.video_io import VideoDecodeError, encode_mp4, iter_frames, probe
+from stale.data.video_io import VideoDecodeError, aspect_shape, encode_mp4, iter_frames, probe
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
                     ".3gp", ".ogv", ".gif"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}  # still images: one-frame samples
 STATE_DIR = ".stale-shards"
 # Options that change the shards: a resumed run must use the same values.
 OUTPUT_OPTIONS = ("fps", "size", "frames", "stride", "max_clips_per_video", "maxcount", "maxsize", "split", "seed",
-                  "crf", "preset")
+                  "crf", "preset", "resize", "grid", "max_frames")
+RESIZE = ("aspect", "square")
+# (size, grid) of resize=aspect -> the data.buckets preset made for the shapes it writes (stale/data/buckets.py)
+BUCKET_PRESETS = {(64, 16): "default", (16, 4): "smoke", (256, 16): "256"}
 
 
 class ShardsError(ValueError):
@@ -58,8 +66,11 @@ class ShardsConfig:
     input: str  # folder, manifest.csv or manifest.jsonl
     out: str  # output folder
     fps: float | None = None  # resample to this frame rate; None keeps the source rate
-    size: int | None = 64  # short side resized to this, then centre-cropped square; None keeps the size
-    frames: int = 16  # frames per clip
+    size: int | None = 64  # aspect: about size x size pixels; square: the side; None keeps the stored size
+    frames: int | None = None  # frames per clip; None: each video's own length, in clips of at most max_frames
+    resize: str = "aspect"  # aspect: keep the aspect ratio at about size^2 pixels | square: crop to size x size
+    grid: int = 16  # aspect: height and width are multiples of this (the model's patch in pixels; even)
+    max_frames: int = 64  # frames=None: the longest clip; longer videos give several
     stride: int | None = None  # frames between clip starts; None = frames (back-to-back clips)
     max_clips_per_video: int | None = None  # spread evenly over the video; None = every clip
     maxcount: int = 1000  # clips per shard at most
@@ -73,8 +84,14 @@ class ShardsConfig:
     overwrite: bool = False  # start over when `out` holds shards made with other options
 
     def __post_init__(self):
-        if self.frames < 1:
-            raise ShardsError(f"frames={self.frames} must be >= 1")
+        if self.frames is not None and self.frames < 1:
+            raise ShardsError(f"frames={self.frames} must be >= 1 (or null: each video's own length)")
+        if self.max_frames < 1:
+            raise ShardsError(f"max_frames={self.max_frames} must be >= 1")
+        if self.resize not in RESIZE:
+            raise ShardsError(f"resize={self.resize!r} is not one of {RESIZE}")
+        if self.grid < 2 or self.grid % 2:
+            raise ShardsError(f"grid={self.grid} must be even (H.264 with yuv420p needs even sides)")
         if self.size is not None and (self.size < 2 or self.size % 2):
             raise ShardsError(f"size={self.size} must be even (H.264 with yuv420p needs even sides)")
         if self.stride is not None and self.stride < 1:
@@ -113,9 +130,10 @@ def find_sources(input: str) -> list[Source]:
     """Videos from a folder (labels = first-level subfolders) or a .csv/.jsonl manifest."""
     p = Path(os.path.expanduser(str(input)))
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        media = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in media)
         if not files:
-            raise ShardsError(f"input={input}: no video file ({', '.join(sorted(VIDEO_EXTENSIONS))}) below it")
+            raise ShardsError(f"input={input}: no video or image file ({', '.join(sorted(media))}) below it")
         sources = []
         for f in files:
             rel = f.relative_to(p).as_posix()
@@ -219,11 +237,49 @@ def assign_splits(sources: list[Source], ratios: dict, seed: int) -> dict[str, l
 # One video -> clips (runs in the worker processes)
 
 
-def clip_video(path: str, fps: float | None, size: int | None, frames: int, stride: int,
-               max_clips: int | None, crf: int, preset: str) -> dict:
-    """Decode, resample and cut one video; returns encoded clips or the error."""
+def _target(h: int, w: int, size: int | None, resize: str, grid: int) -> int | tuple[int, int] | None:
+    """What iter_frames resizes to: (height, width) keeping the aspect, or the square side."""
+    if resize == "aspect" and size is not None:
+        return aspect_shape(h, w, size * size, grid)
+    return size
+
+
+def clip_image(path: str, size: int | None, resize: str, grid: int, fps: float | None, crf: int, preset: str) -> dict:
+    """A still image as one one-frame clip (same resize rule as a video)."""
+    from PIL import Image
+
+    rate = Fraction(fps or 1).limit_denominator(1001)
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        target = _target(h, w, size, resize, grid)
+        if target is not None:
+            th, tw = (target, target) if isinstance(target, int) else target
+            scale = max(th / h, tw / w)
+            im = im.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
+        a = np.asarray(im)
+    th, tw = (target, target) if isinstance(target, int) else (target or (a.shape[0] - a.shape[0] % 2,
+                                                                            a.shape[1] - a.shape[1] % 2))
+    top, left = (a.shape[0] - th) // 2, (a.shape[1] - tw) // 2
+    frame = np.ascontiguousarray(a[top : top + th, left : left + tw])[None]  # (1, H, W, 3)
+    clip = {"start_time": 0.0, "end_time": 0.0, "frames": 1, "width": tw, "height": th,
+            "mp4": encode_mp4(frame, fps=rate, crf=crf, preset=preset, tune="stillimage")}
+    return {"clips": [clip], "fps": float(rate), "source_fps": None, "codec": "image", "error": None}
+
+
+def clip_video(path: str, fps: float | None, size: int | None, frames: int | None, stride: int | None,
+               max_clips: int | None, crf: int, preset: str, resize: str = "square", grid: int = 2,
+               max_frames: int = 64) -> dict:
+    """Decode, resample and cut one video (or take one still image); returns encoded clips or the error.
+    frames None: each video's own length, in back-to-back clips of at most max_frames (the last shorter)."""
     try:
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+            return clip_image(path, size, resize, grid, fps, crf, preset)
         info = probe(path)
+        target = _target(info.height, info.width, size, resize, grid)
+        variable = frames is None
+        if variable:
+            frames = stride = max_frames
         rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(info.fps or 25).limit_denominator(1001)
         expected = int(round(info.duration * float(rate))) if info.duration else (info.frames if not fps else 0)
         possible = (expected - frames) // stride + 1 if expected >= frames else 0
@@ -233,22 +289,34 @@ def clip_video(path: str, fps: float | None, size: int | None, frames: int, stri
         last = max(chosen) if chosen else None
         buf: deque = deque(maxlen=frames)
         clips = []
-        for j, (t, img) in enumerate(iter_frames(path, fps=float(rate) if fps else None, size=size)):
+        if variable:
+            chosen = last = None  # every back-to-back clip (up to max_clips)
+
+        def emit():
+            clip = np.stack([im for _, im in buf])
+            clips.append({"start_time": round(buf[0][0], 4), "end_time": round(buf[-1][0], 4),
+                          "mp4": encode_mp4(clip, fps=rate, crf=crf, preset=preset, tune=None),
+                          "frames": clip.shape[0], "width": clip.shape[2], "height": clip.shape[1]})
+
+        j = -1
+        for j, (t, img) in enumerate(iter_frames(path, fps=float(rate) if fps else None, size=target)):
             buf.append((t, img))
             if j + 1 < frames or (j + 1 - frames) % stride:
                 continue
             c = (j + 1 - frames) // stride
             if chosen is None or c in chosen:
-                clip = np.stack([im for _, im in buf])
-                clips.append({"start_time": round(buf[0][0], 4), "end_time": round(buf[-1][0], 4),
-                              "mp4": encode_mp4(clip, fps=rate, crf=crf, preset=preset, tune=None),
-                              "width": clip.shape[2], "height": clip.shape[1]})
+                emit()
+                if variable:
+                    buf.clear()
                 if max_clips and len(clips) >= max_clips:
                     break
             if last is not None and c >= last:
                 break
+        if variable and buf and (j + 1) % frames and not (max_clips and len(clips) >= max_clips):
+            emit()  # the rest of a video: a shorter clip
         return {"clips": clips, "fps": float(rate), "source_fps": info.fps, "codec": info.codec,
-                "error": None if clips else f"too short for one clip of {frames} frames at {float(rate):g} fps"}
+                "error": None if clips else (f"too short for one clip of {frames} frames at {float(rate):g} fps"
+                                             if not variable else "no frame decoded")}
     except VideoDecodeError as e:
         return {"clips": [], "error": str(e)}
     except Exception as e:  # noqa: BLE001 - one bad video must not stop a conversion of thousands
@@ -340,7 +408,7 @@ def convert(cfg: ShardsConfig) -> dict:
     _check_options(out, cfg, sources)
 
     kw = dict(fps=cfg.fps, size=cfg.size, frames=cfg.frames, stride=stride, max_clips=cfg.max_clips_per_video,
-              crf=cfg.crf, preset=cfg.preset)
+              crf=cfg.crf, preset=cfg.preset, resize=cfg.resize, grid=cfg.grid, max_frames=cfg.max_frames)
     summary = {"splits": {}, "classes": classes, "failed": []}
     for split, videos in splits.items():
         summary["splits"][split] = _convert_split(out, split, videos, table, classes, cfg, kw, summary["failed"])
@@ -447,8 +515,8 @@ def _lines(path: Path) -> list[str]:
 def _sample(src: Source, split: str, j: int, clip: dict, res: dict, cfg: ShardsConfig, table: dict, classes) -> dict:
     key = f"{src.key}_{j:04d}"
     meta = {"key": key, "source": src.rel, "split": split, "clip": j, "start_time": clip["start_time"],
-            "end_time": clip["end_time"], "fps": res["fps"], "source_fps": res["source_fps"], "frames": cfg.frames,
-            "width": clip["width"], "height": clip["height"]}
+            "end_time": clip["end_time"], "fps": res["fps"], "source_fps": res["source_fps"], "frames": clip["frames"],
+            "width": clip["width"], "height": clip["height"], "duration": round(clip["frames"] / res["fps"], 4)}
     if src.label is not None:
         meta["label"] = table[src.label]
         if classes:
@@ -478,6 +546,9 @@ def _train_command(out: Path, summary: dict, cfg: ShardsConfig, num_classes: int
     parts.append(f"data.num_classes={num_classes}")
     if not labelled:
         parts.append("data.label_key=null")
+    preset = BUCKET_PRESETS.get((cfg.size, cfg.grid)) if cfg.resize == "aspect" else None
+    if preset:  # the bucket preset made for these shapes (docs/buckets.md)
+        parts.append(f"data.buckets={preset}")
     return " ".join(parts)
 
 

@@ -67,3 +67,38 @@ def mixed_video_folder(root: str | Path, frames: int = 40) -> Path:
     transcode(src / "carphone_distorted.mp4", root / "phone" / "carphone_h264.mkv", "libx264", frames,
               {"preset": "ultrafast"})
     return root
+
+
+def mixed_shape_folder(root: str | Path, videos: tuple = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40),
+                                                          (160, 90, 36), (120, 120, 20)),
+                       images: tuple = ((90, 160), (160, 90), (120, 120)), fps: int = 8, seed: int = 0) -> Path:
+    """A labelled folder of landscape (16:9), portrait (9:16) and square H.264 videos of different lengths plus
+    still PNG/JPEG images, made here with PyAV and Pillow: moving gradients, two classes (`a/`, `b/`).
+
+    videos: (height, width, frames) each; images: (height, width) each. Files alternate between the classes.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from stale.data.video_io import write_mp4_file
+
+    root = Path(root)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w, t) in enumerate(videos):
+        y, x = np.mgrid[0:h, 0:w]
+        colour = rng.integers(40, 215, size=3)
+        frames = np.empty((t, h, w, 3), np.uint8)
+        for k in range(t):  # a bright disc moving over a tinted gradient
+            cy, cx = h / 2 + h / 4 * np.sin(k / 5 + i), w / 2 + w / 4 * np.cos(k / 7 + i)
+            disc = ((y - cy) ** 2 + (x - cx) ** 2) < (min(h, w) / 6) ** 2
+            frames[k] = (colour * (0.5 + 0.5 * x[..., None] / w)).astype(np.uint8)
+            frames[k][disc] = 255
+        write_mp4_file(root / "ab"[i % 2] / f"video_{i:02d}_{w}x{h}x{t}.mp4", frames, fps=fps)
+    for i, (h, w) in enumerate(images):
+        y, x = np.mgrid[0:h, 0:w]
+        a = np.stack([255 * x / w, 255 * y / h, np.full((h, w), 128.0)], -1).astype(np.uint8)
+        ext = ".png" if i % 2 == 0 else ".jpg"
+        Image.fromarray(a).save(root / "ab"[i % 2] / f"image_{i:02d}_{w}x{h}{ext}")
+    return root

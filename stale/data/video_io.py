@@ -124,7 +124,7 @@ def write_mp4_file(path, frames: np.ndarray, fps: int = 8) -> None:
 
 @dataclass
 class ClipSpec:
-    """How a stored video becomes one training clip (T = frames, H = W = size)."""
+    """How a stored video becomes one training clip (T = frames, H = W = size, or height x width)."""
 
     frames: int = 8  # frames per clip
     size: int | None = 16  # output height = width; None keeps the stored size (must then be square)
@@ -134,8 +134,21 @@ class ClipSpec:
     crop: str = "random"  # random | center: which size x size window after resizing the short side
     hflip: bool = False  # random horizontal flip with p = 0.5
     threads: int = 1  # decoder threads per clip; see _set_threads
+    # A non-square output (a bucket's, stale/data/buckets.py): resized to cover height x width, then cropped.
+    # Both set, they replace `size`.
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def out_hw(self) -> tuple[int, int] | None:
+        """(height, width) of the clip, or None: the stored size."""
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        return None if self.size is None else (self.size, self.size)
 
     def __post_init__(self):
+        if (self.height is None) != (self.width is None):
+            raise ValueError(f"height={self.height} and width={self.width}: set both or neither")
         if self.frames < 1:
             raise ValueError(f"frames={self.frames} must be >= 1")
         if self.start not in ("random", "center", "first"):
@@ -163,12 +176,16 @@ def _frame_indices(spec: ClipSpec, total: int, src_fps: float, rng: random.Rando
     return [start + o for o in offsets]
 
 
-def _out_shape(w: int, h: int, size: int | None) -> tuple[int, int]:
-    """Resized (width, height) whose short side is `size`."""
-    if size is None or min(w, h) == size:
+def _out_shape(w: int, h: int, size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """Resized (width, height) that just covers `size` (an int: a square; or (height, width)) keeping the aspect:
+    for a square, the short side becomes `size`."""
+    if size is None:
         return w, h
-    scale = size / min(w, h)
-    return max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    th, tw = (size, size) if isinstance(size, int) else size
+    scale = max(th / h, tw / w)
+    if scale == 1:
+        return w, h
+    return max(tw, int(round(w * scale))), max(th, int(round(h * scale)))
 
 
 def decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str = "<bytes>",
@@ -227,7 +244,7 @@ def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, tot
         for i, frame in enumerate(container.decode(stream)):
             n = i + 1
             if shape is None:
-                shape = _out_shape(frame.width, frame.height, spec.size)
+                shape = _out_shape(frame.width, frame.height, spec.out_hw)
             if indices is None:
                 raw.append(frame)
             elif i in slots and out is None:
@@ -235,11 +252,11 @@ def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, tot
             elif i in slots:  # straight into the batch: one plane copy per channel, no HWC -> CHW transpose
                 if window is None:
                     window = _window(shape[1], shape[0], spec, rng)
-                    top, left, side, flip = window
-                    whole = (top, left, side, side, flip) == (0, 0, shape[1], shape[0], False)
+                    top, left, hh, ww, flip = window
+                    whole = (top, left, hh, ww, flip) == (0, 0, shape[1], shape[0], False)
                 for channel, plane in enumerate(_rgb_planes(rgb, frame, shape)):
                     if not whole:
-                        plane = plane[top : top + side, left : left + side]
+                        plane = plane[top : top + hh, left : left + ww]
                         plane = plane[:, ::-1] if flip else plane
                     for pos in slots[i]:
                         out[channel, pos] = plane
@@ -273,7 +290,13 @@ def _rgb_planes(rgb: VideoReformatter, frame, shape) -> list[np.ndarray]:
 
     Planar RGB ("gbrp") lets the loader fill a channels-first batch with plain plane copies. Its values
     equal packed rgb24's when nothing is resized; when resizing, the two swscale paths round differently.
+    Output widths that are not a multiple of 16 go through packed rgb24 instead: FFmpeg's gbrp output left
+    columns past 16 unwritten (garbage, different on every call) at widths 20, 24, 40 and 56 (tests/test_buckets.py).
     """
+    if shape[0] % 16:
+        a = rgb.reformat(frame, width=shape[0], height=shape[1], format="rgb24", interpolation=_interp(frame, shape),
+                         threads=1).to_ndarray()
+        return [a[..., 0], a[..., 1], a[..., 2]]
     g = rgb.reformat(frame, width=shape[0], height=shape[1], format="gbrp", interpolation=_interp(frame, shape),
                      threads=1)
     g, b, r = (np.ndarray((p.height, p.width), np.uint8, p, strides=(p.line_size, 1)) for p in g.planes)
@@ -286,25 +309,26 @@ def _interp(frame, shape) -> str | None:
     return "AREA" if shape[0] < frame.width else "BILINEAR"
 
 
-def _window(h: int, w: int, spec: ClipSpec, rng: random.Random) -> tuple[int, int, int, bool]:
-    """(top, left, side, flip) of the square crop; draws the crop offsets, then the flip, from rng."""
-    s = spec.size
-    if s is None:
+def _window(h: int, w: int, spec: ClipSpec, rng: random.Random) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flip) of the crop; draws the crop offsets, then the flip, from rng."""
+    out = spec.out_hw
+    if out is None:
         if h != w:
             raise VideoDecodeError(f"size=None needs square videos, got {w}x{h}")
-        s = h
+        out = (h, w)
+    th, tw = out
     if spec.crop == "random":
-        top, left = rng.randrange(h - s + 1), rng.randrange(w - s + 1)
+        top, left = rng.randrange(h - th + 1), rng.randrange(w - tw + 1)
     else:
-        top, left = (h - s) // 2, (w - s) // 2
+        top, left = (h - th) // 2, (w - tw) // 2
     flip = bool(spec.hflip and rng.random() < 0.5)
-    return top, left, s, flip
+    return top, left, th, tw, flip
 
 
-def _apply(a: np.ndarray, window: tuple[int, int, int, bool]) -> np.ndarray:
+def _apply(a: np.ndarray, window: tuple[int, int, int, int, bool]) -> np.ndarray:
     """Crop (..., H, W, C) to the window and flip it horizontally if asked (views, no copy)."""
-    top, left, s, flip = window
-    a = a[..., top : top + s, left : left + s, :]
+    top, left, th, tw, flip = window
+    a = a[..., top : top + th, left : left + tw, :]
     return a[..., ::-1, :] if flip else a
 
 
@@ -323,6 +347,15 @@ class VideoInfo:
     duration: float  # seconds; 0 when unknown
 
 
+def aspect_shape(h: int, w: int, area: int, grid: int) -> tuple[int, int]:
+    """(height, width) of a h x w picture scaled to about `area` pixels, keeping its aspect, each side a multiple
+    of `grid` (the model's patch in pixels; even for H.264). Never scales up: a smaller picture keeps its size,
+    rounded down to the grid (at least one grid cell)."""
+    scale = min(1.0, (area / (h * w)) ** 0.5)
+    return (max(grid, int(h * scale / grid + 0.5) * grid if scale < 1 else h // grid * grid),
+            max(grid, int(w * scale / grid + 0.5) * grid if scale < 1 else w // grid * grid))
+
+
 def probe(path: str) -> VideoInfo:
     """Container metadata of a video file; raises VideoDecodeError naming the file."""
     try:
@@ -339,14 +372,15 @@ def probe(path: str) -> VideoInfo:
         raise VideoDecodeError(f"{path}: cannot open video ({type(e).__name__}: {e})") from e
 
 
-def iter_frames(path: str, fps: float | None = None, size: int | None = None,
+def iter_frames(path: str, fps: float | None = None, size: int | tuple[int, int] | None = None,
                 threads: int = 0) -> Iterator[tuple[float, np.ndarray]]:
-    """Yield (time in seconds from the first frame, uint8 (size, size, 3)) from any video FFmpeg reads.
+    """Yield (time in seconds from the first frame, uint8 (H, W, 3)) from any video FFmpeg reads.
 
     fps: resample to this rate by taking, for each output time k/fps, the stored frame nearest to it
     (frames are dropped or repeated; variable frame rates come out constant). None keeps every frame.
-    size: resize the short side to `size`, then centre-crop to size x size. None keeps the stored size,
-    cropped to even height and width (H.264 needs them).
+    size: an int: resize the short side to `size`, then centre-crop to size x size; (height, width): resize to
+    cover it keeping the aspect, then centre-crop to it. None keeps the stored size, cropped to even height and
+    width (H.264 needs them).
     """
     rgb = _reformatter()
     try:
@@ -392,8 +426,8 @@ def iter_frames(path: str, fps: float | None = None, size: int | None = None,
         raise VideoDecodeError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
 
 
-def _centre_crop(a: np.ndarray, size: int | None) -> np.ndarray:
+def _centre_crop(a: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
     h, w = a.shape[:2]
-    th, tw = (size, size) if size is not None else (h - h % 2, w - w % 2)
+    th, tw = (h - h % 2, w - w % 2) if size is None else ((size, size) if isinstance(size, int) else size)
     top, left = (h - th) // 2, (w - tw) // 2
     return a[top : top + th, left : left + tw]

@@ -9,6 +9,8 @@ variance of normalised latents); the Gaussian is scaled the same way (std = scal
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PRIORS = ("uniform", "gaussian")
@@ -35,6 +37,19 @@ def sample_time(n: int, kind: str = "logit_normal", mean: float = 0.0, std: floa
     if kind == "uniform":
         return torch.rand(n, generator=generator, device=device)
     raise ValueError(f"diffusion.time_sampling={kind!r} is not one of {TIME_SAMPLERS}")
+
+
+def token_shift(tokens: int, base: int | None, scale: float = 1.0) -> float:
+    """The time shift for a clip of `tokens` tokens (SD3, Open-Sora 1.2): scale * sqrt(tokens / base); 1 (no shift)
+    when base is None. More tokens carry more redundant signal, so the same noise level destroys less of it:
+    a shift > 1 spends more of training and sampling near the noise."""
+    return 1.0 if base is None else float(scale) * math.sqrt(tokens / base)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's shifted time sigma' = s sigma / (1 + (s - 1) sigma), written for stale's t (t = 0 noise, 1 data:
+    sigma = 1 - t): t' = t / (1 + (s - 1)(1 - t)). Keeps t = 0 and t = 1; s > 1 moves times toward the noise."""
+    return t if shift == 1 else t / (1 + (shift - 1) * (1 - t))
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:

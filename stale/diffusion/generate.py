@@ -42,12 +42,15 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
              sampler: str = "euler", guidance: float = 1.0, classifier_guidance: float = 0.0, seed: int = 0,
              frames: int | None = None, size: int | None = None, batch_size: int | None = None,
              progress: bool = False, prior_scale: float = 1.0, autoencoder=None,
-             context: torch.Tensor | None = None) -> torch.Tensor:
+             context: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+             time_shift_base: int | None = None, time_shift_scale: float = 1.0) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
     classifier_guidance: scale of the hinge head's margin gradient (0 = off; a heuristic under the uniform
-    prior, see guidance.py). frames/size default to the model's training clip. The prior noise is drawn on
+    prior, see guidance.py). frames/size default to the model's training clip; height/width (both or neither) give a
+    non-square clip instead of size x size (any shape the patch divides). time_shift_base/scale: the objective's
+    token-count time shift (flow.token_shift), applied to the time grid. The prior noise is drawn on
     the CPU for all videos at once, so every video starts from the same noise on any device and with any
     `batch_size` (which only bounds memory; the model's float sums can differ in the last bit with the batch
     size, so pixels may then differ by one level).
@@ -58,10 +61,19 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
     device = next(model.parameters()).device
-    if autoencoder is not None and (frames or size):  # a pixel clip -> its latent clip
+    if (height is None) != (width is None):
+        raise ValueError(f"height={height} and width={width}: give both (a non-square clip) or neither")
+    h, w = (height, width) if height is not None else (size, size)
+    if autoencoder is not None and (frames or h):  # a pixel clip -> its latent clip
         pixel_frames, pixel_size = autoencoder.pixel_shape(cfg.frames, cfg.size)
-        _, frames, size, _ = autoencoder.latent_shape(frames or pixel_frames, size or pixel_size)
-    shape = (len(labels), cfg.in_channels, frames or cfg.frames, size or cfg.size, size or cfg.size)
+        pixel_frames = frames or pixel_frames
+        _, frames, h, _ = autoencoder.latent_shape(pixel_frames, h or pixel_size)
+        w = autoencoder.latent_shape(pixel_frames, w)[2] if w is not None else None
+    shape = (len(labels), cfg.in_channels, frames or cfg.frames, h or cfg.size, w or cfg.size)
+    pt, ph, pw = cfg.patch
+    if shape[2] % pt or shape[3] % ph or shape[4] % pw:
+        raise ValueError(f"a clip of (T, H, W) = {tuple(shape[2:])} (the model's) is not divisible by its patch "
+                         f"{list(cfg.patch)}: choose frames, height and width it divides")
     noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed),
                               scale=prior_scale)
     clamp = prior == "uniform" and autoencoder is None and prior_scale == 1.0  # the pixel box [-1, 1]
@@ -76,10 +88,11 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
         if context.dtype != torch.uint8 or context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:]:
             raise ValueError(f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
                              f"{shape[4]}); got {context.dtype} {tuple(context.shape)}")
-        pt = cfg.patch[0]
         given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
         noise[:, :, :k] = flow.to_unit_range(context)
-    ts = time_grid(steps, device)
+    ts = flow.shift_time(time_grid(steps, device),
+                         flow.token_shift((shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw), time_shift_base,
+                                          time_shift_scale))
     labels = labels.to(device)
     chunk = batch_size or len(labels)
     was_training = model.training

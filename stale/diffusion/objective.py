@@ -30,6 +30,11 @@ from stale.diffusion.hinge import hinge_loss, predict
 from stale.diffusion.mixup import mixup, mixup_hinge
 
 
+def tokens(shape, patch) -> int:
+    """Tokens T' H' W' of a clip of shape (..., T, H, W) through `patch` (pt, ph, pw)."""
+    return (shape[-3] // patch[0]) * (shape[-2] // patch[1]) * (shape[-1] // patch[2])
+
+
 @dataclass
 class StaleObjective:
     prior: str = "uniform"  # uniform (U[-1,1]^d, the paper's maximum-entropy prior) or gaussian (N(0, I))
@@ -50,6 +55,10 @@ class StaleObjective:
     mixup_alpha: float = 0.2  # lam ~ Beta(a, a) (Zhang et al. 2017)
     context_frames: int = 0  # K: the first K frames are clean context (image-to-video: 1); 0 = off
     context_prob: float = 0.0  # share of the clips trained with context; the rest generate every frame
+    # Time shift by token count (SD3, Open-Sora 1.2): t is shifted by scale * sqrt(tokens / base) in training and
+    # sampling, so larger clips (more tokens, e.g. in a bigger bucket) spend more time near the noise. None = off.
+    time_shift_base: int | None = None  # tokens (T' H' W') at which the shift is `time_shift_scale`
+    time_shift_scale: float = 1.0
     _dog: DoGLoss = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -69,6 +78,10 @@ class StaleObjective:
         for name in ("hinge_weight", "dog_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)} must be >= 0")
+        if self.time_shift_base is not None and (isinstance(self.time_shift_base, bool) or self.time_shift_base < 1):
+            raise ValueError(f"diffusion.time_shift_base={self.time_shift_base!r} must be a token count >= 1 (or null)")
+        if not self.time_shift_scale > 0:
+            raise ValueError(f"diffusion.time_shift_scale={self.time_shift_scale} must be > 0")
         if self.mixup and self.mixup_alpha <= 0:
             raise ValueError(f"diffusion.mixup_alpha={self.mixup_alpha} must be > 0")
         self.dog_bands = tuple(float(s) for s in self.dog_bands)
@@ -79,11 +92,17 @@ class StaleObjective:
         """a of U[-a, a]: prior_scale, 1 when unset (pixels)."""
         return 1.0 if self.prior_scale is None else float(self.prior_scale)
 
+    def shift(self, shape, patch) -> float:
+        """The time shift for clips of `shape` (B, C, T, H, W) through a model of `patch` (1 when off)."""
+        return flow.token_shift(tokens(shape, patch), self.time_shift_base, self.time_shift_scale)
+
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int) -> dict[str, torch.Tensor]:
         """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts."""
         b = x.shape[0]
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-        t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+        shift = 1.0 if self.time_shift_base is None else self.shift(x.shape, model.config.patch)
+        t = flow.shift_time(flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device),
+                            shift)
         t_in, tt, keep = t, flow.expand_t(t, x), None  # the model's times, t against x, frames in the loss
         if self.context_frames and self.context_prob > 0:
             pt = model.config.patch[0]
@@ -110,7 +129,8 @@ class StaleObjective:
             if self.mixup:
                 xh, ya, yb, lam = mixup(xh, yh, self.mixup_alpha)
             zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-            th = flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+            th = flow.shift_time(flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device),
+                                 shift)
             _, scores = model(flow.interpolate(zh, xh, th), th, torch.full_like(yh, null_label))
             if self.mixup:
                 hinge = mixup_hinge(scores.float(), ya, yb, lam)

@@ -154,9 +154,11 @@ class StalePipeline:
                  steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                  seed: int = 0, frames: int | None = None, size: int | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 classifier_guidance: float | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+                 classifier_guidance: float | None = None, context: torch.Tensor | None = None,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate: pixels, decoded through
-        the autoencoder for a latent model (frames/size are then the pixel clip's). steps, sampler, guidance
+        the autoencoder for a latent model (frames/size/height/width are then the pixel clip's; height and width give
+        a non-square clip). steps, sampler, guidance
         and classifier_guidance default to the export's `sample` settings; batch_size bounds memory.
         context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1)."""
         settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
@@ -165,7 +167,9 @@ class StalePipeline:
             context = context[None].expand(num_videos, *context.shape).contiguous()
         return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
                         size=size, batch_size=batch_size, progress=progress, prior_scale=self.prior_scale,
-                        autoencoder=self.autoencoder, context=context, **settings)
+                        autoencoder=self.autoencoder, context=context, height=height, width=width,
+                        time_shift_base=self.diffusion.get("time_shift_base"),
+                        time_shift_scale=float(self.diffusion.get("time_shift_scale", 1.0)), **settings)
 
     def settings(self, **given) -> dict:
         """The sampling settings: each given value, else the export's default."""

@@ -67,7 +67,8 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
                   classifier_guidance: float | None = None, seed: int = 0, frames: int | None = None,
                   size: int | None = None, batch_size: int | None = None, fps: int = 8, device: str | None = "auto",
                   progress: bool = True, lora: str | Path | None = None, image: str | Path | None = None,
-                  video: str | Path | None = None, context_frames: int | None = None) -> dict[str, Path]:
+                  video: str | Path | None = None, context_frames: int | None = None, height: int | None = None,
+                  width: int | None = None) -> dict[str, Path]:
     """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png and samples.json.
     image=PNG: every video starts with that image (image-to-video); video=MP4 context_frames=K: with its first K
     frames (continuation). The given frames come back unchanged; the model generates the rest."""
@@ -76,7 +77,8 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
     settings = pipe.settings(steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance)
     context = conditioning(pipe, image, video, context_frames, size)
     videos = pipe(num_videos=num_videos, label=labels, seed=seed, frames=frames, size=size,
-                  batch_size=batch_size, progress=progress, context=context, **settings)  # uint8 (B, C, T, H, W)
+                  batch_size=batch_size, progress=progress, context=context, height=height, width=width,
+                  **settings)  # uint8 (B, C, T, H, W)
     paths = save_videos(videos, out, fps=fps)
     record = {"source": {"model": str(model) if model else None, "ckpt": str(ckpt) if ckpt else None,
                          "weights": None if model else weights},

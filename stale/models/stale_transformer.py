@@ -56,6 +56,10 @@ class StaleConfig:
     prediction: str = "velocity"
     t_eps: float = 0.05  # floor of 1 - t in the x-prediction division: bounds v near t = 1
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
+    # Spatial positions of the sin-cos code: None = patch indices 0, 1, 2, ... at every resolution; an int B =
+    # resolution-scaled (Open-Sora 1.2, PixArt): indices times B / sqrt(H'W'), so every grid spans about B
+    # positions per side whatever its size (docs/buckets.md: measured better on unseen shapes; opt-in).
+    pos_base: int | None = None
 
     def __post_init__(self):
         # Hydra hands lists; the model wants tuples (hashable, printable as in the defaults).
@@ -77,6 +81,9 @@ class StaleConfig:
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"model.t_eps={self.t_eps} must be in (0, 1)")
+        if self.pos_base is not None and (isinstance(self.pos_base, bool) or not isinstance(self.pos_base, int)
+                                          or self.pos_base < 1):
+            raise ValueError(f"model.pos_base={self.pos_base!r} must be null or an integer >= 1 (grid positions)")
         for name in ("in_channels", "depth", "num_classes", "frames", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -125,19 +132,21 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None) -> torch.Tensor:
+def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None, base: int | None = None) -> torch.Tensor:
     """Positional code of the token grid, joy tokens included: (t, h*w + 1, dim).
 
     Channels split into a time quarter and two spatial parts. Patch (i, j) of frame k gets
     [time(k), height(i), width(j)]; the joy token of frame k gets [time(k), 0, 0]: it has its frame's time
     but no position inside the frame (an all-zero spatial code is no real position, since cos(0) = 1).
+    base: resolution scaling of the spatial positions (StaleConfig.pos_base); None keeps integer indices.
     """
     dt = dim // 4 // 2 * 2  # even split points, so each part has sin and cos halves
     dh = (dim - dt) // 2 // 2 * 2  # dim >= 8 (checked in StaleConfig) keeps all three non-empty
     dw = dim - dt - dh
     et = sincos_1d(dt, torch.arange(t, device=device))  # (t, dt)
-    eh = sincos_1d(dh, torch.arange(h, device=device))  # (h, dh)
-    ew = sincos_1d(dw, torch.arange(w, device=device))  # (w, dw)
+    scale = 1.0 if base is None else base / math.sqrt(h * w)
+    eh = sincos_1d(dh, torch.arange(h, device=device) * scale)  # (h, dh)
+    ew = sincos_1d(dw, torch.arange(w, device=device) * scale)  # (w, dw)
     grid = torch.cat([et[:, None, None].expand(t, h, w, dt), eh[None, :, None].expand(t, h, w, dh),
                       ew[None, None, :].expand(t, h, w, dw)], dim=-1).reshape(t, h * w, dim)
     joy = F.pad(et, (0, dh + dw))[:, None]  # (t, 1, dim)
@@ -206,6 +215,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
+        if x.shape[1] == 1 and sp is None and not torch.compiler.is_exporting():
+            return self._single(x)
         q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
             q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
@@ -222,6 +233,16 @@ class Attention(nn.Module):
         if sp is not None:  # back to all heads of this rank's frames
             out = sp.sequence_to_heads(out)
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
+
+    def _single(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequences of one token (temporal attention of a T' = 1 batch: images): the softmax over one key is 1, so
+        the output is the token's value; q, k and their norms are not computed (a third of the qkv projection and
+        the whole attention kernel saved)."""
+        d = x.shape[-1]
+        out = self.proj(F.linear(x, self.qkv.weight[2 * d :], self.qkv.bias[2 * d :]))  # (S, 1, D)
+        if self.qk_norm and torch.is_grad_enabled():  # a zero gradient: DDP wants one for every parameter on every rank
+            out = out + 0.0 * (self.q_norm.weight.sum() + self.k_norm.weight.sum())
+        return out
 
 
 class StaleBlock(nn.Module):
@@ -395,7 +416,7 @@ class StaleTransformer(nn.Module):
         patches = rearrange(self.patch_embed(x.to(dtype)), "b d t h w -> b t (h w) d").to(dtype)  # (B, T', H'W', D)
         joy = self.joy_token.to(dtype)[None, None, None].expand(b, gt, 1, cfg.dim)  # (B, T', 1, D)
         tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
-        tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device).to(dtype)
+        tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device, base=cfg.pos_base).to(dtype)
         if t.ndim == 1:  # one time per clip
             c_emb = (self.t_embed(t) + self.y_embed(y))[:, None]  # (B, 1, D)
         else:  # one time per latent frame

@@ -245,7 +245,8 @@ class StaleSystem(L.LightningModule):
         return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
                         guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
                         size=size, progress=progress, prior_scale=self.objective.scale,
-                        autoencoder=self.autoencoder)
+                        autoencoder=self.autoencoder, time_shift_base=self.objective.time_shift_base,
+                        time_shift_scale=self.objective.time_shift_scale)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,243 @@
+"""Buckets: clips of many shapes trained in batches of one shape each (docs/buckets.md).
+
+A bucket is (frames, height, width, batch_size, keep_prob). `data.buckets` is a preset name (PRESETS) or a
+list of buckets; every batch the loader makes holds clips of one bucket's shape, so the model sees each
+shape at its own cost instead of every clip padded or cropped to the largest one.
+
+The rule that puts a clip of (T, h, w) (the shape its .json records; stale-shards writes it) into a bucket:
+
+- it *fits* a bucket when it has the frames ((frames - 1) x frame_stride + 1 <= T) and, resized to cover the
+  bucket's height x width keeping its aspect, it is scaled up at most `max_upscale` times and its crop
+  throws away at most `max_crop` of the resized picture (so a 16:9 clip fits a 16:9 bucket, not a square one);
+- it goes to the *largest* bucket it fits (most pixels frames x height x width), kept there with that bucket's
+  `keep_prob`, else offered to the next largest it fits, and so on; the smallest it fits takes it always;
+- in the bucket it is resized to cover height x width and cropped (random or centre, data.train_crop), and
+  `frames` consecutive frames (every frame_stride-th) are taken from a random start, as without buckets.
+
+A still image (T = 1) fits only T = 1 buckets; a video fits T = 1 buckets too (one of its frames), so image
+and video training mix in one run: with `image_share` the loader keeps images and videos with the
+probabilities that make that share of the clips images (from the counts of `scan`). A clip that fits no
+bucket is skipped and counted as `no_bucket` (outside the skip rate: it is the bucket list, not the data).
+
+The draws are seeded by the sample's place in the stream (like its crop), so a resumed run puts every clip
+in the same bucket again; the partly filled buckets of each worker are part of the loader's state
+(stale/data/loader.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+log = logging.getLogger(__name__)
+
+
+class BucketError(ValueError):
+    """A bad bucket list; the message names data.buckets and the value."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    frames: int
+    height: int
+    width: int
+    batch_size: int
+    keep_prob: float = 1.0  # probability of keeping a clip that fits here rather than offering it to a smaller bucket
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @property
+    def pixels(self) -> int:
+        return self.frames * self.height * self.width
+
+
+def _ladder(frames_batch: dict[int, int], shapes: Iterable[tuple[int, int]]) -> list[list]:
+    return [[t, h, w, b] for t, b in frames_batch.items() for h, w in shapes]
+
+
+# Named bucket lists. Shapes are about the same pixel area (square, landscape ~16:9 and portrait ~9:16 on the
+# grid stale-shards' resize=aspect uses by default), batch sizes keep about the same pixels per batch.
+PRESETS: dict[str, list[list]] = {
+    # stale-shards' defaults (size=64, grid=16): 64x64, 48x80 and 80x48; images and 8, 16, 32-frame clips
+    "default": _ladder({1: 64, 8: 8, 16: 4, 32: 2}, [(64, 64), (48, 80), (80, 48)]),
+    # the tests' and CPU smoke runs' clips (stale-shards size=16 grid=4): 16x16, 12x20, 20x12
+    "smoke": _ladder({1: 8, 4: 4, 8: 2}, [(16, 16), (12, 20), (20, 12)]),
+    # stale-shards size=256 grid=16: 256x256, 192x336, 336x192
+    "256": _ladder({1: 32, 16: 4, 32: 2, 64: 1}, [(256, 256), (192, 336), (336, 192)]),
+}
+
+
+def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") -> list[Bucket] | None:
+    """A preset name or a list of [frames, height, width, batch_size(, keep_prob)] / dicts -> Buckets, checked.
+
+    patch (pt, ph, pw) in pixels: every bucket's clip must be divisible by it (the model's grid)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise BucketError(f"{key}={value!r} is not a preset ({', '.join(sorted(PRESETS))}) nor a list of "
+                              "[frames, height, width, batch_size, keep_prob]")
+        value = PRESETS[value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BucketError(f"{key}={value!r} must be a preset name or a non-empty list of buckets")
+    out = []
+    for i, b in enumerate(value):
+        try:
+            bucket = Bucket(**b) if isinstance(b, dict) else Bucket(*b)
+        except TypeError as e:
+            raise BucketError(f"{key}[{i}]={b!r}: a bucket is [frames, height, width, batch_size(, keep_prob)] or "
+                              f"a dict of those keys ({e})") from None
+        ints = (bucket.frames, bucket.height, bucket.width, bucket.batch_size)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ints):
+            raise BucketError(f"{key}[{i}]={b!r}: frames, height, width and batch_size must be integers >= 1")
+        if not 0 < bucket.keep_prob <= 1:
+            raise BucketError(f"{key}[{i}]={b!r}: keep_prob={bucket.keep_prob} must be in (0, 1]")
+        if patch is not None and (bucket.frames % patch[0] or bucket.height % patch[1]
+                                  or bucket.width % patch[2]):
+            raise BucketError(f"{key}[{i}]: the bucket {bucket.name} is not divisible by model.patch={list(patch)}")
+        out.append(bucket)
+    names = [b.name for b in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BucketError(f"{key}: bucket shapes listed twice: {dup}")
+    return out
+
+
+def fits(bucket: Bucket, frames: int, h: int, w: int, stride: int = 1, max_crop: float = 0.25,
+         max_upscale: float = 1.0) -> bool:
+    """Whether a clip of (frames, h, w) fits the bucket (the rule in the module docstring)."""
+    if frames < (bucket.frames - 1) * stride + 1:
+        return False
+    scale = max(bucket.height / h, bucket.width / w)  # resize to cover the bucket
+    if scale > max_upscale * (1 + 1e-6):
+        return False
+    return bucket.height * bucket.width >= (1 - max_crop) * (h * scale) * (w * scale) * (1 - 1e-6)
+
+
+class Assigner:
+    """Puts clips into buckets: `assign(frames, h, w, rng)` -> bucket index or None (fits none)."""
+
+    def __init__(self, buckets: list[Bucket], stride: int = 1, max_crop: float = 0.25, max_upscale: float = 1.0,
+                 keep: tuple[float, float] = (1.0, 1.0)):
+        self.buckets, self.stride, self.max_crop, self.max_upscale = buckets, stride, max_crop, max_upscale
+        self.keep = keep  # (p keep an image, p keep a video): image_share's thinning; (1, 1) keeps every clip
+        self.order = sorted(range(len(buckets)), key=lambda i: (-buckets[i].pixels, i))  # largest first
+
+    def fitting(self, frames: int, h: int, w: int) -> list[int]:
+        return [i for i in self.order if fits(self.buckets[i], frames, h, w, self.stride, self.max_crop,
+                                              self.max_upscale)]
+
+    def assign(self, frames: int, h: int, w: int, rng: random.Random) -> int | None:
+        """The bucket index of a clip, or None when it fits none; -1 when image_share thins it out."""
+        keep = self.keep[0] if frames == 1 else self.keep[1]
+        if keep < 1 and rng.random() >= keep:
+            return -1
+        fitting = self.fitting(frames, h, w)
+        if not fitting:
+            return None
+        for i in fitting[:-1]:
+            if rng.random() < self.buckets[i].keep_prob:
+                return i
+        return fitting[-1]
+
+
+def share_keep(images: int, videos: int, share: float | None) -> tuple[float, float]:
+    """(p keep an image, p keep a video) so that about `share` of the kept clips are images, thinning only
+    the kind there is too much of; (1, 1) when share is None or one kind is absent."""
+    if share is None or images == 0 or videos == 0:
+        return 1.0, 1.0
+    have = images / (images + videos)
+    if have > share:  # too many images: keep images with p so that p I / (p I + V) = share
+        return (share * videos / ((1 - share) * images)), 1.0
+    return 1.0, ((1 - share) * images / (share * videos)) if share > 0 else 1.0
+
+
+def sample_shape(sample: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) of a sample from its .json (stale-shards writes them), or None when absent."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    shape = tuple(meta.get(k) for k in ("frames", "height", "width"))
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        return shape
+    return None
+
+
+def probe_shape(sample: dict) -> tuple[int, int, int] | None:
+    """(frames, height, width) from the mp4's header, for shards whose .json does not record it."""
+    import io
+
+    import av
+
+    try:
+        with av.open(io.BytesIO(sample["mp4"]), mode="r", format="mp4") as c:
+            s = c.streams.video[0]
+            return (s.frames or 0), s.height, s.width
+    except Exception:  # noqa: BLE001 - an unreadable clip is the decoder's to count
+        return None
+
+
+def clip_shape(sample: dict) -> tuple[int, int, int] | None:
+    return sample_shape(sample) or (probe_shape(sample) if "mp4" in sample else None)
+
+
+@dataclass
+class Scan:
+    """What `scan` found: clips per bucket (largest fit, before keep_prob), clips fitting none, images, videos."""
+
+    per_bucket: dict
+    no_bucket: int
+    images: int
+    videos: int
+    clips: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def scan(urls: list[str], assigner: Assigner) -> Scan:
+    """Read every sample's .json once (no decoding; the tar is read through) and count where clips would go."""
+    from stale.data.reader import SkipCounter, read_shard
+
+    counter = SkipCounter("bucket-scan", log_first=0)
+    per, none, images, videos, n = Counter(), 0, 0, 0, 0
+    for url in urls:
+        for sample in read_shard(url, counter):
+            shape = clip_shape(sample)
+            if shape is None:
+                continue
+            n += 1
+            images, videos = images + (shape[0] == 1), videos + (shape[0] != 1)
+            fitting = assigner.fitting(*shape)
+            if fitting:
+                per[assigner.buckets[fitting[0]].name] += 1
+            else:
+                none += 1
+    return Scan({b.name: per[b.name] for b in assigner.buckets}, none, images, videos, n)
+
+
+def report(found: Scan, buckets: list[Bucket]) -> list[str]:
+    """Warnings for buckets with less data than one batch, and for clips that fit no bucket."""
+    out = []
+    for b in buckets:
+        n = found.per_bucket.get(b.name, 0)
+        if n == 0:
+            out.append(f"bucket {b.name} (batch {b.batch_size}): no clip of the shards fits it as its largest "
+                       "bucket; it gets clips only through the keep_prob of larger buckets")
+        elif n < b.batch_size:
+            out.append(f"bucket {b.name} (batch {b.batch_size}): only {n} clips of the shards fit it, fewer than "
+                       "one batch: its batches repeat them (the stream resamples) and fill slowly; lower its "
+                       "batch_size or drop it")
+    if found.no_bucket:
+        out.append(f"{found.no_bucket} of {found.clips} clips fit no bucket of data.buckets and are skipped "
+                   "(counted as no_bucket): add a bucket of their shape or lower a bucket's frames")
+    return out
