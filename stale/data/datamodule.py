@@ -25,6 +25,7 @@ from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
 from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
+from stale.text.captions import MISSING
 
 
 def _rank_world(trainer) -> tuple[int, int]:
@@ -66,6 +67,9 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         max_skip_rate: float = 0.05,  # stop training when more of the samples are skipped (DataHealthMonitor)
         skip_rate_min_samples: int = 100,  # ... once at least this many samples were seen
+        captions: bool = False,  # read each clip's caption too (stale-train sets it with model.cond=text)
+        missing_caption: str = "skip",  # a clip without a caption: skip (counted) | empty (counted, kept with "")
+        caption_dropout: float = 0.1,  # p(empty caption) in training, for classifier-free guidance (the system applies it)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +80,11 @@ class VideoDataModule(L.LightningDataModule):
         self.train_spec = ClipSpec(frames, size, frame_stride, fps, train_start, train_crop, hflip, decode_threads)
         self.val_spec = ClipSpec(frames, size, frame_stride, fps, val_start, "center", False, decode_threads)
         self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
+        if missing_caption not in MISSING:
+            raise ValueError(f"data.missing_caption={missing_caption!r} is not one of {MISSING}")
+        if not 0 <= caption_dropout <= 1:
+            raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1]")
+        self.text_members = None  # a stale-encode cache with caption embeddings names its members here
 
     def _stream(self, train: bool) -> VideoStream:
         hp = self.hparams
@@ -83,7 +92,8 @@ class VideoDataModule(L.LightningDataModule):
         return VideoStream(self.train_urls if train else self.val_urls, self.train_spec if train else self.val_spec,
                            train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
                            num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
-                           seed=hp.seed, rank=rank, world_size=world)
+                           seed=hp.seed, rank=rank, world_size=world,
+                           captions=hp.missing_caption if hp.captions else None, text_members=self.text_members)
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams

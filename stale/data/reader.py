@@ -101,11 +101,14 @@ REASONS = (
     "unreadable_shard",  # the shard cannot be opened (missing file, failed pipe: command, ...)
     "empty_shard",  # the shard opened fine but holds no sample
     "bad_latent",  # a latent cache sample whose .latent.npy is missing, unreadable or of another shape
+    "missing_caption",  # model.cond=text with data.missing_caption=skip: no .txt and no .json caption
+    "empty_caption",  # the same with data.missing_caption=empty: counted, but KEPT with the empty caption
 )
 SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
 # An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
 # the skip rate (with resampling it is drawn again and again and would inflate the rate without bound).
-NO_SAMPLE = ("empty_shard",)
+# An empty caption is counted the same way: the clip is kept (data.missing_caption=empty), so it is no skip.
+NO_SAMPLE = ("empty_shard", "empty_caption")
 
 # The likely fix when a reason accounts for every skip; {p} is the config prefix ("data." in training).
 FIXES = {
@@ -123,6 +126,9 @@ FIXES = {
     "unreadable_shard": "the shards cannot be opened: check the paths and run pipe: commands by hand",
     "empty_shard": "the shards hold no sample",
     "bad_latent": "the latent samples do not match the cache's info.json: encode them again with stale-encode",
+    "missing_caption": "the samples have no caption (.txt, or 'caption' in .json): caption them, or set "
+                       "{p}missing_caption=empty to train them with the empty caption",
+    "empty_caption": "the samples have no caption",
 }
 
 
