@@ -130,4 +130,9 @@ class LatentDataModule(VideoDataModule):
         super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], **loader_kwargs)
         c, t, h, w = info["latent_shape"]
         self.info = info
+        if info.get("text_encoder"):  # captions encoded once by stale-encode: the loader reads them, never the text
+            from stale.latent.cache import TEXT_MEMBERS, load_empty_text
+
+            self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
+            self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))
