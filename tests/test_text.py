@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from helpers_text import tiny_text_encoder
 
 from stale.models import build_model
 from stale.models.flops import count_parameters, parameter_count, training_flops_per_clip
@@ -85,3 +88,157 @@ def test_text_model_refuses_missing_caption():
         model(x, t, y)
     with pytest.raises(ValueError, match="model.cond"):
         build_model("tiny", **SMALL, cond="caption")
+
+
+# --- text encoders ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,cls,length", [("t5", "T5EncoderModel", 16), ("clip", "CLIPTextModel", 6)])
+def test_hf_encoders_load_from_a_folder_truncate_with_a_count_and_cache_the_empty_caption(kind, cls, length,
+                                                                                          tmp_path_factory):
+    from stale.text.encoders import load_text_encoder
+
+    folder = tiny_text_encoder(tmp_path_factory, kind)  # ByT5 is byte-level: "a red square" is 13 tokens
+    enc = load_text_encoder({"name": "hf", "pretrained": str(folder), "max_length": length})
+    assert type(enc.model).__name__ == cls and not any(p.requires_grad for p in enc.model.parameters())
+    text, mask = enc.encode(["a red square", "a blue disc moving left and right and up and down again"])
+    assert text.shape == (2, length, 16) and mask.dtype == torch.bool
+    assert mask[1].all() and not mask[0].all()  # the long caption fills every position, the short one is padded
+    assert enc.truncated == 1  # cut and counted, not raised
+    e1, e2 = enc.empty(), enc.empty()
+    assert e1[0] is e2[0] and e1[0].shape == (1, length, 16)
+    again = load_text_encoder({"name": "hf", "pretrained": str(folder), "max_length": length,
+                               "sha256": enc.source["sha256"]})
+    torch.testing.assert_close(again.encode(["a red square"])[0], text[:1])
+    with pytest.raises(ValueError, match="other weights"):
+        load_text_encoder({"name": "hf", "pretrained": str(folder), "sha256": "0" * 64})
+
+
+def test_learned_tokenizer_vocabulary_truncation_and_unknown_words():
+    from stale.text.encoders import build_vocabulary, load_text_encoder
+
+    words = build_vocabulary(["a red square moving left", "A blue disc moving up", "a red disc"])
+    assert words[0] == "a" and set(words) == {"a", "red", "square", "moving", "left", "blue", "disc", "up"}
+    enc = load_text_encoder({"name": "learned", "words": words, "max_length": 4})
+    ids, mask = enc.encode(["a red square moving left", "a purple disc", ""])
+    assert ids.shape == (3, 4) and enc.truncated == 1
+    assert mask.sum(1).tolist() == [4, 4, 1]  # [CLS] + 3 words (cut); [CLS] a [UNK] disc; the empty caption: [CLS]
+    assert ids[1, 2] == 1  # "purple" is unknown
+    assert enc.vocab_size == len(words) + 3
+
+
+# --- captions ----------------------------------------------------------------------------------------------------
+def test_captions_from_txt_json_and_video2dataset_rows_and_missing_ones_counted():
+    import json
+
+    from stale.data.reader import Skip, SkipCounter
+    from stale.text.captions import caption_of, sample_caption
+
+    assert caption_of({"txt": b" a dog \n"}) == "a dog"
+    assert caption_of({"json": json.dumps({"caption": "a cat"}).encode()}) == "a cat"
+    v2d = {"txt": b"a surfer", "json": json.dumps({"caption": "a surfer", "status": "success", "key": "0"}).encode()}
+    assert caption_of(v2d) == "a surfer"
+    assert caption_of({"txt": b"  ", "json": b"{}"}) is None
+    counter = SkipCounter("t")
+    assert sample_caption({"json": b"{}", "__key__": "k"}, "empty", counter) == ""
+    assert counter.reasons == {"empty_caption": 1}
+    with pytest.raises(Skip) as e:
+        sample_caption({"json": b"{}", "__key__": "k"}, "skip", counter)
+    assert e.value.reason == "missing_caption"
+
+
+def test_loader_carries_captions_and_skips_or_empties_uncaptioned_clips(tmp_path):
+    import webdataset as wds
+
+    from stale.data.health import DataHealth
+    from stale.data.loader import TrainLoader, VideoStream
+    from stale.data.video_io import ClipSpec, encode_mp4
+
+    clip = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    with wds.TarWriter(str(tmp_path / "s.tar")) as w:
+        for i in range(8):
+            row = {"__key__": f"k{i}", "mp4": encode_mp4(clip, fps=4), "cls": b"0"}
+            if i % 2:
+                row["txt"] = f"caption {i}".encode()
+            w.write(row)
+    for missing, seen in (("skip", 4), ("empty", 8)):
+        stream = VideoStream([str(tmp_path / "s.tar")], ClipSpec(4, 8), train=True, batch_size=2, num_classes=1,
+                             shuffle_buffer=0, captions=missing)
+        health = DataHealth(1.0, 1000)
+        loader = TrainLoader(stream, health, num_workers=0, pin_memory=False, prefetch_factor=None,
+                             persistent_workers=False, epoch_batches=seen // 2)
+        captions = [c for _, _, text in loader for c in text]
+        assert len(captions) == seen
+        assert sum(c == "" for c in captions) == (4 if missing == "empty" else 0)
+        assert all(c in ("", "caption 1", "caption 3", "caption 5", "caption 7") for c in captions)
+        assert health.reasons["train"][{"skip": "missing_caption", "empty": "empty_caption"}[missing]] >= 4
+        assert health.skipped("train") == (0 if missing == "empty" else health.reasons["train"]["missing_caption"])
+
+
+# --- objective and sampling -------------------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """Stands in for a text model: records the captions it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = build_model("tiny", **SMALL, cond="text", text_vocab=5, text_len=3).config
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, t, y, text, mask):
+        self.calls.append((text.clone(), mask.clone()))
+        return x * self.w, torch.zeros(len(x), 1) + self.w
+
+
+def test_caption_dropout_puts_in_the_empty_caption_where_it_says():
+    from stale.diffusion.objective import StaleObjective
+
+    model = Recorder()
+    x = torch.rand(64, 3, 4, 8, 8) * 2 - 1
+    ids = torch.randint(3, 5, (64, 3))
+    mask = torch.ones(64, 3, dtype=torch.bool)
+    empty = (torch.tensor([[2, 0, 0]]), torch.tensor([[True, False, False]]))
+    for p in (0.0, 0.5, 1.0):
+        model.calls.clear()
+        torch.manual_seed(0)
+        StaleObjective(caption_dropout=p, hinge_weight=0.0)(model, x, torch.zeros(64, dtype=torch.long), 64,
+                                                             (ids, mask), empty)
+        text, m = model.calls[0]
+        dropped = (text == empty[0]).all(1) & (m == empty[1]).all(1)
+        kept = (text == ids).all(1) & m.all(1)
+        assert (dropped | kept).all()
+        torch.manual_seed(0)  # the same draw the objective made: it decides which rows are dropped
+        torch.rand(x.shape)  # the prior
+        torch.randn(64)  # the logit-normal time
+        assert torch.equal(dropped, torch.rand(64) < p)
+
+
+def test_text_hinge_scores_true_captions_against_shuffled_ones():
+    from stale.diffusion.objective import StaleObjective
+
+    model = Recorder()
+    ids = torch.arange(8)[:, None].repeat(1, 3) % 5
+    out = StaleObjective(hinge_weight=1.0, hinge_fraction=0.5, caption_dropout=0.0)(
+        model, torch.zeros(8, 3, 4, 8, 8), torch.zeros(8, dtype=torch.long), 8, (ids, torch.ones(8, 3, dtype=torch.bool)),
+        (ids[:1], torch.ones(1, 3, dtype=torch.bool)))
+    text, _ = model.calls[1]  # the hinge pass: 4 clips with their captions, then with their neighbours'
+    assert torch.equal(text[:4], ids[:4]) and torch.equal(text[4:], ids[:4].roll(1, 0))
+    assert out["hinge"] == pytest.approx(1.0)  # scores are 0: every positive and negative pays 1
+
+
+def test_prompt_conditioned_sampling_is_deterministic_for_a_seed():
+    from stale.diffusion.generate import generate
+    from stale.text.encoders import build_vocabulary, load_text_encoder
+
+    enc = load_text_encoder({"name": "learned", "words": build_vocabulary(["a red square", "a blue disc"]),
+                             "max_length": 5})
+    model = randomize(build_model("tiny", **SMALL, cond="text", text_vocab=enc.vocab_size, text_len=5)).eval()
+    text = enc.encode(["a red square", "a blue disc"])
+    kw = dict(steps=3, guidance=3.0, text=text, negative=enc.empty())
+    a = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **kw)
+    b = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **kw)
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
+    swapped = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **{**kw, "text": tuple(v.flip(0) for v in text)})
+    assert not torch.equal(a, swapped)
+    guided = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **{**kw, "classifier_guidance": 2.0})
+    assert not torch.equal(a, guided)  # the match score's gradient moves the samples
+    with pytest.raises(ValueError, match="cond=text"):
+        generate(model, torch.zeros(2, dtype=torch.long), seed=7, steps=2)

@@ -49,11 +49,11 @@ class _Encoder:
         return ids  # the learned encoder's ids go to the model as they are
 
     def _count(self, lengths: list[int], captions: list[str]) -> None:
-        cut = [c for c, n in zip(captions, lengths) if n > self.max_length]
+        cut = [(c, n) for c, n in zip(captions, lengths) if n > self.max_length]
         if cut:
             if not self.truncated:
                 log.warning("text_encoder.max_length=%d: caption cut (%d tokens): %.80r; further cuts are counted",
-                            self.max_length, max(lengths), cut[0])
+                            self.max_length, cut[0][1], cut[0][0])
             self.truncated += len(cut)
 
     @torch.no_grad()
