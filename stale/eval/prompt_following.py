@@ -1,7 +1,8 @@
 """Prompt following on the captioned synthetic data (docs/text.md): does a clip show the shape, colour and
 direction of motion its prompt asks for?
 
-    colour     the mean colour of the foreground (pixels far from the fixed background), nearest caption colour
+    colour     the mean colour of the foreground (pixels far from the fixed background) minus the background: the
+               caption colour in the nearest direction (cosine)
     direction  the foreground centroid's displacement from the first to the last frame: its larger axis and sign
     shape      a logistic regression on the foreground's box-normalised silhouette, fitted on real training clips
                (its accuracy on real held-out clips is the measure's own ceiling: `ShapeReader.fit` reports it)
@@ -38,9 +39,12 @@ def colour_of(clip: np.ndarray) -> str | None:
     fg = foreground(clip)
     if fg.sum() < MIN_PIXELS:
         return None
-    mean = clip[fg].astype(np.float32).mean(0)
-    palette = COLOURS[:CAPTION_COLOURS]
-    return COLOUR_NAMES[int(np.abs(palette - mean).sum(1).argmin())]
+    # edge pixels blend the colour with the background (bg + a (fg - bg)): compare directions away from the
+    # background (cosine), which blending does not change, not the pixel values themselves
+    mean = clip[fg].astype(np.float32).mean(0) - SIMPLE_BACKGROUND
+    palette = COLOURS[:CAPTION_COLOURS] - SIMPLE_BACKGROUND
+    cosine = palette @ mean / (np.linalg.norm(palette, axis=1) * np.linalg.norm(mean) + 1e-6)
+    return COLOUR_NAMES[int(cosine.argmax())]
 
 
 def direction_of(clip: np.ndarray) -> str | None:

@@ -143,6 +143,7 @@ class LearnedTokenizer(_Encoder):
     name = "learned"
 
     def __init__(self, words: list[str], max_length: int = 16, **_ignored):
+        _require_tokenizers()
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
         if not isinstance(max_length, int) or max_length < 2:
@@ -173,11 +174,19 @@ class LearnedTokenizer(_Encoder):
 
 def build_vocabulary(captions, max_words: int = 5000) -> list[str]:
     """The `max_words` commonest words of the captions (ties in alphabetical order), as LearnedTokenizer splits them."""
+    _require_tokenizers()
     from tokenizers import normalizers, pre_tokenizers
 
     norm, pre = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     counts = Counter(w for c in captions for w, _ in pre.pre_tokenize_str(norm.normalize_str(str(c))))
     return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_words]]
+
+
+def _require_tokenizers() -> None:
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError as e:
+        raise TextEncoderError(f"text_encoder=learned needs the tokenizers package: pip install 'stale[text]' ({e})") from None
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
