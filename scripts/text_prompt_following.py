@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--settings", default="3:0,1:0,3:1,3:3", help="w:classifier_guidance pairs")
+    ap.add_argument("--settings", default="3:0,1:0,3:2:1", help="w:classifier_guidance[:seeds] (seeds: --seeds)")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
     out = Path(args.out)
@@ -68,11 +68,11 @@ def main():
     pipe = load_pipeline(ckpt=args.ckpt, device="cpu")
     sheet = None
     for setting in args.settings.split(","):
-        w, cg = (float(v) for v in setting.split(":"))
+        w, cg, *n = (float(v) for v in setting.split(":"))
         row = {}
         for group, ps in prompts.items():
             clips, asked = [], []
-            for seed in range(args.seeds):
+            for seed in range(int(n[0]) if n else args.seeds):
                 v = pipe(num_videos=len(ps), prompt=ps, steps=args.steps, guidance=w, classifier_guidance=cg,
                          seed=seed)  # uint8 (B, C, T, H, W)
                 clips += list(v.permute(0, 2, 3, 4, 1).numpy())

@@ -387,7 +387,7 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     HFTextEncoder.encode = lambda self, captions: calls.append(captions) or original(self, captions)
     try:
         batch = next(iter(dm.train_dataloader()))
-        assert isinstance(batch[2], tuple) and batch[2][0].shape == (4, 16, 16)
+        assert len(batch[2]) == 2 and batch[2][0].shape == (4, 16, 16) and batch[2][1].dtype == torch.bool
         loss = system.training_step(batch, 0)
     finally:
         HFTextEncoder.encode = original
@@ -397,7 +397,8 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
                                             f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
                                             "model.cond=text", "text_encoder=hf",
                                             f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
-                                            "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1"])
+                                            "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
+                                            "model.patch=[1,1,1]"])
     check_config(other)
     from stale.train import ConfigError
 
