@@ -292,8 +292,10 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["text_encoder"]["name"] == "learned" and "square" in config["text_encoder"]["words"]
     (tmp_path / "p.txt").write_text("a blue disc moving up\n\na red square moving left\n")
-    run_cli("stale-sample", f"model={tmp_path / 'e'}", f"out={tmp_path / 's2'}", f"prompts={tmp_path / 'p.txt'}",
-            "steps=2", "negative_prompt=a green cross moving down")
+    from stale.export.sample import sample_to_dir  # what stale-sample runs, in this process
+
+    sample_to_dir(tmp_path / "s2", model=tmp_path / "e", prompts=tmp_path / "p.txt", steps=2,
+                  negative_prompt="a green cross moving down", device="cpu", progress=False)
     record = json.loads((tmp_path / "s2" / "samples.json").read_text())
     assert record["prompts"] == ["a blue disc moving up", "a red square moving left"]
 
