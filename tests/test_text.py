@@ -421,9 +421,10 @@ def test_config_errors_name_the_key():
         with initialize_config_module("stale.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         if message is None:  # the data module's own check, when it is built
+            from hydra.errors import InstantiationException
             from hydra.utils import instantiate
 
-            with pytest.raises(ValueError, match="data.missing_caption='maybe'"):
+            with pytest.raises(InstantiationException, match="data.missing_caption='maybe'"):
                 instantiate(cfg.data, _convert_="all", captions=True, train_clips=16, val_clips=8, test_clips=8)
             continue
         with pytest.raises(ConfigError, match=message):
