@@ -102,6 +102,7 @@ def check_config(cfg: DictConfig) -> None:
         except ImportError as e:
             raise ConfigError(str(e)) from None
     autoencoder = check_autoencoder(cfg)  # fills in the latent shape, the normalisation and the prior's scale
+    check_text_node(cfg)
     patch = list(cfg.model.get("patch", [1, 1, 1]))
     frames, size = (cfg.model.frames, cfg.model.size) if autoencoder is not None else (cfg.data.frames, cfg.data.size)
     if frames % patch[0] or size % patch[1] or size % patch[2]:
@@ -241,6 +242,67 @@ def check_autoencoder(cfg: DictConfig):
     return autoencoder
 
 
+def check_text_node(cfg: DictConfig) -> None:
+    """model.cond and text_encoder agree, and the data can carry captions; the encoder loads in load_text."""
+    cond = cfg.model.get("cond", "label")
+    name = (cfg.get("text_encoder") or {}).get("name", "none")
+    if cond not in ("label", "text"):
+        raise ConfigError(f"model.cond={cond!r} is not one of label, text")
+    if cond == "text" and name in ("none", None):
+        raise ConfigError("model.cond=text needs a text encoder: text_encoder=hf text_encoder.pretrained=DIR_OR_HUB_ID, "
+                          "or text_encoder=learned (no download)")
+    if cond == "label" and name not in ("none", None):
+        raise ConfigError(f"text_encoder={name} conditions on captions: add model.cond=text")
+    if name not in ("none", None, "hf", "learned"):
+        raise ConfigError(f"text_encoder.name={name!r} is not one of none, hf, learned")
+    if cond == "text" and name == "hf" and (OmegaConf.is_missing(cfg.text_encoder, "pretrained")
+                                            or not cfg.text_encoder.get("pretrained")):
+        raise ConfigError("text_encoder=hf needs text_encoder.pretrained=<a transformers folder or hub id>")
+
+
+def load_text(cfg: DictConfig, datamodule=None):
+    """model.cond=text: load (hf) or build (learned: a vocabulary of the training captions) the text encoder, write
+    what follows into the config (model.text_dim/text_len/text_vocab, text_encoder.sha256/words) so that the
+    checkpoint and the export record it, and return (encoder, the empty caption's encoding); (None, None) else.
+    A stale-encode cache with caption embeddings must have been made by the same encoder (weights hash)."""
+    if cfg.model.get("cond", "label") != "text":
+        return None, None
+    from stale.text.encoders import TextEncoderError, build_vocabulary, load_text_encoder
+
+    node = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+    if node["name"] == "learned" and not node.get("words"):
+        if datamodule is None:
+            raise ConfigError("text_encoder=learned builds its vocabulary from the training shards: pass the datamodule")
+        from stale.text.captions import read_captions
+
+        captions = read_captions(datamodule.train_urls, "data.shards", node.get("vocab_captions"))
+        if not captions:
+            raise ConfigError("text_encoder=learned: the training shards hold no caption (.txt or .json 'caption')")
+        node["words"] = build_vocabulary(captions, int(node.get("max_words", 5000)))
+    try:
+        encoder = load_text_encoder(node)
+    except TextEncoderError as e:
+        raise ConfigError(str(e)) from None
+    with open_dict(cfg):
+        cfg.text_encoder.sha256 = encoder.source["sha256"]
+        cfg.model.text_len = encoder.max_length
+        if node["name"] == "learned":
+            cfg.text_encoder.words = list(encoder.words)
+            cfg.model.text_vocab, cfg.model.text_layers = encoder.vocab_size, int(node.get("layers", 2))
+            cfg.model.text_dim = 0  # the model's width
+        else:
+            cfg.model.text_dim, cfg.model.text_vocab = encoder.dim, 0
+    cached = getattr(datamodule, "text_info", None)  # a stale-encode cache with caption embeddings
+    if cached is not None:
+        if cached["sha256"] != encoder.source["sha256"] or cached["max_length"] != encoder.max_length:
+            raise ConfigError(f"data.shards: the cache's captions were encoded by {cached['pretrained']!r} "
+                              f"(sha256 {cached['sha256'][:12]}..., max_length {cached['max_length']}), not by "
+                              f"text_encoder.pretrained={cfg.text_encoder.pretrained!r} (sha256 "
+                              f"{encoder.source['sha256'][:12]}..., max_length {encoder.max_length})")
+        return encoder, datamodule.empty_text
+    return encoder, encoder.empty()
+
+
 def thread_tuner(cfg: DictConfig) -> ThreadTuner | None:
     """cfg.threads on CPU: an integer sets torch's threads now; auto returns a ThreadTuner that measures 1 thread
     against this process's share of the cores in the first steps (unless $OMP_NUM_THREADS chose); null keeps
@@ -264,15 +326,16 @@ def max_steps(cfg: DictConfig) -> int:
     return cfg.trainer.max_steps if cfg.trainer.max_steps is not None else cfg.deadline.max_steps
 
 
-def build_system(cfg: DictConfig, autoencoder=None) -> StaleSystem:
-    """The system of a (checked) config; `autoencoder` is check_config's, else loaded from the resolved vae node."""
+def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleSystem:
+    """The system of a (checked) config; `autoencoder` is check_config's, else loaded from the resolved vae node;
+    `text` is load_text's (encoder, empty caption encoding)."""
     model = instantiate(cfg.model, _convert_="all")
     finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
     try:  # init_from (weights into a possibly different model), then what trains: stale/export/weights.py
         prepared = prepare(model, finetune, cfg.get("init_from"), bool(cfg.get("init_from_strict", True)))
     except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
         raise ConfigError(str(e)) from None
-    objective = instantiate(cfg.diffusion)
+    objective = instantiate(cfg.diffusion, caption_dropout=cfg.data.get("caption_dropout", 0.1))
     vae = cfg.get("vae") or {}
     if autoencoder is None and vae.get("name") == "diffusers":
         from stale.latent.autoencoder import load_autoencoder
@@ -287,7 +350,8 @@ def build_system(cfg: DictConfig, autoencoder=None) -> StaleSystem:
                        else compile_opts,
                        provenance=provenance(),
                        finetune_base=prepared.base,
-                       run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder)
+                       run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder,
+                       text_encoder=text[0], empty_text=text[1], prompts=cfg.sample.get("prompts"))
 
 
 def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float:
@@ -295,8 +359,10 @@ def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float:
     if cfg.budget.get("flops_per_clip") is not None:
         return float(cfg.budget.flops_per_clip)
     flops = float(training_flops_per_clip(system.model.config))  # the model's clip: the latent one with a vae
-    # the label-free hinge branch runs forward + backward on hinge_fraction of the batch
-    return flops * (1 + system.objective.hinge_fraction) if system.objective.hinge_weight > 0 else flops
+    # the label-free hinge branch runs forward + backward on hinge_fraction of the batch (model.cond=text: twice,
+    # each clip with its own caption and with another's)
+    passes = 2 if system.model.config.cond == "text" else 1
+    return flops * (1 + passes * system.objective.hinge_fraction) if system.objective.hinge_weight > 0 else flops
 
 
 def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
@@ -343,7 +409,10 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     out.mkdir(parents=True, exist_ok=True)
     autoencoder = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    system = build_system(cfg, autoencoder)
+    text = cfg.model.get("cond", "label") == "text"
+    if datamodule is None and text:  # the data first: the learned encoder's vocabulary comes from its captions
+        datamodule = instantiate(cfg.data, _convert_="all", captions=True)
+    system = build_system(cfg, autoencoder, load_text(cfg, datamodule))
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     system.flops_per_batch = budget.flops_per_clip * cfg.data.batch_size  # ThroughputMonitor's FLOP/s and MFU
@@ -362,6 +431,8 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
         system.schedule_steps = min(max_steps(cfg), affordable)
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
     datamodule = datamodule if datamodule is not None else instantiate(cfg.data, _convert_="all")
+    if text:
+        datamodule.hparams.captions = True
     n_params = sum(p.numel() for p in system.model.parameters())
     n_train = sum(p.numel() for p in system.model.parameters() if p.requires_grad)
     log.info("model %s: %.2fM parameters (%s trainable); outputs in %s", cfg.model.name, n_params / 1e6,
@@ -405,6 +476,6 @@ def _sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: l
     s = cfg.sample
     paths = sample_to_disk(system, out / "samples", num_videos=s.num_videos, steps=s.steps, sampler=s.sampler,
                            guidance=s.guidance, seed=s.seed, progress=s.get("progress", False),
-                           classifier_guidance=s.get("classifier_guidance", 0.0))
+                           classifier_guidance=s.get("classifier_guidance", 0.0), prompts=system.prompts)
     log_videos(loggers, paths, step)
     return {"samples": out / "samples", "contact sheet": paths["contact_sheet"], "gif grid": paths["gif"]}

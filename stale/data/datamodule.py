@@ -31,6 +31,7 @@ from stale.data.video_io import ClipSpec
 from stale.parallel.mesh import data_parallel_rank_world
 
 log = logging.getLogger(__name__)
+from stale.text.captions import MISSING
 
 
 def _rank_world(trainer) -> tuple[int, int]:
@@ -79,6 +80,9 @@ class VideoDataModule(L.LightningDataModule):
         image_share: float | None = None,  # with buckets: the share of training clips that are images (T = 1)
         bucket_scan: bool = True,  # read the shards' .json once at start: clips per bucket, warnings, image_share
         bucket_batch_max: int | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
+        captions: bool = False,  # read each clip's caption too (stale-train sets it with model.cond=text)
+        missing_caption: str = "skip",  # a clip without a caption: skip (counted) | empty (counted, kept with "")
+        caption_dropout: float = 0.1,  # p(empty caption) in training, for classifier-free guidance (the system applies it)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -89,6 +93,11 @@ class VideoDataModule(L.LightningDataModule):
         self.train_spec = ClipSpec(frames, size, frame_stride, fps, train_start, train_crop, hflip, decode_threads)
         self.val_spec = ClipSpec(frames, size, frame_stride, fps, val_start, "center", False, decode_threads)
         self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
+        if missing_caption not in MISSING:
+            raise ValueError(f"data.missing_caption={missing_caption!r} is not one of {MISSING}")
+        if not 0 <= caption_dropout <= 1:
+            raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1]")
+        self.text_members = None  # a stale-encode cache with caption embeddings names its members here
         self.buckets = bucketing.parse_buckets(buckets)
         if self.buckets and bucket_batch_max is not None:
             if bucket_batch_max < 1:
@@ -133,7 +142,8 @@ class VideoDataModule(L.LightningDataModule):
                            train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
                            num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
                            seed=hp.seed, rank=rank, world_size=world,
-                           buckets=self.buckets, assigner=self.assigner(train))
+                           buckets=self.buckets, assigner=self.assigner(train),
+                           captions=hp.missing_caption if hp.captions else None, text_members=self.text_members)
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
@@ -170,4 +180,9 @@ class LatentDataModule(VideoDataModule):
         super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], **loader_kwargs)
         c, t, h, w = info["latent_shape"]
         self.info = info
+        if info.get("text_encoder"):  # captions encoded once by stale-encode: the loader reads them, never the text
+            from stale.latent.cache import TEXT_MEMBERS, load_empty_text
+
+            self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
+            self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))

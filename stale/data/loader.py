@@ -41,6 +41,7 @@ bucket and crop are functions of their position) while the rest of the replay is
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections import Counter
@@ -57,6 +58,7 @@ from stale.data.buckets import Assigner, Bucket, clip_shape
 from stale.data.health import DataHealth, DataHealthError
 from stale.data.reader import Skip, SkipCounter, all_skipped, check_sample, decode_sample, read_shard
 from stale.data.video_io import ClipSpec
+from stale.text.captions import sample_caption
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,18 @@ def sample_seed(seed: int, epoch: int, rank: int, worker: int, position: int) ->
 
 
 class VideoStream(IterableDataset):
-    """Worker-side pipeline. Yields (uint8 (B, C, T, H, W), int64 (B,), meta) batches."""
+    """Worker-side pipeline. Yields (uint8 (B, C, T, H, W), int64 (B,), meta) batches.
+
+    captions (model.cond=text): None reads no captions; "skip" or "empty" (data.missing_caption) puts each clip's
+    caption into meta["text"]: a list of strings, or, from a stale-encode cache with text (text_members), the
+    cached embeddings and masks stacked as (float32 (B, L, D), bool (B, L)).
+    """
 
     def __init__(self, urls: list[str], spec: ClipSpec, *, train: bool, batch_size: int, num_classes: int,
                  label_key: str | None = "label", shuffle_buffer: int = 512, seed: int = 0, rank: int = 0,
                  world_size: int = 1, control: torch.Tensor | None = None, buckets: list[Bucket] | None = None,
-                 assigner: Assigner | None = None):
+                 assigner: Assigner | None = None, captions: str | None = None,
+                 text_members: tuple[str, str] | None = None):
         self.urls, self.spec, self.train = list(urls), spec, train
         self.buckets = buckets
         self.assigner = assigner or (Assigner(buckets, spec.stride) if buckets else None)
@@ -95,6 +103,7 @@ class VideoStream(IterableDataset):
         self.control = control  # shared int64 [epoch, skip for worker 0, skip for worker 1, ...] (training)
         self.released: torch.Tensor | None = None  # shared int64 (workers, RING): buffer generations handed back
         self.split = "train" if train else "val"
+        self.captions, self.text_members = captions, text_members
 
     # -- samples -------------------------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class VideoStream(IterableDataset):
         b = self.batch_size
         ring = _Ring(self.released[worker] if self.released is not None and info is not None else None)
         video, slot = self._new_batch(ring)  # clips are decoded straight into it (None when the size is not fixed)
-        clips, labels, keys = [], [], []
+        clips, labels, keys, texts = [], [], [], []
         streak = Counter()  # skips by reason since the last clip that decoded
         for i, sample in enumerate(samples):
             if i < skip:
@@ -154,6 +163,7 @@ class VideoStream(IterableDataset):
             # per-sample RNG from the sample's position: skipping samples on resume leaves the rest as they were
             rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
             try:
+                text = self._text(sample, counter)  # before decoding: a clip skipped for its caption is not decoded
                 clip, label = decode_sample(sample, self.spec, rng, self.label_key, self.num_classes,
                                             None if video is None else video[len(labels)].numpy())
             except Skip as e:
@@ -168,12 +178,25 @@ class VideoStream(IterableDataset):
                 clips.append(clip)
             labels.append(label)
             keys.append(sample.get("__key__", "?"))
+            texts.append(text)
             if len(labels) == b:
-                yield self._batch(video, slot, clips, labels, keys, worker, epoch, i + 1, counter)
+                yield self._batch(video, slot, clips, labels, keys, worker, epoch, i + 1, counter, texts)
                 video, slot = self._new_batch(ring)
-                clips, labels, keys = [], [], []
+                clips, labels, keys, texts = [], [], [], []
         if labels or counter.reasons:  # finite (validation) stream: the rest, and the last counts
-            yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter)
+            yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter, texts)
+
+    def _text(self, sample: dict, counter: SkipCounter):
+        """The clip's caption (a string), its cached (embedding, mask) arrays, or None without captions."""
+        if self.captions is None:
+            return None
+        if self.text_members is None:
+            return sample_caption(sample, self.captions, counter)
+        try:
+            return tuple(np.load(io.BytesIO(sample[m]), allow_pickle=False) for m in self.text_members)
+        except (KeyError, ValueError, OSError, EOFError) as e:
+            raise Skip("bad_latent", f"{sample.get('__key__', '?')}: cached caption {self.text_members} "
+                                     f"missing or unreadable ({type(e).__name__}: {e})") from None
 
     def _bucketed(self, samples, worker: int, epoch: int, skip: int, counter: SkipCounter):
         """One partly filled batch per bucket; yields whichever fills first. A finite (validation) stream ends with
@@ -248,9 +271,9 @@ class VideoStream(IterableDataset):
             return torch.empty(shape, dtype=dtype), None
         return ring.take(shape, dtype)
 
-    def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter):
+    def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter, texts=()):
         meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
-                "slot": slot}
+                "slot": slot, "text": stack_text(texts) if self.captions is not None and labels else None}
         if not labels:
             return None, None, meta
         if video is None:  # size=None: clips of the stored size, stacked here
@@ -259,6 +282,31 @@ class VideoStream(IterableDataset):
             for j, clip in enumerate(clips):
                 video[j] = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
         return video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+
+
+def stack_text(texts: list):
+    """Per-clip captions -> the batch's: a list of strings, or cached (embedding, mask) arrays stacked as tensors."""
+    if not texts or isinstance(texts[0], str):
+        return list(texts)
+    return (torch.from_numpy(np.stack([t[0] for t in texts])).float(), torch.from_numpy(np.stack([t[1] for t in texts])).bool())
+
+
+def take_text(text, idx: list[int]):
+    """The captions of a batch at positions idx (either kind)."""
+    if text is None:
+        return None
+    if isinstance(text, list):
+        return [text[i] for i in idx]
+    index = torch.as_tensor(idx, dtype=torch.long)
+    return tuple(t.index_select(0, index) for t in text)
+
+
+def concat_text(texts: list):
+    if texts[0] is None:
+        return None
+    if isinstance(texts[0], list):
+        return [c for t in texts for c in t]
+    return tuple(torch.cat(parts) for parts in zip(*texts))
 
 
 RING = 6  # shared batch buffers per training worker: more than the batches a worker can have in flight
@@ -341,8 +389,9 @@ class _Loader:
         raise NotImplementedError
 
     def __iter__(self):
-        for video, label, _ in self.iter_meta():
-            yield video, label
+        """(video, label) batches; with captions (model.cond=text) (video, label, text)."""
+        for video, label, meta in self.iter_meta():
+            yield (video, label) if meta.get("text") is None else (video, label, meta["text"])
 
 
 class ValLoader(_Loader):
@@ -450,20 +499,22 @@ class TrainLoader(_Loader):
             video = torch.cat([it[0] for it in items])  # (W*B, C, T, H, W)
             label = torch.cat([it[1] for it in items])
             keys = [k for it in items for k in it[2]["keys"]]
+            text = concat_text([it[2].get("text") for it in items])
             perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
-            parts = [(video, label, keys, perm[j * d.batch_size : (j + 1) * d.batch_size]) for j in range(len(items))]
+            parts = [(video, label, keys, text, perm[j * d.batch_size : (j + 1) * d.batch_size])
+                     for j in range(len(items))]
         else:
-            parts = [(it[0], it[1], it[2]["keys"], None) for it in items]
+            parts = [(it[0], it[1], it[2]["keys"], it[2].get("text"), None) for it in items]
         out = []
-        for video, label, keys, idx in parts:
+        for video, label, keys, text, idx in parts:
             n = len(label) if idx is None else len(idx)
             v = torch.empty((n, *video.shape[1:]), dtype=video.dtype, pin_memory=self.pin_out)
             if idx is None:
                 v.copy_(video)
             else:
                 torch.index_select(video, 0, idx, out=v)
-                label, keys = label[idx], [keys[i] for i in idx.tolist()]
-            out.append((v, label.clone(), {"keys": keys, "epoch": epoch, "round": rnd}))
+                label, keys, text = label[idx], [keys[i] for i in idx.tolist()], take_text(text, idx.tolist())
+            out.append((v, label.clone(), {"keys": keys, "epoch": epoch, "round": rnd, "text": text}))
         for _, _, meta in items:  # the copies are made: the workers may reuse their buffers
             if meta.get("slot") is not None:
                 k, generation = meta["slot"]

@@ -102,12 +102,15 @@ REASONS = (
     "empty_shard",  # the shard opened fine but holds no sample
     "bad_latent",  # a latent cache sample whose .latent.npy is missing, unreadable or of another shape
     "no_bucket",  # the clip fits no bucket of data.buckets (stale/data/buckets.py)
+    "missing_caption",  # model.cond=text with data.missing_caption=skip: no .txt and no .json caption
+    "empty_caption",  # the same with data.missing_caption=empty: counted, but KEPT with the empty caption
 )
 SHARD_REASONS = {"corrupt_shard", "unreadable_shard", "empty_shard"}
 # An empty shard holds no sample: it is counted and logged, but is not a skipped *sample*, so it stays out of
 # the skip rate (with resampling it is drawn again and again and would inflate the rate without bound).
-# A clip that fits no bucket is not bad data (the bucket list decides), so it stays out of the rate too.
-NO_SAMPLE = ("empty_shard", "no_bucket")
+# A clip that fits no bucket is not bad data (the bucket list decides), so it stays out of the rate too; an empty
+# caption is counted the same way: the clip is kept (data.missing_caption=empty), so it is no skip.
+NO_SAMPLE = ("empty_shard", "no_bucket", "empty_caption")
 
 # The likely fix when a reason accounts for every skip; {p} is the config prefix ("data." in training).
 FIXES = {
@@ -127,6 +130,9 @@ FIXES = {
     "bad_latent": "the latent samples do not match the cache's info.json: encode them again with stale-encode",
     "no_bucket": "no clip fits a bucket of {p}buckets: add buckets of the clips' shapes (their .json height, width "
                  "and frames) or lower the buckets' frames",
+    "missing_caption": "the samples have no caption (.txt, or 'caption' in .json): caption them, or set "
+                       "{p}missing_caption=empty to train them with the empty caption",
+    "empty_caption": "the samples have no caption",
 }
 
 

@@ -28,7 +28,23 @@ COLOURS = np.array(
     dtype=np.float32,
 )
 SIMPLE_BACKGROUND = np.array([40, 40, 48], dtype=np.float32)  # style="simple": one dark background for all clips
-STYLES = ("varied", "simple")
+STYLES = ("varied", "simple", "captioned")
+# style="captioned" (text-to-video, docs/text.md): the caption says what the clip shows, e.g. "a red square moving
+# left". Colour (the first 4 of COLOURS), shape and a straight motion without bounces are drawn independently;
+# HELD_OUT combinations never appear in train or val, only in test, to measure whether prompts generalise.
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
+CAPTION_COLOURS = 4
+DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx) in pixels
+
+
+def held_out(shape: int, colour: int, direction: int) -> bool:
+    """8 of the 64 (shape, colour, direction) combinations of 4 shapes: each shape, colour and direction still
+    appears in training, each pair of them too, but these triples do not."""
+    return (shape + 2 * colour + 3 * direction) % 8 == 0
+
+
+def caption(shape: int, colour: int, direction: int) -> str:
+    return f"a {COLOUR_NAMES[colour]} {SHAPES[shape]} moving {list(DIRECTIONS)[direction]}"
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}  # different seeds: no clip is shared between splits
 
 
@@ -43,7 +59,9 @@ class SyntheticSpec:
     supersample: int = 4  # anti-aliasing factor of the rasteriser
     counts: dict = field(default_factory=lambda: {"train": 2048, "val": 128, "test": 128})
     per_shard: int = 256
-    style: str = "varied"  # varied: random shape colour and background | simple: one colour per class, fixed background
+    # varied: random shape colour and background | simple: one colour per class, fixed background | captioned:
+    # independent shape, colour and straight motion, told by the caption (docs/text.md)
+    style: str = "varied"
     version: int = 1  # bump when the generator's output changes
 
     def __post_init__(self):
@@ -109,6 +127,36 @@ def make_clip(rng: np.random.Generator, spec: SyntheticSpec, label: int) -> np.n
     return np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
 
+def make_captioned_clip(rng: np.random.Generator, spec: SyntheticSpec, label: int, colour: int,
+                        direction: int) -> np.ndarray:
+    """style="captioned": one colour, one straight motion that never reaches an edge (the caption stays true)."""
+    s, ss = spec.size, spec.supersample
+    n = s * ss
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / ss
+    r = rng.uniform(0.2, 0.26) * s
+    speed = rng.uniform(0.6, 0.9) * s / 16
+    step = speed * np.array(list(DIRECTIONS.values())[direction])  # (dy, dx) per frame
+    travel = np.abs(step) * (spec.frames - 1)
+    low, high = r + np.where(step < 0, travel, 0), s - r - np.where(step > 0, travel, 0)
+    pos = rng.uniform(low, np.maximum(high, low))  # the whole path stays inside the frame
+    fg = COLOURS[colour]
+    frames = []
+    for k in range(spec.frames):
+        mask = _shape_mask(SHAPES[label], yy, xx, *(pos + k * step), r).astype(np.float32)
+        cover = mask.reshape(s, ss, s, ss).mean(axis=(1, 3))[..., None]
+        frames.append(SIMPLE_BACKGROUND * (1 - cover) + fg * cover)
+    return np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
+
+
+def _captioned(rng: np.random.Generator, spec: SyntheticSpec, split: str) -> tuple[int, int, int]:
+    """(shape, colour, direction) of one clip: held-out triples only in test, never elsewhere."""
+    while True:
+        combo = (int(rng.integers(spec.num_classes)), int(rng.integers(CAPTION_COLOURS)),
+                 int(rng.integers(len(DIRECTIONS))))
+        if held_out(*combo) == (split == "test"):
+            return combo
+
+
 def write_split(out_dir: Path, split: str, spec: SyntheticSpec) -> list[str]:
     """Write one split's shards; returns their paths."""
     rng = np.random.default_rng([SPLIT_SEEDS[split], spec.size, spec.frames, spec.num_classes])
@@ -116,13 +164,19 @@ def write_split(out_dir: Path, split: str, spec: SyntheticSpec) -> list[str]:
     pattern = str(out_dir / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=spec.per_shard, verbose=0) as sink:
         for i in range(spec.counts[split]):
-            label = int(rng.integers(spec.num_classes))
-            clip = make_clip(rng, spec, label)
             key = f"{split}{i:07d}"
+            if spec.style == "captioned":
+                label, colour, direction = _captioned(rng, spec, split)
+                clip, text = make_captioned_clip(rng, spec, label, colour, direction), caption(label, colour, direction)
+                extra = {"caption": text, "colour": COLOUR_NAMES[colour], "direction": list(DIRECTIONS)[direction],
+                         "held_out": held_out(label, colour, direction)}
+            else:
+                label = int(rng.integers(spec.num_classes))
+                clip, text, extra = make_clip(rng, spec, label), SHAPES[label], {}
             meta = {"key": key, "label": label, "class_name": SHAPES[label], "fps": spec.fps,
-                    "frames": spec.frames, "source": "stale.synthetic", "split": split}
+                    "frames": spec.frames, "source": "stale.synthetic", "split": split, **extra}
             sink.write({"__key__": key, "mp4": encode_mp4(clip, fps=spec.fps), "json": json.dumps(meta).encode(),
-                        "cls": str(label).encode(), "txt": SHAPES[label].encode()})
+                        "cls": str(label).encode(), "txt": text.encode()})
     return sorted(str(p) for p in out_dir.glob(f"{split}-*.tar"))
 
 

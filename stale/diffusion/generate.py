@@ -17,19 +17,40 @@ from stale.diffusion.hinge import margin
 from stale.diffusion.samplers import get_sampler, time_grid
 
 
+def text_model(model: nn.Module, text: tuple, negative: tuple):
+    """cond=text as a label-conditional model: "label" i < B picks caption i, B + i the negative (or empty)
+    caption of video i, so classifier-free guidance batches both branches as it does labels."""
+    bank = torch.cat([text[0], negative[0].expand(len(text[0]), *negative[0].shape[1:])])  # (2B, L[, D])
+    bank_mask = torch.cat([text[1], negative[1].expand(len(text[1]), -1)])  # (2B, L)
+
+    def call(x, t, i):
+        return model(x, t, torch.zeros_like(i), bank[i], bank_mask[i])
+
+    n = len(text[0])
+    return call, torch.arange(n, device=bank.device), torch.arange(n, 2 * n, device=bank.device)
+
+
 def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.0,
-                    classifier_guidance: float = 0.0, context: torch.Tensor | None = None) -> Velocity:
+                    classifier_guidance: float = 0.0, context: torch.Tensor | None = None,
+                    text: tuple | None = None, negative: tuple | None = None) -> Velocity:
     """The field the samplers integrate: v(x (B, C, T, H, W), t (B,)) for a model(x, t, y) -> (v, scores).
 
     The model's extra label row, num_classes, is the null label of classifier-free guidance. context: (T',) bool,
     the latent frames given clean: the model sees t = 1 there and the field is 0 there, so they never move.
+    text (cond=text): the prompts' encoding (text (B, L[, D]), mask (B, L)); guidance runs against `negative`
+    (the negative prompt's or the empty caption's encoding, one row or B rows), and classifier guidance follows
+    the joy head's caption-match score.
     """
-    null = torch.full_like(labels, model.config.num_classes)
+    call, null = model, torch.full_like(labels, model.config.num_classes)
+    if text is not None:
+        call, labels, null = text_model(model, text, negative)
     times = (lambda t: t) if context is None else (lambda t: frame_context.frame_times(t, context))  # noqa: E731
-    velocity = classifier_free(lambda x, t, y: model(x, times(t), y)[0], labels, null, guidance)
+    velocity = classifier_free(lambda x, t, y: call(x, times(t), y)[0], labels, null, guidance)
     if classifier_guidance:
-        # the head is trained label-free (null label), so it is read the same way here
-        head_margin = lambda x, t: margin(model(x, times(t), null)[1].float(), labels)  # noqa: E731
+        if text is not None:  # the match score of the clip and its own prompt: the margin of "it matches" (+1)
+            head_margin = lambda x, t: call(x, times(t), labels)[1].float().reshape(-1)  # noqa: E731
+        else:  # the head is trained label-free (null label), so it is read the same way here
+            head_margin = lambda x, t: margin(model(x, times(t), null)[1].float(), labels)  # noqa: E731
         velocity = classifier_guided(velocity, input_gradient(head_margin), classifier_guidance)
     if context is None:
         return velocity
@@ -43,7 +64,8 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
              frames: int | None = None, size: int | None = None, batch_size: int | None = None,
              progress: bool = False, prior_scale: float = 1.0, autoencoder=None,
              context: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-             time_shift_base: int | None = None, time_shift_scale: float = 1.0) -> torch.Tensor:
+             time_shift_base: int | None = None, time_shift_scale: float = 1.0, text: tuple | None = None,
+             negative: tuple | None = None) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
@@ -57,9 +79,15 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
 
     context: uint8 (B, C, K, H, W), the first K frames given (image-to-video: K = 1; continuation): they start
     clean, stay fixed, and are copied into the output unchanged; the model generates the other frames.
+
+    text, negative (model.cond=text): the encoded prompts (text (B, L[, D]), mask (B, L)) and what guidance runs
+    against (the negative prompt's or the empty caption's encoding, 1 or B rows); `labels` only count the videos.
     """
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
+    if (cfg.cond == "text") != (text is not None) or (text is not None and negative is None):
+        raise ValueError(f"model.cond={cfg.cond}: " + ("give the prompts' encoding (text) and the negative or "
+                         "empty caption's (negative)" if cfg.cond == "text" else "a label model takes no text"))
     device = next(model.parameters()).device
     if (height is None) != (width is None):
         raise ValueError(f"height={height} and width={width}: give both (a non-square clip) or neither")
@@ -100,7 +128,10 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     try:
         out = []
         for i in range(0, len(labels), chunk):
-            velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given)
+            part = None if text is None else tuple(v[i : i + chunk].to(device) for v in text)
+            neg = None if negative is None else tuple(v[i : i + chunk].to(device) if len(v) > 1 else v.to(device)
+                                                      for v in negative)
+            velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given, part, neg)
             x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=clamp, progress=progress)
             out.append(flow.to_uint8(x if autoencoder is None else autoencoder.decode(x)).cpu())
     finally:

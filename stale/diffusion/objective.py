@@ -59,6 +59,9 @@ class StaleObjective:
     # sampling, so larger clips (more tokens, e.g. in a bigger bucket) spend more time near the noise. None = off.
     time_shift_base: int | None = None  # tokens (T' H' W') at which the shift is `time_shift_scale`
     time_shift_scale: float = 1.0
+    # model.cond=text: p(the empty caption's encoding in place of the caption), for classifier-free guidance;
+    # stale-train sets it from data.caption_dropout
+    caption_dropout: float = 0.1
     _dog: DoGLoss = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -72,7 +75,7 @@ class StaleObjective:
             raise ValueError(f"diffusion.time_std={self.time_std} must be > 0")
         if isinstance(self.context_frames, bool) or not isinstance(self.context_frames, int) or self.context_frames < 0:
             raise ValueError(f"diffusion.context_frames={self.context_frames!r} must be an integer >= 0")
-        for name in ("label_dropout", "hinge_fraction", "context_prob"):
+        for name in ("label_dropout", "hinge_fraction", "context_prob", "caption_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"diffusion.{name}={getattr(self, name)} must be in [0, 1]")
         for name in ("hinge_weight", "dog_weight"):
@@ -96,8 +99,13 @@ class StaleObjective:
         """The time shift for clips of `shape` (B, C, T, H, W) through a model of `patch` (1 when off)."""
         return flow.token_shift(tokens(shape, patch), self.time_shift_base, self.time_shift_scale)
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int) -> dict[str, torch.Tensor]:
-        """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts."""
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int, text: tuple | None = None,
+                 empty: tuple | None = None) -> dict[str, torch.Tensor]:
+        """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts.
+        text (model.cond=text): the captions' encoding (text (B, L[, D]), mask (B, L)) and `empty`, the empty
+        caption's (1, L[, D]), (1, L): caption dropout puts it in, and the labels are not used."""
+        if text is not None:
+            return self.text_loss(model, x, text, empty)
         b = x.shape[0]
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
         shift = 1.0 if self.time_shift_base is None else self.shift(x.shape, model.config.patch)
@@ -140,4 +148,47 @@ class StaleObjective:
             out["loss"] = out["loss"] + self.hinge_weight * hinge
             out["hinge"] = hinge.detach()
             out["hinge_acc"] = (predict(scores) == yh).float().mean().detach()
+        return out
+
+    def text_loss(self, model, x: torch.Tensor, text: tuple, empty: tuple) -> dict[str, torch.Tensor]:
+        """cond=text: the flow loss with caption dropout; the joy head learns whether a clip matches its caption.
+
+        Hinge branch: on hinge_fraction of the batch (at least 2 clips), at fresh times, the head scores each clip
+        with its own caption (target +1) and with the caption of the next clip in the batch (target -1, or +1 when
+        the two captions are the same): max(0, 1 - y s), one binary hinge over both halves.
+        """
+        if self.context_frames and self.context_prob > 0:
+            raise ValueError("frame conditioning (diffusion.context_frames) with model.cond=text is not supported yet")
+        b = x.shape[0]
+        emb, mask = text
+        z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
+        t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+        drop = torch.rand(b, device=x.device) < self.caption_dropout
+        e_emb, e_mask = (v.to(x.device).expand(b, *v.shape[1:]) for v in empty)
+        keep = drop.view(b, *([1] * (emb.ndim - 1)))
+        cond = (torch.where(keep, e_emb, emb), torch.where(drop[:, None], e_mask, mask))
+        y0 = torch.zeros(b, dtype=torch.long, device=x.device)
+        v, _ = model(flow.interpolate(z, x, t), t, y0, *cond)
+        err = v.float() - flow.velocity_target(z, x).float()
+        velocity = err.pow(2).mean()
+        out = {"loss": velocity, "velocity": velocity.detach(), "caption_dropped": drop.float().mean().detach()}
+        if self.dog_weight > 0:
+            dog = self._dog((1 - flow.expand_t(t, x).float()) * err)
+            out["loss"] = out["loss"] + self.dog_weight * dog
+            out["dog"] = dog.detach()
+        if self.hinge_weight > 0 and b >= 2:
+            n = min(b, max(2, round(b * self.hinge_fraction)))
+            xh, ch, mh = x[:n], emb[:n], mask[:n]
+            cn, mn = ch.roll(1, dims=0), mh.roll(1, dims=0)  # each clip with its neighbour's caption
+            same = ((ch == cn) | ~mh[(...,) + (None,) * (ch.ndim - 2)]).flatten(1).all(1) & (mh == mn).all(1)
+            zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
+            th = flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+            xt = flow.interpolate(zh, xh, th)
+            _, scores = model(torch.cat([xt, xt]), torch.cat([th, th]), torch.zeros(2 * n, dtype=torch.long,
+                              device=x.device), torch.cat([ch, cn]), torch.cat([mh, mn]))
+            target = torch.cat([torch.ones(n, device=x.device), torch.where(same, 1.0, -1.0)]).long()
+            hinge = hinge_loss(scores.float(), target)
+            out["loss"] = out["loss"] + self.hinge_weight * hinge
+            out["hinge"] = hinge.detach()
+            out["hinge_acc"] = (predict(scores) == (target > 0).long()).float().mean().detach()
         return out

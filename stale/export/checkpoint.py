@@ -111,6 +111,25 @@ class StaleCheckpoint:
         return autoencoder_from_node(self.run_config.get("vae"), f"{self.path}: run_config.vae", device)
 
 
+    def build_text_encoder(self, device: str | torch.device = "cpu"):
+        """The run's text encoder (model.cond=text; hf: checked against its recorded weights hash), else None."""
+        return text_encoder_from_node(self.run_config.get("text_encoder"), f"{self.path}: run_config.text_encoder",
+                                      device)
+
+
+def text_encoder_from_node(node: dict | None, where: str, device: str | torch.device = "cpu", folder=None):
+    """A run config's or an export's `text_encoder` node -> a stale.text encoder (None without one). `folder`
+    replaces the recorded pretrained (an export's own copy)."""
+    if not isinstance(node, dict) or node.get("name", "none") in ("none", None):
+        return None
+    from stale.text.encoders import TextEncoderError, load_text_encoder
+
+    try:
+        return load_text_encoder(node, device=device, folder=folder)
+    except TextEncoderError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
 def autoencoder_from_node(node: dict | None, where: str, device: str | torch.device = "cpu", folder=None):
     """A run config's or an export's `vae` node -> a stale.latent Autoencoder (None for pixel space). `folder`
     replaces the recorded vae.pretrained (an export's own copy)."""

@@ -42,6 +42,7 @@ FORMAT = "stale-export"
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json", "provenance.json"
 VAE_FOLDER = "vae"
+TEXT_FOLDER = "text_encoder"
 ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
 LORA_DIR = "lora"
 MODEL_TARGET = "stale.models.build_model"
@@ -78,9 +79,10 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None = None,
                     diffusion: dict | None = None, sample: dict | None = None, weights: str = "ema",
-                    provenance_record: dict | None = None, autoencoder=None) -> dict[str, Path]:
+                    provenance_record: dict | None = None, autoencoder=None, text_encoder=None) -> dict[str, Path]:
     """Write model.safetensors, config.json and provenance.json for `model` into `out` (and the autoencoder's
-    copy into out/vae/ for a latent model)."""
+    copy into out/vae/ for a latent model; a text model's encoder: text_encoder=hf's copy, with its tokenizer,
+    into out/text_encoder/, the learned encoder's vocabulary into config.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
@@ -101,6 +103,13 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
         paths["vae"] = autoencoder.save(out / VAE_FOLDER)
         config["vae"] = {**autoencoder.node(), "source": autoencoder.source["pretrained"], "pretrained": VAE_FOLDER}
         config["files"]["vae"] = VAE_FOLDER
+    if text_encoder is not None:
+        node = dict(text_encoder.source)
+        if node["name"] == "hf":
+            paths["text_encoder"] = text_encoder.save(out / TEXT_FOLDER)
+            node.update(source=node["pretrained"], pretrained=TEXT_FOLDER, subfolder=None, tokenizer_subfolder=None)
+            config["files"]["text_encoder"] = TEXT_FOLDER
+        config["text_encoder"] = node
     paths["config"] = _json(out / CONFIG_FILE, config)
     paths["provenance"] = _json(out / PROVENANCE_FILE, provenance_record or {"export": provenance()})
     return paths
@@ -134,7 +143,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
                     "only the checkpoint and the exporting environment", ckpt)
     paths = save_pretrained(model, out, name=run["model"].get("name"), diffusion=run.get("diffusion"),
                             sample=run.get("sample"), weights=weights, provenance_record=record,
-                            autoencoder=source.build_autoencoder())
+                            autoencoder=source.build_autoencoder(), text_encoder=source.build_text_encoder())
     result: dict = {"paths": paths, "checks": {}}
     config = json.loads(paths["config"].read_text())
     if adapter is not None:

@@ -7,6 +7,9 @@ training clips, since the positional encoding is computed from them at trace tim
     x         float32 (B, C, T, H, W)   the state x_t, in [-1, 1] for the uniform prior
     t         float32 (B,)              flow time in [0, 1] (0 = prior, 1 = data)
     y         int64   (B,)              label; y = num_classes is the null label (unconditional)
+    text      float32 (B, L, D_text)    model.cond=text only: the caption embeddings (int64 (B, L) token ids with
+                                        a learned text encoder, which is then part of the graph); y is unused
+    text_mask bool    (B, L)            model.cond=text only: True on real caption tokens
     velocity  float32 (B, C, T, H, W)   dx/dt
 
 ONNX goes through the dynamo exporter (torch.onnx.export(dynamo=True), which needs `onnxscript`): the
@@ -27,6 +30,11 @@ from torch import nn
 from stale.models.stale_transformer import SDPA_MAX_SEQUENCES
 
 INPUT_NAMES = ("x", "t", "y")
+TEXT_INPUT_NAMES = ("text", "text_mask")
+
+
+def input_names(config) -> tuple[str, ...]:
+    return INPUT_NAMES + (TEXT_INPUT_NAMES if config.cond == "text" else ())
 OUTPUT_NAMES = ("velocity",)
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export needs one; ONNX keeps it symbolic)
 ONNX_INLINE_LIMIT = 1 << 30  # weights above 1 GiB go to an external .onnx.data file (protobuf caps a file at 2 GiB)
@@ -39,17 +47,24 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, y)[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *text: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, y, *text)[0]
 
 
-def example_inputs(config, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random (x, t, y) of the model's training clip shape; labels cycle through all classes and the null label."""
+def example_inputs(config, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random (x, t, y) of the model's training clip shape; labels cycle through all classes and the null label.
+    model.cond=text adds random captions and masks of varied lengths (text, text_mask)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, config.in_channels, config.frames, config.size, config.size, generator=g) * 2 - 1
     t = torch.rand(batch, generator=g)
     y = torch.arange(batch) % (config.num_classes + 1)
-    return x, t, y
+    if config.cond != "text":
+        return x, t, y
+    L = config.text_len
+    text = (torch.randint(0, config.text_vocab, (batch, L), generator=g) if config.text_vocab
+            else torch.randn(batch, L, config.text_dim, generator=g))
+    mask = torch.arange(L)[None] < torch.randint(1, L + 1, (batch, 1), generator=g)
+    return x, t, y, text, mask
 
 
 @contextlib.contextmanager
@@ -87,6 +102,8 @@ def export_program(model: nn.Module, batch: int = 2) -> torch.export.ExportedPro
     denoiser = Denoiser(model).eval()
     b = torch.export.Dim("batch", min=1, max=max_batch(model.config))
     dynamic = {"x": {0: b}, "t": {0: b}, "y": {0: b}}
+    if model.config.cond == "text":
+        dynamic["text"] = ({0: b}, {0: b})  # Denoiser's *text: (text, text_mask)
     with torch.no_grad(), quiet_exporters():
         return torch.export.export(denoiser, example_inputs(model.config, batch), dynamic_shapes=dynamic)
 
@@ -102,7 +119,8 @@ def export_onnx(model: nn.Module, path: str | Path, batch: int = 2, opset: int |
     program = program or export_program(model, batch)
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     with quiet_exporters():
-        onnx_program = torch.onnx.export(program, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        onnx_program = torch.onnx.export(program, input_names=list(input_names(model.config)),
+                                         output_names=list(OUTPUT_NAMES),
                                          opset_version=opset, dynamo=True, verbose=False)
         onnx_program.save(str(path), external_data=n_bytes > ONNX_INLINE_LIMIT)
     return path
@@ -115,10 +133,11 @@ def check_onnx(path: str | Path, model: nn.Module, batches: tuple[int, ...] = (1
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     denoiser, worst = Denoiser(model).eval(), 0.0
     for b in batches:
-        x, t, y = example_inputs(model.config, b, seed=seed + b)
+        inputs = example_inputs(model.config, b, seed=seed + b)
         with torch.no_grad():
-            ref = denoiser(x, t, y).cpu().numpy()
-        (out,) = session.run(list(OUTPUT_NAMES), {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
+            ref = denoiser(*inputs).cpu().numpy()
+        feed = {name: v.numpy() for name, v in zip(input_names(model.config), inputs)}
+        (out,) = session.run(list(OUTPUT_NAMES), feed)
         if out.shape != ref.shape:
             raise AssertionError(f"{path}: onnxruntime returned shape {out.shape} for batch {b}, expected {ref.shape}")
         worst = max(worst, float(np.abs(out - ref).max()))

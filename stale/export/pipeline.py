@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
-from stale.export.checkpoint import autoencoder_from_node, read_checkpoint
+from stale.export.checkpoint import autoencoder_from_node, read_checkpoint, text_encoder_from_node
 from stale.export.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, SAMPLE_DEFAULTS, WEIGHTS_FILE, save_pretrained
 from stale.export.registry import build, check_targets
 
@@ -37,7 +37,7 @@ class StalePipeline:
 
     def __init__(self, model: torch.nn.Module, prior: str = "uniform", defaults: dict | None = None,
                  diffusion: dict | None = None, name: str | None = None, prior_scale: float = 1.0,
-                 autoencoder=None):
+                 autoencoder=None, text_encoder=None):
         if prior not in flow.PRIORS:
             raise ValueError(f"prior={prior!r} is not one of {flow.PRIORS}")
         self.model = model.eval()
@@ -47,6 +47,9 @@ class StalePipeline:
         self.name = name
         self.prior_scale = float(prior_scale)
         self.autoencoder = autoencoder  # stale.latent Autoencoder of a latent model: samples are decoded through it
+        self.text_encoder = text_encoder  # stale.text encoder of a model.cond=text model: prompts go through it
+        if model.config.cond == "text" and text_encoder is None:
+            raise ValueError("a model.cond=text model needs its text encoder (the export's or run config's text_encoder)")
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -97,8 +100,19 @@ class StalePipeline:
                 autoencoder = autoencoder_from_node(vae, f"{cfg_path}: vae", device, folder=path / vae["pretrained"])
             except ValueError as err:
                 raise ExportError(str(err)) from None
+        text = config.get("text_encoder")
+        text_encoder = None
+        if text is not None:
+            local = path / str(text.get("pretrained")) if text.get("name") == "hf" else None
+            if local is not None and not local.is_dir():
+                raise ExportError(f"{cfg_path}: 'text_encoder' names no text encoder folder inside {path}")
+            try:
+                text_encoder = text_encoder_from_node(text, f"{cfg_path}: text_encoder", device, folder=local)
+            except ValueError as err:
+                raise ExportError(str(err)) from None
         return cls(model.to(device), prior=objective.prior, defaults=config.get("sample"), diffusion=diffusion,
-                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=autoencoder)
+                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=autoencoder,
+                   text_encoder=text_encoder)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> "StalePipeline":
@@ -111,12 +125,12 @@ class StalePipeline:
         sample = {k: v for k, v in (run.get("sample") or {}).items() if k in SAMPLE_DEFAULTS}
         return cls(source.build_model().to(device), prior=objective.prior, defaults=sample, diffusion=diffusion,
                    name=run["model"].get("name"), prior_scale=objective.scale,
-                   autoencoder=source.build_autoencoder(device))
+                   autoencoder=source.build_autoencoder(device), text_encoder=source.build_text_encoder(device))
 
     def save_pretrained(self, out: str | Path) -> dict[str, Path]:
         """Write this pipeline as an export folder (model.safetensors, config.json, provenance.json)."""
         return save_pretrained(self.model, out, name=self.name, diffusion=self.diffusion, sample=self.defaults,
-                               autoencoder=self.autoencoder)
+                               autoencoder=self.autoencoder, text_encoder=self.text_encoder)
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -155,21 +169,43 @@ class StalePipeline:
                  seed: int = 0, frames: int | None = None, size: int | None = None,
                  batch_size: int | None = None, progress: bool = False,
                  classifier_guidance: float | None = None, context: torch.Tensor | None = None,
-                 height: int | None = None, width: int | None = None) -> torch.Tensor:
+                 height: int | None = None, width: int | None = None,
+                 prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate: pixels, decoded through
         the autoencoder for a latent model (frames/size/height/width are then the pixel clip's; height and width give
         a non-square clip). steps, sampler, guidance
         and classifier_guidance default to the export's `sample` settings; batch_size bounds memory.
-        context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1)."""
+        context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1).
+        prompt (model.cond=text): one string for every video, or one per video; guidance runs against
+        negative_prompt, else the empty caption."""
         settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
                                  classifier_guidance=classifier_guidance)
         if context is not None and context.ndim == 4:
             context = context[None].expand(num_videos, *context.shape).contiguous()
+        text = negative = None
+        if self.config.cond == "text":
+            prompts = self.prompts(num_videos, prompt)
+            label = torch.zeros(num_videos, dtype=torch.long)  # a text model ignores labels; they count the videos
+            self.text_encoder.to(self.device)
+            text = self.text_encoder.encode(prompts)
+            negative = self.text_encoder.encode([negative_prompt]) if negative_prompt else self.text_encoder.empty()
+        elif prompt is not None or negative_prompt is not None:
+            raise ValueError("prompt= needs a text-conditioned model (model.cond=text); this one takes label=")
         return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
                         size=size, batch_size=batch_size, progress=progress, prior_scale=self.prior_scale,
                         autoencoder=self.autoencoder, context=context, height=height, width=width,
                         time_shift_base=self.diffusion.get("time_shift_base"),
-                        time_shift_scale=float(self.diffusion.get("time_shift_scale", 1.0)), **settings)
+                        time_shift_scale=float(self.diffusion.get("time_shift_scale", 1.0)),
+                        text=text, negative=negative, **settings)
+
+    def prompts(self, num_videos: int, prompt: str | Sequence[str] | None) -> list[str]:
+        """One prompt per video: a string repeats; a list must have num_videos entries."""
+        if prompt is None:
+            raise ValueError("this model is text-conditioned: give prompt=\"...\" (or prompts=FILE, one per line)")
+        prompts = [prompt] * num_videos if isinstance(prompt, str) else [str(p) for p in prompt]
+        if len(prompts) != num_videos:
+            raise ValueError(f"{len(prompts)} prompts for num_videos={num_videos}")
+        return prompts
 
     def settings(self, **given) -> dict:
         """The sampling settings: each given value, else the export's default."""

@@ -61,23 +61,45 @@ def conditioning(pipe: StalePipeline, image, video, context_frames: int | None, 
     return context
 
 
+def read_prompts(prompt: str | None, prompts: str | Path | None) -> list[str] | None:
+    """prompt="..." or prompts=FILE (one per line, blank lines ignored) -> the prompt list, or None."""
+    if prompt is not None and prompts is not None:
+        raise ValueError("give prompt=\"...\" or prompts=FILE, not both")
+    if prompts is not None:
+        path = Path(prompts)
+        if not path.is_file():
+            raise ValueError(f"prompts={prompts}: no such file (one prompt per line)")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"prompts={prompts} holds no prompt")
+        return lines
+    return None if prompt is None else [str(prompt)]
+
+
 def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | Path | None = None,
-                  weights: str = "ema", num_videos: int = 8, label: int | Sequence[int] | None = None,
+                  weights: str = "ema", num_videos: int | None = None, label: int | Sequence[int] | None = None,
                   steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                   classifier_guidance: float | None = None, seed: int = 0, frames: int | None = None,
                   size: int | None = None, batch_size: int | None = None, fps: int = 8, device: str | None = "auto",
                   progress: bool = True, lora: str | Path | None = None, image: str | Path | None = None,
                   video: str | Path | None = None, context_frames: int | None = None, height: int | None = None,
-                  width: int | None = None) -> dict[str, Path]:
+                  width: int | None = None, prompt: str | None = None, prompts: str | Path | None = None,
+                  negative_prompt: str | None = None) -> dict[str, Path]:
     """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png and samples.json.
     image=PNG: every video starts with that image (image-to-video); video=MP4 context_frames=K: with its first K
     frames (continuation). The given frames come back unchanged; the model generates the rest."""
     pipe = load_pipeline(model, ckpt, weights, device, lora)
-    labels = pipe.labels(num_videos, label)
+    # a text model (model.cond=text): prompt="..." or prompts=FILE (one per line), cycled over num_videos (default:
+    # one video per prompt), guided against negative_prompt or the empty caption
+    text = read_prompts(prompt, prompts)
+    num_videos = num_videos or (len(text) if text else 8)
+    text = None if text is None else [text[i % len(text)] for i in range(num_videos)]
+    labels = pipe.labels(num_videos, label if text is None else 0)
     settings = pipe.settings(steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance)
     context = conditioning(pipe, image, video, context_frames, size)
-    videos = pipe(num_videos=num_videos, label=labels, seed=seed, frames=frames, size=size,
-                  batch_size=batch_size, progress=progress, context=context, height=height, width=width,
+    videos = pipe(num_videos=num_videos, label=labels, seed=seed, frames=frames, size=size, batch_size=batch_size,
+                  progress=progress, context=context, height=height, width=width, prompt=text,
+                  negative_prompt=negative_prompt,
                   **settings)  # uint8 (B, C, T, H, W)
     paths = save_videos(videos, out, fps=fps)
     record = {"source": {"model": str(model) if model else None, "ckpt": str(ckpt) if ckpt else None,
@@ -85,7 +107,8 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
               "lora": str(lora) if lora else None,
               "conditioning": {"image": str(image) if image else None, "video": str(video) if video else None,
                                "context_frames": 0 if context is None else context.shape[1]},
-              "num_videos": num_videos, "labels": labels.tolist(), "seed": seed, **settings,
+              "num_videos": num_videos, "labels": None if text else labels.tolist(), "prompts": text,
+              "negative_prompt": negative_prompt, "seed": seed, **settings,
               "shape": list(videos.shape), "prior": pipe.prior, "device": str(pipe.device)}
     paths["record"] = Path(out) / "samples.json"
     paths["record"].write_text(json.dumps(record, indent=2) + "\n")

@@ -36,12 +36,17 @@ from stale.data.reader import Skip, SkipCounter, decode_sample, expand_shards, r
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
 from stale.latent.autoencoder import Autoencoder, load_autoencoder
+from stale.text.captions import sample_caption
 
 log = logging.getLogger("stale")
 
 FORMAT, FORMAT_VERSION = "stale-latents", 1
 INFO, PROGRESS, PARTIAL = "info.json", "progress.jsonl", ".partial"
 MEMBER = "latent.npy"
+# text_encoder=hf (model.cond=text, docs/text.md): each clip's caption embedding (L, D) and mask (L,) beside its
+# latent, and the empty caption's encoding once for the whole cache (what caption dropout and guidance use)
+TEXT_MEMBERS = ("text.npy", "text_mask.npy")
+EMPTY_TEXT = "empty_caption.safetensors"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -87,10 +92,23 @@ def _stats(records: list[dict], ae: Autoencoder | None = None) -> dict | None:
 
 
 def _settings(ae: Autoencoder, frames: int, size: int, fps, frame_stride: int, latent_dtype: str,
-              label_key) -> dict:
+              label_key, text=None, missing_caption: str = "skip") -> dict:
     vae = {k: ae.source.get(k) for k in ("pretrained", "subfolder", "dtype", "sha256")}
-    return {"vae": {**vae, "class": ae.cls}, "frames": frames, "size": size, "fps": fps,
-            "frame_stride": frame_stride, "latent_dtype": latent_dtype, "label_key": label_key}
+    out = {"vae": {**vae, "class": ae.cls}, "frames": frames, "size": size, "fps": fps,
+           "frame_stride": frame_stride, "latent_dtype": latent_dtype, "label_key": label_key}
+    if text is not None:
+        out["text_encoder"] = {k: text.source.get(k) for k in ("name", "pretrained", "subfolder", "dtype", "max_length",
+                                                                "sha256", "class")}
+        out["missing_caption"] = missing_caption
+    return out
+
+
+def load_empty_text(folder: str | Path) -> tuple:
+    """The empty caption's (embedding (1, L, D), mask (1, L)) stored once in a cache with caption embeddings."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(folder) / EMPTY_TEXT))
+    return t["text"], t["mask"].bool()
 
 
 def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict]) -> dict:
@@ -100,7 +118,10 @@ def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict])
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings,
             "latent_shape": list(ae.latent_shape(settings["frames"], settings["size"])),
             "members": {MEMBER: "posterior moments (mean, log-variance) on channels: (2C, T', H', W')",
-                        "json": "label, source, clip, latent_shape", "txt": "caption, when the source had one"},
+                        "json": "label, source, clip, latent_shape", "txt": "caption, when the source had one",
+                        **({TEXT_MEMBERS[0]: "caption embedding (L, D)", TEXT_MEMBERS[1]: "caption mask (L,)",
+                            EMPTY_TEXT: "the empty caption's text (1, L, D) and mask (1, L), once"}
+                           if "text_encoder" in settings else {})},
             "clips": sum(r["clips"] for r in records), "skipped": dict(skipped),
             "shards": sorted(f for r in records for f in r["outputs"]),
             "inputs_done": len(records), "stats": _stats(records, ae)}
@@ -126,20 +147,34 @@ def _read_progress(out: Path) -> list[dict]:
 def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, batch_size: int = 8,
                   fps: float | None = None, frame_stride: int = 1, label_key: str | None = "label",
                   num_classes: int | None = None, latent_dtype: str = "float32", maxcount: int = 1000,
-                  device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict:
-    """Encode every clip of the `input` mp4 shards into latent shards in `out` (see the module docstring)."""
+                  device: str = "cpu", progress: bool = True, overwrite: bool = False, text_encoder: dict | None = None,
+                  missing_caption: str = "skip") -> dict:
+    """Encode every clip of the `input` mp4 shards into latent shards in `out` (see the module docstring).
+    text_encoder (a conf/text_encoder node, hf): also each clip's caption embedding and mask, and the empty
+    caption's once; a clip without a caption is skipped or given the empty caption (missing_caption)."""
     if latent_dtype not in STORE_DTYPES:
         raise CacheError(f"latent_dtype={latent_dtype!r} is not one of {tuple(STORE_DTYPES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CacheError(f"batch_size={batch_size!r} must be an integer >= 1")
     ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device)
     ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
+    text = None
+    if text_encoder and text_encoder.get("name", "none") not in ("none", None):
+        from stale.text.captions import MISSING
+        from stale.text.encoders import load_text_encoder
+
+        if text_encoder.get("name") != "hf":
+            raise CacheError(f"text_encoder={text_encoder.get('name')}: only a pretrained encoder (text_encoder=hf) is "
+                             "cached; the learned encoder trains with the model and reads the captions (.txt) itself")
+        if missing_caption not in MISSING:
+            raise CacheError(f"missing_caption={missing_caption!r} is not one of {MISSING}")
+        text = load_text_encoder(text_encoder, device=device)
     urls = expand_shards(input, "input")
     stems = [Path(u).name.removesuffix(".tar") for u in urls]
     if len(set(stems)) < len(stems):
         raise CacheError(f"input={input!r}: two shards share a file name; encode each folder into its own out=")
     out = Path(out)
-    settings = _settings(ae, frames, size, fps, frame_stride, latent_dtype, label_key)
+    settings = _settings(ae, frames, size, fps, frame_stride, latent_dtype, label_key, text, missing_caption)
     records = _read_progress(out)
     if (out / INFO).is_file():
         old = json.loads((out / INFO).read_text())
@@ -156,6 +191,12 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
             (out / name).unlink(missing_ok=True)
         records = []
     (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+    if text is not None:  # the empty caption's encoding, once: caption dropout and guidance read it from here
+        from safetensors.torch import save_file
+
+        empty, empty_mask = text.empty()
+        save_file({"text": empty.float().cpu().contiguous(), "mask": empty_mask.to(torch.uint8).cpu().contiguous()},
+                  str(out / EMPTY_TEXT))
     done = {r["input"] for r in records}
     ids = [u if "://" in u or u.startswith("pipe:") else str(Path(u).resolve()) for u in urls]  # cwd-independent
     spec = ClipSpec(frames, size, frame_stride, fps, "center", "center", False)
@@ -173,7 +214,7 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                                  post=written.append)
         counter = SkipCounter("encode")
         sums: list[dict] = []
-        pending: list[tuple[np.ndarray, int, dict]] = []
+        pending: list[tuple[np.ndarray, int, dict, str | None]] = []
         clips = 0
 
         def flush():
@@ -183,12 +224,17 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
             pixels = torch.from_numpy(np.stack([p[0] for p in pending])).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
             moments = ae.encode(flow.to_unit_range(pixels)).cpu()
             sums.append(_sums(moments))
-            for m, (_, label, sample) in zip(moments, pending):
+            if text is not None:
+                emb, mask = text.encode([p[3] for p in pending])
+                emb, mask = emb.cpu().numpy().astype(store), mask.cpu().numpy()
+            for j, (m, (_, label, sample, _)) in enumerate(zip(moments, pending)):
                 meta = {"label": label, "source": sample_name(sample), "clip": {"frames": frames, "size": size},
                         "latent_shape": list(m.shape)}
                 row = {"__key__": sample["__key__"], MEMBER: m.numpy().astype(store), "json": meta}
                 if "txt" in sample:
                     row["txt"] = sample["txt"]
+                if text is not None:
+                    row[TEXT_MEMBERS[0]], row[TEXT_MEMBERS[1]] = emb[j], mask[j]
                 writer.write(row)
             clips += len(pending)
             bar.update(len(pending))
@@ -196,11 +242,12 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
 
         for sample in read_shard(url, counter):
             try:
+                caption = None if text is None else sample_caption(sample, missing_caption, counter)
                 clip, label = decode_sample(sample, spec, random.Random(0), label_key, num_classes)
             except Skip as e:
                 counter.skip(e.reason, url, e)
                 continue
-            pending.append((clip, label, sample))
+            pending.append((clip, label, sample, caption))
             if len(pending) == batch_size:
                 flush()
         flush()
@@ -226,5 +273,8 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
     info = _write_info(out, settings, ae, records)
     if not info["clips"]:
         raise CacheError(f"input={input!r}: no clip decoded (skipped by reason: {info['skipped']})")
-    return {"info": info, "out": out, "command": f"stale-train data=latents \"data.shards=[{out}]\" vae=diffusers "
-                                                 f"vae.pretrained={ae.source['pretrained']}"}
+    command = f"stale-train data=latents \"data.shards=[{out}]\" vae=diffusers vae.pretrained={ae.source['pretrained']}"
+    if text is not None:
+        command += f" model.cond=text text_encoder=hf text_encoder.pretrained={text.source['pretrained']} " \
+                   f"text_encoder.max_length={text.max_length}"
+    return {"info": info, "out": out, "command": command}

@@ -47,14 +47,41 @@ def parameter_count(config: StaleConfig) -> int:
         + d * hidden + hidden + hidden * d + d  # MLP
         + d * 6 * d + 6 * d  # adaLN modulation
     )
+    text = config.cond == "text"
+    if text:  # cross-attention: q, kv from the caption tokens (width D after the projection), proj, q/k norms
+        block += d * d + d + d * 2 * d + 2 * d + d * d + d + (2 * head_dim if config.qk_norm else 0)
     return (
         c * pvol * d + d  # patch embedding
         + FREQ_DIM * d + d + d * d + d  # timestep MLP
-        + (config.num_classes + 1) * d  # label table with the null label
+        + (_text_parameters(config) if text else (config.num_classes + 1) * d)  # caption layers, or label table
         + config.depth * block
         + d * 2 * d + 2 * d + d * pvol * c + pvol * c  # final layer
         + 2 * d + d * config.head_outputs + config.head_outputs  # hinge head (LayerNorm, linear)
     )
+
+
+def _text_parameters(config: StaleConfig) -> int:
+    """The caption projection (MLP), the pooled projection and, with text_vocab > 0, the learned text encoder."""
+    d, dt = config.dim, config.text_dim
+    out = dt * d + d + d * d + d + d * d + d
+    if config.text_vocab:
+        hd = dt // config.heads
+        layer = (2 * dt + dt * dt + dt + dt * 2 * dt + 2 * dt + 2 * hd + dt * dt + dt  # norm1, attention
+                 + 2 * dt + dt * 4 * dt + 4 * dt + 4 * dt * dt + dt)  # norm2, MLP
+        out += config.text_vocab * dt + config.text_len * dt + config.text_layers * layer + 2 * dt
+    return out
+
+
+def _text_flops(config: StaleConfig, tokens: int) -> dict[str, float]:
+    """Caption work per clip: the learned encoder, the projection, and every block's cross-attention."""
+    d, dt, m = config.dim, config.text_dim, config.text_len
+    parts = {"text_encoder": 0.0}
+    if config.text_vocab:  # per layer: q, kv, proj, attention over L tokens, MLP
+        parts["text_encoder"] = config.text_layers * (2 * m * dt * 4 * dt + 4 * m * m * dt + 2 * m * dt * 8 * dt)
+    parts["text_projection"] = 2 * m * (dt * d + d * d) + 2 * d * d
+    # queries and output projection over every video token, keys and values over the caption, Q K^T and A V
+    parts["cross_attention"] = config.depth * (2 * tokens * d * 2 * d + 2 * m * d * 2 * d + 4 * tokens * m * d)
+    return parts
 
 
 def forward_flops(config: StaleConfig, frames: int | None = None, size: int | None = None) -> dict[str, float]:
@@ -84,6 +111,8 @@ def forward_flops(config: StaleConfig, frames: int | None = None, size: int | No
         "final": 2 * d * 2 * d + 2 * gt * s * d * pvol * c,
         "head": 2 * d * config.head_outputs,
     }
+    if config.cond == "text":
+        parts.update(_text_flops(config, tokens))
     parts = {k: float(v) for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("spatial", "temporal", "full")
+CONDS = ("label", "text")
 # Shorthands accepted for `pattern` (e.g. `model.pattern=full` on the command line).
 PATTERNS = {"alternating": ("spatial", "temporal"), "full": ("full",)}
 
@@ -60,6 +61,15 @@ class StaleConfig:
     # resolution-scaled (Open-Sora 1.2, PixArt): indices times B / sqrt(H'W'), so every grid spans about B
     # positions per side whatever its size (docs/buckets.md: measured better on unseen shapes; opt-in).
     pos_base: int | None = None
+    # Text conditioning (docs/text.md). cond="text": each block cross-attends to the caption tokens, the label
+    # is ignored, and the joy token's head scores whether the clip matches its caption (one binary score).
+    cond: str = "label"  # label | text
+    text_dim: int = 0  # width of the caption embeddings given to forward (text_encoder=hf: its hidden size)
+    text_len: int = 32  # caption tokens L (text_encoder.max_length): the flop count and the learned position table
+    # text_encoder=learned: > 0 puts a small text encoder over this many token ids inside the model, trained with
+    # it; forward then takes token ids (B, L) instead of embeddings, and text_dim is that encoder's width
+    text_vocab: int = 0
+    text_layers: int = 2  # blocks of the learned text encoder
 
     def __post_init__(self):
         # Hydra hands lists; the model wants tuples (hashable, printable as in the defaults).
@@ -84,12 +94,23 @@ class StaleConfig:
         if self.pos_base is not None and (isinstance(self.pos_base, bool) or not isinstance(self.pos_base, int)
                                           or self.pos_base < 1):
             raise ValueError(f"model.pos_base={self.pos_base!r} must be null or an integer >= 1 (grid positions)")
+        if self.cond not in CONDS:
+            raise ValueError(f"model.cond={self.cond!r} is not one of {CONDS}")
+        if self.cond == "text":
+            if self.text_vocab > 0 and self.text_dim < 1:
+                self.text_dim = self.dim  # the learned encoder's width defaults to the model's
+            if self.text_dim < 1 or self.text_len < 1 or self.text_dim % self.heads:
+                raise ValueError(f"model.cond=text needs model.text_dim >= 1 (divisible by model.heads={self.heads}) "
+                                 f"and model.text_len >= 1; got text_dim={self.text_dim}, text_len={self.text_len} "
+                                 "(text_encoder=hf|learned fills them in)")
         for name in ("in_channels", "depth", "num_classes", "frames", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
 
     @property
     def head_outputs(self) -> int:
+        if self.cond == "text":
+            return 1  # does the clip match its caption: one binary hinge score
         return 1 if self.num_classes <= 2 else self.num_classes  # binary hinge: one score; else Crammer-Singer
 
     @property
@@ -245,17 +266,103 @@ class Attention(nn.Module):
         return out
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens x (queries) to caption tokens (keys, values), padding masked out.
+
+    PixArt-alpha and Open-Sora's STDiT3 do the same: each block reads the caption through its own cross-attention
+    (not joint attention over video and text as in SD3/HunyuanVideo: that would put the caption into every
+    spatial and temporal sequence and change the cost of every mode; cross-attention leaves self-attention as it
+    was). Also the self-attention of the learned text encoder (context = x).
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, context_dim: int | None = None):
+        super().__init__()
+        self.heads, self.qk_norm = heads, qk_norm
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, D), context: (B, L, Dc), mask: (B, L) bool, True on real tokens
+        q = rearrange(self.q(x), "b s (h d) -> b h s d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        if self.qk_norm:
+            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)
+            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, heads, S, D/heads)
+        return self.proj(rearrange(out, "b h s d -> b s (h d)"))  # (B, S, D)
+
+
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """A caption mask with at least one visible token per row (an all-masked row would make softmax NaN)."""
+    mask = mask.bool()
+    return torch.cat([mask[:, :1] | ~mask.any(dim=1, keepdim=True), mask[:, 1:]], dim=1)  # (B, L)
+
+
+class LearnedTextEncoder(nn.Module):
+    """text_encoder=learned: token ids -> caption embeddings, a few pre-norm Transformer layers trained with the
+    model from scratch (the ids come from a word-level tokenizer built on the dataset's captions)."""
+
+    def __init__(self, vocab: int, dim: int, length: int, depth: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(length, dim))
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim, eps=1e-6), "attn": CrossAttention(dim, heads, qk_norm=True),
+            "norm2": nn.LayerNorm(dim, eps=1e-6),
+            "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)),
+        }) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # ids, mask: (B, L)
+        h = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, Dt)
+        for layer in self.layers:
+            n = layer["norm1"](h)
+            h = h + layer["attn"](n, n, mask)  # self-attention over the caption, padding masked out
+            h = h + layer["mlp"](layer["norm2"](h))
+        return self.norm(h)  # (B, L, Dt)
+
+
+class TextConditioner(nn.Module):
+    """Caption embeddings (or, with a learned encoder, token ids) -> the tokens every block cross-attends to,
+    (B, L, D) (PixArt's caption projection, an MLP), and a pooled vector (B, D) added to the time embedding
+    (the masked mean, as SD3 and HunyuanVideo add a pooled text vector to adaLN's input)."""
+
+    def __init__(self, cfg: "StaleConfig"):
+        super().__init__()
+        self.encoder = (LearnedTextEncoder(cfg.text_vocab, cfg.text_dim, cfg.text_len, cfg.text_layers, cfg.heads)
+                        if cfg.text_vocab > 0 else None)
+        self.proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                  nn.Linear(cfg.dim, cfg.dim))
+        self.pool = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = visible(mask)  # (B, L)
+        if self.encoder is not None:
+            text = self.encoder(text.long(), mask)  # (B, L, Dt)
+        tokens = self.proj(text.to(dtype))  # (B, L, D)
+        w = mask.to(tokens.dtype)[..., None]  # (B, L, 1)
+        pooled = self.pool((tokens * w).sum(1) / w.sum(1))  # (B, D)
+        return tokens, mask, pooled
+
+
 class StaleBlock(nn.Module):
     """One transformer block attending over space, time or both, with adaLN-Zero conditioning.
 
     The unit of gradient checkpointing and of FSDP wrapping (conf/trainer/fsdp.yaml).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, text: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r} is not one of {MODES}")
         self.mode = mode
+        # model.cond=text: every token reads the caption after the self-attention (PixArt, STDiT3). Its output
+        # projection starts at zero (initialize_weights), so the block still starts as the identity.
+        self.cross_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if text else None
+        self.cross_attn = CrossAttention(dim, heads, qk_norm) if text else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -274,10 +381,14 @@ class StaleBlock(nn.Module):
         # full: B sequences of T' N (under sequence parallelism this rank's T'_r N, the heads exchanged inside)
         return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp).view(b, t, n, -1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, sp=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, sp=None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
         mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp)
+        if self.cross_attn is not None:  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+            b, t, n, d = x.shape
+            x = x + self.cross_attn(self.cross_norm(x).reshape(b, t * n, d), text, text_mask).view(b, t, n, d)
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x  # (B, T', N, D)
 
@@ -339,10 +450,13 @@ def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, 
 #################################################################################
 
 class StaleTransformer(nn.Module):
-    """Video velocity model v(x_t, t, label) with a joy-token hinge head.
+    """Video velocity model v(x_t, t, label) (or v(x_t, t, caption) with cond=text) with a joy-token hinge head.
 
     forward(x (B, C, T, H, W), t (B,) or (B, T'), y (B,) long) -> (velocity (B, C, T, H, W), scores (B, outputs)).
     Use y = num_classes (the null label) for the unconditional branch of classifier-free guidance.
+    cond=text: forward(x, t, y, text, text_mask) with text (B, L, text_dim) embeddings, or token ids (B, L) when the
+    model holds a learned text encoder, and text_mask (B, L) bool; y is ignored, the empty caption is the
+    unconditional branch, and scores (B, 1) say whether the clip matches the caption.
     A per-latent-frame time t (B, T') is frame conditioning as in LTX-Video: frames given as clean context sit
     at t = 1 while the others are noisy. adaLN-Zero then modulates each frame (its patches and its joy token)
     with its own time; with t (B,) every frame shares one modulation, exactly as in DiT.
@@ -358,13 +472,16 @@ class StaleTransformer(nn.Module):
         pt, ph, pw = cfg.patch
         self.patch_embed = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.t_embed = TimestepEmbedder(cfg.dim)
-        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.dim)
+        # cond=label: a label table; cond=text: the caption's projection and pooled vector (no label table)
+        self.y_embed = LabelEmbedder(cfg.num_classes, cfg.dim) if cfg.cond == "label" else None
+        self.text = TextConditioner(cfg) if cfg.cond == "text" else None
         # A buffer, not a Parameter: no optimizer sees it, so training never changes it. Persistent, so
         # checkpoints and exports carry it, and a state dict with a different joy token fails to load
         # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
         self.register_load_state_dict_pre_hook(_check_joy_token)
-        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
+        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.cond == "text")
+                                    for m in cfg.modes)
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
         # a stale.parallel.sequence.SequenceParallel inside its `sharded` block (training steps), else None
@@ -382,19 +499,34 @@ class StaleTransformer(nn.Module):
         w = self.patch_embed.weight.data  # like nn.Linear over the flattened tubelet
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.y_embed.embedding_table.weight, std=0.02)
+        if self.y_embed is not None:
+            nn.init.normal_(self.y_embed.embedding_table.weight, std=0.02)
+        if self.text is not None and self.text.encoder is not None:
+            nn.init.normal_(self.text.encoder.embed.weight, std=0.02)
+            nn.init.normal_(self.text.encoder.pos, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: gates start at 0, so each block is the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # the caption's contribution starts at exactly zero
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)  # the velocity is exactly zero at initialisation
         nn.init.zeros_(self.final.linear.bias)
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, text=None, text_mask=None) -> None:
         cfg = self.config
+        if cfg.cond == "text":
+            want = (x.shape[0], cfg.text_len) if cfg.text_vocab else (x.shape[0], cfg.text_len, cfg.text_dim)
+            if text is None or text_mask is None or tuple(text.shape) != want or \
+                    tuple(text_mask.shape) != (x.shape[0], cfg.text_len):
+                raise ValueError(f"model.cond=text needs text {want} ({'token ids' if cfg.text_vocab else 'embeddings'}) "
+                                 f"and text_mask ({x.shape[0]}, {cfg.text_len}); got "
+                                 f"{None if text is None else tuple(text.shape)} and "
+                                 f"{None if text_mask is None else tuple(text_mask.shape)}")
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, C={cfg.in_channels}, T, H, W); got shape {tuple(x.shape)}")
         _, _, T, H, W = x.shape
@@ -404,9 +536,10 @@ class StaleTransformer(nn.Module):
             raise ValueError(f"t must be (B,)=({x.shape[0]},) or per latent frame (B, T')=({x.shape[0]}, "
                              f"{T // cfg.patch[0]}) and y (B,); got t {tuple(t.shape)}, y {tuple(y.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        self._check_inputs(x, t, y)
+        self._check_inputs(x, t, y, text, text_mask)
         b, c, T, H, W = x.shape
         pt, ph, pw = cfg.patch
         gt, gh, gw = T // pt, H // ph, W // pw
@@ -417,10 +550,15 @@ class StaleTransformer(nn.Module):
         joy = self.joy_token.to(dtype)[None, None, None].expand(b, gt, 1, cfg.dim)  # (B, T', 1, D)
         tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
         tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device, base=cfg.pos_base).to(dtype)
+        ctx, ctx_mask = None, None
+        if self.text is not None:  # the caption replaces the label: its tokens for cross-attention, pooled into c
+            ctx, ctx_mask, cond = self.text(text, text_mask, dtype)  # (B, L, D), (B, L), (B, D)
+        else:
+            cond = self.y_embed(y)  # (B, D)
         if t.ndim == 1:  # one time per clip
-            c_emb = (self.t_embed(t) + self.y_embed(y))[:, None]  # (B, 1, D)
+            c_emb = (self.t_embed(t) + cond)[:, None]  # (B, 1, D)
         else:  # one time per latent frame
-            c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + self.y_embed(y)[:, None]  # (B, T', D)
+            c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + cond[:, None]  # (B, T', D)
         sp = self.sequence_parallel  # sequence parallelism: the blocks see this rank's share of the tokens
         if sp is not None:
             tokens = sp.scatter(tokens, c_emb)  # (B, T'_r, N, D): this rank's frames
@@ -429,9 +567,9 @@ class StaleTransformer(nn.Module):
             if sp is not None:  # whole frames for spatial and full blocks, whole positions for temporal ones
                 tokens, c_block = sp.layout(tokens, block.mode), sp.condition(block.mode)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c_block, sp, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c_block, sp, ctx, ctx_mask, use_reentrant=False)
             else:
-                tokens = block(tokens, c_block, sp)
+                tokens = block(tokens, c_block, sp, ctx, ctx_mask)
         if sp is not None:
             tokens = sp.gather(tokens)  # (B, T', N, D) on every rank: head, final layer and loss as without it
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame

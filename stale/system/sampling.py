@@ -8,6 +8,7 @@ stale does not depend on. Other ranks do not wait: sampling uses no collective o
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -44,9 +45,20 @@ def log_videos(loggers: list, paths: dict[str, Path], step: int, key: str = "sam
 
 def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: str, guidance: float, seed: int,
                    fps: int = 8, **sample_kwargs) -> dict[str, Path]:
-    """Sample `num_videos` clips (labels cycle through the classes) and write them; returns the paths."""
+    """Sample `num_videos` clips (labels cycle through the classes; model.cond=text: the prompts cycle, see
+    StaleSystem.sample) and write them; returns the paths."""
     k = system.model.config.num_classes
     labels = torch.arange(num_videos) % k
+    if system.model.config.cond == "text":
+        prompts = sample_kwargs.pop("prompts", None) or system.prompts or [""]
+        prompts = [prompts[i % len(prompts)] for i in range(num_videos)]
+        videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, prompts=prompts,
+                               **sample_kwargs)
+        paths = save_videos(videos, out_dir, fps=fps)
+        paths["prompts"] = Path(out_dir) / "prompts.json"  # which prompt each clip was asked for
+        paths["prompts"].write_text(json.dumps({paths[f"mp4_{i}"].name: p for i, p in enumerate(prompts)}, indent=1))
+        return paths
+    sample_kwargs.pop("prompts", None)
     videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, **sample_kwargs)
     paths = save_videos(videos, out_dir, fps=fps)
     # labels.json: which class each clip was asked for, so stale-eval can measure label agreement
@@ -80,7 +92,8 @@ class SampleVideos(L.Callback):
             return
         system = ema_module(trainer, pl_module)
         out = self.out_dir / f"step{step:07d}"
-        paths = sample_to_disk(system, out, **self.kwargs)
+        # the prompts are the live system's (the EMA copy was made before it saw a caption)
+        paths = sample_to_disk(system, out, **self.kwargs, prompts=getattr(pl_module, "prompts", None))
         self.written.append(out)
         log_videos(trainer.loggers, paths, step)
         log.info("samples of step %d (EMA weights: %s) in %s", step, system is not pl_module, out)

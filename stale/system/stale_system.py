@@ -33,7 +33,7 @@ def noise_seed(seed: int, batch_idx: int, rank: int) -> int:
 
 
 def validation_losses(model: nn.Module, prior: str, x: torch.Tensor, label: torch.Tensor, batch_idx: int,
-                      times, prior_scale: float = 1.0) -> list[torch.Tensor]:
+                      times, prior_scale: float = 1.0, text: tuple = ()) -> list[torch.Tensor]:
     """Velocity MSE of one batch x (in the model's space: pixels in [-1, 1], or normalised latents) at each t in
     `times`, with noise from a CPU generator seeded 1000 + batch_idx: the number depends only on the weights and
     the clips, never on the RNG state of training."""
@@ -42,14 +42,15 @@ def validation_losses(model: nn.Module, prior: str, x: torch.Tensor, label: torc
     losses = []
     for t_val in times:
         t = torch.full((x.shape[0],), t_val, device=x.device)
-        v, _ = model(flow.interpolate(z, x, t), t, label)
+        v, _ = model(flow.interpolate(z, x, t), t, label, *text)  # text: (captions, mask) with model.cond=text
         losses.append((v.float() - flow.velocity_target(z, x)).pow(2).mean())
     return losses
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
-    """No weight decay on norms and biases (1-D tensors) and embeddings (the label table)."""
-    return p.ndim < 2 or "y_embed" in name
+    """No weight decay on norms and biases (1-D tensors) and embeddings (the label table, the learned text
+    encoder's token table and positions)."""
+    return p.ndim < 2 or "y_embed" in name or name.startswith("text.encoder.embed") or name == "text.encoder.pos"
 
 
 class StaleSystem(L.LightningModule):
@@ -69,6 +70,9 @@ class StaleSystem(L.LightningModule):
         provenance: dict | None = None,
         finetune_base: dict | None = None,
         autoencoder=None,
+        text_encoder=None,
+        empty_text: tuple | None = None,
+        prompts: list | None = None,
     ):
         super().__init__()
         for key, value, ok in (("optim.lr", lr, lambda v: v > 0), ("optim.weight_decay", weight_decay, lambda v: v >= 0)):
@@ -82,6 +86,13 @@ class StaleSystem(L.LightningModule):
         # a frozen stale.latent.autoencoder.Autoencoder (vae=diffusers) or None (pixel space). Not an nn.Module:
         # never in state_dict, the optimiser or the EMA copy (docs/latent.md)
         self.autoencoder = autoencoder
+        # model.cond=text: a stale.text.encoders encoder (frozen hf, or the learned encoder's tokenizer; not an
+        # nn.Module, like the autoencoder), the empty caption's encoding (from it, or from a stale-encode cache) and
+        # the prompts sampled during and after training (None: the first training batch's captions)
+        self.text_encoder, self.empty_text = text_encoder, empty_text
+        self.prompts = list(prompts) if prompts else None
+        if model.config.cond == "text" and (text_encoder is None or empty_text is None):
+            raise ValueError("model.cond=text needs a text encoder: text_encoder=hf|learned")
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.schedule = dict(schedule or {"name": "constant", "warmup": 0})
         self.schedule_steps = schedule_steps  # None: trainer.max_steps (train() lowers it to fit a FLOP budget)
@@ -113,7 +124,9 @@ class StaleSystem(L.LightningModule):
             self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})
             self._compiled = True
 
-    def _loss_parts(self, x: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _loss_parts(self, x: torch.Tensor, label: torch.Tensor, text: tuple | None = None) -> dict[str, torch.Tensor]:
+        if text:  # model.cond=text: the captions' encoding and the empty caption's (caption dropout)
+            return self.objective(self.model, x, label, self.null_label, text, self.empty_text)
         return self.objective(self.model, x, label, self.null_label)
 
     # --- training ---------------------------------------------------------------------------------------
@@ -144,16 +157,31 @@ class StaleSystem(L.LightningModule):
             return moments
         return self.autoencoder.sample(moments) if sample else self.autoencoder.mode(moments)
 
+    def encode_text(self, text, device) -> tuple:
+        """A batch's captions -> (text, mask) on `device`: strings through the text encoder, or cached embeddings
+        and masks as they are; () in label mode."""
+        if self.model.config.cond != "text":
+            return ()
+        if text is None:
+            raise ValueError("model.cond=text: the batch has no captions (the data module was built without captions)")
+        if isinstance(text, (list, tuple)) and text and isinstance(text[0], str):
+            if self.prompts is None:  # sample what the data looks like: the first batch's captions
+                self.prompts = list(dict.fromkeys(text))
+            self.text_encoder.to(device)
+            text = self.text_encoder.encode(list(text))
+        return tuple(v.to(device) for v in text)
+
     def training_step(self, batch, batch_idx):
-        video, label = batch
+        video, label, *text = batch
         x = self.encode_batch(video)
+        text = self.encode_text(text[0] if text else None, x.device)
         cuda = x.device.type == "cuda"
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
             x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
             # parallel.sequence > 1: the blocks see this rank's share of each clip's tokens (stale/parallel/)
             with sharded(self.model, sequence_parallel_of(self.trainer) if self._trainer is not None else None):
-                parts = self._loss_parts(x, label)
+                parts = self._loss_parts(x, label, text)
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         # Log only on the steps the loggers write: each self.log call costs ~0.3 ms of Lightning bookkeeping
@@ -183,10 +211,11 @@ class StaleSystem(L.LightningModule):
         The noise of batch i comes from its own seeded CPU generator and t runs over `val_times`, so the
         number depends only on the weights and the validation clips, not on the RNG state of training.
         """
-        video, label = batch
+        video, label, *text = batch
         x = self.latents(self.encode_batch(video), sample=False)
+        text = self.encode_text(text[0] if text else None, x.device)
         losses = validation_losses(self.model, self.objective.prior, x, label, batch_idx, self.val_times,
-                                   self.objective.scale)
+                                   self.objective.scale, text)
         for t_val, loss in zip(self.val_times, losses):
             self.log(f"val/loss_t{t_val:.2f}", loss, sync_dist=True, batch_size=video.shape[0])
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
@@ -238,15 +267,20 @@ class StaleSystem(L.LightningModule):
 
     def sample(self, labels: torch.Tensor, steps: int = 50, sampler: str = "euler", guidance: float = 1.0,
                seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False,
-               classifier_guidance: float = 0.0) -> torch.Tensor:
+               classifier_guidance: float = 0.0, prompts: list[str] | None = None) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU for `labels`, with stale.diffusion.generate (the same
         path as StalePipeline, so a seed gives the same videos from this system and from its export); with an
-        autoencoder they are decoded to pixels, and frames/size are the pixel clip's."""
+        autoencoder they are decoded to pixels, and frames/size are the pixel clip's. model.cond=text: one prompt
+        per video (default: self.prompts cycled), guided against the empty caption."""
+        text = negative = None
+        if self.model.config.cond == "text":
+            prompts = prompts or [(self.prompts or [""])[i % len(self.prompts or [""])] for i in range(len(labels))]
+            text, negative = self.text_encoder.encode(prompts), self.empty_text
         return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
                         guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
                         size=size, progress=progress, prior_scale=self.objective.scale,
                         autoencoder=self.autoencoder, time_shift_base=self.objective.time_shift_base,
-                        time_shift_scale=self.objective.time_shift_scale)
+                        time_shift_scale=self.objective.time_shift_scale, text=text, negative=negative)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ class SampleSchema:
     classifier_guidance: float
     progress: bool
     seed: int
+    prompts: Any  # model.cond=text
 
 
 @dataclasses.dataclass
@@ -69,6 +70,23 @@ class ParallelSchema:
 
 
 @dataclasses.dataclass
+class TextEncoderSchema:
+    """conf/text_encoder/*.yaml: none, a frozen transformers encoder (hf) or the learned one (stale/text/encoders.py)."""
+
+    name: str
+    pretrained: Any
+    subfolder: Any
+    tokenizer_subfolder: Any
+    max_length: int
+    dtype: str
+    max_words: int
+    vocab_captions: int
+    layers: int
+    words: Any
+    sha256: Any
+
+
+@dataclasses.dataclass
 class TrainSchema:
     """The root of conf/train.yaml: every top-level key stale-train reads."""
 
@@ -89,6 +107,7 @@ class TrainSchema:
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
     vae: VaeSchema  # the autoencoder group; filled in by stale.train.check_autoencoder
+    text_encoder: TextEncoderSchema  # the text encoder group; filled in by stale.train.check_text_encoder
     diffusion: dict
     schedule: dict  # name + warmup + the schedule's own parameters
     logger: dict  # {name: target node}

@@ -1,0 +1,1 @@
+"""Text conditioning: captions from shards, text encoders (docs/text.md)."""
