@@ -27,6 +27,25 @@ def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_tiny_umt5(folder: Path, seed: int = 0) -> Path:
+    """Wan's text encoder family (UMT5), tiny and random, with a T5 tokenizer (Unigram, as T5's sentencepiece
+    model) built with `tokenizers` over the test words: a real UMT5 folder holds the same tokenizer class."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    fast = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0)
+    torch.manual_seed(seed)
+    model = UMT5EncoderModel(UMT5Config(vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                        num_heads=2, pad_token_id=0, eos_token_id=1))
+    model.save_pretrained(str(folder))
+    fast.save_pretrained(str(folder))
+    return folder
+
+
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
@@ -48,8 +67,8 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_text_encoder(tmp_path_factory, kind: str) -> Path:
-    """One saved folder per kind ("t5" or "clip") for the whole session."""
+    """One saved folder per kind ("t5", "umt5" or "clip") for the whole session."""
     folder = Path(tmp_path_factory.getbasetemp()) / f"text-{kind}"
     if not (folder / "config.json").is_file():
-        {"t5": save_tiny_t5, "clip": save_tiny_clip}[kind](folder)
+        {"t5": save_tiny_t5, "umt5": save_tiny_umt5, "clip": save_tiny_clip}[kind](folder)
     return folder

@@ -91,7 +91,8 @@ def test_text_model_refuses_missing_caption():
 
 
 # --- text encoders ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,cls,length", [("t5", "T5EncoderModel", 16), ("clip", "CLIPTextModel", 6)])
+@pytest.mark.parametrize("kind,cls,length", [("t5", "T5EncoderModel", 16), ("umt5", "UMT5EncoderModel", 6),
+                                             ("clip", "CLIPTextModel", 6)])
 def test_hf_encoders_load_from_a_folder_truncate_with_a_count_and_cache_the_empty_caption(kind, cls, length,
                                                                                           tmp_path_factory):
     from stale.text.encoders import load_text_encoder

@@ -22,9 +22,10 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def binary_labels(labels: torch.Tensor) -> torch.Tensor:
     """{0, 1} or {-1, +1} labels -> {-1, +1}. A batch with any -1 is read as {-1, +1}, else as {0, 1}."""
-    if labels.numel() and not torch.isin(labels, labels.new_tensor([-1, 0, 1])).all():
+    checked = labels.numel() and not torch.compiler.is_compiling()  # value checks stay out of compiled graphs
+    if checked and not torch.isin(labels, labels.new_tensor([-1, 0, 1])).all():
         raise ValueError(f"binary hinge labels must be in {{0, 1}} or {{-1, +1}}, got {labels.unique().tolist()}")
-    if labels.numel() and (labels == 0).any() and (labels == -1).any():
+    if checked and (labels == 0).any() and (labels == -1).any():
         raise ValueError("binary hinge labels mix 0 and -1; use {0, 1} or {-1, +1}")
     return torch.where(labels == 0, -1, labels)
 

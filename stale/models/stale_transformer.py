@@ -381,8 +381,8 @@ class StaleBlock(nn.Module):
         # full: B sequences of T' N (under sequence parallelism this rank's T'_r N, the heads exchanged inside)
         return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp).view(b, t, n, -1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, sp=None, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, sp=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
         mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp)
@@ -567,9 +567,9 @@ class StaleTransformer(nn.Module):
             if sp is not None:  # whole frames for spatial and full blocks, whole positions for temporal ones
                 tokens, c_block = sp.layout(tokens, block.mode), sp.condition(block.mode)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c_block, sp, ctx, ctx_mask, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c_block, ctx, ctx_mask, sp, use_reentrant=False)
             else:
-                tokens = block(tokens, c_block, sp, ctx, ctx_mask)
+                tokens = block(tokens, c_block, ctx, ctx_mask, sp)
         if sp is not None:
             tokens = sp.gather(tokens)  # (B, T', N, D) on every rank: head, final layer and loss as without it
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame
