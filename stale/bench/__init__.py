@@ -31,6 +31,7 @@ SECTIONS: dict[str, str] = {
     "cpu": "stale.bench.cpu",  # threads and torch.compile for the default run's step (CPU only)
     "contamination": "stale.bench.contamination",  # near-duplicate search speed (not in the default list)
     "latent": "stale.bench.latent",  # encode speed, cache bytes, latent vs pixel step (needs stale[latent]; not default)
+    "peer": "stale.bench.peer",  # training step vs diffusers' LatteTransformer3DModel at matched size (not default)
 }
 
 
