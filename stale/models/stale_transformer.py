@@ -194,6 +194,15 @@ TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                  SDPBackend.MATH]
 
 
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """norm(x), written out on CPUs: there torch 2.13's fused F.rms_norm took ~4x the time of these ops (forward +
+    backward, QK-norm's (S, L, heads, D/heads) layout) and made QK-norm ~10% of the tiny model's step (issue 21).
+    Same value, x / sqrt(mean(x^2) + eps) * gain; other devices keep the fused kernel (not measured there)."""
+    if x.device.type != "cpu":
+        return norm(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
 class Attention(nn.Module):
     """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
@@ -206,10 +215,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
-        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
+        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s l h d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
-            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
-            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+            q = rms_norm(q.to(self.q_norm.weight.dtype), self.q_norm).to(v.dtype)  # (S, L, heads, D/heads)
+            k = rms_norm(k.to(self.k_norm.weight.dtype), self.k_norm).to(v.dtype)
+        q, k, v = (rearrange(z, "s l h d -> s h l d") for z in (q, k, v))  # views: SDPA reads the strides
         # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
         # refuses "batch <= 32768/17"); an exported graph therefore keeps one SDPA call for any batch.
         if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
