@@ -99,7 +99,8 @@ def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, wa
         for name in (("stale", "latte") if r % 2 == 0 else ("latte", "stale")):
             times[name].append(steps[name](batch))
     ratios = [s / l for s, l in zip(times["stale"], times["latte"])]
-    label = f"{model} {frames}x{size}x{size} b{batch_size}" + (" +xattn" if cross_attention else "")
+    label = (f"{model}{'' if 'depth' not in overrides else '-d' + str(cfg.depth)} {frames}x{size}x{size} b{batch_size}"
+             + (" +xattn" if cross_attention else ""))
     rows = [{"case": label, "model": name, "params": n_params(steps[name].model),
              "step_ms": round(1e3 * median(ts), 2), "step_spread": round(spread(ts), 3)} for name, ts in times.items()]
     rows[0]["stale_over_latte"] = round(median(ratios), 3)
@@ -109,7 +110,7 @@ def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, wa
 
 
 def run(cases=({"model": "tiny", "frames": 8, "size": 16, "batch_size": 8},
-               {"model": "s", "frames": 16, "size": 32, "batch_size": 2}),
+               {"model": "s", "depth": 4, "frames": 16, "size": 32, "batch_size": 1}),
         rounds: int = 30, warmup: int = 3, cross_attention: bool = False, threads: int | None = None,
         device: str = "cpu", seed: int = 0) -> dict:
     """cases: (model, frames, size, batch_size [, any StaleConfig override]) each; rounds: timed steps per model."""

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("spatial", "temporal", "full")
+ADALN = ("per_block", "single")
 # Shorthands accepted for `pattern` (e.g. `model.pattern=full` on the command line).
 PATTERNS = {"alternating": ("spatial", "temporal"), "full": ("full",)}
 
@@ -56,6 +57,10 @@ class StaleConfig:
     prediction: str = "velocity"
     t_eps: float = 0.05  # floor of 1 - t in the x-prediction division: bounds v near t = 1
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
+    # Block modulation: "per_block" is DiT's adaLN-Zero, one SiLU + Linear(D, 6D) per block (6D^2 parameters
+    # each); "single" is PixArt-alpha's adaLN-single (as Latte): one such Linear shared by all blocks, plus a
+    # learned (6D,) offset per block. Fewer parameters; its effect on quality is in BENCHMARKS.md (issue 21).
+    adaln: str = "per_block"
 
     def __post_init__(self):
         # Hydra hands lists; the model wants tuples (hashable, printable as in the defaults).
@@ -73,6 +78,8 @@ class StaleConfig:
                              f"and divisible by model.heads={self.heads}")
         if not isinstance(self.grad_checkpointing, bool):
             raise ValueError(f"model.grad_checkpointing={self.grad_checkpointing!r} must be true or false")
+        if self.adaln not in ADALN:
+            raise ValueError(f"model.adaln={self.adaln!r} is not one of {ADALN}")
         if self.prediction not in ("velocity", "data"):
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
@@ -230,13 +237,24 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
 
 
+class BlockOffset(nn.Module):
+    """adaLN-single's per-block part (PixArt-alpha's scale_shift_table): the shared modulation plus a learned offset."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(width))  # zero: with the shared Linear zeroed, every gate starts at 0
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:  # m: (B, 1 or T', 6D)
+        return m + self.offset
+
+
 class StaleBlock(nn.Module):
     """One transformer block attending over space, time or both, with adaLN-Zero conditioning.
 
     The unit of gradient checkpointing and of FSDP wrapping (conf/trainer/fsdp.yaml).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, adaln: str = "per_block"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r} is not one of {MODES}")
@@ -246,7 +264,9 @@ class StaleBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # per_block: c -> this block's 6 modulations; single: c is already the shared 6D modulation, offset per block
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln == "per_block" \
+            else BlockOffset(6 * dim)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
@@ -348,7 +368,10 @@ class StaleTransformer(nn.Module):
         # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
         self.register_load_state_dict_pre_hook(_check_joy_token)
-        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm) for m in cfg.modes)
+        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.adaln)
+                                    for m in cfg.modes)
+        # adaLN-single: the one modulation network all blocks share (model.adaln=single); none for per_block
+        self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if cfg.adaln == "single" else None
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
         self.initialize_weights()
@@ -367,9 +390,10 @@ class StaleTransformer(nn.Module):
         nn.init.normal_(self.y_embed.embedding_table.weight, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: gates start at 0, so each block is the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in [b.adaLN_modulation[-1] for b in self.blocks if self.config.adaln == "per_block"] + (
+                [self.adaLN_single[-1]] if self.adaLN_single is not None else []):
+            nn.init.zeros_(lin.weight)  # adaLN-Zero: gates start at 0, so each block is the identity
+            nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)  # the velocity is exactly zero at initialisation
@@ -403,11 +427,12 @@ class StaleTransformer(nn.Module):
             c_emb = (self.t_embed(t) + self.y_embed(y))[:, None]  # (B, 1, D)
         else:  # one time per latent frame
             c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + self.y_embed(y)[:, None]  # (B, T', D)
+        c_blocks = c_emb if self.adaLN_single is None else self.adaLN_single(c_emb)  # (B, 1 or T', D or 6D)
         for block in self.blocks:
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c_emb, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c_blocks, use_reentrant=False)
             else:
-                tokens = block(tokens, c_emb)
+                tokens = block(tokens, c_blocks)
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame
         out = self.final(tokens[:, :, :-1], c_emb)  # (B, T', H'W', pt*ph*pw*C)
         v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
