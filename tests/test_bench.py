@@ -269,8 +269,11 @@ def test_peer_section_times_stale_against_diffusers_latte():
     """Issue 21: both models train on the same batch at matched size; the row pair carries params and the ratio."""
     from stale.bench import peer
 
-    res = peer.run(cases=({"model": "tiny", "frames": 2, "size": 8, "batch_size": 1},), rounds=2, warmup=1, threads=1)
-    stale_row, latte_row = res["rows"]
+    res = peer.run(cases=({"model": "tiny", "frames": 2, "size": 8, "batch_size": 1},), rounds=2, warmup=1, threads=1,
+                   variants={"single": {"adaln": "single"}})
+    stale_row, latte_row, single_row = res["rows"]
+    assert single_row["model"] == "stale single" and single_row["params"] < stale_row["params"]
+    assert single_row["stale_over_latte"] > 0 and "stale_over_latte" not in latte_row
     assert (stale_row["model"], latte_row["model"]) == ("stale", "latte")
     assert stale_row["case"] == latte_row["case"] == "tiny 2x8x8 b1"
     assert stale_row["step_ms"] > 0 and latte_row["step_ms"] > 0 and stale_row["stale_over_latte"] > 0

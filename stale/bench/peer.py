@@ -75,8 +75,9 @@ def n_params(model) -> int:
 
 
 def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, warmup: int, seed: int,
-            cross_attention: bool = False, **overrides) -> dict:
-    """One case: both models built, warmed up, then timed step by step in alternation."""
+            cross_attention: bool = False, variants: dict | None = None, **overrides) -> dict:
+    """One case: both models (and stale `variants`: name -> StaleConfig overrides) built, warmed up, then timed
+    step by step in alternation."""
     torch.manual_seed(seed)
     stale = build(model, frames, size, prediction="velocity", **overrides)
     cfg = stale.config
@@ -90,38 +91,45 @@ def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, wa
         return latte(xt, timestep=t * 1000, encoder_hidden_states=caption, return_dict=False)[0]
 
     steps = {"stale": _Step(stale, lambda xt, t, y: stale(xt, t, y)[0]), "latte": _Step(latte, latte_forward)}
+    for name, extra in (variants or {}).items():  # ablations, e.g. {"no qk_norm": {"qk_norm": False}}
+        torch.manual_seed(seed)
+        m = build(model, frames, size, prediction="velocity", **{**overrides, **extra})
+        steps[f"stale {name}"] = _Step(m, (lambda m: lambda xt, t, y: m(xt, t, y)[0])(m))
     batch = flow_batch(*random_batches(1, batch_size, frames, size, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0], seed)
     for _ in range(warmup):
         for step in steps.values():
             step(batch)
-    times = {"stale": [], "latte": []}
-    for r in range(rounds):  # alternate which goes first: a load change mid-round hits both orders equally
-        for name in (("stale", "latte") if r % 2 == 0 else ("latte", "stale")):
+    times = {name: [] for name in steps}
+    for r in range(rounds):  # alternate the order: a load change mid-round hits every position equally
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
             times[name].append(steps[name](batch))
-    ratios = [s / l for s, l in zip(times["stale"], times["latte"])]
+    ratios = {name: [s / l for s, l in zip(ts, times["latte"])] for name, ts in times.items()}
     label = (f"{model}{'' if 'depth' not in overrides else '-d' + str(cfg.depth)} {frames}x{size}x{size} b{batch_size}"
              + (" +xattn" if cross_attention else ""))
     rows = [{"case": label, "model": name, "params": n_params(steps[name].model),
              "step_ms": round(1e3 * median(ts), 2), "step_spread": round(spread(ts), 3)} for name, ts in times.items()]
-    rows[0]["stale_over_latte"] = round(median(ratios), 3)
-    rows[0]["ratio_spread"] = round(spread(ratios), 3)
-    rows[0]["params_vs_latte"] = round(rows[0]["params"] / rows[1]["params"], 3)
-    return {"rows": rows, "ratio": median(ratios), "ratios": ratios}
+    for row in rows:
+        if row["model"] != "latte":
+            row["stale_over_latte"] = round(median(ratios[row["model"]]), 3)
+            row["ratio_spread"] = round(spread(ratios[row["model"]]), 3)
+            row["params_vs_latte"] = round(row["params"] / rows[1]["params"], 3)
+    return {"rows": rows, "ratio": median(ratios["stale"]), "ratios": ratios["stale"]}
 
 
 def run(cases=({"model": "tiny", "frames": 8, "size": 16, "batch_size": 8},
                {"model": "s", "depth": 4, "frames": 16, "size": 32, "batch_size": 1}),
-        rounds: int = 30, warmup: int = 3, cross_attention: bool = False, threads: int | None = None,
-        device: str = "cpu", seed: int = 0) -> dict:
-    """cases: (model, frames, size, batch_size [, any StaleConfig override]) each; rounds: timed steps per model."""
+        rounds: int = 30, warmup: int = 3, cross_attention: bool = False, variants: dict | None = None,
+        threads: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
+    """cases: (model, frames, size, batch_size [, any StaleConfig override]) each; rounds: timed steps per model;
+    variants: extra stale models timed in the same rounds, name -> StaleConfig overrides (ablations)."""
     if not str(device).startswith("cpu"):
         return {"rows": [{"case": "not measured (a CPU section; this run's device is CUDA)"}]}
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        results = [compare(**dict(case), rounds=rounds, warmup=warmup, seed=seed, cross_attention=cross_attention)
-                   for case in cases]
+        results = [compare(**dict(case), rounds=rounds, warmup=warmup, seed=seed, cross_attention=cross_attention,
+                           variants=variants) for case in cases]
     finally:
         torch.set_num_threads(previous)
     return {"rows": [row for res in results for row in res["rows"]],
