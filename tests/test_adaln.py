@@ -42,3 +42,16 @@ def test_single_trains_its_shared_network_and_offsets():
 def test_bad_adaln_names_the_key():
     with pytest.raises(ValueError, match="model.adaln='shared'"):
         build_model("tiny", adaln="shared")
+
+
+def test_single_exports_to_onnx(tmp_path):
+    """The shared modulation goes through torch.export and ONNX like the per-block one (tests/test_export.py)."""
+    from stale.export.onnx import check_onnx, export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("tiny", frames=4, size=16, adaln="single").eval()
+    with torch.no_grad():  # leave the zero init: an all-zero velocity would compare anything as equal
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    export_onnx(model, tmp_path / "m.onnx")
+    assert check_onnx(tmp_path / "m.onnx", model) < 1e-4
