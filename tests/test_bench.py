@@ -263,3 +263,45 @@ def test_gpu_rows_render_and_replace_only_their_block(tmp_path):
     md.write_text("only " + gpu_rows.BEGIN)
     with pytest.raises(ValueError, match="only one of the markers"):
         gpu_rows.write(tmp_path, md)
+
+
+def test_peer_section_times_stale_against_diffusers_latte():
+    """Issue 21: both models train on the same batch at matched size; the row pair carries params and the ratio."""
+    from stale.bench import peer
+
+    res = peer.run(cases=({"model": "tiny", "frames": 2, "size": 8, "batch_size": 1},), rounds=2, warmup=1, threads=1,
+                   variants={"single": {"adaln": "single"}})
+    stale_row, latte_row, single_row = res["rows"]
+    assert single_row["model"] == "stale single" and single_row["params"] < stale_row["params"]
+    assert single_row["stale_over_latte"] > 0 and "stale_over_latte" not in latte_row
+    assert (stale_row["model"], latte_row["model"]) == ("stale", "latte")
+    assert stale_row["case"] == latte_row["case"] == "tiny 2x8x8 b1"
+    assert stale_row["step_ms"] > 0 and latte_row["step_ms"] > 0 and stale_row["stale_over_latte"] > 0
+    assert res["summary"] == {"tiny 2x8x8 b1": stale_row["stale_over_latte"]}
+    # matched: Latte's pairs of blocks at stale's width; parameters counted from the built modules
+    latte = peer.latte_model(128, 4, 4, 4, 3, 2, 8)
+    assert len(latte.transformer_blocks) == 2 and latte.transformer_blocks[0].attn2 is None
+    assert latte_row["params"] == sum(p.numel() for p in latte.parameters())
+    assert stale_row["params"] == sum(p.numel() for p in build("tiny", 2, 8).parameters())
+
+
+def test_peer_step_trains_both_models():
+    """The timed step is a real training step: the loss of both models on the same batch goes down."""
+    from stale.bench import peer
+
+    torch.manual_seed(0)
+    stale = build("tiny", 2, 8, prediction="velocity")
+    latte = peer.latte_model(128, 4, 4, 4, 3, 2, 8)
+    caption = torch.zeros(2, 1, 128)
+    batch = peer.flow_batch(*random_batches(1, 2, 2, 8)[0], seed=0)
+    forwards = {"stale": (stale, lambda xt, t, y: stale(xt, t, y)[0]),
+                "latte": (latte, lambda xt, t, y: latte(xt, timestep=t * 1000, encoder_hidden_states=caption,
+                                                        return_dict=False)[0])}
+    for name, (model, forward) in forwards.items():
+        step = peer._Step(model, forward)
+        step.opt.param_groups[0]["lr"] = 1e-3
+        loss = lambda: torch.nn.functional.mse_loss(forward(*batch[:3]), batch[3]).item()
+        before = loss()
+        for _ in range(5):
+            step(batch)
+        assert loss() < before, name

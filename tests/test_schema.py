@@ -42,7 +42,7 @@ def test_every_shipped_config_passes_the_schema(group):
     ("+seeed=1", "seeed", "the root accepts budget, callbacks, ckpt_path", "seed"),
     ("+optim.lrr=0.1", "optim.lrr", "optim accepts betas, lr, weight_decay", "optim.lr"),
     ("+diffusion.priorr=gaussian", "diffusion.priorr", "diffusion accepts caption_dropout, context_frames, context_prob, dog_bands", "diffusion.prior"),
-    ("+model.dimm=96", "model.dimm", "model accepts cond, depth, dim,", "model.dim"),
+    ("+model.dimm=96", "model.dimm", "model accepts adaln, cond, depth, dim,", "model.dim"),
     ("+data.batchsize=4", "data.batchsize", "data accepts batch_size,", "data.batch_size"),
     ("+schedule.min_ration=0.2", "schedule.min_ration", "schedule accepts min_ratio, name, sharpness, warmup",
      "schedule.min_ratio"),

@@ -33,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "parallel": "stale.bench.parallel",  # sequence parallelism over gloo processes: time, memory, volume (not default)
     "latent": "stale.bench.latent",  # encode speed, cache bytes, latent vs pixel step (needs stale[latent]; not default)
     "buckets": "stale.bench.buckets",  # bucketed vs padded/cropped training tokens/s; bucketed loader vs raw decode (not default)
+    "peer": "stale.bench.peer",  # training step vs diffusers' LatteTransformer3DModel at matched size (not default)
 }
 
 

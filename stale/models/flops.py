@@ -45,7 +45,7 @@ def parameter_count(config: StaleConfig) -> int:
         + (2 * head_dim if config.qk_norm else 0)  # RMSNorm weights of q and k
         + d * d + d  # attention output projection
         + d * hidden + hidden + hidden * d + d  # MLP
-        + d * 6 * d + 6 * d  # adaLN modulation
+        + (d * 6 * d + 6 * d if config.adaln == "per_block" else 6 * d)  # adaLN modulation | adaLN-single offset
     )
     text = config.cond == "text"
     if text:  # cross-attention: q, kv from the caption tokens (width D after the projection), proj, q/k norms
@@ -55,6 +55,7 @@ def parameter_count(config: StaleConfig) -> int:
         + FREQ_DIM * d + d + d * d + d  # timestep MLP
         + (_text_parameters(config) if text else (config.num_classes + 1) * d)  # caption layers, or label table
         + config.depth * block
+        + (d * 6 * d + 6 * d if config.adaln == "single" else 0)  # adaLN-single's shared modulation
         + d * 2 * d + 2 * d + d * pvol * c + pvol * c  # final layer
         + 2 * d + d * config.head_outputs + config.head_outputs  # hinge head (LayerNorm, linear)
     )
@@ -102,10 +103,11 @@ def forward_flops(config: StaleConfig, frames: int | None = None, size: int | No
         "temporal": 4 * n * gt * gt * d,  # N sequences of T' tokens
         "full": 4 * tokens * tokens * d,  # one sequence of T' N tokens
     }
-    linear_per_block = 2 * tokens * d * (3 * d + d + 2 * hidden) + 2 * d * 6 * d  # qkv, proj, MLP, adaLN
+    adaln = 2 * d * 6 * d  # per block (per_block) or once (single)
+    linear_per_block = 2 * tokens * d * (3 * d + d + 2 * hidden) + (adaln if config.adaln == "per_block" else 0)
     parts = {
         "patch_embed": 2 * gt * s * c * pvol * d,
-        "conditioning": 2 * (FREQ_DIM * d + d * d),
+        "conditioning": 2 * (FREQ_DIM * d + d * d) + (adaln if config.adaln == "single" else 0),
         "blocks_linear": config.depth * linear_per_block,
         "attention": sum(attention_per_mode[m] for m in config.modes),
         "final": 2 * d * 2 * d + 2 * gt * s * d * pvol * c,

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 MODES = ("spatial", "temporal", "full")
 CONDS = ("label", "text")
+ADALN = ("per_block", "single")
 # Shorthands accepted for `pattern` (e.g. `model.pattern=full` on the command line).
 PATTERNS = {"alternating": ("spatial", "temporal"), "full": ("full",)}
 
@@ -70,6 +71,10 @@ class StaleConfig:
     # it; forward then takes token ids (B, L) instead of embeddings, and text_dim is that encoder's width
     text_vocab: int = 0
     text_layers: int = 2  # blocks of the learned text encoder
+    # Block modulation: "per_block" is DiT's adaLN-Zero, one SiLU + Linear(D, 6D) per block (6D^2 parameters
+    # each); "single" is PixArt-alpha's adaLN-single (as Latte): one such Linear shared by all blocks, plus a
+    # learned (6D,) offset per block. Fewer parameters; its effect on quality is in BENCHMARKS.md (issue 21).
+    adaln: str = "per_block"
 
     def __post_init__(self):
         # Hydra hands lists; the model wants tuples (hashable, printable as in the defaults).
@@ -87,6 +92,8 @@ class StaleConfig:
                              f"and divisible by model.heads={self.heads}")
         if not isinstance(self.grad_checkpointing, bool):
             raise ValueError(f"model.grad_checkpointing={self.grad_checkpointing!r} must be true or false")
+        if self.adaln not in ADALN:
+            raise ValueError(f"model.adaln={self.adaln!r} is not one of {ADALN}")
         if self.prediction not in ("velocity", "data"):
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
@@ -224,6 +231,16 @@ TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                  SDPBackend.MATH]
 
 
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """norm(x), written out on CPUs, where QK-norm is ~10% of the tiny model's step: these ops on the (S, L, heads,
+    D/heads) layout made an attention module's forward + backward ~3% faster than torch 2.13's F.rms_norm on the
+    (S, heads, L, D/heads) views (issue 21, BENCHMARKS.md). Same value, bit for bit on CPU: x / sqrt(mean(x^2) +
+    eps) * gain. Other devices keep the fused kernel (not measured there)."""
+    if x.device.type != "cpu":
+        return norm(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
 class Attention(nn.Module):
     """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
@@ -238,10 +255,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
         if x.shape[1] == 1 and sp is None and not torch.compiler.is_exporting():
             return self._single(x)
-        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
+        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s l h d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
-            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
-            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+            q = rms_norm(q.to(self.q_norm.weight.dtype), self.q_norm).to(v.dtype)  # (S, L, heads, D/heads)
+            k = rms_norm(k.to(self.k_norm.weight.dtype), self.k_norm).to(v.dtype)
+        q, k, v = (rearrange(z, "s l h d -> s h l d") for z in (q, k, v))  # views: SDPA reads the strides
         if sp is not None:  # sequence-parallel full attention (Ulysses): this rank's heads over the whole clip
             q, k, v = (sp.heads_to_sequence(u) for u in (q, k, v))
         # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
@@ -348,13 +366,25 @@ class TextConditioner(nn.Module):
         return tokens, mask, pooled
 
 
+class BlockOffset(nn.Module):
+    """adaLN-single's per-block part (PixArt-alpha's scale_shift_table): the shared modulation plus a learned offset."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(width))  # zero: with the shared Linear zeroed, every gate starts at 0
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:  # m: (B, 1 or T', 6D)
+        return m + self.offset
+
+
 class StaleBlock(nn.Module):
     """One transformer block attending over space, time or both, with adaLN-Zero conditioning.
 
     The unit of gradient checkpointing and of FSDP wrapping (conf/trainer/fsdp.yaml).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, text: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, text: bool = False,
+                 adaln: str = "per_block"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r} is not one of {MODES}")
@@ -368,7 +398,9 @@ class StaleBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # per_block: c -> this block's 6 modulations; single: c is already the shared 6D modulation, offset per block
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln == "per_block" \
+            else BlockOffset(6 * dim)
 
     def attend(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
@@ -480,8 +512,10 @@ class StaleTransformer(nn.Module):
         # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
         self.register_load_state_dict_pre_hook(_check_joy_token)
-        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.cond == "text")
-                                    for m in cfg.modes)
+        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.cond == "text",
+                                               cfg.adaln) for m in cfg.modes)
+        # adaLN-single: the one modulation network all blocks share (model.adaln=single); none for per_block
+        self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if cfg.adaln == "single" else None
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
         self.head = HingeHead(cfg.dim, cfg.head_outputs)
         # a stale.parallel.sequence.SequenceParallel inside its `sharded` block (training steps), else None
@@ -506,9 +540,11 @@ class StaleTransformer(nn.Module):
             nn.init.normal_(self.text.encoder.pos, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: gates start at 0, so each block is the identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in [b.adaLN_modulation[-1] for b in self.blocks if self.config.adaln == "per_block"] + (
+                [self.adaLN_single[-1]] if self.adaLN_single is not None else []):
+            nn.init.zeros_(lin.weight)  # adaLN-Zero: gates start at 0, so each block is the identity
+            nn.init.zeros_(lin.bias)
+        for block in self.blocks:
             if block.cross_attn is not None:  # the caption's contribution starts at exactly zero
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
@@ -559,11 +595,12 @@ class StaleTransformer(nn.Module):
             c_emb = (self.t_embed(t) + cond)[:, None]  # (B, 1, D)
         else:  # one time per latent frame
             c_emb = self.t_embed(t.reshape(-1)).view(b, gt, -1) + cond[:, None]  # (B, T', D)
+        c_blocks = c_emb if self.adaLN_single is None else self.adaLN_single(c_emb)  # (B, 1 or T', D or 6D)
         sp = self.sequence_parallel  # sequence parallelism: the blocks see this rank's share of the tokens
         if sp is not None:
-            tokens = sp.scatter(tokens, c_emb)  # (B, T'_r, N, D): this rank's frames
+            tokens = sp.scatter(tokens, c_blocks)  # (B, T'_r, N, D): this rank's frames
         for block in self.blocks:
-            c_block = c_emb
+            c_block = c_blocks
             if sp is not None:  # whole frames for spatial and full blocks, whole positions for temporal ones
                 tokens, c_block = sp.layout(tokens, block.mode), sp.condition(block.mode)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
