@@ -39,6 +39,11 @@ def sample_time(n: int, kind: str = "logit_normal", mean: float = 0.0, std: floa
     raise ValueError(f"diffusion.time_sampling={kind!r} is not one of {TIME_SAMPLERS}")
 
 
+def tokens(shape, patch) -> int:
+    """Tokens T' H' W' of a clip of shape (..., T, H, W) through `patch` (pt, ph, pw)."""
+    return (shape[-3] // patch[0]) * (shape[-2] // patch[1]) * (shape[-1] // patch[2])
+
+
 def token_shift(tokens: int, base: int | None, scale: float = 1.0) -> float:
     """The time shift for a clip of `tokens` tokens (SD3, Open-Sora 1.2): scale * sqrt(tokens / base); 1 (no shift)
     when base is None. More tokens carry more redundant signal, so the same noise level destroys less of it:

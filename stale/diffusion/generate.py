@@ -119,8 +119,7 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
         given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
         noise[:, :, :k] = flow.to_unit_range(context)
     ts = flow.shift_time(time_grid(steps, device),
-                         flow.token_shift((shape[2] // pt) * (shape[3] // ph) * (shape[4] // pw), time_shift_base,
-                                          time_shift_scale))
+                         flow.token_shift(flow.tokens(shape, cfg.patch), time_shift_base, time_shift_scale))
     labels = labels.to(device)
     chunk = batch_size or len(labels)
     was_training = model.training

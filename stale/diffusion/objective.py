@@ -30,11 +30,6 @@ from stale.diffusion.hinge import hinge_loss, predict
 from stale.diffusion.mixup import mixup, mixup_hinge
 
 
-def tokens(shape, patch) -> int:
-    """Tokens T' H' W' of a clip of shape (..., T, H, W) through `patch` (pt, ph, pw)."""
-    return (shape[-3] // patch[0]) * (shape[-2] // patch[1]) * (shape[-1] // patch[2])
-
-
 @dataclass
 class StaleObjective:
     prior: str = "uniform"  # uniform (U[-1,1]^d, the paper's maximum-entropy prior) or gaussian (N(0, I))
@@ -97,7 +92,7 @@ class StaleObjective:
 
     def shift(self, shape, patch) -> float:
         """The time shift for clips of `shape` (B, C, T, H, W) through a model of `patch` (1 when off)."""
-        return flow.token_shift(tokens(shape, patch), self.time_shift_base, self.time_shift_scale)
+        return flow.token_shift(flow.tokens(shape, patch), self.time_shift_base, self.time_shift_scale)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int, text: tuple | None = None,
                  empty: tuple | None = None) -> dict[str, torch.Tensor]:
@@ -162,7 +157,10 @@ class StaleObjective:
         b = x.shape[0]
         emb, mask = text
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-        t = flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+        # as the label path and sampling (generate) shift it
+        shift = 1.0 if self.time_shift_base is None else self.shift(x.shape, model.config.patch)
+        t = flow.shift_time(flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device),
+                            shift)
         drop = torch.rand(b, device=x.device) < self.caption_dropout
         e_emb, e_mask = (v.to(x.device).expand(b, *v.shape[1:]) for v in empty)
         keep = drop.view(b, *([1] * (emb.ndim - 1)))
@@ -182,7 +180,8 @@ class StaleObjective:
             cn, mn = ch.roll(1, dims=0), mh.roll(1, dims=0)  # each clip with its neighbour's caption
             same = ((ch == cn) | ~mh[(...,) + (None,) * (ch.ndim - 2)]).flatten(1).all(1) & (mh == mn).all(1)
             zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-            th = flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device)
+            th = flow.shift_time(flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device),
+                                 shift)
             xt = flow.interpolate(zh, xh, th)
             _, scores = model(torch.cat([xt, xt]), torch.cat([th, th]), torch.zeros(2 * n, dtype=torch.long,
                               device=x.device), torch.cat([ch, cn]), torch.cat([mh, mn]))

@@ -124,10 +124,9 @@ class StaleSystem(L.LightningModule):
             self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})
             self._compiled = True
 
-    def _loss_parts(self, x: torch.Tensor, label: torch.Tensor, text: tuple | None = None) -> dict[str, torch.Tensor]:
-        if text:  # model.cond=text: the captions' encoding and the empty caption's (caption dropout)
-            return self.objective(self.model, x, label, self.null_label, text, self.empty_text)
-        return self.objective(self.model, x, label, self.null_label)
+    def _loss_parts(self, x: torch.Tensor, label: torch.Tensor, text: tuple = ()) -> dict[str, torch.Tensor]:
+        # model.cond=text: the captions' encoding and the empty caption's (caption dropout); () in label mode
+        return self.objective(self.model, x, label, self.null_label, text or None, self.empty_text)
 
     # --- training ---------------------------------------------------------------------------------------
     def noise_seed(self) -> int:
@@ -274,7 +273,8 @@ class StaleSystem(L.LightningModule):
         per video (default: self.prompts cycled), guided against the empty caption."""
         text = negative = None
         if self.model.config.cond == "text":
-            prompts = prompts or [(self.prompts or [""])[i % len(self.prompts or [""])] for i in range(len(labels))]
+            pool = self.prompts or [""]
+            prompts = prompts or [pool[i % len(pool)] for i in range(len(labels))]
             text, negative = self.text_encoder.encode(prompts), self.empty_text
         return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
                         guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
