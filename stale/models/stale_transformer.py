@@ -231,16 +231,6 @@ TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                  SDPBackend.MATH]
 
 
-def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    """norm(x), written out on CPUs, where QK-norm is ~10% of the tiny model's step: these ops on the (S, L, heads,
-    D/heads) layout made an attention module's forward + backward ~3% faster than torch 2.13's F.rms_norm on the
-    (S, heads, L, D/heads) views (issue 21, BENCHMARKS.md). Same value, bit for bit on CPU: x / sqrt(mean(x^2) +
-    eps) * gain. Other devices keep the fused kernel (not measured there)."""
-    if x.device.type != "cpu":
-        return norm(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-
-
 class Attention(nn.Module):
     """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
@@ -255,11 +245,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
         if x.shape[1] == 1 and sp is None and not torch.compiler.is_exporting():
             return self._single(x)
-        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s l h d", three=3, h=self.heads)
+        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
         if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
-            q = rms_norm(q.to(self.q_norm.weight.dtype), self.q_norm).to(v.dtype)  # (S, L, heads, D/heads)
-            k = rms_norm(k.to(self.k_norm.weight.dtype), self.k_norm).to(v.dtype)
-        q, k, v = (rearrange(z, "s l h d -> s h l d") for z in (q, k, v))  # views: SDPA reads the strides
+            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
+            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
         if sp is not None:  # sequence-parallel full attention (Ulysses): this rank's heads over the whole clip
             q, k, v = (sp.heads_to_sequence(u) for u in (q, k, v))
         # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
