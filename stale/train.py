@@ -11,10 +11,12 @@ resume it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -354,15 +356,24 @@ def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleS
                        text_encoder=text[0], empty_text=text[1], prompts=cfg.sample.get("prompts"))
 
 
-def flops_per_clip(cfg: DictConfig, system: StaleSystem) -> float:
-    """Training FLOPs per clip: budget.flops_per_clip if set, else the analytic count of stale.models.flops."""
+def clip_flops(cfg: DictConfig, system: StaleSystem) -> Callable[[tuple[int, int, int]], float]:
+    """Training FLOPs per clip as a function of the model input's (T, H, W): budget.flops_per_clip if set (the
+    same for every shape), else the analytic count of stale.models.flops at that shape (buckets change it from
+    batch to batch; with a vae the shape is the latent one)."""
     if cfg.budget.get("flops_per_clip") is not None:
-        return float(cfg.budget.flops_per_clip)
-    flops = float(training_flops_per_clip(system.model.config))  # the model's clip: the latent one with a vae
+        fixed = float(cfg.budget.flops_per_clip)
+        return lambda thw: fixed
+    config = system.model.config
     # the label-free hinge branch runs forward + backward on hinge_fraction of the batch (model.cond=text: twice,
     # each clip with its own caption and with another's)
-    passes = 2 if system.model.config.cond == "text" else 1
-    return flops * (1 + passes * system.objective.hinge_fraction) if system.objective.hinge_weight > 0 else flops
+    passes = 2 if config.cond == "text" else 1
+    factor = 1 + passes * system.objective.hinge_fraction if system.objective.hinge_weight > 0 else 1.0
+
+    @functools.lru_cache(maxsize=None)
+    def flops(thw: tuple[int, int, int]) -> float:
+        return factor * float(training_flops_per_clip(config, frames=thw[0], size=(thw[1], thw[2])))
+
+    return flops
 
 
 def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
@@ -381,7 +392,8 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
             kwargs["device"] = "cuda"
         callbacks.append(instantiate(node, **kwargs))
     callbacks.append(instantiate(cfg.nan_guard))
-    callbacks.append(instantiate(cfg.budget, flops_per_clip=flops_per_clip(cfg, system)))
+    config = system.model.config  # the budget plans with the model's own clip
+    callbacks.append(instantiate(cfg.budget, flops_per_clip=system.clip_flops((config.frames, config.size, config.size))))
     tuner = thread_tuner(cfg)
     if tuner is not None:
         callbacks.append(tuner)
@@ -413,9 +425,9 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     if datamodule is None and text:  # the data first: the learned encoder's vocabulary comes from its captions
         datamodule = instantiate(cfg.data, _convert_="all", captions=True)
     system = build_system(cfg, autoencoder, load_text(cfg, datamodule))
+    system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
-    system.flops_per_batch = budget.flops_per_clip * cfg.data.batch_size  # ThroughputMonitor's FLOP/s and MFU
     loggers = _loggers(cfg, out)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      max_steps=max_steps(cfg), **_checkpoint_io(cfg))

@@ -354,3 +354,30 @@ def test_image_share_zero_and_one_in_the_loader(mixed):
                              image_share=share)
         assert {v.shape[2] for v, _ in dm.train_dataloader()} == frames
     assert mixed["summary"]["command"].endswith("data.buckets=smoke")  # the preset made for size=16 grid=4
+
+
+def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
+    """Buckets give batches of different shapes: the FLOPs that the compute budget and ThroughputMonitor count for
+    a batch (StaleSystem.flops_per_batch) are those of its shape, within 5% of what FlopCounterMode counts in the
+    real training step, hinge branch included (math SDPA, which the counter sees)."""
+    from hydra import compose, initialize_config_module
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stale.train import build_system, clip_flops
+
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "+model.dim=64", "+model.depth=2", "+model.heads=4",
+                                          "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}"])
+    system = build_system(cfg)
+    system.clip_flops = clip_flops(cfg, system)
+    counted = {}
+    for shape in [(4, 8, 8), (2, 8, 16), (1, 16, 8)]:  # square, landscape, a portrait image
+        video = torch.randint(0, 256, (4, 3, *shape), dtype=torch.uint8)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            system.training_step((video, torch.tensor([0, 1, 2, 0])), 0).backward()
+        assert abs(system.flops_per_batch / counter.get_total_flops() - 1) < 0.05, (shape, system.flops_per_batch,
+                                                                                   counter.get_total_flops())
+        counted[shape] = system.flops_per_batch
+    assert len(set(counted.values())) == 3

@@ -10,7 +10,8 @@ checkpointing recomputes the forward (4 x forward executed); by the MFU conventi
 
 Attention counts Q K^T and A V: 4 L^2 D per sequence of length L (all heads together). Spatial blocks run
 B T' sequences of H'W'+1 tokens and temporal blocks B (H'W'+1) sequences of T' tokens, so their cost is
-linear in T; full blocks run one sequence of T'(H'W'+1) tokens, quadratic in T.
+linear in T; full blocks run one sequence of T'(H'W'+1) tokens, quadratic in T. At T' = 1 (images) temporal
+attention is each token's value (Attention._single): its q, k projections and attention are not run or counted.
 
 Note for measuring with FlopCounterMode on a CPU: the default CPU kernel of scaled_dot_product_attention
 (_scaled_dot_product_flash_attention_for_cpu) has no FLOP formula and counts as 0; wrap the step in
@@ -85,10 +86,12 @@ def _text_flops(config: StaleConfig, tokens: int) -> dict[str, float]:
     return parts
 
 
-def forward_flops(config: StaleConfig, frames: int | None = None, size: int | None = None) -> dict[str, float]:
-    """Forward FLOPs per clip of T=frames, H=W=size (defaults: the config's), by part; 'total' sums them."""
+def forward_flops(config: StaleConfig, frames: int | None = None,
+                  size: int | tuple[int, int] | None = None) -> dict[str, float]:
+    """Forward FLOPs per clip of T=frames and H=W=size, or (H, W)=size for non-square buckets (defaults: the
+    config's clip), by part; 'total' sums them."""
     T = config.frames if frames is None else frames
-    H = W = config.size if size is None else size
+    H, W = (config.size, config.size) if size is None else (size, size) if isinstance(size, int) else size
     pt, ph, pw = config.patch
     if T % pt or H % ph or W % pw:
         raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(config.patch)}")
@@ -98,17 +101,22 @@ def forward_flops(config: StaleConfig, frames: int | None = None, size: int | No
     gt, s = T // pt, (H // ph) * (W // pw)  # latent frames, patches per frame
     n = s + 1  # tokens per frame: the patches and the joy token
     tokens = gt * n
+    single = gt == 1  # images: temporal attention over one token is its value (Attention._single: no q, k, kernel)
     attention_per_mode = {
         "spatial": 4 * gt * n * n * d,  # T' sequences of N tokens
-        "temporal": 4 * n * gt * gt * d,  # N sequences of T' tokens
+        "temporal": 0 if single else 4 * n * gt * gt * d,  # N sequences of T' tokens
         "full": 4 * tokens * tokens * d,  # one sequence of T' N tokens
     }
     adaln = 2 * d * 6 * d  # per block (per_block) or once (single)
-    linear_per_block = 2 * tokens * d * (3 * d + d + 2 * hidden) + (adaln if config.adaln == "per_block" else 0)
+
+    def linear_per_block(mode: str) -> int:  # qkv (v alone for one-token sequences), out projection, MLP, adaLN
+        qkv = d if single and mode == "temporal" else 3 * d
+        return 2 * tokens * d * (qkv + d + 2 * hidden) + (adaln if config.adaln == "per_block" else 0)
+
     parts = {
         "patch_embed": 2 * gt * s * c * pvol * d,
         "conditioning": 2 * (FREQ_DIM * d + d * d) + (adaln if config.adaln == "single" else 0),
-        "blocks_linear": config.depth * linear_per_block,
+        "blocks_linear": sum(linear_per_block(m) for m in config.modes),
         "attention": sum(attention_per_mode[m] for m in config.modes),
         "final": 2 * d * 2 * d + 2 * gt * s * d * pvol * c,
         "head": 2 * d * config.head_outputs,
@@ -120,6 +128,7 @@ def forward_flops(config: StaleConfig, frames: int | None = None, size: int | No
     return parts
 
 
-def training_flops_per_clip(config: StaleConfig, frames: int | None = None, size: int | None = None) -> float:
-    """Analytic training FLOPs (forward + backward = 3 x forward) per clip of T=frames, H=W=size."""
+def training_flops_per_clip(config: StaleConfig, frames: int | None = None,
+                            size: int | tuple[int, int] | None = None) -> float:
+    """Analytic training FLOPs (forward + backward = 3 x forward) per clip of T=frames, H=W=size or (H, W)=size."""
     return 3.0 * forward_flops(config, frames, size)["total"]

@@ -7,9 +7,11 @@ MFU are Lightning's ThroughputMonitor's (train/device/flops_per_sec, train/devic
 the module's flops_per_batch (stale.train).
 
 Rule: after each optimiser step the callback assumes the next step costs what this one did, and stops if
-that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded,
-and the time and money budgets are overrun by at most the difference between two steps (plus any
-validation or sampling in between). Every rank takes the same decision. The `last.ckpt` checkpoint
+that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded when
+every batch has one shape, and the time and money budgets are overrun by at most the difference between two
+steps (plus any validation or sampling in between). With buckets (data.buckets) each batch counts the FLOPs
+of its own shape (the module's flops_per_batch), so a larger bucket after a smaller one can overrun the FLOP
+budget by that difference too; the planned step count (max_flops / the config's clip) is then an estimate. Every rank takes the same decision. The `last.ckpt` checkpoint
 callback (conf/callbacks/default.yaml) saves the state at the stop; the spend itself is part of every
 checkpoint, so a resumed run continues counting from where it stopped.
 """
@@ -126,8 +128,10 @@ class ComputeBudget(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.flops_per_clip is not None:
-            # clips of all data-parallel groups: under sequence parallelism a group's ranks share each clip
-            self._pending_flops += self.flops_per_clip * batch_clips(batch) * data_parallel_rank_world(trainer)[1]
+            # the module's FLOPs of this batch at its shape (StaleSystem.flops_per_batch: buckets vary it), else the
+            # planning figure per clip; times the data-parallel groups (sequence-parallel ranks share each clip)
+            per_batch = getattr(pl_module, "flops_per_batch", None) or self.flops_per_clip * batch_clips(batch)
+            self._pending_flops += per_batch * data_parallel_rank_world(trainer)[1]
         if trainer.global_step == self._last_step:  # accumulating gradients: no optimiser step yet
             return
         self._last_step = trainer.global_step
