@@ -10,11 +10,14 @@ as HunyuanVideo (rope_dim_list, e.g. [16, 56, 56] of 128) and Open-Sora 2 (after
 Which coordinates each attention mode rotates by: spatial attention (the N tokens of one frame) by (h, w);
 temporal attention (one position across frames) by t; full attention by (t, h, w). A part of the head that a
 mode does not rotate is left as it is (angle 0). The joy token has no place in the frame, so its (h, w) parts
-are never rotated: in spatial attention it is wholly the identity, and its score with a patch depends on their
-contents only, not on where the patch is (a register that reads the whole frame, as ViT's class token is left
-unrotated by 2D RoPE: Heo et al. 2024, "Rotary Position Embedding for Vision Transformer"). Its time part turns
-with its frame's t like every token's, which is what the sin-cos code gives it too (time(k), no spatial code):
-the joy tokens of different frames still know their order. That choice also keeps sequence parallelism free of
+are never rotated: in spatial attention it is wholly the identity. Under RoPE the identity is the rotation of
+position 0, so relative to the patches the joy token scores as if it sat at the origin (0, 0): it has no place of
+its own, and making one up (the grid's centre, a place outside it) would tie it to the resolution or to an
+arbitrary convention. It is what ViT models with 2D RoPE do with their class token, which also reads the whole
+image (Heo et al. 2024, "Rotary Position Embedding for Vision Transformer", naver-ai/rope-vit: only the patch
+tokens are rotated), and it needs no table entry of its own. Its time part turns with its frame's t like every
+token's, which is what the sin-cos code gives it too (time(k), no spatial code): the joy tokens of different
+frames still know their order, and the hinge head averages them over frames as before. That choice also keeps sequence parallelism free of
 rank offsets: every mode's table covers an axis its ranks hold whole (see `tables`).
 
 The tables are computed once per forward for the clip's grid (T', H', W') and shared by every block; they are a
