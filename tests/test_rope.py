@@ -57,6 +57,19 @@ def test_scores_depend_only_on_the_offset_per_axis():
     assert all(abs(by_offset[o][0] - base) > 1e-3 for o in ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
 
 
+def test_pos_base_scales_rope_positions_to_the_frame():
+    """model.pos_base with rope: a 4 x 4 grid at base 4 keeps integer positions; an 8 x 8 grid's patch 2 k sits
+    where the 4 x 4 grid's patch k does (position interpolation); time is not scaled."""
+    d = 16
+    small, big = tables(d, 2, 4, 4, base=4)["full"], tables(d, 2, 8, 8, base=4)["full"]
+    plain = tables(d, 2, 4, 4)["full"]
+    assert all(torch.allclose(a, b) for a, b in zip(small, plain))
+    ns, nb = 4 * 4 + 1, 8 * 8 + 1
+    for frame in (0, 1):
+        for i, j in ((1, 1), (2, 3), (3, 0)):
+            assert torch.allclose(small[1][frame * ns + i * 4 + j], big[1][frame * nb + 2 * i * 8 + 2 * j], atol=1e-6)
+
+
 def test_spatial_and_temporal_tables_rotate_only_their_axes():
     t, h, w, d = 3, 2, 2, 16
     dt, dh, dw = rope_dims(d)
@@ -108,7 +121,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     (dict(dim=32, heads=8), r"model.pos=rope splits the head dimension model.dim / model.heads = 32 / 8 = 4 into "
                             r"even time/height/width parts \(4, 0, 0\)"),
     (dict(dim=56, heads=8), r"= 56 / 8 = 7 into even time/height/width parts \(3, 2, 2\)"),
-    (dict(pos_base=4), r"model.pos_base=4 scales the sin-cos code; model.pos=rope has none"),
 ])
 def test_bad_rope_configs_name_the_keys(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -134,7 +146,7 @@ def test_pos_bench_section_runs():
     out = run(steps=3, seeds=1, eval_clips=1, dim=32, depth=2, evals={"trained 4x16x16": [4, 16, 16],
                                                                       "unseen 4x24x24": [4, 24, 24]})
     rows = {r["variant"]: r for r in out["rows"]}
-    assert list(rows) == ["sincos", "sincos_scaled", "rope"]
+    assert list(rows) == ["sincos", "sincos_scaled", "rope", "rope_scaled"]
     assert rows["sincos"]["steps_per_s_vs_sincos"] == 1.0 and rows["rope"]["steps_per_s_vs_sincos"] > 0
     assert all(0 < r["unseen 4x24x24"] < 10 for r in rows.values())
-    assert out["summary"]["best_unseen"] in rows and len(out["per_seed"]) == 3
+    assert out["summary"]["best_unseen"] in rows and len(out["per_seed"]) == 4

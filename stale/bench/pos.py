@@ -1,4 +1,4 @@
-"""Positional code benchmark (`stale-bench sections=pos`): sin-cos, resolution-scaled sin-cos and 3D RoPE, measured.
+"""Positional code benchmark (`stale-bench sections=pos`): sin-cos and 3D RoPE, each plain and resolution-scaled, measured.
 
 Tiny models that differ only in `model.pos` / `model.pos_base` are trained in lockstep: the same seed, the same
 initial weights where they share them, and at every step the same batch, drawn from a mix of shapes (a
@@ -23,6 +23,7 @@ VARIANTS = {  # name -> StaleConfig overrides; the first is the reference of the
     "sincos": {},
     "sincos_scaled": {"pos_base": 4},  # the 16 px training grid's side with patch 4
     "rope": {"pos": "rope"},
+    "rope_scaled": {"pos": "rope", "pos_base": 4},  # RoPE with position interpolation over the frame
 }
 EVAL = {  # name -> (T, H, W)
     "trained 8x16x16": (8, 16, 16), "trained 8x12x20": (8, 12, 20),

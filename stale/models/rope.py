@@ -27,6 +27,8 @@ and applied with slices, multiplies and a concatenation: plain ops that torch.ex
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 THETA = 10000.0
@@ -39,13 +41,15 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def _angles(n: int, dim: int, device) -> torch.Tensor:
-    """Angles of positions 0..n-1 for a `dim`-channel part: (n, dim / 2), frequencies theta^(-2i/dim)."""
+def _angles(n: int, dim: int, device, scale: float = 1.0) -> torch.Tensor:
+    """Angles of positions 0, scale, 2 scale, ... (n of them) for a `dim`-channel part: (n, dim / 2), frequencies
+    theta^(-2i/dim)."""
     freqs = 1.0 / THETA ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)  # (dim/2,)
-    return torch.arange(n, dtype=torch.float32, device=device)[:, None] * freqs[None]
+    return (torch.arange(n, dtype=torch.float32, device=device) * scale)[:, None] * freqs[None]
 
 
-def tables(head_dim: int, t: int, h: int, w: int, device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def tables(head_dim: int, t: int, h: int, w: int, device=None,
+           base: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(cos, sin) of each attention mode's rotation for a grid of t x h x w patches (joy token last per frame).
 
     spatial  (N, head_dim / 2),       N = h w + 1: (h, w) angles, the joy token's all 0
@@ -55,9 +59,15 @@ def tables(head_dim: int, t: int, h: int, w: int, device=None) -> dict[str, tupl
     Under sequence parallelism each table applies unchanged: spatial blocks hold whole frames (all N), temporal
     blocks whole positions (all t) and full attention rotates after the Ulysses exchange, when a rank holds its
     heads over the whole clip (Attention.forward).
+
+    base (StaleConfig.pos_base): resolution-scaled spatial positions, indices x base / sqrt(h w), as for the sin-cos
+    code, so every grid spans about `base` positions per side (for RoPE this is position interpolation: Chen et al.
+    2023, "Extending Context Window of Large Language Models via Positional Interpolation"; the time axis is not
+    scaled). Scores then depend on the offsets in units of the frame, not of patches.
     """
     dt, dh, dw = rope_dims(head_dim)
-    at, ah, aw = _angles(t, dt, device), _angles(h, dh, device), _angles(w, dw, device)  # (t, dt/2) ...
+    scale = 1.0 if base is None else base / math.sqrt(h * w)
+    at, ah, aw = _angles(t, dt, device), _angles(h, dh, device, scale), _angles(w, dw, device, scale)  # (t, dt/2) ...
     place = torch.cat([ah[:, None].expand(h, w, dh // 2), aw[None].expand(h, w, dw // 2)], dim=-1)  # (h, w, (dh+dw)/2)
     place = torch.cat([place.reshape(h * w, -1), place.new_zeros(1, place.shape[-1])])  # (N, (dh+dw)/2), joy last
     spatial = torch.cat([place.new_zeros(h * w + 1, dt // 2), place], dim=-1)  # (N, head_dim/2)

@@ -61,9 +61,10 @@ class StaleConfig:
     prediction: str = "velocity"
     t_eps: float = 0.05  # floor of 1 - t in the x-prediction division: bounds v near t = 1
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
-    # Spatial positions of the sin-cos code: None = patch indices 0, 1, 2, ... at every resolution; an int B =
-    # resolution-scaled (Open-Sora 1.2, PixArt): indices times B / sqrt(H'W'), so every grid spans about B
-    # positions per side whatever its size (docs/buckets.md: measured better on unseen shapes; opt-in).
+    # Spatial positions of the sin-cos code (with model.pos=rope: of the rotations): None = patch indices 0, 1, 2,
+    # ... at every resolution; an int B = resolution-scaled (Open-Sora 1.2, PixArt; for RoPE position interpolation):
+    # indices times B / sqrt(H'W'), so every grid spans about B positions per side whatever its size
+    # (docs/buckets.md: measured better on unseen shapes; opt-in).
     pos_base: int | None = None
     # Positional code: "sincos" adds the fixed 3D sin-cos code to the tokens once at the input (DiT, Latte,
     # Open-Sora 1.2); "rope" rotates q and k inside every attention by the tokens' (t, h, w) instead (3D RoPE as in
@@ -112,9 +113,6 @@ class StaleConfig:
         if self.pos not in POS:
             raise ValueError(f"model.pos={self.pos!r} is not one of {POS}")
         if self.pos == "rope":
-            if self.pos_base is not None:
-                raise ValueError(f"model.pos_base={self.pos_base} scales the sin-cos code; model.pos=rope has none: "
-                                 "set model.pos_base=null")
             hd = self.dim // self.heads
             if min(rope3d.rope_dims(hd)) < 2 or hd % 2:
                 raise ValueError(f"model.pos=rope splits the head dimension model.dim / model.heads = {self.dim} / "
@@ -600,7 +598,7 @@ class StaleTransformer(nn.Module):
         tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
         rope = None
         if cfg.pos == "rope":  # rotations inside attention, one set of tables for all blocks (stale/models/rope.py)
-            rope = rope3d.tables(cfg.dim // cfg.heads, gt, gh, gw, device=x.device)
+            rope = rope3d.tables(cfg.dim // cfg.heads, gt, gh, gw, device=x.device, base=cfg.pos_base)
         else:
             tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device, base=cfg.pos_base).to(dtype)
         ctx, ctx_mask = None, None
