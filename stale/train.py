@@ -177,8 +177,8 @@ def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.get("pos_base") is None:
         side = round(max(b.height * b.width for b in parsed) ** 0.5 / patch[1])
-        log.warning("data.buckets with model.pos_base=null: integer sin-cos positions held up far worse than "
-                    "resolution-scaled ones on shapes not trained on (docs/buckets.md); consider model.pos_base=%d "
+        log.warning("data.buckets with model.pos_base=null: integer positions (sin-cos or RoPE) held up far worse than "
+                    "resolution-scaled ones on grids not trained on (docs/buckets.md); consider model.pos_base=%d "
                     "(the largest bucket's grid side)", side)
 
 

@@ -45,11 +45,14 @@ def test_bad_adaln_names_the_key():
 
 
 def test_single_exports_to_onnx(tmp_path):
-    """The shared modulation goes through torch.export and ONNX like the per-block one (tests/test_export.py)."""
+    """The shared modulation goes through torch.export and ONNX like the per-block one (tests/test_export.py).
+    The same export carries model.pos=rope (issue 19) and a full-attention block, so its rotation (slices,
+    multiplies, a concatenation) is checked in onnxruntime too without a second ~15 s export in make test."""
     from stale.export.onnx import check_onnx, export_onnx
 
     torch.manual_seed(0)
-    model = build_model("tiny", frames=4, size=16, adaln="single").eval()
+    model = build_model("tiny", frames=4, size=16, adaln="single", pos="rope", depth=3,
+                        pattern=["spatial", "temporal", "full"]).eval()
     with torch.no_grad():  # leave the zero init: an all-zero velocity would compare anything as equal
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

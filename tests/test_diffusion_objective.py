@@ -123,12 +123,15 @@ def test_mixup_touches_the_hinge_branch_only():
 
 
 @pytest.mark.parametrize("options", [{}, {"dog_weight": 0.1, "dog_temporal": True, "mixup": True},
-                                     {"context_frames": 1, "context_prob": 0.5, "prior": "gaussian"}])
+                                     {"context_frames": 1, "context_prob": 0.5, "prior": "gaussian"},
+                                     {"model": {"pos": "rope", "pattern": ["spatial", "temporal", "full"]}}])
 def test_objective_traces_as_one_graph(options):
     """Every setting of the objective is one Dynamo graph with the model inside (no graph break): the compiled
-    training step uses fullgraph=True. Value checks (labels in range) stay eager-only; the DoG gains are constants."""
+    training step uses fullgraph=True. Value checks (labels in range) stay eager-only; the DoG gains are constants.
+    "model" entries are model overrides (model.pos=rope: its tables are built inside the graph)."""
     torch._dynamo.reset()
-    model = build_model("tiny", frames=4, size=16, num_classes=4)
+    options = dict(options)
+    model = build_model("tiny", frames=4, size=16, num_classes=4, **options.pop("model", {}))
     objective = StaleObjective(**options)
     x, y = torch.rand(4, 3, 4, 16, 16) * 2 - 1, torch.randint(0, 4, (4,))
     explained = torch._dynamo.explain(lambda x, y: objective(model, x, y, 4))(x, y)

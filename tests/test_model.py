@@ -147,14 +147,16 @@ def test_null_label_is_an_extra_row():
     assert (v_null - v_cond).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("pattern,patch,T,H", [("alternating", (1, 4, 4), 8, 16), ("full", (1, 4, 4), 8, 16),
-                                                ("alternating", (2, 2, 2), 4, 8),
-                                                (("spatial", "spatial", "temporal"), (1, 2, 2), 3, 8)])
-def test_analytic_flops_match_flop_counter(pattern, patch, T, H):
+@pytest.mark.parametrize("pattern,patch,T,H,pos", [("alternating", (1, 4, 4), 8, 16, "sincos"),
+                                                    ("full", (1, 4, 4), 8, 16, "sincos"),
+                                                    ("alternating", (2, 2, 2), 4, 8, "sincos"),
+                                                    (("spatial", "spatial", "temporal"), (1, 2, 2), 3, 8, "sincos"),
+                                                    (("spatial", "temporal", "full"), (1, 4, 4), 4, 16, "rope")])
+def test_analytic_flops_match_flop_counter(pattern, patch, T, H, pos):
     """3 x forward analytic FLOPs per clip vs FlopCounterMode on a real forward + backward (math SDPA, which
-    the counter sees; the CPU flash kernel has no FLOP formula)."""
+    the counter sees; the CPU flash kernel has no FLOP formula). RoPE's rotations are elementwise: no product."""
     model = randomize(build_model("tiny", dim=64, depth=3, heads=4, pattern=pattern, patch=patch,
-                                  frames=T, size=H, num_classes=3))
+                                  frames=T, size=H, num_classes=3, pos=pos))
     x, t, y = inputs(b=2, T=T, H=H, W=H, num_classes=3)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):

@@ -105,6 +105,10 @@ CASES = {  # model overrides, frames, per-frame times
     # a temporal block first, then full: every layout change, tubelets over time (pt = 2, T' = 3)
     "mixed-pattern": (dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8,
                            pattern=["temporal", "full", "spatial"]), 6, True),
+    # model.pos=rope (issue 19): every mode's rotation, full attention's after the head exchange; odd T' = 3 and
+    # N = 5 split unevenly, checkpointed blocks
+    "rope-mixed-pattern": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=3, size=8, pos="rope",
+                                pattern=["temporal", "full", "spatial"], grad_checkpointing=True), 3, False),
 }
 
 

@@ -34,6 +34,7 @@ SECTIONS: dict[str, str] = {
     "latent": "stale.bench.latent",  # encode speed, cache bytes, latent vs pixel step (needs stale[latent]; not default)
     "buckets": "stale.bench.buckets",  # bucketed vs padded/cropped training tokens/s; bucketed loader vs raw decode (not default)
     "peer": "stale.bench.peer",  # training step vs diffusers' LatteTransformer3DModel at matched size (not default)
+    "pos": "stale.bench.pos",  # sin-cos vs resolution-scaled sin-cos vs 3D RoPE: loss at trained/unseen shapes, steps/s (not default)
 }
 
 

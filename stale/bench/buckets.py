@@ -118,9 +118,9 @@ def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps:
     x, y = torch.rand(batch_size, 3, 1, size, size) * 2 - 1, torch.zeros(batch_size, dtype=torch.long)
     full = Attention.forward
 
-    def through_sdpa(self, x):  # the path a one-token sequence took before: q, k, norms, the kernel
+    def through_sdpa(self, x, *args, **kwargs):  # the path a one-token sequence took before: q, k, norms, the kernel
         with mock.patch("torch.compiler.is_exporting", return_value=True):  # (exports skip the one-token path)
-            return full(self, x)
+            return full(self, x, *args, **kwargs)
 
     times = {"one_token_path": [], "sdpa": []}
     step(x, y)

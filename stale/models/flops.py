@@ -1,8 +1,9 @@
 """Parameters and analytic FLOPs of the Stale Transformer, for compute budgets, MFU and benchmarks.
 
 Convention (that of torch.utils.flop_counter.FlopCounterMode, Kaplan et al. 2020 and PaLM's MFU): count
-matrix products and convolutions only, 2 FLOPs per multiply-add; norms, softmax, activations and
-embedding look-ups are not counted. Training = 3 x forward (the backward computes two products per
+matrix products and convolutions only, 2 FLOPs per multiply-add; norms, softmax, activations,
+embedding look-ups and positional codes (the sin-cos addition, model.pos=rope's rotations of q and k) are not
+counted. Training = 3 x forward (the backward computes two products per
 forward product: the gradient of the input and of the weight). Exactly, the backward skips the input
 gradient of the patch embedding and of the first time-MLP layer, whose inputs need no gradient, so
 3 x forward overstates FlopCounterMode by about 0.3% for `tiny` and under 0.01% from `s` up. Gradient

@@ -28,9 +28,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from stale.models import rope as rope3d
+
 MODES = ("spatial", "temporal", "full")
 CONDS = ("label", "text")
 ADALN = ("per_block", "single")
+POS = ("sincos", "rope")
 # Shorthands accepted for `pattern` (e.g. `model.pattern=full` on the command line).
 PATTERNS = {"alternating": ("spatial", "temporal"), "full": ("full",)}
 
@@ -58,10 +61,16 @@ class StaleConfig:
     prediction: str = "velocity"
     t_eps: float = 0.05  # floor of 1 - t in the x-prediction division: bounds v near t = 1
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed (U+1F602 is 😂): fixed, never trained
-    # Spatial positions of the sin-cos code: None = patch indices 0, 1, 2, ... at every resolution; an int B =
-    # resolution-scaled (Open-Sora 1.2, PixArt): indices times B / sqrt(H'W'), so every grid spans about B
-    # positions per side whatever its size (docs/buckets.md: measured better on unseen shapes; opt-in).
+    # Spatial positions of the sin-cos code (with model.pos=rope: of the rotations): None = patch indices 0, 1, 2,
+    # ... at every resolution; an int B = resolution-scaled (Open-Sora 1.2, PixArt; for RoPE position interpolation):
+    # indices times B / sqrt(H'W'), so every grid spans about B positions per side whatever its size
+    # (docs/buckets.md: measured better on unseen shapes; opt-in).
     pos_base: int | None = None
+    # Positional code: "sincos" adds the fixed 3D sin-cos code to the tokens once at the input (DiT, Latte,
+    # Open-Sora 1.2); "rope" rotates q and k inside every attention by the tokens' (t, h, w) instead (3D RoPE as in
+    # Wan, HunyuanVideo, Open-Sora 2; stale/models/rope.py). sincos stays the default: docs/buckets.md has the
+    # measurement (stale-bench sections=pos).
+    pos: str = "sincos"
     # Text conditioning (docs/text.md). cond="text": each block cross-attends to the caption tokens, the label
     # is ignored, and the joy token's head scores whether the clip matches its caption (one binary score).
     cond: str = "label"  # label | text
@@ -101,6 +110,14 @@ class StaleConfig:
         if self.pos_base is not None and (isinstance(self.pos_base, bool) or not isinstance(self.pos_base, int)
                                           or self.pos_base < 1):
             raise ValueError(f"model.pos_base={self.pos_base!r} must be null or an integer >= 1 (grid positions)")
+        if self.pos not in POS:
+            raise ValueError(f"model.pos={self.pos!r} is not one of {POS}")
+        if self.pos == "rope":
+            hd = self.dim // self.heads
+            if min(rope3d.rope_dims(hd)) < 2 or hd % 2:
+                raise ValueError(f"model.pos=rope splits the head dimension model.dim / model.heads = {self.dim} / "
+                                 f"{self.heads} = {hd} into even time/height/width parts {rope3d.rope_dims(hd)}: "
+                                 "it must be even and >= 6")
         if self.cond not in CONDS:
             raise ValueError(f"model.cond={self.cond!r} is not one of {CONDS}")
         if self.cond == "text":
@@ -145,13 +162,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #################################################################################
 #             Positional encoding: fixed 3D sin-cos (time, height, width)        #
 #################################################################################
-# Why sin-cos and not 3D RoPE: the code is added once at the input, so every attention mode (spatial,
-# temporal, full) sees the same tokens and stays a plain scaled_dot_product_attention call on q and k, with
-# no per-mode rotation tables to build and export; it is a pure function of the grid size, so any
-# (T, H, W) divisible by the patch works with no learned table to interpolate; and it gives the joy token
-# a time code but no place in the frame, which RoPE would have to special-case. DiT and Latte use it too.
-# RoPE's edge is relative positions (better extrapolation to longer clips than trained on); switching is
-# local to Attention if that is ever measured to matter.
+# The default (model.pos=sincos): the code is added once at the input, so every attention mode (spatial,
+# temporal, full) sees the same tokens and stays a plain scaled_dot_product_attention call on q and k; it is
+# a pure function of the grid size, so any (T, H, W) divisible by the patch works with no learned table to
+# interpolate; and it gives the joy token a time code but no place in the frame. DiT and Latte use it too.
+# model.pos=rope (stale/models/rope.py) rotates q and k by relative positions instead: measured against this
+# code in docs/buckets.md section 3.1 (better on longer clips, worse on larger grids unless scaled, 6% slower).
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """Fixed sin-cos code of positions `pos` (N,) -> (N, dim), dim even (DiT's get_1d_sincos_pos_embed)."""
@@ -242,7 +258,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (S, L, D): S independent sequences of length L
+    def forward(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (S, L, D): S sequences of length L
+        # rope: model.pos=rope's (cos, sin) for these sequences, (L, D/heads/2) (for full attention under sequence
+        # parallelism, of the whole clip's T' N tokens); one token needs none (a rotation by t = 0 is the identity)
         if x.shape[1] == 1 and sp is None and not torch.compiler.is_exporting():
             return self._single(x)
         q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
@@ -251,6 +269,8 @@ class Attention(nn.Module):
             k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
         if sp is not None:  # sequence-parallel full attention (Ulysses): this rank's heads over the whole clip
             q, k, v = (sp.heads_to_sequence(u) for u in (q, k, v))
+        if rope is not None:  # after the exchange: each rank's heads hold every token, so the table needs no offset
+            q, k = rope3d.rotate(q, *rope), rope3d.rotate(k, *rope)
         # Not while exporting: a branch on the batch would guard the exported graph's dynamic batch (torch.export
         # refuses "batch <= 32768/17"); an exported graph therefore keeps one SDPA call for any batch.
         if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
@@ -391,22 +411,23 @@ class StaleBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln == "per_block" \
             else BlockOffset(6 * dim)
 
-    def attend(self, x: torch.Tensor, sp=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
+    def attend(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
+        rope = None if rope is None else rope[self.mode]  # model.pos=rope: this mode's (cos, sin) (stale/models/rope.py)
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
-            return self.attn(rearrange(x, "b t n d -> (b t) n d")).view(b, t, n, -1)
+            return self.attn(rearrange(x, "b t n d -> (b t) n d"), rope=rope).view(b, t, n, -1)
         if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'
             with sdpa_kernel(TEMPORAL_SDPA, set_priority=True):
-                out = self.attn(rearrange(x, "b t n d -> (b n) t d"))
+                out = self.attn(rearrange(x, "b t n d -> (b n) t d"), rope=rope)
             return rearrange(out, "(b n) t d -> b t n d", b=b)
         # full: B sequences of T' N (under sequence parallelism this rank's T'_r N, the heads exchanged inside)
-        return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp).view(b, t, n, -1)
+        return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp, rope).view(b, t, n, -1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, sp=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+                text_mask: torch.Tensor | None = None, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
         mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
-        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp)
+        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp, rope)
         if self.cross_attn is not None:  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
             b, t, n, d = x.shape
             x = x + self.cross_attn(self.cross_norm(x).reshape(b, t * n, d), text, text_mask).view(b, t, n, d)
@@ -574,7 +595,11 @@ class StaleTransformer(nn.Module):
         patches = rearrange(self.patch_embed(x.to(dtype)), "b d t h w -> b t (h w) d").to(dtype)  # (B, T', H'W', D)
         joy = self.joy_token.to(dtype)[None, None, None].expand(b, gt, 1, cfg.dim)  # (B, T', 1, D)
         tokens = torch.cat([patches, joy], dim=2)  # (B, T', N, D), N = H'W' + 1
-        tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device, base=cfg.pos_base).to(dtype)
+        rope = None
+        if cfg.pos == "rope":  # rotations inside attention, one set of tables for all blocks (stale/models/rope.py)
+            rope = rope3d.tables(cfg.dim // cfg.heads, gt, gh, gw, device=x.device, base=cfg.pos_base)
+        else:
+            tokens = tokens + pos_embed_3d(cfg.dim, gt, gh, gw, device=x.device, base=cfg.pos_base).to(dtype)
         ctx, ctx_mask = None, None
         if self.text is not None:  # the caption replaces the label: its tokens for cross-attention, pooled into c
             ctx, ctx_mask, cond = self.text(text, text_mask, dtype)  # (B, L, D), (B, L), (B, D)
@@ -593,9 +618,9 @@ class StaleTransformer(nn.Module):
             if sp is not None:  # whole frames for spatial and full blocks, whole positions for temporal ones
                 tokens, c_block = sp.layout(tokens, block.mode), sp.condition(block.mode)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c_block, ctx, ctx_mask, sp, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c_block, ctx, ctx_mask, sp, rope, use_reentrant=False)
             else:
-                tokens = block(tokens, c_block, ctx, ctx_mask, sp)
+                tokens = block(tokens, c_block, ctx, ctx_mask, sp, rope)
         if sp is not None:
             tokens = sp.gather(tokens)  # (B, T', N, D) on every rank: head, final layer and loss as without it
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame

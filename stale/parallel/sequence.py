@@ -19,7 +19,9 @@ padded and nothing needs a mask: odd frame counts and the odd N = H'W' + 1 are e
 
 The joy token is position N - 1 like any other: in the frames layout each rank holds the joy tokens of its own
 frames, in the positions layout the last rank holds all T' of them. Nothing is replicated, so there is no
-gradient to reduce for it. `gather` assembles the whole (B, T', N, D) on every rank after the last block, so the
+gradient to reduce for it. model.pos=rope's rotation tables (stale/models/rope.py) need no slicing: spatial blocks
+rotate by (h, w) over whole frames, temporal ones by t over whole positions, full attention after heads_to_sequence
+(all tokens). `gather` assembles the whole (B, T', N, D) on every rank after the last block, so the
 hinge head, the final layer and the loss run unchanged and every rank of the group holds the same loss.
 
 Gradients: each rank's backward returns, through the collectives, the gradient of every group rank's loss; the
