@@ -41,7 +41,7 @@ log = logging.getLogger("stale")
 
 NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
 # strategies with a sequence_parallel argument (stale/parallel/mesh.py)
-SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDPStrategy")
+SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDP2Strategy")
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
@@ -145,7 +145,7 @@ def check_parallel(cfg: DictConfig) -> None:
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
     if target not in SEQUENCE_PARALLEL_STRATEGIES or strategy.get("sequence_parallel") != p:
         raise ConfigError(f"parallel.sequence={p} needs a multi-process trainer that splits clips over ranks: "
-                          f"trainer=ddp_cpu (CPU processes) or trainer=ddp / trainer=fsdp (GPUs), not trainer.strategy="
+                          f"trainer=ddp_cpu / fsdp_cpu (CPU processes) or trainer=ddp / fsdp (GPUs), not trainer.strategy="
                           f"{target or strategy!r}")
     devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % p:
@@ -391,8 +391,9 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
 
 
 def _checkpoint_io(cfg: DictConfig) -> dict:
-    """SafeCheckpointIO (clear disk-full errors) unless the strategy brings its own checkpoint I/O (FSDP)."""
-    if cfg.trainer.get("plugins") is not None or "fsdp" in str(cfg.trainer.get("strategy", "")).lower():
+    """SafeCheckpointIO (clear disk-full errors) unless plugins are configured (FSDP2's full-file checkpoints use it
+    too; its distributed ones, save_distributed_checkpoint=true, are written by torch.distributed.checkpoint)."""
+    if cfg.trainer.get("plugins") is not None:
         return {}
     return {"plugins": [SafeCheckpointIO()]}
 
