@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from stale.models.stale_transformer import StaleBlock
+from stale.models.stale_transformer import StaleBlock, StaleTransformer
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0 only, in CPU memory
 
@@ -68,18 +68,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def gathered_copy(model: nn.Module) -> nn.Module | None:
+def gathered_copy(model: nn.Module) -> StaleTransformer | None:
     """A plain (unsharded) copy of a sharded StaleTransformer with its whole weights, on rank 0; None elsewhere.
 
     Collective: every rank must call it. Built from model.config like every other reader of stale weights."""
     state = get_model_state_dict(model, options=FULL)
     if dist.get_rank() != 0:
         return None
-    device = _local(next(model.parameters())).device
+    shard = _local(next(model.parameters()))
     with torch.random.fork_rng(devices=[]):  # the throwaway initialisation leaves training's RNG alone
-        plain = type(model)(model.config)
-    plain.load_state_dict(state, strict=True)
-    return plain.to(device)
+        plain = StaleTransformer(model.config)  # not type(model): fully_shard made that an FSDP subclass
+    plain.to(device=shard.device, dtype=shard.dtype).load_state_dict(state, strict=True)
+    return plain
 
 
 class ShardedEMA:
@@ -137,5 +137,6 @@ class ShardedEMA:
     def load_full_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], n_averaged: int) -> None:
         """Set the average from a full state dict (every rank holds it, e.g. read from a checkpoint file)."""
         with self.swapped(module):
-            set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+            # a copy: torch's set_model_state_dict replaces the dict's tensors by shards in place
+            set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True))
         self.n_averaged = int(n_averaged)

@@ -192,7 +192,7 @@ class HydraFSDP2Strategy(SequenceParallelMixin, _HydraLaunch, ModelParallelStrat
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
         model_state = checkpoint.get("current_model_state", checkpoint["state_dict"])  # raw weights, not the EMA
         options = StateDictOptions(full_state_dict=True, strict=self.lightning_module.strict_loading)
-        set_model_state_dict(self.model, model_state, options=options)
+        set_model_state_dict(self.model, dict(model_state), options=options)  # a copy: torch fills it with shards
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             # saved keyed by parameter index (ModelParallelStrategy.optimizer_state); torch's reader wants names
             state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
