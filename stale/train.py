@@ -129,9 +129,23 @@ def check_config(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_parallel(cfg)
+    check_fsdp(cfg)
     _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
     return autoencoder
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """FSDP2 (trainer=fsdp, fsdp_cpu) trains the plain model whole: not LoRA adapters (peft's layers), nor frozen
+    tensors left out of checkpoints (finetune.freeze with init_from), which its full-state-dict loading needs."""
+    strategy = cfg.trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or strategy.get("_target_") != "stale.utils.distributed.HydraFSDP2Strategy":
+        return
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("name") == "lora" or (finetune.get("freeze") and cfg.get("init_from")):
+        what = "finetune=lora" if finetune.get("name") == "lora" else f"finetune.freeze={list(finetune.freeze)}"
+        raise ConfigError(f"{what} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: use trainer=ddp / "
+                          "ddp_cpu (docs/parallel.md)")
 
 
 def check_parallel(cfg: DictConfig) -> None:

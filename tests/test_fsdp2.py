@@ -198,3 +198,20 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "fsdp_sp"))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune=lora"], "finetune=lora is not supported with trainer=fsdp"),
+    (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
+])
+def test_fsdp2_refuses_what_it_cannot_checkpoint_before_training(overrides, message, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from stale.train import ConfigError, check_config
+
+    (tmp_path / "base.ckpt").write_bytes(b"")  # init_from must exist; the FSDP2 check comes before reading it
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
+                                          f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.").replace("*", r"\*")):
+        check_config(cfg)
