@@ -3,14 +3,15 @@
 Every `every_n_steps` optimiser steps, global rank 0 samples a few clips (fixed labels and seed, so the
 videos of successive steps are comparable), writes them under <out_dir>/step<NNNNNNN>/ and logs the mp4
 files to W&B. wandb.Video is built from the written files: from raw arrays it would need moviepy, which
-stale does not depend on. Other ranks do not wait: sampling uses no collective operation (under FSDP2 every rank first takes part in
-gathering the EMA weights into one copy on rank 0).
+stale does not depend on. Other ranks do not wait: sampling uses no collective operation (under FSDP2 every
+rank first takes part in gathering the EMA weights into one whole copy on rank 0).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +19,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 from stale.data.media import save_videos, write_labels
-from stale.parallel.fsdp import gathered_copy
+from stale.parallel.fsdp import gathered_copy, is_sharded
+from stale.system.ema import StaleEMA
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,14 @@ def ema_module(trainer: L.Trainer | None, pl_module: L.LightningModule) -> L.Lig
     return pl_module
 
 
-def sharded_ema_copy(trainer: L.Trainer, pl_module: L.LightningModule):
-    """Under FSDP2 (StaleEMA keeps the average as shards): a plain copy of the model with the whole EMA weights on
-    rank 0, None on the others. Collective: every rank calls it. None without a sharded EMA."""
-    ema = next((cb.sharded for cb in trainer.callbacks if getattr(cb, "sharded", None) is not None), None)
-    if ema is None:
+def gathered_for_sampling(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Under FSDP2, where a forward pass needs every rank: a plain copy of the model on rank 0 with the whole EMA
+    weights (the live ones without an EMA callback), None on the other ranks. Collective: every rank calls it.
+    None when the model is not sharded."""
+    if not is_sharded(pl_module.model):
         return None
-    with ema.swapped(pl_module):
+    ema = next((cb.sharded for cb in trainer.callbacks if isinstance(cb, StaleEMA) and cb.sharded is not None), None)
+    with ema.swapped(pl_module) if ema is not None else nullcontext():
         return gathered_copy(pl_module.model)
 
 
@@ -100,7 +103,7 @@ class SampleVideos(L.Callback):
         if step >= trainer.max_steps > 0:  # train() samples at the end anyway
             return
         self._last_step = step  # with gradient accumulation the same step ends several micro-batches
-        plain = sharded_ema_copy(trainer, pl_module)  # FSDP2: every rank gathers the EMA, rank 0 gets a whole copy
+        plain = gathered_for_sampling(trainer, pl_module)  # FSDP2: every rank gathers, rank 0 gets a whole copy
         if not trainer.is_global_zero:
             return
         system = ema_module(trainer, pl_module)
