@@ -137,10 +137,14 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_fsdp(cfg: DictConfig) -> None:
     """FSDP2 (trainer=fsdp, fsdp_cpu) trains the plain model whole: not LoRA adapters (peft's layers), nor frozen
-    tensors left out of checkpoints (finetune.freeze with init_from), which its full-state-dict loading needs."""
+    tensors left out of checkpoints (finetune.freeze with init_from), which its full-state-dict loading needs; and
+    not compiled (torch.compile's one-graph step stops at FSDP2's hooks)."""
     strategy = cfg.trainer.get("strategy")
     if not isinstance(strategy, DictConfig) or strategy.get("_target_") != "stale.utils.distributed.HydraFSDP2Strategy":
         return
+    if cfg.get("compile"):  # tried once: dynamo meets FSDP2's hooks inside the fullgraph training-step graph
+        raise ConfigError(f"compile={cfg.compile} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: its "
+                          "hooks break the one-graph training step; use compile=false")
     finetune = cfg.get("finetune") or {}
     if finetune.get("name") == "lora" or (finetune.get("freeze") and cfg.get("init_from")):
         what = "finetune=lora" if finetune.get("name") == "lora" else f"finetune.freeze={list(finetune.freeze)}"

@@ -203,8 +203,9 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["finetune=lora"], "finetune=lora is not supported with trainer=fsdp"),
     (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
+    (["compile=true"], "compile=True is not supported with trainer=fsdp"),
 ])
-def test_fsdp2_refuses_what_it_cannot_checkpoint_before_training(overrides, message, tmp_path):
+def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path):
     from hydra import compose, initialize_config_module
 
     from stale.train import ConfigError, check_config
