@@ -43,7 +43,7 @@ log = logging.getLogger("stale")
 
 NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
 # strategies with a sequence_parallel argument (stale/parallel/mesh.py)
-SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDPStrategy")
+SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDP2Strategy")
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
@@ -131,9 +131,27 @@ def check_config(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_parallel(cfg)
+    check_fsdp(cfg)
     _number(cfg, "sample.num_videos", 1, integer=True)  # the final sampling runs after fit: check it before
     _number(cfg, "sample.steps", 1, integer=True)
     return autoencoder
+
+
+def check_fsdp(cfg: DictConfig) -> None:
+    """FSDP2 (trainer=fsdp, fsdp_cpu) trains the plain model whole: not LoRA adapters (peft's layers), nor frozen
+    tensors left out of checkpoints (finetune.freeze with init_from), which its full-state-dict loading needs; and
+    not compiled (torch.compile's one-graph step stops at FSDP2's hooks)."""
+    strategy = cfg.trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or strategy.get("_target_") != "stale.utils.distributed.HydraFSDP2Strategy":
+        return
+    if cfg.get("compile"):  # tried once: dynamo meets FSDP2's hooks inside the fullgraph training-step graph
+        raise ConfigError(f"compile={cfg.compile} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: its "
+                          "hooks break the one-graph training step; use compile=false")
+    finetune = cfg.get("finetune") or {}
+    if finetune.get("name") == "lora" or (finetune.get("freeze") and cfg.get("init_from")):
+        what = "finetune=lora" if finetune.get("name") == "lora" else f"finetune.freeze={list(finetune.freeze)}"
+        raise ConfigError(f"{what} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: use trainer=ddp / "
+                          "ddp_cpu (docs/parallel.md)")
 
 
 def check_parallel(cfg: DictConfig) -> None:
@@ -147,7 +165,7 @@ def check_parallel(cfg: DictConfig) -> None:
     target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
     if target not in SEQUENCE_PARALLEL_STRATEGIES or strategy.get("sequence_parallel") != p:
         raise ConfigError(f"parallel.sequence={p} needs a multi-process trainer that splits clips over ranks: "
-                          f"trainer=ddp_cpu (CPU processes) or trainer=ddp / trainer=fsdp (GPUs), not trainer.strategy="
+                          f"trainer=ddp_cpu / fsdp_cpu (CPU processes) or trainer=ddp / fsdp (GPUs), not trainer.strategy="
                           f"{target or strategy!r}")
     devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % p:
@@ -403,8 +421,9 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
 
 
 def _checkpoint_io(cfg: DictConfig) -> dict:
-    """SafeCheckpointIO (clear disk-full errors) unless the strategy brings its own checkpoint I/O (FSDP)."""
-    if cfg.trainer.get("plugins") is not None or "fsdp" in str(cfg.trainer.get("strategy", "")).lower():
+    """SafeCheckpointIO (clear disk-full errors) unless plugins are configured (FSDP2's full-file checkpoints use it
+    too; its distributed ones, save_distributed_checkpoint=true, are written by torch.distributed.checkpoint)."""
+    if cfg.trainer.get("plugins") is not None:
         return {}
     return {"plugins": [SafeCheckpointIO()]}
 

@@ -192,29 +192,28 @@ def test_torchrun_script(tiny_shards, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The GPU configs, composed and instantiated (FSDP itself needs GPUs: not run here).
+# The GPU configs, composed and instantiated (trainer=fsdp runs as trainer=fsdp_cpu here: tests/test_fsdp2.py).
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_cpu"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_cpu", "fsdp_cpu"])
 def test_distributed_trainer_configs(name):
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from stale.models.stale_transformer import StaleBlock
-    from stale.utils.distributed import HydraDDPStrategy, HydraFSDPStrategy
+    from stale.utils.distributed import HydraDDPStrategy, HydraFSDP2Strategy
 
     with initialize_config_module("stale.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"trainer={name}", "trainer.num_nodes=4"])
     assert cfg.trainer.num_nodes == 4 and "devices" in cfg.trainer
     strategy = instantiate(cfg.trainer.strategy)
-    if name == "fsdp":
-        assert isinstance(strategy, HydraFSDPStrategy) and cfg.trainer.precision == "bf16-mixed"
-        policy = strategy.kwargs["auto_wrap_policy"]
-        assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {StaleBlock}
+    assert strategy.process_group_backend == ("gloo" if name.endswith("_cpu") else None)
+    if name.startswith("fsdp"):  # FSDP2: one full checkpoint file (stale-export reads it), bf16 on GPUs
+        assert isinstance(strategy, HydraFSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
+        assert cfg.trainer.strategy.save_distributed_checkpoint is False
+        assert cfg.trainer.precision == ("bf16-mixed" if name == "fsdp" else 32)
     else:
         assert isinstance(strategy, HydraDDPStrategy)
-        assert strategy.process_group_backend == ("gloo" if name == "ddp_cpu" else None)
 
 
 if __name__ == "__main__":  # the DDP worker (both ranks)

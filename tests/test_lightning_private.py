@@ -23,6 +23,8 @@ def test_fit_time_internals(tmp_path):
     # sampling.py: the EMA copy of the LightningModule that sampling during training uses
     assert isinstance(ema._average_model, torch.optim.swa_utils.AveragedModel)
     assert type(ema._average_model.module) is BoringModel
+    # ema.py under FSDP2: the step of the last update, which WeightAveraging's state_dict saves
+    assert ema._latest_update_step == 2 and ema.state_dict() == {"latest_update_step": 2}
     # stale_system.py on_load_checkpoint: the logging-step counter in the checkpoint's loop state
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     loop = torch.load(tmp_path / "x.ckpt", weights_only=True)["loops"]["fit_loop"]["epoch_loop.state_dict"]

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stale.models import StaleBlock, StaleConfig, StaleTransformer, build_model
 from stale.models.flops import count_parameters, forward_flops, parameter_count, training_flops_per_clip
-from stale.models.stale_transformer import Attention, fsdp_wrap_policy, pos_embed_3d
+from stale.models.stale_transformer import Attention, pos_embed_3d
 
 SMALL = dict(dim=32, depth=2, heads=2)  # fast on a CPU; every test below holds for any width
 
@@ -212,15 +212,6 @@ def test_pattern_from_config():
         cfg = compose("train", overrides=["model=tiny", "model.pattern=full"])
     model = instantiate(cfg.model, _convert_="all")
     assert [b.mode for b in model.blocks] == ["full"] * model.config.depth
-
-
-def test_fsdp_wrap_policy_wraps_exactly_the_blocks():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    model = build_model("tiny", **SMALL)
-    policy = FSDPStrategy(auto_wrap_policy=fsdp_wrap_policy()).kwargs["auto_wrap_policy"]  # a ModuleWrapPolicy
-    wrapped = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
-    assert wrapped == list(model.blocks)
 
 
 def test_bad_inputs_name_the_value():

@@ -202,6 +202,7 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
     (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
     (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
+    (["trainer=fsdp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),  # FSDP2 too
     ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
     ([*SP, "model.pattern=full", "+model.heads=1", "+model.dim=32"], "model.heads=1 over the ranks"),
 ])

@@ -54,8 +54,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """torch.load(path, weights_only=True) on CPU, with errors that name the file and say what is wrong."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory (a sharded FSDP checkpoint?): export needs one "
-                              "file; train with FSDPStrategy(state_dict_type='full') (the default)")
+        raise CheckpointError(f"checkpoint {path} is a directory (a distributed FSDP2 checkpoint?): export needs one "
+                              "file; train with trainer.strategy.save_distributed_checkpoint=false (the default)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

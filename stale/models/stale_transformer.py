@@ -389,7 +389,7 @@ class BlockOffset(nn.Module):
 class StaleBlock(nn.Module):
     """One transformer block attending over space, time or both, with adaLN-Zero conditioning.
 
-    The unit of gradient checkpointing and of FSDP wrapping (conf/trainer/fsdp.yaml).
+    The unit of gradient checkpointing and of FSDP2 sharding (stale/parallel/fsdp.py).
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, text: bool = False,
@@ -632,12 +632,6 @@ class StaleTransformer(nn.Module):
             one_minus_t = (1 - tt.repeat_interleave(pt, dim=2) if t.ndim == 2 else 1 - tt).clamp(min=cfg.t_eps)
             v = (v - x.to(v.dtype)) / one_minus_t
         return v, scores
-
-
-def fsdp_wrap_policy() -> set:
-    """FSDP wraps each StaleBlock as one unit: Lightning's FSDPStrategy(auto_wrap_policy=...) turns this set
-    into torch's ModuleWrapPolicy (and accepts it as activation_checkpointing_policy too)."""
-    return {StaleBlock}
 
 
 def build_model(name: str = "tiny", **overrides) -> StaleTransformer:

@@ -19,6 +19,7 @@ import logging
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def grad_norm(module: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: sharded gradients, a replicated norm
 
 
 class NaNGuard(L.Callback):

@@ -3,13 +3,15 @@
 Every `every_n_steps` optimiser steps, global rank 0 samples a few clips (fixed labels and seed, so the
 videos of successive steps are comparable), writes them under <out_dir>/step<NNNNNNN>/ and logs the mp4
 files to W&B. wandb.Video is built from the written files: from raw arrays it would need moviepy, which
-stale does not depend on. Other ranks do not wait: sampling uses no collective operation.
+stale does not depend on. Other ranks do not wait: sampling uses no collective operation (under FSDP2 every
+rank first takes part in gathering the EMA weights into one whole copy on rank 0).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
 from stale.data.media import save_videos, write_labels
+from stale.parallel.fsdp import gathered_copy, is_sharded
+from stale.system.ema import StaleEMA
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,17 @@ def ema_module(trainer: L.Trainer | None, pl_module: L.LightningModule) -> L.Lig
         if average is not None:
             return average.module
     return pl_module
+
+
+def gathered_for_sampling(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Under FSDP2, where a forward pass needs every rank: a plain copy of the model on rank 0 with the whole EMA
+    weights (the live ones without an EMA callback), None on the other ranks. Collective: every rank calls it.
+    None when the model is not sharded."""
+    if not is_sharded(pl_module.model):
+        return None
+    ema = next((cb.sharded for cb in trainer.callbacks if isinstance(cb, StaleEMA) and cb.sharded is not None), None)
+    with ema.swapped(pl_module) if ema is not None else nullcontext():
+        return gathered_copy(pl_module.model)
 
 
 def log_videos(loggers: list, paths: dict[str, Path], step: int, key: str = "samples") -> None:
@@ -88,12 +103,14 @@ class SampleVideos(L.Callback):
         if step >= trainer.max_steps > 0:  # train() samples at the end anyway
             return
         self._last_step = step  # with gradient accumulation the same step ends several micro-batches
+        plain = gathered_for_sampling(trainer, pl_module)  # FSDP2: every rank gathers, rank 0 gets a whole copy
         if not trainer.is_global_zero:
             return
         system = ema_module(trainer, pl_module)
         out = self.out_dir / f"step{step:07d}"
         # the prompts are the live system's (the EMA copy was made before it saw a caption)
-        paths = sample_to_disk(system, out, **self.kwargs, prompts=getattr(pl_module, "prompts", None))
+        with pl_module.sampling_with(plain):
+            paths = sample_to_disk(system, out, **self.kwargs, prompts=getattr(pl_module, "prompts", None))
         self.written.append(out)
         log_videos(trainer.loggers, paths, step)
-        log.info("samples of step %d (EMA weights: %s) in %s", step, system is not pl_module, out)
+        log.info("samples of step %d (EMA weights: %s) in %s", step, system is not pl_module or plain is not None, out)

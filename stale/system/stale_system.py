@@ -7,18 +7,21 @@ lives in callbacks next to this file and in Lightning's own callbacks; see docs/
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
+from stale.parallel.fsdp import shard_model
 from stale.parallel.mesh import data_parallel_rank_world, sequence_parallel_of
 from stale.parallel.sequence import sharded
 from stale.system.schedules import lr_multiplier
@@ -126,6 +129,12 @@ class StaleSystem(L.LightningModule):
             # graph break is an error, not a silent slowdown (tests/test_system.py checks there is none).
             self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})
             self._compiled = True
+
+    def configure_model(self) -> None:
+        """trainer=fsdp / fsdp_cpu (FSDP2): shard each StaleBlock, then the rest (stale/parallel/fsdp.py)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            shard_model(self.model, strategy.root_device.type, strategy.world_size, self.trainer.precision)
 
     def _loss_parts(self, x: torch.Tensor, label: torch.Tensor, text: tuple = ()) -> dict[str, torch.Tensor]:
         # model.cond=text: the captions' encoding and the empty caption's (caption dropout); () in label mode
@@ -286,6 +295,19 @@ class StaleSystem(L.LightningModule):
                         size=size, progress=progress, prior_scale=self.objective.scale,
                         autoencoder=self.autoencoder, time_shift_base=self.objective.time_shift_base,
                         time_shift_scale=self.objective.time_shift_scale, text=text, negative=negative)
+
+    @contextmanager
+    def sampling_with(self, model: nn.Module | None):
+        """`sample` uses `model` inside the block (FSDP2: a gathered whole copy, stale/system/sampling.py); None:
+        unchanged."""
+        if model is None:
+            yield
+            return
+        own, self.model = self.model, model
+        try:
+            yield
+        finally:
+            self.model = own
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

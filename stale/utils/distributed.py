@@ -26,18 +26,25 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import (
     _basic_subprocess_cmd,
     _SubprocessScriptLauncher,
 )
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import OptimStateKeyType
 
+from stale.parallel.fsdp import gathered_copy, is_sharded
 from stale.parallel.mesh import SequenceParallelMixin
 
 # Hydra overrides that describe the sweep, not the job: a child is a plain run of one job.
@@ -156,17 +163,48 @@ class HydraDDPStrategy(SequenceParallelMixin, _HydraLaunch, DDPStrategy):
     `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
 
 
-class HydraFSDPStrategy(SequenceParallelMixin, _HydraLaunch, FSDPStrategy):
-    """`FSDPStrategy` (same arguments) whose locally launched ranks share the Hydra job's output dir, plus
-    `sequence_parallel` (parallel.sequence: ranks per clip, stale/parallel/mesh.py)."""
+class HydraFSDP2Strategy(SequenceParallelMixin, _HydraLaunch, ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` for FSDP2 (`StaleSystem.configure_model` shards: stale/parallel/fsdp.py),
+    with `sequence_parallel` and the Hydra launch of the other strategies. Differences from Lightning's:
 
-    def __init__(self, *args, auto_wrap_policy=None, activation_checkpointing_policy=None, **kwargs):
-        # Hydra hands over lists (ListConfig); Lightning turns a *set* of module classes into a ModuleWrapPolicy.
-        super().__init__(*args, auto_wrap_policy=_as_set(auto_wrap_policy),
-                         activation_checkpointing_policy=_as_set(activation_checkpointing_policy), **kwargs)
+    - data: every rank, or every sequence-parallel group, reads its own clips (DDP's split). Lightning's own mesh
+      (data_parallel x tensor_parallel, by default nodes x devices) is left unused: FSDP2 shards over all ranks;
+    - checkpoints: one full file by default (`save_distributed_checkpoint=False`), as stale-export reads it; resume
+      loads the raw weights (`current_model_state` when the EMA moved them there) and the optimiser state;
+    - after a completed fit, rank 0's model is a plain module with the final weights (the EMA's, copied in by
+      StaleEMA at train end), gathered while the processes are still connected, so that stale-train samples and
+      reports with it on one device as after DDP.
+    """
 
+    def __init__(self, *args, save_distributed_checkpoint: bool = False, **kwargs):
+        super().__init__(*args, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
 
-def _as_set(policy):
-    if isinstance(policy, Iterable) and not isinstance(policy, (set, str)) and not callable(policy):
-        return set(policy)
-    return policy
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self.mesh is None:  # no sequence parallelism: every rank its own clips
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        return super().distributed_sampler_kwargs
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():  # a distributed (DCP) checkpoint: Lightning's reader
+            return super().load_checkpoint(path, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        model_state = checkpoint.get("current_model_state", checkpoint["state_dict"])  # raw weights, not the EMA
+        options = StateDictOptions(full_state_dict=True, strict=self.lightning_module.strict_loading)
+        set_model_state_dict(self.model, dict(model_state), options=options)  # a copy: torch fills it with shards
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+            # saved keyed by parameter index (ModelParallelStrategy.optimizer_state); torch's reader wants names
+            state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+            set_optimizer_state_dict(self.model, optimizer, state, options=options)
+        return checkpoint
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if (trainer is not None and trainer.state.status != TrainerStatus.INTERRUPTED  # as _HydraLaunch.teardown
+                and trainer.state.fn == TrainerFn.FITTING and is_sharded(module.model)):
+            plain = gathered_copy(module.model)  # every rank, while the process group is up
+            if plain is not None:
+                module.model = plain
+        super().teardown()
