@@ -82,12 +82,16 @@ def _become_command(out, err, argv: list[str], cwd, env) -> None:
     """In the forked child: the state a fresh `argv` process would start from (see run_cli)."""
     import __main__
     import atexit
+    import gc
     import logging
     import random
 
     from hydra.core.global_hydra import GlobalHydra
 
     os.setsid()
+    # the worker's objects are the child's only by inheritance: its garbage collector must not finalise them (a
+    # writer's __del__ would flush into a file description it shares with the worker)
+    gc.freeze()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     atexit._clear()  # the worker's exit handlers are not the command's
