@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from test_sequence_parallel import TINY, _losses, _spawn, _weights
+from test_sequence_parallel import TINY, _losses, _resumes_exactly, _spawn, _weights
 
 from torch.distributed.tensor import DTensor
 
@@ -161,13 +161,7 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
     assert (tmp_path / "fsdp" / "samples" / "contact_sheet.png").is_file()  # rank 0 sampled after fit
     assert list((tmp_path / "fsdp" / "samples").glob("step0000002/*.mp4"))  # and from the gathered EMA at step 2
 
-    run_cli("stale-train", *TINY, *FSDP, f"ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'step0000002.ckpt'}",
-            f"hydra.run.dir={tmp_path / 'resumed'}")
-    resumed = _losses(tmp_path / "resumed")
-    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: fsdp[s] for s in (2, 3)}, rel=1e-6, abs=0)
-    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for k in w2:
-        torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-6)
+    _resumes_exactly(tmp_path, "fsdp", FSDP, fsdp, w2)
 
     ckpt = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
     for k, v in ckpt.state_dict.items():  # the EMA, whole

@@ -146,6 +146,20 @@ def _weights(ckpt: Path) -> dict:
     return {**state["current_model_state"], **{f"ema.{k}": v for k, v in state["state_dict"].items()}}
 
 
+def _resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict, weights: dict) -> None:
+    """Resume `run` from its step-2 checkpoint: steps 2 and 3 and the final weights (live and EMA) as the straight
+    run's `losses` and `weights`."""
+    from conftest import run_cli
+
+    run_cli("stale-train", *TINY, *overrides, f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: losses[s] for s in (2, 3)}, rel=1e-6, abs=0)
+    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k in weights:
+        torch.testing.assert_close(w3[k], weights[k], rtol=0, atol=1e-6)
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(400)
 def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
@@ -165,13 +179,7 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
 
     # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
-    run_cli("stale-train", *TINY, *SP, f"ckpt_path={tmp_path / 'sp' / 'checkpoints' / 'step0000002.ckpt'}",
-            f"hydra.run.dir={tmp_path / 'resumed'}")
-    resumed = _losses(tmp_path / "resumed")
-    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: sp[s] for s in (2, 3)}, rel=1e-6, abs=0)
-    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for k in w2:
-        torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-6)
+    _resumes_exactly(tmp_path, "sp", SP, sp, w2)
     ckpt = read_checkpoint(tmp_path / "sp" / "checkpoints" / "last.ckpt")  # stale-export's reader
     assert ckpt.run_config["parallel"]["sequence"] == 2
 
