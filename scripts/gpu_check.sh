@@ -15,11 +15,12 @@
 #   memory   peak memory per clip for tiny..L, with and without gradient checkpointing
 #   s        MFU of S at the largest resolution that fits
 #   seqpar   sequence parallelism's overhead simulated on one GPU (stale.bench.parallel, when present)
+#   fsdp     FSDP2 on the GPU (trainer=fsdp, NCCL, bf16): trains next to trainer=gpu, resumes, exports
 # On a machine without CUDA it says what it would measure and exits 0.
 set -uo pipefail
 out="${1:-gpu_check}"
 py="${PYTHON:-python3}"
-parts="${PARTS:-b l longest profile train data b128 memory s seqpar}"
+parts="${PARTS:-b l longest profile train data b128 memory s seqpar fsdp}"
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   echo "gpu_check: no CUDA device here; nothing measured."
@@ -56,10 +57,35 @@ for row in r["top"]:
 PY
     ;;
     train) bench sections=train out="$out/train.json" "train.variants=[lightning,no_progress_bar,barebones]" train.rounds=3 train.max_seconds=60 2>&1 | tail -40 ;;
-    data) bench sections=data out="$out/data.json" "data.kinds=[real256]" "data.workers=[1,4,8]" data.clips=128 data.batches=6 ;;
+    data) bench sections=data out="$out/data.json" "data.kinds=[real256]" "data.workers=[1,4,8]" data.clips=128 data.batches=24 ;;
     memory) bench sections=memory out="$out/memory.json" "memory.sizes=[tiny,s,b,l]" memory.size=64 memory.frames=16 memory.batches=[1,2] ;;
     seqpar) if "$py" -c "import stale.bench.parallel" 2>/dev/null; then bench sections=parallel out="$out/parallel.json";
             else echo "seqpar: not measured (stale.bench.parallel is not in this version)"; fi ;;
+    fsdp) d="$out/fsdp"; rm -rf "$d"
+      run=(debug=smoke logger=csv trainer.max_steps=6 callbacks.model_checkpoint.every_n_train_steps=3
+           trainer.val_check_interval=6 sample_every_n_steps=0)
+      "$py" -m stale.cli.train trainer=gpu "${run[@]}" hydra.run.dir="$d/one" >"$d.one.log" 2>&1
+      "$py" -m stale.cli.train trainer=fsdp "${run[@]}" hydra.run.dir="$d/fsdp" >"$d.fsdp.log" 2>&1
+      "$py" -m stale.cli.train trainer=fsdp "${run[@]}" ckpt_path="$d/fsdp/checkpoints/step0000003.ckpt" \
+        hydra.run.dir="$d/resumed" >"$d.resumed.log" 2>&1
+      "$py" -m stale.cli.export ckpt="$d/fsdp/checkpoints/last.ckpt" out="$d/export" >"$d.export.log" 2>&1
+      "$py" - "$d" "$out/fsdp.json" <<'PY'
+import csv, json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+def losses(run):
+    f = d / run / "logs" / "metrics.csv"
+    if not f.exists():
+        return None
+    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(open(f)) if r.get("train/loss")}
+doc = {run: losses(run) for run in ("one", "fsdp", "resumed")}
+doc["export"] = sorted(p.name for p in (d / "export").glob("*"))
+json.dump(doc, open(sys.argv[2], "w"), indent=1)
+for run in ("one", "fsdp", "resumed"):
+    print(f"fsdp part: {run:8s} train/loss by step", doc[run] or f"no metrics: see {d}.{run}.log")
+print("fsdp part: export", doc["export"] or "missing")
+PY
+      ;;
     *) echo "gpu_check: unknown part $part" ;;
   esac 2>&1 | tee "$out/$part.txt"
 done

@@ -252,6 +252,11 @@ def test_gpu_rows_render_and_replace_only_their_block(tmp_path):
     for missing in ("| l | | | | | | not measured", "| s | | | | | | not measured", "Longest clip B trains: not measured",
                     "Data wait at 256 px (data section): not measured"):  # parts without JSON never borrow numbers
         assert missing in text
+    assert "FSDP2 on the GPU (trainer=fsdp): not measured" in text
+    (tmp_path / "fsdp.json").write_text(json.dumps({  # as scripts/gpu_check.sh's fsdp part writes it (steps as keys)
+        "one": {"0": 1.0, "1": 0.5}, "fsdp": {"0": 1.0, "1": 0.51}, "resumed": {"1": 0.51}, "export": ["config.json"]}))
+    fsdp_line = next(line for line in gpu_rows.render(tmp_path).splitlines() if "FSDP2" in line)
+    assert "within 2.00% at every step (2 compared)" in fsdp_line and "1 steps within 0.00e+00" in fsdp_line
     md = tmp_path / "BENCH.md"
     md.write_text("# Title\n\nbefore\n")
     gpu_rows.write(tmp_path, md)

@@ -93,15 +93,70 @@ def _section_line(folder: Path, name: str, label: str) -> str:
     return f"- {label}: see {name} (summary {json.dumps(section.get('summary', {}))})."
 
 
+def _train_line(folder: Path) -> str:
+    doc = _load(folder, "train.json")
+    if not doc:
+        return f"- Framework overhead on the GPU (train section): {NOT_MEASURED}."
+    t = doc["sections"]["train"]
+    s, setup = t["summary"], t.get("setup", {})
+    clip = "x".join(str(v) for v in setup.get("clip", []))
+    lit = t.get("profile", {}).get("lightning", {}).get("self_ms_per_step", {}).get("lightning")
+    return (f'- Framework overhead on the GPU (train section, {setup.get("model", "?")} {clip} x '
+            f'{setup.get("batch_size", "?")}, {setup.get("precision", "?")}): Lightning against the plain loop '
+            f'**{s["framework_overhead"]:+.1%}** +- {_num(s.get("framework_overhead_error"), "{:.1%}")} '
+            f'({s.get("rounds", "?")} rounds), {_num(s.get("extra_ms_per_step"), "{:.1f}")} ms a step more '
+            f'(micro model {_num(s.get("micro_extra_ms_per_step"), "{:.1f}")} ms); Lightning\'s own Python '
+            f'{_num(lit, "{:.1f}")} ms a step under cProfile. Rows: train.json.')
+
+
+def _memory_line(folder: Path) -> str:
+    doc = _load(folder, "memory.json")
+    if not doc:
+        return f"- Peak memory per clip (memory section): {NOT_MEASURED}."
+    rows = doc["sections"]["memory"]["rows"]
+    per = {}
+    for r in rows:
+        per.setdefault(r["size"], {})[r["grad_checkpointing"]] = r["per_clip_mib"]
+    clip = "x".join(str(v) for v in rows[0]["clip"]) if rows else "?"
+    parts = "; ".join(f'{k.upper()} {v.get(False, float("nan")) / 1024:.2f} GiB, checkpointed '
+                      f'{v.get(True, float("nan")) / 1024:.2f} GiB' for k, v in per.items())
+    return f"- Activation memory per {clip} clip (memory section, peak(B2) - peak(B1)): {parts}."
+
+
+def _data_line(folder: Path) -> str:
+    doc = _load(folder, "data.json")
+    if not doc:
+        return f"- Data wait at 256 px (data section): {NOT_MEASURED}."
+    rows = doc["sections"]["data"]["rows"]
+    parts = "; ".join(f'{r["workers"]} workers {r["loader_clips_per_s_per_worker"] * max(1, r["workers"]):.0f} '
+                      f'clips/s ({r["ratio"]:.2f} of raw decode per worker)' for r in rows)
+    return f"- Data at {rows[0]['clip'] if rows else '?'} (data section, the real loader): {parts}."
+
+
+def _fsdp_line(folder: Path) -> str:
+    doc = _load(folder, "fsdp.json")
+    if not doc:
+        return f"- FSDP2 on the GPU (trainer=fsdp): {NOT_MEASURED}."
+    one, fsdp, resumed = (doc.get(k) or {} for k in ("one", "fsdp", "resumed"))
+    if not fsdp:
+        return "- FSDP2 on the GPU (trainer=fsdp): **failed** (no metrics; see fsdp.fsdp.log)."
+    common = sorted(set(one) & set(fsdp), key=int)
+    rel = max((abs(fsdp[k] - one[k]) / abs(one[k]) for k in common), default=float("nan"))
+    again = sorted(set(resumed) & set(fsdp), key=int)
+    rel_r = max((abs(resumed[k] - fsdp[k]) / abs(fsdp[k]) for k in again), default=float("nan"))
+    return (f"- FSDP2 on the GPU (trainer=fsdp, smoke run, {len(fsdp)} steps): train/loss against trainer=gpu "
+            f"within {rel:.2%} at every step ({len(common)} compared); resumed from step {again[0] if again else '?'}: "
+            f"{len(again)} steps within {rel_r:.2e} of the straight run; stale-export wrote "
+            f"{', '.join(doc.get('export') or ['nothing'])}.")
+
+
 def render(folder: str | Path) -> str:
     folder = Path(folder)
     lines = [BEGIN, f"Device: {_device(folder)}. Rows written by `python -m stale.bench.gpu_rows` from "
              "`scripts/gpu_check.sh`'s output.", ""]
     lines += _mfu_rows(folder) + [""]
     lines += _profile_lines(folder) + _longest_lines(folder)
-    lines += [_section_line(folder, "train.json", "Framework overhead on the GPU (train section)"),
-              _section_line(folder, "data.json", "Data wait at 256 px (data section)"),
-              _section_line(folder, "memory.json", "Peak memory per clip (memory section)"),
+    lines += [_train_line(folder), _data_line(folder), _memory_line(folder), _fsdp_line(folder),
               _section_line(folder, "parallel.json", "Sequence parallelism simulated on one GPU"), END]
     return "\n".join(lines)
 
