@@ -84,6 +84,27 @@ def test_attention_equals_naive_softmax_reference(qk_norm):
     torch.testing.assert_close(attn(x), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_qk_norm_backward_on_cpu_matches_finite_differences():
+    """QKNorm trains on CPUs through a written-out backward: gradcheck holds it against finite differences (for
+    the input and the gain, on a strided (S, heads, L, d) view as Attention passes it), and its forward equals
+    torch's rms_norm, which inference and export use."""
+    from stale.models.stale_transformer import QKNorm
+
+    torch.manual_seed(0)
+    norm = QKNorm(8, eps=1e-6).double()
+    weight = (1.0 + 0.3 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    qkv = torch.randn(2, 5, 3, 3, 8, dtype=torch.float64)  # (S, L, 3, heads, d), as the qkv projection's output
+    q = qkv[:, :, 0].transpose(1, 2).requires_grad_()  # (S, heads, L, d), strided as Attention passes it
+
+    def qk_norm(x, w):
+        return torch.func.functional_call(norm, {"weight": w}, (x, torch.float64))
+
+    assert torch.autograd.gradcheck(qk_norm, (q, weight))
+    assert qk_norm(q, weight).grad_fn.name() == "_RMSNormBackwardBackward"  # the written-out backward was checked
+    with torch.no_grad():
+        torch.testing.assert_close(qk_norm(q, weight), torch.nn.functional.rms_norm(q, (8,), weight, 1e-6))
+
+
 @pytest.mark.parametrize("mode", ["spatial", "temporal", "full"])
 def test_block_mixes_only_along_its_axis(mode):
     """Perturb one token of one clip: spatial blocks change only its frame, temporal only its position's

@@ -247,6 +247,40 @@ TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                  SDPBackend.MATH]
 
 
+class _RMSNormBackward(torch.autograd.Function):
+    """y = x_hat * w, x_hat = x / sqrt(mean(x^2) + eps), with the backward written out (Zhang & Sennrich 2019):
+    dx = rstd (g w - x_hat mean(g w x_hat)), dw = sum(g x_hat). Torch has a fused RMSNorm backward on GPUs but
+    not on CPUs, where autograd through its composite (pow, mean, add, rsqrt, two muls) took 2x this backward's
+    time: QK-norm was ~15% of the S-width step on a 2-core CPU (BENCHMARKS.md, the Latte comparison)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_hat, weight, rstd = ctx.saved_tensors
+        gw = g * weight
+        dot = (gw * x_hat).mean(-1, keepdim=True)
+        return torch.addcmul(gw, x_hat, dot, value=-1).mul_(rstd), (g * x_hat).flatten(0, -2).sum(0), None
+
+
+class QKNorm(nn.RMSNorm):
+    """RMSNorm of queries or keys over each head's channels, computed in the gain's dtype (float32 under
+    autocast) and returned in `dtype`, the dtype attention runs in. Training on a CPU takes the written-out
+    backward above; everything else (GPUs, compiled graphs, export, inference) torch's own rms_norm."""
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if x.is_cpu and torch.is_grad_enabled() and not traced:
+            return _RMSNormBackward.apply(x, self.weight, self.eps).to(dtype)
+        return super().forward(x).to(dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention softmax(Q K^T / sqrt(d)) V, with QK-norm, via scaled_dot_product_attention."""
 
@@ -254,8 +288,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.qk_norm = heads, qk_norm
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (S, L, D): S sequences of length L
@@ -263,10 +297,12 @@ class Attention(nn.Module):
         # parallelism, of the whole clip's T' N tokens); one token needs none (a rotation by t = 0 is the identity)
         if x.shape[1] == 1 and sp is None and not torch.compiler.is_exporting():
             return self._single(x)
-        q, k, v = rearrange(self.qkv(x), "s l (three h d) -> three s h l d", three=3, h=self.heads)
-        if self.qk_norm:  # normalise in the gains' dtype (float32 under autocast), attend in v's dtype
-            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)  # (S, heads, L, D/heads)
-            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+        # Split q, k, v on the channel axis before moving heads forward: the backward then stacks their gradients
+        # straight into the projection's (S, L, 3, heads, D/heads) layout (splitting a "three s h l d" permute
+        # instead made its backward copy the stack once more: 5% of the attention step on a CPU).
+        q, k, v = (u.transpose(1, 2) for u in self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2))
+        if self.qk_norm:  # (S, heads, L, D/heads)
+            q, k = self.q_norm(q, v.dtype), self.k_norm(k, v.dtype)
         if sp is not None:  # sequence-parallel full attention (Ulysses): this rank's heads over the whole clip
             q, k, v = (sp.heads_to_sequence(u) for u in (q, k, v))
         if rope is not None:  # after the exchange: each rank's heads hold every token, so the table needs no offset
@@ -307,8 +343,8 @@ class CrossAttention(nn.Module):
         self.heads, self.qk_norm = heads, qk_norm
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -316,8 +352,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.q(x), "b s (h d) -> b h s d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         if self.qk_norm:
-            q = self.q_norm(q.to(self.q_norm.weight.dtype)).to(v.dtype)
-            k = self.k_norm(k.to(self.k_norm.weight.dtype)).to(v.dtype)
+            q, k = self.q_norm(q, v.dtype), self.k_norm(k, v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, heads, S, D/heads)
         return self.proj(rearrange(out, "b h s d -> b s (h d)"))  # (B, S, D)
 
