@@ -150,6 +150,21 @@ def test_init_from_a_changed_model_reports_by_name(tmp_path):
     assert "blocks.0.mlp.0.weight" in report.reshaped and "blocks.0.attn.qkv.weight" in report.loaded
 
 
+def test_init_from_warns_when_the_positions_change_meaning(tmp_path, caplog):
+    """sin-cos weights into a RoPE model (or another pattern): every tensor fits, so only a warning can tell."""
+    save_pretrained(build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8), tmp_path / "src")
+    rope = build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8, pos="rope")
+    with caplog.at_level("WARNING", logger="stale"):
+        report, _ = init_from(rope, tmp_path / "src")
+    assert not report.unexpected and not report.new
+    assert "model.pos was sincos when these weights trained and is rope now" in caplog.text
+    assert "pos_base" not in caplog.text and "pattern" not in caplog.text  # unchanged fields say nothing
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stale"):
+        init_from(build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8), tmp_path / "src")
+    assert "model." not in caplog.text
+
+
 def test_init_from_config_checks(base):
     with pytest.raises(ConfigError, match="finetune=lora needs init_from"):
         check_config(compose_train("finetune=lora"))

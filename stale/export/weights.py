@@ -27,6 +27,10 @@ from stale.models.transfer import TransferReport, expected_changes, load_matchin
 log = logging.getLogger("stale")
 
 
+# Model config fields that change what the weights compute without changing any tensor's name or shape.
+SAME_TENSORS_OTHER_MEANING = ("pos", "pos_base", "pattern")
+
+
 class InitFromError(ValueError):
     """init_from weights that do not fit the configured model in a way the config change does not explain."""
 
@@ -69,6 +73,11 @@ def init_from(model: nn.Module, path: str | Path, strict: bool = True) -> tuple[
     report = load_matching(model, source.state_dict, expected_changes(source.model, target))
     for line in report.lines():
         log.info("init_from %s: %s", path, line)
+    for key in SAME_TENSORS_OTHER_MEANING:  # every tensor fits, yet the weights will see other inputs
+        if source.model.get(key) != target.get(key):
+            log.warning("init_from %s: model.%s was %s when these weights trained and is %s now; every tensor "
+                        "loads, but attention sees tokens in another way until training adapts it (expect a higher "
+                        "loss in the first steps)", path, key, source.model.get(key), target.get(key))
     if report.unexpected and strict:
         raise InitFromError(
             f"init_from={path}: {len(report.unexpected)} tensors are new, dropped or reshaped and the model config "
