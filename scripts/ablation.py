@@ -42,6 +42,7 @@ VARIANTS = [
     ("gaussian", ["diffusion.prior=gaussian"], "Gaussian prior N(0, I)"),
     ("dog", ["diffusion.dog_weight={dog_weight}"], "DoG band-pass loss on"),
     ("no_hinge", ["diffusion.hinge_weight=0"], "hinge head off"),
+    ("no_qk_norm", ["model.qk_norm=false"], "QK-norm off (architecture: attention on raw queries and keys)"),
 ]
 PRIOR_VAR = {"uniform": 1.0 / 3.0, "gaussian": 1.0}  # per-coordinate variance of the prior z
 # An mp4 round trip moves a 16 x 16 synthetic clip by <= 5 grey levels RMS; distinct clips are >= 16 apart
