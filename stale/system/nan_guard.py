@@ -18,7 +18,6 @@ import logging
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,7 @@ class NaNGuard(L.Callback):
         self._parts = getattr(pl_module, "last_loss_parts", {}) or {"loss": loss.detach()}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        norm = grad_norm(pl_module)
-        if isinstance(trainer.strategy, FSDPStrategy):  # sharded gradients: sum the squares over ranks
-            norm = trainer.strategy.reduce(norm.float().pow(2), reduce_op="sum").sqrt()
+        norm = grad_norm(pl_module)  # under FSDP2 already the norm over every rank's shards (grad_norm)
         bad_loss = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool)
         self._bad_loss = None
         flag = (bad_loss.to(norm.device) | ~torch.isfinite(norm)).float()
