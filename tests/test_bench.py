@@ -310,3 +310,17 @@ def test_peer_step_trains_both_models():
         for _ in range(5):
             step(batch)
         assert loss() < before, name
+
+
+def test_data_section_measures_worker_cpu_past_the_prefetched_batches():
+    """The data section on an H100 divided by zero: 8 workers each held PREFETCH decoded batches, so the 6 measured
+    batches came off the queue and the workers spent no CPU in the window. It now measures past them."""
+    import math
+
+    from stale.bench import data
+
+    res = data.run(kinds=("synthetic",), workers=(2,), clips=16, batch_size=2, batches=1, repeats=1)
+    (row,) = res["rows"]
+    assert row["workers"] == 2 and row["loader_clips_per_s_per_worker"] > 0
+    assert row["batches_measured"] >= 2 * 2 * 4  # twice what 2 workers with prefetch_factor 4 hold ready
+    assert math.isfinite(row["loader_clips_per_cpu_s"]) and row["loader_clips_per_cpu_s"] > 0

@@ -119,7 +119,8 @@ def _raw(blobs: list[bytes]) -> tuple[float, float]:
 
 def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int, batches: int,
             labelled: bool = True) -> tuple[float, float]:
-    """(wall clips/s per worker, clips per CPU second of the decoding processes, main-process CPU ms per clip)."""
+    """(wall clips/s per worker, clips per CPU second of the decoding processes, main-process CPU ms per clip,
+    batches measured)."""
     dm = VideoDataModule(pattern, frames=frames, size=size, num_classes=8, batch_size=batch_size,
                          num_workers=workers, shuffle_buffer=256, prefetch_factor=PREFETCH,
                          label_key="label" if labelled else None)
@@ -142,7 +143,7 @@ def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int,
     loader.close()
     clips = batches * batch_size
     per_cpu = clips / cpu if cpu > 0 else float("nan")
-    return clips / wall / max(1, workers), per_cpu, (main * 1e3 / clips if pids else 0.0)
+    return clips / wall / max(1, workers), per_cpu, (main * 1e3 / clips if pids else 0.0), batches
 
 
 def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), workers: tuple[int, ...] = (0, 1, 2),
@@ -173,6 +174,7 @@ def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), 
                     "raw_clips_per_s": round(rw, 1), "loader_clips_per_s_per_worker": round(lw, 1),
                     "ratio": round(lw / rw, 3), "raw_clips_per_cpu_s": round(rc, 1),
                     "loader_clips_per_cpu_s": round(lc, 1), "cpu_ratio": round(lc / rc, 3),
+                    "batches_measured": load[0][3],
                     "main_cpu_ms_per_clip": round(lm, 3),
                     "runs": {"raw": [[round(a, 1) for a in x] for x in raw],
                              "loader": [[round(a, 1) for a in x] for x in load]}})
