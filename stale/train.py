@@ -182,19 +182,36 @@ def check_parallel(cfg: DictConfig) -> None:
 
 
 def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
-    """data.buckets: a preset or a list whose every bucket the model's patch divides; pixel clips only for now."""
+    """data.buckets: a preset or a list of pixel clips, every one of which the model's patch divides: directly in
+    pixel space, and with vae=... (latents encoded on the fly) after the autoencoder, which must take each bucket.
+    Not from a stale-encode cache: it holds one clip shape."""
     from stale.data.buckets import BucketError, parse_buckets
 
-    if autoencoder is not None or _is_latent_data(cfg):
-        raise ConfigError("data.buckets with a latent model (vae=... or data=latents) is not supported yet: bucketed "
-                          "latent caches are a documented gap (docs/buckets.md); train on pixels or drop data.buckets")
+    if _is_latent_data(cfg):
+        raise ConfigError("data.buckets with data=latents is not supported yet: a stale-encode cache holds clips of one "
+                          "shape. Encode on the fly instead: data=shards vae=diffusers vae.pretrained=... data.buckets=... "
+                          "(docs/buckets.md), or drop data.buckets")
     buckets = cfg.data.buckets
     try:
-        parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets, tuple(patch))
+        parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets,
+                               tuple(patch) if autoencoder is None else None)
     except BucketError as e:
         raise ConfigError(str(e)) from None
+    grids = [(b.frames, b.height, b.width) for b in parsed]  # the model's input clips
+    if autoencoder is not None:
+        from stale.latent.autoencoder import AutoencoderError
+
+        for i, b in enumerate(parsed):
+            try:
+                grids[i] = autoencoder.latent_grid(b.frames, b.height, b.width, key=f"data.buckets[{i}]")
+            except AutoencoderError as e:
+                raise ConfigError(f"{e} (the bucket {b.name})") from None
+            if any(n % p for n, p in zip(grids[i], patch)):
+                raise ConfigError(f"data.buckets[{i}]: the bucket {b.name} is the latent clip "
+                                  f"{'x'.join(map(str, grids[i]))} through {autoencoder.cls}, which model.patch={patch} "
+                                  "does not divide")
     if cfg.model.get("pos_base") is None:
-        side = round(max(b.height * b.width for b in parsed) ** 0.5 / patch[1])
+        side = round(max(h * w for _, h, w in grids) ** 0.5 / patch[1])
         log.warning("data.buckets with model.pos_base=null: integer positions (sin-cos or RoPE) held up far worse than "
                     "resolution-scaled ones on grids not trained on (docs/buckets.md); consider model.pos_base=%d "
                     "(the largest bucket's grid side)", side)

@@ -157,8 +157,16 @@ class Autoencoder:
     def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of a frames x size x size pixel clip (after check_clip)."""
         self.check_clip(frames, size)
+        return self.channels, *self.latent_grid(frames, size, size)
+
+    def latent_grid(self, frames: int, height: int, width: int, key: str | None = None) -> tuple[int, int, int]:
+        """(T', H', W') of a frames x height x width pixel clip (a bucket: data.buckets[i]); AutoencoderError names
+        `key` and the side this autoencoder cannot take."""
+        if key is not None:
+            self.check_clip(frames, height, keys=(f"{key} frames", f"{key} height"))
+            self.check_clip(frames, width, keys=(f"{key} frames", f"{key} width"))
         t = frames if self.temporal == 1 else 1 + (frames - 1) // self.temporal
-        return self.channels, t, size // self.spatial, size // self.spatial
+        return t, height // self.spatial, width // self.spatial
 
     def pixel_shape(self, frames: int, size: int) -> tuple[int, int]:
         """(T, H) of the pixel clip a T' x H' latent decodes to."""
