@@ -140,6 +140,12 @@ def _losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+def _last_metrics(run: Path) -> dict[str, float]:
+    """Each metric's last logged value."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return {k: float(v) for r in csv.DictReader(f) for k, v in r.items() if v not in ("", None)}
+
+
 def _weights(ckpt: Path) -> dict:
     """The live weights and the EMA (WeightAveraging stores the average as state_dict, the live ones aside)."""
     state = torch.load(ckpt, weights_only=True)
@@ -167,8 +173,9 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
 
     from stale.export.checkpoint import read_checkpoint
 
-    run_cli("stale-train", *TINY, f"hydra.run.dir={tmp_path / 'one'}")
-    run_cli("stale-train", *TINY, *SP, f"hydra.run.dir={tmp_path / 'sp'}")
+    window = "callbacks.throughput.window_size=2"  # ThroughputMonitor's rates from the second step on
+    run_cli("stale-train", *TINY, window, f"hydra.run.dir={tmp_path / 'one'}")
+    run_cli("stale-train", *TINY, *SP, window, f"hydra.run.dir={tmp_path / 'sp'}")
     one, sp = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
     assert sorted(one) == sorted(sp) == [0, 1, 2, 3]
     assert sp == pytest.approx(one, rel=1e-5, abs=0)  # step 0: same weights, clips, noise; then same gradients
@@ -177,6 +184,14 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
     for k in w1:  # weights and EMA: AdamW's update is at most lr a step, float noise in tiny gradients shows ~1e-6
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
+
+    # Counting: the 2 ranks train the one process's clips, so per device they count half its clips and FLOPs (the
+    # global figures multiply per-device ones by the world size), and the budget's global FLOPs equal its
+    m1, m2 = _last_metrics(tmp_path / "one"), _last_metrics(tmp_path / "sp")
+    assert m2["budget/flops"] == pytest.approx(m1["budget/flops"], rel=1e-9) and m1["budget/flops"] > 0
+    assert m2["train/samples"] == pytest.approx(m1["train/samples"] / 2)
+    per_batch = {k: m["train/device/flops_per_sec"] / m["train/device/batches_per_sec"] for k, m in (("one", m1), ("sp", m2))}
+    assert per_batch["sp"] == pytest.approx(per_batch["one"] / 2, rel=1e-6)
 
     # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
     _resumes_exactly(tmp_path, "sp", SP, sp, w2)

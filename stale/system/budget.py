@@ -34,6 +34,14 @@ def batch_clips(batch: Any) -> int:
     return int(video.shape[0])
 
 
+def clips_per_device(sequence: int = 1):
+    """ThroughputMonitor's batch_size_fn: this device's share of the batch's clips. It multiplies per-device counts
+    by the world size for its global figures, and `sequence` ranks (parallel.sequence) train the same clips."""
+    if sequence == 1:
+        return batch_clips
+    return lambda batch: batch_clips(batch) / sequence
+
+
 class ComputeBudget(L.Callback):
     def __init__(self, flops_per_clip: float | None = None, max_flops: float | None = None,
                  max_gpu_hours: float | None = None, max_cost: float | None = None,
@@ -128,10 +136,12 @@ class ComputeBudget(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.flops_per_clip is not None:
-            # the module's FLOPs of this batch at its shape (StaleSystem.flops_per_batch: buckets vary it), else the
-            # planning figure per clip; times the data-parallel groups (sequence-parallel ranks share each clip)
-            per_batch = getattr(pl_module, "flops_per_batch", None) or self.flops_per_clip * batch_clips(batch)
-            self._pending_flops += per_batch * data_parallel_rank_world(trainer)[1]
+            # this device's FLOPs of the batch at its shape (StaleSystem.flops_per_batch: buckets vary it; sequence-
+            # parallel ranks each count their share), times the devices; else the planning figure per clip times
+            # the data-parallel groups (sequence-parallel ranks share each clip)
+            per_device = getattr(pl_module, "flops_per_batch", None)
+            self._pending_flops += (per_device * trainer.world_size if per_device else
+                                    self.flops_per_clip * batch_clips(batch) * data_parallel_rank_world(trainer)[1])
         if trainer.global_step == self._last_step:  # accumulating gradients: no optimiser step yet
             return
         self._last_step = trainer.global_step

@@ -110,8 +110,9 @@ class StaleSystem(L.LightningModule):
         self.finetune_base = dict(finetune_base) if finetune_base else None
         self.last_loss_parts: dict[str, torch.Tensor] = {}  # the latest micro-batch's loss parts (NaN guard)
         self.logged_loss: list[tuple[int, torch.Tensor]] = []  # (step, train/loss) first and last logged
-        # training FLOPs of the latest micro-batch, read by ThroughputMonitor and the compute budget; set from each
-        # batch's shape by clip_flops ((T, H, W) of the model's input -> FLOPs per clip; stale.train sets it)
+        # training FLOPs of the latest micro-batch on this device, read by ThroughputMonitor (Lightning: "flops per
+        # device") and the compute budget; set from each batch's shape by clip_flops ((T, H, W) of the model's input ->
+        # FLOPs per clip; stale.train sets it). Sequence-parallel ranks each do their share of the batch's FLOPs.
         self.flops_per_batch: float | None = None
         self.clip_flops = None
         # Everything needed to rebuild this system from a checkpoint, without pickled objects.
@@ -190,10 +191,11 @@ class StaleSystem(L.LightningModule):
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
             torch.manual_seed(self.noise_seed())
             x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
+            sp = sequence_parallel_of(self.trainer) if self._trainer is not None else None
             if self.clip_flops is not None:  # this batch's shape: with buckets it changes from batch to batch
-                self.flops_per_batch = self.clip_flops(tuple(x.shape[2:])) * x.shape[0]
+                self.flops_per_batch = self.clip_flops(tuple(x.shape[2:])) * x.shape[0] / (sp.size if sp else 1)
             # parallel.sequence > 1: the blocks see this rank's share of each clip's tokens (stale/parallel/)
-            with sharded(self.model, sequence_parallel_of(self.trainer) if self._trainer is not None else None):
+            with sharded(self.model, sp):
                 parts = self._loss_parts(x, label, text)
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
