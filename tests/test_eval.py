@@ -132,8 +132,12 @@ def test_stale_eval_reads_checkpoints_through_the_export_reader(real_shard, tmp_
     for i, clip in enumerate(shapes(2, seed=8)[0]):
         write_mp4_file(tmp_path / "s" / f"sample_{i:03d}.mp4", clip)
     save_checkpoint(fixed_head_model(2), tmp_path / "raw_only.ckpt", ema=False)
-    with pytest.raises(CheckpointError, match="raw_only.ckpt has no EMA weights"):
+    with pytest.raises(CheckpointError, match="raw_only.ckpt has no EMA weights .*use weights=raw"):
         evaluate(tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle")
+    # ... and the error's advice works: stale-eval takes weights=raw, and the raw head scores the samples
+    report = evaluate(tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle",
+                      weights="raw")
+    assert report["label_agreement"]["predicted"] == {"sample_000.mp4": 2, "sample_001.mp4": 2}
 
 
 def test_labels_sidecar(tmp_path):

@@ -131,8 +131,9 @@ def fdd(clips_a: np.ndarray, clips_b: np.ndarray, batch: int = 64) -> float:
 def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str | Path | None = None,
              out: str | Path | None = None, max_real: int | None = None, labels: str = "auto",
              agreement_t: float = 1.0, batch: int = 32, device: str = "cpu", i3d_size: int = 224,
-             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str = "label") -> dict:
-    """Evaluate a samples folder against real shards; writes the JSON report to `out` (default <samples>/eval.json)."""
+             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str = "label", weights: str = "ema") -> dict:
+    """Evaluate a samples folder against real shards; writes the JSON report to `out` (default <samples>/eval.json).
+    weights: the checkpoint's head to score labels with, ema (what stale-train samples with) or raw."""
     t0 = time.perf_counter()
     gen, names = load_sample_clips(samples)
     n, t, h, w, _ = gen.shape
@@ -154,7 +155,7 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
         from stale.eval.agreement import agreement, head_predictions
         from stale.export.checkpoint import read_checkpoint
 
-        source = read_checkpoint(ckpt)  # the EMA weights, allow-listed model targets, weights_only loading
+        source = read_checkpoint(ckpt, weights)  # allow-listed model targets, weights_only loading
         model, run_config = source.build_model().to(device), source.run_config
         k = model.config.num_classes
         prior = run_config.get("diffusion", {}).get("prior", "uniform")
