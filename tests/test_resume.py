@@ -114,7 +114,7 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, capsys):
     straight = run(tmp_path / "straight")  # 6 steps; checkpoints at 3 and 6, validation at 3 and 6
     # (1) from the periodic checkpoint written at step 3 (written in on_train_batch_end, mid-epoch)
     ckpt3 = tmp_path / "straight" / "checkpoints" / "step0000003.ckpt"
@@ -124,6 +124,10 @@ def test_resume_is_exact(tmp_path):
     stopped_ckpt = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     assert torch.load(stopped_ckpt, weights_only=True)["global_step"] == 3
     from_last = run(tmp_path / "from-last", "sample_every_n_steps=0", f"ckpt_path={stopped_ckpt}")
+    # the end-of-run report's "train/loss first -> last" starts at the run's first step, not at the resume
+    report = capsys.readouterr().out.split("stale-train finished")[-1]
+    first = f"{float(straight[0]['train/loss']):.4g} at step 0 -> {float(straight[5]['train/loss']):.4g} at step 5"
+    assert first in report, report
 
     for other in (resumed, from_last):
         for step in (3, 4, 5):  # the CSV's step axis is global_step in every run

@@ -323,6 +323,9 @@ class StaleSystem(L.LightningModule):
             "world_size": trainer.world_size if trainer is not None else 1,
             "global_step": self.global_step,
         }
+        if self.logged_loss:  # the run's first logged train/loss: a resumed run's summary still starts there
+            step, loss = self.logged_loss[0]
+            checkpoint["first_logged_loss"] = {"step": int(step), "loss": float(loss)}
         if self.finetune_base:  # keep only what trains; resume and export rebuild the rest from init_from
             checkpoint["finetune_base"] = self.finetune_base
             trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -343,6 +346,9 @@ class StaleSystem(L.LightningModule):
             for key in ("state_dict", "current_model_state"):
                 if key in checkpoint:
                     checkpoint[key] = {**own, **checkpoint[key]}
+        first = checkpoint.get("first_logged_loss")
+        if first:
+            self.logged_loss = [(first["step"], torch.tensor(first["loss"]))]
         # Lightning adds one to its logging-step counter on restart, assuming the checkpoint was written in
         # on_train_batch_end, before the counter moves. last.ckpt is written at the end of the (endless) epoch,
         # after it moved: undo that, so that a run resumed from last.ckpt logs step s at s, not s + 1.
