@@ -4,6 +4,7 @@ from importlib.resources import files
 
 import pytest
 from hydra import compose, initialize_config_module
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from stale.data.synthetic_module import SyntheticDataModule
@@ -62,10 +63,28 @@ def test_valid_additions_pass():
     _check(["+model.dim=96", "+trainer.max_time=00:01:00:00"])  # StaleConfig field, Trainer argument
 
 
-def test_signature_keys_follow_stale_kwargs_but_not_third_party_ones():
+def test_signature_keys_follow_stale_kwargs_and_known_third_party_ones():
     keys = _signature_keys(SyntheticDataModule)  # **loader_kwargs go to VideoDataModule
     assert {"train_clips", "batch_size", "shuffle_buffer"} <= keys
-    assert _signature_keys(DDPStrategy) is None  # its **kwargs go to DistributedDataParallel: open
+    ddp = _signature_keys(DDPStrategy)  # its **kwargs go to DistributedDataParallel
+    assert {"process_group_backend", "find_unused_parameters", "gradient_as_bucket_view"} <= ddp
+    assert "module" not in ddp  # DDPStrategy passes the module itself
+    assert _signature_keys(TensorBoardLogger) is None  # **kwargs to tensorboard's SummaryWriter, not followed: open
+
+
+@pytest.mark.parametrize("overrides, key, nearest", [
+    (["logger=wandb", "+logger.wandb.projct=x"], "logger.wandb.projct", "logger.wandb.project"),  # -> wandb.init
+    (["trainer=ddp_cpu", "+trainer.strategy.find_unused_parameter=true"], "trainer.strategy.find_unused_parameter",
+     "trainer.strategy.find_unused_parameters"),  # -> DistributedDataParallel
+    (["+callbacks.throughput.window=5"], "callbacks.throughput.window", "callbacks.throughput.window_size"),
+])
+def test_typos_in_keyword_arguments_lightning_passes_on_are_refused(overrides, key, nearest):
+    """WandbLogger, DDPStrategy and ThroughputMonitor take **kwargs: a typo there used to pass the check and fail
+    (or be ignored) once training had started."""
+    with pytest.raises(ConfigError, match=rf"unknown config key {key}: .*did you mean {nearest}\?"):
+        _check(overrides)
+    _check(["logger=wandb", "+logger.wandb.tags=[a]", "trainer=ddp_cpu", "+trainer.strategy.gradient_as_bucket_view=true",
+            "callbacks.throughput.window_size=5"])  # the real ones pass
 
 
 def test_cli_typo_without_plus_lists_the_allowed_keys(tmp_path):

@@ -125,12 +125,24 @@ class UnknownKeyError(ValueError):
     """A config key that no constructor or schema accepts."""
 
 
+# Third-party classes whose **kwargs all go to one callable (read in their sources, the versions pinned in
+# pyproject.toml): their keys are that callable's too, less the arguments the class passes itself.
+FORWARDS = {
+    "lightning.pytorch.loggers.wandb.WandbLogger": ("wandb.init", set()),  # self._wandb_init.update(**kwargs)
+    "lightning.pytorch.strategies.ddp.DDPStrategy":  # DistributedDataParallel(module=, device_ids=, **kwargs)
+        ("torch.nn.parallel.DistributedDataParallel", {"module", "device_ids"}),
+    "lightning.pytorch.callbacks.throughput_monitor.ThroughputMonitor":  # Throughput(available_flops=, world_size=, **)
+        ("lightning.fabric.utilities.throughput.Throughput", {"available_flops", "world_size"}),
+}
+
+
 def _signature_keys(fn: Callable) -> set[str] | None:
     """Parameter names a callable accepts; None = anything (it takes **kwargs we cannot follow).
 
     A stale class that takes **kwargs passes them to its base class (SyntheticDataModule -> VideoDataModule),
-    so for stale's own classes the walk goes on up the hierarchy; a third-party **kwargs may go anywhere
-    (DDPStrategy hands them to DistributedDataParallel, WandbLogger to wandb.init), so it leaves the node open.
+    so for stale's own classes the walk goes on up the hierarchy; a third-party **kwargs is followed where
+    FORWARDS knows where it goes (DDPStrategy to DistributedDataParallel, WandbLogger to wandb.init), and
+    otherwise leaves the node open.
     """
     if inspect.isclass(fn):
         keys: set[str] = set()
@@ -143,7 +155,11 @@ def _signature_keys(fn: Callable) -> set[str] | None:
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 return keys
             if not klass.__module__.startswith("stale."):
-                return None
+                forward = FORWARDS.get(f"{klass.__module__}.{klass.__qualname__}")
+                if forward is None:
+                    return None
+                inner = target_keys(forward[0])
+                return None if inner is None else keys | (inner - forward[1])
         return None
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
