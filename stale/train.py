@@ -380,7 +380,7 @@ def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleS
         autoencoder = load_autoencoder(**{k: v for k, v in OmegaConf.to_container(vae, resolve=True).items()
                                           if k != "name"})
     compile_opts = cfg.get("compile", False)
-    return StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
+    system = StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
                        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
                        seed=cfg.seed,
                        compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
@@ -389,6 +389,8 @@ def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleS
                        finetune_base=prepared.base,
                        run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder,
                        text_encoder=text[0], empty_text=text[1], prompts=cfg.sample.get("prompts"))
+    system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
+    return system
 
 
 def clip_flops(cfg: DictConfig, system: StaleSystem) -> Callable[[tuple[int, int, int]], float]:
@@ -461,7 +463,6 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     if datamodule is None and text:  # the data first: the learned encoder's vocabulary comes from its captions
         datamodule = instantiate(cfg.data, _convert_="all", captions=True)
     system = build_system(cfg, autoencoder, load_text(cfg, datamodule))
-    system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
     callbacks = build_callbacks(cfg, system) + list(callbacks)
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
     loggers = _loggers(cfg, out)
