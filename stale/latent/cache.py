@@ -202,16 +202,17 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
         raise CacheError(f"latent_dtype={latent_dtype!r} is not one of {tuple(STORE_DTYPES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CacheError(f"batch_size={batch_size!r} must be an integer >= 1")
+    assigner, latent_shapes = None, None
+    if buckets is not None:  # a bad list or rule stops before the autoencoder loads
+        bucketing.check_rule(bucket_max_crop, bucket_max_upscale, prefix="")
+        assigner = bucketing.Assigner(bucketing.parse_buckets(buckets, key="buckets"), frame_stride, bucket_max_crop,
+                                      bucket_max_upscale)
     ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device)
     ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
-    assigner, latent_shapes = None, None
-    if buckets is not None:  # every bucket parsed and checked against the autoencoder before reading anything
-        bucketing.check_rule(bucket_max_crop, bucket_max_upscale, prefix="")
-        parsed = bucketing.parse_buckets(buckets, key="buckets")
-        assigner = bucketing.Assigner(parsed, frame_stride, bucket_max_crop, bucket_max_upscale)
+    if assigner is not None:  # every bucket checked against the autoencoder before reading anything
         latent_shapes = {b.name: [ae.channels, *ae.latent_grid(b.frames, b.height, b.width, key=f"buckets[{i}]")]
-                         for i, b in enumerate(parsed)}
-        if any(b.keep_prob < 1 for b in parsed):
+                         for i, b in enumerate(assigner.buckets)}
+        if any(b.keep_prob < 1 for b in assigner.buckets):
             log.warning("buckets: keep_prob is a training-time draw and does not apply to a cache: each clip is "
                         "encoded once, in the largest bucket it fits")
     text = None
