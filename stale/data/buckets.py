@@ -22,6 +22,10 @@ bucket is skipped and counted as `no_bucket` (outside the skip rate: it is the b
 The draws are seeded by the sample's place in the stream (like its crop), so a resumed run puts every clip
 in the same bucket again; the partly filled buckets of each worker are part of the loader's state
 (stale/data/loader.py).
+
+A stale-encode cache encoded with buckets (stale/latent/cache.py) applied the rule once, without the keep draws:
+each clip is stored at its largest bucket's shape and its .json names that bucket, which `CacheAssigner` reads at
+train time instead of fitting the clip again.
 """
 
 from __future__ import annotations
@@ -177,8 +181,8 @@ class Assigner:
             raise Skip("corrupt_video", f"{sample_name(sample)}: cannot read the clip's shape")
         k = self.largest(*shape) if largest else self.assign(*shape, rng)
         if k is None:
-            raise Skip("no_bucket", f"{sample_name(sample)}: a clip of (T, H, W) = {shape} fits no bucket of "
-                                    "data.buckets")
+            raise Skip("no_bucket", f"{sample_name(sample)}: a clip of (T, H, W) = {shape} fits no bucket (largest "
+                                    f"first: {', '.join(self.buckets[i].name for i in self.order)})")
         return k
 
 

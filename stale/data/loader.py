@@ -37,6 +37,9 @@ rank still yields `epoch_batches` batches (equal optimiser steps under DDP). Bat
 across workers (shapes differ). The state adds, per worker, the stream positions of the clips sitting in
 partly filled buckets at the start of the round: on resume those few samples are decoded again (their
 bucket and crop are functions of their position) while the rest of the replay is skipped undecoded.
+From a stale-encode cache with buckets the same holds for latents: each sample's .json names its bucket
+(stale.data.buckets.CacheAssigner) and each bucket's batch is float32 moments of its own latent shape (a LatentSpec
+per bucket).
 """
 
 from __future__ import annotations
