@@ -258,3 +258,22 @@ def test_latent_loader_batches_are_the_cached_moments_of_one_bucket_capped_by_bu
         name = next(n for n, g in GRIDS.items() if moments.shape[1:] == (8, *g))
         assert any(np.array_equal(moments[0].numpy(), m) for m in stored[name]), name
     assert dm.health.buckets and set(dm.health.buckets) <= set(GRIDS)
+
+
+def test_a_sample_that_does_not_match_its_bucket_is_a_counted_bad_latent(data, tmp_path, caplog):
+    import webdataset as wds
+
+    from stale.data.datamodule import LatentDataModule
+
+    cache = tmp_path / "cache"
+    shutil.copytree(data["cache"], cache)
+    good = np.zeros((8, 3, 8, 8), np.float32)  # the moments of a 9x64x64 clip
+    with wds.TarWriter(str(cache / "bad-000.tar")) as w:  # one bucket the cache does not list, one of another shape
+        w.write({"__key__": "unknown", "latent.npy": good, "json": {"label": 0, "bucket": "5x64x64"}})
+        w.write({"__key__": "reshaped", "latent.npy": good[:, :1], "json": {"label": 0, "bucket": "9x64x64"}})
+    dm = LatentDataModule([str(cache)], num_classes=2, num_workers=0, shuffle_buffer=0, epoch_batches=40)
+    with caplog.at_level("WARNING"):
+        assert all(v.shape[1:] in {(8, *g) for g in GRIDS.values()} for v, _ in dm.train_dataloader())
+    assert dm.health.reasons["train"]["bad_latent"] >= 2, dm.health.reasons
+    assert "unknown: .json names the bucket '5x64x64', not one of the cache's" in caplog.text
+    assert "reshaped: .latent.npy has shape [8, 1, 8, 8]" in caplog.text
