@@ -183,14 +183,10 @@ def check_parallel(cfg: DictConfig) -> None:
 
 def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
     """data.buckets: a preset or a list of pixel clips, every one of which the model's patch divides: directly in
-    pixel space, and with vae=... (latents encoded on the fly) after the autoencoder, which must take each bucket.
-    Not from a stale-encode cache: it holds one clip shape."""
+    pixel space, and with vae=... after the autoencoder, which must take each bucket: latents encoded on the fly, or
+    a stale-encode cache's buckets (check_autoencoder copied them from its info.json)."""
     from stale.data.buckets import BucketError, parse_buckets
 
-    if _is_latent_data(cfg):
-        raise ConfigError("data.buckets with data=latents is not supported yet: a stale-encode cache holds clips of one "
-                          "shape. Encode on the fly instead: data=shards vae=diffusers vae.pretrained=... data.buckets=... "
-                          "(docs/buckets.md), or drop data.buckets")
     buckets = cfg.data.buckets
     try:
         parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets,
@@ -237,7 +233,7 @@ def check_autoencoder(cfg: DictConfig):
         raise ConfigError(f"vae.name={vae.get('name')!r}: use vae=none or vae=diffusers")
     try:
         from stale.latent.autoencoder import AutoencoderError, load_autoencoder
-        from stale.latent.cache import CacheError, cache_info
+        from stale.latent.cache import CacheError, cache_buckets, cache_info
     except ImportError as e:
         raise ConfigError(f"vae=diffusers needs the latent extra: pip install 'stale[latent]' ({e})") from None
     if OmegaConf.is_missing(vae, "pretrained") or not vae.get("pretrained"):
@@ -254,8 +250,14 @@ def check_autoencoder(cfg: DictConfig):
             if cfg.data.get(key) is not None and cfg.data[key] != info[key]:
                 raise ConfigError(f"data.{key}={cfg.data[key]}, but the cache {info_path} holds clips of {key} "
                                   f"{info[key]}: leave data.{key} unset with data=latents, or encode again")
+        buckets = cfg.data.get("buckets")
+        try:  # a cache encoded with buckets trains with them: data.buckets may only repeat its list
+            buckets = cache_buckets(info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets)
+                                    else buckets, cfg.data.get("image_share"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         with open_dict(cfg):
-            cfg.data.frames, cfg.data.size = info["frames"], info["size"]
+            cfg.data.frames, cfg.data.size, cfg.data.buckets = info["frames"], info["size"], buckets
         if node.get("stats") is None:
             node["stats"] = info["stats"]
     try:

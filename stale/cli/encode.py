@@ -1,4 +1,4 @@
-"""stale-encode: `stale-encode input=SHARDS out=DIR vae.pretrained=VAE frames=T size=S` (docs/latent.md)."""
+"""stale-encode: `stale-encode input=SHARDS out=DIR vae.pretrained=VAE frames=T size=S [buckets=...]` (docs/latent.md)."""
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,7 +17,11 @@ def main(cfg: DictConfig) -> None:
     print("\nstale-encode finished:")
     print(f"  clips          {info['clips']} in {len(info['shards'])} shards ({sum(info['skipped'].values())} "
           f"skipped: {info['skipped'] or 'none'})")
-    print(f"  latent shape   {info['latent_shape']} per clip of {info['frames']} x {info['size']} x {info['size']} px")
+    if info.get("per_bucket"):  # buckets=: one latent shape per bucket
+        for name, b in info["per_bucket"].items():
+            print(f"  bucket {name:<12} {b['clips']} clips, latent shape {b['latent_shape']}")
+    else:
+        print(f"  latent shape   {info['latent_shape']} per clip of {info['frames']} x {info['size']} x {info['size']} px")
     print(f"  cache          {result['out']}")
     print(f"  train with     {result['command']}")
 

@@ -22,10 +22,15 @@ bucket is skipped and counted as `no_bucket` (outside the skip rate: it is the b
 The draws are seeded by the sample's place in the stream (like its crop), so a resumed run puts every clip
 in the same bucket again; the partly filled buckets of each worker are part of the loader's state
 (stale/data/loader.py).
+
+A stale-encode cache encoded with buckets (stale/latent/cache.py) applied the rule once, without the keep draws:
+each clip is stored at its largest bucket's shape and its .json names that bucket, which `CacheAssigner` reads at
+train time instead of fitting the clip again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -109,6 +114,13 @@ def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") 
     return out
 
 
+def check_rule(max_crop: float, max_upscale: float, prefix: str = "data.") -> None:
+    """The fit rule's bounds (BucketError naming the keys): a crop share in [0, 1), an upscale factor >= 1."""
+    if not 0 <= max_crop < 1 or max_upscale < 1:
+        raise BucketError(f"{prefix}bucket_max_crop={max_crop} must be in [0, 1) and {prefix}bucket_max_upscale="
+                          f"{max_upscale} >= 1")
+
+
 def fits(bucket: Bucket, frames: int, h: int, w: int, stride: int = 1, max_crop: float = 0.25,
          max_upscale: float = 1.0) -> bool:
     """Whether a clip of (frames, h, w) fits the bucket (the rule in the module docstring)."""
@@ -145,6 +157,63 @@ class Assigner:
             if rng.random() < self.buckets[i].keep_prob:
                 return i
         return fitting[-1]
+
+    def largest(self, frames: int, h: int, w: int) -> int | None:
+        """The largest bucket the clip fits, keep_prob and image_share aside (stale-encode's rule: a cache stores
+        each clip once), or None."""
+        fitting = self.fitting(frames, h, w)
+        return fitting[0] if fitting else None
+
+    def rule(self) -> list:
+        """What decides a clip's bucket besides the list, for the loader's resume fingerprint."""
+        return [self.stride, self.max_crop, self.max_upscale, list(self.keep)]
+
+    def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
+              num_classes: int | None = None, largest: bool = False) -> int:
+        """The bucket index of a sample from the shape its .json records (else its mp4 header): `assign`, or with
+        largest=True `largest`; -1 when image_share thins it out. Raises Skip: no_bucket when it fits none, and
+        when its shape cannot be read, the sample check's reason (bad .json, label) or else corrupt_video."""
+        from stale.data.reader import Skip, check_sample, sample_name
+
+        shape = clip_shape(sample)
+        if shape is None:
+            check_sample(sample, label_key, num_classes)
+            raise Skip("corrupt_video", f"{sample_name(sample)}: cannot read the clip's shape")
+        k = self.largest(*shape) if largest else self.assign(*shape, rng)
+        if k is None:
+            raise Skip("no_bucket", f"{sample_name(sample)}: a clip of (T, H, W) = {shape} fits no bucket (largest "
+                                    f"first: {', '.join(self.buckets[i].name for i in self.order)})")
+        return k
+
+
+class CacheAssigner:
+    """The buckets of a stale-encode cache: each sample's .json names the bucket its latent was encoded at
+    (stale-encode applied the fit rule once), so training reads the name instead of fitting the clip again."""
+
+    def __init__(self, buckets: list[Bucket], member: str = "latent.npy"):
+        self.buckets, self.member = buckets, member
+        self.index = {b.name: i for i, b in enumerate(buckets)}
+
+    def rule(self) -> list:
+        return ["cache"]
+
+    def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
+              num_classes: int | None = None, largest: bool = False) -> int:
+        """The index of the bucket the sample's .json names; a bad .json or label is named as such by the sample
+        check, a missing or unknown bucket name is a bad_latent (the sample does not match the cache's info.json)."""
+        from stale.data.reader import Skip, check_sample, sample_name
+
+        check_sample(sample, label_key, num_classes, member=self.member)
+        name = json.loads(sample["json"]).get("bucket") if "json" in sample else None
+        if name not in self.index:
+            raise Skip("bad_latent", f"{sample_name(sample)}: .json names the bucket {name!r}, not one of the cache's "
+                                     f"info.json {list(self.index)}")
+        return self.index[name]
+
+
+def bucket_specs(spec, buckets: list[Bucket]) -> list:
+    """Each bucket's clip spec: `spec` (its start, crop, stride, fps, flip) at the bucket's frames x height x width."""
+    return [dataclasses.replace(spec, frames=b.frames, height=b.height, width=b.width, size=None) for b in buckets]
 
 
 def share_keep(images: int, videos: int, share: float | None) -> tuple[float, float]:

@@ -106,10 +106,9 @@ class VideoDataModule(L.LightningDataModule):
         if image_share is not None and not (self.buckets and bucket_scan and 0 <= image_share <= 1):
             raise ValueError(f"data.image_share={image_share} needs data.buckets, data.bucket_scan=true and a value "
                              "in [0, 1]")
-        if not 0 <= bucket_max_crop < 1 or bucket_max_upscale < 1:
-            raise ValueError(f"data.bucket_max_crop={bucket_max_crop} must be in [0, 1) and data.bucket_max_upscale="
-                             f"{bucket_max_upscale} >= 1")
+        bucketing.check_rule(bucket_max_crop, bucket_max_upscale)
         self.bucket_scan: bucketing.Scan | None = None
+        self.bucket_specs = None  # per bucket: None = the clip spec at the bucket's shape (a latent cache sets its own)
         if self.buckets:
             self.health.bucket_names = [b.name for b in self.buckets]
 
@@ -122,18 +121,21 @@ class VideoDataModule(L.LightningDataModule):
         rule = dict(stride=hp.frame_stride, max_crop=hp.bucket_max_crop, max_upscale=hp.bucket_max_upscale)
         if hp.bucket_scan and self.bucket_scan is None:
             self.bucket_scan = bucketing.scan(self.train_urls, bucketing.Assigner(self.buckets, **rule))
-            rank, _ = _rank_world(self.trainer)
-            if rank == 0:
-                found = self.bucket_scan
-                log.info("buckets: %d clips (%d images, %d videos) in data.shards; largest bucket each fits: %s",
-                         found.clips, found.images, found.videos,
-                         ", ".join(f"{n}={c}" for n, c in found.per_bucket.items()))
-                for warning in bucketing.report(found, self.buckets):
-                    log.warning("%s", warning)
+            self._report_scan()
         keep = (1.0, 1.0)
         if hp.image_share is not None and train:
             keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, hp.image_share)
         return bucketing.Assigner(self.buckets, keep=keep, **rule)
+
+    def _report_scan(self) -> None:
+        """Log the clips per bucket and warn of starved buckets (rank 0)."""
+        rank, _ = _rank_world(self.trainer)
+        if rank == 0:
+            found = self.bucket_scan
+            log.info("buckets: %d clips (%d images, %d videos) in data.shards; largest bucket each fits: %s",
+                     found.clips, found.images, found.videos, ", ".join(f"{n}={c}" for n, c in found.per_bucket.items()))
+            for warning in bucketing.report(found, self.buckets):
+                log.warning("%s", warning)
 
     def _stream(self, train: bool) -> VideoStream:
         hp = self.hparams
@@ -143,7 +145,8 @@ class VideoDataModule(L.LightningDataModule):
                            num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
                            seed=hp.seed, rank=rank, world_size=world,
                            buckets=self.buckets, assigner=self.assigner(train),
-                           captions=hp.missing_caption if hp.captions else None, text_members=self.text_members)
+                           captions=hp.missing_caption if hp.captions else None, text_members=self.text_members,
+                           bucket_specs=self.bucket_specs)
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
@@ -161,23 +164,31 @@ class VideoDataModule(L.LightningDataModule):
 class LatentDataModule(VideoDataModule):
     """Streams (posterior moments, label) batches from a stale-encode cache (docs/latent.md): float32
     (B, 2C, T', H', W'). The clip shapes come from the cache's info.json; the system draws the latent from the
-    moments and normalises it (stale.latent.autoencoder), as it does for clips it encodes itself."""
+    moments and normalises it (stale.latent.autoencoder), as it does for clips it encodes itself.
+
+    A cache encoded with buckets (stale-encode buckets=...) trains with its bucket list: each sample's .json names
+    its bucket (no fit rule at train time), each bucket's batches are of its latent shape. `buckets` (data.buckets)
+    may only repeat the cache's list; `image_share` is refused (the cache does not record the clips' kinds)."""
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
-                 frames: int | None = None, size: int | None = None, **loader_kwargs):
-        from stale.latent.cache import cache_info  # the latent package is an optional extra's
+                 frames: int | None = None, size: int | None = None, buckets=None, image_share: float | None = None,
+                 **loader_kwargs):
+        from stale.latent.cache import cache_buckets, cache_info  # the latent package is an optional extra's
 
         info, path = cache_info(shards, "data.shards")
         for key, value in (("frames", frames), ("size", size)):
             if value is not None and value != info[key]:
                 raise ValueError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: "
                                  f"leave data.{key} unset (null) with data=latents")
+        buckets = cache_buckets(info, path, buckets, image_share)  # a local again: save_hyperparameters records it
         if val_shards:
             val_info, val_path = cache_info(val_shards, "data.val_shards")
-            if val_info["latent_shape"] != info["latent_shape"] or val_info["vae"] != info["vae"]:
+            if (val_info["latent_shape"] != info["latent_shape"] or val_info["vae"] != info["vae"]
+                    or val_info.get("buckets") != info.get("buckets")):
                 raise ValueError(f"data.val_shards: {val_path} was encoded differently from {path} "
-                                 "(autoencoder or clip shape)")
-        super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], **loader_kwargs)
+                                 "(autoencoder, clip shape or buckets)")
+        super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], buckets=buckets,
+                         **loader_kwargs)
         c, t, h, w = info["latent_shape"]
         self.info = info
         if info.get("text_encoder"):  # captions encoded once by stale-encode: the loader reads them, never the text
@@ -186,3 +197,18 @@ class LatentDataModule(VideoDataModule):
             self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
             self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))
+        if self.buckets:  # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+            shapes = [info["per_bucket"][b.name]["latent_shape"] for b in self.buckets]
+            self.bucket_specs = [LatentSpec((2 * s[0], *s[1:])) for s in shapes]
+
+    def assigner(self, train: bool = True) -> bucketing.CacheAssigner | None:
+        """The cache's buckets, named by each sample's .json; the cache's counts stand in for the scan (its .json
+        records no pixel shape to fit again)."""
+        if not self.buckets:
+            return None
+        if self.bucket_scan is None:
+            per = {b.name: self.info["per_bucket"][b.name]["clips"] for b in self.buckets}
+            images = sum(n for b, n in zip(self.buckets, per.values()) if b.frames == 1)  # clips trained as images
+            self.bucket_scan = bucketing.Scan(per, 0, images, sum(per.values()) - images, sum(per.values()))
+            self._report_scan()
+        return bucketing.CacheAssigner(self.buckets)

@@ -37,10 +37,14 @@ rank still yields `epoch_batches` batches (equal optimiser steps under DDP). Bat
 across workers (shapes differ). The state adds, per worker, the stream positions of the clips sitting in
 partly filled buckets at the start of the round: on resume those few samples are decoded again (their
 bucket and crop are functions of their position) while the rest of the replay is skipped undecoded.
+From a stale-encode cache with buckets the same holds for latents: each sample's .json names its bucket
+(stale.data.buckets.CacheAssigner) and each bucket's batch is float32 moments of its own latent shape (a LatentSpec
+per bucket).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
@@ -52,11 +56,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-import dataclasses
-
-from stale.data.buckets import Assigner, Bucket, clip_shape
+from stale.data import buckets as bucketing
+from stale.data.buckets import Assigner, Bucket, CacheAssigner
 from stale.data.health import DataHealth, DataHealthError
-from stale.data.reader import Skip, SkipCounter, all_skipped, check_sample, decode_sample, read_shard
+from stale.data.reader import Skip, SkipCounter, all_skipped, decode_sample, read_shard
 from stale.data.video_io import ClipSpec
 from stale.text.captions import sample_caption
 
@@ -88,13 +91,13 @@ class VideoStream(IterableDataset):
     def __init__(self, urls: list[str], spec: ClipSpec, *, train: bool, batch_size: int, num_classes: int,
                  label_key: str | None = "label", shuffle_buffer: int = 512, seed: int = 0, rank: int = 0,
                  world_size: int = 1, control: torch.Tensor | None = None, buckets: list[Bucket] | None = None,
-                 assigner: Assigner | None = None, captions: str | None = None,
-                 text_members: tuple[str, str] | None = None):
+                 assigner: Assigner | CacheAssigner | None = None, captions: str | None = None,
+                 text_members: tuple[str, str] | None = None, bucket_specs: list | None = None):
         self.urls, self.spec, self.train = list(urls), spec, train
         self.buckets = buckets
         self.assigner = assigner or (Assigner(buckets, spec.stride) if buckets else None)
-        self.bucket_specs = [dataclasses.replace(spec, frames=b.frames, height=b.height, width=b.width, size=None)
-                             for b in self.buckets] if self.buckets else None
+        # per bucket: the clip spec at its shape, or (a stale-encode cache) the LatentSpec of its moments
+        self.bucket_specs = bucket_specs or (bucketing.bucket_specs(spec, buckets) if buckets else None)
         # shared int64 (workers, sum of batch sizes): stream positions of the clips in partly filled buckets at
         # the round start (-1 = none), written by TrainLoader before the workers start
         self.pending: torch.Tensor | None = None
@@ -215,23 +218,17 @@ class VideoStream(IterableDataset):
             if i < skip and i not in resume:  # consumed before the checkpoint and not in a partly filled bucket
                 continue
             rng = random.Random(_seed(self.seed, 5, epoch, self.rank, worker, i))
-            shape = clip_shape(sample)
             try:
-                if shape is None:  # no .json shape and no readable header: the checks name why, else it is corrupt
-                    check_sample(sample, self.label_key, self.num_classes)
-                    raise Skip("corrupt_video", f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
-                                                "cannot read the clip's shape")
-                k = self.assigner.assign(*shape, rng)
+                k = self.assigner.place(sample, rng, self.label_key, self.num_classes)
                 if k == -1:  # thinned out by data.image_share
                     continue
-                if k is None:
-                    raise Skip("no_bucket", f"{sample.get('__key__', '?')}: a clip of (T, H, W) = {shape} fits no "
-                                            "bucket of data.buckets")
                 bucket = self.buckets[k]
                 if k not in partial:
-                    shape_out = (bucket.batch_size, 3, bucket.frames, bucket.height, bucket.width)
-                    partial[k] = (_shared(shape_out) if get_worker_info() is not None else
-                                  torch.empty(shape_out, dtype=torch.uint8), [], [], [])
+                    latent = getattr(self.bucket_specs[k], "batch_shape", None)  # a cache's moments, float32
+                    shape_out = (bucket.batch_size, *(latent or (3, bucket.frames, bucket.height, bucket.width)))
+                    dtype = torch.float32 if latent else torch.uint8
+                    partial[k] = (_shared(shape_out, dtype) if get_worker_info() is not None else
+                                  torch.empty(shape_out, dtype=dtype), [], [], [])
                 video, labels, keys, positions = partial[k]
                 clip_rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
                 _, label = decode_sample(sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes,
@@ -446,8 +443,7 @@ class TrainLoader(_Loader):
         return {"workers": self.workers, "batch_size": d.batch_size, "world_size": d.world_size,
                 "rank": d.rank, "seed": d.seed, "epoch_batches": self.epoch_batches, "mix": self.mix,
                 "shuffle_buffer": d.shuffle_buffer,
-                **({"buckets": [list(dataclasses.astuple(b)) for b in d.buckets], "bucket_rule":
-                    [d.assigner.stride, d.assigner.max_crop, d.assigner.max_upscale, list(d.assigner.keep)]}
+                **({"buckets": [list(dataclasses.astuple(b)) for b in d.buckets], "bucket_rule": d.assigner.rule()}
                    if d.buckets else {})}
 
     def __len__(self) -> int:

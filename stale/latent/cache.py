@@ -17,10 +17,19 @@ sums of the statistics), so a killed run restarts at the first unfinished input 
 after every finished input shard: the autoencoder (source and weights hash), the pixel and latent clip shapes,
 and the per-channel mean and std of the latents (the normalisation when the autoencoder has no constants).
 Clips that fail to decode are skipped and counted by reason, never raised.
+
+With `buckets=` (a preset name or a list, as data.buckets: docs/buckets.md) the cache holds clips of many shapes:
+each clip goes to the largest bucket it fits (stale.data.buckets' fit rule with frame_stride, bucket_max_crop and
+bucket_max_upscale; keep_prob is a training-time draw and does not apply: a cache stores each clip once), is cut
+like a validation clip at that bucket's shape, and is encoded in batches of that one shape. Its .json adds
+`"bucket": "<frames>x<height>x<width>"` and `clip` records the bucket's frames, height and width; info.json adds
+the bucket list, the fit rule, and per bucket its latent shape and clip count (`per_bucket`). A clip that fits no
+bucket is skipped and counted as `no_bucket`. `stale-train data=latents` takes the bucket list from info.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from stale.data import buckets as bucketing
 from stale.data.reader import Skip, SkipCounter, decode_sample, expand_shards, read_shard, sample_name
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
@@ -69,6 +79,29 @@ def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
     return info, path
 
 
+def cache_buckets(info: dict, path: Path, buckets=None, image_share: float | None = None,
+                  key: str = "data.buckets") -> list | None:
+    """The bucket list a cache was encoded with (None: one clip shape), the one training takes: its latents have the
+    shapes they were encoded at, so `buckets` (data.buckets), when set, must be the same list. image_share is
+    refused: it thins images and videos by the kind of the source clip, which a cache does not record."""
+    cached = info.get("buckets")
+    if image_share is not None:
+        raise CacheError(f"data.image_share={image_share} is not available with data=latents: the cache does not "
+                         "record whether a clip came from an image or a video; leave it null (the clips per bucket "
+                         "are as stale-encode put them), or encode on the fly: data=shards vae=diffusers")
+    if buckets is None:
+        return cached
+    if cached is None:
+        raise CacheError(f"{key}={buckets!r}, but the cache {path} holds clips of one shape ({info['frames']} x "
+                         f"{info['size']} x {info['size']} pixels): encode it with stale-encode buckets=... (then "
+                         f"leave {key} unset), or drop {key}")
+    if bucketing.parse_buckets(buckets, key=key) != bucketing.parse_buckets(cached, key=f"{path} buckets"):
+        raise CacheError(f"{key}={buckets!r} differs from the buckets the cache {path} was encoded with: {cached}. "
+                         f"Leave {key} unset (null) to train the cache's (data.bucket_batch_max caps their batch "
+                         "sizes), or encode again with stale-encode buckets=...")
+    return cached
+
+
 def _sums(moments: torch.Tensor) -> dict:
     """Per-channel sums over a batch: count, sum of means, sum of (mean^2 + var) (the second moment of a draw)."""
     mean, logvar = moments.double().chunk(2, dim=1)
@@ -92,10 +125,13 @@ def _stats(records: list[dict], ae: Autoencoder | None = None) -> dict | None:
 
 
 def _settings(ae: Autoencoder, frames: int, size: int, fps, frame_stride: int, latent_dtype: str,
-              label_key, text=None, missing_caption: str = "skip") -> dict:
+              label_key, text=None, missing_caption: str = "skip", assigner: bucketing.Assigner | None = None) -> dict:
     vae = {k: ae.source.get(k) for k in ("pretrained", "subfolder", "dtype", "sha256")}
     out = {"vae": {**vae, "class": ae.cls}, "frames": frames, "size": size, "fps": fps,
            "frame_stride": frame_stride, "latent_dtype": latent_dtype, "label_key": label_key}
+    if assigner is not None:  # only with buckets: a cache without them keeps exactly the keys it always had
+        out["buckets"] = [list(dataclasses.astuple(b)) for b in assigner.buckets]
+        out["bucket_max_crop"], out["bucket_max_upscale"] = assigner.max_crop, assigner.max_upscale
     if text is not None:
         out["text_encoder"] = {k: text.source.get(k) for k in ("name", "pretrained", "subfolder", "dtype", "max_length",
                                                                 "sha256", "class")}
@@ -111,14 +147,22 @@ def load_empty_text(folder: str | Path) -> tuple:
     return t["text"], t["mask"].bool()
 
 
-def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict]) -> dict:
+def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict],
+                latent_shapes: dict[str, list] | None = None) -> dict:
+    """latent_shapes: with buckets, each bucket's (C, T', H', W'), by name."""
     skipped = Counter()
     for r in records:
         skipped.update(r["skipped"])
+    per_bucket = {}
+    if latent_shapes is not None:
+        per_bucket = {"per_bucket": {name: {"latent_shape": shape,
+                                            "clips": sum(r.get("buckets", {}).get(name, 0) for r in records)}
+                                     for name, shape in latent_shapes.items()}}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings,
-            "latent_shape": list(ae.latent_shape(settings["frames"], settings["size"])),
+            "latent_shape": list(ae.latent_shape(settings["frames"], settings["size"])), **per_bucket,
             "members": {MEMBER: "posterior moments (mean, log-variance) on channels: (2C, T', H', W')",
-                        "json": "label, source, clip, latent_shape", "txt": "caption, when the source had one",
+                        "json": "label, source, clip, latent_shape" + (", bucket" if per_bucket else ""),
+                        "txt": "caption, when the source had one",
                         **({TEXT_MEMBERS[0]: "caption embedding (L, D)", TEXT_MEMBERS[1]: "caption mask (L,)",
                             EMPTY_TEXT: "the empty caption's text (1, L, D) and mask (1, L), once"}
                            if "text_encoder" in settings else {})},
@@ -148,16 +192,29 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                   fps: float | None = None, frame_stride: int = 1, label_key: str | None = "label",
                   num_classes: int | None = None, latent_dtype: str = "float32", maxcount: int = 1000,
                   device: str = "cpu", progress: bool = True, overwrite: bool = False, text_encoder: dict | None = None,
-                  missing_caption: str = "skip") -> dict:
+                  missing_caption: str = "skip", buckets=None, bucket_max_crop: float = 0.25,
+                  bucket_max_upscale: float = 1.0) -> dict:
     """Encode every clip of the `input` mp4 shards into latent shards in `out` (see the module docstring).
     text_encoder (a conf/text_encoder node, hf): also each clip's caption embedding and mask, and the empty
-    caption's once; a clip without a caption is skipped or given the empty caption (missing_caption)."""
+    caption's once; a clip without a caption is skipped or given the empty caption (missing_caption).
+    buckets (a preset name or a list, as data.buckets): each clip at the shape of the largest bucket it fits."""
     if latent_dtype not in STORE_DTYPES:
         raise CacheError(f"latent_dtype={latent_dtype!r} is not one of {tuple(STORE_DTYPES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CacheError(f"batch_size={batch_size!r} must be an integer >= 1")
+    assigner, latent_shapes = None, None
+    if buckets is not None:  # a bad list or rule stops before the autoencoder loads
+        bucketing.check_rule(bucket_max_crop, bucket_max_upscale, prefix="")
+        assigner = bucketing.Assigner(bucketing.parse_buckets(buckets, key="buckets"), frame_stride, bucket_max_crop,
+                                      bucket_max_upscale)
     ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device)
     ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
+    if assigner is not None:  # every bucket checked against the autoencoder before reading anything
+        latent_shapes = {b.name: [ae.channels, *ae.latent_grid(b.frames, b.height, b.width, key=f"buckets[{i}]")]
+                         for i, b in enumerate(assigner.buckets)}
+        if any(b.keep_prob < 1 for b in assigner.buckets):
+            log.warning("buckets: keep_prob is a training-time draw and does not apply to a cache: each clip is "
+                        "encoded once, in the largest bucket it fits")
     text = None
     if text_encoder and text_encoder.get("name", "none") not in ("none", None):
         from stale.text.captions import MISSING
@@ -174,14 +231,16 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
     if len(set(stems)) < len(stems):
         raise CacheError(f"input={input!r}: two shards share a file name; encode each folder into its own out=")
     out = Path(out)
-    settings = _settings(ae, frames, size, fps, frame_stride, latent_dtype, label_key, text, missing_caption)
+    settings = _settings(ae, frames, size, fps, frame_stride, latent_dtype, label_key, text, missing_caption,
+                         assigner)
     records = _read_progress(out)
     if (out / INFO).is_file():
         old = json.loads((out / INFO).read_text())
-        if {k: old.get(k) for k in settings} != settings:
+        changed = sorted(k for k in {*settings, "buckets"} if old.get(k) != settings.get(k))  # buckets: set or not
+        if changed:
             if not overwrite:
-                raise CacheError(f"out={out} holds a cache made with other settings (autoencoder, clip shape, "
-                                 "dtype or fps): choose another out= or pass overwrite=true to start over")
+                raise CacheError(f"out={out} holds a cache made with other settings ({', '.join(changed)}): choose "
+                                 "another out= or pass overwrite=true to start over")
             records = []
     if overwrite:  # start over: remove what the earlier run wrote (and nothing else in the folder)
         for r in _read_progress(out):
@@ -200,6 +259,7 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
     done = {r["input"] for r in records}
     ids = [u if "://" in u or u.startswith("pipe:") else str(Path(u).resolve()) for u in urls]  # cwd-independent
     spec = ClipSpec(frames, size, frame_stride, fps, "center", "center", False)
+    specs = bucketing.bucket_specs(spec, assigner.buckets) if assigner is not None else None  # as the loader cuts
     store = STORE_DTYPES[latent_dtype]
     from tqdm import tqdm
 
@@ -214,13 +274,18 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                                  post=written.append)
         counter = SkipCounter("encode")
         sums: list[dict] = []
-        pending: list[tuple[np.ndarray, int, dict, str | None]] = []
+        # one list per bucket (None: no buckets), so that each autoencoder call sees clips of one shape
+        waiting: dict[int | None, list[tuple[np.ndarray, int, dict, str | None]]] = {}
+        per_bucket: Counter = Counter()
         clips = 0
 
-        def flush():
+        def flush(k):
             nonlocal clips
+            pending = waiting.get(k)
             if not pending:
                 return
+            clip = {"frames": frames, "size": size} if k is None else \
+                {"frames": specs[k].frames, "height": specs[k].height, "width": specs[k].width}
             pixels = torch.from_numpy(np.stack([p[0] for p in pending])).permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
             moments = ae.encode(flow.to_unit_range(pixels)).cpu()
             sums.append(_sums(moments))
@@ -228,8 +293,9 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                 emb, mask = text.encode([p[3] for p in pending])
                 emb, mask = emb.cpu().numpy().astype(store), mask.cpu().numpy()
             for j, (m, (_, label, sample, _)) in enumerate(zip(moments, pending)):
-                meta = {"label": label, "source": sample_name(sample), "clip": {"frames": frames, "size": size},
-                        "latent_shape": list(m.shape)}
+                meta = {"label": label, "source": sample_name(sample), "clip": clip, "latent_shape": list(m.shape)}
+                if k is not None:
+                    meta["bucket"] = assigner.buckets[k].name
                 row = {"__key__": sample["__key__"], MEMBER: m.numpy().astype(store), "json": meta}
                 if "txt" in sample:
                     row["txt"] = sample["txt"]
@@ -237,20 +303,26 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                     row[TEXT_MEMBERS[0]], row[TEXT_MEMBERS[1]] = emb[j], mask[j]
                 writer.write(row)
             clips += len(pending)
+            if k is not None:
+                per_bucket[assigner.buckets[k].name] += len(pending)
             bar.update(len(pending))
             pending.clear()
 
         for sample in read_shard(url, counter):
             try:
                 caption = None if text is None else sample_caption(sample, missing_caption, counter)
-                clip, label = decode_sample(sample, spec, random.Random(0), label_key, num_classes)
+                k = None if assigner is None else assigner.place(sample, random.Random(0), label_key, num_classes,
+                                                                  largest=True)
+                clip, label = decode_sample(sample, spec if k is None else specs[k], random.Random(0), label_key,
+                                            num_classes)
             except Skip as e:
                 counter.skip(e.reason, url, e)
                 continue
-            pending.append((clip, label, sample, caption))
-            if len(pending) == batch_size:
-                flush()
-        flush()
+            waiting.setdefault(k, []).append((clip, label, sample, caption))
+            if len(waiting[k]) == batch_size:
+                flush(k)
+        for k in list(waiting):
+            flush(k)
         writer.close()
         outputs = []
         for f in written:  # ShardWriter opens a first file even for an input shard with no clip: drop empty ones
@@ -264,13 +336,15 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
         total = {"n": sum(s["n"] for s in sums), "s1": np.sum([s["s1"] for s in sums], axis=0).tolist(),
                  "s2": np.sum([s["s2"] for s in sums], axis=0).tolist()} if sums else None
         record = {"input": ident, "outputs": outputs, "clips": clips, "skipped": skipped, "sums": total}
+        if assigner is not None:
+            record["buckets"] = dict(per_bucket)
         with open(out / PROGRESS, "a") as f:
             f.write(json.dumps(record) + "\n")
         records.append(record)
-        _write_info(out, settings, ae, records)
+        _write_info(out, settings, ae, records, latent_shapes)
     bar.close()
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
-    info = _write_info(out, settings, ae, records)
+    info = _write_info(out, settings, ae, records, latent_shapes)
     if not info["clips"]:
         raise CacheError(f"input={input!r}: no clip decoded (skipped by reason: {info['skipped']})")
     command = f"stale-train data=latents \"data.shards=[{out}]\" vae=diffusers vae.pretrained={ae.source['pretrained']}"
