@@ -383,14 +383,14 @@ def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleS
                                           if k != "name"})
     compile_opts = cfg.get("compile", False)
     system = StaleSystem(model, objective, **OmegaConf.to_container(cfg.optim),
-                       schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
-                       seed=cfg.seed,
-                       compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
-                       else compile_opts,
-                       provenance=provenance(),
-                       finetune_base=prepared.base,
-                       run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder,
-                       text_encoder=text[0], empty_text=text[1], prompts=cfg.sample.get("prompts"))
+                         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+                         seed=cfg.seed,
+                         compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
+                         else compile_opts,
+                         provenance=provenance(),
+                         finetune_base=prepared.base,
+                         run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=autoencoder,
+                         text_encoder=text[0], empty_text=text[1], prompts=cfg.sample.get("prompts"))
     system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
     return system
 

@@ -211,7 +211,7 @@ class VideoStream(IterableDataset):
         resume = set()
         if skip and self.pending is not None:
             resume = {int(p) for p in self.pending[worker].tolist() if p >= 0}
-        partial = {}  # bucket index -> (video, labels, keys, positions)
+        partial = {}  # bucket index -> (video, labels, keys, positions, captions)
         streak = Counter()
         for i, sample in enumerate(samples):
             counter.muted = i < skip - 1  # replayed samples were counted before the checkpoint
@@ -219,6 +219,7 @@ class VideoStream(IterableDataset):
                 continue
             rng = random.Random(_seed(self.seed, 5, epoch, self.rank, worker, i))
             try:
+                text = self._text(sample, counter)  # before decoding, as without buckets
                 k = self.assigner.place(sample, rng, self.label_key, self.num_classes)
                 if k == -1:  # thinned out by data.image_share
                     continue
@@ -228,8 +229,8 @@ class VideoStream(IterableDataset):
                     shape_out = (bucket.batch_size, *(latent or (3, bucket.frames, bucket.height, bucket.width)))
                     dtype = torch.float32 if latent else torch.uint8
                     partial[k] = (_shared(shape_out, dtype) if get_worker_info() is not None else
-                                  torch.empty(shape_out, dtype=dtype), [], [], [])
-                video, labels, keys, positions = partial[k]
+                                  torch.empty(shape_out, dtype=dtype), [], [], [], [])
+                video, labels, keys, positions, texts = partial[k]
                 clip_rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
                 _, label = decode_sample(sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes,
                                          video[len(labels)].numpy())
@@ -240,16 +241,17 @@ class VideoStream(IterableDataset):
             labels.append(label)
             keys.append(sample.get("__key__", "?"))
             positions.append(i)
+            texts.append(text)
             if len(labels) == bucket.batch_size and i >= skip:
                 del partial[k]
-                pending = sorted(p for _, _, _, ps in partial.values() for p in ps)
+                pending = sorted(p for _, _, _, ps, _ in partial.values() for p in ps)
                 meta = {"worker": worker, "epoch": epoch, "consumed": i + 1, "keys": keys, "skips": counter.take(),
-                        "slot": None, "pending": pending, "bucket": bucket.name}
+                        "slot": None, "pending": pending, "bucket": bucket.name, "text": self._texts(texts)}
                 yield video, torch.tensor(labels, dtype=torch.int64), meta
         for n, k in enumerate(sorted(partial)):  # finite stream: the rest of every bucket, and the last counts
-            video, labels, keys, _ = partial[k]
+            video, labels, keys, _, texts = partial[k]
             meta = {"worker": worker, "epoch": epoch, "consumed": -1, "keys": keys, "skips": counter.take(),
-                    "slot": None, "pending": [], "bucket": self.buckets[k].name}
+                    "slot": None, "pending": [], "bucket": self.buckets[k].name, "text": self._texts(texts)}
             yield video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
         if not partial and counter.reasons:
             yield None, None, {"worker": worker, "epoch": epoch, "consumed": -1, "keys": [], "skips": counter.take(),
@@ -268,9 +270,13 @@ class VideoStream(IterableDataset):
             return torch.empty(shape, dtype=dtype), None
         return ring.take(shape, dtype)
 
+    def _texts(self, texts: list):
+        """A batch's captions (stack_text), or None when the stream reads none."""
+        return stack_text(texts) if self.captions is not None and texts else None
+
     def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter, texts=()):
         meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
-                "slot": slot, "text": stack_text(texts) if self.captions is not None and labels else None}
+                "slot": slot, "text": self._texts(texts) if labels else None}
         if not labels:
             return None, None, meta
         if video is None:  # size=None: clips of the stored size, stacked here
