@@ -277,3 +277,51 @@ def test_a_sample_that_does_not_match_its_bucket_is_a_counted_bad_latent(data, t
     assert dm.health.reasons["train"]["bad_latent"] >= 2, dm.health.reasons
     assert "unknown: .json names the bucket '5x64x64', not one of the cache's" in caplog.text
     assert "reshaped: .latent.npy has shape [8, 1, 8, 8]" in caplog.text
+
+
+def test_one_cache_holds_latents_of_every_shape_and_their_captions(tmp_path, tmp_path_factory):
+    """stale-encode with buckets and text_encoder=hf: each bucket's batches carry the cached caption embeddings of
+    exactly their clips (the text-to-video setup of Open-Sora: latents and captions encoded once, clips of many
+    shapes), and a text model trains on them without running the text encoder."""
+    from helpers_text import tiny_text_encoder
+
+    from stale.latent.cache import TEXT_MEMBERS
+    from stale.text.encoders import load_text_encoder
+
+    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
+                                                          for p in files))
+    shards = convert(ShardsConfig(input=str(manifest), out=str(tmp_path / "shards"), size=64, grid=16, maxcount=4,
+                                  split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
+    vae, t5 = tiny_vae(tmp_path_factory, "AutoencoderKLWan"), tiny_text_encoder(tmp_path_factory, "t5")
+    node = {"name": "hf", "pretrained": str(t5), "max_length": 16}
+    info = encode_shards(shards, tmp_path / "cache", {"pretrained": str(vae)}, frames=9, size=64, batch_size=3,
+                         buckets=BUCKETS, progress=False, text_encoder=node)["info"]
+    assert {n: b["clips"] for n, b in info["per_bucket"].items()} == CLIPS and info["text_encoder"]["sha256"]
+    cached = {s["__key__"]: np.load(io.BytesIO(s[TEXT_MEMBERS[0]])) for s in _samples(tmp_path / "cache")}
+    enc = load_text_encoder(node)
+    caption = {s["__key__"]: s["txt"].decode() for s in _samples(tmp_path / "cache")}
+    key = sorted(caption)[0]  # the cache's embedding is the encoder's of the clip's own caption
+    np.testing.assert_allclose(cached[key], enc.encode([caption[key]])[0][0].numpy(), rtol=1e-5, atol=1e-6)
+
+    text = ["model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}", "text_encoder.max_length=16"]
+    cfg = _cfg(tmp_path / "run", {"cache": tmp_path / "cache", "vae": vae}, *text, "trainer.max_steps=6",
+               "trainer.limit_val_batches=0")
+    from hydra.utils import instantiate
+
+    check_config(cfg)
+    dm = instantiate(cfg.data, _convert_="all", captions=True)
+    shapes = set()
+    for n, (moments, _, meta) in enumerate(dm.train_dataloader().iter_meta()):
+        emb, mask = meta["text"]
+        assert emb.shape[0] == moments.shape[0] == len(meta["keys"]) and mask.dtype == torch.bool
+        for j, k in enumerate(meta["keys"]):  # each clip with its own cached caption embedding
+            assert np.array_equal(emb[j].numpy(), cached[k])
+        shapes.add(tuple(moments.shape[2:]))
+        if n == 7:
+            break
+    assert shapes == set(GRIDS.values())  # every bucket's shape, captions included
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and "train/hinge_acc" in metrics  # the caption-match head trained
