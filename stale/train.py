@@ -253,7 +253,7 @@ def check_autoencoder(cfg: DictConfig):
         buckets = cfg.data.get("buckets")
         try:  # a cache encoded with buckets trains with them: data.buckets may only repeat its list
             buckets = cache_buckets(info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets)
-                                    else buckets, cfg.data.get("image_share"))
+                                    else buckets)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         with open_dict(cfg):

@@ -202,15 +202,14 @@ def test_cached_and_freshly_encoded_bucket_give_the_same_loss(data, tmp_path):
     assert losses["pixels"] == pytest.approx(losses["cache"], rel=1e-5, abs=1e-6)
 
 
-def test_data_buckets_must_repeat_the_caches_and_image_share_is_refused(data, tmp_path):
+def test_data_buckets_must_repeat_the_caches(data, tmp_path):
     cfg = _cfg(tmp_path, data, "data.buckets=[[9,64,64,2]]")
     with pytest.raises(ConfigError, match=r"data.buckets=\[\[9, 64, 64, 2\]\] differs from the buckets the cache "
                                           r".*cache/info.json was encoded with: \[\[1, 64, 64, 1, 1.0\], "):
         check_config(cfg)
     same = _cfg(tmp_path, data, "data.buckets=" + json.dumps(BUCKETS).replace(" ", ""))
     check_config(same)  # the same list, written out: accepted
-    with pytest.raises(ConfigError, match=r"data.image_share=0.5 is not available with data=latents"):
-        check_config(_cfg(tmp_path, data, "data.image_share=0.5"))
+    check_config(_cfg(tmp_path, data, "data.image_share=0.5"))  # thins by the one-frame buckets (next test)
     # the cache's buckets go through the latent patch check, naming the bucket: 6 x 10 is not divisible by 4
     with pytest.raises(ConfigError, match=r"data.buckets\[1\]: the bucket 9x48x80 is the latent clip 3x6x10"):
         check_config(_cfg(tmp_path, data, "model.patch=[1,4,4]"))
@@ -231,7 +230,7 @@ def test_resume_on_the_cache_with_partly_filled_buckets_gives_the_same_batches(d
 
     # the first checkpoint taken while clips were waiting in partly filled buckets
     step = next(s for s in range(1, 8) if any(loader_state(s)["round_pending"]))
-    assert loader_state(step)["config"]["bucket_rule"] == ["cache"]
+    assert loader_state(step)["config"]["bucket_rule"] == ["cache", [1.0, 1.0]]  # no image_share thinning
     resumed = Record()
     again = _fit(tmp_path, 9, [resumed], LatentDataModule([str(data["cache"])], **kw),
                  ckpt=tmp_path / "ckpt" / f"step={step}.ckpt", module=Mean())
@@ -325,3 +324,15 @@ def test_one_cache_holds_latents_of_every_shape_and_their_captions(tmp_path, tmp
     assert shapes == set(GRIDS.values())  # every bucket's shape, captions included
     metrics = train(cfg)
     assert np.isfinite(metrics["train/loss"]) and "train/hinge_acc" in metrics  # the caption-match head trained
+
+
+def test_image_share_zero_and_one_on_a_cache(data):
+    """image_share on a bucketed cache: the clips of one-frame buckets are the images; 0 keeps no image batch, 1
+    only image batches, as on pixels (tests/test_buckets.py), from the cache's counts instead of a scan."""
+    from stale.data.datamodule import LatentDataModule
+
+    for share, frames in ((0.0, {3}), (1.0, {1})):  # latent frames: 9 pixel frames are 3, an image is 1
+        dm = LatentDataModule([str(data["cache"])], num_classes=2, num_workers=0, shuffle_buffer=4, epoch_batches=6,
+                              image_share=share)
+        assert {m.shape[2] for m, _ in dm.train_dataloader()} == frames
+        assert (dm.bucket_scan.images, dm.bucket_scan.videos) == (1, 6)  # CLIPS: one image, six videos

@@ -188,14 +188,16 @@ class Assigner:
 
 class CacheAssigner:
     """The buckets of a stale-encode cache: each sample's .json names the bucket its latent was encoded at
-    (stale-encode applied the fit rule once), so training reads the name instead of fitting the clip again."""
+    (stale-encode applied the fit rule once), so training reads the name instead of fitting the clip again.
+    keep: image_share's (p keep an image, p keep a video), by the kind the clip trains as: a one-frame bucket's
+    clips are images (a video's frame there too: the cache stores what trains, not the source's kind)."""
 
-    def __init__(self, buckets: list[Bucket], member: str = "latent.npy"):
-        self.buckets, self.member = buckets, member
+    def __init__(self, buckets: list[Bucket], member: str = "latent.npy", keep: tuple[float, float] = (1.0, 1.0)):
+        self.buckets, self.member, self.keep = buckets, member, keep
         self.index = {b.name: i for i, b in enumerate(buckets)}
 
     def rule(self) -> list:
-        return ["cache"]
+        return ["cache", list(self.keep)]
 
     def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
               num_classes: int | None = None, largest: bool = False) -> int:
@@ -208,7 +210,9 @@ class CacheAssigner:
         if name not in self.index:
             raise Skip("bad_latent", f"{sample_name(sample)}: .json names the bucket {name!r}, not one of the cache's "
                                      f"info.json {list(self.index)}")
-        return self.index[name]
+        k = self.index[name]
+        keep = self.keep[0] if self.buckets[k].frames == 1 else self.keep[1]
+        return -1 if keep < 1 and rng.random() >= keep else k
 
 
 def bucket_specs(spec, buckets: list[Bucket]) -> list:

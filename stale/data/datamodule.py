@@ -168,11 +168,10 @@ class LatentDataModule(VideoDataModule):
 
     A cache encoded with buckets (stale-encode buckets=...) trains with its bucket list: each sample's .json names
     its bucket (no fit rule at train time), each bucket's batches are of its latent shape. `buckets` (data.buckets)
-    may only repeat the cache's list; `image_share` is refused (the cache does not record the clips' kinds)."""
+    may only repeat the cache's list; `image_share` counts the clips of one-frame buckets as the images."""
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
-                 frames: int | None = None, size: int | None = None, buckets=None, image_share: float | None = None,
-                 **loader_kwargs):
+                 frames: int | None = None, size: int | None = None, buckets=None, **loader_kwargs):
         from stale.latent.cache import cache_buckets, cache_info  # the latent package is an optional extra's
 
         info, path = cache_info(shards, "data.shards")
@@ -180,7 +179,7 @@ class LatentDataModule(VideoDataModule):
             if value is not None and value != info[key]:
                 raise ValueError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: "
                                  f"leave data.{key} unset (null) with data=latents")
-        buckets = cache_buckets(info, path, buckets, image_share)  # a local again: save_hyperparameters records it
+        buckets = cache_buckets(info, path, buckets)  # a local again: save_hyperparameters records it
         if val_shards:
             val_info, val_path = cache_info(val_shards, "data.val_shards")
             if (val_info["latent_shape"] != info["latent_shape"] or val_info["vae"] != info["vae"]
@@ -203,7 +202,7 @@ class LatentDataModule(VideoDataModule):
 
     def assigner(self, train: bool = True) -> bucketing.CacheAssigner | None:
         """The cache's buckets, named by each sample's .json; the cache's counts stand in for the scan (its .json
-        records no pixel shape to fit again)."""
+        records no pixel shape to fit again), and give image_share's thinning in training (as the scan does)."""
         if not self.buckets:
             return None
         if self.bucket_scan is None:
@@ -211,4 +210,7 @@ class LatentDataModule(VideoDataModule):
             images = sum(n for b, n in zip(self.buckets, per.values()) if b.frames == 1)  # clips trained as images
             self.bucket_scan = bucketing.Scan(per, 0, images, sum(per.values()) - images, sum(per.values()))
             self._report_scan()
-        return bucketing.CacheAssigner(self.buckets)
+        keep = (1.0, 1.0)
+        if self.hparams.image_share is not None and train:
+            keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, self.hparams.image_share)
+        return bucketing.CacheAssigner(self.buckets, keep=keep)

@@ -79,16 +79,10 @@ def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
     return info, path
 
 
-def cache_buckets(info: dict, path: Path, buckets=None, image_share: float | None = None,
-                  key: str = "data.buckets") -> list | None:
+def cache_buckets(info: dict, path: Path, buckets=None, key: str = "data.buckets") -> list | None:
     """The bucket list a cache was encoded with (None: one clip shape), the one training takes: its latents have the
-    shapes they were encoded at, so `buckets` (data.buckets), when set, must be the same list. image_share is
-    refused: it thins images and videos by the kind of the source clip, which a cache does not record."""
+    shapes they were encoded at, so `buckets` (data.buckets), when set, must be the same list."""
     cached = info.get("buckets")
-    if image_share is not None:
-        raise CacheError(f"data.image_share={image_share} is not available with data=latents: the cache does not "
-                         "record whether a clip came from an image or a video; leave it null (the clips per bucket "
-                         "are as stale-encode put them), or encode on the fly: data=shards vae=diffusers")
     if buckets is None:
         return cached
     if cached is None:
