@@ -14,7 +14,7 @@
 #   b128     B at 16 x 128 x 128, batch 1 (a latent-sized frame: 4,096 tokens)
 #   memory   peak memory per clip for tiny..L, with and without gradient checkpointing
 #   s        MFU of S at the largest resolution that fits
-#   seqpar   sequence parallelism's overhead simulated on one GPU (stale.bench.parallel, when present)
+#   seqpar   sequence parallelism's overhead simulated on one GPU (stale-bench sections=parallel)
 #   fsdp     FSDP2 on the GPU (trainer=fsdp, NCCL, bf16): trains next to trainer=gpu, resumes, exports
 # On a machine without CUDA it says what it would measure and exits 0.
 set -uo pipefail
@@ -59,8 +59,7 @@ PY
     train) bench sections=train out="$out/train.json" "train.variants=[lightning,no_progress_bar,barebones]" train.rounds=3 train.max_seconds=60 2>&1 | tail -40 ;;
     data) bench sections=data out="$out/data.json" "data.kinds=[real256]" "data.workers=[1,4,8]" data.clips=128 data.batches=24 ;;
     memory) bench sections=memory out="$out/memory.json" "memory.sizes=[tiny,s,b,l]" memory.size=64 memory.frames=16 memory.batches=[1,2] ;;
-    seqpar) if "$py" -c "import stale.bench.parallel" 2>/dev/null; then bench sections=parallel out="$out/parallel.json";
-            else echo "seqpar: not measured (stale.bench.parallel is not in this version)"; fi ;;
+    seqpar) bench sections=parallel out="$out/parallel.json" ;;
     fsdp) d="$out/fsdp"; rm -rf "$d"
       run=(debug=smoke logger=csv trainer.max_steps=6 callbacks.model_checkpoint.every_n_train_steps=3
            trainer.val_check_interval=6 sample_every_n_steps=0)
