@@ -132,6 +132,13 @@ def fits(bucket: Bucket, frames: int, h: int, w: int, stride: int = 1, max_crop:
     return bucket.height * bucket.width >= (1 - max_crop) * (h * scale) * (w * scale) * (1 - 1e-6)
 
 
+def thinned(keep: tuple[float, float], image: bool, rng: random.Random) -> bool:
+    """image_share's draw: whether a clip of this kind (an image, else a video) is dropped; keep is (p keep an
+    image, p keep a video), and (1, 1) draws nothing."""
+    p = keep[0] if image else keep[1]
+    return p < 1 and rng.random() >= p
+
+
 class Assigner:
     """Puts clips into buckets: `assign(frames, h, w, rng)` -> bucket index or None (fits none)."""
 
@@ -147,8 +154,7 @@ class Assigner:
 
     def assign(self, frames: int, h: int, w: int, rng: random.Random) -> int | None:
         """The bucket index of a clip, or None when it fits none; -1 when image_share thins it out."""
-        keep = self.keep[0] if frames == 1 else self.keep[1]
-        if keep < 1 and rng.random() >= keep:
+        if thinned(self.keep, frames == 1, rng):
             return -1
         fitting = self.fitting(frames, h, w)
         if not fitting:
@@ -200,7 +206,7 @@ class CacheAssigner:
         return ["cache", list(self.keep)]
 
     def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
-              num_classes: int | None = None, largest: bool = False) -> int:
+              num_classes: int | None = None) -> int:
         """The index of the bucket the sample's .json names; a bad .json or label is named as such by the sample
         check, a missing or unknown bucket name is a bad_latent (the sample does not match the cache's info.json)."""
         from stale.data.reader import Skip, check_sample, sample_name
@@ -211,8 +217,7 @@ class CacheAssigner:
             raise Skip("bad_latent", f"{sample_name(sample)}: .json names the bucket {name!r}, not one of the cache's "
                                      f"info.json {list(self.index)}")
         k = self.index[name]
-        keep = self.keep[0] if self.buckets[k].frames == 1 else self.keep[1]
-        return -1 if keep < 1 and rng.random() >= keep else k
+        return -1 if thinned(self.keep, self.buckets[k].frames == 1, rng) else k
 
 
 def bucket_specs(spec, buckets: list[Bucket]) -> list:

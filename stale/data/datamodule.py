@@ -122,10 +122,14 @@ class VideoDataModule(L.LightningDataModule):
         if hp.bucket_scan and self.bucket_scan is None:
             self.bucket_scan = bucketing.scan(self.train_urls, bucketing.Assigner(self.buckets, **rule))
             self._report_scan()
-        keep = (1.0, 1.0)
-        if hp.image_share is not None and train:
-            keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, hp.image_share)
-        return bucketing.Assigner(self.buckets, keep=keep, **rule)
+        return bucketing.Assigner(self.buckets, keep=self._image_keep(train), **rule)
+
+    def _image_keep(self, train: bool) -> tuple[float, float]:
+        """image_share's (p keep an image, p keep a video) from the scan's counts; validation keeps every clip."""
+        share = self.hparams.image_share
+        if share is None or not train:
+            return 1.0, 1.0
+        return bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, share)
 
     def _report_scan(self) -> None:
         """Log the clips per bucket and warn of starved buckets (rank 0)."""
@@ -210,7 +214,4 @@ class LatentDataModule(VideoDataModule):
             images = sum(n for b, n in zip(self.buckets, per.values()) if b.frames == 1)  # clips trained as images
             self.bucket_scan = bucketing.Scan(per, 0, images, sum(per.values()) - images, sum(per.values()))
             self._report_scan()
-        keep = (1.0, 1.0)
-        if self.hparams.image_share is not None and train:
-            keep = bucketing.share_keep(self.bucket_scan.images, self.bucket_scan.videos, self.hparams.image_share)
-        return bucketing.CacheAssigner(self.buckets, keep=keep)
+        return bucketing.CacheAssigner(self.buckets, keep=self._image_keep(train))

@@ -225,9 +225,7 @@ class VideoStream(IterableDataset):
                     continue
                 bucket = self.buckets[k]
                 if k not in partial:
-                    latent = getattr(self.bucket_specs[k], "batch_shape", None)  # a cache's moments, float32
-                    shape_out = (bucket.batch_size, *(latent or (3, bucket.frames, bucket.height, bucket.width)))
-                    dtype = torch.float32 if latent else torch.uint8
+                    shape_out, dtype = batch_layout(self.bucket_specs[k], bucket.batch_size)
                     partial[k] = (_shared(shape_out, dtype) if get_worker_info() is not None else
                                   torch.empty(shape_out, dtype=dtype), [], [], [], [])
                 video, labels, keys, positions, texts = partial[k]
@@ -260,12 +258,10 @@ class VideoStream(IterableDataset):
     def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
         """uint8 (B, C, T, H, W) (float32 latent moments with a LatentSpec), in shared memory inside a worker so
         that sending it costs no copy."""
-        s = self.spec
-        latent = getattr(s, "batch_shape", None)
-        if s.size is None and latent is None:
+        layout = batch_layout(self.spec, self.batch_size)
+        if layout is None:
             return None, None
-        shape = (self.batch_size, *latent) if latent is not None else (self.batch_size, 3, s.frames, s.size, s.size)
-        dtype = torch.float32 if latent is not None else torch.uint8
+        shape, dtype = layout
         if get_worker_info() is None:
             return torch.empty(shape, dtype=dtype), None
         return ring.take(shape, dtype)
@@ -285,6 +281,18 @@ class VideoStream(IterableDataset):
             for j, clip in enumerate(clips):
                 video[j] = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2)
         return video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
+
+
+def batch_layout(spec, batch_size: int) -> tuple[tuple, torch.dtype] | None:
+    """(shape, dtype) of a batch of `spec`'s clips: uint8 (B, 3, T, H, W) pixels, float32 moments for a LatentSpec;
+    None when the spec keeps each stored size (the clips are stacked as they come)."""
+    latent = getattr(spec, "batch_shape", None)
+    if latent is not None:
+        return (batch_size, *latent), torch.float32
+    h, w = (spec.height, spec.width) if spec.height is not None else (spec.size, spec.size)
+    if h is None:
+        return None
+    return (batch_size, 3, spec.frames, h, w), torch.uint8
 
 
 def stack_text(texts: list):
