@@ -434,16 +434,21 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
         assert (s.frames, s.height, s.width) == (9, 64, 64)
 
 
+def captioned_manifest(tmp_path) -> Path:
+    """A manifest.csv of the mixed folder (6 videos, 3 images) whose captions name each file's class and name."""
+    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
+                                                          for p in files))
+    return manifest
+
+
 def test_captions_ride_with_bucketed_batches(tmp_path):
     """model.cond=text with data.buckets: each one-shape batch carries its clips' captions (the bucketed loader
     dropped them, and text training stopped at its first step with 'the batch has no captions')."""
-    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = tmp_path / "manifest.csv"  # each file's caption names its class folder and its own name
-    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
-                                                          for p in files))
-    out = convert(ShardsConfig(input=str(manifest), out=str(tmp_path / "shards"), size=16, grid=4, maxcount=8,
-                               split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
+    out = convert(ShardsConfig(input=str(captioned_manifest(tmp_path)), out=str(tmp_path / "shards"), size=16, grid=4,
+                               maxcount=8, split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
     dm = VideoDataModule(out, frames=8, size=16, num_classes=2, buckets="smoke", num_workers=0, captions=True,
                          bucket_batch_max=2)
     import webdataset as wds
@@ -457,10 +462,9 @@ def test_captions_ride_with_bucketed_batches(tmp_path):
         if seen == 6:
             break
     assert seen == 6
-    SMOKE_TEXT = [s for s in SMOKE if not s.startswith("+model")] + ["+model.dim=32", "+model.depth=2", "+model.heads=2"]
     run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{out}'", "data.num_classes=2",
             "data.buckets=smoke", "model.cond=text", "text_encoder=learned", "trainer.max_steps=4",
-            "trainer.limit_val_batches=0", *SMOKE_TEXT, *_no_synthetic_keys(), f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.limit_val_batches=0", *SMOKE, *_no_synthetic_keys(), f"hydra.run.dir={tmp_path / 'run'}",
             env={"OMP_NUM_THREADS": "1"}, timeout=400)
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert any(r.get("train/hinge_acc") for r in rows)  # the caption-match head trained on the batches' captions

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers_latent import tiny_vae
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_buckets import IMAGES, SMOKE, VIDEOS, Mean, Record, _fit, _no_synthetic_keys
+from test_buckets import IMAGES, SMOKE, VIDEOS, Mean, Record, _fit, _no_synthetic_keys, captioned_manifest
 
 from stale.data.buckets import BucketError
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
@@ -287,12 +287,7 @@ def test_one_cache_holds_latents_of_every_shape_and_their_captions(tmp_path, tmp
     from stale.latent.cache import TEXT_MEMBERS
     from stale.text.encoders import load_text_encoder
 
-    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
-                                                          for p in files))
-    shards = convert(ShardsConfig(input=str(manifest), out=str(tmp_path / "shards"), size=64, grid=16, maxcount=4,
+    shards = convert(ShardsConfig(input=str(captioned_manifest(tmp_path)), out=str(tmp_path / "shards"), size=64, grid=16, maxcount=4,
                                   split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
     vae, t5 = tiny_vae(tmp_path_factory, "AutoencoderKLWan"), tiny_text_encoder(tmp_path_factory, "t5")
     node = {"name": "hf", "pretrained": str(t5), "max_length": 16}
