@@ -33,6 +33,19 @@ def _isolated_env(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def compose_train():
+    """compose_train(*overrides) -> the stale-train config as Hydra's compose API builds it from the packaged
+    conf/ (what `stale-train OVERRIDES...` runs, without starting an app)."""
+    from hydra import compose, initialize_config_module
+
+    def composed(*overrides: str):
+        with initialize_config_module("stale.conf", version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+
+    return composed
+
+
 def run_cli(*args: str, timeout: int = 300, check: bool = True, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run a stale console command (`stale-train ...`) as a user would: its console-script entry point, with
     that command line, in a process of its own, its stdout and stderr captured.
