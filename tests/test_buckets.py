@@ -33,7 +33,7 @@ KEPT = {(90, 160): (12, 20), (160, 90): (20, 12), (120, 120): (16, 16)}
 VIDEOS = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40), (160, 90, 36), (120, 120, 20),
           (90, 160, 16), (160, 90, 20), (120, 120, 12))
 IMAGES = ((90, 160), (160, 90), (120, 120), (90, 160), (160, 90), (120, 120))
-SMOKE = ["+model.dim=32", "+model.depth=2", "+model.heads=2", "sample.num_videos=1", "sample.steps=1",
+SMOKE = ["model=debug", "sample.num_videos=1", "sample.steps=1",
          "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
 
 
@@ -367,7 +367,7 @@ def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
     from stale.train import build_system
 
     with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "+model.dim=64", "+model.depth=2", "+model.heads=4",
+        cfg = compose("train", overrides=["debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
                                           "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}"])
     system = build_system(cfg)  # with its clip_flops, as stale-train builds it
     counted = {}

@@ -11,7 +11,7 @@ from conftest import run_cli
 from stale.system.budget import ComputeBudget
 from stale.train import ConfigError, train
 
-TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
         "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0"]
 
 

@@ -18,7 +18,7 @@ from stale.train import train
 
 REFERENCE = Path(__file__).parent / "fixtures" / "golden_loss.json"
 STEPS = 20
-OVERRIDES = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+OVERRIDES = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
              f"trainer.max_steps={STEPS}", "trainer.val_check_interval=10", "sample.num_videos=1", "sample.steps=1",
              "sample_every_n_steps=0", "trainer.deterministic=true", "logger=none", "threads=1", "seed=3"]
 

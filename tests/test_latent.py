@@ -35,7 +35,7 @@ from stale.latent.autoencoder import AutoencoderError, load_autoencoder
 from stale.latent.cache import encode_shards
 from stale.train import ConfigError, build_system, check_config, train
 
-SMALL_MODEL = ["+model.dim=32", "+model.depth=2", "+model.heads=2", "model.patch=[1,2,2]"]
+SMALL_MODEL = ["model=debug", "model.patch=[1,2,2]"]
 
 
 @pytest.fixture(scope="module")

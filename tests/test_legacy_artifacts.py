@@ -12,7 +12,7 @@ from stale.train import train
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 # make_legacy.py's run in today's spelling
-OVERRIDES = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+OVERRIDES = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
              "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1", "sample_every_n_steps=0",
              "trainer.deterministic=true", "callbacks.ema.decay=0.8", "logger=none", "threads=1",
              "callbacks.model_checkpoint.every_n_train_steps=2"]

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from stale.system.nan_guard import NaNGuard, NonFiniteLossError
 from stale.train import train
 
-TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
         "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
         "trainer.val_check_interval=4", "trainer.max_steps=4"]
 

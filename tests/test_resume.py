@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.train import train
 
-TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
         "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1", "sample_every_n_steps=2",
         "budget.flops_per_clip=1e6", "trainer.deterministic=true", "callbacks.ema.decay=0.8", "logger=csv"]
 

@@ -18,7 +18,7 @@ import torch
 from conftest import run_cli
 from stale.train import train
 
-TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
         "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
 
 

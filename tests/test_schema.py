@@ -60,7 +60,7 @@ def test_a_typo_names_the_key_the_allowed_keys_and_the_nearest(override, key, al
 
 
 def test_valid_additions_pass():
-    _check(["+model.dim=96", "+trainer.max_time=00:01:00:00"])  # StaleConfig field, Trainer argument
+    _check(["model.dim=96", "+trainer.max_time=00:01:00:00"])  # StaleConfig field, Trainer argument
 
 
 def test_signature_keys_follow_stale_kwargs_and_known_third_party_ones():

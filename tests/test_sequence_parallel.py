@@ -128,7 +128,7 @@ def test_sequence_parallel_equals_one_process(case):
 # Training: `stale-train trainer=ddp_cpu trainer.devices=2 parallel.sequence=2` against one process, and resume.
 
 # odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the joy token; hinge branch on
-TINY = ["debug=smoke", "logger=csv", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=5",
+TINY = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
         "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
         "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
         "callbacks.ema.decay=0.5", "threads=1"]
@@ -227,7 +227,7 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
     (["trainer=fsdp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),  # FSDP2 too
     ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
-    ([*SP, "model.pattern=full", "+model.heads=1", "+model.dim=32"], "model.heads=1 over the ranks"),
+    ([*SP, "model.pattern=full", "model.heads=1", "model.dim=32"], "model.heads=1 over the ranks"),
 ])
 def test_parallel_config_is_checked_before_training(overrides, message, tmp_path):
     from hydra import compose, initialize_config_module

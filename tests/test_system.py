@@ -18,7 +18,7 @@ from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
 from stale.train import build_system, check_config, train
 
-TINY = ["debug=smoke", "+model.dim=32", "+model.depth=2", "+model.heads=2", "data.frames=4", "data.size=8",
+TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
         "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
 
 

@@ -279,7 +279,7 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     from conftest import run_cli
 
     small = ["data.style=captioned", "data.train_clips=64", "data.val_clips=16", "data.test_clips=16",
-             "+model.dim=32", "+model.depth=2", "+model.heads=2", "sample.steps=2", "sample.num_videos=2"]
+             "model=debug", "sample.steps=2", "sample.num_videos=2"]
     run_cli("stale-train", "model.cond=text", "text_encoder=learned", *small, "debug=smoke", "logger=none",
             f"paths.output_dir={tmp_path / 'run'}")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -322,7 +322,7 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     t5 = tiny_text_encoder(tmp_path_factory, "t5")
     run_cli("stale-train", "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
             "text_encoder.max_length=16", "data=shards", f"data.shards={tmp_path / 'shards'}", "data.label_key=null",
-            "data.num_classes=1", "data.missing_caption=empty", "+model.dim=32", "+model.depth=2", "+model.heads=2",
+            "data.num_classes=1", "data.missing_caption=empty", "model=debug",
             "sample.steps=2", "debug=smoke", "logger=csv", f"paths.output_dir={tmp_path / 'run'}")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a man on a phone", "steps=2")
@@ -377,8 +377,7 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
                                           "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
                                           "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
                                           "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
-                                          "text_encoder.max_length=16", "+model.dim=32", "+model.depth=2",
-                                          "+model.heads=2", "model.patch=[1,1,1]"])
+                                          "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]"])
     from hydra.utils import instantiate
 
     autoencoder = check_config(cfg)

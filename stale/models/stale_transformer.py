@@ -147,6 +147,7 @@ class StaleConfig:
 # Depth counts blocks, and each block attends over space or time, so DiT-S (12 blocks) becomes 6 spatial +
 # 6 temporal blocks, as Latte does.
 SIZES = {
+    "debug": dict(dim=32, depth=2, heads=2),  # the tests' model (model=debug): ~30k parameters, a step in milliseconds
     "tiny": dict(dim=128, depth=4, heads=4),
     "s": dict(dim=384, depth=12, heads=6),
     "b": dict(dim=768, depth=12, heads=12),
@@ -670,10 +671,12 @@ class StaleTransformer(nn.Module):
 
 
 def build_model(name: str = "tiny", **overrides) -> StaleTransformer:
-    """Build a model of a named size (tiny, s, b, l, xl) with StaleConfig field overrides."""
+    """Build a model of a named size (a row of SIZES) with StaleConfig field overrides; dim, depth or heads given as
+    None keep the size's value (the model configs list them as null, so `model.depth=6` needs no `+`)."""
     if name not in SIZES:
         raise ValueError(f"model.name={name!r} is not one of {sorted(SIZES)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(StaleConfig)}
     if unknown:
         raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(StaleConfig))}")
-    return StaleTransformer(StaleConfig(**{**SIZES[name], **overrides}))
+    size = {k: v if overrides.get(k) is None else overrides[k] for k, v in SIZES[name].items()}
+    return StaleTransformer(StaleConfig(**{**overrides, **size}))
