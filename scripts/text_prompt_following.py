@@ -26,7 +26,7 @@ from stale.data.synthetic import CAPTION_COLOURS, DIRECTIONS, SyntheticSpec, cap
 from stale.data.synthetic_module import default_cache_root
 from stale.data.video_io import ClipSpec, decode_clip
 from stale.eval.prompt_following import ShapeReader, score
-from stale.export.sample import load_pipeline
+from stale.pipeline.sample_to_dir import load_pipeline
 
 
 def real_clips(folder: Path, split: str):

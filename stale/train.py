@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stale.export.weights import prepare
+from stale.checkpoint.weights import prepare
 from stale.models.finetune import require_peft
 from stale.models.flops import training_flops_per_clip
 from stale.models.stale_transformer import SIZES, StaleConfig
@@ -32,7 +32,7 @@ from stale.system.budget import ComputeBudget
 from stale.system.checkpoint_io import SafeCheckpointIO
 from stale.system.deadline import TrainingDeadline
 from stale.system.preemption import PreemptionCheckpoint
-from stale.system.sampling import log_videos, sample_to_disk
+from stale.system.training_samples import log_videos, sample_to_disk
 from stale.system.schedules import SCHEDULE_FNS, lr_multiplier, schedule_params
 from stale.system.stale_system import StaleSystem
 from stale.system.threads import ThreadTuner
@@ -43,7 +43,7 @@ log = logging.getLogger("stale")
 
 NEEDS_LOGGER = ("lr_monitor", "throughput")  # callbacks that only log
 # strategies with a sequence_parallel argument (stale/parallel/mesh.py)
-SEQUENCE_PARALLEL_STRATEGIES = ("stale.utils.distributed.HydraDDPStrategy", "stale.utils.distributed.HydraFSDP2Strategy")
+SEQUENCE_PARALLEL_STRATEGIES = ("stale.parallel.strategies.HydraDDPStrategy", "stale.parallel.strategies.HydraFSDP2Strategy")
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
 
@@ -142,7 +142,7 @@ def check_fsdp(cfg: DictConfig) -> None:
     tensors left out of checkpoints (finetune.freeze with init_from), which its full-state-dict loading needs; and
     not compiled (torch.compile's one-graph step stops at FSDP2's hooks)."""
     strategy = cfg.trainer.get("strategy")
-    if not isinstance(strategy, DictConfig) or strategy.get("_target_") != "stale.utils.distributed.HydraFSDP2Strategy":
+    if not isinstance(strategy, DictConfig) or strategy.get("_target_") != "stale.parallel.strategies.HydraFSDP2Strategy":
         return
     if cfg.get("compile"):  # tried once: dynamo meets FSDP2's hooks inside the fullgraph training-step graph
         raise ConfigError(f"compile={cfg.compile} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: its "
@@ -312,7 +312,7 @@ def load_text(cfg: DictConfig, datamodule=None):
     if node["name"] == "learned" and not node.get("words"):
         if datamodule is None:
             raise ConfigError("text_encoder=learned builds its vocabulary from the training shards: pass the datamodule")
-        from stale.text.captions import read_captions
+        from stale.data.captions import read_captions
 
         captions = read_captions(datamodule.train_urls, "data.shards", node.get("vocab_captions"))
         if not captions:
@@ -370,7 +370,7 @@ def build_system(cfg: DictConfig, autoencoder=None, text=(None, None)) -> StaleS
     `text` is load_text's (encoder, empty caption encoding)."""
     model = instantiate(cfg.model, _convert_="all")
     finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
-    try:  # init_from (weights into a possibly different model), then what trains: stale/export/weights.py
+    try:  # init_from (weights into a possibly different model), then what trains: stale/checkpoint/weights.py
         prepared = prepare(model, finetune, cfg.get("init_from"), bool(cfg.get("init_from_strict", True)))
     except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
         raise ConfigError(str(e)) from None

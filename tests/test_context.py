@@ -15,7 +15,7 @@ from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import decode_mp4, write_mp4_file
 from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
-from stale.export.sample import sample_to_dir
+from stale.pipeline.sample_to_dir import sample_to_dir
 from stale.models import build_model
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

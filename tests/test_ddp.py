@@ -201,7 +201,7 @@ def test_distributed_trainer_configs(name):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from stale.utils.distributed import HydraDDPStrategy, HydraFSDP2Strategy
+    from stale.parallel.strategies import HydraDDPStrategy, HydraFSDP2Strategy
 
     with initialize_config_module("stale.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"trainer={name}", "trainer.num_nodes=4"])

@@ -16,8 +16,8 @@ from stale.diffusion.dog import DOG_BANDS
 from stale.eval.features import FEATURE_NAMES, frame_features
 from stale.eval.frechet import frechet_between, frechet_distance
 from stale.data.media import write_labels
-from stale.eval.samples import SamplesError, read_labels
-from stale.export.checkpoint import CheckpointError, read_checkpoint
+from stale.eval.sample_folder import SamplesError, read_labels
+from stale.checkpoint import CheckpointError, read_checkpoint
 from stale.models import build_model
 
 from conftest import run_cli

@@ -18,9 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stale.data.video_io import decode_mp4
-from stale.export import StalePipeline, export_checkpoint
-from stale.export.registry import ALLOWED_TARGETS
-from stale.export.sample import sample_to_dir
+from stale.export import export_checkpoint
+from stale.pipeline import StalePipeline
+from stale.checkpoint.registry import ALLOWED_TARGETS
+from stale.pipeline.sample_to_dir import sample_to_dir
 from stale.train import build_system
 from stale.data.media import save_videos
 

@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from test_resume import TINY, StopAt, nested_equal, run
 
-from stale.export import StalePipeline, export_checkpoint
-from stale.export.checkpoint import read_checkpoint
+from stale.export import export_checkpoint
+from stale.checkpoint import read_checkpoint
 from stale.export.export import save_pretrained
-from stale.export.weights import InitFromError, init_from
+from stale.pipeline import StalePipeline
+from stale.checkpoint.weights import InitFromError, init_from
 from stale.models import build_model
 from stale.models.finetune import base_name
 from stale.system.ema import StaleEMA

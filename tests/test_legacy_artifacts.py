@@ -23,7 +23,7 @@ def expected() -> dict[str, torch.Tensor]:
 
 
 def pipelines():
-    from stale.export import StalePipeline
+    from stale.pipeline import StalePipeline
 
     return StalePipeline.from_checkpoint(LEGACY / "step4.ckpt"), StalePipeline.from_pretrained(LEGACY / "export")
 

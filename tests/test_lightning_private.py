@@ -32,7 +32,7 @@ def test_fit_time_internals(tmp_path):
 
 
 def test_launcher_internals():
-    """stale/utils/distributed.py: HydraSubprocessLauncher subclasses Lightning's private subprocess launcher."""
+    """stale/parallel/strategies.py: HydraSubprocessLauncher subclasses Lightning's private subprocess launcher."""
     from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
     from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
     from lightning.pytorch.strategies.launchers.subprocess_script import (

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from stale.diffusion.generate import guided_velocity
-from stale.export import ExportError, StalePipeline, save_pretrained
+from stale.checkpoint import ExportError
+from stale.export import save_pretrained
+from stale.pipeline import StalePipeline
 from stale.models import build_model
 
 

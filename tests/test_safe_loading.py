@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 
-from stale.export import (CheckpointError, DisallowedTargetError, StalePipeline, UnsafeCheckpointError,
-                          export_checkpoint, load_checkpoint, read_checkpoint, save_pretrained)
+from stale.checkpoint import (CheckpointError, DisallowedTargetError, UnsafeCheckpointError, load_checkpoint,
+                              read_checkpoint)
+from stale.export import export_checkpoint, save_pretrained
+from stale.pipeline import StalePipeline
 from stale.models import build_model
 
 MODEL_NODE = {"_target_": "stale.models.build_model", "name": "tiny", "dim": 32, "depth": 2, "heads": 2,

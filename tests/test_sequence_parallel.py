@@ -171,7 +171,7 @@ def _resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dic
 def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     from conftest import run_cli
 
-    from stale.export.checkpoint import read_checkpoint
+    from stale.checkpoint import read_checkpoint
 
     window = "callbacks.throughput.window_size=2"  # ThroughputMonitor's rates from the second step on
     run_cli("stale-train", *TINY, window, f"hydra.run.dir={tmp_path / 'one'}")

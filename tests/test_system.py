@@ -233,7 +233,7 @@ def test_samples_during_training_use_ema_and_go_to_wandb(tmp_path):
         seen = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            from stale.system.sampling import ema_module
+            from stale.system.training_samples import ema_module
 
             ema = ema_module(trainer, pl_module)
             ema_cb = next(c for c in trainer.callbacks if isinstance(c, WeightAveraging))
@@ -278,9 +278,10 @@ def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):
     (EMA and raw) and in the export; weights whose token differs are refused on load, naming the token."""
     from safetensors.torch import load_file
 
-    from stale.export import CheckpointError, export_checkpoint, read_checkpoint
+    from stale.checkpoint import CheckpointError, read_checkpoint
+    from stale.export import export_checkpoint
     from stale.models.stale_transformer import JoyTokenMismatchError, joy_vector
-    from stale.system.sampling import ema_module
+    from stale.system.training_samples import ema_module
 
     class Grab(L.Callback):
         token = None

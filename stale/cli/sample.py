@@ -15,7 +15,7 @@ ConfigStore.instance().store(name=CONFIG_NAME, node=CONFIG)
 
 @stale_app(CONFIG_NAME, config_path=None, flat_keys=CONFIG)
 def main(cfg: DictConfig) -> None:
-    from stale.export.sample import sample_to_dir  # imported late so that --help and config errors are fast
+    from stale.pipeline.sample_to_dir import sample_to_dir  # imported late so that --help and config errors are fast
 
     paths = sample_to_dir(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     print("\nstale-sample finished. Outputs:")

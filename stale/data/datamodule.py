@@ -28,10 +28,11 @@ from stale.data.health import DataHealth
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
 from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
-from stale.parallel.mesh import data_parallel_rank_world
+from stale.utils.ranks import data_parallel_rank_world
 
 log = logging.getLogger(__name__)
-from stale.text.captions import MISSING
+from stale.data.captions import MISSING
+from stale.data.latent_cache import TEXT_MEMBERS, cache_buckets, cache_info, load_empty_text
 
 
 def _rank_world(trainer) -> tuple[int, int]:
@@ -176,8 +177,6 @@ class LatentDataModule(VideoDataModule):
 
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
                  frames: int | None = None, size: int | None = None, buckets=None, **loader_kwargs):
-        from stale.latent.cache import cache_buckets, cache_info  # the latent package is an optional extra's
-
         info, path = cache_info(shards, "data.shards")
         for key, value in (("frames", frames), ("size", size)):
             if value is not None and value != info[key]:
@@ -195,8 +194,6 @@ class LatentDataModule(VideoDataModule):
         c, t, h, w = info["latent_shape"]
         self.info = info
         if info.get("text_encoder"):  # captions encoded once by stale-encode: the loader reads them, never the text
-            from stale.latent.cache import TEXT_MEMBERS, load_empty_text
-
             self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
             self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))

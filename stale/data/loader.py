@@ -61,7 +61,7 @@ from stale.data.buckets import Assigner, Bucket, CacheAssigner
 from stale.data.health import DataHealth, DataHealthError
 from stale.data.reader import Skip, SkipCounter, all_skipped, decode_sample, read_shard
 from stale.data.video_io import ClipSpec
-from stale.text.captions import sample_caption
+from stale.data.captions import sample_caption
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ to be drawn and the number is deterministic. The head was trained at logit-norma
 its accuracy on *real* clips at the same t is reported next to the agreement as the ceiling to read it
 against; `t` < 1 evaluates on x_t = (1 - t) z + t x with a fixed-seed prior draw z instead.
 
-stale-eval loads the model with stale.export.checkpoint.read_checkpoint, the one checkpoint reader
+stale-eval loads the model with stale.checkpoint.read_checkpoint, the one checkpoint reader
 (weights_only, allow-listed targets, EMA weights).
 """
 

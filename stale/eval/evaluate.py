@@ -25,7 +25,7 @@ from stale.data.video_io import ClipSpec, decode_mp4
 from stale.diffusion.flow import to_unit_range
 from stale.eval.features import FEATURE_NAMES, clip_batches_features
 from stale.eval.frechet import frechet_between
-from stale.eval.samples import SamplesError, read_labels, sample_files
+from stale.eval.sample_folder import SamplesError, read_labels, sample_files
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
 
     if ckpt:
         from stale.eval.agreement import agreement, head_predictions
-        from stale.export.checkpoint import read_checkpoint
+        from stale.checkpoint import read_checkpoint
 
         source = read_checkpoint(ckpt, weights)  # allow-listed model targets, weights_only loading
         model, run_config = source.build_model().to(device), source.run_config

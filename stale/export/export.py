@@ -21,7 +21,6 @@ An export folder:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -30,25 +29,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stale.export.checkpoint import read_checkpoint
+from stale.checkpoint.layout import (CONFIG_FILE, DIFFUSION_TARGET, FORMAT, FORMAT_VERSION, LORA_DIR, MODEL_TARGET,
+                                     ONNX_FILE, PROGRAM_FILE, PROVENANCE_FILE, SAMPLE_DEFAULTS, TEXT_FOLDER,
+                                     VAE_FOLDER, WEIGHTS_FILE, sha256)
+from stale.checkpoint.registry import build
+from stale.checkpoint.weights import read_checkpoint
 from stale.export.onnx import check_onnx, export_onnx, export_program
-from stale.export.registry import build
 from stale.models.finetune import Finetune, has_adapters, merged, save_adapter, unmerged_base
 from stale.utils.provenance import provenance
 
 log = logging.getLogger("stale")
-
-FORMAT = "stale-export"
-FORMAT_VERSION = 1
-WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE = "model.safetensors", "config.json", "provenance.json"
-VAE_FOLDER = "vae"
-TEXT_FOLDER = "text_encoder"
-ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
-LORA_DIR = "lora"
-MODEL_TARGET = "stale.models.build_model"
-DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
-# from the run's `sample` node: StalePipeline's default settings, with these values where the run has none
-SAMPLE_DEFAULTS = {"steps": 50, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0}
 
 
 def model_node(model: torch.nn.Module, name: str | None = None) -> dict:
@@ -67,14 +57,6 @@ def diffusion_node(diffusion: dict | None) -> dict:
 def _json(path: Path, obj: dict) -> Path:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return path
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None = None,

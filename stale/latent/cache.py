@@ -41,59 +41,18 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from stale.data import buckets as bucketing
 from stale.data.reader import Skip, SkipCounter, decode_sample, expand_shards, read_shard, sample_name
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
 from stale.latent.autoencoder import Autoencoder, load_autoencoder
-from stale.text.captions import sample_caption
+from stale.data import buckets as bucketing
+from stale.data.captions import sample_caption
+from stale.data.latent_cache import (EMPTY_TEXT, FORMAT, FORMAT_VERSION, INFO, MEMBER, TEXT_MEMBERS, CacheError)
 
 log = logging.getLogger("stale")
 
-FORMAT, FORMAT_VERSION = "stale-latents", 1
-INFO, PROGRESS, PARTIAL = "info.json", "progress.jsonl", ".partial"
-MEMBER = "latent.npy"
-# text_encoder=hf (model.cond=text, docs/text.md): each clip's caption embedding (L, D) and mask (L,) beside its
-# latent, and the empty caption's encoding once for the whole cache (what caption dropout and guidance use)
-TEXT_MEMBERS = ("text.npy", "text_mask.npy")
-EMPTY_TEXT = "empty_caption.safetensors"
+PROGRESS, PARTIAL = "progress.jsonl", ".partial"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-class CacheError(ValueError):
-    """A cache that cannot be written or read as asked; the message names the folder or key."""
-
-
-def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
-    """The info.json beside the first shard of a latent cache, and its path."""
-    urls = expand_shards(shards, key)
-    path = Path(urls[0]).parent / INFO
-    if not path.is_file():
-        raise CacheError(f"{key}: {path} does not exist: data=latents reads shards written by stale-encode "
-                         "(their folder holds its info.json)")
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
-        raise CacheError(f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r}): mp4 shards "
-                         "train with data=shards (add vae=diffusers to encode them on the fly), or encode them once "
-                         "with stale-encode and train on its out= with data=latents")
-    return info, path
-
-
-def cache_buckets(info: dict, path: Path, buckets=None, key: str = "data.buckets") -> list | None:
-    """The bucket list a cache was encoded with (None: one clip shape), the one training takes: its latents have the
-    shapes they were encoded at, so `buckets` (data.buckets), when set, must be the same list."""
-    cached = info.get("buckets")
-    if buckets is None:
-        return cached
-    if cached is None:
-        raise CacheError(f"{key}={buckets!r}, but the cache {path} holds clips of one shape ({info['frames']} x "
-                         f"{info['size']} x {info['size']} pixels): encode it with stale-encode buckets=... (then "
-                         f"leave {key} unset), or drop {key}")
-    if bucketing.parse_buckets(buckets, key=key) != bucketing.parse_buckets(cached, key=f"{path} buckets"):
-        raise CacheError(f"{key}={buckets!r} differs from the buckets the cache {path} was encoded with: {cached}. "
-                         f"Leave {key} unset (null) to train the cache's (data.bucket_batch_max caps their batch "
-                         "sizes), or encode again with stale-encode buckets=...")
-    return cached
 
 
 def _sums(moments: torch.Tensor) -> dict:
@@ -131,14 +90,6 @@ def _settings(ae: Autoencoder, frames: int, size: int, fps, frame_stride: int, l
                                                                 "sha256", "class")}
         out["missing_caption"] = missing_caption
     return out
-
-
-def load_empty_text(folder: str | Path) -> tuple:
-    """The empty caption's (embedding (1, L, D), mask (1, L)) stored once in a cache with caption embeddings."""
-    from safetensors.torch import load_file
-
-    t = load_file(str(Path(folder) / EMPTY_TEXT))
-    return t["text"], t["mask"].bool()
 
 
 def _write_info(out: Path, settings: dict, ae: Autoencoder, records: list[dict],
@@ -211,7 +162,7 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                         "encoded once, in the largest bucket it fits")
     text = None
     if text_encoder and text_encoder.get("name", "none") not in ("none", None):
-        from stale.text.captions import MISSING
+        from stale.data.captions import MISSING
         from stale.text.encoders import load_text_encoder
 
         if text_encoder.get("name") != "hf":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -50,14 +50,6 @@ class SequenceParallelMixin:
         return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
 
 
-def data_parallel_rank_world(trainer) -> tuple[int, int]:
-    """(dp rank, dp size) of a trainer: (global rank, world size) unless sequence parallelism groups ranks."""
-    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)  # ParallelStrategy's public property
-    if kwargs is None:  # one device
-        return int(trainer.global_rank), int(trainer.world_size)
-    return int(kwargs["rank"]), int(kwargs["num_replicas"])
-
-
 def sequence_parallel_of(trainer) -> SequenceParallel | None:
     """The SequenceParallel the training step shards over, or None (P = 1 or a strategy without it)."""
     strategy = trainer.strategy

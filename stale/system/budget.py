@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from stale.parallel.mesh import data_parallel_rank_world
+from stale.utils.ranks import data_parallel_rank_world
 
 
 def batch_clips(batch: Any) -> int:

@@ -22,10 +22,11 @@ from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
 from stale.parallel.fsdp import shard_model
-from stale.parallel.mesh import data_parallel_rank_world, sequence_parallel_of
+from stale.parallel.mesh import sequence_parallel_of
 from stale.parallel.sequence import sharded
 from stale.system.schedules import lr_multiplier
 from stale.utils.provenance import shard_list
+from stale.utils.ranks import data_parallel_rank_world
 
 CHECKPOINT_FORMAT = 2  # bump when the layout of what on_save_checkpoint adds changes
 
@@ -300,7 +301,7 @@ class StaleSystem(L.LightningModule):
 
     @contextmanager
     def sampling_with(self, model: nn.Module | None):
-        """`sample` uses `model` inside the block (FSDP2: a gathered whole copy, stale/system/sampling.py); None:
+        """`sample` uses `model` inside the block (FSDP2: a gathered whole copy, stale/system/training_samples.py); None:
         unchanged."""
         if model is None:
             yield

@@ -14,7 +14,7 @@ import torch
 
 from stale.data.conditioning import load_image, load_video
 from stale.data.media import save_videos
-from stale.export.pipeline import StalePipeline
+from stale.pipeline.stale_pipeline import StalePipeline
 
 log = logging.getLogger("stale")
 

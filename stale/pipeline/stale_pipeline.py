@@ -13,23 +13,18 @@ file only loads the model and fills in the export's default settings.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from stale.checkpoint.export_reader import read_export
+from stale.checkpoint.layout import DIFFUSION_TARGET, SAMPLE_DEFAULTS
+from stale.checkpoint.registry import build
+from stale.checkpoint.weights import read_checkpoint
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
-from stale.export.checkpoint import autoencoder_from_node, read_checkpoint, text_encoder_from_node
-from stale.export.export import CONFIG_FILE, FORMAT, FORMAT_VERSION, SAMPLE_DEFAULTS, WEIGHTS_FILE, save_pretrained
-from stale.export.registry import build, check_targets
-
-
-class ExportError(ValueError):
-    """An export folder that is incomplete, malformed or from an unknown format; the message names the file."""
+from stale.export.export import save_pretrained
 
 
 class StalePipeline:
@@ -57,69 +52,19 @@ class StalePipeline:
                         lora: str | Path | None = None) -> "StalePipeline":
         """Load an export folder: JSON config (allow-listed targets only) and safetensors weights; `lora`: an adapter
         folder (stale-export merge=false) to inject into the model (stale.models.finetune.load_adapter)."""
-        path = Path(path)
-        cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for f in (cfg_path, weights_path):
-            if not f.is_file():
-                raise ExportError(f"{f} does not exist: {path} is not a stale export (run stale-export first)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-        if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-            raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
-                              f"versions <= {FORMAT_VERSION}")
-        for key in ("model", "diffusion"):
-            if not isinstance(config.get(key), dict):
-                raise ExportError(f"{cfg_path} has no '{key}' mapping")
-        check_targets(config, str(cfg_path))  # refuse before building anything
-        model = build(config["model"], where=f"{cfg_path}: model")
-        objective = build(config["diffusion"], where=f"{cfg_path}: diffusion")  # validates the prior
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
-        if lora is not None:
-            from stale.models.finetune import load_adapter  # imports peft: only when asked for
-
-            load_adapter(model, lora)
-        diffusion = {k: v for k, v in config["diffusion"].items() if k != "_target_"}
-        vae = config.get("vae")
-        autoencoder = None
-        if vae is not None:
-            if not isinstance(vae, dict) or not (path / str(vae.get("pretrained"))).is_dir():
-                raise ExportError(f"{cfg_path}: 'vae' names no autoencoder folder inside {path}")
-            try:
-                autoencoder = autoencoder_from_node(vae, f"{cfg_path}: vae", device, folder=path / vae["pretrained"])
-            except ValueError as err:
-                raise ExportError(str(err)) from None
-        text = config.get("text_encoder")
-        text_encoder = None
-        if text is not None:
-            local = path / str(text.get("pretrained")) if text.get("name") == "hf" else None
-            if local is not None and not local.is_dir():
-                raise ExportError(f"{cfg_path}: 'text_encoder' names no text encoder folder inside {path}")
-            try:
-                text_encoder = text_encoder_from_node(text, f"{cfg_path}: text_encoder", device, folder=local)
-            except ValueError as err:
-                raise ExportError(str(err)) from None
-        return cls(model.to(device), prior=objective.prior, defaults=config.get("sample"), diffusion=diffusion,
-                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=autoencoder,
-                   text_encoder=text_encoder)
+        export = read_export(path, device, lora)
+        objective, config = export.objective, export.config
+        return cls(export.model.to(device), prior=objective.prior, defaults=config.get("sample"),
+                   diffusion={k: v for k, v in config["diffusion"].items() if k != "_target_"},
+                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=export.autoencoder,
+                   text_encoder=export.text_encoder)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> "StalePipeline":
         """Load a stale-train Lightning checkpoint (torch.load(weights_only=True)) without Lightning."""
         source = read_checkpoint(ckpt, weights)
         run = source.run_config
-        diffusion_cfg = run.get("diffusion") or {"_target_": "stale.diffusion.objective.StaleObjective"}
+        diffusion_cfg = run.get("diffusion") or {"_target_": DIFFUSION_TARGET}
         objective = build(diffusion_cfg, where=f"{ckpt}: run_config.diffusion")
         diffusion = {k: v for k, v in diffusion_cfg.items() if k != "_target_"}
         sample = {k: v for k, v in (run.get("sample") or {}).items() if k in SAMPLE_DEFAULTS}
