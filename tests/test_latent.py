@@ -129,11 +129,12 @@ def test_bad_pretrained_paths_fail_naming_the_path(tmp_path):
 def test_the_autoencoder_is_in_neither_the_optimiser_nor_the_state_dict(tmp_path, tmp_path_factory):
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     cfg = cfg_of(tmp_path, "data.frames=9", "data.size=64", "vae=diffusers", f"vae.pretrained={wan}")
-    ae = check_config(cfg)
-    assert (cfg.model.in_channels, cfg.model.frames, cfg.model.size) == (4, 3, 8)  # the latent clip
-    assert cfg.diffusion.prior_scale == pytest.approx(math.sqrt(3))
-    system = build_system(cfg, ae)
-    vae_params = {id(p) for p in ae.model.parameters()}
+    run = check_config(cfg)
+    assert (run.config.model.in_channels, run.config.model.frames, run.config.model.size) == (4, 3, 8)  # latent clip
+    assert run.config.diffusion.prior_scale == pytest.approx(math.sqrt(3))
+    assert "in_channels" not in cfg.model  # the composed config is left as it was
+    system = build_system(run)
+    vae_params = {id(p) for p in run.autoencoder.model.parameters()}
     assert not any(k.startswith(("autoencoder", "encoder", "decoder")) for k in system.state_dict())
     assert len(system.state_dict()) == len(system.model.state_dict())
     system.schedule_steps = 6  # configure_optimizers reads the trainer's max_steps otherwise
@@ -163,9 +164,9 @@ def test_cached_and_freshly_encoded_latents_give_the_same_loss(videos, tmp_path,
     for name, data, batch in (("pixels", ["data.frames=9", "data.size=64"], video),
                               ("cache", ["data=latents", f"data.shards=[{cache}]"], moments)):
         cfg = cfg_of(tmp_path / name, "vae=diffusers", f"vae.pretrained={wan}", *data)
-        autoencoder = check_config(cfg)
+        run = check_config(cfg)
         torch.manual_seed(0)  # the same initial weights
-        system = build_system(cfg, autoencoder)
+        system = build_system(run)
         losses[name] = float(system.training_step((batch, label), 0))
     assert losses["pixels"] == pytest.approx(losses["cache"], rel=1e-5, abs=1e-6)
 

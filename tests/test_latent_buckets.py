@@ -195,9 +195,9 @@ def test_cached_and_freshly_encoded_bucket_give_the_same_loss(data, tmp_path):
                         "data.buckets=[[9,48,80,2]]"), video),
             ("cache", None, moments)):
         cfg = _cfg(tmp_path / name, data, source=source)
-        autoencoder = check_config(cfg)
+        run = check_config(cfg)
         torch.manual_seed(0)  # the same initial weights
-        system = build_system(cfg, autoencoder)
+        system = build_system(run)
         losses[name] = float(system.training_step((batch, label), 0))
     assert losses["pixels"] == pytest.approx(losses["cache"], rel=1e-5, abs=1e-6)
 

@@ -348,7 +348,7 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     from stale.data.video_io import encode_mp4
     from stale.latent.cache import EMPTY_TEXT, TEXT_MEMBERS, encode_shards
     from stale.text.encoders import HFTextEncoder, load_text_encoder
-    from stale.train import build_system, check_config, load_text
+    from stale.train import build_system, resolve
 
     rng = np.random.default_rng(0)
     with wds.TarWriter(str(tmp_path / "v-000000.tar")) as w:
@@ -378,11 +378,8 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
                                           "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
                                           "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
                                           "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]"])
-    from hydra.utils import instantiate
-
-    autoencoder = check_config(cfg)
-    dm = instantiate(cfg.data, _convert_="all", captions=True)
-    system = build_system(cfg, autoencoder, load_text(cfg, dm))
+    run = resolve(cfg)
+    dm, system = run.datamodule, build_system(run)
     torch.testing.assert_close(system.empty_text[0], enc.empty()[0])
     calls = []
     original = HFTextEncoder.encode
@@ -401,11 +398,10 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
                                             f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
                                             "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
                                             "model.patch=[1,1,1]"])
-    check_config(other)
     from stale.train import ConfigError
 
     with pytest.raises(ConfigError, match="cache's captions were encoded by"):
-        load_text(other, instantiate(other.data, _convert_="all", captions=True))
+        resolve(other)
     assert json.loads((tmp_path / "lat" / "info.json").read_text())["missing_caption"] == "skip"
 
 

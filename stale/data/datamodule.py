@@ -83,7 +83,6 @@ class VideoDataModule(L.LightningDataModule):
         bucket_batch_max: int | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
         captions: bool = False,  # read each clip's caption too (stale-train sets it with model.cond=text)
         missing_caption: str = "skip",  # a clip without a caption: skip (counted) | empty (counted, kept with "")
-        caption_dropout: float = 0.1,  # p(empty caption) in training, for classifier-free guidance (the system applies it)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -96,8 +95,6 @@ class VideoDataModule(L.LightningDataModule):
         self.health = DataHealth(max_skip_rate, skip_rate_min_samples)
         if missing_caption not in MISSING:
             raise ValueError(f"data.missing_caption={missing_caption!r} is not one of {MISSING}")
-        if not 0 <= caption_dropout <= 1:
-            raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1]")
         self.text_members = None  # a stale-encode cache with caption embeddings names its members here
         self.buckets = bucketing.parse_buckets(buckets)
         if self.buckets and bucket_batch_max is not None:

@@ -65,7 +65,9 @@ def encode_mp4(frames: np.ndarray, fps: float | Fraction = 8, crf: int = 12, cod
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=_rate(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        options = {"crf": str(crf), "preset": preset}
+        # one encoder thread: x264's threaded encoder gave 3-6 different bitstreams of the same 40 clips in 30
+        # tries here, so the synthetic dataset (and every loss trained on it) changed from run to run
+        options = {"crf": str(crf), "preset": preset, "threads": "1"}
         if tune:
             options["tune"] = tune
         stream.options = options

@@ -55,7 +55,6 @@ class StaleObjective:
     time_shift_base: int | None = None  # tokens (T' H' W') at which the shift is `time_shift_scale`
     time_shift_scale: float = 1.0
     # model.cond=text: p(the empty caption's encoding in place of the caption), for classifier-free guidance;
-    # stale-train sets it from data.caption_dropout
     caption_dropout: float = 0.1
     _dog: DoGLoss = field(init=False, repr=False, compare=False)
 

@@ -670,13 +670,18 @@ class StaleTransformer(nn.Module):
         return v, scores
 
 
-def build_model(name: str = "tiny", **overrides) -> StaleTransformer:
-    """Build a model of a named size (a row of SIZES) with StaleConfig field overrides; dim, depth or heads given as
-    None keep the size's value (the model configs list them as null, so `model.depth=6` needs no `+`)."""
+def model_config(name: str = "tiny", **overrides) -> StaleConfig:
+    """The StaleConfig of a named size (a row of SIZES) with field overrides; dim, depth or heads given as None keep
+    the size's value (the model configs list them as null, so `model.depth=6` needs no `+`)."""
     if name not in SIZES:
         raise ValueError(f"model.name={name!r} is not one of {sorted(SIZES)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(StaleConfig)}
     if unknown:
         raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(StaleConfig))}")
     size = {k: v if overrides.get(k) is None else overrides[k] for k, v in SIZES[name].items()}
-    return StaleTransformer(StaleConfig(**{**overrides, **size}))
+    return StaleConfig(**{**overrides, **size})
+
+
+def build_model(name: str = "tiny", **overrides) -> StaleTransformer:
+    """Build a model of a named size with StaleConfig field overrides (model_config)."""
+    return StaleTransformer(model_config(name, **overrides))

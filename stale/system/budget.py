@@ -77,6 +77,18 @@ class ComputeBudget(L.Callback):
             return None
         return int(self.max_flops // (self.flops_per_clip * clips_per_step))
 
+    def schedule_steps(self, clips_per_step: int, max_steps: int, warmup: int) -> int | None:
+        """The step the learning-rate schedule decays to its floor at: where the FLOP budget ends, if that comes
+        before max_steps (None: no FLOP budget, the schedule runs to max_steps). A budget that does not pay for more
+        steps than the warmup is refused."""
+        affordable = self.max_steps_within(clips_per_step)
+        if affordable is None:
+            return None
+        if affordable <= warmup:
+            raise ValueError(f"budget.max_flops={self.max_flops:.4g} pays for {affordable} steps of "
+                             f"{self.flops_per_clip * clips_per_step:.4g} FLOPs, not more than schedule.warmup={warmup}")
+        return min(max_steps, affordable)
+
     @property
     def gpu_hours(self) -> float:
         return self.gpu_seconds / 3600.0

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 PRIVATE = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}  # Hydra's instantiate keywords
+MOVED_KEYS = {"data.caption_dropout": "diffusion.caption_dropout"}  # a key that moved -> where it lives now
 
 
 @dataclasses.dataclass
@@ -106,8 +107,8 @@ class TrainSchema:
     parallel: ParallelSchema
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
-    vae: VaeSchema  # the autoencoder group; filled in by stale.train.check_autoencoder
-    text_encoder: TextEncoderSchema  # the text encoder group; filled in by stale.train.check_text_encoder
+    vae: VaeSchema  # the autoencoder group; its derived keys filled in by stale.training.resolve
+    text_encoder: TextEncoderSchema  # the text encoder group; likewise
     diffusion: dict
     schedule: dict  # name + warmup + the schedule's own parameters
     logger: dict  # {name: target node}
@@ -181,6 +182,8 @@ def unknown_key_message(path: str, key: str, allowed: set[str]) -> str:
     """`unknown config key optim.lrr: optim accepts betas, lr, weight_decay; did you mean optim.lr?`"""
     where = path or "the root"
     full = f"{path}.{key}" if path else key
+    if full in MOVED_KEYS:
+        return f"config key {full} is now {MOVED_KEYS[full]}: set {MOVED_KEYS[full]} instead"
     close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
     hint = f"; did you mean {(path + '.') if path else ''}{close[0]}?" if close else ""
     return f"unknown config key {full}: {where} accepts {', '.join(sorted(allowed))}{hint}"

@@ -1,0 +1,170 @@
+"""resolve(cfg): the composed config against the frozen parts a run trains with, once, before anything trains.
+
+The frozen parts are the autoencoder (vae=diffusers), a stale-encode cache's info.json (data=latents), the data
+module and the text encoder (model.cond=text). They fix values the config leaves open: the latent clip
+(model.in_channels / frames / size), the normalisation and weights hash (vae.shift / scale / sha256), the uniform
+prior's scale on latents (diffusion.prior_scale = sqrt(3): docs/latent.md), a cache's clip and buckets (data.frames /
+size / buckets) and the text encoder's widths and vocabulary (model.text_*, text_encoder.words / sha256).
+resolve returns them with a new config holding those values (the one the checkpoint and the export record); the
+composed config is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stale.data.captions import read_captions
+from stale.data.latent_cache import CacheError, cache_buckets, cache_info
+from stale.models.stale_transformer import StaleConfig, model_config
+from stale.training.checks import ConfigError, check_clip, check_composed, check_model, is_latent_data
+
+
+@dataclass
+class Resolved:
+    config: DictConfig  # the run's config with every derived value filled in
+    model: StaleConfig | None = None  # the model it builds (None until the text encoder is resolved)
+    autoencoder: Any = None  # stale.latent Autoencoder, or None in pixel space
+    datamodule: Any = None  # the LightningDataModule, built once
+    text_encoder: Any = None  # model.cond=text: the stale.text encoder
+    empty_text: Any = None  # ... and the empty caption's encoding (caption dropout, guidance)
+
+
+def _with(cfg: DictConfig, values: dict) -> DictConfig:
+    """A copy of cfg with `values` ({"model": {...}, ...}) merged in, new keys allowed (StaleConfig fields that the
+    YAML does not list, such as model.in_channels)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.merge_with(values)
+    return out
+
+
+def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
+    """Check `cfg`, load its frozen parts and return them with the resolved config. data=False stops before the
+    data module and the text encoder (check_config); `datamodule` replaces cfg.data (notebooks, tests)."""
+    check_composed(cfg)
+    autoencoder, derived = resolve_autoencoder(cfg)
+    run = _with(cfg, derived)
+    check_clip(run, autoencoder)
+    resolved = Resolved(run, autoencoder=autoencoder)
+    text = run.model.get("cond", "label") == "text"
+    if not data:
+        if not text:  # a text model's config needs its encoder's widths: checked with the data
+            resolved.model = checked_model(run)
+        return resolved
+    # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
+    resolved.datamodule = datamodule if datamodule is not None else instantiate(run.data, _convert_="all",
+                                                                                captions=text)
+    if text:
+        resolved.text_encoder, resolved.empty_text, derived = resolve_text(run, resolved.datamodule)
+        resolved.config = run = _with(run, derived)
+    resolved.model = checked_model(run)
+    return resolved
+
+
+def check_config(cfg: DictConfig) -> Resolved:
+    """Every check that needs no data: resolve without the data module and the text encoder."""
+    return resolve(cfg, data=False)
+
+
+def checked_model(cfg: DictConfig) -> StaleConfig:
+    """The model's StaleConfig (its own ranges checked by its constructor), checked against parallelism."""
+    node = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    try:
+        model = model_config(**node)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    check_model(cfg, model)
+    return model
+
+
+def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
+    """vae=diffusers: load the autoencoder (a bad vae.pretrained stops here, naming the path) and check the pixel
+    clip against its shape rules (naming the key and the nearest valid values); with data=latents, read the cache's
+    info.json too (its clip, buckets, statistics and the weights that encoded it). Returns the Autoencoder and the
+    values that follow; (None, {}) in pixel space."""
+    if (cfg.get("vae") or {}).get("name", "none") in ("none", None):
+        return None, {}
+    from stale.latent.autoencoder import AutoencoderError, load_autoencoder
+
+    node = OmegaConf.to_container(cfg.vae, resolve=True)
+    node.pop("name")
+    data: dict = {}
+    frames, size, info = cfg.data.frames, cfg.data.size, None
+    if is_latent_data(cfg):
+        try:
+            info, info_path = cache_info(cfg.data.shards, "data.shards")
+        except (CacheError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        for key in ("frames", "size"):
+            if cfg.data.get(key) is not None and cfg.data[key] != info[key]:
+                raise ConfigError(f"data.{key}={cfg.data[key]}, but the cache {info_path} holds clips of {key} "
+                                  f"{info[key]}: leave data.{key} unset with data=latents, or encode again")
+        buckets = cfg.data.get("buckets")
+        try:  # a cache encoded with buckets trains with them: data.buckets may only repeat its list
+            buckets = cache_buckets(info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets)
+                                    else buckets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        frames, size = info["frames"], info["size"]
+        data = {"frames": frames, "size": size, "buckets": buckets}
+        if node.get("stats") is None:
+            node["stats"] = info["stats"]
+    try:
+        autoencoder = load_autoencoder(**node)
+        if info is not None and info["vae"]["sha256"] != autoencoder.source["sha256"]:
+            raise ConfigError(f"data.shards: the cache {info_path} was encoded by the autoencoder at "
+                              f"{info['vae']['pretrained']!r} (weights sha256 {info['vae']['sha256'][:12]}...), "
+                              f"but vae.pretrained={cfg.vae.pretrained!r} holds other weights "
+                              f"({autoencoder.source['sha256'][:12]}...)")
+        c, t, h, _ = autoencoder.latent_shape(frames, size)
+    except AutoencoderError as e:
+        raise ConfigError(str(e)) from None
+    derived = {
+        "data": data,
+        "model": {"in_channels": c, "frames": t, "size": h},
+        "vae": {"shift": [float(v) for v in autoencoder.shift], "scale": [float(v) for v in autoencoder.scale],
+                "sha256": autoencoder.source["sha256"], "normalization": autoencoder.normalization},
+    }
+    if cfg.diffusion.get("prior_scale") is None:
+        derived["diffusion"] = {"prior_scale": math.sqrt(3.0)}
+    return autoencoder, derived
+
+
+def resolve_text(cfg: DictConfig, datamodule) -> tuple[Any, Any, dict]:
+    """model.cond=text: load (hf) or build (learned: a vocabulary of the training captions) the text encoder.
+    Returns (encoder, the empty caption's encoding, the values that follow). A stale-encode cache with caption
+    embeddings must have been made by the same encoder (weights hash)."""
+    from stale.text.encoders import TextEncoderError, build_vocabulary, load_text_encoder
+
+    node = OmegaConf.to_container(cfg.text_encoder, resolve=True)
+    if node["name"] == "learned" and not node.get("words"):
+        captions = read_captions(datamodule.train_urls, "data.shards", node.get("vocab_captions"))
+        if not captions:
+            raise ConfigError("text_encoder=learned: the training shards hold no caption (.txt or .json 'caption')")
+        node["words"] = build_vocabulary(captions, int(node.get("max_words", 5000)))
+    try:
+        encoder = load_text_encoder(node)
+    except TextEncoderError as e:
+        raise ConfigError(str(e)) from None
+    derived = {"text_encoder": {"sha256": encoder.source["sha256"]}, "model": {"text_len": encoder.max_length}}
+    if node["name"] == "learned":
+        derived["text_encoder"]["words"] = list(encoder.words)
+        derived["model"].update(text_vocab=encoder.vocab_size, text_layers=int(node.get("layers", 2)),
+                                text_dim=0)  # the model's width
+    else:
+        derived["model"].update(text_dim=encoder.dim, text_vocab=0)
+    cached = getattr(datamodule, "text_info", None)  # a stale-encode cache with caption embeddings
+    if cached is None:
+        return encoder, encoder.empty(), derived
+    if cached["sha256"] != encoder.source["sha256"] or cached["max_length"] != encoder.max_length:
+        raise ConfigError(f"data.shards: the cache's captions were encoded by {cached['pretrained']!r} "
+                          f"(sha256 {cached['sha256'][:12]}..., max_length {cached['max_length']}), not by "
+                          f"text_encoder.pretrained={cfg.text_encoder.pretrained!r} (sha256 "
+                          f"{encoder.source['sha256'][:12]}..., max_length {encoder.max_length})")
+    return encoder, datamodule.empty_text, derived
