@@ -113,7 +113,8 @@ def save_checkpoint(model, path, prior="uniform", ema=True):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, **({"current_model_state": state} if ema else {}),
                 "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
-                                                    "diffusion": {"prior": prior}}}}, path)
+                                                    "diffusion": {"_target_": "stale.diffusion.objective.StaleObjective",
+                                                                  "prior": prior}}}}, path)
 
 
 def test_checkpoint_round_trip_and_head_predictions(tmp_path):
@@ -247,6 +248,19 @@ def test_frechet_distance_on_unlabelled_real_shards_reads_no_label(unlabelled_sh
     # label_key=null, as the error says: label agreement of the samples runs, with no accuracy on real clips
     la = evaluate(samples, unlabelled_shards, ckpt=tmp_path / "m.ckpt", label_key=None)["label_agreement"]
     assert la["agreement"] == 1.0 and la["n"] == 4 and "real_accuracy" not in la
+
+
+def test_stale_sample_writes_the_labels_stale_eval_scores(real_shard, tmp_path):
+    """stale-sample's output carries labels.json in stale-train's format, so stale-eval ckpt= measures label
+    agreement on it (issue 33, item 6): the fixed head says 2, the samples asked for classes 0, 1, 2, 3."""
+    save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
+    samples = tmp_path / "s"
+    run_cli("stale-sample", f"ckpt={tmp_path / 'm.ckpt'}", f"out={samples}", "num_videos=4", "steps=1",
+            "progress=false", "device=cpu", timeout=180)
+    side = read_labels(samples, [f"sample_{i:03d}.mp4" for i in range(4)])
+    assert side["labels"] == {f"sample_{i:03d}.mp4": i for i in range(4)} and side["num_classes"] == 4
+    la = evaluate(samples, real_shard, ckpt=tmp_path / "m.ckpt", max_real=4)["label_agreement"]
+    assert la["labels_from"] == str(samples / "labels.json") and la["n"] == 4 and la["agreement"] == 0.25
 
 
 def test_evaluate_names_a_missing_samples_folder_and_a_short_real_set(real_shard, tmp_path):
