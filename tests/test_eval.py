@@ -111,10 +111,10 @@ def save_checkpoint(model, path, prior="uniform", ema=True):
     """The checkpoint layout stale-train writes: Lightning's state_dict with the 'model.' prefix (the EMA weights;
     EMAWeightAveraging moves the raw ones to current_model_state) and the run_config."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    diffusion = {"_target_": "stale.diffusion.objective.StaleObjective", "prior": prior}
     torch.save({"state_dict": state, **({"current_model_state": state} if ema else {}),
                 "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
-                                                    "diffusion": {"_target_": "stale.diffusion.objective.StaleObjective",
-                                                                  "prior": prior}}}}, path)
+                                                    "diffusion": diffusion}}}, path)
 
 
 def test_checkpoint_round_trip_and_head_predictions(tmp_path):

@@ -133,7 +133,8 @@ def fdd(clips_a: np.ndarray, clips_b: np.ndarray, batch: int = 64) -> float:
 def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str | Path | None = None,
              out: str | Path | None = None, max_real: int | None = None, labels: str = "auto",
              agreement_t: float = 1.0, batch: int = 32, device: str = "cpu", i3d_size: int = 224,
-             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str | None = "label", weights: str = "ema") -> dict:
+             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str | None = "label",
+             weights: str = "ema") -> dict:
     """Evaluate a samples folder against real shards; writes the JSON report to `out` (default <samples>/eval.json).
     weights: the checkpoint's head to score labels with, ema (what stale-train samples with) or raw.
     label_key: the real clips' label, read only with a checkpoint (null: unlabelled shards, no real accuracy)."""

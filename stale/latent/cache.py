@@ -375,6 +375,6 @@ def train_command(out: Path, vae: dict, ae: Autoencoder, text=None, num_classes:
     parts += [f"vae.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in asked.items() if v is not None]
     if text is not None:
         parts += ["model.cond=text", "text_encoder=hf"]
-        parts += [f"text_encoder.{k}={text.source[k]}" for k in ("pretrained", "subfolder", "tokenizer_subfolder",
-                                                                 "max_length", "dtype") if text.source.get(k) is not None]
+        keys = ("pretrained", "subfolder", "tokenizer_subfolder", "max_length", "dtype")
+        parts += [f"text_encoder.{k}={text.source[k]}" for k in keys if text.source.get(k) is not None]
     return " ".join(["stale-train", *map(shlex.quote, parts)])
