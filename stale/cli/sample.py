@@ -19,8 +19,9 @@ def main(cfg: DictConfig) -> None:
 
     paths = sample_to_dir(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     print("\nstale-sample finished. Outputs:")
-    for name in ("gif", "contact_sheet", "record"):
-        print(f"  {name:<15} {paths[name]}")
+    for name in ("gif", "contact_sheet", "record", "labels"):
+        if name in paths:  # labels.json: class-conditional samples only
+            print(f"  {name:<15} {paths[name]}")
     print(f"  {'mp4s':<15} {sum(k.startswith('mp4_') for k in paths)} in {paths['gif'].parent}")
 
 

@@ -2,7 +2,9 @@
 
     FDD   always; weight-free (stale.eval.features): per-frame DoG energies, colour and frame-difference
           statistics of the generated clips against real held-out clips, Fréchet distance of the two sets.
-    label agreement   when a checkpoint is given and the samples carry requested labels (labels.json).
+    label agreement   when a checkpoint is given and the samples carry requested labels (labels.json); the real
+          clips' labels (label_key) are read for it alone, as the head's accuracy on real clips, so a Fréchet
+          distance without a checkpoint takes unlabelled shards as they are.
     FVD   when `i3d` points to an I3D TorchScript file (none can be downloaded here).
 
 Real clips are cut and resized exactly as the training loader does (first T frames, short side to the
@@ -131,18 +133,22 @@ def fdd(clips_a: np.ndarray, clips_b: np.ndarray, batch: int = 64) -> float:
 def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str | Path | None = None,
              out: str | Path | None = None, max_real: int | None = None, labels: str = "auto",
              agreement_t: float = 1.0, batch: int = 32, device: str = "cpu", i3d_size: int = 224,
-             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str = "label", weights: str = "ema") -> dict:
+             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str | None = "label",
+             weights: str = "ema") -> dict:
     """Evaluate a samples folder against real shards; writes the JSON report to `out` (default <samples>/eval.json).
-    weights: the checkpoint's head to score labels with, ema (what stale-train samples with) or raw."""
+    weights: the checkpoint's head to score labels with, ema (what stale-train samples with) or raw.
+    label_key: the real clips' label, read only with a checkpoint (null: unlabelled shards, no real accuracy)."""
     t0 = time.perf_counter()
     gen, names = load_sample_clips(samples)
     n, t, h, w, _ = gen.shape
     if h != w:
         log.warning("samples are %dx%d; real clips are centre-cropped square to %d", h, w, h)
+    label_key = label_key if ckpt else None  # only the head's accuracy on real clips reads their labels
     real_clips, real_labels, real_urls = load_real_clips(real, frames=t, size=h, max_clips=max_real, label_key=label_key)
     report: dict = {
         "samples": {"folder": str(Path(samples).resolve()), "clips": n, "frames": t, "height": h, "width": w},
-        "real": {"pattern": str(real), "shards": len(real_urls), "clips": len(real_clips), "max_real": max_real},
+        "real": {"pattern": str(real), "shards": len(real_urls), "clips": len(real_clips), "max_real": max_real,
+                 "label_key": label_key},
     }
     gen_f = clip_batches_features(gen, batch).numpy()
     real_f = clip_batches_features(real_clips, batch).numpy()
@@ -167,9 +173,9 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
             pred, _ = head_predictions(model, gen, **kw)
             section.update(agreement(requested, pred, k))
             section["predicted"] = dict(zip(names, pred.tolist()))
-        real_pred, _ = head_predictions(model, real_clips, **kw)
         valid = real_labels < k
-        if valid.any():  # the head's accuracy on real clips: the ceiling the agreement is read against
+        if label_key is not None and valid.any():  # the head's accuracy on real clips: the ceiling the agreement is
+            real_pred, _ = head_predictions(model, real_clips, **kw)  # read against (unlabelled shards: none)
             section["real_accuracy"] = agreement(real_labels[valid], real_pred[valid], k)["agreement"]
             section["real_clips"] = int(valid.sum())
         report["label_agreement"] = section

@@ -95,7 +95,8 @@ class Autoencoder:
     """A frozen diffusers autoencoder in eval mode, with its latent shape rules and normalisation."""
 
     def __init__(self, model: torch.nn.Module, cls: str, source: dict, shift: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None, normalization: str = "auto", stats: dict | None = None):
+                 scale: torch.Tensor | None = None, normalization: str = "auto", stats: dict | None = None,
+                 measure_stats: bool = False):
         if normalization not in NORMALIZATIONS:
             raise AutoencoderError(f"vae.normalization={normalization!r} is not one of {NORMALIZATIONS}")
         self.model = model.eval().requires_grad_(False)
@@ -103,26 +104,27 @@ class Autoencoder:
         self.channels, self.spatial, self.temporal = _compression(cls, model)
         self.per_frame = cls == "AutoencoderKL"
         self.dtype = next(model.parameters()).dtype
+        self.normalization = normalization
         if shift is None or scale is None:  # resolve the normalisation
             shift, scale = _constants(cls, model, self.channels)
             identity = bool((shift == 0).all() and (scale == 1).all())
-            if normalization == "data" or (normalization == "auto" and identity):
-                if stats is None:
-                    raise AutoencoderError(
-                        f"{cls} at vae.pretrained={source.get('pretrained')!r} has no normalisation constants "
-                        f"(vae.normalization={normalization}): per-channel statistics of the data are needed. "
-                        "Encode a cache with stale-encode (it measures them) and train with data=latents, or set "
-                        "vae.stats=CACHE/info.json")
+            self.normalization = "data" if normalization == "data" or (normalization == "auto" and identity) else "vae"
+            if self.normalization == "data" and stats is not None:
                 shift = torch.as_tensor(stats["mean"], dtype=torch.float32)
                 scale = 1 / torch.as_tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6)
-                self.normalization = "data"
-            else:
-                self.normalization = "vae"
-        else:
-            self.normalization = normalization
-        self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1)
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        if self.shift.numel() != self.channels or self.scale.numel() != self.channels:
+            elif self.normalization == "data" and measure_stats:
+                shift = scale = None  # stale-encode stores raw moments and measures the statistics itself
+            elif self.normalization == "data":
+                why = ("vae.normalization=data asks for" if normalization == "data" else
+                       "its own constants are the identity (latents_mean 0 and latents_std 1, or no scaling_factor), "
+                       "so it needs")
+                raise AutoencoderError(
+                    f"{cls} at vae.pretrained={source.get('pretrained')!r}: {why} per-channel statistics of the data. "
+                    "Encode a cache with stale-encode (it measures them) and train with data=latents, or set "
+                    "vae.stats=CACHE/info.json")
+        self.shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float32).reshape(-1)
+        self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if self.shift is not None and (self.shift.numel() != self.channels or self.scale.numel() != self.channels):
             raise AutoencoderError(f"vae.shift/vae.scale have {self.shift.numel()}/{self.scale.numel()} entries "
                                    f"for {self.channels} latent channels")
 
@@ -190,11 +192,18 @@ class Autoencoder:
         with torch.autocast(self.device.type, enabled=False):  # vae.dtype decides, not the trainer's precision
             return (self._per_frame(x, enc) if self.per_frame else enc(x)).float()
 
+    def _resolved(self) -> None:
+        if self.shift is None:
+            raise AutoencoderError(f"{self.cls}: the normalisation waits for the data's statistics (loaded with "
+                                   "measure_stats=True, as stale-encode does, which stores raw moments)")
+
     def normalize(self, latent: torch.Tensor) -> torch.Tensor:
+        self._resolved()
         shape = (1, -1) + (1,) * (latent.ndim - 2)
         return (latent - self.shift.to(latent).view(shape)) * self.scale.to(latent).view(shape)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        self._resolved()
         shape = (1, -1) + (1,) * (z.ndim - 2)
         return z / self.scale.to(z).view(shape) + self.shift.to(z).view(shape)
 
@@ -220,6 +229,7 @@ class Autoencoder:
     # ------------------------------------------------------------------ records
     def node(self) -> dict:
         """The plain-JSON description that rebuilds this autoencoder: where it came from and its normalisation."""
+        self._resolved()
         return {**self.source, "class": self.cls, "normalization": self.normalization,
                 "shift": [float(v) for v in self.shift], "scale": [float(v) for v in self.scale]}
 
@@ -255,12 +265,15 @@ def _read_config(pretrained: str, subfolder: str | None) -> dict:
 
 def load_autoencoder(pretrained: str | None, subfolder: str | None = None, dtype: str = "float32",
                      normalization: str = "auto", stats: dict | str | None = None, shift=None, scale=None,
-                     sha256: str | None = None, device: str | torch.device = "cpu", **_ignored) -> Autoencoder:
+                     sha256: str | None = None, device: str | torch.device = "cpu", measure_stats: bool = False,
+                     **_ignored) -> Autoencoder:
     """Load the diffusers autoencoder at `pretrained` (folder or hub id), frozen, in eval mode.
 
     `stats`: per-channel {"mean", "std"} of the raw latents, or a path to a cache's info.json holding them.
     `shift`/`scale`: a normalisation resolved before (a checkpoint's or an export's), used as given.
     `sha256`: the weights hash recorded with a cache, checkpoint or export; a different autoencoder is refused.
+    `measure_stats`: the caller measures the data's statistics itself (stale-encode, which stores raw moments): a
+    normalisation that needs them and has no `stats` is left unresolved (shift and scale None) instead of refused.
     """
     if not pretrained:
         raise AutoencoderError("vae.pretrained is not set: a diffusers autoencoder folder or hub id")
@@ -289,7 +302,7 @@ def load_autoencoder(pretrained: str | None, subfolder: str | None = None, dtype
     local = Path(pretrained).expanduser()
     source = {"pretrained": str(local.resolve()) if local.exists() else pretrained, "subfolder": subfolder,
               "dtype": dtype, "sha256": digest}
-    ae = Autoencoder(model, cls, source, shift, scale, normalization, stats)
+    ae = Autoencoder(model, cls, source, shift, scale, normalization, stats, measure_stats)
     return ae.to(device)
 
 

@@ -15,8 +15,14 @@ The files of an input shard are written under out/.partial/ and moved into `out`
 done; `progress.jsonl` records each finished input shard (its outputs, clip and skip counts, and the per-channel
 sums of the statistics), so a killed run restarts at the first unfinished input shard. `info.json` is rewritten
 after every finished input shard: the autoencoder (source and weights hash), the pixel and latent clip shapes,
-and the per-channel mean and std of the latents (the normalisation when the autoencoder has no constants).
-Clips that fail to decode are skipped and counted by reason, never raised.
+and the per-channel mean and std of the latents (a running sum over every clip, kept per input shard in
+progress.jsonl, so a resumed run measures what an uninterrupted one does): the normalisation when the autoencoder
+has no constants or vae.normalization=data, which therefore needs no statistics here (the cache holds raw moments).
+Clips that fail to decode are skipped and counted by reason, never raised. The result carries the stale-train
+command for the cache (`train_command`), built from the settings the cache was encoded with.
+
+This module writes caches (stale-encode: `encode_shards` and its helpers); reading one (data=latents:
+`cache_info`, `cache_buckets`, `load_empty_text`) is stale/data/latent_cache.py, below the model in the layering.
 
 With `buckets=` (a preset name or a list, as data.buckets: docs/buckets.md) the cache holds clips of many shapes:
 each clip goes to the largest bucket it fits (stale.data.buckets' fit rule with frame_stride, bucket_max_crop and
@@ -33,6 +39,7 @@ import dataclasses
 import json
 import logging
 import random
+import shlex
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -54,6 +61,8 @@ log = logging.getLogger("stale")
 PROGRESS, PARTIAL = "progress.jsonl", ".partial"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
+
+# --- writing a cache (stale-encode) -------------------------------------------------------------------
 
 def _sums(moments: torch.Tensor) -> dict:
     """Per-channel sums over a batch: count, sum of means, sum of (mean^2 + var) (the second moment of a draw)."""
@@ -152,7 +161,9 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
         bucketing.check_rule(bucket_max_crop, bucket_max_upscale, prefix="")
         assigner = bucketing.Assigner(bucketing.parse_buckets(buckets, key="buckets"), frame_stride, bucket_max_crop,
                                       bucket_max_upscale)
-    ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device)
+    # the cache holds raw moments: an autoencoder without constants (or vae.normalization=data) needs the data's
+    # statistics only to train, and they are measured here, over every clip encoded (info.json's stats)
+    ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device, measure_stats=True)
     ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
     if assigner is not None:  # every bucket checked against the autoencoder before reading anything
         latent_shapes = {b.name: [ae.channels, *ae.latent_grid(b.frames, b.height, b.width, key=f"buckets[{i}]")]
@@ -222,10 +233,10 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
         # one list per bucket (None: no buckets), so that each autoencoder call sees clips of one shape
         waiting: dict[int | None, list[tuple[np.ndarray, int, dict, str | None]]] = {}
         per_bucket: Counter = Counter()
-        clips = 0
+        clips, max_label = 0, None
 
         def flush(k):
-            nonlocal clips
+            nonlocal clips, max_label
             pending = waiting.get(k)
             if not pending:
                 return
@@ -248,6 +259,7 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                     row[TEXT_MEMBERS[0]], row[TEXT_MEMBERS[1]] = emb[j], mask[j]
                 writer.write(row)
             clips += len(pending)
+            max_label = max([p[1] for p in pending] + ([] if max_label is None else [max_label]))
             if k is not None:
                 per_bucket[assigner.buckets[k].name] += len(pending)
             bar.update(len(pending))
@@ -280,7 +292,8 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
         skipped = counter.take()["reasons"]
         total = {"n": sum(s["n"] for s in sums), "s1": np.sum([s["s1"] for s in sums], axis=0).tolist(),
                  "s2": np.sum([s["s2"] for s in sums], axis=0).tolist()} if sums else None
-        record = {"input": ident, "outputs": outputs, "clips": clips, "skipped": skipped, "sums": total}
+        record = {"input": ident, "outputs": outputs, "clips": clips, "skipped": skipped, "sums": total,
+                  "max_label": max_label}
         if assigner is not None:
             record["buckets"] = dict(per_bucket)
         with open(out / PROGRESS, "a") as f:
@@ -292,8 +305,25 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
     info = _write_info(out, settings, ae, records, latent_shapes)
     if not info["clips"]:
         raise CacheError(f"input={input!r}: no clip decoded (skipped by reason: {info['skipped']})")
-    command = f"stale-train data=latents \"data.shards=[{out}]\" vae=diffusers vae.pretrained={ae.source['pretrained']}"
+    labels = [r["max_label"] for r in records if r.get("max_label") is not None]
+    classes = num_classes or (max(labels) + 1 if labels else None)
+    return {"info": info, "out": out, "command": train_command(out, vae, ae, text, classes)}
+
+
+def train_command(out: Path, vae: dict, ae: Autoencoder, text=None, num_classes: int | None = None) -> str:
+    """The stale-train command that trains on the cache in `out`, from the settings it was encoded with: the
+    autoencoder as loaded (its resolved folder, subfolder and dtype, which its weights hash depends on) and as asked
+    (vae.normalization, vae.shift/scale), the classes (num_classes, else the largest label encoded + 1) and the text
+    encoder. Each override is shell-quoted, so that the line can be pasted as printed."""
+    parts = ["data=latents", f"data.shards=[{out}]"]
+    if num_classes is not None:
+        parts.append(f"data.num_classes={num_classes}")
+    parts += ["vae=diffusers", f"vae.pretrained={ae.source['pretrained']}"]
+    asked = {"subfolder": ae.source["subfolder"], "dtype": ae.source["dtype"],
+             "normalization": vae.get("normalization") or "auto", "shift": vae.get("shift"), "scale": vae.get("scale")}
+    parts += [f"vae.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in asked.items() if v is not None]
     if text is not None:
-        command += f" model.cond=text text_encoder=hf text_encoder.pretrained={text.source['pretrained']} " \
-                   f"text_encoder.max_length={text.max_length}"
-    return {"info": info, "out": out, "command": command}
+        parts += ["model.cond=text", "text_encoder=hf"]
+        keys = ("pretrained", "subfolder", "tokenizer_subfolder", "max_length", "dtype")
+        parts += [f"text_encoder.{k}={text.source[k]}" for k in keys if text.source.get(k) is not None]
+    return " ".join(["stale-train", *map(shlex.quote, parts)])

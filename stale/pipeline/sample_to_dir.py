@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from stale.data.conditioning import load_image, load_video
-from stale.data.media import save_videos
+from stale.data.media import save_videos, write_labels
 from stale.pipeline.stale_pipeline import StalePipeline
 
 log = logging.getLogger("stale")
@@ -85,7 +85,8 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
                   video: str | Path | None = None, context_frames: int | None = None, height: int | None = None,
                   width: int | None = None, prompt: str | None = None, prompts: str | Path | None = None,
                   negative_prompt: str | None = None) -> dict[str, Path]:
-    """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png and samples.json.
+    """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png, samples.json and, for
+    class-conditional samples, labels.json (the class each clip was asked for: stale-eval's label agreement).
     image=PNG: every video starts with that image (image-to-video); video=MP4 context_frames=K: with its first K
     frames (continuation). The given frames come back unchanged; the model generates the rest."""
     pipe = load_pipeline(model, ckpt, weights, device, lora)
@@ -112,4 +113,7 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
               "shape": list(videos.shape), "prior": pipe.prior, "device": str(pipe.device)}
     paths["record"] = Path(out) / "samples.json"
     paths["record"].write_text(json.dumps(record, indent=2) + "\n")
+    if text is None and bool((labels < pipe.null_label).all()):  # unconditional clips ask for no class
+        names = {paths[f"mp4_{i}"].name: int(y) for i, y in enumerate(labels)}
+        paths["labels"] = write_labels(out, names, num_classes=pipe.config.num_classes, seed=seed, **settings)
     return paths
