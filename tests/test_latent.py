@@ -144,7 +144,7 @@ def test_the_autoencoder_is_in_neither_the_optimiser_nor_the_state_dict(tmp_path
     system.schedule_steps = 6  # configure_optimizers reads the trainer's max_steps otherwise
     optimised = {id(p) for g in system.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
     assert optimised and not optimised & vae_params
-    assert copy.deepcopy(system).autoencoder is ae  # the EMA copy shares the frozen autoencoder
+    assert copy.deepcopy(system).autoencoder is run.autoencoder  # the EMA copy shares the frozen autoencoder
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_stale_encode_measures_the_statistics_training_normalises_with(cls, norm
                          frames=9, size=64, progress=False)["info"]
     assert info["clips"] == 4 and len(info["stats"]["mean"]) == len(info["stats"]["std"]) == 4
     ae = check_config(cfg_of(tmp_path / "run", "data=latents", f"data.shards=[{cache}]", "vae=diffusers",
-                             f"vae.pretrained={vae}", f"vae.normalization={normalization}"))
+                             f"vae.pretrained={vae}", f"vae.normalization={normalization}")).autoencoder
     assert ae.normalization == "data" and torch.allclose(ae.shift, torch.tensor(info["stats"]["mean"]).float())
     moments = torch.from_numpy(np.stack([np.load(io.BytesIO(s["latent.npy"])) for url in sorted(cache.glob("*.tar"))
                                          for s in read_shard(str(url), SkipCounter("t"))]))
