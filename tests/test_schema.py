@@ -41,11 +41,12 @@ def test_every_shipped_config_passes_the_schema(group):
 
 @pytest.mark.parametrize("override, key, allowed, nearest", [
     ("+seeed=1", "seeed", "the root accepts budget, callbacks, ckpt_path", "seed"),
-    ("+optim.lrr=0.1", "optim.lrr", "optim accepts betas, lr, weight_decay", "optim.lr"),
+    ("+optim.lrr=0.1", "optim.lrr", "optim accepts amsgrad, betas, capturable, differentiable, eps, foreach, lr, "
+     "maximize, weight_decay", "optim.lr"),
     ("+diffusion.priorr=gaussian", "diffusion.priorr", "diffusion accepts caption_dropout, context_frames, context_prob, dog_bands", "diffusion.prior"),
     ("+model.dimm=96", "model.dimm", "model accepts adaln, cond, depth, dim,", "model.dim"),
     ("+data.batchsize=4", "data.batchsize", "data accepts batch_size,", "data.batch_size"),
-    ("+schedule.min_ration=0.2", "schedule.min_ration", "schedule accepts min_ratio, name, sharpness, warmup",
+    ("+schedule.min_ration=0.2", "schedule.min_ration", "schedule accepts min_ratio, sharpness, warmup",
      "schedule.min_ratio"),
     ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer accepts accelerator,", "trainer.max_steps"),
     ("+sample.stepss=3", "sample.stepss", "sample accepts classifier_guidance, guidance,", "sample.steps"),

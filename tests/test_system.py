@@ -1,6 +1,7 @@
 """The Lightning system and train(): losses and their logging, optimiser, precision, compile, checkpointing,
 EMA, validation determinism, sampling during training, provenance, and config errors before training."""
 
+import functools
 import copy
 import csv
 from pathlib import Path
@@ -57,7 +58,7 @@ class Recorder(L.Callback):
 @pytest.mark.parametrize("override, key", [
     ("optim.lr=-1e-3", "optim.lr"),
     ("optim.lr=0", "optim.lr"),
-    ("schedule.name=sawtooth", "schedule.name"),
+    ("schedule.sharpness=0", "schedule.sharpness"),
     ("schedule.warmup=10", "schedule.warmup"),  # smoke runs 6 steps
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
@@ -270,7 +271,8 @@ def test_system_rejects_bad_lr():
     from stale.models import build_model
 
     with pytest.raises(ValueError, match="optim.lr"):
-        StaleSystem(build_model("tiny", dim=32, depth=1, heads=2), StaleObjective(), lr=-1.0)
+        StaleSystem(build_model("tiny", dim=32, depth=1, heads=2), StaleObjective(),
+                    optimizer=functools.partial(torch.optim.AdamW, lr=-1.0))
 
 
 def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):

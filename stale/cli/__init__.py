@@ -24,7 +24,7 @@ def explain_override_error(config_name: str, overrides: list[str], config_path: 
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf.errors import OmegaConfBaseException
 
-    from stale.utils.schema import unknown_key_message
+    from stale.utils.schema import PRIVATE, unknown_key_message
 
     overrides = [o for o in overrides if not o.startswith("-")]  # --multirun, --cfg job, ...
     GlobalHydra.instance().clear()
@@ -40,7 +40,7 @@ def explain_override_error(config_name: str, overrides: list[str], config_path: 
             full_key = getattr(cause, "full_key", None)
             if isinstance(cause, OmegaConfBaseException) and isinstance(parent, DictConfig) and full_key:
                 path, _, key = str(full_key).rpartition(".")
-                return f"stale: {unknown_key_message(path, key, {str(k) for k in parent.keys()})}"
+                return f"stale: {unknown_key_message(path, key, {str(k) for k in parent.keys()} - PRIVATE)}"
             cause = cause.__cause__ or cause.__context__
     finally:
         GlobalHydra.instance().clear()

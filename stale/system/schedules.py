@@ -3,8 +3,9 @@
 `arctan` is the paper's "arctangent learning-rate schedule" (METHOD.md); cosine, warmup-stable-decay
 (Hu et al. 2024, MiniCPM) and constant are the comparators. Every schedule warms up over `warmup` steps,
 then decays from 1 (lr = optim.lr) at step `warmup` to `min_ratio` (lr = min_ratio * optim.lr) at step
-`total`. Each is a pure function step -> multiplier; `lr_multiplier` checks a config and binds one for
-torch's LambdaLR.
+`total`. Each is a pure function step -> multiplier. A config node (conf/schedule/*.yaml) names one of the classes
+below by `_target_`; its constructor checks the parameters once and calling it gives the multiplier at a step of
+a run of `total` steps (StaleSystem binds `total` for torch's LambdaLR).
 """
 
 from __future__ import annotations
@@ -86,25 +87,88 @@ def schedule_params(name: str) -> dict[str, float]:
     return {k: p.default for k, p in sig.parameters.items() if k not in ("step", "warmup", "total")}
 
 
-def lr_multiplier(name: str, warmup: int, total: int, **params) -> Callable[[int], float]:
-    """A function step -> multiplier of the peak learning rate, for torch's LambdaLR.
+class LRSchedule:
+    """A schedule node: one of SCHEDULE_FNS with its warmup and parameters, range-checked here (ValueError naming
+    schedule.<key>); schedule(step, total) is the multiplier of optim.lr."""
 
-    Raises ValueError naming the config key (schedule.<key>) for an unknown schedule, an unknown or
-    out-of-range parameter, or a warmup that does not fit into the run.
-    """
-    if name not in SCHEDULE_FNS:
+    name: str = ""
+
+    def __init__(self, warmup: int = 100, **params):
+        known = schedule_params(self.name)
+        for key, value in params.items():
+            if key not in known:
+                raise ValueError(f"schedule.{key} is not a parameter of the {self.name} schedule (it has: {sorted(known)})")
+            lo, hi, lo_in, hi_in = _RANGES[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi))
+            if not ok:
+                interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+                raise ValueError(f"schedule.{key}={value!r} must be in {interval}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"schedule.warmup={warmup!r} must be an integer >= 0")
+        self.warmup, self.params = warmup, params
+
+    def check_total(self, total: int) -> None:
+        if total <= 0 or self.warmup >= total:
+            raise ValueError(f"schedule.warmup={self.warmup} must be smaller than the number of training steps "
+                             f"({total})")
+
+    def __call__(self, step: int, total: int) -> float:
+        return SCHEDULE_FNS[self.name](step, self.warmup, total, **self.params)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(warmup={self.warmup}, {self.params})"
+
+
+class Arctan(LRSchedule):
+    """The paper's arctangent schedule (arctan_lr)."""
+
+    name = "arctan"
+
+    def __init__(self, warmup: int = 100, min_ratio: float = 0.1, sharpness: float = 5.0):
+        super().__init__(warmup, min_ratio=min_ratio, sharpness=sharpness)
+
+
+class Cosine(LRSchedule):
+    """Linear warmup, then half a cosine (cosine_lr)."""
+
+    name = "cosine"
+
+    def __init__(self, warmup: int = 100, min_ratio: float = 0.1):
+        super().__init__(warmup, min_ratio=min_ratio)
+
+
+class WSD(LRSchedule):
+    """Warmup-stable-decay (wsd_lr)."""
+
+    name = "wsd"
+
+    def __init__(self, warmup: int = 100, min_ratio: float = 0.1, decay_fraction: float = 0.2):
+        super().__init__(warmup, min_ratio=min_ratio, decay_fraction=decay_fraction)
+
+
+class Constant(LRSchedule):
+    """Linear warmup, then flat (constant_lr)."""
+
+    name = "constant"
+
+    def __init__(self, warmup: int = 100):
+        super().__init__(warmup)
+
+
+SCHEDULE_CLASSES: dict[str, type[LRSchedule]] = {"arctan": Arctan, "cosine": Cosine, "wsd": WSD, "constant": Constant}
+
+
+def lr_multiplier(name: str, warmup: int, total: int, **params) -> Callable[[int], float]:
+    """A function step -> multiplier of the peak learning rate, for torch's LambdaLR: schedule `name` built and
+    checked by its class (an unknown schedule, an unknown or out-of-range parameter, or a warmup that does not fit
+    into the run raise ValueError naming the schedule.<key>)."""
+    if name not in SCHEDULE_CLASSES:
         raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
-    known = schedule_params(name)
-    for key, value in params.items():
-        if key not in known:
-            raise ValueError(f"schedule.{key} is not a parameter of the {name} schedule (it has: {sorted(known)})")
-        lo, hi, lo_in, hi_in = _RANGES[key]
-        ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
-            interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-            raise ValueError(f"schedule.{key}={value!r} must be in {interval}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"schedule.warmup={warmup!r} must be an integer >= 0")
-    if total <= 0 or warmup >= total:
-        raise ValueError(f"schedule.warmup={warmup} must be smaller than the number of training steps ({total})")
-    return partial(SCHEDULE_FNS[name], warmup=warmup, total=total, **params)
+    unknown = sorted(set(params) - set(schedule_params(name)))
+    if unknown:
+        raise ValueError(f"schedule.{unknown[0]} is not a parameter of the {name} schedule (it has: "
+                         f"{sorted(schedule_params(name))})")
+    schedule = SCHEDULE_CLASSES[name](warmup, **params)
+    schedule.check_total(total)
+    return partial(schedule, total=total)

@@ -7,8 +7,10 @@ lives in callbacks next to this file and in Lightning's own callbacks; see docs/
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -24,7 +26,7 @@ from stale.diffusion.objective import StaleObjective
 from stale.parallel.fsdp import shard_model
 from stale.parallel.mesh import sequence_parallel_of
 from stale.parallel.sequence import sharded
-from stale.system.schedules import lr_multiplier
+from stale.system.schedules import Constant, LRSchedule
 from stale.utils.provenance import shard_list
 from stale.utils.ranks import data_parallel_rank_world
 
@@ -57,15 +59,31 @@ def no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "y_embed" in name or name.startswith("text.encoder.embed") or name == "text.encoder.pos"
 
 
+def check_optimizer(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    """The optim node before training: lr > 0 and weight_decay >= 0 (what any run needs; torch accepts lr = 0),
+    then the optimiser's own constructor on a stand-in parameter, so a bad value stops before any data is read."""
+    kwargs = getattr(optimizer, "keywords", {})
+    for key, ok, need in (("lr", lambda v: v > 0, "> 0"), ("weight_decay", lambda v: v >= 0, ">= 0")):
+        value = kwargs.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"optim.{key}={value!r} must be a number {need}")
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:  # e.g. "Invalid beta parameter at index 1: 1.5"
+        raise ValueError(f"optim.{'betas' if 'beta' in str(e) else _target_name(optimizer)}: {e}") from None
+
+
+def _target_name(optimizer) -> str:
+    return getattr(getattr(optimizer, "func", optimizer), "__name__", "optimizer")
+
+
 class StaleSystem(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
         objective: StaleObjective,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple = (0.9, 0.99),
-        schedule: dict | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # the optim node: params -> optimiser
+        schedule: LRSchedule | None = None,  # the schedule node (stale/system/schedules.py); None: constant
         val_times: tuple = (0.1, 0.3, 0.5, 0.7, 0.9),
         run_config: dict | None = None,
         seed: int = 0,
@@ -79,11 +97,8 @@ class StaleSystem(L.LightningModule):
         prompts: list | None = None,
     ):
         super().__init__()
-        for key, value, ok in (("optim.lr", lr, lambda v: v > 0), ("optim.weight_decay", weight_decay, lambda v: v >= 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"{key}={value!r} must be a number {'> 0' if key == 'optim.lr' else '>= 0'}")
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+        self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+        check_optimizer(self.optimizer)
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"compile={compile!r} must be true, false or a dict of torch.compile arguments")
         self.model, self.objective = model, objective
@@ -97,8 +112,7 @@ class StaleSystem(L.LightningModule):
         self.prompts = list(prompts) if prompts else None
         if model.config.cond == "text" and (text_encoder is None or empty_text is None):
             raise ValueError("model.cond=text needs a text encoder: text_encoder=hf|learned")
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.schedule = dict(schedule or {"name": "constant", "warmup": 0})
+        self.schedule = schedule or Constant(warmup=0)
         self.schedule_steps = schedule_steps  # None: trainer.max_steps (train() lowers it to fit a FLOP budget)
         self.val_times = tuple(val_times)
         self.null_label = model.config.num_classes
@@ -237,14 +251,14 @@ class StaleSystem(L.LightningModule):
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
 
     def _schedule_fn(self, total: int):
-        params = {k: v for k, v in self.schedule.items() if k not in ("name", "warmup")}
-        return lr_multiplier(self.schedule["name"], int(self.schedule.get("warmup", 0)), total, **params)
+        self.schedule.check_total(total)
+        return functools.partial(self.schedule, total=total)
 
     def set_schedule_steps(self, total: int) -> None:
         """End the learning-rate schedule at step `total` from the next optimiser step on (the training deadline
         decides the step count while training runs: stale/system/deadline.py)."""
         # a plan shorter than the warmup still needs a valid schedule; the deadline's hard stop ends such a run
-        total = max(int(total), int(self.schedule.get("warmup", 0)) + 1)
+        total = max(int(total), self.schedule.warmup + 1)
         self.schedule_steps = total
         for config in self.trainer.lr_scheduler_configs:
             config.scheduler.lr_lambdas = [self._schedule_fn(total)] * len(config.scheduler.optimizer.param_groups)
@@ -262,19 +276,22 @@ class StaleSystem(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    OPTIMIZER_ARGS = ("params", "fused")  # what configure_optimizers passes the optim node itself
+
     def configure_optimizers(self):
         decay, keep = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (keep if no_decay(name, p) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
+        groups = [{"params": decay, "name": "decay"},  # the optim node's weight_decay
                   {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
         # One fused kernel for the whole update, on CUDA and CPU: on the tiny CPU model (63 tensors) torch's
         # default per-tensor loop took 15.6 ms an update, fused 3.7 ms (stale-bench cpu; BENCHMARKS.md). Not
         # with fp16's GradScaler: a fused AdamW unscales inside its step, after gradient clipping would have run.
         fp16 = self._trainer is not None and self.trainer.precision == "16-mixed"
         fused = self.device.type in ("cuda", "cpu") and not fp16
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused or None)
+        takes_fused = "fused" in inspect.signature(self.optimizer).parameters
+        opt = self.optimizer(groups, **({"fused": fused or None} if takes_fused else {}))
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
         # stepped after every optimiser step (not every micro-batch), logged by LearningRateMonitor as lr/*

@@ -44,8 +44,8 @@ def build_system(run: Resolved | DictConfig) -> StaleSystem:
     except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
         raise ConfigError(str(e)) from None
     compile_opts = cfg.get("compile", False)
-    system = StaleSystem(model, instantiate(cfg.diffusion), **OmegaConf.to_container(cfg.optim),
-                         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+    system = StaleSystem(model, instantiate(cfg.diffusion), optimizer=instantiate(cfg.optim, _convert_="all"),
+                         schedule=instantiate(cfg.schedule),
                          seed=cfg.seed,
                          compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
                          else compile_opts,

@@ -13,13 +13,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stale.data.buckets import BucketError, parse_buckets
 from stale.models.finetune import require_peft
 from stale.models.stale_transformer import StaleConfig
-from stale.system.schedules import SCHEDULE_FNS, lr_multiplier, schedule_params
-from stale.utils.schema import MOVED_KEYS, UnknownKeyError, check_train_keys, unknown_key_message
+from stale.system.stale_system import StaleSystem
+from stale.utils.schema import MOVED_KEYS, UnknownKeyError, check_train_keys, target_keys, unknown_key_message
 
 log = logging.getLogger("stale")
 
@@ -77,8 +78,8 @@ def check_keys(cfg: DictConfig) -> None:
             path, _, key = old.rpartition(".")
             raise ConfigError(unknown_key_message(path, key, set()))
     keys = {"model": {"name"} | {f.name for f in dataclasses.fields(StaleConfig)}}  # build_model's **overrides
-    if cfg.schedule.get("name") in SCHEDULE_FNS:
-        keys["schedule"] = {"name", "warmup"} | set(schedule_params(cfg.schedule.name))
+    if OmegaConf.select(cfg, "optim._target_"):  # the optimiser's arguments, less what the system passes it
+        keys["optim"] = (target_keys(cfg.optim._target_) or set()) - set(StaleSystem.OPTIMIZER_ARGS)
     try:
         check_train_keys(cfg, keys)
     except UnknownKeyError as e:
@@ -118,10 +119,9 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def check_schedule(cfg: DictConfig) -> None:
-    """The schedule's own ranges, and its warmup against the step count."""
-    sched = OmegaConf.to_container(cfg.schedule, resolve=True)
+    """The schedule's own ranges (its constructor), and its warmup against the step count."""
     try:
-        lr_multiplier(sched.pop("name", None), sched.pop("warmup", 0), max_steps(cfg), **sched)
+        instantiate(cfg.schedule).check_total(max_steps(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -9,9 +9,9 @@ the key, every key its node accepts, and the nearest one.
 The schema comes from the code, so it cannot drift from it:
 - a node with `_target_` accepts the target's parameters (following `**kwargs` up the class hierarchy while
   each __init__ passes them on; a target that swallows arbitrary kwargs, such as WandbLogger, is open);
-- the model node (build_model's `**overrides`) and the schedule node take the keys their caller passes
-  (stale.train: StaleConfig's fields, the schedule's parameters), so that utils imports no other stale package;
-- plain nodes (the root, optim, sample) are the dataclasses below; `logger` and `callbacks` are dicts of
+- the model node (build_model's `**overrides`) takes the keys its caller passes (stale.training.checks:
+  StaleConfig's fields), so that utils imports no other stale package;
+- plain nodes (the root, sample, parallel) are the dataclasses below; `logger` and `callbacks` are dicts of
   target nodes with names of the user's choice; `paths` and `hydra` are free.
 """
 
@@ -27,13 +27,6 @@ from omegaconf import DictConfig
 
 PRIVATE = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}  # Hydra's instantiate keywords
 MOVED_KEYS = {"data.caption_dropout": "diffusion.caption_dropout"}  # a key that moved -> where it lives now
-
-
-@dataclasses.dataclass
-class OptimSchema:
-    lr: float  # peak learning rate (AdamW)
-    weight_decay: float  # on matrices only
-    betas: list  # AdamW (beta1, beta2)
 
 
 @dataclasses.dataclass
@@ -98,7 +91,7 @@ class TrainSchema:
     init_from_strict: bool
     compile: Any
     threads: Any
-    optim: OptimSchema
+    optim: dict  # a target node (_partial_: the system passes the parameters)
     nan_guard: dict  # a target node
     budget: dict  # a target node
     deadline: dict  # a target node (used when trainer.max_steps is null)
@@ -110,7 +103,7 @@ class TrainSchema:
     vae: VaeSchema  # the autoencoder group; its derived keys filled in by stale.training.resolve
     text_encoder: TextEncoderSchema  # the text encoder group; likewise
     diffusion: dict
-    schedule: dict  # name + warmup + the schedule's own parameters
+    schedule: dict  # a target node
     logger: dict  # {name: target node}
     trainer: dict
     callbacks: dict  # {name: target node}
@@ -218,15 +211,14 @@ def _check_dataclass(node: DictConfig, path: str, schema: type) -> None:
 
 def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
-    keys of nodes whose target's signature does not list them (the model's **overrides, the schedule)."""
+    keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "trainer", "nan_guard", "budget", "deadline", "finetune"):
+    for name in ("model", "data", "diffusion", "optim", "schedule", "trainer", "nan_guard", "budget", "deadline",
+                 "finetune"):
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
             _check_target_node(node, f"{group}.{name}", keys)
-    if isinstance(cfg.get("schedule"), DictConfig) and "schedule" in keys:
-        _check_node(cfg.schedule, "schedule", keys["schedule"])
 
 
 def check_flat_keys(cfg: DictConfig, reference: DictConfig, path: str = "") -> None:
