@@ -24,7 +24,9 @@ def text_encoder_from_node(node: dict | None, where: str, device: str | torch.de
 def autoencoder_from_node(node: dict | None, where: str, device: str | torch.device = "cpu", folder=None):
     """A run config's or an export's `vae` node -> a stale.latent Autoencoder (None for pixel space). `folder`
     replaces the recorded vae.pretrained (an export's own copy)."""
-    if not isinstance(node, dict) or node.get("name", "diffusers") in ("none", None):
+    # a run config's node: {"_target_": ...} or {} (vae=none); before the node had a _target_, name: diffusers | none.
+    # An export's node carries neither: it always has an autoencoder
+    if not isinstance(node, dict) or not node or node.get("name", "diffusers") in ("none", None):
         return None
     from stale.latent.autoencoder import AutoencoderError, load_autoencoder
 

@@ -163,7 +163,8 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
                                       bucket_max_upscale)
     # the cache holds raw moments: an autoencoder without constants (or vae.normalization=data) needs the data's
     # statistics only to train, and they are measured here, over every clip encoded (info.json's stats)
-    ae = load_autoencoder(**{k: v for k, v in vae.items() if k != "name"}, device=device, measure_stats=True)
+    ae = load_autoencoder(**{k: v for k, v in vae.items() if k not in ("_target_", "name")}, device=device,
+                          measure_stats=True)
     ae.check_clip(frames, size, keys=("frames", "size"))  # before reading anything
     if assigner is not None:  # every bucket checked against the autoencoder before reading anything
         latent_shapes = {b.name: [ae.channels, *ae.latent_grid(b.frames, b.height, b.width, key=f"buckets[{i}]")]

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +57,21 @@ def max_steps(cfg: DictConfig) -> int:
 
 def is_latent_data(cfg: DictConfig) -> bool:
     return str(cfg.data.get("_target_", "")).endswith("LatentDataModule")
+
+
+def has_autoencoder(cfg: DictConfig) -> bool:
+    """vae=diffusers (a node with a _target_); vae=none is the empty node: pixel space."""
+    return bool((cfg.get("vae") or {}).get("_target_"))
+
+
+def build(node: DictConfig, **kwargs):
+    """instantiate(node), with the constructor's own ValueError (naming the key) as a ConfigError instead of
+    Hydra's InstantiationException around it."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        raise ConfigError(str(cause) if isinstance(cause, ValueError) else str(e)) from None
 
 
 def check_composed(cfg: DictConfig) -> None:
@@ -121,7 +137,7 @@ def check_trainer(cfg: DictConfig) -> None:
 def check_schedule(cfg: DictConfig) -> None:
     """The schedule's own ranges (its constructor), and its warmup against the step count."""
     try:
-        instantiate(cfg.schedule).check_total(max_steps(cfg))
+        build(cfg.schedule).check_total(max_steps(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -166,13 +182,10 @@ def check_fsdp(cfg: DictConfig) -> None:
 
 def check_nodes(cfg: DictConfig) -> None:
     """The vae and text_encoder nodes agree with the data and with model.cond (StaleConfig checks cond itself)."""
-    vae = (cfg.get("vae") or {}).get("name", "none")
-    if vae not in ("none", None, "diffusers"):
-        raise ConfigError(f"vae.name={vae!r}: use vae=none or vae=diffusers")
-    if vae in ("none", None) and is_latent_data(cfg):
+    if not has_autoencoder(cfg) and is_latent_data(cfg):
         raise ConfigError("data=latents holds latents of an autoencoder: add vae=diffusers "
                           "vae.pretrained=<the folder or hub id stale-encode used>")
-    if vae == "diffusers" and (OmegaConf.is_missing(cfg.vae, "pretrained") or not cfg.vae.get("pretrained")):
+    if has_autoencoder(cfg) and (OmegaConf.is_missing(cfg.vae, "pretrained") or not cfg.vae.get("pretrained")):
         raise ConfigError("vae=diffusers needs vae.pretrained=<a diffusers autoencoder folder or hub id>")
     cond = cfg.model.get("cond", "label")
     name = (cfg.get("text_encoder") or {}).get("name", "none")

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stale.data.captions import read_captions
 from stale.data.latent_cache import CacheError, cache_buckets, cache_info
 from stale.models.stale_transformer import StaleConfig, model_config
-from stale.training.checks import ConfigError, check_clip, check_composed, check_model, is_latent_data
+from stale.training.checks import (ConfigError, build, check_clip, check_composed, check_model, has_autoencoder,
+                                   is_latent_data)
 
 
 @dataclass
@@ -88,12 +89,11 @@ def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
     clip against its shape rules (naming the key and the nearest valid values); with data=latents, read the cache's
     info.json too (its clip, buckets, statistics and the weights that encoded it). Returns the Autoencoder and the
     values that follow; (None, {}) in pixel space."""
-    if (cfg.get("vae") or {}).get("name", "none") in ("none", None):
+    if not has_autoencoder(cfg):
         return None, {}
-    from stale.latent.autoencoder import AutoencoderError, load_autoencoder
+    from stale.latent.autoencoder import AutoencoderError
 
-    node = OmegaConf.to_container(cfg.vae, resolve=True)
-    node.pop("name")
+    stats = {}
     data: dict = {}
     frames, size, info = cfg.data.frames, cfg.data.size, None
     if is_latent_data(cfg):
@@ -113,10 +113,10 @@ def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
             raise ConfigError(str(e)) from None
         frames, size = info["frames"], info["size"]
         data = {"frames": frames, "size": size, "buckets": buckets}
-        if node.get("stats") is None:
-            node["stats"] = info["stats"]
+        if cfg.vae.get("stats") is None:
+            stats = {"stats": info["stats"]}
+    autoencoder = build(cfg.vae, **stats, _convert_="all")  # a bad vae.pretrained stops here, naming the path
     try:
-        autoencoder = load_autoencoder(**node)
         if info is not None and info["vae"]["sha256"] != autoencoder.source["sha256"]:
             raise ConfigError(f"data.shards: the cache {info_path} was encoded by the autoencoder at "
                               f"{info['vae']['pretrained']!r} (weights sha256 {info['vae']['sha256'][:12]}...), "

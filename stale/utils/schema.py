@@ -42,21 +42,6 @@ class SampleSchema:
 
 
 @dataclasses.dataclass
-class VaeSchema:
-    """conf/vae/*.yaml: none (pixel space) or a diffusers autoencoder (stale/latent/autoencoder.py)."""
-
-    name: str
-    pretrained: Any
-    subfolder: Any
-    dtype: str
-    normalization: str
-    stats: Any
-    shift: Any
-    scale: Any
-    sha256: Any
-
-
-@dataclasses.dataclass
 class ParallelSchema:
     """The parallel node of conf/train.yaml (docs/parallel.md)."""
 
@@ -100,7 +85,7 @@ class TrainSchema:
     parallel: ParallelSchema
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
-    vae: VaeSchema  # the autoencoder group; its derived keys filled in by stale.training.resolve
+    vae: dict  # a target node (vae=diffusers) or empty (vae=none)
     text_encoder: TextEncoderSchema  # the text encoder group; likewise
     diffusion: dict
     schedule: dict  # a target node
@@ -213,8 +198,8 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "optim", "schedule", "trainer", "nan_guard", "budget", "deadline",
-                 "finetune"):
+    for name in ("model", "data", "diffusion", "optim", "schedule", "vae", "trainer", "nan_guard", "budget",
+                 "deadline", "finetune"):
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
