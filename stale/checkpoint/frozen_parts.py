@@ -11,11 +11,11 @@ from stale.checkpoint.safe_load import CheckpointError
 def text_encoder_from_node(node: dict | None, where: str, device: str | torch.device = "cpu", folder=None):
     """A run config's or an export's `text_encoder` node -> a stale.text encoder (None without one). `folder`
     replaces the recorded pretrained (an export's own copy)."""
-    if not isinstance(node, dict) or node.get("name", "none") in ("none", None):
-        return None
     from stale.text.encoders import TextEncoderError, load_text_encoder
 
-    try:
+    if not isinstance(node, dict):
+        return None
+    try:  # None for an empty node, or name: none (load_text_encoder reads both the _target_ and the old name)
         return load_text_encoder(node, device=device, folder=folder)
     except TextEncoderError as err:
         raise CheckpointError(f"{where}: {err}") from None

@@ -173,13 +173,15 @@ def encode_shards(input, out: str | Path, vae: dict, frames: int, size: int, bat
             log.warning("buckets: keep_prob is a training-time draw and does not apply to a cache: each clip is "
                         "encoded once, in the largest bucket it fits")
     text = None
-    if text_encoder and text_encoder.get("name", "none") not in ("none", None):
-        from stale.data.captions import MISSING
-        from stale.text.encoders import load_text_encoder
+    from stale.text.encoders import load_text_encoder, text_encoder_kind
 
-        if text_encoder.get("name") != "hf":
-            raise CacheError(f"text_encoder={text_encoder.get('name')}: only a pretrained encoder (text_encoder=hf) is "
-                             "cached; the learned encoder trains with the model and reads the captions (.txt) itself")
+    kind = text_encoder_kind(text_encoder)
+    if kind is not None:
+        from stale.data.captions import MISSING
+
+        if kind != "hf":
+            raise CacheError(f"text_encoder={kind}: only a pretrained encoder (text_encoder=hf) is cached; the "
+                             "learned encoder trains with the model and reads the captions (.txt) itself")
         if missing_caption not in MISSING:
             raise CacheError(f"missing_caption={missing_caption!r} is not one of {MISSING}")
         text = load_text_encoder(text_encoder, device=device)

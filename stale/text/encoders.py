@@ -142,7 +142,14 @@ class LearnedTokenizer(_Encoder):
 
     name = "learned"
 
-    def __init__(self, words: list[str], max_length: int = 16, **_ignored):
+    def __init__(self, words: list[str] | None = None, max_length: int = 16, max_words: int = 5000,
+                 vocab_captions: int = 100_000, layers: int = 2, sha256: str | None = None):
+        """words: the vocabulary (stale-train builds it from up to vocab_captions training captions, the max_words
+        commonest words: build_vocabulary); layers: the Transformer blocks of the encoder inside the model; sha256:
+        the vocabulary's hash when it was recorded (a checkpoint's, an export's), checked."""
+        if not words:
+            raise TextEncoderError("text_encoder=learned has no vocabulary (text_encoder.words): stale-train builds "
+                                   "it from the training captions")
         _require_tokenizers()
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -156,8 +163,12 @@ class LearnedTokenizer(_Encoder):
         tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, vocab[CLS])])
         self.tokenizer = tok
         self.vocab_size = len(vocab)
-        self.source = {"name": "learned", "words": self.words, "max_length": max_length,
-                       "sha256": hashlib.sha256(json.dumps(self.words).encode()).hexdigest()}
+        self.max_words, self.vocab_captions, self.layers = max_words, vocab_captions, layers
+        digest = hashlib.sha256(json.dumps(self.words).encode()).hexdigest()
+        if sha256 and sha256 != digest:
+            raise TextEncoderError(f"text_encoder.words: this vocabulary (sha256 {digest[:12]}...) is not the one "
+                                   f"recorded ({sha256[:12]}...)")
+        self.source = {"name": "learned", "words": self.words, "max_length": max_length, "sha256": digest}
 
     def to(self, device) -> "LearnedTokenizer":
         return self
@@ -197,21 +208,35 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+TARGETS = {"stale.text.encoders.HFTextEncoder": "hf", "stale.text.encoders.LearnedTokenizer": "learned"}
+
+
+def text_encoder_kind(node) -> str | None:
+    """hf, learned or None (no text encoder) of a text_encoder node: a config's (`_target_`, or empty for
+    text_encoder=none), an export's or a run config from before the nodes had targets (`name`)."""
+    if not node:
+        return None
+    target = node.get("_target_")
+    if target is not None:
+        if target not in TARGETS:
+            raise TextEncoderError(f"text_encoder._target_={target!r} is not one of {sorted(TARGETS)}")
+        return TARGETS[target]
+    name = node.get("name", "none")
+    if name not in ("none", None, "hf", "learned"):
+        raise TextEncoderError(f"text_encoder.name={name!r} is not one of none, hf, learned")
+    return None if name in ("none", None) else name
+
+
 def load_text_encoder(node: dict | None, device="cpu", folder: str | Path | None = None):
-    """A text_encoder node (conf/text_encoder/*.yaml, a run config's or an export's) -> HFTextEncoder,
-    LearnedTokenizer, or None (name none). `folder` replaces the recorded pretrained (an export's own copy)."""
-    node = dict(node or {})
-    name = node.pop("name", "none")
-    if name in (None, "none"):
+    """A text_encoder node (a run config's, a stale-encode cache's or an export's: text_encoder_kind) ->
+    HFTextEncoder, LearnedTokenizer, or None. `folder` replaces the recorded pretrained (an export's own copy)."""
+    name = text_encoder_kind(node)
+    node = {k: v for k, v in (node or {}).items() if k not in ("_target_", "name")}
+    if name is None:
         return None
     if name == "hf":
         if folder is not None:
             node.update(pretrained=str(folder), subfolder=None, tokenizer_subfolder=None)
         keys = ("pretrained", "max_length", "dtype", "subfolder", "tokenizer_subfolder", "sha256")
         return HFTextEncoder(**{k: node[k] for k in keys if node.get(k) is not None}, device=device)
-    if name == "learned":
-        if not node.get("words"):
-            raise TextEncoderError("text_encoder=learned has no vocabulary (text_encoder.words): stale-train builds "
-                                   "it from the training captions")
-        return LearnedTokenizer(node["words"], int(node.get("max_length", 16)))
-    raise TextEncoderError(f"text_encoder.name={name!r} is not one of none, hf, learned")
+    return LearnedTokenizer(node.get("words"), int(node.get("max_length", 16)))

@@ -21,6 +21,7 @@ from stale.data.buckets import BucketError, parse_buckets
 from stale.models.finetune import require_peft
 from stale.models.stale_transformer import StaleConfig
 from stale.system.stale_system import StaleSystem
+from stale.text.encoders import TextEncoderError, text_encoder_kind
 from stale.utils.schema import MOVED_KEYS, UnknownKeyError, check_train_keys, target_keys, unknown_key_message
 
 log = logging.getLogger("stale")
@@ -188,13 +189,14 @@ def check_nodes(cfg: DictConfig) -> None:
     if has_autoencoder(cfg) and (OmegaConf.is_missing(cfg.vae, "pretrained") or not cfg.vae.get("pretrained")):
         raise ConfigError("vae=diffusers needs vae.pretrained=<a diffusers autoencoder folder or hub id>")
     cond = cfg.model.get("cond", "label")
-    name = (cfg.get("text_encoder") or {}).get("name", "none")
-    if name not in ("none", None, "hf", "learned"):
-        raise ConfigError(f"text_encoder.name={name!r} is not one of none, hf, learned")
-    if cond == "text" and name in ("none", None):
+    try:
+        name = text_encoder_kind(cfg.get("text_encoder"))
+    except TextEncoderError as e:
+        raise ConfigError(str(e)) from None
+    if cond == "text" and name is None:
         raise ConfigError("model.cond=text needs a text encoder: text_encoder=hf text_encoder.pretrained=DIR_OR_HUB_ID, "
                           "or text_encoder=learned (no download)")
-    if cond == "label" and name not in ("none", None):
+    if cond == "label" and name is not None:
         raise ConfigError(f"text_encoder={name} conditions on captions: add model.cond=text")
     if cond == "text" and name == "hf" and (OmegaConf.is_missing(cfg.text_encoder, "pretrained")
                                             or not cfg.text_encoder.get("pretrained")):

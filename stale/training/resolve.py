@@ -140,22 +140,20 @@ def resolve_text(cfg: DictConfig, datamodule) -> tuple[Any, Any, dict]:
     """model.cond=text: load (hf) or build (learned: a vocabulary of the training captions) the text encoder.
     Returns (encoder, the empty caption's encoding, the values that follow). A stale-encode cache with caption
     embeddings must have been made by the same encoder (weights hash)."""
-    from stale.text.encoders import TextEncoderError, build_vocabulary, load_text_encoder
+    from stale.text.encoders import build_vocabulary, text_encoder_kind
 
-    node = OmegaConf.to_container(cfg.text_encoder, resolve=True)
-    if node["name"] == "learned" and not node.get("words"):
+    node, vocabulary = cfg.text_encoder, {}
+    learned = text_encoder_kind(node) == "learned"
+    if learned and not node.get("words"):
         captions = read_captions(datamodule.train_urls, "data.shards", node.get("vocab_captions"))
         if not captions:
             raise ConfigError("text_encoder=learned: the training shards hold no caption (.txt or .json 'caption')")
-        node["words"] = build_vocabulary(captions, int(node.get("max_words", 5000)))
-    try:
-        encoder = load_text_encoder(node)
-    except TextEncoderError as e:
-        raise ConfigError(str(e)) from None
+        vocabulary = {"words": build_vocabulary(captions, int(node.get("max_words", 5000)))}
+    encoder = build(node, **vocabulary, _convert_="all")  # a bad pretrained folder stops here, naming it
     derived = {"text_encoder": {"sha256": encoder.source["sha256"]}, "model": {"text_len": encoder.max_length}}
-    if node["name"] == "learned":
+    if learned:
         derived["text_encoder"]["words"] = list(encoder.words)
-        derived["model"].update(text_vocab=encoder.vocab_size, text_layers=int(node.get("layers", 2)),
+        derived["model"].update(text_vocab=encoder.vocab_size, text_layers=encoder.layers,
                                 text_dim=0)  # the model's width
     else:
         derived["model"].update(text_dim=encoder.dim, text_vocab=0)

@@ -49,23 +49,6 @@ class ParallelSchema:
 
 
 @dataclasses.dataclass
-class TextEncoderSchema:
-    """conf/text_encoder/*.yaml: none, a frozen transformers encoder (hf) or the learned one (stale/text/encoders.py)."""
-
-    name: str
-    pretrained: Any
-    subfolder: Any
-    tokenizer_subfolder: Any
-    max_length: int
-    dtype: str
-    max_words: int
-    vocab_captions: int
-    layers: int
-    words: Any
-    sha256: Any
-
-
-@dataclasses.dataclass
 class TrainSchema:
     """The root of conf/train.yaml: every top-level key stale-train reads."""
 
@@ -86,7 +69,7 @@ class TrainSchema:
     model: dict  # target nodes, checked by their constructors' signatures
     data: dict
     vae: dict  # a target node (vae=diffusers) or empty (vae=none)
-    text_encoder: TextEncoderSchema  # the text encoder group; likewise
+    text_encoder: dict  # a target node (hf, learned) or empty (none)
     diffusion: dict
     schedule: dict  # a target node
     logger: dict  # {name: target node}
@@ -198,8 +181,8 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "optim", "schedule", "vae", "trainer", "nan_guard", "budget",
-                 "deadline", "finetune"):
+    for name in ("model", "data", "diffusion", "optim", "schedule", "vae", "text_encoder", "trainer", "nan_guard",
+                 "budget", "deadline", "finetune"):
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
