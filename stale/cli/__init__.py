@@ -1,13 +1,18 @@
 """Console entry points: thin @hydra.main apps over library functions.
 
-Every app is declared with `stale_app`, which is `hydra.main(version_base="1.3", ...)` plus one thing Hydra
-does not do: when a command-line key is misspelt, Hydra says only "Could not override 'optim.lrr'" and
-suggests appending it with `+`; stale_app then also prints every key that node accepts and the nearest one.
+Every app is declared with `stale_app`, which is `hydra.main(version_base="1.3", ...)` plus two things Hydra
+does not do:
+- when a command-line key is misspelt, Hydra says only "Could not override 'optim.lrr'" and suggests appending
+  it with `+`; stale_app then also prints every key that node accepts and the nearest one;
+- a bad input (a ValueError: a config value, a file, a shard, a checkpoint; every stale error that names one is
+  one) ends the command with one line `stale-X: error: <message>` and exit code 2, no traceback. The traceback
+  stays one environment variable away: HYDRA_FULL_ERROR=1.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -55,11 +60,18 @@ def stale_app(config_name: str, config_path: str | None = CONFIG_PATH,
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
         @functools.wraps(task)
         def checked(cfg: DictConfig):
-            if flat_keys is not None:
-                from stale.utils.schema import check_flat_keys
+            try:
+                if flat_keys is not None:
+                    from stale.utils.schema import check_flat_keys
 
-                check_flat_keys(cfg, flat_keys)
-            return task(cfg)
+                    check_flat_keys(cfg, flat_keys)
+                return task(cfg)
+            except Exception as e:  # noqa: BLE001 - only user errors are reported here; the rest re-raise
+                message = user_error(e)
+                if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+                raise SystemExit(2) from None
 
         app = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(checked)
 
@@ -77,6 +89,18 @@ def stale_app(config_name: str, config_path: str | None = CONFIG_PATH,
         return entry
 
     return decorate
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of a bad input: a ValueError (or FileNotFoundError), also when Hydra's instantiate
+    wrapped it while building a node; None for anything else (a bug, which keeps its traceback)."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+        e = e.__cause__
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
 
 
 def packaged_config(name: str) -> DictConfig:
