@@ -60,30 +60,61 @@ def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
     assert [r["size"] for r in doc["sections"]["gpu"]["rows"]] == ["s", "b", "l"]
 
 
-def test_plain_loop_does_what_the_lightning_step_does():
-    """One step of each from the same weights and RNG state lands on the same weights: the same work is timed."""
-    from stale.bench.train import _InMemory, _lightning_round, _make_system, _PlainLoop, _quiet, _Recorder
+def fit_losses(system, batches, clip: float) -> list[float]:
+    """trainer.fit of `system` on `batches` (max_steps = their number); the loss training_step returned at each step."""
+    import lightning as L
 
-    # Seeded: the init must not follow whatever ran before it in this worker (xdist reorders tests). Unseeded, about
-    # one init in 25 (seed 20 of 0..24) puts both clips past the hinge margin: hinge loss 0, and only the final
-    # layer (2 tensors) moves in the first step, since adaLN-Zero blocks pass no gradient inwards.
-    torch.manual_seed(0)
-    base = build("tiny", 4, 16)
-    batches = random_batches(1, 2, 4, 16)
-    lit, plain_sys = _make_system(copy.deepcopy(base), 1e-3), _make_system(copy.deepcopy(base), 1e-3)
-    with _quiet():
-        plain = _PlainLoop(plain_sys, "cpu", "32-true", clip=1.0, max_steps=len(batches))
-        torch.manual_seed(7)
-        _lightning_round(lit, batches, "no_progress_bar", "cpu", "32-true", 1.0,
-                         _Recorder("cpu", None, batches, 0, 1), log_every_n_steps=1, logdir=None)
-    torch.manual_seed(7)
-    plain.step(batches[0])
-    moved = 0
-    for (name, a), b, c in zip(lit.model.named_parameters(), plain_sys.model.parameters(), base.parameters()):
+    from stale.bench.step import InMemory
+
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), max_epochs=1, gradient_clip_val=clip,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[Losses()])
+    trainer.fit(system, train_dataloaders=InMemory(batches))
+    return losses
+
+
+def test_train_step_lands_where_trainer_fit_lands():
+    """k steps of stale.bench.step.TrainStep and trainer.fit from the same init on the same batches: the same losses
+    at every step and the same weights after. The system has what a wrong optimiser or loss would get wrong: weight
+    decay on two parameter groups, a warmup-cosine schedule, the hinge branch and DoG, gradient clipping; the same
+    run with another schedule or without DoG lands elsewhere (the comparison can fail)."""
+    from stale.bench.step import TrainStep, make_system
+    from stale.diffusion.objective import StaleObjective
+
+    torch.manual_seed(0)  # an init whose first step moves every block (see the hinge note in the test below)
+    base = build("debug", 4, 8)
+    batches = random_batches(4, 2, 4, 8, seed=1)
+    cosine = {"name": "cosine", "warmup": 2}
+
+    def system(schedule=cosine, dog_weight=0.1):
+        return make_system(copy.deepcopy(base), lr=3e-3, objective=StaleObjective(dog_weight=dog_weight),
+                           schedule=schedule, weight_decay=0.05, seed=5)
+
+    def plain(sys_, clip=0.02):  # tight enough to clip these gradients (at 0.5 no-clipping went unnoticed)
+        step = TrainStep(sys_, "cpu", clip=clip, steps=len(batches))
+        return [float(step(b)) for b in batches], sys_.model
+
+    lit = system()
+    lit_losses = fit_losses(lit, batches, clip=0.02)
+    losses, model = plain(system())
+    assert len(lit_losses) == len(batches)
+    assert losses == pytest.approx(lit_losses, rel=1e-6, abs=1e-7)
+    for (name, a), b, c in zip(lit.model.named_parameters(), model.parameters(), base.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-        moved += not torch.equal(a, c)
-    assert moved > 10  # the step really updated the weights
-    assert len(_InMemory(batches)) == 1
+    assert sum(not torch.equal(a, c) for a, c in zip(model.parameters(), base.parameters())) > 10  # it trained
+
+    def max_weight_gap(other):
+        return max((a - b).abs().max().item() for a, b in zip(lit.model.parameters(), other.parameters()))
+
+    assert max_weight_gap(plain(system(schedule={"name": "constant", "warmup": 0}))[1]) > 1e-4  # another optimiser
+    other_losses, _ = plain(system(dog_weight=0.0))
+    assert abs(other_losses[0] - lit_losses[0]) > 1e-4  # another loss
 
 
 def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
