@@ -143,8 +143,7 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_model():
 def test_counted_flops_are_per_clip():
     """FlopCounterMode over a real step, divided by the batch: the same per clip at batch 4 and 8."""
     model = build("tiny", 4, 16)
-    per_clip = [gpu.count_flops_per_clip(model, random_batches(1, b, 4, 16)[0], "cpu", torch.float32)
-                for b in (4, 8)]
+    per_clip = [gpu.count_flops_per_clip(model, random_batches(1, b, 4, 16)[0], "cpu") for b in (4, 8)]
     assert per_clip[0] == pytest.approx(per_clip[1], rel=1e-6)
     # forward + backward is about 3x the forward's 2 x (weights per token) x tokens; the hinge branch adds 1/4
     tokens = 4 * (16 // 4) ** 2 + 4  # + the joy token of each frame
@@ -157,8 +156,8 @@ def test_analytic_flops_agree_with_the_counter():
     """stale.models.flops (another part of stale) x (1 + hinge share) against FlopCounterMode."""
     model = build("tiny", 4, 16)
     batch = random_batches(1, 8, 4, 16)[0]
-    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "analytic")
-    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "counted")
+    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", "32-true", "analytic")
+    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", "32-true", "counted")
     assert source.startswith("analytic") and analytic == pytest.approx(counted, rel=0.03)
 
 
@@ -227,11 +226,11 @@ def test_cpu_section_times_fused_against_loop_adamw():
 
 def test_fused_adamw_of_the_system_updates_as_the_per_tensor_loop_does():
     """StaleSystem uses AdamW's fused kernel on CPU too (faster, BENCHMARKS.md): it must be the same update."""
-    from stale.bench.train import _make_system
+    from stale.bench.step import make_system
 
     torch.manual_seed(0)
     base = build("tiny", 2, 8)
-    system = _make_system(copy.deepcopy(base), 1e-3)
+    system = make_system(copy.deepcopy(base), 1e-3)
     system.schedule_steps = 10  # no Trainer here to read max_steps from
     opt = system.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
@@ -322,25 +321,39 @@ def test_peer_section_times_stale_against_diffusers_latte():
 
 
 def test_peer_step_trains_both_models():
-    """The timed step is a real training step: the loss of both models on the same batch goes down."""
+    """The timed step is a real training step for both: each model's loss on the same batch and noise goes down."""
     from stale.bench import peer
 
     torch.manual_seed(0)
     stale = build("tiny", 2, 8, prediction="velocity")
-    latte = peer.latte_model(128, 4, 4, 4, 3, 2, 8)
-    caption = torch.zeros(2, 1, 128)
-    batch = peer.flow_batch(*random_batches(1, 2, 2, 8)[0], seed=0)
-    forwards = {"stale": (stale, lambda xt, t, y: stale(xt, t, y)[0]),
-                "latte": (latte, lambda xt, t, y: latte(xt, timestep=t * 1000, encoder_hidden_states=caption,
-                                                        return_dict=False)[0])}
-    for name, (model, forward) in forwards.items():
-        step = peer._Step(model, forward)
-        step.opt.param_groups[0]["lr"] = 1e-3
-        loss = lambda: torch.nn.functional.mse_loss(forward(*batch[:3]), batch[3]).item()
+    models = {"stale": stale, "latte": peer.matched_latte(stale, 2, seed=0)}
+    batch = random_batches(1, 2, 2, 8)[0]
+    for name, model in models.items():
+        step = peer.shared_step(model, seed=0)
+        step.optimizer.param_groups[0]["lr"] = step.optimizer.param_groups[1]["lr"] = 3e-3
+
+        def loss():
+            with torch.no_grad():
+                return step.system.batch_loss(batch, seed=123)["loss"].item()  # fixed noise and times
+
         before = loss()
         for _ in range(5):
             step(batch)
         assert loss() < before, name
+    assert "hinge" not in step.system.batch_loss(batch, seed=0)  # the step both share: no hinge branch
+
+
+def test_temporal_kernels_time_the_step_per_backend_on_cpu():
+    """gpu.temporal_kernels (once scripts/gpu_temporal_kernels.py): each backend a row; one the CPU lacks, an error."""
+    from stale.models import stale_transformer
+
+    before = list(stale_transformer.TEMPORAL_SDPA)
+    res = gpu.temporal_kernels("tiny", frames=4, resolution=8, batch_size=1, device="cpu", dtype="float32",
+                               backends=("math", "efficient"), steps=1, rounds=1)
+    math, efficient = res["rows"]
+    assert math["temporal"] == "math" and math["step_ms"] > 0 and math["vs_math"] == 1.0
+    assert efficient["step_ms"] is None and "error" in efficient  # no memory-efficient kernel on a CPU
+    assert stale_transformer.TEMPORAL_SDPA == before  # the model's kernel list is given back
 
 
 def test_data_section_measures_worker_cpu_past_the_prefetched_batches():
