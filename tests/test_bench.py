@@ -210,6 +210,7 @@ def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
     assert "MFU and tokens/s of B" in proc.stdout and "the longest clip" in proc.stdout
+    assert "temporal attention on each SDPA backend" in proc.stdout  # the last part: the whole list is printed
     assert "no CUDA device here; nothing measured" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing measured, nothing written
 
@@ -368,3 +369,63 @@ def test_data_section_measures_worker_cpu_past_the_prefetched_batches():
     assert row["workers"] == 2 and row["loader_clips_per_s_per_worker"] > 0
     assert row["batches_measured"] >= 2 * 2 * 4  # twice what 2 workers with prefetch_factor 4 hold ready
     assert math.isfinite(row["loader_clips_per_cpu_s"]) and row["loader_clips_per_cpu_s"] > 0
+
+
+def load_experiment(name: str):
+    """A script of experiments/ (not installed) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_decomposition_drops_the_joy_token_outside_the_model():
+    """experiments/peer_decomposition.py's no-joy variant (once a .patch of the model): the blocks see the H'W'
+    patches of a frame and no joy token, the velocity no longer depends on it, and the run gives every row."""
+    exp = load_experiment("peer_decomposition")
+    torch.manual_seed(0)
+    plain = build("tiny", 2, 8, prediction="velocity")
+    for p in plain.parameters():  # adaLN-Zero starts every block as the identity: give the blocks something to do
+        torch.nn.init.normal_(p, std=0.05)
+    nojoy = exp.without_joy(copy.deepcopy(plain))
+    seen = []
+    nojoy.blocks[1].block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[2]))
+    x, t, y = torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.rand(2), torch.tensor([0, 1])
+
+    def velocities():
+        with torch.no_grad():
+            return plain(x, t, y)[0], nojoy(x, t, y)[0]
+
+    with_joy, without = velocities()
+    assert seen == [(8 // 4) ** 2]  # the patches of a frame, no joy token
+    assert with_joy.shape == without.shape and not torch.allclose(with_joy, without)
+    for model in (plain, nojoy):
+        model.joy_token.add_(1.0)  # another joy token: it moves the model's velocity, not the variant's
+    moved, unmoved = velocities()
+    assert not torch.allclose(moved, with_joy) and torch.equal(unmoved, without)
+
+    exp.CASES["toy"] = ("tiny", 2, 8, 1, {})
+    out = exp.decomposition("toy", rounds=2, warmup=0)
+    assert [r["model"] for r in out["rows"]] == ["stale", "no_qk", "no_joy", "no_joy_no_qk", "latte"]
+    assert all(r["stale_over_latte"] > 0 for r in out["rows"][:4])
+
+
+def test_finetune_experiment_runs_at_a_toy_budget(tmp_path):
+    """experiments/finetune.py (docs/finetune.md's tables) trains through the measured step and scores every arm."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "finetune.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--base-steps", "2", "--ft-steps", "2",
+                           "--test-clips", "4", "--sample-steps", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results_all.json").read_text())
+    assert {"context", "no_context + given frames", "real clips (reference)"} <= set(res["continuation"])
+    assert {"base (no fine-tuning)", "full", "lora r=8"} <= set(res["lora"])
+    assert res["lora"]["lora r=8"]["trainable_params"] < res["lora"]["full"]["trainable_params"]
+    assert (tmp_path / "lora_sheet.png").stat().st_size > 0
