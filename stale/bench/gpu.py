@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stale.bench import build, random_batches, sync
+from stale.bench.memory import PeakMemory
 from stale.bench.step import TrainStep, make_system
 from stale.models.flops import training_flops_per_clip
 
@@ -178,6 +179,8 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
     cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
     """
     precision = precision_of(dtype)
+    meter = PeakMemory(device)
+    meter.reset()
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
     with _backend(sdpa):
         per_clip, source = flops_per_clip(model, frames, resolution, batch, device, precision, flops)
@@ -206,7 +209,7 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
             **({"flops_per_clip_counted": counted} if counted else {}),
             "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else "n/a (peak unknown)",
             "dtype": dtype, "compile": compile, "sdpa": sdpa, "warmup_s": round(warm_s, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None}
+            "peak_mem_gib": round(meter.peak() / 2**30, 2) if device.startswith("cuda") else None}
 
 
 def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4,
@@ -308,8 +311,6 @@ def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96,
             rows.append({"size": s, "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits "
                                                      f"batch {batch_size})", "mfu": "not measured"})
             continue
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         try:
             rows.append(measure(s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops,
                                 peak_tflops, seed))

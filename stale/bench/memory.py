@@ -189,7 +189,7 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
 
     def fits(frames: int) -> bool:
         torch.manual_seed(seed)
-        step = None
+        model = step = None
         try:
             model = build(size, frames, resolution, grad_checkpointing=checkpointing)
             step = TrainStep(make_system(model), device, "bf16-mixed")
@@ -202,7 +202,7 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
             tries.append({"frames": frames, "fits": False})
             return False
         finally:
-            del step
+            del model, step  # before emptying the cache: a failed try must not hold its memory into the next
             torch.cuda.empty_cache()
 
     from stale.bench import model_kwargs
