@@ -16,13 +16,14 @@
 #   s        MFU of S at the largest resolution that fits
 #   seqpar   sequence parallelism's overhead simulated on one GPU (stale-bench sections=parallel)
 #   fsdp     FSDP2 on the GPU (trainer=fsdp, NCCL, bf16): trains next to trainer=gpu, resumes, exports
+#   temporal B's eager step with temporal attention on each SDPA backend (stale.bench.gpu.temporal_kernels)
 # On a machine without CUDA it says what it would measure and exits 0.
 set -uo pipefail
 out="${1:-gpu_check}"
 py="${PYTHON:-python3}"
-parts="${PARTS:-b l longest profile train data b128 memory s seqpar fsdp}"
+parts="${PARTS:-b l longest profile train data b128 memory s seqpar fsdp temporal}"
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   echo "gpu_check: no CUDA device here; nothing measured."
   exit 0
 fi
@@ -54,6 +55,15 @@ json.dump(r, open(sys.argv[1], "w"), indent=1)
 print("B step (profiled) ms", r["step_ms_profiled"], "shares", r["shares"])
 for row in r["top"]:
     print(f'{row["share"]:7.2%} {row["calls"]:6d}  {row["kernel"]}')
+PY
+    ;;
+    temporal) "$py" - "$out/temporal_kernels.json" <<'PY'
+import json, sys
+from stale.bench.gpu import temporal_kernels
+r = temporal_kernels("b", resolution=64, batch_size=4)
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+for row in r["rows"]:
+    print(row)
 PY
     ;;
     train) bench sections=train out="$out/train.json" "train.variants=[lightning,no_progress_bar,barebones]" train.rounds=3 train.max_seconds=60 2>&1 | tail -40 ;;

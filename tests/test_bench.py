@@ -60,30 +60,61 @@ def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
     assert [r["size"] for r in doc["sections"]["gpu"]["rows"]] == ["s", "b", "l"]
 
 
-def test_plain_loop_does_what_the_lightning_step_does():
-    """One step of each from the same weights and RNG state lands on the same weights: the same work is timed."""
-    from stale.bench.train import _InMemory, _lightning_round, _make_system, _PlainLoop, _quiet, _Recorder
+def fit_losses(system, batches, clip: float) -> list[float]:
+    """trainer.fit of `system` on `batches` (max_steps = their number); the loss training_step returned at each step."""
+    import lightning as L
 
-    # Seeded: the init must not follow whatever ran before it in this worker (xdist reorders tests). Unseeded, about
-    # one init in 25 (seed 20 of 0..24) puts both clips past the hinge margin: hinge loss 0, and only the final
-    # layer (2 tensors) moves in the first step, since adaLN-Zero blocks pass no gradient inwards.
-    torch.manual_seed(0)
-    base = build("tiny", 4, 16)
-    batches = random_batches(1, 2, 4, 16)
-    lit, plain_sys = _make_system(copy.deepcopy(base), 1e-3), _make_system(copy.deepcopy(base), 1e-3)
-    with _quiet():
-        plain = _PlainLoop(plain_sys, "cpu", "32-true", clip=1.0, max_steps=len(batches))
-        torch.manual_seed(7)
-        _lightning_round(lit, batches, "no_progress_bar", "cpu", "32-true", 1.0,
-                         _Recorder("cpu", None, batches, 0, 1), log_every_n_steps=1, logdir=None)
-    torch.manual_seed(7)
-    plain.step(batches[0])
-    moved = 0
-    for (name, a), b, c in zip(lit.model.named_parameters(), plain_sys.model.parameters(), base.parameters()):
+    from stale.bench.step import InMemory
+
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), max_epochs=1, gradient_clip_val=clip,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[Losses()])
+    trainer.fit(system, train_dataloaders=InMemory(batches))
+    return losses
+
+
+def test_train_step_lands_where_trainer_fit_lands():
+    """k steps of stale.bench.step.TrainStep and trainer.fit from the same init on the same batches: the same losses
+    at every step and the same weights after. The system has what a wrong optimiser or loss would get wrong: weight
+    decay on two parameter groups, a warmup-cosine schedule, the hinge branch and DoG, gradient clipping; the same
+    run with another schedule or without DoG lands elsewhere (the comparison can fail)."""
+    from stale.bench.step import TrainStep, make_system
+    from stale.diffusion.objective import StaleObjective
+
+    torch.manual_seed(0)  # an init whose first step moves every block (see the hinge note in the test below)
+    base = build("debug", 4, 8)
+    batches = random_batches(4, 2, 4, 8, seed=1)
+    cosine = {"name": "cosine", "warmup": 2}
+
+    def system(schedule=cosine, dog_weight=0.1):
+        return make_system(copy.deepcopy(base), lr=3e-3, objective=StaleObjective(dog_weight=dog_weight),
+                           schedule=schedule, weight_decay=0.05, seed=5)
+
+    def plain(sys_, clip=0.02):  # tight enough to clip these gradients (at 0.5 no-clipping went unnoticed)
+        step = TrainStep(sys_, "cpu", clip=clip, steps=len(batches))
+        return [float(step(b)) for b in batches], sys_.model
+
+    lit = system()
+    lit_losses = fit_losses(lit, batches, clip=0.02)
+    losses, model = plain(system())
+    assert len(lit_losses) == len(batches)
+    assert losses == pytest.approx(lit_losses, rel=1e-6, abs=1e-7)
+    for (name, a), b, c in zip(lit.model.named_parameters(), model.parameters(), base.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-        moved += not torch.equal(a, c)
-    assert moved > 10  # the step really updated the weights
-    assert len(_InMemory(batches)) == 1
+    assert sum(not torch.equal(a, c) for a, c in zip(model.parameters(), base.parameters())) > 10  # it trained
+
+    def max_weight_gap(other):
+        return max((a - b).abs().max().item() for a, b in zip(lit.model.parameters(), other.parameters()))
+
+    assert max_weight_gap(plain(system(schedule={"name": "constant", "warmup": 0}))[1]) > 1e-4  # another optimiser
+    other_losses, _ = plain(system(dog_weight=0.0))
+    assert abs(other_losses[0] - lit_losses[0]) > 1e-4  # another loss
 
 
 def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
@@ -112,8 +143,7 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_model():
 def test_counted_flops_are_per_clip():
     """FlopCounterMode over a real step, divided by the batch: the same per clip at batch 4 and 8."""
     model = build("tiny", 4, 16)
-    per_clip = [gpu.count_flops_per_clip(model, random_batches(1, b, 4, 16)[0], "cpu", torch.float32)
-                for b in (4, 8)]
+    per_clip = [gpu.count_flops_per_clip(model, random_batches(1, b, 4, 16)[0], "cpu") for b in (4, 8)]
     assert per_clip[0] == pytest.approx(per_clip[1], rel=1e-6)
     # forward + backward is about 3x the forward's 2 x (weights per token) x tokens; the hinge branch adds 1/4
     tokens = 4 * (16 // 4) ** 2 + 4  # + the joy token of each frame
@@ -126,8 +156,8 @@ def test_analytic_flops_agree_with_the_counter():
     """stale.models.flops (another part of stale) x (1 + hinge share) against FlopCounterMode."""
     model = build("tiny", 4, 16)
     batch = random_batches(1, 8, 4, 16)[0]
-    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "analytic")
-    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", torch.float32, "counted")
+    analytic, source = gpu.flops_per_clip(model, 4, 16, batch, "cpu", "32-true", "analytic")
+    counted, _ = gpu.flops_per_clip(model, 4, 16, batch, "cpu", "32-true", "counted")
     assert source.startswith("analytic") and analytic == pytest.approx(counted, rel=0.03)
 
 
@@ -180,6 +210,7 @@ def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
     assert "MFU and tokens/s of B" in proc.stdout and "the longest clip" in proc.stdout
+    assert "temporal attention on each SDPA backend" in proc.stdout  # the last part: the whole list is printed
     assert "no CUDA device here; nothing measured" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing measured, nothing written
 
@@ -196,11 +227,11 @@ def test_cpu_section_times_fused_against_loop_adamw():
 
 def test_fused_adamw_of_the_system_updates_as_the_per_tensor_loop_does():
     """StaleSystem uses AdamW's fused kernel on CPU too (faster, BENCHMARKS.md): it must be the same update."""
-    from stale.bench.train import _make_system
+    from stale.bench.step import make_system
 
     torch.manual_seed(0)
     base = build("tiny", 2, 8)
-    system = _make_system(copy.deepcopy(base), 1e-3)
+    system = make_system(copy.deepcopy(base), 1e-3)
     system.schedule_steps = 10  # no Trainer here to read max_steps from
     opt = system.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
@@ -291,25 +322,39 @@ def test_peer_section_times_stale_against_diffusers_latte():
 
 
 def test_peer_step_trains_both_models():
-    """The timed step is a real training step: the loss of both models on the same batch goes down."""
+    """The timed step is a real training step for both: each model's loss on the same batch and noise goes down."""
     from stale.bench import peer
 
     torch.manual_seed(0)
     stale = build("tiny", 2, 8, prediction="velocity")
-    latte = peer.latte_model(128, 4, 4, 4, 3, 2, 8)
-    caption = torch.zeros(2, 1, 128)
-    batch = peer.flow_batch(*random_batches(1, 2, 2, 8)[0], seed=0)
-    forwards = {"stale": (stale, lambda xt, t, y: stale(xt, t, y)[0]),
-                "latte": (latte, lambda xt, t, y: latte(xt, timestep=t * 1000, encoder_hidden_states=caption,
-                                                        return_dict=False)[0])}
-    for name, (model, forward) in forwards.items():
-        step = peer._Step(model, forward)
-        step.opt.param_groups[0]["lr"] = 1e-3
-        loss = lambda: torch.nn.functional.mse_loss(forward(*batch[:3]), batch[3]).item()
+    models = {"stale": stale, "latte": peer.matched_latte(stale, 2, seed=0)}
+    batch = random_batches(1, 2, 2, 8)[0]
+    for name, model in models.items():
+        step = peer.shared_step(model, seed=0)
+        step.optimizer.param_groups[0]["lr"] = step.optimizer.param_groups[1]["lr"] = 3e-3
+
+        def loss():
+            with torch.no_grad():
+                return step.system.batch_loss(batch, seed=123)["loss"].item()  # fixed noise and times
+
         before = loss()
         for _ in range(5):
             step(batch)
         assert loss() < before, name
+    assert "hinge" not in step.system.batch_loss(batch, seed=0)  # the step both share: no hinge branch
+
+
+def test_temporal_kernels_time_the_step_per_backend_on_cpu():
+    """gpu.temporal_kernels (once scripts/gpu_temporal_kernels.py): each backend a row; one the CPU lacks, an error."""
+    from stale.models import stale_transformer
+
+    before = list(stale_transformer.TEMPORAL_SDPA)
+    res = gpu.temporal_kernels("tiny", frames=4, resolution=8, batch_size=1, device="cpu", dtype="float32",
+                               backends=("math", "efficient"), steps=1, rounds=1)
+    math, efficient = res["rows"]
+    assert math["temporal"] == "math" and math["step_ms"] > 0 and math["vs_math"] == 1.0
+    assert efficient["step_ms"] is None and "error" in efficient  # no memory-efficient kernel on a CPU
+    assert stale_transformer.TEMPORAL_SDPA == before  # the model's kernel list is given back
 
 
 def test_data_section_measures_worker_cpu_past_the_prefetched_batches():
@@ -324,3 +369,63 @@ def test_data_section_measures_worker_cpu_past_the_prefetched_batches():
     assert row["workers"] == 2 and row["loader_clips_per_s_per_worker"] > 0
     assert row["batches_measured"] >= 2 * 2 * 4  # twice what 2 workers with prefetch_factor 4 hold ready
     assert math.isfinite(row["loader_clips_per_cpu_s"]) and row["loader_clips_per_cpu_s"] > 0
+
+
+def load_experiment(name: str):
+    """A script of experiments/ (not installed) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_decomposition_drops_the_joy_token_outside_the_model():
+    """experiments/peer_decomposition.py's no-joy variant (once a .patch of the model): the blocks see the H'W'
+    patches of a frame and no joy token, the velocity no longer depends on it, and the run gives every row."""
+    exp = load_experiment("peer_decomposition")
+    torch.manual_seed(0)
+    plain = build("tiny", 2, 8, prediction="velocity")
+    for p in plain.parameters():  # adaLN-Zero starts every block as the identity: give the blocks something to do
+        torch.nn.init.normal_(p, std=0.05)
+    nojoy = exp.without_joy(copy.deepcopy(plain))
+    seen = []
+    nojoy.blocks[1].block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[2]))
+    x, t, y = torch.rand(2, 3, 2, 8, 8) * 2 - 1, torch.rand(2), torch.tensor([0, 1])
+
+    def velocities():
+        with torch.no_grad():
+            return plain(x, t, y)[0], nojoy(x, t, y)[0]
+
+    with_joy, without = velocities()
+    assert seen == [(8 // 4) ** 2]  # the patches of a frame, no joy token
+    assert with_joy.shape == without.shape and not torch.allclose(with_joy, without)
+    for model in (plain, nojoy):
+        model.joy_token.add_(1.0)  # another joy token: it moves the model's velocity, not the variant's
+    moved, unmoved = velocities()
+    assert not torch.allclose(moved, with_joy) and torch.equal(unmoved, without)
+
+    exp.CASES["toy"] = ("tiny", 2, 8, 1, {})
+    out = exp.decomposition("toy", rounds=2, warmup=0)
+    assert [r["model"] for r in out["rows"]] == ["stale", "no_qk", "no_joy", "no_joy_no_qk", "latte"]
+    assert all(r["stale_over_latte"] > 0 for r in out["rows"][:4])
+
+
+def test_finetune_experiment_runs_at_a_toy_budget(tmp_path):
+    """experiments/finetune.py (docs/finetune.md's tables) trains through the measured step and scores every arm."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "finetune.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--base-steps", "2", "--ft-steps", "2",
+                           "--test-clips", "4", "--sample-steps", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results_all.json").read_text())
+    assert {"context", "no_context + given frames", "real clips (reference)"} <= set(res["continuation"])
+    assert {"base (no fine-tuning)", "full", "lora r=8"} <= set(res["lora"])
+    assert res["lora"]["lora r=8"]["trainable_params"] < res["lora"]["full"]["trainable_params"]
+    assert (tmp_path / "lora_sheet.png").stat().st_size > 0

@@ -12,7 +12,7 @@ from test_resume import run
 from test_system import make_cfg
 
 from stale.bench import random_batches
-from stale.bench.train import _InMemory
+from stale.bench.step import InMemory
 from stale.system.deadline import TrainingDeadline, plan_steps
 from stale.train import build_system
 
@@ -98,7 +98,7 @@ def test_plan_is_raised_when_the_machine_gets_faster(tmp_path):
     trainer = L.Trainer(max_steps=-1, callbacks=[SlowStart(), deadline], val_check_interval=20, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         accelerator="cpu")
-    trainer.fit(system, _InMemory(random_batches(400, 2, 2, 8)), _InMemory(random_batches(1, 2, 2, 8)))
+    trainer.fit(system, InMemory(random_batches(400, 2, 2, 8)), InMemory(random_batches(1, 2, 2, 8)))
     first, *later = deadline.decisions
     assert first["why"].startswith("measured") and first["step"] == 8
     raised = [d for d in later if d["why"].endswith("faster than measured")]

@@ -1,4 +1,4 @@
-"""scripts/convergence.py, the one command behind docs/convergence.md, still runs and writes both files."""
+"""experiments/convergence.py, the one command behind docs/convergence.md, still runs and writes both files."""
 
 import os
 import subprocess
@@ -9,12 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_convergence_script_writes_table_and_plot(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "convergence.py"), "--grid", "8", "--max-steps", "16",
+    cmd = [sys.executable, str(REPO / "experiments" / "convergence.py"), "--grid", "8", "--max-steps", "16",
            "--ref-steps", "32", "--samplers", "euler", "heun", "--out", str(tmp_path), "--raw", str(tmp_path / "raw.pt")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "convergence.md").read_text()
-    assert "scripts/convergence.py" in md.splitlines()[2]  # the command is stated at the top
+    assert "experiments/convergence.py" in md.splitlines()[2]  # the command is stated at the top
     for row in ("| uniform | euler | 4 |", "| gaussian | heun | 16 |", "## Classifier guidance against the exact"):
         assert row in md
     png = (tmp_path / "convergence.png").read_bytes()

@@ -1,9 +1,10 @@
 """Alternating (spatial / temporal) versus full space-time attention as the clip length T grows.
 
 Each row is one training step configuration (model, T, attention pattern), measured in a fresh process so
-that peak memory is that configuration's alone: median step time (forward, backward, AdamW step) over a
-few steps after warm-up, and peak memory during those steps above the memory held before the first step
-(CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident set size, ru_maxrss). With it,
+that peak memory is that configuration's alone: median time of stale.bench.step's training step (the system's
+loss, hinge branch included, backward, clipping, AdamW) over a few steps after warm-up, and peak memory during
+those steps above the memory held before the first step (stale.bench.memory.PeakMemory: CUDA's
+max_memory_allocated, or the process's peak resident set size). With it,
 the analytic training FLOPs per clip (stale.models.flops) and the FLOP rate they imply.
 
     python -m stale.bench.attention --threads 1   # a small model on the CPU; prints a Markdown table
@@ -22,32 +23,18 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import statistics
-import sys
 import time
 
 import torch
 
+from stale.bench import random_batches, sync
+from stale.bench.memory import PeakMemory
+from stale.bench.step import TrainStep, make_system
 from stale.models import build_model
 from stale.models.flops import count_parameters, training_flops_per_clip
 
 PATTERNS = ("alternating", "full")
-
-
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc); falls back to the peak so far elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16, patch=(1, 4, 4),
@@ -65,36 +52,21 @@ def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16
 
 def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed) -> dict:
     torch.manual_seed(seed)
-    dev = torch.device(device)
     model = build_model(model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern,
-                        **(model_overrides or {})).to(dev)
+                        **(model_overrides or {}))
     cfg = model.config
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, cfg.in_channels, frames, image, image, device=dev) * 2 - 1
-    t = torch.rand(batch, device=dev)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=dev)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        v, scores = model(x, t, y)
-        (v.float().square().mean() + scores.float().square().mean()).backward()
-        opt.step()
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = _rss_bytes()
+    step = TrainStep(make_system(model), device)
+    clips = random_batches(1, batch, frames, image, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
+    meter = PeakMemory(device)
+    base = meter.reset()
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        step(clips)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_bytes()
+    peak = meter.peak()
     step_s = statistics.median(times)
     flops = training_flops_per_clip(cfg)
     pt, ph, pw = cfg.patch
@@ -102,7 +74,7 @@ def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, 
         "frames": frames, "pattern": pattern, "model": model_size, "dim": cfg.dim, "depth": cfg.depth,
         "image": image, "patch": list(cfg.patch), "batch": batch,
         "tokens": (frames // pt) * ((image // ph) * (image // pw) + 1),  # per clip, joy tokens included
-        "params": count_parameters(model), "device": str(dev), "threads": torch.get_num_threads(),
+        "params": count_parameters(model), "device": str(device), "threads": torch.get_num_threads(),
         "step_s": step_s, "peak_mem_mb": max(0, peak - base) / 2**20,
         "train_gflop_per_clip": flops / 1e9, "gflop_per_s": flops * batch / step_s / 1e9,
     }

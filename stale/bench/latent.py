@@ -4,10 +4,11 @@ latents against the step on pixels for the same pixel clip, in one run.
 The autoencoder is `vae` (a folder or hub id, loaded as stale-train loads it) or, when null, diffusers'
 AutoencoderKLWan with its default config: Wan 2.1's architecture at its real size with random weights (the
 speed of a convolutional network does not depend on its weights, and nothing can be downloaded here).
-The two steps are the same plain training step (stale.bench.gpu.PlainStep: objective forward, backward, AdamW)
-on in-memory batches: the pixel model on uint8 clips, the latent model on the posterior draws the system makes
-from cached moments (draw + normalise timed with it). `fly` adds the encode of the same batch: vae=diffusers
-with data=shards. Variants take turns round by round, so a change in the machine's load reaches all of them.
+Every variant is the same training step (stale.bench.step: the system's loss, backward, clipping, AdamW) on
+in-memory batches: the pixel model on uint8 clips; the latent model (a StaleSystem with the autoencoder, as
+stale-train builds it) on cached moments, from which the system draws its normalised latents (timed with it);
+and the same latent system on uint8 clips, which it encodes first (vae=diffusers with data=shards). Variants
+take turns round by round, so a change in the machine's load reaches all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from stale.bench import build, median, random_batches, sync
+from stale.bench.step import TrainStep, make_system
 from stale.diffusion import flow
 
 
@@ -48,8 +50,6 @@ def _cache_bytes(moments: torch.Tensor, dtype) -> int:
 def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int = 64, batch_size: int = 4,
         latent_patch=(1, 2, 2), steps: int = 5, rounds: int = 3, encode_clips: int = 4, device: str = "cpu",
         seed: int = 0) -> dict:
-    from stale.bench.gpu import PlainStep
-
     ae, name = _autoencoder(vae, device)
     c, t, h, w = ae.latent_shape(frames, size)
     pixels = random_batches(2, batch_size, frames, size, seed=seed)
@@ -64,26 +64,13 @@ def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int 
     cached = [(ae.encode(flow.to_unit_range(v.to(device))), y) for v, y in pixels]  # (B, 2C, T', H', W')
 
     torch.manual_seed(seed)
-    pixel_step = PlainStep(build(model, frames, size).to(device), device, torch.float32, False)
+    pixel_step = TrainStep(make_system(build(model, frames, size)), device)
     torch.manual_seed(seed)
-    latent_net = build(model, t, h, in_channels=c, patch=list(latent_patch)).to(device)
-    latent_step = PlainStep(latent_net, device, torch.float32, False)
-
-    def step_latent(batch):
-        m, y = batch
-        x = ae.sample(m)  # as StaleSystem.latents: a posterior draw, normalised
-        loss = latent_step.objective(latent_step.net, x, y.to(device), latent_net.config.num_classes)["loss"]
-        loss.backward()
-        latent_step.opt.step()
-        latent_step.opt.zero_grad(set_to_none=True)
-
-    def step_fly(batch):
-        v, y = batch
-        step_latent((ae.encode(flow.to_unit_range(v.to(device))), y))
-
-    variants = {"pixels": lambda i: pixel_step.step(tuple(p.to(device) for p in pixels[i % 2])),
-                "cached latents": lambda i: step_latent(cached[i % 2]),
-                "latents encoded on the fly": lambda i: step_fly(pixels[i % 2])}
+    latent_net = build(model, t, h, in_channels=c, patch=list(latent_patch))
+    latent_step = TrainStep(make_system(latent_net, autoencoder=ae), device)
+    variants = {"pixels": lambda i: pixel_step(pixels[i % 2]),
+                "cached latents": lambda i: latent_step(cached[i % 2]),
+                "latents encoded on the fly": lambda i: latent_step(pixels[i % 2])}
     times: dict[str, list[float]] = {}
     for r in range(rounds):
         for key, fn in variants.items():

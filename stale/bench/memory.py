@@ -1,7 +1,7 @@
 """Peak training memory per clip, for each model size, with and without gradient checkpointing.
 
-One training step is the objective's forward, backward, AdamW step and zero_grad. Memory per clip is
-the slope between two batch sizes, (peak(B2) - peak(B1)) / (B2 - B1): what each extra clip costs in
+One training step is stale.bench.step's (the system's loss, backward, clipping, AdamW step, zero_grad).
+Memory per clip is the slope between two batch sizes, (peak(B2) - peak(B1)) / (B2 - B1): what each extra clip costs in
 activations and temporaries, with the fixed part (weights, gradients, optimiser state, allocator
 and library baggage) cancelled. `fixed_mib` is the rest of peak(B1) above what was held before the
 first step.
@@ -26,50 +26,41 @@ import sys
 import torch
 
 from stale.bench import build, random_batches, sync
+from stale.bench.step import TrainStep, make_system
 
 MARK = "STALE_BENCH_MEMORY "
 MIB = 2**20
 
 
-def _step_fn(model, device: str, amp: bool):
-    from stale.diffusion.objective import StaleObjective
-    from stale.diffusion.flow import to_unit_range
+class PeakMemory:
+    """The most memory this process held since the last reset(), on `device`: the one peak-memory meter of the bench.
 
-    objective = StaleObjective()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as StaleSystem's
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-
-    def step(batch):
-        video, label = (t.to(device) for t in batch)
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
-            loss = objective(model, to_unit_range(video), label, model.config.num_classes)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-
-    return step
-
-
-class _RSSPeak:
-    """Peak resident set size of this process, resettable where Linux allows it.
-
-    Writing 5 to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to the current RSS, so a
-    phase's peak excludes earlier transients such as importing torch. Elsewhere this falls back to
-    getrusage's ru_maxrss, which never resets (the fresh process per row keeps that usable).
+    cuda: torch.cuda.max_memory_allocated (live tensor bytes; the caching allocator's reserve is extra).
+    cpu: the peak resident set size. Writing 5 to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to
+    the current RSS, so a phase's peak excludes earlier transients such as importing torch; elsewhere getrusage's
+    ru_maxrss, which never resets (a fresh process per measurement keeps that usable). `method` says which.
     """
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device, self.cuda = device, str(device).startswith("cuda")
+        if self.cuda:
+            self.method = "torch.cuda.max_memory_allocated"
+            return
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._status("VmHWM")
+            self.reset_hwm()
             self.method = "peak RSS (VmHWM, reset per phase) of a fresh process"
         except OSError:
             self.method = "peak RSS (ru_maxrss) of a fresh process"
 
     @staticmethod
-    def _status(key: str) -> int:
+    def reset_hwm() -> int:
+        """Reset Linux's RSS high-water mark; return the current RSS in bytes (OSError where there is none)."""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return PeakMemory.status("VmRSS")
+
+    @staticmethod
+    def status(key: str) -> int:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
@@ -77,52 +68,43 @@ class _RSSPeak:
         raise OSError(f"/proc/self/status has no {key}")
 
     def reset(self) -> int:
-        """Reset the peak (when possible); return the current RSS in bytes."""
+        """Reset the peak (where possible); return the memory held now, in bytes."""
+        sync(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
         if "VmHWM" in self.method:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return self._status("VmRSS")
+            return self.reset_hwm()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def peak(self) -> int:
+        sync(self.device)
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
         if "VmHWM" in self.method:
-            return self._status("VmHWM")
+            return self.status("VmHWM")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peaks(size: str, checkpointing: bool, frames: int, image: int, batches: tuple[int, int], device: str,
            seed: int) -> dict:
-    """Peak bytes before the first step and during steps at batches[0] and batches[1]."""
+    """Memory held before the first step and the peaks of steps at batches[0] and batches[1]."""
     torch.manual_seed(seed)
-    model = build(size, frames, image, grad_checkpointing=checkpointing).to(device).train()
+    model = build(size, frames, image, grad_checkpointing=checkpointing)
     b1, b2 = batches
     data = {b: random_batches(1, b, frames, image, seed=seed)[0] for b in (b1, b2)}
-    cuda = device.startswith("cuda")
-    step = _step_fn(model, device, amp=cuda)
-    if cuda:
-        sync(device)
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(data[b1])
-        step(data[b1])
-        p1 = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(data[b2])
-        p2 = torch.cuda.max_memory_allocated()
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        rss = _RSSPeak()
-        base = rss.reset()
-        step(data[b1])  # the first step also creates AdamW's state
-        rss.reset()
-        step(data[b1])
-        p1 = rss.peak()
-        rss.reset()
-        step(data[b2])
-        p2 = rss.peak()
-        method = rss.method
+    step = TrainStep(make_system(model), device, "bf16-mixed" if device.startswith("cuda") else "32-true")
+    meter = PeakMemory(device)
+    base = meter.reset()
+    step(data[b1])  # the first step also creates AdamW's state
+    meter.reset()
+    step(data[b1])
+    p1 = meter.peak()
+    meter.reset()
+    step(data[b2])
+    p2 = meter.peak()
     return {"base": base, "p1": p1, "p2": p2, "parameters": sum(p.numel() for p in model.parameters()),
-            "method": method}
+            "method": meter.method}
 
 
 def _peaks_cpu_subprocess(args: dict) -> dict:
@@ -197,7 +179,7 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
                  batch_size: int = 1, start: int = 4, max_frames: int = 1024, seed: int = 0) -> dict:
     """The longest clip (frames at resolution x resolution) whose bf16 training step fits on the GPU.
 
-    One eager training step per try (objective forward, backward, AdamW); a try that raises CUDA's
+    One eager training step per try (stale.bench.step, bf16-mixed); a try that raises CUDA's
     out-of-memory error does not fit. Frames move in multiples of the model's temporal patch.
     """
     if not device.startswith("cuda"):
@@ -207,19 +189,20 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
 
     def fits(frames: int) -> bool:
         torch.manual_seed(seed)
-        model = opt_step = None
+        model = step = None
         try:
-            model = build(size, frames, resolution, grad_checkpointing=checkpointing).to(device).train()
-            opt_step = _step_fn(model, device, amp=True)
-            torch.cuda.reset_peak_memory_stats()
-            opt_step(random_batches(1, batch_size, frames, resolution, seed=seed)[0])
-            tries.append({"frames": frames, "fits": True, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+            model = build(size, frames, resolution, grad_checkpointing=checkpointing)
+            step = TrainStep(make_system(model), device, "bf16-mixed")
+            meter = PeakMemory(device)
+            meter.reset()
+            step(random_batches(1, batch_size, frames, resolution, seed=seed)[0])
+            tries.append({"frames": frames, "fits": True, "peak_gib": round(meter.peak() / 2**30, 2)})
             return True
         except torch.cuda.OutOfMemoryError:
             tries.append({"frames": frames, "fits": False})
             return False
         finally:
-            del model, opt_step
+            del model, step  # before emptying the cache: a failed try must not hold its memory into the next
             torch.cuda.empty_cache()
 
     from stale.bench import model_kwargs

@@ -2,9 +2,9 @@
 
 For each N in `sequences`, N fresh processes (one torch thread each) train the same model on the same clips,
 each holding 1/N of every clip's tokens inside the blocks (stale/parallel/sequence.py); N = 1 is the plain
-model in one process. One step is the velocity loss's forward and backward (diffusion.hinge_weight=0: one
-forward per step, so the volume below is exact), the gradient all-reduce over the group (DDP's job in
-training) and AdamW. Per row:
+model in one process. One step is stale.bench.step's training step with diffusion.hinge_weight=0 (one forward
+per step, so the volume below is exact; each step's noise is the same on every rank), with the gradient
+all-reduce over the group (DDP's job in training) between its backward and its update. Per row:
 
 - step_ms: median wall time of the measured steps on rank 0; cpu_ms: the median process CPU time of a step, the
   largest rank's (on a shared machine the steadier number: the N processes compete for the same cores);
@@ -60,9 +60,10 @@ def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides:
             warmup: int, seed: int) -> None:
     import torch.distributed as dist
 
-    from stale.bench import build
-    from stale.bench.memory import _RSSPeak
-    from stale.diffusion.flow import interpolate, sample_prior, velocity_target
+    from stale.bench import build, random_batches
+    from stale.bench.memory import PeakMemory
+    from stale.bench.step import TrainStep, make_system
+    from stale.diffusion.objective import StaleObjective
     from stale.parallel.sequence import SequenceParallel, sharded
 
     torch.set_num_threads(1)
@@ -73,26 +74,21 @@ def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides:
         sp = SequenceParallel(dist.group.WORLD)
     try:
         torch.manual_seed(seed)
-        model = build(model_name, **overrides).train()
+        model = build(model_name, **overrides)
         cfg = model.config
-        g = torch.Generator().manual_seed(seed)
-        x = torch.rand(batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size, generator=g) * 2 - 1
-        z = sample_prior(x.shape, "uniform", generator=g)
-        t = torch.rand(batch, generator=g)
-        y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        # the velocity loss alone (diffusion.hinge_weight=0): one forward per step, so the volume is exact
+        step = TrainStep(make_system(model, objective=StaleObjective(hinge_weight=0.0), seed=seed), "cpu")
+        clips = random_batches(1, batch, cfg.frames, cfg.size, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
         saved = [0]
 
         def pack(tensor):
             saved[0] += tensor.numel() * tensor.element_size()
             return tensor
 
-        def step():
+        def train() -> float:
             saved[0] = 0
             with sharded(model, sp), torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u):
-                v, _ = model(interpolate(z, x, t), t, y)
-                loss = (v - velocity_target(z, x)).pow(2).mean()
-            loss.backward()
+                loss = step.backward(clips)["loss"]
             if world > 1:  # every rank holds the clip's loss: the average over the group is the gradient
                 grads = [p.grad for p in model.parameters() if p.grad is not None]  # the head has none here
                 flat = torch.cat([gr.reshape(-1) for gr in grads])
@@ -100,18 +96,17 @@ def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides:
                 flat /= world
                 for gr, new in zip(grads, flat.split([gr.numel() for gr in grads])):
                     gr.copy_(new.view_as(gr))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step.update()
             return loss.item()
 
-        rss = _RSSPeak()
+        rss = PeakMemory("cpu")
         before = rss.reset()  # model, optimiser and clips built; no step taken yet
         times, cpu, losses = [], [], []
         for i in range(warmup + steps):
             if world > 1:
                 dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
-            losses.append(step())
+            losses.append(train())
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)

@@ -7,7 +7,8 @@ of procedural clips (a bright disc moving over a class-coloured gradient; the co
 Then each model's flow loss is measured on fixed noise and fixed times (t = 0.1, 0.3, ..., 0.9) at shapes it
 trained on and at shapes it never saw (larger, wider, twice the side, twice the frames): what extrapolation costs
 each code. Steps are timed in alternation (the variants take turns within every step, the order rotating), so
-the steps/s ratios share the machine's load. Two or more seeds give the spread the differences must beat.
+the steps/s ratios share the machine's load. Every step is stale.bench.step's (flow loss only, clipping, AdamW).
+Two or more seeds give the spread the differences must beat.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 import torch
 
 from stale.bench import median
+from stale.bench.step import TrainStep, make_system
+from stale.diffusion import flow
+from stale.diffusion.objective import StaleObjective
 
 VARIANTS = {  # name -> StaleConfig overrides; the first is the reference of the ratios
     "sincos": {},
@@ -33,7 +37,7 @@ EVAL = {  # name -> (T, H, W)
 
 
 def render(b: int, t: int, h: int, w: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clips in [-1, 1] (B, 3, T, H, W), labels (B,)): class 0 red-ish, class 1 blue-ish gradient; a disc moves."""
+    """(uint8 clips (B, 3, T, H, W), labels (B,)): class 0 red-ish, class 1 blue-ish gradient; a disc moves."""
     y = torch.randint(0, 2, (b,), generator=g)
     yy = torch.linspace(0, 1, h)[:, None].expand(h, w)
     xx = torch.linspace(0, 1, w)[None, :].expand(h, w)
@@ -45,13 +49,14 @@ def render(b: int, t: int, h: int, w: int, g: torch.Generator) -> tuple[torch.Te
             cy, cx = 0.5 + 0.3 * math.sin(k / 3 + phase[i]), 0.5 + 0.3 * math.cos(k / 4 + phase[i])
             disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < 0.04
             out[i, :, k] = torch.where(disc, torch.ones(3, 1, 1), base)
-    return out * 2 - 1, y
+    return flow.to_uint8(out * 2 - 1), y
 
 
 def flow_loss(model, shape: tuple, clips: int = 8, seed: int = 123) -> float:
     """Velocity MSE on `clips` fixed clips of `shape`, fixed uniform-prior noise, t = 0.1, 0.3, ..., 0.9 (mean)."""
     g = torch.Generator().manual_seed(seed)
-    x, y = render(clips, *shape, g)
+    video, y = render(clips, *shape, g)
+    x = flow.to_unit_range(video)
     losses = []
     with torch.no_grad():
         for t in (0.1, 0.3, 0.5, 0.7, 0.9):
@@ -64,32 +69,27 @@ def flow_loss(model, shape: tuple, clips: int = 8, seed: int = 123) -> float:
 def train(variants: dict, buckets, steps: int, seed: int, model_kw: dict, lr: float) -> dict:
     """Train one model per variant in lockstep on the same batches; returns {name: (model, seconds per step list)}."""
     from stale.data.buckets import parse_buckets
-    from stale.diffusion.objective import StaleObjective
     from stale.models.stale_transformer import StaleConfig, StaleTransformer
 
-    models, opts = {}, {}
+    objective = StaleObjective(hinge_weight=0.0)  # the flow loss alone: what the positional code changes
+    trainers = {}
     for name, over in variants.items():
         torch.manual_seed(seed)  # same draw order: the variants start from the same weights (none are pos-specific)
-        models[name] = StaleTransformer(StaleConfig(**{**model_kw, **over}))
-        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=lr)
-    shapes = parse_buckets(buckets, models[next(iter(models))].config.patch, key="pos.buckets")
-    objective = StaleObjective(hinge_weight=0.0)  # the flow loss alone: what the positional code changes
+        model = StaleTransformer(StaleConfig(**{**model_kw, **over}))
+        # one system seed: at every step each variant draws the same noise and times (stale.bench.step)
+        trainers[name] = TrainStep(make_system(model, lr=lr, objective=objective, seed=seed))
+    shapes = parse_buckets(buckets, model.config.patch, key="pos.buckets")
     g = torch.Generator().manual_seed(seed)
     times = {name: [] for name in variants}
     names = list(variants)
     for step in range(steps):
         bucket = shapes[int(torch.randint(len(shapes), (1,), generator=g))]
-        x, y = render(bucket.batch_size, bucket.frames, bucket.height, bucket.width, g)
-        noise_seed = int(torch.randint(2**31, (1,), generator=g))
+        batch = render(bucket.batch_size, bucket.frames, bucket.height, bucket.width, g)
         for name in names[step % len(names):] + names[: step % len(names)]:  # rotate who goes first
-            torch.manual_seed(noise_seed)  # the same noise and times for every variant
             t0 = time.perf_counter()
-            loss = objective(models[name], x, y, 2)["loss"]
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
+            trainers[name](batch)
             times[name].append(time.perf_counter() - t0)
-    return {name: (models[name].eval(), times[name]) for name in variants}
+    return {name: (trainers[name].system.model.eval(), times[name]) for name in variants}
 
 
 def run(steps: int = 1500, seeds: int = 2, buckets="smoke", variants: dict | None = None, evals: dict | None = None,

@@ -66,9 +66,9 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
         nfe = _count_nfe(fn, velocity, x0, ts, clamp=True)
         plans.append((name, lambda fn=fn: fn(velocity, x0, ts, clamp=True, progress=False), nfe))
     if system_sample:  # the user-facing path: prior draw, sampler, uint8 conversion
-        from stale.bench.train import _make_system
+        from stale.bench.step import make_system
 
-        system = _make_system(net, 1e-3).to(device)
+        system = make_system(net, 1e-3).to(device)
         plans.append(("StaleSystem.sample(euler)",
                       lambda: system.sample(labels, steps=steps, sampler="euler", seed=seed), steps))
 

@@ -1,10 +1,10 @@
 """Framework overhead: the Lightning training step versus a plain PyTorch loop doing the same work.
 
-Both sides get the same model (identical initial weights), the same pre-decoded uint8 batches held in
-memory (so no data loader is measured here), the same objective, the optimiser and LR scheduler built
-by StaleSystem.configure_optimizers(), the same gradient clipping and the same precision (a test checks
-that one step of each lands on the same weights). Lightning's step time is the period between the
-starts of consecutive batches, so everything the framework does per step (hooks, self.log, logger,
+Both sides get the same model (identical initial weights) and the same pre-decoded uint8 batches held in
+memory (so no data loader is measured here); the plain side is stale.bench.step.TrainStep, the step every
+section times: the system's own loss, optimiser and LR schedule, the same gradient clipping and precision
+(a test checks that k steps of each land on the same losses and weights). Lightning's step time is the period
+between the starts of consecutive batches, so everything the framework does per step (hooks, self.log, logger,
 progress bar, scheduler, fetching the next batch) is inside it.
 
 Two timings:
@@ -52,6 +52,7 @@ import warnings
 import torch
 
 from stale.bench import build, median, random_batches, spread, sync
+from stale.bench.step import InMemory, TrainStep, make_system
 
 VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich", "rich_4hz", "tqdm")
 
@@ -85,13 +86,6 @@ def _precision(precision: str, device: str) -> str:
     return precision
 
 
-def _make_system(model, lr: float):
-    from stale.diffusion.objective import StaleObjective
-    from stale.system.stale_system import StaleSystem
-
-    return StaleSystem(model, StaleObjective(), lr=lr, schedule={"name": "constant", "warmup": 0})
-
-
 @contextlib.contextmanager
 def _quiet():
     """Lightning's per-Trainer info lines and the progress bar would bury the table: send them away."""
@@ -109,19 +103,6 @@ def _quiet():
                 logging.getLogger(n).setLevel(lv)
 
 
-class _InMemory:
-    """The pre-decoded batches as one iterable (a bare list would be read as a list of dataloaders)."""
-
-    def __init__(self, batches: list):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def _now(device: str) -> tuple[float, float]:
     """(wall, process CPU) seconds after synchronising the device.
 
@@ -137,58 +118,25 @@ def _minus(b: tuple[float, float], a: tuple[float, float], n: int = 1) -> tuple[
     return (b[0] - a[0]) / n, (b[1] - a[1]) / n
 
 
-class _PlainLoop:
-    """What Trainer.fit does per step, written out: to device, autocast forward, backward, clip, step."""
-
-    def __init__(self, system, device: str, precision: str, clip: float, max_steps: int):
-        self.system, self.device, self.clip = system, device, clip
-        self.amp = precision == "bf16-mixed"
-        self.dev_type = "cuda" if device.startswith("cuda") else "cpu"
-        self.opt, self.sched = _plain_optimizer(system, device, max_steps)
-        self.steps_done = 0  # the batch index the system's per-step noise seed is built from
-
-    def step(self, batch) -> None:
-        from stale.diffusion.flow import to_unit_range
-        from stale.system.stale_system import noise_seed
-
-        model, objective = self.system.model, self.system.objective
-        model.train()
-        video, label = batch
-        video, label = video.to(self.device, non_blocking=True), label.to(self.device, non_blocking=True)
-        cuda = self.dev_type == "cuda"
-        # the system draws each step's noise from a per-step seed in a forked RNG: do (and time) the same
-        with torch.random.fork_rng(devices=[video.device] if cuda else [], device_type="cuda"):
-            torch.manual_seed(noise_seed(self.system.seed, self.steps_done, 0))
-            with torch.autocast(self.dev_type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = objective(model, to_unit_range(video), label, self.system.null_label)["loss"]
-        self.steps_done += 1
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
-        self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def block(self, batches: list, start: int, end: int,
-              profiler: cProfile.Profile | None = None) -> tuple[float, float]:
-        """Run every batch; return the mean (wall, cpu) step time over steps [start, end)."""
-        a = b = None
-        for i, batch in enumerate(batches):
-            if i == start:
-                a = _now(self.device)
-                if profiler:
-                    profiler.enable()
-            if i == end:
-                if profiler:
-                    profiler.disable()
-                b = _now(self.device)
-            self.step(batch)
-        if b is None:
-            b = _now(self.device)
+def _block(plain: TrainStep, batches: list, start: int, end: int,
+           profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+    """Run the plain step on every batch; return the mean (wall, cpu) step time over steps [start, end)."""
+    device, a, b = plain.device, None, None
+    for i, batch in enumerate(batches):
+        if i == start:
+            a = _now(device)
+            if profiler:
+                profiler.enable()
+        if i == end:
             if profiler:
                 profiler.disable()
-        return _minus(b, a, end - start)
+            b = _now(device)
+        plain(batch)
+    if b is None:
+        b = _now(device)
+        if profiler:
+            profiler.disable()
+    return _minus(b, a, end - start)
 
 
 class _Recorder:
@@ -201,7 +149,7 @@ class _Recorder:
     also where the optional cProfile window opens and closes.
     """
 
-    def __init__(self, device: str, plain: _PlainLoop | None, batches: list, start: int, end: int,
+    def __init__(self, device: str, plain: TrainStep | None, batches: list, start: int, end: int,
                  profiler: cProfile.Profile | None = None):
         self.device, self.plain, self.batches = device, plain, batches
         self.start, self.end, self.profiler = start, end, profiler
@@ -226,7 +174,7 @@ class _Recorder:
         a = _now(self.device)
         if self._end is not None and self.start < i <= self.end:
             self.lightning.append(_minus(a, self._end))
-        self.plain.step(self.batches[i])
+        self.plain(self.batches[i])
         self._end = _now(self.device)
         if self.start <= i < self.end:
             self.paired.append(_minus(self._end, a))
@@ -271,7 +219,7 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
     if variant == "no_log":  # the real training_step, minus its self.log calls
         system.log = system.log_dict = lambda *a, **k: None
     try:
-        trainer.fit(system, train_dataloaders=_InMemory(batches))
+        trainer.fit(system, train_dataloaders=InMemory(batches))
     finally:
         system.__dict__.pop("log", None)
         system.__dict__.pop("log_dict", None)
@@ -282,23 +230,6 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
             null.close()
     if trainer.global_step != len(batches):
         raise RuntimeError(f"Lightning ran {trainer.global_step} of {len(batches)} steps ({variant})")
-
-
-def _plain_optimizer(system, device: str, max_steps: int):
-    """The optimiser and scheduler of StaleSystem.configure_optimizers (it reads trainer.max_steps)."""
-    import lightning as L
-
-    system.trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
-                               max_steps=max_steps, logger=False, enable_checkpointing=False,
-                               enable_progress_bar=False, enable_model_summary=False)
-    try:
-        conf = system.configure_optimizers()
-    finally:
-        system.trainer = None
-    if isinstance(conf, torch.optim.Optimizer):
-        return conf, None
-    sched = conf.get("lr_scheduler")
-    return conf["optimizer"], (sched["scheduler"] if isinstance(sched, dict) else sched)
 
 
 def _profile_split(profiler: cProfile.Profile, steps: int, top: int) -> dict:
@@ -354,7 +285,7 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
     batches = [pool_batches[i % pool] for i in range(n)]  # references: no extra memory
     start, end = warmup, warmup + steps
 
-    systems = {name: _make_system(copy.deepcopy(base), lr).to(device) for name in ["plain", *variants]}
+    systems = {name: make_system(copy.deepcopy(base), lr).to(device) for name in ["plain", *variants]}
     lit = {name: [] for name in variants}  # Lightning (wall, cpu) samples
     pla = {name: [] for name in variants}  # plain samples measured beside them
     pairs = {name: [] for name in variants}  # per-sample wall ratios
@@ -362,7 +293,7 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
     profiles = {}
     began, stopped = time.perf_counter(), "max_rounds"
     with _quiet():
-        plain = _PlainLoop(systems.pop("plain"), device, precision, clip, max_steps=n * (rounds * 2 + 2))
+        plain = TrainStep(systems.pop("plain"), device, precision, clip, steps=n * (rounds * 2 + 2))
         for r in range(max(rounds, max_rounds)):  # at least `rounds`; more until the headline is precise
             if r >= rounds and median_error(pairs[variants[0]]) <= TARGET_OVERHEAD:
                 stopped = "target error reached"
@@ -380,7 +311,7 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
                     pla[name] += rec.paired
                     pairs[name] += [lw / pw for (lw, _), (pw, _) in zip(rec.lightning, rec.paired)]
                 else:
-                    p = plain.block(batches, start, end)
+                    p = _block(plain, batches, start, end)
                     rec = _Recorder(device, None, batches, start, end)
                     _lightning_round(systems[name], batches, name, device, precision, clip, rec,
                                      log_every_n_steps, logdir)
@@ -389,7 +320,7 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
                     pairs[name].append(rec.block[0] / p[0])
         if profile:
             prof = cProfile.Profile()
-            plain.block(batches, start, end, profiler=prof)
+            _block(plain, batches, start, end, profiler=prof)
             profiles["plain"] = _profile_split(prof, steps, profile_top)
             prof = cProfile.Profile()
             rec = _Recorder(device, None, batches, start, end, profiler=prof)

@@ -198,20 +198,26 @@ class StaleSystem(L.LightningModule):
             text = self.text_encoder.encode(list(text))
         return tuple(v.to(device) for v in text)
 
-    def training_step(self, batch, batch_idx):
+    def batch_loss(self, batch, seed: int) -> dict[str, torch.Tensor]:
+        """The objective's loss parts of one training micro-batch, its noise, times and label dropout drawn from
+        `seed` (training_step passes noise_seed(); stale-bench's step does the same without a Trainer)."""
         video, label, *text = batch
         x = self.encode_batch(video)
         text = self.encode_text(text[0] if text else None, x.device)
         cuda = x.device.type == "cuda"
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
-            torch.manual_seed(self.noise_seed())
+            torch.manual_seed(seed)
             x = self.latents(x)  # inside the seeded block: cached and on-the-fly latents draw the same noise
             sp = sequence_parallel_of(self.trainer) if self._trainer is not None else None
             if self.clip_flops is not None:  # this batch's shape: with buckets it changes from batch to batch
                 self.flops_per_batch = self.clip_flops(tuple(x.shape[2:])) * x.shape[0] / (sp.size if sp else 1)
             # parallel.sequence > 1: the blocks see this rank's share of each clip's tokens (stale/parallel/)
             with sharded(self.model, sp):
-                parts = self._loss_parts(x, label, text)
+                return self._loss_parts(x, label, text)
+
+    def training_step(self, batch, batch_idx):
+        parts = self.batch_loss(batch, self.noise_seed())
+        b = batch[0].shape[0]
         # every part is logged; "loss" is the weighted total the objective built from its config weights
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}
         # Log only on the steps the loggers write: each self.log call costs ~0.3 ms of Lightning bookkeeping
@@ -219,8 +225,8 @@ class StaleSystem(L.LightningModule):
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if every <= 1 or (self.global_step + 1) % every == 0:
             logged = {f"train/{k}": v.detach() for k, v in parts.items()}
-            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=x.shape[0])
-            self.log("loss", logged["train/loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+            self.log_dict(logged, on_step=True, on_epoch=False, batch_size=b)
+            self.log("loss", logged["train/loss"], prog_bar=True, logger=False, batch_size=b)
             self.logged_loss = (self.logged_loss[:1] + [(self.global_step, logged["train/loss"])])[-2:]
         return parts["loss"]
 

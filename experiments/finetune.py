@@ -2,10 +2,11 @@
 """The measurements of docs/finetune.md: video continuation with and without frame conditioning, and LoRA against
 full fine-tuning from a model trained on half of the classes to the other half.
 
-    .venv/bin/python scripts/finetune_experiments.py                 # the numbers in docs/finetune.md (2 CPU cores)
-    .venv/bin/python scripts/finetune_experiments.py --steps 4000    # a longer run
+    .venv/bin/python experiments/finetune.py                  # the numbers in docs/finetune.md (2 CPU cores)
+    .venv/bin/python experiments/finetune.py --steps 4000     # a longer run
 
-A plain PyTorch loop over the library's own parts (StaleTransformer, StaleObjective, apply_finetune, generate), on
+A plain loop of stale-bench's training step (stale.bench.step: StaleSystem's loss and AdamW, 50 warmup steps,
+clipping at 1) over the library's own parts (StaleTransformer, StaleObjective, apply_finetune, generate), on
 clips of the embedded synthetic data drawn in memory (style "simple": 8 x 16 x 16, one shape and colour per class,
 moving and bouncing), with an EMA of the weights (decay 0.995) for sampling, like stale-train. One thread.
 
@@ -34,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from stale.bench.step import TrainStep, make_system
 from stale.data.media import contact_sheet
 from stale.data.synthetic import COLOURS, SIMPLE_BACKGROUND, SyntheticSpec, make_clip
 from stale.diffusion import flow
@@ -44,7 +46,6 @@ from stale.diffusion.hinge import predict
 from stale.diffusion.objective import StaleObjective
 from stale.models import build_model
 from stale.models.finetune import Finetune, apply_finetune, merged
-from stale.system.ema import ema_lerp
 from stale.system.stale_system import validation_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,27 +60,20 @@ def clips(n: int, seed: int, classes=(0, 1, 2, 3)) -> tuple[torch.Tensor, torch.
 
 
 def train(model, objective, data, steps: int, lr: float, seed: int, batch: int = 8, log_every: int = 100):
+    """`steps` training steps on random batches of `data`; returns the EMA model (eval mode) and the seconds."""
     video, labels = data
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    ema = AveragedModel(model, avg_fn=ema_lerp(0.995), use_buffers=False)
+    schedule = {"name": "constant", "warmup": min(50, steps - 1)}  # a toy run of a few steps warms up less
+    system = make_system(model, lr=lr, objective=objective, schedule=schedule, seed=seed)
+    step = TrainStep(system, steps=steps)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.995), use_buffers=False)  # as StaleEMA
     g = torch.Generator().manual_seed(seed)
-    model.train()
     t0, losses = time.time(), []
-    for step in range(steps):
+    for i in range(steps):
         idx = torch.randint(len(video), (batch,), generator=g)
-        torch.manual_seed(seed * 100_003 + step)
-        parts = objective(model, flow.to_unit_range(video[idx]), labels[idx], model.config.num_classes)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        losses.append(float(step((video[idx], labels[idx]))))
         ema.update_parameters(model)
-        losses.append(float(parts["loss"]))
-        if (step + 1) % log_every == 0:
-            print(f"  step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
+        if (i + 1) % log_every == 0:
+            print(f"  step {i + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
                   flush=True)
     return ema.module.eval(), time.time() - t0
 

@@ -1,6 +1,6 @@
 """Measure prompt following of a text-conditioned checkpoint on the captioned synthetic data (docs/text.md).
 
-    .venv/bin/python scripts/text_prompt_following.py --ckpt RUN/checkpoints/last.ckpt --out docs/text
+    .venv/bin/python experiments/text_prompt_following.py --ckpt RUN/checkpoints/last.ckpt --out docs/text
 
 Prompts: every (shape, colour, direction) combination of the 4 shapes, 4 colours and 4 directions: 56 seen in
 training, 8 held out (stale.data.synthetic.held_out). Each prompt is sampled with --seeds seeds for each sampling

@@ -3,8 +3,8 @@
 Drives the exact oracle v* (stale/diffusion/oracle.py) of a finite 2-D data set with the project's
 samplers and writes a table (docs/convergence.md) and a plot (docs/convergence.png):
 
-    .venv/bin/python scripts/convergence.py            # about 8 minutes on one core (measured, shared machine)
-    .venv/bin/python scripts/convergence.py --grid 32 --max-steps 64 --out /tmp/conv   # a quick look
+    .venv/bin/python experiments/convergence.py            # about 8 minutes on one core (measured, shared machine)
+    .venv/bin/python experiments/convergence.py --grid 32 --max-steps 64 --out /tmp/conv   # a quick look
 
 Prior draws are a deterministic quadrature, not random: the midpoints u of a K x K grid on [0, 1]^2,
 mapped to z = 2u - 1 (uniform prior) or z = Phi^-1(u) (Gaussian prior), each with mass 1/K^2. Both priors
@@ -198,7 +198,7 @@ def write_markdown(out: dict, fits: dict, samplers: list, args, seconds: float, 
     lines = [
         "# Convergence of oracle sampling: uniform vs Gaussian prior",
         "",
-        "Regenerate (table and plot) with one command: `.venv/bin/python scripts/convergence.py`",
+        "Regenerate (table and plot) with one command: `.venv/bin/python experiments/convergence.py`",
         f"(this run: `--grid {args.grid} --points {args.points} --seed {args.seed} --max-steps {args.max_steps} "
         f"--ref-steps {args.ref_steps} --samplers {' '.join(samplers)}`, {seconds / 60:.1f} min on "
         f"{args.threads} CPU thread(s) of a shared machine).",

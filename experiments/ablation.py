@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Ablation of the Stale objective on the embedded synthetic dataset, at one fixed compute budget.
 
-    .venv/bin/python scripts/ablation.py                      # the table in docs/ablation.md (~10-15 min, 2 CPU cores)
-    .venv/bin/python scripts/ablation.py --steps 2000 --samples 256 --threads 0    # a bigger budget
+    .venv/bin/python experiments/ablation.py                      # the table in docs/ablation.md (~10-15 min, 2 CPU cores)
+    .venv/bin/python experiments/ablation.py --steps 2000 --samples 256 --threads 0    # a bigger budget
 
 One factor at a time from the default recipe (uniform prior, DoG off, hinge on): Gaussian prior, DoG on
 (`diffusion.dog_weight`), hinge off (`diffusion.hinge_weight=0`). Every variant is one `stale-train`
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         params = f"{sum(v.numel() for k, v in sd.items() if k != 'model.joy_token') / 1e6:.2f}M parameters"
     git = git_state()
     argv_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    meta = {"command": f".venv/bin/python scripts/ablation.py {argv_str}".strip(),
+    meta = {"command": f".venv/bin/python experiments/ablation.py {argv_str}".strip(),
             "date": datetime.date.today().isoformat(),
             "commit": f"{(git['commit'] or 'unknown')[:10]}{' (dirty)' if git['dirty'] else ''}",
             "params": params, "minutes": (time.perf_counter() - t_start) / 60, **recipe_meta(),
