@@ -46,6 +46,7 @@ from stale.diffusion.hinge import predict
 from stale.diffusion.objective import StaleObjective
 from stale.models import build_model
 from stale.models.finetune import Finetune, apply_finetune, merged
+from stale.system.schedules import Constant
 from stale.system.stale_system import validation_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def clips(n: int, seed: int, classes=(0, 1, 2, 3)) -> tuple[torch.Tensor, torch.
 def train(model, objective, data, steps: int, lr: float, seed: int, batch: int = 8, log_every: int = 100):
     """`steps` training steps on random batches of `data`; returns the EMA model (eval mode) and the seconds."""
     video, labels = data
-    schedule = {"name": "constant", "warmup": min(50, steps - 1)}  # a toy run of a few steps warms up less
+    schedule = Constant(warmup=min(50, steps - 1))  # a toy run of a few steps warms up less
     system = make_system(model, lr=lr, objective=objective, schedule=schedule, seed=seed)
     step = TrainStep(system, steps=steps)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.995), use_buffers=False)  # as StaleEMA

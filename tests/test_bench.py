@@ -13,6 +13,7 @@ from conftest import run_cli
 from stale.bench import SectionError, build, call_with_supported, parse_sections, random_batches
 from stale.bench import gpu, report
 from stale.cli.bench import listify_sections
+from stale.system.schedules import Constant, Cosine
 
 QUICK = [
     "sections=train,sampler,memory,gpu", "threads=1",
@@ -90,7 +91,7 @@ def test_train_step_lands_where_trainer_fit_lands():
     torch.manual_seed(0)  # an init whose first step moves every block (see the hinge note in the test below)
     base = build("debug", 4, 8)
     batches = random_batches(4, 2, 4, 8, seed=1)
-    cosine = {"name": "cosine", "warmup": 2}
+    cosine = Cosine(warmup=2)
 
     def system(schedule=cosine, dog_weight=0.1):
         return make_system(copy.deepcopy(base), lr=3e-3, objective=StaleObjective(dog_weight=dog_weight),
@@ -112,7 +113,7 @@ def test_train_step_lands_where_trainer_fit_lands():
     def max_weight_gap(other):
         return max((a - b).abs().max().item() for a, b in zip(lit.model.parameters(), other.parameters()))
 
-    assert max_weight_gap(plain(system(schedule={"name": "constant", "warmup": 0}))[1]) > 1e-4  # another optimiser
+    assert max_weight_gap(plain(system(schedule=Constant(warmup=0)))[1]) > 1e-4  # another optimiser
     other_losses, _ = plain(system(dog_weight=0.0))
     assert abs(other_losses[0] - lit_losses[0]) > 1e-4  # another loss
 
@@ -236,7 +237,7 @@ def test_fused_adamw_of_the_system_updates_as_the_per_tensor_loop_does():
     opt = system.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
     loop = copy.deepcopy(base)
-    ref = torch.optim.AdamW(loop.parameters(), lr=1e-3, betas=system.betas, weight_decay=0.0, foreach=False)
+    ref = torch.optim.AdamW(loop.parameters(), lr=1e-3, betas=system.optimizer.keywords["betas"], weight_decay=0.0, foreach=False)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         for p, q in zip(system.model.parameters(), loop.parameters()):

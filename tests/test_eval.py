@@ -20,6 +20,7 @@ from stale.checkpoint import CheckpointError, read_checkpoint
 from stale.data.reader import ShardError
 from stale.eval.sample_folder import SamplesError, read_labels
 from stale.models import build_model
+from stale.system.schedules import Constant
 
 from conftest import run_cli
 from helpers_data import CLIP
@@ -304,7 +305,7 @@ def test_fdd_callback_logs_val_fdd(tmp_path):
     from stale.system.stale_system import StaleSystem
 
     torch.manual_seed(0)
-    system = StaleSystem(build_model(**TINY), StaleObjective(), schedule={"name": "constant", "warmup": 0})
+    system = StaleSystem(build_model(**TINY), StaleObjective(), schedule=Constant(warmup=0))
     data = SyntheticDataModule(root=str(tmp_path / "data"), train_clips=16, val_clips=8, test_clips=4, batch_size=4,
                                num_workers=0, shuffle_buffer=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=2, logger=False,

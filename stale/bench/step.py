@@ -12,20 +12,25 @@ what Lightning costs on top. tests/test_bench.py checks that k steps land on tra
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from stale.diffusion.objective import StaleObjective
+from stale.system.schedules import Constant, LRSchedule
 from stale.system.stale_system import StaleSystem, noise_seed
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
 def make_system(model: torch.nn.Module, lr: float = 1e-3, objective: StaleObjective | None = None,
-                schedule: dict | None = None, **kwargs) -> StaleSystem:
-    """The StaleSystem the benches wrap around `model`: the default objective and a constant learning rate unless
-    given (kwargs: any other StaleSystem argument, e.g. compile, weight_decay, autoencoder)."""
-    return StaleSystem(model, objective or StaleObjective(), lr=lr,
-                       schedule=schedule or {"name": "constant", "warmup": 0}, **kwargs)
+                schedule: LRSchedule | None = None, weight_decay: float = 0.0, **kwargs) -> StaleSystem:
+    """The StaleSystem the benches wrap around `model`: conf/train.yaml's optimiser (AdamW, betas 0.9/0.99) at `lr`,
+    the default objective and a constant learning rate unless given (kwargs: any other StaleSystem argument, e.g.
+    compile, autoencoder)."""
+    optimizer = functools.partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    return StaleSystem(model, objective or StaleObjective(), optimizer=optimizer,
+                       schedule=schedule or Constant(warmup=0), **kwargs)
 
 
 class TrainStep:
