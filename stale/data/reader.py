@@ -62,7 +62,8 @@ def expand_shards(shards: str | list[str], key: str = "data.shards") -> list[str
             if not _is_remote(url) and os.path.isdir(url):
                 found = sorted(glob.glob(os.path.join(url, "*.tar")))
                 if not found:
-                    raise ShardError(f"{key}: folder {url} holds no *.tar shard")
+                    raise ShardError(f"{key}: folder {url} holds no *.tar shard (a folder of videos becomes shards with "
+                                     f"stale-shards input={url} out=SHARDS_DIR)")
                 urls.extend(found)
             elif not _is_remote(url) and any(ch in url for ch in "*?["):
                 found = sorted(glob.glob(url))
