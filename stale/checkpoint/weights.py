@@ -165,12 +165,18 @@ class Prepared:
     base: dict | None = None  # {"init_from", "sha256"} when the frozen tensors come from init_from
 
 
-def prepare(model: nn.Module, finetune: dict | None, init_path: str | None, strict: bool = True) -> Prepared:
-    """init_from, then the finetune mode: the model stale-train trains (and export rebuilds)."""
+def check_base(finetune: dict | None, init_path: str | None) -> Finetune:
+    """The finetune node, built (its own checks), against init_from: LoRA needs a frozen base to adapt."""
     ft = Finetune(**{k: v for k, v in (finetune or {}).items() if k != "_target_"})
     if ft.lora and not init_path:
         raise InitFromError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR: adapters on a random base learn "
                             "nothing useful (use finetune=full to train from scratch)")
+    return ft
+
+
+def prepare(model: nn.Module, finetune: dict | None, init_path: str | None, strict: bool = True) -> Prepared:
+    """init_from, then the finetune mode: the model stale-train trains (and export rebuilds)."""
+    ft = check_base(finetune, init_path)
     report, base = init_from(model, init_path, strict) if init_path else (None, None)
     apply_finetune(model, ft, train_anyway=tuple(report.untrained) if report else ())
     frozen = any(not p.requires_grad for p in model.parameters())

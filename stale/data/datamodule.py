@@ -32,7 +32,7 @@ from stale.utils.ranks import data_parallel_rank_world
 
 log = logging.getLogger(__name__)
 from stale.data.captions import MISSING
-from stale.data.latent_cache import TEXT_MEMBERS, cache_buckets, cache_info, load_empty_text
+from stale.data.latent_cache import TEXT_MEMBERS, cache_buckets, cache_info, check_cache_clip, load_empty_text
 
 
 def _rank_world(trainer) -> tuple[int, int]:
@@ -175,10 +175,7 @@ class LatentDataModule(VideoDataModule):
     def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
                  frames: int | None = None, size: int | None = None, buckets=None, **loader_kwargs):
         info, path = cache_info(shards, "data.shards")
-        for key, value in (("frames", frames), ("size", size)):
-            if value is not None and value != info[key]:
-                raise ValueError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: "
-                                 f"leave data.{key} unset (null) with data=latents")
+        check_cache_clip(info, path, frames, size)
         buckets = cache_buckets(info, path, buckets)  # a local again: save_hyperparameters records it
         if val_shards:
             val_info, val_path = cache_info(val_shards, "data.val_shards")

@@ -37,6 +37,14 @@ def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
     return info, path
 
 
+def check_cache_clip(info: dict, path: Path, frames: int | None, size: int | None) -> None:
+    """data.frames / data.size, when set with data=latents, must be the clip the cache holds."""
+    for key, value in (("frames", frames), ("size", size)):
+        if value is not None and value != info[key]:
+            raise CacheError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: leave "
+                             f"data.{key} unset (null) with data=latents, or encode again")
+
+
 def cache_buckets(info: dict, path: Path, buckets=None, key: str = "data.buckets") -> list | None:
     """The bucket list a cache was encoded with (None: one clip shape), the one training takes: its latents have the
     shapes they were encoded at, so `buckets` (data.buckets), when set, must be the same list."""

@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from stale.checkpoint.weights import check_base
 from stale.data.buckets import BucketError, parse_buckets
 from stale.models.finetune import require_peft
 from stale.models.stale_transformer import StaleConfig
@@ -109,13 +110,12 @@ def check_files(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
     if cfg.get("init_from") and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
-    if (cfg.get("finetune") or {}).get("name") == "lora":
-        if not cfg.get("init_from"):
-            raise ConfigError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR (the frozen base the adapters train on)")
-        try:
+    finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
+    try:
+        if check_base(finetune, cfg.get("init_from")).lora:
             require_peft()
-        except ImportError as e:
-            raise ConfigError(str(e)) from None
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_trainer(cfg: DictConfig) -> None:

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stale.data.captions import read_captions
-from stale.data.latent_cache import CacheError, cache_buckets, cache_info
+from stale.data.latent_cache import cache_buckets, cache_info, check_cache_clip
 from stale.models.stale_transformer import StaleConfig, model_config
 from stale.training.checks import (ConfigError, build, check_clip, check_composed, check_model, has_autoencoder,
                                    is_latent_data)
@@ -97,19 +97,14 @@ def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
     data: dict = {}
     frames, size, info = cfg.data.frames, cfg.data.size, None
     if is_latent_data(cfg):
+        buckets = cfg.data.get("buckets")
         try:
             info, info_path = cache_info(cfg.data.shards, "data.shards")
-        except (CacheError, ValueError) as e:
-            raise ConfigError(str(e)) from None
-        for key in ("frames", "size"):
-            if cfg.data.get(key) is not None and cfg.data[key] != info[key]:
-                raise ConfigError(f"data.{key}={cfg.data[key]}, but the cache {info_path} holds clips of {key} "
-                                  f"{info[key]}: leave data.{key} unset with data=latents, or encode again")
-        buckets = cfg.data.get("buckets")
-        try:  # a cache encoded with buckets trains with them: data.buckets may only repeat its list
+            check_cache_clip(info, info_path, cfg.data.get("frames"), cfg.data.get("size"))
+            # a cache encoded with buckets trains with them: data.buckets may only repeat its list
             buckets = cache_buckets(info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets)
                                     else buckets)
-        except ValueError as e:
+        except ValueError as e:  # CacheError, ShardError
             raise ConfigError(str(e)) from None
         frames, size = info["frames"], info["size"]
         data = {"frames": frames, "size": size, "buckets": buckets}
