@@ -15,13 +15,13 @@ import lightning as L
 import pytest
 import torch
 from conftest import run_cli
+from helpers import mixed_shape_folder
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from stale.data.buckets import Assigner, Bucket, BucketError, fits, parse_buckets, share_keep
 from stale.data.datamodule import VideoDataModule
 from stale.data.shards import ShardsConfig, convert
-from stale.data.testing import mixed_shape_folder
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.models.stale_transformer import Attention, StaleConfig, StaleTransformer
@@ -403,7 +403,7 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
     """vae=diffusers with data.buckets: every bucket is checked against the autoencoder's shape rules and the
     latent patch before training (naming the bucket), then each batch is encoded at its own shape and trained:
     every bucket's clips reach the model, and the final samples decode to pixels."""
-    from helpers_latent import tiny_vae
+    from helpers import tiny_vae
 
     from stale.train import ConfigError, check_config, train
 

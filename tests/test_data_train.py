@@ -14,7 +14,7 @@ from conftest import run_cli
 from hydra import compose, initialize_config_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from helpers_data import read_samples, real_shards, relabelled, write_shard
+from helpers import read_samples, real_shards, relabelled, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError, DataHealthMonitor

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_latent import tiny_vae
+from helpers import mixed_shape_folder, tiny_vae
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_buckets import IMAGES, SMOKE, VIDEOS, Mean, Record, _fit, _no_synthetic_keys, captioned_manifest
 
 from stale.data.buckets import BucketError
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
 from stale.data.shards import ShardsConfig, convert
-from stale.data.testing import mixed_shape_folder
 from stale.data.video_io import ClipSpec
 from stale.latent.autoencoder import AutoencoderError
 from stale.latent.cache import CacheError, encode_shards
@@ -282,7 +281,7 @@ def test_one_cache_holds_latents_of_every_shape_and_their_captions(tmp_path, tmp
     """stale-encode with buckets and text_encoder=hf: each bucket's batches carry the cached caption embeddings of
     exactly their clips (the text-to-video setup of Open-Sora: latents and captions encoded once, clips of many
     shapes), and a text model trains on them without running the text encoder."""
-    from helpers_text import tiny_text_encoder
+    from helpers import tiny_text_encoder
 
     from stale.latent.cache import TEXT_MEMBERS
     from stale.text.encoders import load_text_encoder

