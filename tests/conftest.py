@@ -46,6 +46,18 @@ def compose_train():
     return composed
 
 
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> dict:
+    """Real mp4 WebDataset shards of synthetic clips: 4 train shards and 2 validation shards (one per rank);
+    {folder, overrides} (the overrides that train on them). The DDP and sweep tests' data."""
+    from stale.data.synthetic import SyntheticSpec, ensure_synthetic, split_pattern
+
+    spec = SyntheticSpec(counts={"train": 32, "val": 16, "test": 8}, per_shard=8)
+    folder = ensure_synthetic(tmp_path_factory.mktemp("ddp-shards"), spec)
+    return {"folder": folder, "overrides": ["data=shards", f"data.shards='{split_pattern(folder, 'train')}'",
+                                            f"data.val_shards='{split_pattern(folder, 'val')}'"]}
+
+
 def run_cli(*args: str, timeout: int = 300, check: bool = True, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run a stale console command (`stale-train ...`) as a user would: its console-script entry point, with
     that command line, in a process of its own, its stdout and stderr captured.

@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import csv
 import random
 import shutil
+import socket
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import lightning as L
+import numpy as np
+import pytest
 import torch
+import torch.multiprocessing as mp
 import webdataset as wds
 from hydra import compose, initialize_config_module
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
 
 from stale.data.shards import ShardsConfig, convert
+from stale.data.synthetic import SyntheticSpec, make_clip
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -37,6 +46,26 @@ def compose_train(*overrides: str) -> DictConfig:
     functions at module level call it from here."""
     with initialize_config_module("stale.conf", version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+# The override lists several test modules share (each test adds its own overrides after them).
+
+# exact-resume runs on the in-memory clip stream (train_on_stream): deterministic, sampling every 2 steps
+RESUME_RUN = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
+              "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1", "sample_every_n_steps=2",
+              "budget.flops_per_clip=1e6", "trainer.deterministic=true", "callbacks.ema.decay=0.8", "logger=csv"]
+# sequence-parallel and FSDP2 runs: an odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the
+# joy token; hinge branch on; 4 steps, checkpoints every 2
+PARALLEL_RUN = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
+                "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
+                "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
+                "callbacks.ema.decay=0.5", "threads=1"]
+# a complete run in a few seconds: 2 optimizer steps, one validation, one 2-step sample, CSV logs only
+LITE_RUN = ["debug=smoke", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.warmup=1",
+            "sample.num_videos=1", "sample.steps=2"]
+# the bucket tests' runs: the debug model, one 1-step sample video at the end, a fixed FLOP price, CSV logs
+BUCKET_RUN = ["model=debug", "sample.num_videos=1", "sample.steps=1",
+              "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,3 +325,207 @@ def tiny_text_encoder(tmp_path_factory, kind: str) -> Path:
     if not (folder / "config.json").is_file():
         {"t5": save_tiny_t5, "umt5": save_tiny_umt5, "clip": save_tiny_clip}[kind](folder)
     return folder
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training on an in-memory stream of synthetic clips: exact resume and everything that resumes (the data
+# position through Lightning's loader-state protocol, num_workers=0).
+
+
+def synthetic_clips(n: int, seed: int):
+    """n synthetic 4 x 8 x 8 clips of 4 classes: (video (N, C, T, H, W) uint8, labels), a function of the seed."""
+    spec = SyntheticSpec(frames=4, size=8, num_classes=4)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(4, size=n)
+    video = np.stack([make_clip(rng, spec, int(y)) for y in labels])  # (N, T, H, W, C)
+    return torch.from_numpy(video).permute(0, 4, 1, 2, 3).contiguous(), torch.from_numpy(labels)
+
+
+class ClipStream:
+    """An endless stream of batches; batch i depends only on (seed, i). Lightning saves `pos` in checkpoints.
+
+    Sized (a nominal length), so that Lightning does not prefetch: the saved position is exactly the number
+    of batches training consumed.
+    """
+
+    def __init__(self, video, labels, batch_size: int, seed: int):
+        self.video, self.labels, self.batch_size, self.seed, self.pos = video, labels, batch_size, seed, 0
+
+    def __len__(self):
+        return 1_000_000
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pos)
+            idx = torch.randint(len(self.video), (self.batch_size,), generator=g)
+            self.pos += 1
+            yield self.video[idx], self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class StreamData(L.LightningDataModule):
+    """16 training clips as an endless `stream_cls` of batches of 4, 4 validation clips in one batch."""
+
+    def __init__(self, stream_cls=ClipStream):
+        super().__init__()
+        self.stream_cls = stream_cls
+        self.train_video, self.train_labels = synthetic_clips(16, seed=1)
+        self.val_video, self.val_labels = synthetic_clips(4, seed=2)
+
+    def train_dataloader(self):
+        return self.stream_cls(self.train_video, self.train_labels, batch_size=4, seed=0)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.val_video, self.val_labels), batch_size=4)
+
+
+def train_on_stream(out: Path, *overrides: str, stream_cls=ClipStream, callbacks=()) -> dict[int, dict]:
+    """train(cfg) of RESUME_RUN + overrides on StreamData, writing under `out`: step -> the metrics logged there."""
+    from stale.train import train
+
+    cfg = compose_train(*RESUME_RUN, f"paths.output_dir={out}", *overrides)
+    train(cfg, datamodule=StreamData(stream_cls), callbacks=callbacks)
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_step: dict[int, dict] = {}
+    for r in rows:  # one row per logging call: merge them per step
+        per_step.setdefault(int(r["step"]), {}).update({k: v for k, v in r.items() if v not in ("", None)})
+    return per_step
+
+
+def nested_equal(a, b) -> bool:
+    """a == b through dicts, lists and tuples, tensors compared exactly (checkpoint contents)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+class StopAt(L.Callback):
+    """Stops training after a given step, as a budget or a time limit would: last.ckpt is written there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Buckets: clips of mixed shapes, and a one-weight model that sees every pixel.
+
+
+# The shapes of the mixed folder the bucket tests make (mixed_shape_folder): (height, width, frames) of the
+# videos, (height, width) of the images.
+MIXED_VIDEOS = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40), (160, 90, 36), (120, 120, 20),
+                (90, 160, 16), (160, 90, 20), (120, 120, 12))
+MIXED_IMAGES = ((90, 160), (160, 90), (120, 120), (90, 160), (160, 90), (120, 120))
+
+
+def captioned_manifest(tmp_path) -> Path:
+    """A manifest.csv of the mixed folder (6 videos, 3 images) whose captions name each file's class and name."""
+    folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
+                                                          for p in files))
+    return manifest
+
+
+def no_synthetic_keys() -> list[str]:
+    """`~data.KEY` for the synthetic data's clip counts that debug=smoke leaves in a data=shards config."""
+    cfg = compose_train("debug=smoke", "data=shards", "data.shards=x")
+    return [f"~data.{k}" for k in ("train_clips", "val_clips", "test_clips") if k in cfg.data]
+
+
+class MeanPixel(L.LightningModule):
+    """One weight fitted to the mean pixel of each batch: its loss depends on every pixel seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.losses = {}
+
+    def training_step(self, batch, batch_idx):
+        video, _ = batch
+        loss = (self.w - video.float().mean() / 255).pow(2).sum()
+        self.losses[self.global_step] = float(loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class RecordBatches(Callback):
+    """The batch each step trains on, by step."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen[trainer.global_step] = batch[0].clone()
+
+
+def fit_steps(folder, steps, callbacks, dm, ckpt=None, module=None):
+    """`steps` steps of `module` (a MeanPixel by default) on `dm`, resumed from `ckpt` when given."""
+    module = module or MeanPixel()
+    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+              num_sanity_val_steps=0).fit(module, datamodule=dm, ckpt_path=ckpt)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several processes: forked gloo ranks, and the losses and weights of parallel runs.
+
+
+def spawn_ranks(target, *args, world: int = 2) -> list:
+    """target(rank, world, port, queue, *args) in `world` forked processes: their results, by rank."""
+    ctx = mp.get_context("fork")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in range(world)]
+    errors = [r["error"] for r in results if "error" in r]
+    assert not errors, errors[0][-3000:]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def losses_of(run: Path) -> dict[int, float]:
+    """step -> train/loss of a run's metrics.csv."""
+    with open(run / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def weights_of(ckpt: Path) -> dict:
+    """The live weights and the EMA (WeightAveraging stores the average as state_dict, the live ones aside)."""
+    state = torch.load(ckpt, weights_only=True)
+    return {**state["current_model_state"], **{f"ema.{k}": v for k, v in state["state_dict"].items()}}
+
+
+def resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict, weights: dict) -> None:
+    """Resume `run` from its step-2 checkpoint: steps 2 and 3 and the final weights (live and EMA) as the straight
+    run's `losses` and `weights`."""
+    from conftest import run_cli
+
+    run_cli("stale-train", *PARALLEL_RUN, *overrides, f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = losses_of(tmp_path / "resumed")
+    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: losses[s] for s in (2, 3)}, rel=1e-6, abs=0)
+    w3 = weights_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for k in weights:
+        torch.testing.assert_close(w3[k], weights[k], rtol=0, atol=1e-6)

@@ -22,21 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # conftest helpers when this file runs as the DDP worker
 
 from conftest import run_cli  # noqa: E402
-
-# A complete run in a few seconds: 2 optimizer steps, one validation, one 2-step sample, CSV logs only.
-LITE = ["debug=smoke", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.warmup=1",
-        "sample.num_videos=1", "sample.steps=2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> dict:
-    """Real mp4 WebDataset shards: 4 train shards and 2 validation shards (one per rank)."""
-    from stale.data.synthetic import SyntheticSpec, ensure_synthetic, split_pattern
-
-    spec = SyntheticSpec(counts={"train": 32, "val": 16, "test": 8}, per_shard=8)
-    folder = ensure_synthetic(tmp_path_factory.mktemp("ddp-shards"), spec)
-    return {"folder": folder, "overrides": ["data=shards", f"data.shards='{split_pattern(folder, 'train')}'",
-                                            f"data.val_shards='{split_pattern(folder, 'val')}'"]}
+from helpers import LITE_RUN  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -155,7 +141,7 @@ def test_multirun_of_ddp_trials(tiny_shards, tmp_path):
     """`stale-train -m trainer=ddp_cpu optim.lr=a,b`: Lightning starts rank 1 of each trial in that trial's dir,
     the second trial starts clean, and the sweep ends with its summary."""
     sweep = tmp_path / "sweep"
-    run_cli("stale-train", "-m", "trainer=ddp_cpu", "optim.lr=1e-3,2e-3", *LITE, *tiny_shards["overrides"],
+    run_cli("stale-train", "-m", "trainer=ddp_cpu", "optim.lr=1e-3,2e-3", *LITE_RUN, *tiny_shards["overrides"],
             f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=380)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray outputs/ or multirun/ dirs
     for trial, lr in (("0", "optim.lr=0.001"), ("1", "optim.lr=0.002")):
@@ -182,7 +168,7 @@ def test_torchrun_script(tiny_shards, tmp_path):
     """scripts/torchrun.sh: torchrun starts both ranks; they share RUN_DIR and log to one file each."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE,
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE_RUN,
                            *tiny_shards["overrides"]], capture_output=True, text=True, timeout=380, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
