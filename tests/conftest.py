@@ -11,6 +11,7 @@ import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -36,14 +37,9 @@ def _isolated_env(tmp_path_factory):
 @pytest.fixture
 def compose_train():
     """compose_train(*overrides) -> the stale-train config as Hydra's compose API builds it from the packaged
-    conf/ (what `stale-train OVERRIDES...` runs, without starting an app)."""
-    from hydra import compose, initialize_config_module
-
-    def composed(*overrides: str):
-        with initialize_config_module("stale.conf", version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-
-    return composed
+    conf/ (what `stale-train OVERRIDES...` runs, without starting an app): helpers.compose_train, which functions
+    outside a test import from there."""
+    return helpers.compose_train
 
 
 @pytest.fixture(scope="module")

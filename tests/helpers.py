@@ -440,7 +440,8 @@ def captioned_manifest(tmp_path) -> Path:
 
 
 def no_synthetic_keys() -> list[str]:
-    """`~data.KEY` for the synthetic data's clip counts that debug=smoke leaves in a data=shards config."""
+    """`~data.KEY` for the synthetic set's sizes (data.train_clips, ...) that debug=smoke leaves in a data=shards
+    config: VideoDataModule has no such keys."""
     cfg = compose_train("debug=smoke", "data=shards", "data.shards=x")
     return [f"~data.{k}" for k in ("train_clips", "val_clips", "test_clips") if k in cfg.data]
 
@@ -522,8 +523,8 @@ def resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict
     run's `losses` and `weights`."""
     from conftest import run_cli
 
-    run_cli("stale-train", *PARALLEL_RUN, *overrides, f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}",
-            f"hydra.run.dir={tmp_path / 'resumed'}")
+    run_cli("stale-train", *PARALLEL_RUN, *overrides,
+            f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}", f"hydra.run.dir={tmp_path / 'resumed'}")
     resumed = losses_of(tmp_path / "resumed")
     assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: losses[s] for s in (2, 3)}, rel=1e-6, abs=0)
     w3 = weights_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")

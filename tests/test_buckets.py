@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, RecordBatches, captioned_manifest, fit_steps,
-                     mixed_shape_folder, no_synthetic_keys)
+from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, RecordBatches, captioned_manifest, compose_train,
+                     fit_steps, mixed_shape_folder, no_synthetic_keys)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from stale.data.buckets import Assigner, Bucket, BucketError, fits, parse_buckets, share_keep
@@ -135,7 +135,7 @@ def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path
     kw = dict(buckets="smoke", num_workers=2, shuffle_buffer=8, epoch_batches=6)
     full = RecordBatches()
     straight = fit_steps(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1,
-                                                        filename="{step}")], VideoDataModule(mixed["pattern"], **kw))
+                                                             filename="{step}")], VideoDataModule(mixed["pattern"], **kw))
     ckpt = tmp_path / "ckpt" / "step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert any(state["round_pending"]), state  # clips were waiting in partly filled buckets
@@ -151,7 +151,7 @@ def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path
 def test_changed_bucket_list_on_resume_is_stated(mixed, tmp_path, caplog):
     kw = dict(num_workers=0, shuffle_buffer=8, epoch_batches=6)
     fit_steps(tmp_path, 3, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, filename="last")],
-         VideoDataModule(mixed["pattern"], buckets="smoke", **kw))
+              VideoDataModule(mixed["pattern"], buckets="smoke", **kw))
     dm = VideoDataModule(mixed["pattern"], buckets=[[8, 12, 20, 2], [8, 20, 12, 2], [8, 16, 16, 2]], **kw)
     with caplog.at_level("WARNING"):
         fit_steps(tmp_path, 5, [], dm, ckpt=tmp_path / "ckpt" / "last.ckpt")
@@ -285,13 +285,10 @@ def test_bench_section_measures_buckets_against_padding():
 
 
 def test_check_config_names_a_bucket_the_patch_does_not_divide():
-    from hydra import compose, initialize_config_module
-
     from stale.train import ConfigError, check_config
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=[[8,14,20,2]]"])
-        ok = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=smoke", "model.pos_base=4"])
+    cfg = compose_train("data=shards", "data.shards=x", "data.buckets=[[8,14,20,2]]")
+    ok = compose_train("data=shards", "data.shards=x", "data.buckets=smoke", "model.pos_base=4")
     with pytest.raises(ConfigError, match=r"data.buckets\[0\]: the bucket 8x14x20 is not divisible by model.patch"):
         check_config(cfg)
     check_config(ok)
@@ -310,15 +307,13 @@ def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
     """Buckets give batches of different shapes: the FLOPs that the compute budget and ThroughputMonitor count for
     a batch (StaleSystem.flops_per_batch) are those of its shape, within 5% of what FlopCounterMode counts in the
     real training step, hinge branch included (math SDPA, which the counter sees)."""
-    from hydra import compose, initialize_config_module
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from stale.train import build_system
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
-                                          "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}"])
+    cfg = compose_train("debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
+                        "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}")
     system = build_system(cfg)  # with its clip_flops, as stale-train builds it
     counted = {}
     for shape in [(4, 8, 8), (2, 8, 16), (1, 16, 8)]:  # square, landscape, a portrait image
@@ -339,14 +334,11 @@ LATENT_BUCKETS = {"1x64x64": (1, 8, 8), "9x48x80": (3, 6, 10), "9x80x48": (3, 10
 
 
 def _latent_cfg(tmp_path, shards: str, vae, buckets, *extra: str):
-    from hydra import compose, initialize_config_module
-
     drop = no_synthetic_keys()
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[
-            "debug=smoke", "data=shards", f"data.shards='{shards}'", "data.num_classes=2", "data.frames=9",
-            "data.size=64", "vae=diffusers", f"vae.pretrained={vae}", f"data.buckets={buckets}", "model.patch=[1,2,2]",
-            f"paths.output_dir={tmp_path}", "threads=1", *BUCKET_RUN, *drop, *extra])
+    return compose_train(
+        "debug=smoke", "data=shards", f"data.shards='{shards}'", "data.num_classes=2", "data.frames=9",
+        "data.size=64", "vae=diffusers", f"vae.pretrained={vae}", f"data.buckets={buckets}", "model.patch=[1,2,2]",
+        f"paths.output_dir={tmp_path}", "threads=1", *BUCKET_RUN, *drop, *extra)
 
 
 def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_factory):

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # conftest helpers when this file runs as the DDP worker
 
 from conftest import run_cli  # noqa: E402
-from helpers import LITE_RUN  # noqa: E402
+from helpers import LITE_RUN, compose_train  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -56,7 +56,6 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
     the global loss is the mean of the ranks' losses, and DDP's averaged gradient is the one-process one.
     """
     import lightning as L
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, TensorDataset
@@ -77,10 +76,9 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
             self.records.append({"loss": losses.mean().item(), "indices": indices.reshape(devices, -1).tolist()})
             return loss
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
-                                          f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
-                                          "optim.lr=1e-3", f"paths.output_dir={out}"])  # the tolerance below
+    cfg = compose_train(f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
+                        f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
+                        "optim.lr=1e-3", f"paths.output_dir={out}")  # the tolerance below
     L.seed_everything(0)
     system = FixedNoiseSystem(instantiate(cfg.model, _convert_="all"), instantiate(cfg.diffusion),
                               **OmegaConf.to_container(cfg.optim), schedule=OmegaConf.to_container(cfg.schedule))
@@ -183,14 +181,12 @@ def test_torchrun_script(tiny_shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_cpu", "fsdp_cpu"])
 def test_distributed_trainer_configs(name):
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from stale.utils.distributed import HydraDDPStrategy, HydraFSDP2Strategy
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={name}", "trainer.num_nodes=4"])
+    cfg = compose_train(f"trainer={name}", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and "devices" in cfg.trainer
     strategy = instantiate(cfg.trainer.strategy)
     assert strategy.process_group_backend == ("gloo" if name.endswith("_cpu") else None)

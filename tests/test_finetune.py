@@ -10,8 +10,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from helpers import RESUME_RUN, StopAt, nested_equal, train_on_stream
+from helpers import RESUME_RUN, StopAt, compose_train, nested_equal, train_on_stream
 
 from stale.export import StalePipeline, export_checkpoint
 from stale.export.checkpoint import read_checkpoint
@@ -53,9 +52,8 @@ def lora_run(base, tmp_path_factory):
     return out, final
 
 
-def compose_train(*overrides):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*RESUME_RUN, "paths.output_dir=unused", *overrides])  # nothing is written
+def tiny_cfg(*overrides):
+    return compose_train(*RESUME_RUN, "paths.output_dir=unused", *overrides)  # nothing is written
 
 
 def test_lora_changes_only_adapter_weights(base, lora_run):
@@ -166,16 +164,16 @@ def test_init_from_warns_when_the_positions_change_meaning(tmp_path, caplog):
 
 def test_init_from_config_checks(base):
     with pytest.raises(ConfigError, match="finetune=lora needs init_from"):
-        check_config(compose_train("finetune=lora"))
+        check_config(tiny_cfg("finetune=lora"))
     with pytest.raises(ConfigError, match="init_from=.*does not exist"):
-        check_config(compose_train("init_from=/nonexistent/last.ckpt"))
+        check_config(tiny_cfg("init_from=/nonexistent/last.ckpt"))
     with pytest.raises(ConfigError, match="unknown config key finetune.rnk"):
-        check_config(compose_train("finetune=lora", f"init_from={base}", "+finetune.rnk=4"))
+        check_config(tiny_cfg("finetune=lora", f"init_from={base}", "+finetune.rnk=4"))
     with pytest.raises(ConfigError, match="init_from_strict=false"):  # another width reshapes everything
-        build_system(compose_train(f"init_from={base}", "model.dim=64", "model.heads=2"))
+        build_system(tiny_cfg(f"init_from={base}", "model.dim=64", "model.heads=2"))
     with pytest.raises(ConfigError, match="finetune.target_modules pattern 'blocks.\\*.nope' matches nothing"):
-        build_system(compose_train("finetune=lora", f"init_from={base}", "finetune.target_modules=[blocks.*.nope]"))
-    system = build_system(compose_train(f"init_from={base}", "model.num_classes=6"))  # a new label table trains
+        build_system(tiny_cfg("finetune=lora", f"init_from={base}", "finetune.target_modules=[blocks.*.nope]"))
+    system = build_system(tiny_cfg(f"init_from={base}", "model.num_classes=6"))  # a new label table trains
     assert system.model.y_embed.embedding_table.weight.shape[0] == 7
 
 

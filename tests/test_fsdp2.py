@@ -198,14 +198,11 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
     (["compile=true"], "compile=True is not supported with trainer=fsdp"),
 ])
-def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path):
-    from hydra import compose, initialize_config_module
-
+def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
     (tmp_path / "base.ckpt").write_bytes(b"")  # init_from must exist; the FSDP2 check comes before reading it
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
-                                          f"paths.output_dir={tmp_path}"])
+    cfg = compose_train("trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
+                        f"paths.output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.").replace("*", r"\*")):
         check_config(cfg)

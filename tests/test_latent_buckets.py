@@ -220,8 +220,8 @@ def test_resume_on_the_cache_with_partly_filled_buckets_gives_the_same_batches(d
     kw = dict(num_workers=1, shuffle_buffer=8, epoch_batches=6, num_classes=2)
     full = RecordBatches()
     straight = fit_steps(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
-                                                        filename="{step}")],
-                    LatentDataModule([str(data["cache"])], **kw), module=MeanPixel())
+                                                             filename="{step}")],
+                         LatentDataModule([str(data["cache"])], **kw), module=MeanPixel())
 
     def loader_state(step):
         return torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=False)["loops"]["fit_loop"][
@@ -232,7 +232,7 @@ def test_resume_on_the_cache_with_partly_filled_buckets_gives_the_same_batches(d
     assert loader_state(step)["config"]["bucket_rule"] == ["cache", [1.0, 1.0]]  # no image_share thinning
     resumed = RecordBatches()
     again = fit_steps(tmp_path, 9, [resumed], LatentDataModule([str(data["cache"])], **kw),
-                 ckpt=tmp_path / "ckpt" / f"step={step}.ckpt", module=MeanPixel())
+                      ckpt=tmp_path / "ckpt" / f"step={step}.ckpt", module=MeanPixel())
     assert sorted(resumed.seen) == list(range(step, 9))
     for step in resumed.seen:
         assert torch.equal(resumed.seen[step], full.seen[step]), step

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers import compose_train
 
 from stale.system.nan_guard import NaNGuard, NonFiniteLossError
 from stale.train import train
@@ -20,8 +20,7 @@ TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
 
 
 def make_cfg(out: Path, *overrides: str):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, "logger=csv", f"paths.output_dir={out}", *overrides])
+    return compose_train(*TINY, "logger=csv", f"paths.output_dir={out}", *overrides)
 
 
 class Inject(L.Callback):

@@ -49,11 +49,8 @@ class SaveRankWeights(L.Callback):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_resume_on_two_devices_and_nan_on_one_rank(tmp_path):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        one = compose("train", overrides=[*TINY, f"paths.output_dir={tmp_path / 'one'}", "trainer.max_steps=3"])
+def test_resume_on_two_devices_and_nan_on_one_rank(tmp_path, compose_train):
+    one = compose_train(*TINY, f"paths.output_dir={tmp_path / 'one'}", "trainer.max_steps=3")
     train(one)
     weights = tmp_path / "weights"
     weights.mkdir()

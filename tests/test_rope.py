@@ -129,12 +129,10 @@ def test_bad_rope_configs_name_the_keys(overrides, message):
         build_model("tiny", pos="alibi")
 
 
-def test_hydra_config_takes_model_pos(tmp_path):
-    from hydra import compose, initialize_config_module
+def test_hydra_config_takes_model_pos(tmp_path, compose_train):
     from hydra.utils import instantiate
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["model.pos=rope"])
+    cfg = compose_train("model.pos=rope")
     assert instantiate(cfg.model, _convert_="all").config.pos == "rope"
 
 

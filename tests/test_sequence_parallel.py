@@ -131,7 +131,7 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     assert sorted(one) == sorted(sp) == [0, 1, 2, 3]
     assert sp == pytest.approx(one, rel=1e-5, abs=0)  # step 0: same weights, clips, noise; then same gradients
     assert abs(one[3] - one[0]) > 1e-3  # the steps changed the weights
-    w1, w2 = weights_of(tmp_path / "one" / "checkpoints" / "last.ckpt"), weights_of(tmp_path / "sp" / "checkpoints" / "last.ckpt")
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("one", "sp"))
     assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
     for k in w1:  # weights and EMA: AdamW's update is at most lr a step, float noise in tiny gradients shows ~1e-6
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
@@ -180,13 +180,10 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
     ([*SP, "model.pattern=full", "model.heads=1", "model.dim=32"], "model.heads=1 over the ranks"),
 ])
-def test_parallel_config_is_checked_before_training(overrides, message, tmp_path):
-    from hydra import compose, initialize_config_module
-
+def test_parallel_config_is_checked_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    cfg = compose_train(*overrides, f"paths.output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         check_config(cfg)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers import compose_train
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
@@ -23,8 +23,7 @@ TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
 
 
 def make_cfg(out: Path, *overrides: str, logger: str = "csv"):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, f"logger={logger}", f"paths.output_dir={out}", *overrides])
+    return compose_train(*TINY, f"logger={logger}", f"paths.output_dir={out}", *overrides)
 
 
 def read_csv(out: Path) -> list[dict]:

@@ -334,15 +334,14 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     assert torch.equal(a, b)
 
 
-def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(tmp_path,
-                                                                                                  tmp_path_factory):
+def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(
+        tmp_path, tmp_path_factory, compose_train):
     """One cache holds the latents and the caption embeddings + masks; the empty caption's encoding once."""
     import io
     import json
 
     import webdataset as wds
     from helpers import tiny_vae
-    from hydra import compose, initialize_config_module
 
     from stale.data.reader import SkipCounter, read_shard
     from stale.data.video_io import encode_mp4
@@ -372,12 +371,11 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
         emb, mask = enc.encode([s["txt"].decode()])
         np.testing.assert_allclose(np.load(io.BytesIO(s[TEXT_MEMBERS[0]])), emb[0].numpy(), rtol=1e-5, atol=1e-6)
         assert np.array_equal(np.load(io.BytesIO(s[TEXT_MEMBERS[1]])), mask[0].numpy())
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
-                                          "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
-                                          "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
-                                          "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
-                                          "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]"])
+    cfg = compose_train("debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
+                        "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
+                        "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
+                        "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
+                        "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]")
     from hydra.utils import instantiate
 
     autoencoder = check_config(cfg)
@@ -394,13 +392,12 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     finally:
         HFTextEncoder.encode = original
     assert torch.isfinite(loss) and calls == []  # the cache's embeddings, never the encoder
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        other = compose("train", overrides=[f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
-                                            f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
-                                            "model.cond=text", "text_encoder=hf",
-                                            f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
-                                            "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
-                                            "model.patch=[1,1,1]"])
+    other = compose_train(f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
+                          f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
+                          "model.cond=text", "text_encoder=hf",
+                          f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
+                          "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
+                          "model.patch=[1,1,1]")
     check_config(other)
     from stale.train import ConfigError
 
@@ -409,17 +406,14 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     assert json.loads((tmp_path / "lat" / "info.json").read_text())["missing_caption"] == "skip"
 
 
-def test_config_errors_name_the_key():
-    from hydra import compose, initialize_config_module
-
+def test_config_errors_name_the_key(compose_train):
     from stale.train import ConfigError, check_config
 
     cases = [(["model.cond=text"], "needs a text encoder"), (["text_encoder=learned"], "add model.cond=text"),
              (["model.cond=text", "text_encoder=hf"], "text_encoder.pretrained"),
              (["model.cond=text", "text_encoder=learned", "data.missing_caption=maybe"], None)]
     for overrides, message in cases:
-        with initialize_config_module("stale.conf", version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+        cfg = compose_train(*overrides)
         if message is None:  # the data module's own check, when it is built
             from hydra.errors import InstantiationException
             from hydra.utils import instantiate
