@@ -50,10 +50,15 @@ def compose_train(*overrides: str) -> DictConfig:
 
 # The override lists several test modules share (each test adds its own overrides after them).
 
+# the tests' small run: the smoke flavour (conf/debug/smoke.yaml), the debug model, clips of 4 frames of 8 x 8
+TINY_RUN = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8"]
+# no sampling during training, one 1-step sample video at the end, a fixed FLOP price (no FLOP counting), CSV logs
+QUIET_RUN = ["sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
+             "logger=csv"]
 # exact-resume runs on the in-memory clip stream (train_on_stream): deterministic, sampling every 2 steps
-RESUME_RUN = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-              "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1", "sample_every_n_steps=2",
-              "budget.flops_per_clip=1e6", "trainer.deterministic=true", "callbacks.ema.decay=0.8", "logger=csv"]
+RESUME_RUN = [*TINY_RUN, "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1",
+              "sample_every_n_steps=2", "budget.flops_per_clip=1e6", "trainer.deterministic=true",
+              "callbacks.ema.decay=0.8", "logger=csv"]
 # sequence-parallel and FSDP2 runs: an odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the
 # joy token; hinge branch on; 4 steps, checkpoints every 2
 PARALLEL_RUN = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
@@ -63,9 +68,8 @@ PARALLEL_RUN = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
 # a complete run in a few seconds: 2 optimizer steps, one validation, one 2-step sample, CSV logs only
 LITE_RUN = ["debug=smoke", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.warmup=1",
             "sample.num_videos=1", "sample.steps=2"]
-# the bucket tests' runs: the debug model, one 1-step sample video at the end, a fixed FLOP price, CSV logs
-BUCKET_RUN = ["model=debug", "sample.num_videos=1", "sample.steps=1",
-              "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
+# the bucket tests' runs (their clip shapes are the buckets')
+BUCKET_RUN = ["model=debug", *QUIET_RUN]
 
 
 # --------------------------------------------------------------------------------------------------------

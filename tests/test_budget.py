@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import run_cli
+from helpers import TINY_RUN
 from stale.system.budget import ComputeBudget
 from stale.train import ConfigError, train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0"]
+TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0"]
 
 
 def rows_of(out: Path) -> list[dict]:

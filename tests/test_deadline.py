@@ -8,7 +8,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import train_on_stream
+from helpers import TINY_RUN, train_on_stream
 
 from stale.bench import random_batches
 from stale.bench.train import _InMemory
@@ -91,8 +91,8 @@ class SlowStart(L.Callback):
 
 
 def test_plan_is_raised_when_the_machine_gets_faster(tmp_path, compose_train):
-    cfg = compose_train("debug=smoke", "model=debug", "data.frames=2", "data.size=8", "sample.num_videos=2",
-                        "sample.steps=2", "budget.flops_per_clip=1e6", "logger=csv", f"paths.output_dir={tmp_path}")
+    cfg = compose_train(*TINY_RUN, "data.frames=2", "sample.num_videos=2", "sample.steps=2",
+                        "budget.flops_per_clip=1e6", "logger=csv", f"paths.output_dir={tmp_path}")
     system = build_system(cfg)
     deadline = TrainingDeadline(max_minutes=0.2, max_steps=100000, calibration_steps=6, skip_steps=2, margin=0.3,
                                 out_dir=str(tmp_path))

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import run_cli
+from helpers import QUIET_RUN, TINY_RUN
 from stale.train import train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
+TINY = [*TINY_RUN, *QUIET_RUN]
 
 
 class NaNOnRank1(L.Callback):

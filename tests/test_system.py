@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import compose_train
+from helpers import TINY_RUN, compose_train
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
@@ -18,8 +18,7 @@ from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
 from stale.train import build_system, check_config, train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
+TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
 
 
 def make_cfg(out: Path, *overrides: str, logger: str = "csv"):
