@@ -1,4 +1,4 @@
-"""Issue 7: multi-process training on CPU (gloo) through Lightning, torchrun and Hydra multirun.
+"""Multi-process training on CPU (gloo) through Lightning, torchrun and Hydra multirun.
 
 Run as a script (`python tests/test_ddp.py BATCH DEVICES OUT`) this file is the DDP worker of
 test_ddp_step_matches_one_process: Lightning's launcher starts the second rank by running it again.

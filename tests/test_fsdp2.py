@@ -1,4 +1,4 @@
-"""Issue 21: FSDP2 (trainer=fsdp, fsdp_cpu): per-block fully_shard, the sharded EMA, checkpoints, resume.
+"""FSDP2 (trainer=fsdp, fsdp_cpu): per-block fully_shard, the sharded EMA, checkpoints, resume.
 
 The fast test spawns 2 gloo processes and trains the tiny model sharded (stale.parallel.fsdp) next to an unsharded
 copy with torch's AveragedModel: gradients, clipped gradient norm, weights, EMA, the EMA's checkpoint round trip and

@@ -1,4 +1,4 @@
-"""Issue 10: corrupt data injected into real shards, trained through `stale-train data=shards`."""
+"""Corrupt data injected into real shards, trained through `stale-train data=shards`."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""Issue 10: crashes and signals, injected for real into `stale-train` subprocesses."""
+"""Crashes and signals, injected for real into `stale-train` subprocesses."""
 
 import os
 import signal

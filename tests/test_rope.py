@@ -1,4 +1,4 @@
-"""Issue 19: model.pos=rope, 3D axial rotary embeddings inside attention (stale/models/rope.py).
+"""Rotary positions (model.pos=rope): 3D axial rotary embeddings inside attention (stale/models/rope.py).
 
 The relative property, the joy token's rotation, every shape and T = 1, gradient checkpointing, the
 validation of the head split, and the bench section that measures rope against sin-cos (docs/buckets.md).

@@ -1,4 +1,4 @@
-"""Issue 21: sequence parallelism over 2 gloo processes equals one process (forward, backward, training).
+"""Sequence parallelism over 2 gloo processes equals one process (forward, backward, training).
 
 Each worker builds the same model and inputs from one seed, runs the whole clip unsharded (the reference) and
 then sharded over its sequence-parallel group; the outputs must agree, and the ranks' gradients averaged (what
@@ -86,7 +86,7 @@ CASES = {  # model overrides, frames, per-frame times
     # a temporal block first, then full: every layout change, tubelets over time (pt = 2, T' = 3)
     "mixed-pattern": (dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8,
                            pattern=["temporal", "full", "spatial"]), 6, True),
-    # model.pos=rope (issue 19): every mode's rotation, full attention's after the head exchange; odd T' = 3 and
+    # model.pos=rope: every mode's rotation, full attention's after the head exchange; odd T' = 3 and
     # N = 5 split unevenly, checkpointed blocks
     "rope-mixed-pattern": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=3, size=8, pos="rope",
                                 pattern=["temporal", "full", "spatial"], grad_checkpointing=True), 3, False),
@@ -189,7 +189,7 @@ def test_parallel_config_is_checked_before_training(overrides, message, tmp_path
 
 
 # --------------------------------------------------------------------------------------------------------
-# stale-bench sections=parallel (item 7): the analytic volume, and the section on a tiny clip.
+# stale-bench sections=parallel: the analytic volume, and the section on a tiny clip.
 
 
 def test_analytic_volume_counts_each_layout_switch_and_the_gather():

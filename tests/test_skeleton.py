@@ -1,4 +1,5 @@
-"""Issue 2: the walking skeleton from shards to sample videos."""
+"""The synthetic data set and a smoke run end to end: shards and splits, the model's shapes, every config group
+composing, every output `stale-train debug=smoke` writes, and bad input stopping before training."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""Issue 7: sweeps. An Optuna search run through submitit (the SLURM launcher's machinery, on this machine),
+"""Sweeps: an Optuna search run through submitit (the SLURM launcher's machinery, on this machine),
 the summary table and best trial, and the SLURM launcher config."""
 
 from __future__ import annotations
