@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, RecordBatches, captioned_manifest, compose_train,
-                     fit_steps, mixed_shape_folder, no_synthetic_keys)
+                     fit_steps, mixed_shape_folder, no_synthetic_keys, run_cli)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from stale.data.buckets import Assigner, Bucket, BucketError, fits, parse_buckets, share_keep

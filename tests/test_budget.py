@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
-from helpers import TINY_RUN
+from helpers import TINY_RUN, run_cli
 from stale.system.budget import ComputeBudget
 from stale.train import ConfigError, train
 

@@ -10,10 +10,9 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from helpers import no_synthetic_keys, read_samples, real_shards, relabelled, write_shard
+from helpers import no_synthetic_keys, read_samples, real_shards, relabelled, run_cli, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError, DataHealthMonitor

@@ -19,10 +19,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # conftest helpers when this file runs as the DDP worker
+sys.path.insert(0, str(REPO / "tests"))  # tests/helpers.py when this file runs as the DDP worker
 
-from conftest import run_cli  # noqa: E402
-from helpers import LITE_RUN, compose_train  # noqa: E402
+from helpers import LITE_RUN, compose_train, run_cli  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from stale.eval.samples import SamplesError, read_labels
 from stale.export.checkpoint import CheckpointError, read_checkpoint
 from stale.models import build_model
 
-from conftest import run_cli
+from helpers import run_cli
 
 SPEC = SyntheticSpec(frames=8, size=16, num_classes=4)
 TINY = dict(name="tiny", frames=8, size=16, num_classes=4, patch=[1, 4, 4], dim=32, depth=2, heads=2)

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file

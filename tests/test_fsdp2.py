@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers import PARALLEL_RUN, losses_of, resumes_exactly, spawn_ranks, weights_of
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 from torch.distributed.tensor import DTensor
 
 from stale.parallel.fsdp import FULL, ShardedEMA, gathered_copy, shard_model
@@ -144,8 +144,6 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
     """trainer=fsdp_cpu == trainer=ddp_cpu (losses, weights, EMA), with periodic samples from the gathered EMA;
     resumed from its step-2 checkpoint it repeats steps 2-3 and its weights and EMA exactly; stale-export and the
     one checkpoint reader read its file."""
-    from conftest import run_cli
-
     from stale.export.checkpoint import read_checkpoint
 
     run_cli("stale-train", *PARALLEL_RUN, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
@@ -180,8 +178,6 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
 def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     """4 processes, 2 data-parallel groups x 2 sequence-parallel ranks, FSDP2 sharding over all 4, checkpointed
     blocks == plain DDP over 2 processes: the reduce-scatter over dp x sp ranks is the data-parallel mean."""
-    from conftest import run_cli
-
     short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
     run_cli("stale-train", *short, "trainer=fsdp_cpu", "trainer.devices=4", "parallel.sequence=2",

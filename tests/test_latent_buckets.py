@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, MeanPixel, RecordBatches, captioned_manifest, fit_steps,
-                     mixed_shape_folder, no_synthetic_keys, tiny_vae)
+from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, MeanPixel, RecordBatches, captioned_manifest,
+                     fit_steps, mixed_shape_folder, no_synthetic_keys, tiny_vae)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from stale.data.buckets import BucketError

@@ -15,8 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import run_cli
-from helpers import QUIET_RUN, TINY_RUN
+from helpers import QUIET_RUN, TINY_RUN, run_cli
 from stale.train import train
 
 TINY = [*TINY_RUN, *QUIET_RUN]

@@ -10,8 +10,7 @@ from stale.data.synthetic_module import SyntheticDataModule
 from stale.train import ConfigError, check_config
 from stale.utils.schema import _signature_keys
 
-from conftest import run_cli
-from helpers import compose_train
+from helpers import compose_train, run_cli
 
 
 def _check(overrides):

