@@ -1,4 +1,5 @@
-"""Issue 21: model.adaln=single (adaLN-single, PixArt-alpha / Latte) beside the default per-block adaLN-Zero."""
+"""Timestep conditioning: model.adaln=single (adaLN-single, PixArt-alpha / Latte) beside the default per-block
+adaLN-Zero."""
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_bad_adaln_names_the_key():
 
 def test_single_exports_to_onnx(tmp_path):
     """The shared modulation goes through torch.export and ONNX like the per-block one (tests/test_export.py).
-    The same export carries model.pos=rope (issue 19) and a full-attention block, so its rotation (slices,
+    The same export carries model.pos=rope and a full-attention block, so its rotation (slices,
     multiplies, a concatenation) is checked in onnxruntime too without a second ~15 s export in make test."""
     from stale.export.onnx import check_onnx, export_onnx
 

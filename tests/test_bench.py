@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 from stale.bench import SectionError, build, call_with_supported, parse_sections, random_batches
 from stale.bench import gpu, report
 from stale.cli.bench import listify_sections

@@ -11,17 +11,15 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import run_cli
+from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, RecordBatches, captioned_manifest, compose_train,
+                     fit_steps, mixed_shape_folder, no_synthetic_keys, run_cli)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from stale.data.buckets import Assigner, Bucket, BucketError, fits, parse_buckets, share_keep
 from stale.data.datamodule import VideoDataModule
 from stale.data.shards import ShardsConfig, convert
-from stale.data.testing import mixed_shape_folder
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.models.stale_transformer import Attention, StaleConfig, StaleTransformer
@@ -30,18 +28,11 @@ from stale.models.stale_transformer import Attention, StaleConfig, StaleTransfor
 # shapes stale-shards must keep at size=16 grid=4 (about 256 pixels, sides multiples of 4): worked out by hand,
 # 160x90 -> scale sqrt(256 / 14400) = 0.133 -> 21.3 x 12 -> 20 x 12; 120x120 -> 16 x 16.
 KEPT = {(90, 160): (12, 20), (160, 90): (20, 12), (120, 120): (16, 16)}
-VIDEOS = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40), (160, 90, 36), (120, 120, 20),
-          (90, 160, 16), (160, 90, 20), (120, 120, 12))
-IMAGES = ((90, 160), (160, 90), (120, 120), (90, 160), (160, 90), (120, 120))
-SMOKE = ["model=debug", "sample.num_videos=1", "sample.steps=1",
-         "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
-
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """The mixed folder converted with stale-shards' aspect-keeping defaults at 16 px: {folder, summary}."""
     base = tmp_path_factory.mktemp("mixed-shapes")
-    folder = mixed_shape_folder(base / "media", videos=VIDEOS, images=IMAGES)
+    folder = mixed_shape_folder(base / "media", videos=MIXED_VIDEOS, images=MIXED_IMAGES)
     summary = convert(ShardsConfig(input=str(folder), out=str(base / "shards"), size=16, grid=4, maxcount=4,
                                    split={"train": 1.0}, progress=False))
     return {"folder": folder, "summary": summary, "pattern": summary["splits"]["train"]["pattern"]}
@@ -55,7 +46,7 @@ def _metas(pattern: str) -> list[dict]:
 
 def test_shards_keep_aspect_length_and_take_images(mixed):
     metas = _metas(mixed["pattern"])
-    assert len(metas) == len(VIDEOS) + len(IMAGES)  # every video is one clip (all <= max_frames=64), every image one
+    assert len(metas) == len(MIXED_VIDEOS) + len(MIXED_IMAGES)  # every video is one clip (all <= max_frames=64), every image one
     for m in metas:
         w, h = (int(v) for v in Path(m["source"]).stem.split("_")[-1].split("x")[:2])
         assert (m["height"], m["width"]) == KEPT[(h, w)], m
@@ -139,50 +130,16 @@ def test_clips_that_fit_no_bucket_are_counted(mixed):
     assert dm.health.reasons["train"]["no_bucket"] > 0 and dm.health.skipped("train") == 0  # outside the rate
 
 
-class Mean(L.LightningModule):
-    """One weight fitted to the mean pixel of each batch: its loss depends on every pixel seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.losses = {}
-
-    def training_step(self, batch, batch_idx):
-        video, _ = batch
-        loss = (self.w - video.float().mean() / 255).pow(2).sum()
-        self.losses[self.global_step] = float(loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-class Record(Callback):
-    def __init__(self):
-        self.seen = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen[trainer.global_step] = batch[0].clone()
-
-
-def _fit(folder, steps, callbacks, dm, ckpt=None, module=None):
-    module = module or Mean()
-    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-              num_sanity_val_steps=0).fit(module, datamodule=dm, ckpt_path=ckpt)
-    return module
-
-
 def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path):
     kw = dict(buckets="smoke", num_workers=2, shuffle_buffer=8, epoch_batches=6)
-    full = Record()
-    straight = _fit(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1,
-                                                        filename="{step}")], VideoDataModule(mixed["pattern"], **kw))
+    full = RecordBatches()
+    straight = fit_steps(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1,
+                                                             filename="{step}")], VideoDataModule(mixed["pattern"], **kw))
     ckpt = tmp_path / "ckpt" / "step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert any(state["round_pending"]), state  # clips were waiting in partly filled buckets
-    resumed = Record()
-    again = _fit(tmp_path, 9, [resumed], VideoDataModule(mixed["pattern"], **kw), ckpt=ckpt)
+    resumed = RecordBatches()
+    again = fit_steps(tmp_path, 9, [resumed], VideoDataModule(mixed["pattern"], **kw), ckpt=ckpt)
     assert sorted(resumed.seen) == [4, 5, 6, 7, 8]
     for step in resumed.seen:
         assert torch.equal(resumed.seen[step], full.seen[step]), step
@@ -192,11 +149,11 @@ def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path
 
 def test_changed_bucket_list_on_resume_is_stated(mixed, tmp_path, caplog):
     kw = dict(num_workers=0, shuffle_buffer=8, epoch_batches=6)
-    _fit(tmp_path, 3, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, filename="last")],
-         VideoDataModule(mixed["pattern"], buckets="smoke", **kw))
+    fit_steps(tmp_path, 3, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, filename="last")],
+              VideoDataModule(mixed["pattern"], buckets="smoke", **kw))
     dm = VideoDataModule(mixed["pattern"], buckets=[[8, 12, 20, 2], [8, 20, 12, 2], [8, 16, 16, 2]], **kw)
     with caplog.at_level("WARNING"):
-        _fit(tmp_path, 5, [], dm, ckpt=tmp_path / "ckpt" / "last.ckpt")
+        fit_steps(tmp_path, 5, [], dm, ckpt=tmp_path / "ckpt" / "last.ckpt")
     assert "The bucket list or its rule changed" in caplog.text and "start of the next epoch" in caplog.text
 
 
@@ -237,7 +194,7 @@ def test_ddp_with_unevenly_filled_buckets_takes_equal_steps(mixed, tmp_path):
     run = tmp_path / "run"
     proc = run_cli("stale-train", "debug=smoke", "trainer=ddp_cpu", "data=shards", f"data.shards='{mixed['pattern']}'",
                    "data.num_classes=2", "data.buckets=smoke", "trainer.max_steps=6", "trainer.val_check_interval=6",
-                   *SMOKE, *_no_synthetic_keys(), f"hydra.run.dir={run}",
+                   *BUCKET_RUN, *no_synthetic_keys(), f"hydra.run.dir={run}",
                    "+callbacks.steps._target_=test_buckets.RankSteps", f"+callbacks.steps.folder={tmp_path}",
                    env={"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}, timeout=400)
     assert "stale-train finished" in proc.stdout
@@ -260,19 +217,11 @@ class RankSteps(Callback):
             json.dumps({"steps": trainer.global_step, "shapes": self.shapes}))
 
 
-def _no_synthetic_keys() -> list[str]:
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "data=shards", "data.shards=x"])
-    return [f"~data.{k}" for k in ("train_clips", "val_clips", "test_clips") if k in cfg.data]
-
-
 @pytest.mark.slow
 def test_acceptance_shards_train_every_shape_sample_portrait(tmp_path):
     """stale-shards over a manifest of landscape, portrait and square videos of 12-60 frames and still images ->
     stale-train with buckets logs clips per bucket for every shape -> stale-sample writes a portrait video."""
-    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS, images=IMAGES)
+    folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS, images=MIXED_IMAGES)
     manifest = tmp_path / "manifest.csv"
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in files))
@@ -282,8 +231,8 @@ def test_acceptance_shards_train_every_shape_sample_portrait(tmp_path):
     assert {(m["height"], m["width"]) for m in _metas(str(out / "train-000000.tar"))} == set(KEPT.values())
     run = tmp_path / "run"
     run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{out / 'train-000000.tar'}'",
-            "data.num_classes=2", "data.buckets=smoke", "trainer.max_steps=10", "trainer.limit_val_batches=0", *SMOKE,
-            *_no_synthetic_keys(), f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"}, timeout=400)
+            "data.num_classes=2", "data.buckets=smoke", "trainer.max_steps=10", "trainer.limit_val_batches=0", *BUCKET_RUN,
+            *no_synthetic_keys(), f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"}, timeout=400)
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     last = {k: float(v) for r in rows for k, v in r.items() if k.startswith("data/bucket_") and v}
     got = {k.removeprefix("data/bucket_") for k, v in last.items() if v > 0}
@@ -335,13 +284,10 @@ def test_bench_section_measures_buckets_against_padding():
 
 
 def test_check_config_names_a_bucket_the_patch_does_not_divide():
-    from hydra import compose, initialize_config_module
-
     from stale.train import ConfigError, check_config
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=[[8,14,20,2]]"])
-        ok = compose("train", overrides=["data=shards", "data.shards=x", "data.buckets=smoke", "model.pos_base=4"])
+    cfg = compose_train("data=shards", "data.shards=x", "data.buckets=[[8,14,20,2]]")
+    ok = compose_train("data=shards", "data.shards=x", "data.buckets=smoke", "model.pos_base=4")
     with pytest.raises(ConfigError, match=r"data.buckets\[0\]: the bucket 8x14x20 is not divisible by model.patch"):
         check_config(cfg)
     check_config(ok)
@@ -360,15 +306,13 @@ def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
     """Buckets give batches of different shapes: the FLOPs that the compute budget and ThroughputMonitor count for
     a batch (StaleSystem.flops_per_batch) are those of its shape, within 5% of what FlopCounterMode counts in the
     real training step, hinge branch included (math SDPA, which the counter sees)."""
-    from hydra import compose, initialize_config_module
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from stale.train import build_system
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
-                                          "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}"])
+    cfg = compose_train("debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
+                        "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}")
     system = build_system(cfg)  # with its clip_flops, as stale-train builds it
     counted = {}
     for shape in [(4, 8, 8), (2, 8, 16), (1, 16, 8)]:  # square, landscape, a portrait image
@@ -389,26 +333,23 @@ LATENT_BUCKETS = {"1x64x64": (1, 8, 8), "9x48x80": (3, 6, 10), "9x80x48": (3, 10
 
 
 def _latent_cfg(tmp_path, shards: str, vae, buckets, *extra: str):
-    from hydra import compose, initialize_config_module
-
-    drop = _no_synthetic_keys()
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[
-            "debug=smoke", "data=shards", f"data.shards='{shards}'", "data.num_classes=2", "data.frames=9",
-            "data.size=64", "vae=diffusers", f"vae.pretrained={vae}", f"data.buckets={buckets}", "model.patch=[1,2,2]",
-            f"paths.output_dir={tmp_path}", "threads=1", *SMOKE, *drop, *extra])
+    drop = no_synthetic_keys()
+    return compose_train(
+        "debug=smoke", "data=shards", f"data.shards='{shards}'", "data.num_classes=2", "data.frames=9",
+        "data.size=64", "vae=diffusers", f"vae.pretrained={vae}", f"data.buckets={buckets}", "model.patch=[1,2,2]",
+        f"paths.output_dir={tmp_path}", "threads=1", *BUCKET_RUN, *drop, *extra)
 
 
 def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_factory):
     """vae=diffusers with data.buckets: every bucket is checked against the autoencoder's shape rules and the
     latent patch before training (naming the bucket), then each batch is encoded at its own shape and trained:
     every bucket's clips reach the model, and the final samples decode to pixels."""
-    from helpers_latent import tiny_vae
+    from helpers import tiny_vae
 
     from stale.train import ConfigError, check_config, train
 
     vae = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
-    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
+    folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
     shards = convert(ShardsConfig(input=str(folder), out=str(tmp_path / "shards"), size=64, grid=16, maxcount=4,
                                   split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
     # the default preset's 8-frame buckets are not 1 + 4k frames: the error names the bucket and the nearest counts
@@ -434,16 +375,6 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
         assert (s.frames, s.height, s.width) == (9, 64, 64)
 
 
-def captioned_manifest(tmp_path) -> Path:
-    """A manifest.csv of the mixed folder (6 videos, 3 images) whose captions name each file's class and name."""
-    folder = mixed_shape_folder(tmp_path / "media", videos=VIDEOS[:6], images=IMAGES[:3])
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
-                                                          for p in files))
-    return manifest
-
-
 def test_captions_ride_with_bucketed_batches(tmp_path):
     """model.cond=text with data.buckets: each one-shape batch carries its clips' captions (the bucketed loader
     dropped them, and text training stopped at its first step with 'the batch has no captions')."""
@@ -464,7 +395,7 @@ def test_captions_ride_with_bucketed_batches(tmp_path):
     assert seen == 6
     run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{out}'", "data.num_classes=2",
             "data.buckets=smoke", "model.cond=text", "text_encoder=learned", "trainer.max_steps=4",
-            "trainer.limit_val_batches=0", *SMOKE, *_no_synthetic_keys(), f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.limit_val_batches=0", *BUCKET_RUN, *no_synthetic_keys(), f"hydra.run.dir={tmp_path / 'run'}",
             env={"OMP_NUM_THREADS": "1"}, timeout=400)
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert any(r.get("train/hinge_acc") for r in rows)  # the caption-match head trained on the batches' captions

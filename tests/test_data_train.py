@@ -10,11 +10,9 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
-from hydra import compose, initialize_config_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from helpers_data import read_samples, real_shards, relabelled, write_shard
+from helpers import no_synthetic_keys, read_samples, real_shards, relabelled, run_cli, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError, DataHealthMonitor
@@ -120,13 +118,6 @@ def test_lightning_checkpoint_resumes_the_stream_mid_epoch(real, tmp_path):
         assert torch.equal(resumed.seen[step][1], full.seen[step][1]), step
 
 
-def _no_synthetic_keys() -> list[str]:
-    """debug=smoke sizes the synthetic set (data.train_clips, ...); VideoDataModule has no such keys."""
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "data=shards", "data.shards=x"])
-    return [f"~data.{k}" for k in ("train_clips", "val_clips", "test_clips") if k in cfg.data]
-
-
 def test_stale_shards_then_stale_train_on_real_videos(real, tmp_path):
     out = tmp_path / "shards"
     proc = run_cli("stale-shards", f"input={real['folder']}", f"out={out}", "size=16", "frames=8", "fps=8",
@@ -137,7 +128,7 @@ def test_stale_shards_then_stale_train_on_real_videos(real, tmp_path):
     train, val = info["splits"]["train"]["pattern"], info["splits"]["val"]["pattern"]
     run = tmp_path / "run"
     proc = run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{train}'", f"data.val_shards='{val}'",
-                   "data.num_classes=2", "logger=csv", f"hydra.run.dir={run}", *_no_synthetic_keys(), timeout=600,
+                   "data.num_classes=2", "logger=csv", f"hydra.run.dir={run}", *no_synthetic_keys(), timeout=600,
                    env={"OMP_NUM_THREADS": "1"})
     assert "stale-train finished" in proc.stdout
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))

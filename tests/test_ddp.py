@@ -1,4 +1,4 @@
-"""Issue 7: multi-process training on CPU (gloo) through Lightning, torchrun and Hydra multirun.
+"""Multi-process training on CPU (gloo) through Lightning, torchrun and Hydra multirun.
 
 Run as a script (`python tests/test_ddp.py BATCH DEVICES OUT`) this file is the DDP worker of
 test_ddp_step_matches_one_process: Lightning's launcher starts the second rank by running it again.
@@ -19,24 +19,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # conftest helpers when this file runs as the DDP worker
+sys.path.insert(0, str(REPO / "tests"))  # tests/helpers.py when this file runs as the DDP worker
 
-from conftest import run_cli  # noqa: E402
-
-# A complete run in a few seconds: 2 optimizer steps, one validation, one 2-step sample, CSV logs only.
-LITE = ["debug=smoke", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.warmup=1",
-        "sample.num_videos=1", "sample.steps=2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> dict:
-    """Real mp4 WebDataset shards: 4 train shards and 2 validation shards (one per rank)."""
-    from stale.data.synthetic import SyntheticSpec, ensure_synthetic, split_pattern
-
-    spec = SyntheticSpec(counts={"train": 32, "val": 16, "test": 8}, per_shard=8)
-    folder = ensure_synthetic(tmp_path_factory.mktemp("ddp-shards"), spec)
-    return {"folder": folder, "overrides": ["data=shards", f"data.shards='{split_pattern(folder, 'train')}'",
-                                            f"data.val_shards='{split_pattern(folder, 'val')}'"]}
+from helpers import LITE_RUN, compose_train, run_cli  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -70,7 +55,6 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
     the global loss is the mean of the ranks' losses, and DDP's averaged gradient is the one-process one.
     """
     import lightning as L
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, TensorDataset
@@ -91,10 +75,9 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
             self.records.append({"loss": losses.mean().item(), "indices": indices.reshape(devices, -1).tolist()})
             return loss
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
-                                          f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
-                                          "optim.lr=1e-3", f"paths.output_dir={out}"])  # the tolerance below
+    cfg = compose_train(f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
+                        f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
+                        "optim.lr=1e-3", f"paths.output_dir={out}")  # the tolerance below
     L.seed_everything(0)
     system = FixedNoiseSystem(instantiate(cfg.model, _convert_="all"), instantiate(cfg.diffusion),
                               **OmegaConf.to_container(cfg.optim), schedule=OmegaConf.to_container(cfg.schedule))
@@ -155,7 +138,7 @@ def test_multirun_of_ddp_trials(tiny_shards, tmp_path):
     """`stale-train -m trainer=ddp_cpu optim.lr=a,b`: Lightning starts rank 1 of each trial in that trial's dir,
     the second trial starts clean, and the sweep ends with its summary."""
     sweep = tmp_path / "sweep"
-    run_cli("stale-train", "-m", "trainer=ddp_cpu", "optim.lr=1e-3,2e-3", *LITE, *tiny_shards["overrides"],
+    run_cli("stale-train", "-m", "trainer=ddp_cpu", "optim.lr=1e-3,2e-3", *LITE_RUN, *tiny_shards["overrides"],
             f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=380)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray outputs/ or multirun/ dirs
     for trial, lr in (("0", "optim.lr=0.001"), ("1", "optim.lr=0.002")):
@@ -182,7 +165,7 @@ def test_torchrun_script(tiny_shards, tmp_path):
     """scripts/torchrun.sh: torchrun starts both ranks; they share RUN_DIR and log to one file each."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE,
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE_RUN,
                            *tiny_shards["overrides"]], capture_output=True, text=True, timeout=380, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -197,14 +180,12 @@ def test_torchrun_script(tiny_shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_cpu", "fsdp_cpu"])
 def test_distributed_trainer_configs(name):
-    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from stale.parallel.strategies import HydraDDPStrategy, HydraFSDP2Strategy
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer={name}", "trainer.num_nodes=4"])
+    cfg = compose_train(f"trainer={name}", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and "devices" in cfg.trainer
     strategy = instantiate(cfg.trainer.strategy)
     assert strategy.process_group_backend == ("gloo" if name.endswith("_cpu") else None)

@@ -8,8 +8,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from test_resume import run
-from test_system import make_cfg
+from helpers import TINY_RUN, train_on_stream
 
 from stale.bench import random_batches
 from stale.bench.step import InMemory
@@ -39,7 +38,7 @@ def test_bad_values_name_the_key(key, value):
 
 def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    steps = run(tmp_path / "first", *DEADLINE)
+    steps = train_on_stream(tmp_path / "first", *DEADLINE)
     record = json.loads((tmp_path / "first" / "deadline.json").read_text())
     planned = record["planned_steps"]
     assert 15 < planned < 100000  # decided after the 10 calibration steps, far below the cap
@@ -59,7 +58,7 @@ def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path,
     # resume from the periodic checkpoint after the decision: the plan is kept, no new measurement
     ckpt = tmp_path / "first" / "checkpoints" / "step0000015.ckpt"
     caplog.clear()
-    resumed = run(tmp_path / "resumed", *DEADLINE, f"ckpt_path={ckpt}")
+    resumed = train_on_stream(tmp_path / "resumed", *DEADLINE, f"ckpt_path={ckpt}")
     again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert again["global_step"] == planned
     assert any("resumed: keeping the planned step count" in r.getMessage() for r in caplog.records)
@@ -72,7 +71,7 @@ def test_thread_tuner_tries_each_count_keeps_the_fastest_and_saves_it(tmp_path):
     before = torch.get_num_threads()
     tuner = ThreadTuner([1, 2], steps_each=2, skip_steps=1)
     try:
-        run(tmp_path, "threads=null", "trainer.max_steps=8", "sample_every_n_steps=0", callbacks=[tuner])
+        train_on_stream(tmp_path, "threads=null", "trainer.max_steps=8", "sample_every_n_steps=0", callbacks=[tuner])
         assert {c: len(ts) for c, ts in tuner.times.items()} == {1: 2, 2: 2}  # steps 1-2 on 1 thread, 3-4 on 2
         medians = {c: sorted(ts)[1] for c, ts in tuner.times.items()}  # the upper of two, as the tuner takes it
         assert tuner.chosen == min(medians, key=medians.get) and tuner.done_at == 5
@@ -91,8 +90,10 @@ class SlowStart(L.Callback):
             time.sleep(0.06)
 
 
-def test_plan_is_raised_when_the_machine_gets_faster(tmp_path):
-    system = build_system(make_cfg(tmp_path, "data.frames=2", "data.size=8"))
+def test_plan_is_raised_when_the_machine_gets_faster(tmp_path, compose_train):
+    cfg = compose_train(*TINY_RUN, "data.frames=2", "sample.num_videos=2", "sample.steps=2",
+                        "budget.flops_per_clip=1e6", "logger=csv", f"paths.output_dir={tmp_path}")
+    system = build_system(cfg)
     deadline = TrainingDeadline(max_minutes=0.2, max_steps=100000, calibration_steps=6, skip_steps=2, margin=0.3,
                                 out_dir=str(tmp_path))
     trainer = L.Trainer(max_steps=-1, callbacks=[SlowStart(), deadline], val_check_interval=20, limit_val_batches=1,

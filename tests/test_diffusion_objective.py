@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from stale.diffusion import flow
@@ -60,16 +59,11 @@ def test_losses_have_their_expected_values(prior, second_moment):
     assert out["loss"].item() == pytest.approx(out["velocity"].item() + 0.5 * out["dog"].item(), rel=1e-6)
 
 
-def _compose(*overrides):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("overrides", [(), ("diffusion.prior=gaussian", "diffusion.dog_weight=0.1"),
                                        ("diffusion.mixup=true", "diffusion.dog_temporal=true",
                                         "diffusion.dog_weight=1", "diffusion.time_sampling=uniform")])
-def test_configs_train_through_the_same_objective(overrides):
-    cfg = _compose(*overrides)
+def test_configs_train_through_the_same_objective(overrides, compose_train):
+    cfg = compose_train(*overrides)
     obj = instantiate(cfg.diffusion)
     assert isinstance(obj, StaleObjective) and obj.dog_bands == (0.6, 1.0, 2.0, 4.0)
     torch.manual_seed(0)

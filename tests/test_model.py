@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -207,10 +206,9 @@ DIT = {"tiny": dict(dim=128, depth=4, heads=4), "s": dict(dim=384, depth=12, hea
 
 
 @pytest.mark.parametrize("name", list(DIT))
-def test_every_size_builds_from_hydra_config(name):
+def test_every_size_builds_from_hydra_config(name, compose_train):
     """model=tiny|s|b|l|xl compose and instantiate; on the meta device, so XL costs no memory."""
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}"])
+    cfg = compose_train(f"model={name}")
     with torch.device("meta"):
         model = instantiate(cfg.model, _convert_="all")
     assert isinstance(model, StaleTransformer)
@@ -228,9 +226,8 @@ def test_dit_sizes_have_dit_parameter_counts():
         assert abs(parameter_count(StaleConfig(**DIT[name], patch=(1, 2, 2))) / n - 1) < 0.03
 
 
-def test_pattern_from_config():
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", "model.pattern=full"])
+def test_pattern_from_config(compose_train):
+    cfg = compose_train("model=tiny", "model.pattern=full")
     model = instantiate(cfg.model, _convert_="all")
     assert [b.mode for b in model.blocks] == ["full"] * model.config.depth
 

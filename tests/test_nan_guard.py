@@ -9,19 +9,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers import TINY_RUN, compose_train
 
 from stale.system.nan_guard import NaNGuard, NonFiniteLossError
 from stale.train import train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
+TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
         "trainer.val_check_interval=4", "trainer.max_steps=4"]
 
 
 def make_cfg(out: Path, *overrides: str):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, "logger=csv", f"paths.output_dir={out}", *overrides])
+    return compose_train(*TINY, "logger=csv", f"paths.output_dir={out}", *overrides)
 
 
 class Inject(L.Callback):

@@ -15,11 +15,10 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import QUIET_RUN, TINY_RUN, run_cli
 from stale.train import train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0", "budget.flops_per_clip=1e6", "logger=csv"]
+TINY = [*TINY_RUN, *QUIET_RUN]
 
 
 class NaNOnRank1(L.Callback):
@@ -49,11 +48,8 @@ class SaveRankWeights(L.Callback):
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_resume_on_two_devices_and_nan_on_one_rank(tmp_path):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        one = compose("train", overrides=[*TINY, f"paths.output_dir={tmp_path / 'one'}", "trainer.max_steps=3"])
+def test_resume_on_two_devices_and_nan_on_one_rank(tmp_path, compose_train):
+    one = compose_train(*TINY, f"paths.output_dir={tmp_path / 'one'}", "trainer.max_steps=3")
     train(one)
     weights = tmp_path / "weights"
     weights.mkdir()

@@ -1,4 +1,4 @@
-"""Issue 19: model.pos=rope, 3D axial rotary embeddings inside attention (stale/models/rope.py).
+"""Rotary positions (model.pos=rope): 3D axial rotary embeddings inside attention (stale/models/rope.py).
 
 The relative property, the joy token's rotation, every shape and T = 1, gradient checkpointing, the
 validation of the head split, and the bench section that measures rope against sin-cos (docs/buckets.md).
@@ -129,12 +129,10 @@ def test_bad_rope_configs_name_the_keys(overrides, message):
         build_model("tiny", pos="alibi")
 
 
-def test_hydra_config_takes_model_pos(tmp_path):
-    from hydra import compose, initialize_config_module
+def test_hydra_config_takes_model_pos(tmp_path, compose_train):
     from hydra.utils import instantiate
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["model.pos=rope"])
+    cfg = compose_train("model.pos=rope")
     assert instantiate(cfg.model, _convert_="all").config.pos == "rope"
 
 

@@ -3,7 +3,6 @@
 from importlib.resources import files
 
 import pytest
-from hydra import compose, initialize_config_module
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -11,12 +10,11 @@ from stale.data.synthetic_module import SyntheticDataModule
 from stale.train import ConfigError, check_config
 from stale.utils.schema import _signature_keys
 
-from conftest import run_cli
+from helpers import compose_train, run_cli
 
 
 def _check(overrides):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        check_config(compose("train", overrides=overrides))
+    check_config(compose_train(*overrides))
 
 
 def _options(group: str) -> list[str]:

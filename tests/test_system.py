@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from helpers import TINY_RUN, compose_train
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
@@ -19,13 +19,11 @@ from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
 from stale.train import build_system, check_config, train
 
-TINY = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-        "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
+TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "budget.flops_per_clip=1e6"]  # tests pass FLOPs explicitly
 
 
 def make_cfg(out: Path, *overrides: str, logger: str = "csv"):
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, f"logger={logger}", f"paths.output_dir={out}", *overrides])
+    return compose_train(*TINY, f"logger={logger}", f"paths.output_dir={out}", *overrides)
 
 
 def read_csv(out: Path) -> list[dict]:

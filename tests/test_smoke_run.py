@@ -1,4 +1,5 @@
-"""Issue 2: the walking skeleton from shards to sample videos."""
+"""The synthetic data set and a smoke run end to end: shards and splits, the model's shapes, every config group
+composing, every output `stale-train debug=smoke` writes, and bad input stopping before training."""
 
 import csv
 import json
@@ -11,7 +12,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from stale.data.datamodule import VideoDataModule
 from stale.data.reader import ShardError
 from stale.data.synthetic import SyntheticSpec, ensure_synthetic, make_clip, split_pattern

@@ -1,4 +1,4 @@
-"""Issue 10: crashes and signals, injected for real into `stale-train` subprocesses."""
+"""Crashes and signals, injected for real into `stale-train` subprocesses."""
 
 import os
 import signal
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
 
 EXE = str(Path(sys.executable).parent / "stale-train")
 LONG_RUN = ["debug=smoke", "logger=csv", "trainer.max_steps=100000", "sample_every_n_steps=0",

@@ -1,4 +1,4 @@
-"""Issue 10: corrupt data injected into real shards, trained through `stale-train data=shards`."""
+"""Corrupt data injected into real shards, trained through `stale-train data=shards`."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import webdataset as wds
 
-from conftest import run_cli
+from helpers import run_cli
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import encode_mp4
 

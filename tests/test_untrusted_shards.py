@@ -1,4 +1,4 @@
-"""Issue 10: shard members that carry pickles (.pkl, .pth, .pyd) are never unpickled by the loader."""
+"""Shard members that carry pickles (.pkl, .pth, .pyd) are never unpickled by the loader."""
 
 import json
 import os
