@@ -56,7 +56,6 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
     """
     import lightning as L
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, TensorDataset
 
     from stale.diffusion import flow
@@ -80,7 +79,7 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
                         "optim.lr=1e-3", f"paths.output_dir={out}")  # the tolerance below
     L.seed_everything(0)
     system = FixedNoiseSystem(instantiate(cfg.model, _convert_="all"), instantiate(cfg.diffusion),
-                              **OmegaConf.to_container(cfg.optim), schedule=OmegaConf.to_container(cfg.schedule))
+                              optimizer=instantiate(cfg.optim, _convert_="all"), schedule=instantiate(cfg.schedule))
     b = torch.load(batch_path)
     data = TensorDataset(b["video"], b["label"], b["z"], b["t"], torch.arange(len(b["label"])))
     loader = DataLoader(data, batch_size=len(data) // devices, shuffle=False)  # Lightning adds the rank split
