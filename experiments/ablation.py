@@ -373,7 +373,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args.runs.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(args)
-    rows, notes = [], []
+    rows = []
     wanted = [v for v in VARIANTS if args.only is None or v[0] in args.only]
 
     trained, todo = {}, []

@@ -116,6 +116,7 @@ def test_merged_export_samples_like_base_plus_adapter(lora_run, base, tmp_path):
     a, b, c = merged(**kw), adapted(**kw), plain(**kw)
     diff = (a.int() - b.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # float rounding of W + BA vs W x + B(A x)
+    assert not torch.equal(a, c)  # the adapter changes the videos the base gives
     torch.manual_seed(0)
     x, t, y = torch.rand(2, 3, 4, 8, 8) * 2 - 1, torch.rand(2), torch.tensor([0, 3])
     with torch.no_grad():

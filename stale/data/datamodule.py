@@ -24,15 +24,15 @@ import lightning as L
 import torch
 
 from stale.data import buckets as bucketing
+from stale.data.captions import MISSING
 from stale.data.health import DataHealth
+from stale.data.latent_cache import TEXT_MEMBERS, cache_buckets, cache_info, check_cache_clip, load_empty_text
 from stale.data.loader import TrainLoader, ValLoader, VideoStream
 from stale.data.reader import LatentSpec, expand_shards
 from stale.data.video_io import ClipSpec
 from stale.utils.ranks import data_parallel_rank_world
 
 log = logging.getLogger(__name__)
-from stale.data.captions import MISSING
-from stale.data.latent_cache import TEXT_MEMBERS, cache_buckets, cache_info, check_cache_clip, load_empty_text
 
 
 def _rank_world(trainer) -> tuple[int, int]:
