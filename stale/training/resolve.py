@@ -29,7 +29,6 @@ from stale.training.checks import (ConfigError, build, check_clip, check_compose
 @dataclass
 class Resolved:
     config: DictConfig  # the run's config with every derived value filled in
-    model: StaleConfig | None = None  # the model it builds (None until the text encoder is resolved)
     autoencoder: Any = None  # stale.latent Autoencoder, or None in pixel space
     datamodule: Any = None  # the LightningDataModule, built once
     text_encoder: Any = None  # model.cond=text: the stale.text encoder
@@ -56,7 +55,7 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
     text = run.model.get("cond", "label") == "text"
     if not data:
         if not text:  # a text model's config needs its encoder's widths: checked with the data
-            resolved.model = checked_model(run)
+            check_model_config(run)
         return resolved
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
     resolved.datamodule = datamodule if datamodule is not None else instantiate(run.data, _convert_="all",
@@ -64,7 +63,7 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
     if text:
         resolved.text_encoder, resolved.empty_text, derived = resolve_text(run, resolved.datamodule)
         resolved.config = run = _with(run, derived)
-    resolved.model = checked_model(run)
+    check_model_config(run)
     return resolved
 
 
@@ -73,7 +72,7 @@ def check_config(cfg: DictConfig) -> Resolved:
     return resolve(cfg, data=False)
 
 
-def checked_model(cfg: DictConfig) -> StaleConfig:
+def check_model_config(cfg: DictConfig) -> StaleConfig:
     """The model's StaleConfig (its own ranges checked by its constructor), checked against parallelism."""
     node = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
     try:
