@@ -131,6 +131,18 @@ def test_cli_report_and_cleaned_test_shard(real_shards, tmp_path):
         assert len(tar.getnames()) == 6
 
 
+def test_a_test_shard_of_duplicates_only_leaves_no_emptied_shard(real_shards, tmp_path):
+    """A test shard whose every clip duplicates a train clip is dropped from the clean list and not written."""
+    train, _ = real_shards
+    test = write_shard(tmp_path / "test-000000.tar", {"carphone_bad": real_clip("carphone_distorted.mp4")})
+    out = tmp_path / "report.json"
+    run_cli("stale-contamination", f"train={train}", f"test={test}", f"out={out}", "progress=false", timeout=120)
+    assert (tmp_path / "report.clean-test.txt").read_text().split() == []
+    assert not any((tmp_path / "report-clean").glob("*.tar"))
+    (row,) = json.loads(out.read_text())["clean_test"]["rewritten"]
+    assert row == {"source": test, "shard": None, "kept": 0, "dropped": 1}
+
+
 def test_within_split_duplicates_and_threshold(real_shards, tmp_path):
     train, test = real_shards
     fp = fingerprint_shards([train, test], progress=False)

@@ -240,9 +240,12 @@ def clean_test_shards(test: Fingerprints, drop_rows: np.ndarray, clean_dir: str 
             if os.path.abspath(dst) == os.path.abspath(shard):
                 raise ValueError(f"clean_dir would overwrite the original shard {shard}; choose another clean_dir")
             kept, dropped = rewrite_shard_without(shard, dst, drop)
-            rewritten.append({"source": shard, "shard": dst, "kept": kept, "dropped": dropped})
-            if kept:  # an emptied shard is left out: loaders reject empty tars
+            if kept:
                 listed.append(dst)
+            else:  # every clip was a duplicate: no emptied tar left behind (loaders reject empty shards)
+                Path(dst).unlink()
+                dst = None
+            rewritten.append({"source": shard, "shard": dst, "kept": kept, "dropped": dropped})
     n_drop = int(len(np.unique(drop_rows)))
     removed_clips = n_drop if write_shards else sum(test.shards.count(s) for s in drop_by_shard)
     return {"mode": "rewritten shards" if write_shards else "shard filter", "shards": listed,
