@@ -116,6 +116,18 @@ def test_a_clip_the_autoencoder_cannot_take_stops_before_training(override, mess
         check_config(cfg)
 
 
+def test_a_sample_size_the_patch_cannot_take_is_named_in_pixels(tmp_path_factory):
+    """stale-sample size=... on a latent model: the user typed pixels, so the error names those pixels (and the
+    pixel multiple to use), not only the latent clip they became."""
+    from stale.diffusion.generate import generate
+    from stale.models import build_model
+
+    ae = load_autoencoder(str(tiny_vae(tmp_path_factory, "AutoencoderKLWan")))
+    model = build_model("debug", in_channels=4, frames=3, size=8, patch=[1, 2, 2])
+    with pytest.raises(ValueError, match=r"frames=9, height=24, width=24 \(pixels\).*multiples of 16 pixels"):
+        generate(model, torch.tensor([0]), frames=9, size=24, steps=1, autoencoder=ae)
+
+
 def test_bad_pretrained_paths_fail_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-vae"
     with pytest.raises(ConfigError, match=f"vae.pretrained='{missing}': no such folder"):

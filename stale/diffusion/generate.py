@@ -92,6 +92,7 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     if (height is None) != (width is None):
         raise ValueError(f"height={height} and width={width}: give both (a non-square clip) or neither")
     h, w = (height, width) if height is not None else (size, size)
+    asked = f"frames={frames}, height={h}, width={w} (pixels) through the autoencoder, "
     if autoencoder is not None and (frames or h):  # a pixel clip -> its latent clip
         pixel_frames, pixel_size = autoencoder.pixel_shape(cfg.frames, cfg.size)
         pixel_frames = frames or pixel_frames
@@ -100,6 +101,10 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     shape = (len(labels), cfg.in_channels, frames or cfg.frames, h or cfg.size, w or cfg.size)
     pt, ph, pw = cfg.patch
     if shape[2] % pt or shape[3] % ph or shape[4] % pw:
+        if autoencoder is not None:  # the user asked in pixels: answer in pixels
+            raise ValueError(f"{asked}the latent clip (T, H, W) = {tuple(shape[2:])}, which the model's patch "
+                             f"{list(cfg.patch)} does not divide: choose height and width that are multiples of "
+                             f"{autoencoder.spatial * ph} pixels")
         raise ValueError(f"a clip of (T, H, W) = {tuple(shape[2:])} (the model's) is not divisible by its patch "
                          f"{list(cfg.patch)}: choose frames, height and width it divides")
     noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed),
