@@ -99,3 +99,18 @@ def test_cli_typo_in_a_flat_app_is_refused(tmp_path):
     proc = run_cli("stale-eval", f"samples={tmp_path}", "real=x.tar", "+batchh=3", check=False, timeout=120)
     assert proc.returncode != 0
     assert "unknown config key batchh: the root accepts" in proc.stderr and "did you mean batch?" in proc.stderr
+
+
+@pytest.mark.parametrize("size", ["debug", "tiny", "s", "b", "l", "xl"])
+def test_width_depth_and_heads_are_keys_of_every_model_size(size):
+    """`init_from=... model.depth=5` as docs/finetune.md writes it: dim, depth and heads are keys of the model node
+    (null = the size's), so they are set without `+`; a key that is not a StaleConfig field still is refused."""
+    from stale.models import SIZES, model_config
+
+    cfg = compose_train(f"model={size}", "model.depth=5")
+    node = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    node.update(frames=8, size=16, num_classes=4)
+    config = model_config(**node)
+    assert (config.depth, config.dim, config.heads) == (5, SIZES[size]["dim"], SIZES[size]["heads"])
+    with pytest.raises(Exception, match="depthh"):
+        compose_train(f"model={size}", "model.depthh=5")
