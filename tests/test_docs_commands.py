@@ -35,8 +35,11 @@ Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text
     Sizes (SIZES, per token): model=s|b|l|xl -> model=debug with their patch [1,2,2] and velocity prediction;
     Wan clips frames=17 size=256 -> 5 x 32 x 32 (and the
     latent bucket lists likewise); pixel clips frames=16 size=64 -> 4 x 8 x 8; trainer.max_steps=3000 -> 9 (a
-    resume 3 steps past the smoke run). Every stale-train gets `debug=smoke` and, unless it names them,
+    resume 3 steps past the smoke run); Optuna sweeps 2 trials. Every stale-train (and scripts/torchrun.sh) gets `debug=smoke` and, unless it names them,
     `model=debug` and (pixel space, no buckets) `data.frames=4 data.size=8` appended: the tests' tiny run.
+
+scripts/*.sh run with the venv's bin first on PATH; where the venv has no torchrun (torch installed outside it),
+a `torchrun` that runs this python's `-m torch.distributed.run`.
 
 `pytest -m docs tests/test_docs_commands.py` runs it (CI runs every marker). The counts of commands run and
 skipped are printed at the end of the module.
@@ -239,7 +242,10 @@ SIZES = [
     (r"((?:data\.)?frames)=16", r"\1=4"),
     (r"((?:data\.)?size)=64", r"\1=8"),
     (r"trainer\.max_steps=3000", "trainer.max_steps=9"),
+    (r"hydra\.sweeper\.n_trials=30", "hydra.sweeper.n_trials=2"),
 ]
+# the commands whose words from this index on are stale-train overrides (sized down as stale-train's)
+TRAIN_OVERRIDES_FROM = {"stale-train": 1, "scripts/torchrun.sh": 2}
 BUCKET_LISTS = [  # latent.md's bucket lists, the same shapes scaled from 256 to 32 pixels and 17 to 5 frames
     (r"\[\[1,256,256,32\],\[17,256,256,4\],\[17,192,336,4\],\[17,336,192,4\]\]",
      "[[1,32,32,8],[5,32,32,4],[5,32,48,4],[5,48,32,4]]"),
@@ -278,13 +284,15 @@ def substitute(cmd: Command, work: Path, stand: StandIns, linked: set[str]) -> l
         text = re.sub(pattern, repl, text)
     argv = shlex.split(text)
     argv = [argv[0], *(word for a in argv[1:] for word in _sized(a))]
-    if argv[0] == "stale-train":
-        keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[1:] if "=" in a}
+    if argv[0] in TRAIN_OVERRIDES_FROM:
+        keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[TRAIN_OVERRIDES_FROM[argv[0]]:] if "=" in a}
         latent = "vae=diffusers" in argv or "data=latents" in argv
         argv += ["debug=smoke"] if "debug" not in keys else []
         argv += ["model=debug"] if "model" not in keys else []
         if not latent and "data.buckets" not in keys:
             argv += [f"{k}={v}" for k, v in (("data.frames", 4), ("data.size", 8)) if k not in keys]
+        if "hparams_search=optuna" in argv and "hydra.sweeper.n_trials" not in keys:
+            argv += ["hydra.sweeper.n_trials=2"]
     return argv
 
 
@@ -300,7 +308,13 @@ def run_command(argv: list[str], work: Path) -> subprocess.CompletedProcess:
     if argv[0].startswith("stale-"):
         return helpers.run_cli(*argv, cwd=work, check=False, timeout=600)
     if argv[0].startswith("scripts/") and argv[0].endswith(".sh"):
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        bin_dir = Path(sys.executable).parent
+        if not (bin_dir / "torchrun").is_file():  # torch installed outside this venv: its torchrun, this python
+            bin_dir = work / ".bin"
+            bin_dir.mkdir(exist_ok=True)
+            (bin_dir / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
+            (bin_dir / "torchrun").chmod(0o755)
+        env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
         return subprocess.run(["bash", str(helpers.REPO / argv[0]), *argv[1:]], cwd=work, env=env,
                               capture_output=True, text=True, timeout=600)
     raise AssertionError(f"no runner for {argv[0]!r}: run it through a stale-* command or mark it "
