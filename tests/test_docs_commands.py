@@ -257,8 +257,7 @@ BUCKET_LISTS = [  # latent.md's bucket lists, the same shapes scaled from 256 to
 def newest_run(work: Path) -> str:
     """The newest run dir under work/outputs/train; a doc that trains nothing first gets the tests' tiny run."""
     def runs():
-        return sorted((p for p in work.glob("outputs/train/*/*") if (p / "checkpoints").is_dir()),
-                      key=lambda p: p.stat().st_mtime)
+        return sorted(p for p in work.glob("outputs/train/*/*") if (p / "checkpoints").is_dir())  # <date>/<time>
     if not runs():
         helpers.run_cli("stale-train", *helpers.TINY_RUN, cwd=work)
     return str(runs()[-1].relative_to(work))
@@ -336,8 +335,9 @@ def _report(request):
         line = f"docs commands: {COUNTS['ran']} ran, {sum(COUNTS.values()) - COUNTS['ran']} skipped ({skipped})"
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("\n" + line)
+        if reporter is not None and capture is not None:  # an xdist worker has no terminal
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("\n" + line)
 
 
 def test_docs_markup_is_well_formed():
