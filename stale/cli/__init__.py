@@ -10,7 +10,8 @@ does not do:
 
 It also keeps the console quiet (quiet_console): each log line printed once (PrintedOnce, named by
 conf/hydra/default.yaml), and the warnings libraries raise about their own code on every stale run filtered by
-message, category and module (LIBRARY_WARNINGS): none a user can act on, none silenced beyond that.
+message, category and module (LIBRARY_WARNINGS): none a user can act on, none silenced beyond that, and the
+adverts in Lightning's log lines (ADVERTS).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ CONFIG_PATH = "pkg://stale.conf"  # conf/ is packaged as stale.conf (see pyproje
 CONFIG_MODULE = "stale.conf"
 
 
-# Warnings that a library raises about its own code on every stale run, whatever the user's settings:
+# Warnings a library raises about its own code, or about what stale does on purpose, whatever the user's settings:
 # (category, message regex, module the warning is attributed to). Nothing else is filtered.
 LIBRARY_WARNINGS = (
     # Lightning 2.6 still builds torch's deprecated LeafSpec when it flattens a batch (torch >= 2.10 warns)
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # no data.val_shards: the data module's val_dataloader is [] (no validation), which Lightning questions
+    (UserWarning, r"Total length of `list` across ranks is zero", r"lightning\.pytorch\.utilities\.data"),
 )
 # Log lines that advertise a product, not the run: (logger, message prefix).
 ADVERTS = (
