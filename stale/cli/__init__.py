@@ -75,7 +75,19 @@ class _NoAdvert(logging.Filter):
 
 
 def quiet_console() -> None:
-    """Filter LIBRARY_WARNINGS and ADVERTS for this process (its loader workers inherit it). Idempotent."""
+    """Filter LIBRARY_WARNINGS and ADVERTS for this process (its loader workers inherit it), and route Lightning's
+    lines to the root logger's handlers (the run's log file). Idempotent."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            # imported while the root logger had no handler (a notebook, a test process), Lightning gave these
+            # loggers a console of their own and stopped them propagating; imported later it leaves them to the
+            # root, as it is done here
+            logger = logging.getLogger(name)
+            if not logger.propagate:
+                for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                                and not isinstance(h, logging.FileHandler)]:
+                    logger.removeHandler(handler)
+                logger.propagate = True
     for category, message, module in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, prefix in ADVERTS:
