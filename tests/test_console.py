@@ -8,11 +8,24 @@ import logging
 import re
 import warnings
 
+import pytest
 from helpers import MIXED_IMAGES, MIXED_VIDEOS, TINY_RUN, mixed_shape_folder, run_cli
 
 from stale.cli import quiet_console
 from stale.data.datamodule import VideoDataModule
 from stale.data.shards import ShardsConfig, convert
+
+
+@pytest.fixture
+def lightning_loggers():
+    """quiet_console() changes Lightning's loggers of this test process: put them back afterwards."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero")
+    saved = {n: (logging.getLogger(n).propagate, list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters))
+             for n in names}
+    yield
+    for n, (propagate, handlers, filters) in saved.items():
+        logger = logging.getLogger(n)
+        logger.propagate, logger.handlers, logger.filters = propagate, handlers, filters
 
 
 def test_a_training_run_prints_each_line_once_and_no_library_noise(tmp_path):
@@ -32,7 +45,7 @@ def test_a_training_run_prints_each_line_once_and_no_library_noise(tmp_path):
     assert "stale-train finished" in proc.stdout
 
 
-def test_the_warning_filters_match_only_the_library_that_raises_them():
+def test_the_warning_filters_match_only_the_library_that_raises_them(lightning_loggers):
     """The LeafSpec message raised by Lightning's module is filtered; the same message and category from any
     other module (a user's code) is still shown."""
     with warnings.catch_warnings(record=True) as caught:
@@ -46,7 +59,7 @@ def test_the_warning_filters_match_only_the_library_that_raises_them():
     assert [(str(w.message), w.filename) for w in caught] == [(message, "mine.py"), ("something else", "_pytree.py")]
 
 
-def test_lightning_adverts_are_dropped_and_its_other_lines_kept(caplog):
+def test_lightning_adverts_are_dropped_and_its_other_lines_kept(lightning_loggers, caplog):
     quiet_console()
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     with caplog.at_level(logging.INFO):
