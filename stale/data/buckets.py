@@ -304,17 +304,22 @@ def scan(urls: list[str], assigner: Assigner) -> Scan:
 
 
 def report(found: Scan, buckets: list[Bucket]) -> list[str]:
-    """Warnings for buckets with less data than one batch, and for clips that fit no bucket."""
+    """The scan's warnings, one line each: the buckets with less data than one batch (all of them in one line),
+    and the clips that fit no bucket."""
+    empty = [b.name for b in buckets if found.per_bucket.get(b.name, 0) == 0]
+    few = [f"{b.name} ({found.per_bucket[b.name]} of a batch of {b.batch_size})" for b in buckets
+           if 0 < found.per_bucket.get(b.name, 0) < b.batch_size]
     out = []
-    for b in buckets:
-        n = found.per_bucket.get(b.name, 0)
-        if n == 0:
-            out.append(f"bucket {b.name} (batch {b.batch_size}): no clip of the shards fits it as its largest "
-                       "bucket; it gets clips only through the keep_prob of larger buckets")
-        elif n < b.batch_size:
-            out.append(f"bucket {b.name} (batch {b.batch_size}): only {n} clips of the shards fit it, fewer than "
-                       "one batch: its batches repeat them (the stream resamples) and fill slowly; lower its "
-                       "batch_size or drop it")
+    if empty or few:
+        parts = []
+        if empty:
+            parts.append(f"no clip has {', '.join(empty)} as its largest bucket (they get clips only through the "
+                         "keep_prob of larger buckets)")
+        if few:
+            parts.append(f"fewer clips than one batch fit {', '.join(few)} (their batches repeat clips: the stream "
+                         "resamples)")
+        out.append(f"{len(empty) + len(few)} of {len(buckets)} buckets have less data than one batch: "
+                   + "; ".join(parts) + ". Lower their batch_size or drop them from data.buckets")
     if found.no_bucket:
         out.append(f"{found.no_bucket} of {found.clips} clips fit no bucket of data.buckets and are skipped "
                    "(counted as no_bucket): add a bucket of their shape or lower a bucket's frames")

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from stale.data.reader import NO_SAMPLE, REASONS
+from stale.data.reader import NO_SAMPLE, REASONS, likely_fix
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,32 @@ def rate_of(vec: torch.Tensor) -> tuple[float, int, int]:
     return (skipped / seen if seen else 0.0), skipped, seen
 
 
-def health_error(vec: torch.Tensor, worst: list[tuple[str, int, dict]], max_rate: float, split: str = "train") -> str:
+def advice(counts: dict, label_key: str | None = "label") -> str:
+    """The likely fix of each reason in the skip rate, commonest first: a skip can be the config's (too_short: the
+    clip asks for more frames than the data holds) as much as the shards' (corrupt_video)."""
+    ranked = sorted(((n, r) for r, n in counts.items() if n and r not in NO_SAMPLE), key=lambda x: (-x[0], x[1]))
+    return " ".join(f"{r}: {likely_fix(r, 'data.', label_key)}." for _, r in ranked)
+
+
+def health_error(vec: torch.Tensor, worst: list[tuple[str, int, dict]], max_rate: float, split: str = "train",
+                 label_key: str | None = "label") -> str:
     rate, skipped, seen = rate_of(vec)
-    reasons = ", ".join(f"{r}={int(n)}" for r, n in zip(REASONS, vec[1:].tolist()) if n)
+    counts = {r: int(n) for r, n in zip(REASONS, vec[1:].tolist()) if n}
+    reasons = ", ".join(f"{r}={n}" for r, n in counts.items())
     lines = [f"{u}: {n} skipped ({', '.join(f'{r}={c}' for r, c in sorted(rs.items()))})" for u, n, rs in worst]
     return (f"{split} data: {skipped} of {seen} samples skipped ({rate:.2%}), above data.max_skip_rate="
             f"{max_rate:g}. By reason: {reasons}. Worst shards:\n  " + "\n  ".join(lines)
-            + "\nFix or drop these shards, or raise data.max_skip_rate.")
+            + f"\nLikely fix: {advice(counts, label_key)} Or raise data.max_skip_rate.")
 
 
 def _datamodule_health(trainer) -> DataHealth | None:
     dm = getattr(trainer, "datamodule", None)
     return getattr(dm, "health", None)
+
+
+def _label_key(trainer) -> str | None:
+    """data.label_key, which the advice for missing labels names (a data module of the caller's may have none)."""
+    return getattr(trainer.datamodule, "hparams", {}).get("label_key", "label")
 
 
 class DataHealthMonitor(Callback):
@@ -161,7 +175,7 @@ class DataHealthMonitor(Callback):
                         m = merged.setdefault(url, (0, Counter()))
                         merged[url] = (m[0] + n, m[1] + Counter(rs))
                 worst = sorted(((u, n, dict(c)) for u, (n, c) in merged.items()), key=lambda r: -r[1])[:5]
-            raise DataHealthError(health_error(vec, worst, health.max_skip_rate))
+            raise DataHealthError(health_error(vec, worst, health.max_skip_rate, label_key=_label_key(trainer)))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         health = _datamodule_health(trainer)
@@ -177,6 +191,9 @@ class DataHealthMonitor(Callback):
         health = _datamodule_health(trainer)
         if health is not None and trainer.is_global_zero:
             log.info("data health (rank 0) %s", health.summary("train"))
+            if health.skipped("train"):  # below data.max_skip_rate, yet data the run did not train on
+                log.warning("train data skipped on rank 0; likely fix: %s",
+                            advice(health.reasons["train"], _label_key(trainer)))
             if health.bucket_names:
                 log.info("clips per bucket (rank 0): %s", ", ".join(f"{n}={health.buckets[n]}"
                                                                     for n in health.bucket_names))

@@ -123,8 +123,8 @@ FIXES = {
                      "unlabelled shards (video2dataset's) need {unlabelled}",
     "bad_label": "labels are not integers in [0, {p}num_classes): set {p}num_classes or {p}label_key",
     "corrupt_video": "the .mp4 members do not decode: check them with ffprobe or rewrite them with stale-shards",
-    "too_short": "the videos are shorter than the clip ({p}frames x {p}frame_stride, or {p}fps): "
-                 "lower {p}frames or {p}frame_stride",
+    "too_short": "the clips have fewer frames than the run takes ({p}frames x {p}frame_stride, or {p}fps; a still "
+                 "image has one): set {p}frames or {p}frame_stride to what they hold{buckets}",
     "corrupt_shard": "the shards are damaged or cut short: download or write them again",
     "unreadable_shard": "the shards cannot be opened: check the paths and run pipe: commands by hand",
     "empty_shard": "the shards hold no sample",
@@ -145,14 +145,22 @@ class Skip(Exception):
         self.reason = reason
 
 
+def likely_fix(reason: str, prefix: str = "data.", label_key: str | None = "label") -> str:
+    """FIXES[reason] for the keys under `prefix` ("data." is training's data node, which also has buckets)."""
+    training = prefix == "data."
+    unlabelled = "data=video2dataset or data.label_key=null" if training else f"{prefix}label_key=null"
+    buckets = (", or set data.buckets so that each length trains in a bucket of its own (the list stale-shards "
+               "prints for its shards)") if training else ""
+    return FIXES[reason].format(p=prefix, label_key=label_key, unlabelled=unlabelled, buckets=buckets)
+
+
 def all_skipped(where: str, reasons: Counter, last: Skip | None, prefix: str = "data.",
                 label_key: str | None = "label", in_a_row: bool = False) -> str:
     """The message when no sample decoded (in_a_row: since the last that did): the skips by reason, the
     likely fix (for the commonest reason), the last skip."""
     counts = ", ".join(f"{r}={n}" for r, n in reasons.most_common())
     top = reasons.most_common(1)[0][0] if reasons else "empty_shard"
-    unlabelled = "data=video2dataset or data.label_key=null" if prefix == "data." else f"{prefix}label_key=null"
-    fix = FIXES[top].format(p=prefix, label_key=label_key, unlabelled=unlabelled)
+    fix = likely_fix(top, prefix, label_key)
     tail = f" Last: [{last.reason}] {last}" if last is not None else ""
     row = " in a row" if in_a_row else ""
     return (f"{where}: {sum(reasons.values())} samples skipped{row}, none decoded. By reason: {counts}. "

@@ -20,8 +20,11 @@ train into val or test. Videos are converted in parallel (`workers`) and written
 the shards are the same whatever the worker count.
 
 Resumable: a shard is written under a temporary name and renamed when complete, and a marker records
-where in the video list it ended. A second run with the same options keeps every finished shard,
-skips the videos they hold, and continues after the last one.
+where in the video list it ended (and the clip shapes it holds). A second run with the same options keeps every
+finished shard, skips the videos they hold, and continues after the last one.
+
+The training command it prints takes every clip the shards hold (_clip_keys): the bucket preset made for its
+(size, grid), else one clip shape as data.frames/data.size, else a data.buckets list of the shapes written.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections import deque
+import tarfile
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from stale.data.buckets import sample_shape
 from stale.data.video_io import VideoDecodeError, aspect_shape, encode_mp4, iter_frames, probe
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ OUTPUT_OPTIONS = ("fps", "size", "frames", "stride", "max_clips_per_video", "max
 RESIZE = ("aspect", "square")
 # (size, grid) of resize=aspect -> the data.buckets preset made for the shapes it writes (stale/data/buckets.py)
 BUCKET_PRESETS = {(64, 16): "default", (16, 4): "smoke", (256, 16): "256"}
+# the printed data.buckets list of other shapes: batch sizes of the presets', 64 frames per batch
+FRAMES_PER_BATCH = 64
 
 
 class ShardsError(ValueError):
@@ -338,6 +345,7 @@ class _Sink:
     def __init__(self, out: Path, split: str, maxcount: int, maxsize: float, index: int):
         self.out, self.split, self.maxcount, self.maxsize, self.index = out, split, maxcount, maxsize, index
         self.writer, self.count, self.size, self.written = None, 0, 0, []
+        self.shapes: Counter = Counter()  # "TxHxW" -> clips, of the shard being written
 
     def _name(self, i: int) -> Path:
         return self.out / f"{self.split}-{i:06d}.tar"
@@ -348,8 +356,9 @@ class _Sink:
             self.close(pos_before)
         if self.writer is None:
             self.writer = wds.TarWriter(str(self._name(self.index)) + ".tmp", mtime=0)  # mtime 0: same bytes
-            self.count, self.size = 0, 0
+            self.count, self.size, self.shapes = 0, 0, Counter()
         self.writer.write(sample)
+        self.shapes[_shape_name(sample_shape(sample))] += 1
         self.count, self.size = self.count + 1, self.size + nbytes
         if self.count >= self.maxcount:
             self.close(pos_after)
@@ -360,10 +369,30 @@ class _Sink:
         self.writer.close()
         final = self._name(self.index)
         os.replace(str(final) + ".tmp", final)
-        marker = {"shard": final.name, "clips": self.count, "bytes": final.stat().st_size, "end": list(end)}
+        marker = {"shard": final.name, "clips": self.count, "bytes": final.stat().st_size, "end": list(end),
+                  "shapes": dict(self.shapes)}
         _write_json(self.out / STATE_DIR / f"{self.split}-{self.index:06d}.json", marker)
         self.written.append(marker)
         self.writer, self.index = None, self.index + 1
+
+
+def _shape_name(shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, shape))  # as a bucket's name: TxHxW
+
+
+def _split_shapes(out: Path, markers: list[dict]) -> dict[str, int]:
+    """Clips per shape in a split's finished shards, from their markers (a marker written before markers held
+    shapes: from the shard's .json members)."""
+    total: Counter = Counter()
+    for m in markers:
+        if "shapes" in m:
+            total.update(m["shapes"])
+            continue
+        with tarfile.open(out / m["shard"]) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    total[_shape_name(sample_shape({"json": tar.extractfile(member).read()}))] += 1
+    return dict(sorted(total.items()))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -461,7 +490,8 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
         log.info("%s: complete, %d shards kept", split, index)
         result = json.loads(done_path.read_text())
         failed.extend(json.loads(x) | {"split": split} for x in _lines(out / STATE_DIR / f"{split}.errors.jsonl"))
-        return result | {"pattern": _pattern(out, split, index)}  # the folder may have moved
+        # the folder may have moved; a split finished before results held shapes gets them from its markers
+        return result | {"pattern": _pattern(out, split, index), "shapes": _split_shapes(out, markers)}
     done_path.unlink(missing_ok=True)
     if index:
         log.info("%s: resuming after %d finished shards (video %d of %d)", split, index, vstart, len(videos))
@@ -502,7 +532,7 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
     shards = [m["shard"] for m in markers]
     result = {"shards": len(shards), "clips": sum(m["clips"] for m in markers), "videos": len(videos),
               "failed_videos": len(errors), "pattern": _pattern(out, split, len(shards)), "bytes":
-              sum(m["bytes"] for m in markers)}
+              sum(m["bytes"] for m in markers), "shapes": _split_shapes(out, markers)}
     failed.extend({**e, "split": split} for e in errors)
     _write_json(done_path, result)
     return result
@@ -546,10 +576,29 @@ def _train_command(out: Path, summary: dict, cfg: ShardsConfig, num_classes: int
     parts.append(f"data.num_classes={num_classes}")
     if not labelled:
         parts.append("data.label_key=null")
-    preset = BUCKET_PRESETS.get((cfg.size, cfg.grid)) if cfg.resize == "aspect" else None
-    if preset:  # the bucket preset made for these shapes (docs/buckets.md)
-        parts.append(f"data.buckets={preset}")
+    parts += _clip_keys(cfg, sp.get("train", {}).get("shapes", {}))
     return " ".join(parts)
+
+
+def _clip_keys(cfg: ShardsConfig, shapes: dict[str, int]) -> list[str]:
+    """The data keys under which stale-train takes every clip of the training shards (shapes: "TxHxW" -> clips):
+    - resize=aspect at a (size, grid) with a preset: that preset (docs/buckets.md);
+    - one shape, square: data.frames and data.size;
+    - else a data.buckets list: each (H, W) written, at each clip's frames rounded down to a power of two (1 for
+      images), batch sizes of FRAMES_PER_BATCH frames. Without it the run would take data.frames x data.size x
+      data.size (8 x 16 x 16) and skip every shorter clip, still images first, as too_short."""
+    preset = BUCKET_PRESETS.get((cfg.size, cfg.grid)) if cfg.resize == "aspect" else None
+    if preset:
+        return [f"data.buckets={preset}"]
+    kinds = [tuple(int(v) for v in name.split("x")) for name in shapes]
+    if len(kinds) == 1 and kinds[0][1] == kinds[0][2]:
+        t, side, _ = kinds[0]
+        return [f"data.frames={t}", f"data.size={side}"]
+    if not kinds:
+        return []
+    buckets = sorted({(1 << (t.bit_length() - 1), h, w) for t, h, w in kinds})
+    listed = ",".join(f"[{t},{h},{w},{max(1, FRAMES_PER_BATCH // t)}]" for t, h, w in buckets)
+    return [f"'data.buckets=[{listed}]'"]
 
 
 def _progress(enabled: bool, **kw):

@@ -128,6 +128,11 @@ def build_loggers(cfg: DictConfig, out: Path) -> list:
             if offline is None:
                 offline = not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online")
             os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            # set up now, so WANDB_SILENT applies before wandb.init checks the settings WandbLogger passes
+            # (its anonymous=None warns otherwise)
+            wandb.setup(wandb.Settings(**({"mode": "offline"} if offline else {})))
             (out / "wandb").mkdir(parents=True, exist_ok=True)
             loggers.append(instantiate(node, offline=bool(offline)))
         else:
