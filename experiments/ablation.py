@@ -51,9 +51,15 @@ PIXEL_COPY_RMSE = 8.0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="training steps per variant (the compute budget; "
-                   "default: the default run's trainer.max_steps)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per variant (the compute budget; default: the default run's trainer.max_steps)",
+    )
     p.add_argument("--batch", type=int, default=None, help="clips per training batch (default: data.batch_size)")
     p.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps (default: schedule.warmup)")
     p.add_argument("--samples", type=int, default=64, help="generated clips per variant (and per baseline row)")
@@ -62,15 +68,24 @@ def parse_args(argv=None):
     p.add_argument("--dog-weight", type=float, default=1.0, help="lambda_dog of the DoG-on row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0 = torch's default)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these variants (names: %s)" % [v[0] for v in VARIANTS])
+    p.add_argument(
+        "--only", nargs="*", default=None, help="run only these variants (names: %s)" % [v[0] for v in VARIANTS]
+    )
     p.add_argument("--runs", type=Path, default=REPO / "outputs" / "ablation", help="where the runs go")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "ablation.md")
-    p.add_argument("--render-only", action="store_true",
-                   help="rewrite --out from <runs>/ablation.json (a finished run) without training")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite --out from <runs>/ablation.json (a finished run) without training",
+    )
     args = p.parse_args(argv)
     cfg = default_config()
-    for name, key in (("steps", "trainer.max_steps"), ("batch", "data.batch_size"), ("warmup", "schedule.warmup"),
-                      ("sample_steps", "sample.steps")):
+    for name, key in (
+        ("steps", "trainer.max_steps"),
+        ("batch", "data.batch_size"),
+        ("warmup", "schedule.warmup"),
+        ("sample_steps", "sample.steps"),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, int(OmegaConf.select(cfg, key)))
     return args
@@ -94,13 +109,23 @@ def env_for(args) -> dict:
 def common_overrides(args) -> list[str]:
     """The fixed budget every variant shares."""
     s = args.steps
-    return [f"trainer.max_steps={s}", f"trainer.val_check_interval={s}", "trainer.limit_val_batches=1.0",
-            f"callbacks.model_checkpoint.every_n_train_steps={s}", f"data.batch_size={args.batch}",
-            f"schedule.warmup={args.warmup}", f"sample.num_videos={args.samples}",
-            f"sample.steps={args.sample_steps}", f"seed={args.seed}", "logger=csv", "trainer.log_every_n_steps=10"]
+    return [
+        f"trainer.max_steps={s}",
+        f"trainer.val_check_interval={s}",
+        "trainer.limit_val_batches=1.0",
+        f"callbacks.model_checkpoint.every_n_train_steps={s}",
+        f"data.batch_size={args.batch}",
+        f"schedule.warmup={args.warmup}",
+        f"sample.num_videos={args.samples}",
+        f"sample.steps={args.sample_steps}",
+        f"seed={args.seed}",
+        "logger=csv",
+        "trainer.log_every_n_steps=10",
+    ]
 
 
 # --- checks and training -----------------------------------------------------------------------------
+
 
 def last_metric(run: Path, key: str) -> float | None:
     path = run / "logs" / "metrics.csv"
@@ -116,7 +141,12 @@ def last_metric(run: Path, key: str) -> float | None:
 
 def train(name: str, overrides: list[str], args) -> dict:
     run = args.runs / name
-    cmd = [str(Path(sys.executable).parent / "stale-train"), *common_overrides(args), *overrides, f"hydra.run.dir={run}"]
+    cmd = [
+        str(Path(sys.executable).parent / "stale-train"),
+        *common_overrides(args),
+        *overrides,
+        f"hydra.run.dir={run}",
+    ]
     print(f"[ablation] {name}: {shlex.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for(args), cwd=REPO)
@@ -125,7 +155,9 @@ def train(name: str, overrides: list[str], args) -> dict:
     result = {"run": run, "seconds": seconds, "ok": proc.returncode == 0, "cmd": shlex.join(cmd[1:])}
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        hint = next((ln for ln in reversed(lines) if "Error" in ln or "override" in ln.lower()), lines[-1] if lines else "")
+        hint = next(
+            (ln for ln in reversed(lines) if "Error" in ln or "override" in ln.lower()), lines[-1] if lines else ""
+        )
         result["error"] = f"stale-train exited {proc.returncode}: {hint.strip()[:300]}"
         print(f"[ablation] {name} FAILED: {result['error']} (log: {args.runs / f'{name}.log'})", flush=True)
         return result
@@ -136,21 +168,27 @@ def train(name: str, overrides: list[str], args) -> dict:
 
 # --- scoring -----------------------------------------------------------------------------------------
 
+
 class Scorer:
     """Evaluates sample folders against the test split; knows the data and the training fingerprints."""
 
     def __init__(self, args):
+        from stale.data.reader import expand_shards
         from stale.data.synthetic import SyntheticSpec, ensure_synthetic, split_pattern
         from stale.data.synthetic_module import default_cache_root
-        from stale.data.reader import expand_shards
         from stale.eval.contamination import fingerprint_shards
         from stale.eval.evaluate import load_real_clips
 
         self.args = args
         data = default_config().data  # the same data stale-train uses (style, sizes and counts of conf/data)
         self.frames, self.size = int(data.frames), int(data.size)
-        spec = SyntheticSpec(frames=self.frames, size=self.size, num_classes=int(data.num_classes), style=data.style,
-                             counts={"train": data.train_clips, "val": data.val_clips, "test": data.test_clips})
+        spec = SyntheticSpec(
+            frames=self.frames,
+            size=self.size,
+            num_classes=int(data.num_classes),
+            style=data.style,
+            counts={"train": data.train_clips, "val": data.val_clips, "test": data.test_clips},
+        )
         self.folder = ensure_synthetic(data.root or default_cache_root(), spec)
         self.train_pattern, self.test_pattern = split_pattern(self.folder, "train"), split_pattern(self.folder, "test")
         self.val_pattern = split_pattern(self.folder, "val")
@@ -179,8 +217,8 @@ class Scorer:
         losses, sizes = [], []
         with torch.no_grad():
             for i, start in enumerate(range(0, len(self.val_clips), batch_size)):
-                video = torch.from_numpy(self.val_clips[start:start + batch_size]).permute(0, 4, 1, 2, 3)
-                label = torch.as_tensor(self.val_labels[start:start + batch_size], dtype=torch.long)
+                video = torch.from_numpy(self.val_clips[start : start + batch_size]).permute(0, 4, 1, 2, 3)
+                label = torch.as_tensor(self.val_labels[start : start + batch_size], dtype=torch.long)
                 per_t = validation_losses(system.model, system.objective.prior, video, label, i, system.val_times)
                 losses.append(torch.stack(per_t).mean().item())
                 sizes.append(len(video))
@@ -206,23 +244,30 @@ class Scorer:
         from stale.eval.evaluate import evaluate, load_sample_clips
 
         labels = "auto" if (folder / "labels.json").exists() else "cycle"  # stale-train's order: i mod K
-        report = evaluate(folder, self.test_pattern, ckpt=ckpt, labels=labels, out=folder.parent / "eval.json",
-                          seed=self.args.seed)
+        report = evaluate(
+            folder, self.test_pattern, ckpt=ckpt, labels=labels, out=folder.parent / "eval.json", seed=self.args.seed
+        )
         gen, _ = load_sample_clips(folder)
         la = report.get("label_agreement", {})
-        return {"dir": folder.parent.name, "predicted_classes": sorted(set(la.get("predicted", {}).values())),
-                "fdd": report["fdd"]["value"], "n_gen": report["fdd"]["generated_clips"],
-                "n_real": report["fdd"]["real_clips"], "agreement": la.get("agreement"),
-                "real_accuracy": la.get("real_accuracy"), "near_dup": self.near_duplicate_share(gen),
-                "pixel_copy": self.pixel_copy_share(gen)}
+        return {
+            "dir": folder.parent.name,
+            "predicted_classes": sorted(set(la.get("predicted", {}).values())),
+            "fdd": report["fdd"]["value"],
+            "n_gen": report["fdd"]["generated_clips"],
+            "n_real": report["fdd"]["real_clips"],
+            "agreement": la.get("agreement"),
+            "real_accuracy": la.get("real_accuracy"),
+            "near_dup": self.near_duplicate_share(gen),
+            "pixel_copy": self.pixel_copy_share(gen),
+        }
 
 
 def untrained_samples(args, scorer: Scorer, folder: Path) -> Path:
     """Samples and a checkpoint of the default recipe's model before any step (same seed, same code path)."""
     import torch
 
-    from stale.train import build_system
     from stale.data.media import save_videos
+    from stale.train import build_system
 
     cfg = default_config([*common_overrides(args), f"paths.output_dir={folder.parent}"])
     torch.manual_seed(cfg.seed)
@@ -240,8 +285,8 @@ def real_rows(args, scorer: Scorer, default_ckpt: Path | None) -> list[dict]:
     """Real vs real and nearest-training-clip copies, scored like samples (written as mp4 like samples are)."""
     import torch
 
-    from stale.eval.evaluate import fdd
     from stale.data.media import save_videos, write_labels
+    from stale.eval.evaluate import fdd
 
     n, rows = args.samples, []
     tr = scorer.train_clips
@@ -262,13 +307,18 @@ def real_rows(args, scorer: Scorer, default_ckpt: Path | None) -> list[dict]:
     folder = args.runs / "nearest_copies" / "samples"
     save_videos(torch.from_numpy(tr[nearest]).permute(0, 4, 1, 2, 3), folder)
     write_labels(folder, {f"sample_{i:03d}.mp4": int(y) for i, y in enumerate(scorer.test_labels[:n])})
-    rows.append({"name": "nearest-training-clip copies",
-                 "what": f"for each of {len(nearest)} test clips, its nearest training clip (pixel L2)",
-                 **scorer.score_folder(folder, default_ckpt)})
+    rows.append(
+        {
+            "name": "nearest-training-clip copies",
+            "what": f"for each of {len(nearest)} test clips, its nearest training clip (pixel L2)",
+            **scorer.score_folder(folder, default_ckpt),
+        }
+    )
     return rows
 
 
 # --- the report --------------------------------------------------------------------------------------
+
 
 def fmt(v, spec=".3f", none="—"):
     return none if v is None else format(v, spec)
@@ -307,32 +357,38 @@ def write_report(meta: dict, rows: list[dict], notes: list[str], out: Path) -> N
             m, s, k = r["fdd_spread"]
             fdd_cell += f" (3 slices: {m:.1f} ± {s:.1f})"
         note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"| {r['name']} | {r['what']}{note} | {fdd_cell} | {fmt(r.get('val_loss'), '.4f')} | "
-                     f"{fmt(r.get('val_rel'), '.3f')} | {fmt(r.get('agreement'), '.2f')} | {fmt(r.get('pixel_copy'), '.0%')} | "
-                     f"{fmt(r.get('near_dup'), '.0%')} |")
+        lines.append(
+            f"| {r['name']} | {r['what']}{note} | {fdd_cell} | {fmt(r.get('val_loss'), '.4f')} | "
+            f"{fmt(r.get('val_rel'), '.3f')} | {fmt(r.get('agreement'), '.2f')} | {fmt(r.get('pixel_copy'), '.0%')} | "
+            f"{fmt(r.get('near_dup'), '.0%')} |"
+        )
     lines += ["", "![FDD per row](ablation.png)", "", "## Reading the table", ""]
     lines += [f"- {t}" for t in notes]
-    lines += ["", "Columns:", "",
-              "- **FDD**: Fréchet DoG distance (docs/evaluation.md) of the row's clips against the "
-              f"{rows[0].get('n_real', '?')} clips of the test split. It depends on both set sizes: every row uses "
-              f"{args.samples} clips. The spread over three disjoint slices of real training clips is the noise floor.",
-              "- **val loss**: `val/loss` of the run (velocity MSE at t in {0.1, 0.3, 0.5, 0.7, 0.9}, fixed noise, all "
-              "validation clips). Not comparable across priors: the target u = x - z has per-coordinate variance "
-              "E[x^2] + 1/3 under the uniform prior and E[x^2] + 1 under the Gaussian one.",
-              "- **val loss / loss of v = 0**: the val loss divided by E[x^2] + Var(z), the loss of predicting v = 0 "
-              "(where a velocity model starts: its output layer is zero-initialised). Comparable across priors. "
-              "The untrained row's val loss is measured with the same protocol (an x-prediction model starts at "
-              "x1_hat = 0, not at v = 0).",
-              "- **label agreement**: share of samples whose hinge-head prediction (model(x, t=1, null label)) is the "
-              "requested class; chance is 0.25. Baseline rows are classified by the default row's head. "
-              "'hinge off' shows the head untrained: chance, as it should be.",
-              f"- **copies of train (pixel)**: share of the row's clips within {PIXEL_COPY_RMSE:g} grey levels RMS of "
-              "their nearest training clip (the whole training split). FDD cannot see memorisation; this column can.",
-              "- **near-dup of train (dHash)**: the same question asked with stale-contamination's rule (64-bit dHash "
-              "of 5 frames, median Hamming distance <= 8). At 16 x 16 pixels dHash is at its resolution limit: an mp4 "
-              "round trip alone moves a clip by a median of about 12 bits (docs/bench/contamination.md), so it misses "
-              "most copies here. It is built for real video sizes, where the tests show it working.",
-              ""]
+    lines += [
+        "",
+        "Columns:",
+        "",
+        "- **FDD**: Fréchet DoG distance (docs/evaluation.md) of the row's clips against the "
+        f"{rows[0].get('n_real', '?')} clips of the test split. It depends on both set sizes: every row uses "
+        f"{args.samples} clips. The spread over three disjoint slices of real training clips is the noise floor.",
+        "- **val loss**: `val/loss` of the run (velocity MSE at t in {0.1, 0.3, 0.5, 0.7, 0.9}, fixed noise, all "
+        "validation clips). Not comparable across priors: the target u = x - z has per-coordinate variance "
+        "E[x^2] + 1/3 under the uniform prior and E[x^2] + 1 under the Gaussian one.",
+        "- **val loss / loss of v = 0**: the val loss divided by E[x^2] + Var(z), the loss of predicting v = 0 "
+        "(where a velocity model starts: its output layer is zero-initialised). Comparable across priors. "
+        "The untrained row's val loss is measured with the same protocol (an x-prediction model starts at "
+        "x1_hat = 0, not at v = 0).",
+        "- **label agreement**: share of samples whose hinge-head prediction (model(x, t=1, null label)) is the "
+        "requested class; chance is 0.25. Baseline rows are classified by the default row's head. "
+        "'hinge off' shows the head untrained: chance, as it should be.",
+        f"- **copies of train (pixel)**: share of the row's clips within {PIXEL_COPY_RMSE:g} grey levels RMS of "
+        "their nearest training clip (the whole training split). FDD cannot see memorisation; this column can.",
+        "- **near-dup of train (dHash)**: the same question asked with stale-contamination's rule (64-bit dHash "
+        "of 5 frames, median Hamming distance <= 8). At 16 x 16 pixels dHash is at its resolution limit: an mp4 "
+        "round trip alone moves a clip by a median of about 12 bits (docs/bench/contamination.md), so it misses "
+        "most copies here. It is built for real video sizes, where the tests show it working.",
+        "",
+    ]
     out.write_text("\n".join(lines))
     plot(rows, out.with_suffix(".png"))
     print(f"[ablation] wrote {out} and {out.with_suffix('.png')}", flush=True)
@@ -401,9 +457,13 @@ def main(argv=None) -> int:
     baselines = real_rows(args, scorer, default_ckpt)
     folder = args.runs / "untrained" / "samples"
     ckpt, untrained_loss = untrained_samples(args, scorer, folder)
-    untrained = {"name": "untrained model", "what": "default recipe before any step (same code path, no update)",
-                 **scorer.score_folder(folder, ckpt), "val_loss": untrained_loss,
-                 "val_rel": untrained_loss / scorer.trivial_loss("uniform")}
+    untrained = {
+        "name": "untrained model",
+        "what": "default recipe before any step (same code path, no update)",
+        **scorer.score_folder(folder, ckpt),
+        "val_loss": untrained_loss,
+        "val_rel": untrained_loss / scorer.trivial_loss("uniform"),
+    }
     for r in (*baselines, untrained):
         r["baseline"] = True
         if r["name"] != "untrained model":
@@ -420,11 +480,15 @@ def main(argv=None) -> int:
         params = f"{sum(v.numel() for k, v in sd.items() if k != 'model.joy_token') / 1e6:.2f}M parameters"
     git = git_state()
     argv_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    meta = {"command": f".venv/bin/python experiments/ablation.py {argv_str}".strip(),
-            "date": datetime.date.today().isoformat(),
-            "commit": f"{(git['commit'] or 'unknown')[:10]}{' (dirty)' if git['dirty'] else ''}",
-            "params": params, "minutes": (time.perf_counter() - t_start) / 60, **recipe_meta(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    meta = {
+        "command": f".venv/bin/python experiments/ablation.py {argv_str}".strip(),
+        "date": datetime.date.today().isoformat(),
+        "commit": f"{(git['commit'] or 'unknown')[:10]}{' (dirty)' if git['dirty'] else ''}",
+        "params": params,
+        "minutes": (time.perf_counter() - t_start) / 60,
+        **recipe_meta(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     results = {"meta": meta, "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]}
     (args.runs / "ablation.json").write_text(json.dumps(results, indent=1))
     render(results, args.out)
@@ -436,9 +500,12 @@ def recipe_meta() -> dict:
     cfg = default_config()
     d, m, smp = cfg.data, cfg.model, cfg.sample
     extra = f", {m.prediction}-prediction" if m.get("prediction", "velocity") != "velocity" else ""
-    return {"data": f"{d.frames} frames, {d.size} x {d.size}, style {d.get('style', 'varied')}",
-            "model_extra": f", patch {list(m.patch)}{extra}", "sampler": str(smp.sampler).capitalize(),
-            "guidance_note": f" with classifier-free guidance {smp.guidance:g}" if smp.guidance != 1 else ""}
+    return {
+        "data": f"{d.frames} frames, {d.size} x {d.size}, style {d.get('style', 'varied')}",
+        "model_extra": f", patch {list(m.patch)}{extra}",
+        "sampler": str(smp.sampler).capitalize(),
+        "guidance_note": f" with classifier-free guidance {smp.guidance:g}" if smp.guidance != 1 else "",
+    }
 
 
 def notes_for(rows: list[dict]) -> list[str]:
@@ -451,52 +518,73 @@ def notes_for(rows: list[dict]) -> list[str]:
         spread = floor[1] if floor else 0.0
         gap = abs(u["fdd"] - g["fdd"])
         fdd_win = "uniform" if u["fdd"] < g["fdd"] else "Gaussian"
-        fdd_says = (f"the {fdd_win} prior by {gap:.0f}, more than the real-vs-real spread of ± {spread:.0f}"
-                    if gap > spread else f"no winner: the gap of {gap:.0f} is inside the real-vs-real spread of "
-                    f"± {spread:.0f}")
+        fdd_says = (
+            f"the {fdd_win} prior by {gap:.0f}, more than the real-vs-real spread of ± {spread:.0f}"
+            if gap > spread
+            else f"no winner: the gap of {gap:.0f} is inside the real-vs-real spread of ± {spread:.0f}"
+        )
         if u.get("val_rel") is not None and g.get("val_rel") is not None:
             loss_win = "uniform" if u["val_rel"] < g["val_rel"] else "Gaussian"
-            loss_says = (f"; on val loss / loss of v = 0 the {loss_win} prior ({fmt(u['val_rel'])} uniform vs "
-                         f"{fmt(g['val_rel'])} Gaussian)")
+            loss_says = (
+                f"; on val loss / loss of v = 0 the {loss_win} prior ({fmt(u['val_rel'])} uniform vs "
+                f"{fmt(g['val_rel'])} Gaussian)"
+            )
         else:
             loss_says = ""
-        notes.append(f"**Prior.** FDD {u['fdd']:.0f} uniform vs {g['fdd']:.0f} Gaussian: {fdd_says}{loss_says}. "
-                     "One seed each: a rerun with other seeds is the way to firm this up.")
+        notes.append(
+            f"**Prior.** FDD {u['fdd']:.0f} uniform vs {g['fdd']:.0f} Gaussian: {fdd_says}{loss_says}. "
+            "One seed each: a rerun with other seeds is the way to firm this up."
+        )
     trained = [r for r in rows if not r.get("baseline") and r.get("fdd")]
     unt, real = by.get("untrained model", {}), by.get("real vs real", {})
     if trained and unt.get("fdd") and real.get("fdd"):
         best = min(trained, key=lambda r: r["fdd"])
-        notes.append(f"Sample quality: the best trained row ({best['name']}, FDD {best['fdd']:.0f}) has covered "
-                     f"{(unt['fdd'] - best['fdd']) / (unt['fdd'] - real['fdd']):.0%} of the way from prior noise "
-                     f"(untrained, {unt['fdd']:.0f}) to real clips ({real['fdd']:.0f}). Look at the contact sheets "
-                     "in the run folders (`<runs>/<row>/samples/contact_sheet.png`) before reading more into FDD: "
-                     "this budget ranks recipes at the default run's length; it does not show what they converge to.")
+        notes.append(
+            f"Sample quality: the best trained row ({best['name']}, FDD {best['fdd']:.0f}) has covered "
+            f"{(unt['fdd'] - best['fdd']) / (unt['fdd'] - real['fdd']):.0%} of the way from prior noise "
+            f"(untrained, {unt['fdd']:.0f}) to real clips ({real['fdd']:.0f}). Look at the contact sheets "
+            "in the run folders (`<runs>/<row>/samples/contact_sheet.png`) before reading more into FDD: "
+            "this budget ranks recipes at the default run's length; it does not show what they converge to."
+        )
     for r in rows:
         if r.get("error"):
             notes.append(f"Row '{r['name']}' not run: {r['error']}. Rerun the script when that is fixed.")
     single = [r for r in rows if len(r.get("predicted_classes") or []) == 1]
     if single:
         names = ", ".join(f"{r['name']} (class {r['predicted_classes'][0]})" for r in single)
-        notes.append(f"The hinge head predicts one class for every clip in: {names}; there label agreement is "
-                     "chance. An untrained head must: with adaLN-Zero every block starts as the identity, so the joy "
-                     "token's final state does not depend on the input; with the hinge loss off, nothing trains it.")
-    agree = [r for r in rows if not r.get("baseline") and r.get("agreement") is not None and len(r.get("predicted_classes") or []) > 1]
+        notes.append(
+            f"The hinge head predicts one class for every clip in: {names}; there label agreement is "
+            "chance. An untrained head must: with adaLN-Zero every block starts as the identity, so the joy "
+            "token's final state does not depend on the input; with the hinge loss off, nothing trains it."
+        )
+    agree = [
+        r
+        for r in rows
+        if not r.get("baseline") and r.get("agreement") is not None and len(r.get("predicted_classes") or []) > 1
+    ]
     if agree:
-        notes.append("Label agreement of the trained heads: " + ", ".join(f"{r['name']} {r['agreement']:.2f}" for r in agree)
-                     + " (chance 0.25).")
+        notes.append(
+            "Label agreement of the trained heads: "
+            + ", ".join(f"{r['name']} {r['agreement']:.2f}" for r in agree)
+            + " (chance 0.25)."
+        )
     nh, d = by.get("no_hinge", {}), by.get("default", {})
     if nh.get("fdd") and d.get("fdd"):
         spread = floor[1] if floor else 0.0
         better = "lower" if nh["fdd"] < d["fdd"] else "higher"
         beyond = "beyond" if abs(nh["fdd"] - d["fdd"]) > spread else "within"
-        notes.append(f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on ({better}, {beyond} the real-vs-real "
-                     f"spread), val loss / loss of v = 0 {fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}. The hinge "
-                     "branch also costs a forward and backward pass on a quarter of each batch.")
+        notes.append(
+            f"Hinge off: FDD {nh['fdd']:.0f} vs {d['fdd']:.0f} with it on ({better}, {beyond} the real-vs-real "
+            f"spread), val loss / loss of v = 0 {fmt(nh.get('val_rel'))} vs {fmt(d.get('val_rel'))}. The hinge "
+            "branch also costs a forward and backward pass on a quarter of each batch."
+        )
     copies = by.get("nearest-training-clip copies", {})
     if copies.get("fdd") and real.get("fdd"):
-        notes.append(f"Real vs real ({real['fdd']:.0f}) and the nearest-training-clip copies ({copies['fdd']:.0f}) "
-                     "sit together at the floor of FDD although the copies are pure memorisation: only the copies "
-                     "column tells them apart from a model that generalises.")
+        notes.append(
+            f"Real vs real ({real['fdd']:.0f}) and the nearest-training-clip copies ({copies['fdd']:.0f}) "
+            "sit together at the floor of FDD although the copies are pure memorisation: only the copies "
+            "column tells them apart from a model that generalises."
+        )
     return notes
 
 

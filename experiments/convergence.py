@@ -61,7 +61,7 @@ def mass_w1(mass: np.ndarray, data: np.ndarray) -> float:
     cost = np.linalg.norm(data[:, None] - data[None], axis=-1).ravel()
     rows = np.zeros((2 * n, n * n))
     for i in range(n):
-        rows[i, i * n:(i + 1) * n] = 1  # row sums: the sampled masses
+        rows[i, i * n : (i + 1) * n] = 1  # row sums: the sampled masses
         rows[n + i, i::n] = 1  # column sums: 1/N each
     b = np.concatenate([mass, np.full(n, 1.0 / n)])
     res = linprog(cost, A_eq=rows[:-1], b_eq=b[:-1], bounds=(0, None), method="highs")
@@ -74,8 +74,11 @@ def metrics(x: torch.Tensor, data: torch.Tensor, ref: torch.Tensor | None) -> di
     dist = torch.cdist(x, data, compute_mode="donot_use_mm_for_euclid_dist")  # (M, N), exact distances
     near, idx = dist.min(dim=1)
     mass = (torch.bincount(idx, minlength=len(data)).double() / len(x)).numpy()
-    out = {"near": near.mean().item(), "mass": mass_w1(mass, data.numpy()),
-           "tv": 0.5 * float(np.abs(mass - 1 / len(data)).sum())}
+    out = {
+        "near": near.mean().item(),
+        "mass": mass_w1(mass, data.numpy()),
+        "tv": 0.5 * float(np.abs(mass - 1 / len(data)).sum()),
+    }
     out["w1"] = out["near"] + out["mass"]
     out["traj"] = float("nan") if ref is None else (x - ref).norm(dim=1).mean().item()
     return out
@@ -122,15 +125,17 @@ def guidance_check(seed: int, n: int = 2000) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     data = make_data(args.points, 2, args.seed)
-    steps_list = [2 ** e for e in range(2, int(math.log2(args.max_steps)) + 1)]
+    steps_list = [2**e for e in range(2, int(math.log2(args.max_steps)) + 1)]
     results, refs, samples = {}, {}, {}
     for prior in ("uniform", "gaussian"):
         oracle, z, clamp = Oracle(data, prior), prior_grid(args.grid, prior), prior == "uniform"
         t0 = time.time()
         ref = SAMPLERS["heun"](oracle, z, time_grid(args.ref_steps).double(), clamp=clamp)
         refs[prior] = metrics(ref, data, None)
-        print(f"{prior} reference (heun, {args.ref_steps} steps): W1 {refs[prior]['w1']:.3e} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"{prior} reference (heun, {args.ref_steps} steps): W1 {refs[prior]['w1']:.3e} ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
         for name in args.samplers:
             for steps in steps_list:
                 t0 = time.time()
@@ -138,10 +143,19 @@ def run(args) -> dict:
                 results[prior, name, steps] = m = metrics(x, data, ref)
                 if steps == 8:
                     samples[prior, name] = x
-                print(f"{prior:8s} {name:5s} {steps:5d}  W1 {m['w1']:.3e}  near {m['near']:.2e}  "
-                      f"mass {m['mass']:.2e}  traj {m['traj']:.2e}  ({time.time() - t0:.1f}s)", flush=True)
-    return {"data": data, "steps": steps_list, "results": results, "refs": refs, "samples": samples,
-            "guidance": guidance_check(args.seed)}
+                print(
+                    f"{prior:8s} {name:5s} {steps:5d}  W1 {m['w1']:.3e}  near {m['near']:.2e}  "
+                    f"mass {m['mass']:.2e}  traj {m['traj']:.2e}  ({time.time() - t0:.1f}s)",
+                    flush=True,
+                )
+    return {
+        "data": data,
+        "steps": steps_list,
+        "results": results,
+        "refs": refs,
+        "samples": samples,
+        "guidance": guidance_check(args.seed),
+    }
 
 
 def orders(out: dict, samplers: list) -> dict:
@@ -165,9 +179,11 @@ def plot(out: dict, fits: dict, samplers: list, path: Path) -> None:
     styles = {"euler": "o-", "heun": "s--", "rk4": "^:"}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     steps = np.array(out["steps"])
-    panels = ((axes[0], "w1", "steps", "distance to the data distribution (W1 bound) vs steps"),
-              (axes[1], "traj", "steps", f"trajectory error vs a {out['ref_steps']}-step Heun solution (< 1e-10 not drawn)"),
-              (axes[2], "w1", "nfe", "W1 bound vs velocity evaluations (cost)"))
+    panels = (
+        (axes[0], "w1", "steps", "distance to the data distribution (W1 bound) vs steps"),
+        (axes[1], "traj", "steps", f"trajectory error vs a {out['ref_steps']}-step Heun solution (< 1e-10 not drawn)"),
+        (axes[2], "w1", "nfe", "W1 bound vs velocity evaluations (cost)"),
+    )
     for ax, key, xaxis, title in panels:
         for prior in ("uniform", "gaussian"):
             for name in samplers:
@@ -177,8 +193,13 @@ def plot(out: dict, fits: dict, samplers: list, path: Path) -> None:
                 keep = v > (TRAJ_FLOOR if key == "traj" else 0)  # below TRAJ_FLOOR: rounding, not drawn
                 ax.loglog(x[keep], v[keep], styles.get(name, "x-"), color=colours[prior], ms=4, label=label)
             if key == "w1":
-                ax.axhline(out["refs"][prior]["w1"], color=colours[prior], lw=0.8, alpha=0.5,
-                           label=f"{prior}: quadrature floor")
+                ax.axhline(
+                    out["refs"][prior]["w1"],
+                    color=colours[prior],
+                    lw=0.8,
+                    alpha=0.5,
+                    label=f"{prior}: quadrature floor",
+                )
         if xaxis == "steps":
             top = max(out["results"][pr, n, steps[0]][key] for pr in ("uniform", "gaussian") for n in samplers)
             for p, ls in ((1, ":"), (2, "-.")):
@@ -203,8 +224,8 @@ def write_markdown(out: dict, fits: dict, samplers: list, args, seconds: float, 
         f"--ref-steps {args.ref_steps} --samplers {' '.join(samplers)}`, {seconds / 60:.1f} min on "
         f"{args.threads} CPU thread(s) of a shared machine).",
         "",
-        "The paper claims its reverse process from a uniform prior \"in infinite time recovers samples from",
-        "the original data distribution\". Here the velocity is the exact optimum v* for a finite data set",
+        'The paper claims its reverse process from a uniform prior "in infinite time recovers samples from',
+        'the original data distribution". Here the velocity is the exact optimum v* for a finite data set',
         "(`stale/diffusion/oracle.py`), so every error below is the sampler's, not a network's.",
         "",
         f"- Data: N = {args.points} points in [-0.8, 0.8]^2 (seed {args.seed}), mass 1/N each.",
@@ -227,7 +248,7 @@ def write_markdown(out: dict, fits: dict, samplers: list, args, seconds: float, 
         "its floor (W1: the W1 of the reference run, i.e. the quadrature's own error; traj: 1e-10). With the",
         "uniform prior every method is first order, so the reference is too: at 4096 steps its error should",
         "be about a quarter of a 1024-step run's, so traj values near 1024 steps are partly the reference's.",
-        "nan: fewer than 3 points in that range. \"W1 <= 3x floor from\": the fewest steps that reach the floor.",
+        'nan: fewer than 3 points in that range. "W1 <= 3x floor from": the fewest steps that reach the floor.',
         "",
         "| prior | sampler | order (W1) | fitted on steps | order (traj) | fitted on steps | W1 floor | "
         "W1 <= 3x floor from |",
@@ -237,17 +258,26 @@ def write_markdown(out: dict, fits: dict, samplers: list, args, seconds: float, 
         for name in samplers:
             (pw, sw), (pt, st) = fits[prior, name, "w1"], fits[prior, name, "traj"]
             rng = lambda s: f"{s[0]}-{s[-1]}" if s else "-"  # noqa: E731
-            lines.append(f"| {prior} | {name} | {pw:.2f} | {rng(sw)} | {pt:.2f} | {rng(st)} | "
-                         f"{refs[prior]['w1']:.1e} | {reach(out, prior, name)} |")
-    lines += ["", "## Table", "",
-              "| prior | sampler | steps | NFE | W1 | near | mass | TV | traj |", "|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {prior} | {name} | {pw:.2f} | {rng(sw)} | {pt:.2f} | {rng(st)} | "
+                f"{refs[prior]['w1']:.1e} | {reach(out, prior, name)} |"
+            )
+    lines += [
+        "",
+        "## Table",
+        "",
+        "| prior | sampler | steps | NFE | W1 | near | mass | TV | traj |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for prior in ("uniform", "gaussian"):
         for name in samplers:
             for s in steps:
                 m = res[prior, name, s]
                 nfe = EVALS_PER_STEP[name] * s - (name != "euler")  # the last step has one stage fewer
-                lines.append(f"| {prior} | {name} | {s} | {nfe} | {m['w1']:.2e} | {m['near']:.1e} | "
-                             f"{m['mass']:.1e} | {m['tv']:.1e} | {m['traj']:.1e} |")
+                lines.append(
+                    f"| {prior} | {name} | {s} | {nfe} | {m['w1']:.2e} | {m['near']:.1e} | "
+                    f"{m['mass']:.1e} | {m['tv']:.1e} | {m['traj']:.1e} |"
+                )
     lines += ["", "## What this run shows", ""] + summary(out, fits, samplers) + [""]
     gu, ga = out["guidance"]["uniform"], out["guidance"]["gaussian"]
     lines += [
@@ -295,37 +325,59 @@ def summary(out: dict, fits: dict, samplers: list) -> list:
         f"holds 1/N of the mass up to a total variation of {tv_hi:.1e}, and the W1 distance to the data "
         f"distribution is at most {w1_hi:.1e} (from {min(res[c + (lo,)]['w1'] for c in cases):.2f}-"
         f"{max(res[c + (lo,)]['w1'] for c in cases):.2f} at {lo} steps), within {worst_floor:.1f}x of the "
-        "quadrature floor. More steps, less error: \"infinite time\" is the limit of a convergent sampler.",
+        'quadrature floor. More steps, less error: "infinite time" is the limit of a convergent sampler.',
     ]
     uni = [fits["uniform", n, "traj"][0] for n in samplers]
     if all(0.7 <= p <= 1.4 for p in uni):
-        lines.append("- **Uniform prior: first order, whatever the method** (trajectory orders "
-                     + ", ".join(f"{n} {p:.2f}" for n, p in zip(samplers, uni))
-                     + "). The exact field jumps where a data point's box enters or leaves the active set, and "
-                     "clamping reflects at the faces, so Heun and RK4 lose their higher order, as METHOD.md "
-                     "predicts. They still have smaller constants per step.")
+        lines.append(
+            "- **Uniform prior: first order, whatever the method** (trajectory orders "
+            + ", ".join(f"{n} {p:.2f}" for n, p in zip(samplers, uni))
+            + "). The exact field jumps where a data point's box enters or leaves the active set, and "
+            "clamping reflects at the faces, so Heun and RK4 lose their higher order, as METHOD.md "
+            "predicts. They still have smaller constants per step."
+        )
     else:
         lines.append("- Uniform prior, trajectory orders: " + ", ".join(f"{n} {p:.2f}" for n, p in zip(samplers, uni)))
-    gau = ", ".join(f"{n} {fits['gaussian', n, 'traj'][0]:.2f} (steps {fits['gaussian', n, 'traj'][1][0]}-"
-                    f"{fits['gaussian', n, 'traj'][1][-1]})" if fits["gaussian", n, "traj"][1] else f"{n} -"
-                    for n in samplers)
+    gau = ", ".join(
+        f"{n} {fits['gaussian', n, 'traj'][0]:.2f} (steps {fits['gaussian', n, 'traj'][1][0]}-"
+        f"{fits['gaussian', n, 'traj'][1][-1]})"
+        if fits["gaussian", n, "traj"][1]
+        else f"{n} -"
+        for n in samplers
+    )
     fast = [n for n in samplers if not fits["gaussian", n, "traj"][0] == fits["gaussian", n, "traj"][0]]  # nan
     fast_txt = "".join(
-        f" {n}: trajectory error " + ", ".join(f"{res['gaussian', n, s]['traj']:.0e} at {s}" for s in steps[2:5])
-        + " steps." for n in fast)
-    lines.append(f"- **Gaussian prior: the higher-order methods pay off.** Trajectory orders {gau}."
-                 + (f"{fast_txt} An order is not defined there: once every trajectory ends in the reference's "
-                    "basin, what is left is rounding." if fast else "")
-                 + " W1 reaches 3x its floor at "
-                 + ", ".join(f"{n} {reach(out, 'gaussian', n)}" for n in samplers) + " (uniform prior: "
-                 + ", ".join(f"{n} {reach(out, 'uniform', n)}" for n in samplers) + ").")
+        f" {n}: trajectory error "
+        + ", ".join(f"{res['gaussian', n, s]['traj']:.0e} at {s}" for s in steps[2:5])
+        + " steps."
+        for n in fast
+    )
+    lines.append(
+        f"- **Gaussian prior: the higher-order methods pay off.** Trajectory orders {gau}."
+        + (
+            f"{fast_txt} An order is not defined there: once every trajectory ends in the reference's "
+            "basin, what is left is rounding."
+            if fast
+            else ""
+        )
+        + " W1 reaches 3x its floor at "
+        + ", ".join(f"{n} {reach(out, 'gaussian', n)}" for n in samplers)
+        + " (uniform prior: "
+        + ", ".join(f"{n} {reach(out, 'uniform', n)}" for n in samplers)
+        + ")."
+    )
     mid = 128 if 128 in steps else steps[len(steps) // 2]
-    lines.append(f"- **Uniform vs Gaussian.** With Euler the two priors converge alike (W1 at {hi} steps "
-                 f"{res['uniform', samplers[0], hi]['w1']:.1e} vs {res['gaussian', samplers[0], hi]['w1']:.1e}). "
-                 "With a higher-order method the Gaussian prior is far ahead: trajectory error at "
-                 f"{mid} steps " + ", ".join(f"{n} {res['uniform', n, mid]['traj']:.1e} (uniform) vs "
-                                             f"{res['gaussian', n, mid]['traj']:.1e} (gaussian)" for n in samplers[1:])
-                 + ". The uniform prior's price is a first-order sampler.")
+    lines.append(
+        f"- **Uniform vs Gaussian.** With Euler the two priors converge alike (W1 at {hi} steps "
+        f"{res['uniform', samplers[0], hi]['w1']:.1e} vs {res['gaussian', samplers[0], hi]['w1']:.1e}). "
+        "With a higher-order method the Gaussian prior is far ahead: trajectory error at "
+        f"{mid} steps "
+        + ", ".join(
+            f"{n} {res['uniform', n, mid]['traj']:.1e} (uniform) vs {res['gaussian', n, mid]['traj']:.1e} (gaussian)"
+            for n in samplers[1:]
+        )
+        + ". The uniform prior's price is a first-order sampler."
+    )
     budget = []
     for prior in ("uniform", "gaussian"):
         parts = []
@@ -348,8 +400,12 @@ def main() -> None:
     ap.add_argument("--samplers", nargs="+", default=["euler", "heun", "rk4"], choices=sorted(SAMPLERS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small tensors: 1 is fastest)")
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="folder for convergence.md and .png")
-    ap.add_argument("--raw", type=Path, default=None,
-                    help="also save the raw results here (torch.save); with --replot, read them instead of running")
+    ap.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        help="also save the raw results here (torch.save); with --replot, read them instead of running",
+    )
     ap.add_argument("--replot", action="store_true", help="redraw the table and plot from --raw, no sampling")
     args = ap.parse_args()
     t0 = time.time()
@@ -360,16 +416,18 @@ def main() -> None:
     else:
         out = run(args)
         out["ref_steps"], out["seconds"] = args.ref_steps, time.time() - t0
-        out["args"] = {k: getattr(args, k) for k in ("grid", "points", "seed", "max_steps", "ref_steps", "samplers",
-                                                     "threads")}
+        out["args"] = {
+            k: getattr(args, k) for k in ("grid", "points", "seed", "max_steps", "ref_steps", "samplers", "threads")
+        }
         if args.raw is not None:
             torch.save(out, args.raw)
     run_args = argparse.Namespace(**out["args"])  # what was sampled (with --replot: the saved run's)
     fits = orders(out, run_args.samplers)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(out, fits, run_args.samplers, args.out / "convergence.png")
-    write_markdown(out, fits, run_args.samplers, run_args, out["seconds"], args.out / "convergence.md",
-                   "convergence.png")
+    write_markdown(
+        out, fits, run_args.samplers, run_args, out["seconds"], args.out / "convergence.md", "convergence.png"
+    )
     print(f"wrote {args.out / 'convergence.md'} and {args.out / 'convergence.png'}")
 
 

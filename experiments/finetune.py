@@ -74,8 +74,10 @@ def train(model, objective, data, steps: int, lr: float, seed: int, batch: int =
         losses.append(float(step((video[idx], labels[idx]))))
         ema.update_parameters(model)
         if (i + 1) % log_every == 0:
-            print(f"  step {i + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"  step {i + 1}/{steps}: loss {np.mean(losses[-log_every:]):.4f} ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     return ema.module.eval(), time.time() - t0
 
 
@@ -116,7 +118,7 @@ def score_continuation(model, real: torch.Tensor, labels: torch.Tensor, generate
         both = present & ~np.isnan(cr[k:, 0])
         if both.any():
             track.append(np.linalg.norm(cg[k:][both] - cr[k:][both], axis=1).mean())
-        dg, dr = np.nanmean(np.diff(cg[k - 1:], axis=0), axis=0), np.nanmean(np.diff(cr[k - 1:], axis=0), axis=0)
+        dg, dr = np.nanmean(np.diff(cg[k - 1 :], axis=0), axis=0), np.nanmean(np.diff(cr[k - 1 :], axis=0), axis=0)
         if np.all(np.isfinite(dg)) and np.linalg.norm(dg) > 1e-6 and np.linalg.norm(dr) > 1e-6:
             cosine.append(float(dg @ dr / np.linalg.norm(dg) / np.linalg.norm(dr)))
         given = r[:k][object_mask(r[:k])].astype(np.float32).mean(0)
@@ -124,10 +126,15 @@ def score_continuation(model, real: torch.Tensor, labels: torch.Tensor, generate
         if len(obj):
             colour.append(np.linalg.norm(obj.astype(np.float32).mean(0) - given))
     agree = (head_class(model, generated) == labels).float().mean().item()
-    return {"seam_px": float(np.mean(seam)) if seam else None, "track_px": float(np.mean(track)) if track else None,
-            "direction_cos": float(np.mean(cosine)) if cosine else None,
-            "colour_rgb": float(np.mean(colour)) if colour else None, "found": float(np.mean(found)),
-            "head_agrees": agree, "n": len(real)}
+    return {
+        "seam_px": float(np.mean(seam)) if seam else None,
+        "track_px": float(np.mean(track)) if track else None,
+        "direction_cos": float(np.mean(cosine)) if cosine else None,
+        "colour_rgb": float(np.mean(colour)) if colour else None,
+        "found": float(np.mean(found)),
+        "head_agrees": agree,
+        "n": len(real),
+    }
 
 
 def colour_class(videos: torch.Tensor) -> np.ndarray:
@@ -135,8 +142,11 @@ def colour_class(videos: torch.Tensor) -> np.ndarray:
     out = []
     for v in videos.permute(0, 2, 3, 4, 1).numpy():
         obj = v[object_mask(v)]
-        out.append(-1 if len(obj) == 0 else int(np.argmin(np.linalg.norm(COLOURS[:4] - obj.astype(np.float32).mean(0),
-                                                                         axis=1))))
+        out.append(
+            -1
+            if len(obj) == 0
+            else int(np.argmin(np.linalg.norm(COLOURS[:4] - obj.astype(np.float32).mean(0), axis=1)))
+        )
     return np.asarray(out)
 
 
@@ -167,8 +177,11 @@ def continuation(args, out: Path) -> dict:
     null = torch.full((len(test_labels),), 4)
     given = test_video[:, :, :k].contiguous()
     rows = {"real": test_video}
-    for name, model, ctx in (("context", models["context"], given), ("no_context + given frames", models["no_context"], given),
-                             ("no_context, no frames", models["no_context"], None)):
+    for name, model, ctx in (
+        ("context", models["context"], given),
+        ("no_context + given frames", models["no_context"], given),
+        ("no_context, no frames", models["no_context"], None),
+    ):
         videos = generate(model, null, steps=args.sample_steps, seed=11, context=ctx)
         # the context model's head judges every arm (the same judge for all rows)
         results[name] = score_continuation(models["context"], test_video, test_labels, videos, k)
@@ -187,8 +200,14 @@ def lora_vs_full(args, out: Path) -> dict:
     objective = StaleObjective()
     print(f"lora: training the base on classes 0, 1 ({args.base_steps} steps)", flush=True)
     torch.manual_seed(0)
-    base, base_s = train(build_model("tiny", frames=8, size=16, num_classes=4, prediction="data"), objective,
-                         base_data, args.base_steps, args.lr, seed=0)
+    base, base_s = train(
+        build_model("tiny", frames=8, size=16, num_classes=4, prediction="data"),
+        objective,
+        base_data,
+        args.base_steps,
+        args.lr,
+        seed=0,
+    )
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     results = {"base_train_s": round(base_s, 1)}
 
@@ -197,12 +216,18 @@ def lora_vs_full(args, out: Path) -> dict:
         with torch.no_grad():
             val = torch.stack(validation_losses(model, "uniform", val_video, val_labels, 0, (0.1, 0.3, 0.5, 0.7, 0.9)))
         videos = generate(model, val_labels[:16], steps=args.sample_steps, guidance=3.0, seed=11)
-        return {"val_loss": round(float(val.mean()), 4),
-                "colour_agrees": float((colour_class(videos) == val_labels[:16].numpy()).mean()),
-                "head_agrees": float((head_class(model, val_video) == val_labels).float().mean()), "videos": videos}
+        return {
+            "val_loss": round(float(val.mean()), 4),
+            "colour_agrees": float((colour_class(videos) == val_labels[:16].numpy()).mean()),
+            "head_agrees": float((head_class(model, val_video) == val_labels).float().mean()),
+            "videos": videos,
+        }
 
-    arms = {"base (no fine-tuning)": None, "full": Finetune(name="full"),
-            f"lora r={args.rank}": Finetune(name="lora", rank=args.rank, alpha=float(args.rank), train=["y_embed.*"])}
+    arms = {
+        "base (no fine-tuning)": None,
+        "full": Finetune(name="full"),
+        f"lora r={args.rank}": Finetune(name="lora", rank=args.rank, alpha=float(args.rank), train=["y_embed.*"]),
+    }
     sheets = []
     for name, ft in arms.items():
         model = build_model("tiny", frames=8, size=16, num_classes=4, prediction="data")
@@ -213,8 +238,11 @@ def lora_vs_full(args, out: Path) -> dict:
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             row["trainable_params"] = sum(p.numel() for p in trainable.values())
             row["checkpoint_bytes"] = size_of({n: p.detach() for n, p in trainable.items()})
-            print(f"lora: fine-tuning '{name}' on classes 2, 3 ({args.ft_steps} steps, "
-                  f"{row['trainable_params']:,} trainable)", flush=True)
+            print(
+                f"lora: fine-tuning '{name}' on classes 2, 3 ({args.ft_steps} steps, "
+                f"{row['trainable_params']:,} trainable)",
+                flush=True,
+            )
             model, row["train_s"] = train(model, objective, new_data, args.ft_steps, args.lr, seed=1)
             row["train_s"] = round(row["train_s"], 1)
         scores = evaluate(model)

@@ -57,8 +57,12 @@ def without_joy(model: nn.Module) -> nn.Module:
 def decomposition(case: str, rounds: int, warmup: int = 3, seed: int = 0) -> dict:
     name, frames, size, batch_size, overrides = CASES[case]
     models = {}
-    for label, qk_norm, joy in (("stale", True, True), ("no_qk", False, True), ("no_joy", True, False),
-                                ("no_joy_no_qk", False, False)):
+    for label, qk_norm, joy in (
+        ("stale", True, True),
+        ("no_qk", False, True),
+        ("no_joy", True, False),
+        ("no_joy_no_qk", False, False),
+    ):
         torch.manual_seed(seed)
         model = build(name, frames, size, prediction="velocity", qk_norm=qk_norm, **overrides)
         models[label] = model if joy else without_joy(model)
@@ -66,8 +70,12 @@ def decomposition(case: str, rounds: int, warmup: int = 3, seed: int = 0) -> dic
     cfg = models["stale"].config
     batch = random_batches(1, batch_size, frames, size, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
     times = alternate(models, batch, rounds, warmup, seed)
-    return {"case": f"{case} {frames}x{size}x{size} b{batch_size}", "rounds": rounds,
-            "threads": torch.get_num_threads(), "rows": ratio_rows(case, models, times)}
+    return {
+        "case": f"{case} {frames}x{size}x{size} b{batch_size}",
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "rows": ratio_rows(case, models, times),
+    }
 
 
 def main(argv=None) -> None:

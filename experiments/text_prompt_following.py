@@ -58,13 +58,23 @@ def main():
     train, train_labels, train_caps = real_clips(folder, "train")
     test, _, test_caps = real_clips(folder, "test")
     shapes = ShapeReader(4).fit(train[:1536], train_labels[:1536])
-    results = {"checkpoint": args.ckpt, "label": args.label, "steps": args.steps, "seeds": args.seeds,
-               "shape_reader_accuracy_real_train_holdout": shapes.accuracy(train[1536:], train_labels[1536:]),
-               "real": {"seen (train clips)": score(train[1536:], train_caps[1536:], shapes)["rate"],
-                        "held-out (test clips)": score(test, test_caps, shapes)["rate"]}, "settings": {}}
+    results = {
+        "checkpoint": args.ckpt,
+        "label": args.label,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "shape_reader_accuracy_real_train_holdout": shapes.accuracy(train[1536:], train_labels[1536:]),
+        "real": {
+            "seen (train clips)": score(train[1536:], train_caps[1536:], shapes)["rate"],
+            "held-out (test clips)": score(test, test_caps, shapes)["rate"],
+        },
+        "settings": {},
+    }
     combos = [(s, c, d) for s in range(4) for c in range(CAPTION_COLOURS) for d in range(len(DIRECTIONS))]
-    prompts = {"held-out": [caption(*k) for k in combos if held_out(*k)],
-               "seen": [caption(*k) for k in combos if not held_out(*k)]}
+    prompts = {
+        "held-out": [caption(*k) for k in combos if held_out(*k)],
+        "seen": [caption(*k) for k in combos if not held_out(*k)],
+    }
     pipe = load_pipeline(ckpt=args.ckpt, device="cpu")
     sheet = None
     for setting in args.settings.split(","):
@@ -73,8 +83,9 @@ def main():
         for group, ps in prompts.items():
             clips, asked = [], []
             for seed in range(int(n[0]) if n else args.seeds):
-                v = pipe(num_videos=len(ps), prompt=ps, steps=args.steps, guidance=w, classifier_guidance=cg,
-                         seed=seed)  # uint8 (B, C, T, H, W)
+                v = pipe(
+                    num_videos=len(ps), prompt=ps, steps=args.steps, guidance=w, classifier_guidance=cg, seed=seed
+                )  # uint8 (B, C, T, H, W)
                 clips += list(v.permute(0, 2, 3, 4, 1).numpy())
                 asked += ps
                 if sheet is None or (setting == args.settings.split(",")[0] and seed == 0 and group == "seen"):
@@ -87,7 +98,9 @@ def main():
     keys = ("shape", "colour", "direction", "all three")
     lines = ["| sampling | prompts | n | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     for name, rate in results["real"].items():
-        lines.append(f"| real clips (the measures' ceiling) | {name} | | " + " | ".join(f"{rate[k]:.2f}" for k in keys) + " |")
+        lines.append(
+            f"| real clips (the measures' ceiling) | {name} | | " + " | ".join(f"{rate[k]:.2f}" for k in keys) + " |"
+        )
     for setting, row in results["settings"].items():
         for group, rate in row.items():
             lines.append(f"| {setting} | {group} | {rate['n']} | " + " | ".join(f"{rate[k]:.2f}" for k in keys) + " |")

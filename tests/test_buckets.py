@@ -13,10 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (BUCKET_RUN, MIXED_IMAGES, MIXED_VIDEOS, RecordBatches, captioned_manifest, compose_train,
-                     fit_steps, mixed_shape_folder, no_synthetic_keys, run_cli)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from helpers import (
+    BUCKET_RUN,
+    MIXED_IMAGES,
+    MIXED_VIDEOS,
+    RecordBatches,
+    captioned_manifest,
+    compose_train,
+    fit_steps,
+    mixed_shape_folder,
+    no_synthetic_keys,
+    run_cli,
+)
 from stale.data.buckets import Assigner, Bucket, BucketError, fits, parse_buckets, share_keep
 from stale.data.datamodule import VideoDataModule
 from stale.data.shards import ShardsConfig, convert
@@ -28,13 +38,24 @@ from stale.models.stale_transformer import Attention, StaleConfig, StaleTransfor
 # shapes stale-shards must keep at size=16 grid=4 (about 256 pixels, sides multiples of 4): worked out by hand,
 # 160x90 -> scale sqrt(256 / 14400) = 0.133 -> 21.3 x 12 -> 20 x 12; 120x120 -> 16 x 16.
 KEPT = {(90, 160): (12, 20), (160, 90): (20, 12), (120, 120): (16, 16)}
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """The mixed folder converted with stale-shards' aspect-keeping defaults at 16 px: {folder, summary}."""
     base = tmp_path_factory.mktemp("mixed-shapes")
     folder = mixed_shape_folder(base / "media", videos=MIXED_VIDEOS, images=MIXED_IMAGES)
-    summary = convert(ShardsConfig(input=str(folder), out=str(base / "shards"), size=16, grid=4, maxcount=4,
-                                   split={"train": 1.0}, progress=False))
+    summary = convert(
+        ShardsConfig(
+            input=str(folder),
+            out=str(base / "shards"),
+            size=16,
+            grid=4,
+            maxcount=4,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
     return {"folder": folder, "summary": summary, "pattern": summary["splits"]["train"]["pattern"]}
 
 
@@ -46,7 +67,9 @@ def _metas(pattern: str) -> list[dict]:
 
 def test_shards_keep_aspect_length_and_take_images(mixed):
     metas = _metas(mixed["pattern"])
-    assert len(metas) == len(MIXED_VIDEOS) + len(MIXED_IMAGES)  # every video is one clip (all <= max_frames=64), every image one
+    assert len(metas) == len(MIXED_VIDEOS) + len(
+        MIXED_IMAGES
+    )  # every video is one clip (all <= max_frames=64), every image one
     for m in metas:
         w, h = (int(v) for v in Path(m["source"]).stem.split("_")[-1].split("x")[:2])
         assert (m["height"], m["width"]) == KEPT[(h, w)], m
@@ -60,8 +83,17 @@ def test_shards_keep_aspect_length_and_take_images(mixed):
 
 def test_square_mode_stays_available(tmp_path):
     folder = mixed_shape_folder(tmp_path / "m", videos=((90, 160, 12),), images=((160, 90),))
-    s = convert(ShardsConfig(input=str(folder), out=str(tmp_path / "o"), resize="square", size=16, frames=8,
-                             split={"train": 1.0}, progress=False))
+    s = convert(
+        ShardsConfig(
+            input=str(folder),
+            out=str(tmp_path / "o"),
+            resize="square",
+            size=16,
+            frames=8,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
     metas = _metas(s["splits"]["train"]["pattern"])
     assert sorted((m["frames"], m["height"], m["width"]) for m in metas) == [(1, 16, 16), (8, 16, 16)]
 
@@ -123,8 +155,7 @@ def test_loader_batches_have_one_shape_and_count_buckets(mixed, caplog):
 
 
 def test_clips_that_fit_no_bucket_are_counted(mixed):
-    dm = VideoDataModule(mixed["pattern"], buckets=[[8, 12, 20, 2]], num_workers=0, shuffle_buffer=4,
-                         epoch_batches=3)
+    dm = VideoDataModule(mixed["pattern"], buckets=[[8, 12, 20, 2]], num_workers=0, shuffle_buffer=4, epoch_batches=3)
     batches = list(dm.train_dataloader())
     assert all(v.shape[1:] == (3, 8, 12, 20) for v, _ in batches)
     assert dm.health.reasons["train"]["no_bucket"] > 0 and dm.health.skipped("train") == 0  # outside the rate
@@ -133,8 +164,12 @@ def test_clips_that_fit_no_bucket_are_counted(mixed):
 def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path):
     kw = dict(buckets="smoke", num_workers=2, shuffle_buffer=8, epoch_batches=6)
     full = RecordBatches()
-    straight = fit_steps(tmp_path, 9, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1,
-                                                             filename="{step}")], VideoDataModule(mixed["pattern"], **kw))
+    straight = fit_steps(
+        tmp_path,
+        9,
+        [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")],
+        VideoDataModule(mixed["pattern"], **kw),
+    )
     ckpt = tmp_path / "ckpt" / "step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert any(state["round_pending"]), state  # clips were waiting in partly filled buckets
@@ -149,8 +184,12 @@ def test_resume_with_partly_filled_buckets_gives_the_same_losses(mixed, tmp_path
 
 def test_changed_bucket_list_on_resume_is_stated(mixed, tmp_path, caplog):
     kw = dict(num_workers=0, shuffle_buffer=8, epoch_batches=6)
-    fit_steps(tmp_path, 3, [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, filename="last")],
-              VideoDataModule(mixed["pattern"], buckets="smoke", **kw))
+    fit_steps(
+        tmp_path,
+        3,
+        [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, filename="last")],
+        VideoDataModule(mixed["pattern"], buckets="smoke", **kw),
+    )
     dm = VideoDataModule(mixed["pattern"], buckets=[[8, 12, 20, 2], [8, 20, 12, 2], [8, 16, 16, 2]], **kw)
     with caplog.at_level("WARNING"):
         fit_steps(tmp_path, 5, [], dm, ckpt=tmp_path / "ckpt" / "last.ckpt")
@@ -192,11 +231,24 @@ def test_time_shift_follows_the_token_count():
 def test_ddp_with_unevenly_filled_buckets_takes_equal_steps(mixed, tmp_path):
     """Each rank draws its own stream, so its buckets fill in another order; both must take every step."""
     run = tmp_path / "run"
-    proc = run_cli("stale-train", "debug=smoke", "trainer=ddp_cpu", "data=shards", f"data.shards='{mixed['pattern']}'",
-                   "data.num_classes=2", "data.buckets=smoke", "trainer.max_steps=6", "trainer.val_check_interval=6",
-                   *BUCKET_RUN, *no_synthetic_keys(), f"hydra.run.dir={run}",
-                   "+callbacks.steps._target_=test_buckets.RankSteps", f"+callbacks.steps.folder={tmp_path}",
-                   env={"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}, timeout=400)
+    proc = run_cli(
+        "stale-train",
+        "debug=smoke",
+        "trainer=ddp_cpu",
+        "data=shards",
+        f"data.shards='{mixed['pattern']}'",
+        "data.num_classes=2",
+        "data.buckets=smoke",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        *BUCKET_RUN,
+        *no_synthetic_keys(),
+        f"hydra.run.dir={run}",
+        "+callbacks.steps._target_=test_buckets.RankSteps",
+        f"+callbacks.steps.folder={tmp_path}",
+        env={"PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"},
+        timeout=400,
+    )
     assert "stale-train finished" in proc.stdout
     steps = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert steps[0]["steps"] == steps[1]["steps"] == 6
@@ -214,7 +266,8 @@ class RankSteps(Callback):
 
     def on_train_end(self, trainer, pl_module):
         Path(self.folder, f"rank{trainer.global_rank}.json").write_text(
-            json.dumps({"steps": trainer.global_step, "shapes": self.shapes}))
+            json.dumps({"steps": trainer.global_step, "shapes": self.shapes})
+        )
 
 
 @pytest.mark.slow
@@ -226,21 +279,52 @@ def test_acceptance_shards_train_every_shape_sample_portrait(tmp_path):
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest.write_text("path,label\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in files))
     out = tmp_path / "shards"
-    run_cli("stale-shards", f"input={manifest}", f"out={out}", "size=16", "grid=4", "split.train=1.0", "split.val=0",
-            "split.test=0", timeout=300)
+    run_cli(
+        "stale-shards",
+        f"input={manifest}",
+        f"out={out}",
+        "size=16",
+        "grid=4",
+        "split.train=1.0",
+        "split.val=0",
+        "split.test=0",
+        timeout=300,
+    )
     assert {(m["height"], m["width"]) for m in _metas(str(out / "train-000000.tar"))} == set(KEPT.values())
     run = tmp_path / "run"
-    run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{out / 'train-000000.tar'}'",
-            "data.num_classes=2", "data.buckets=smoke", "trainer.max_steps=10", "trainer.limit_val_batches=0", *BUCKET_RUN,
-            *no_synthetic_keys(), f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"}, timeout=400)
+    run_cli(
+        "stale-train",
+        "debug=smoke",
+        "data=shards",
+        f"data.shards='{out / 'train-000000.tar'}'",
+        "data.num_classes=2",
+        "data.buckets=smoke",
+        "trainer.max_steps=10",
+        "trainer.limit_val_batches=0",
+        *BUCKET_RUN,
+        *no_synthetic_keys(),
+        f"hydra.run.dir={run}",
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=400,
+    )
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     last = {k: float(v) for r in rows for k, v in r.items() if k.startswith("data/bucket_") and v}
     got = {k.removeprefix("data/bucket_") for k, v in last.items() if v > 0}
     assert {n.split("x", 1)[1] for n in got} == {"16x16", "12x20", "20x12"}  # every shape trained
     assert {n.split("x", 1)[0] for n in got} == {"1", "8"}  # images and videos
     ckpt = run / "checkpoints" / "last.ckpt"
-    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "height=20", "width=12", "frames=8",
-            "num_videos=2", "steps=2", "progress=false", timeout=300)
+    run_cli(
+        "stale-sample",
+        f"ckpt={ckpt}",
+        f"out={tmp_path / 's'}",
+        "height=20",
+        "width=12",
+        "frames=8",
+        "num_videos=2",
+        "steps=2",
+        "progress=false",
+        timeout=300,
+    )
     import av
 
     with av.open(str(tmp_path / "s" / "sample_000.mp4")) as c:
@@ -272,8 +356,9 @@ def test_unscaled_decode_of_odd_widths_equals_rgb24(h, w):
 def test_bench_section_measures_buckets_against_padding():
     from stale.bench.buckets import run
 
-    out = run(mix=[[1, 8, 8, 4, 1], [4, 8, 12, 2, 1], [4, 12, 8, 2, 1]], rounds=1, loader=False, image_size=8,
-              image_batch=2)
+    out = run(
+        mix=[[1, 8, 8, 4, 1], [4, 8, 12, 2, 1], [4, 12, 8, 2, 1]], rounds=1, loader=False, image_size=8, image_batch=2
+    )
     assert out["image_step"]["sdpa_over_one_token"] > 0
     rows = {r["variant"]: r for r in out["rows"] if "T=1" not in r["variant"]}
     assert set(rows) == {"buckets", "pad_to_largest", "crop_to_common"}
@@ -296,8 +381,9 @@ def test_check_config_names_a_bucket_the_patch_does_not_divide():
 def test_image_share_zero_and_one_in_the_loader(mixed):
     """image_share=0: no image batch at all; 1: only image batches (the scan found both kinds)."""
     for share, frames in ((0.0, {8}), (1.0, {1})):
-        dm = VideoDataModule(mixed["pattern"], buckets="smoke", num_workers=0, shuffle_buffer=8, epoch_batches=6,
-                             image_share=share)
+        dm = VideoDataModule(
+            mixed["pattern"], buckets="smoke", num_workers=0, shuffle_buffer=8, epoch_batches=6, image_share=share
+        )
         assert {v.shape[2] for v, _ in dm.train_dataloader()} == frames
     assert mixed["summary"]["command"].endswith("data.buckets=smoke")  # the preset made for size=16 grid=4
 
@@ -311,8 +397,15 @@ def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
 
     from stale.train import build_system
 
-    cfg = compose_train("debug=smoke", "model.dim=64", "model.depth=2", "model.heads=4",
-                        "data.frames=4", "data.size=8", f"paths.output_dir={tmp_path}")
+    cfg = compose_train(
+        "debug=smoke",
+        "model.dim=64",
+        "model.depth=2",
+        "model.heads=4",
+        "data.frames=4",
+        "data.size=8",
+        f"paths.output_dir={tmp_path}",
+    )
     system = build_system(cfg)  # with its clip_flops, as stale-train builds it
     counted = {}
     for shape in [(4, 8, 8), (2, 8, 16), (1, 16, 8)]:  # square, landscape, a portrait image
@@ -320,8 +413,11 @@ def test_each_batch_counts_the_flops_of_its_own_shape(tmp_path):
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH):
             system.training_step((video, torch.tensor([0, 1, 2, 0])), 0).backward()
-        assert abs(system.flops_per_batch / counter.get_total_flops() - 1) < 0.05, (shape, system.flops_per_batch,
-                                                                                   counter.get_total_flops())
+        assert abs(system.flops_per_batch / counter.get_total_flops() - 1) < 0.05, (
+            shape,
+            system.flops_per_batch,
+            counter.get_total_flops(),
+        )
         counted[shape] = system.flops_per_batch
     assert len(set(counted.values())) == 3
 
@@ -335,9 +431,22 @@ LATENT_BUCKETS = {"1x64x64": (1, 8, 8), "9x48x80": (3, 6, 10), "9x80x48": (3, 10
 def _latent_cfg(tmp_path, shards: str, vae, buckets, *extra: str):
     drop = no_synthetic_keys()
     return compose_train(
-        "debug=smoke", "data=shards", f"data.shards='{shards}'", "data.num_classes=2", "data.frames=9",
-        "data.size=64", "vae=diffusers", f"vae.pretrained={vae}", f"data.buckets={buckets}", "model.patch=[1,2,2]",
-        f"paths.output_dir={tmp_path}", "threads=1", *BUCKET_RUN, *drop, *extra)
+        "debug=smoke",
+        "data=shards",
+        f"data.shards='{shards}'",
+        "data.num_classes=2",
+        "data.frames=9",
+        "data.size=64",
+        "vae=diffusers",
+        f"vae.pretrained={vae}",
+        f"data.buckets={buckets}",
+        "model.patch=[1,2,2]",
+        f"paths.output_dir={tmp_path}",
+        "threads=1",
+        *BUCKET_RUN,
+        *drop,
+        *extra,
+    )
 
 
 def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_factory):
@@ -345,28 +454,55 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
     latent patch before training (naming the bucket), then each batch is encoded at its own shape and trained:
     every bucket's clips reach the model, and the final samples decode to pixels."""
     from helpers import tiny_vae
-
     from stale.train import ConfigError, check_config, train
 
     vae = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
-    shards = convert(ShardsConfig(input=str(folder), out=str(tmp_path / "shards"), size=64, grid=16, maxcount=4,
-                                  split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
+    shards = convert(
+        ShardsConfig(
+            input=str(folder),
+            out=str(tmp_path / "shards"),
+            size=64,
+            grid=16,
+            maxcount=4,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )["splits"]["train"]["pattern"]
     # the default preset's 8-frame buckets are not 1 + 4k frames: the error names the bucket and the nearest counts
-    with pytest.raises(ConfigError, match=r"data.buckets\[3\] frames=8: .*1 \+ 4k frames.*nearest valid: "
-                                          r"data.buckets\[3\] frames=5 or 9 \(the bucket 8x64x64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.buckets\[3\] frames=8: .*1 \+ 4k frames.*nearest valid: "
+        r"data.buckets\[3\] frames=5 or 9 \(the bucket 8x64x64\)",
+    ):
         check_config(_latent_cfg(tmp_path / "a", shards, vae, "default"))
     # 9 x 48 x 80 pixels is the latent 3 x 6 x 10, which a 4 x 4 patch does not divide
-    with pytest.raises(ConfigError, match=r"data.buckets\[0\]: the bucket 9x48x80 is the latent clip 3x6x10 .*"
-                                          r"model.patch=\[1, 4, 4\] does not divide"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.buckets\[0\]: the bucket 9x48x80 is the latent clip 3x6x10 .*"
+        r"model.patch=\[1, 4, 4\] does not divide",
+    ):
         check_config(_latent_cfg(tmp_path / "b", shards, vae, "[[9,48,80,2]]", "model.patch=[1,4,4]"))
     buckets = "[" + ",".join(f"[{n.replace('x', ',')},2]" for n in LATENT_BUCKETS) + "]"
-    metrics = train(_latent_cfg(tmp_path / "run", shards, vae, buckets, "trainer.max_steps=8",
-                                "trainer.limit_val_batches=0", "data.image_share=0.5"))
+    metrics = train(
+        _latent_cfg(
+            tmp_path / "run",
+            shards,
+            vae,
+            buckets,
+            "trainer.max_steps=8",
+            "trainer.limit_val_batches=0",
+            "data.image_share=0.5",
+        )
+    )
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
-    delivered = {k.removeprefix("data/bucket_"): float(v) for r in rows for k, v in r.items()
-                 if k.startswith("data/bucket_") and v}  # the last row: clips each bucket delivered in the run
+    delivered = {
+        k.removeprefix("data/bucket_"): float(v)
+        for r in rows
+        for k, v in r.items()
+        if k.startswith("data/bucket_") and v
+    }  # the last row: clips each bucket delivered in the run
     assert set(delivered) == set(LATENT_BUCKETS) and min(delivered.values()) > 0, delivered  # every shape trained
     import av
 
@@ -378,10 +514,20 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
 def test_captions_ride_with_bucketed_batches(tmp_path):
     """model.cond=text with data.buckets: each one-shape batch carries its clips' captions (the bucketed loader
     dropped them, and text training stopped at its first step with 'the batch has no captions')."""
-    out = convert(ShardsConfig(input=str(captioned_manifest(tmp_path)), out=str(tmp_path / "shards"), size=16, grid=4,
-                               maxcount=8, split={"train": 1.0}, progress=False))["splits"]["train"]["pattern"]
-    dm = VideoDataModule(out, frames=8, size=16, num_classes=2, buckets="smoke", num_workers=0, captions=True,
-                         bucket_batch_max=2)
+    out = convert(
+        ShardsConfig(
+            input=str(captioned_manifest(tmp_path)),
+            out=str(tmp_path / "shards"),
+            size=16,
+            grid=4,
+            maxcount=8,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )["splits"]["train"]["pattern"]
+    dm = VideoDataModule(
+        out, frames=8, size=16, num_classes=2, buckets="smoke", num_workers=0, captions=True, bucket_batch_max=2
+    )
     import webdataset as wds
 
     by_key = {s["__key__"]: s["txt"].decode() for s in wds.WebDataset(out, shardshuffle=False)}
@@ -393,9 +539,22 @@ def test_captions_ride_with_bucketed_batches(tmp_path):
         if seen == 6:
             break
     assert seen == 6
-    run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{out}'", "data.num_classes=2",
-            "data.buckets=smoke", "model.cond=text", "text_encoder=learned", "trainer.max_steps=4",
-            "trainer.limit_val_batches=0", *BUCKET_RUN, *no_synthetic_keys(), f"hydra.run.dir={tmp_path / 'run'}",
-            env={"OMP_NUM_THREADS": "1"}, timeout=400)
+    run_cli(
+        "stale-train",
+        "debug=smoke",
+        "data=shards",
+        f"data.shards='{out}'",
+        "data.num_classes=2",
+        "data.buckets=smoke",
+        "model.cond=text",
+        "text_encoder=learned",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=0",
+        *BUCKET_RUN,
+        *no_synthetic_keys(),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=400,
+    )
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert any(r.get("train/hinge_acc") for r in rows)  # the caption-match head trained on the batches' captions

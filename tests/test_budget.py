@@ -25,8 +25,17 @@ def column(rows, key):
 def test_stale_train_stops_at_flop_budget_with_checkpoint(tmp_path):
     """`stale-train budget.max_flops=...`: 1e6 FLOPs/clip x 4 clips = 4e6 per step; 1.4e7 pays for 3 steps."""
     out = tmp_path / "run"
-    proc = run_cli("stale-train", *TINY, "logger=csv", "budget.flops_per_clip=1e6", "budget.max_flops=1.4e7",
-                   "trainer.max_steps=100", "trainer.log_every_n_steps=2", "optim.lr=1e-3", f"hydra.run.dir={out}")
+    proc = run_cli(
+        "stale-train",
+        *TINY,
+        "logger=csv",
+        "budget.flops_per_clip=1e6",
+        "budget.max_flops=1.4e7",
+        "trainer.max_steps=100",
+        "trainer.log_every_n_steps=2",
+        "optim.lr=1e-3",
+        f"hydra.run.dir={out}",
+    )
     assert "stopped by" in proc.stdout and "budget.max_flops" in proc.stdout
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
@@ -46,8 +55,14 @@ def test_stale_train_stops_at_flop_budget_with_checkpoint(tmp_path):
 def test_cost_budget_stops_in_process(tmp_path, compose_train):
     """A money budget smaller than one step: the first step runs, then training stops."""
     out = tmp_path / "run"
-    cfg = compose_train(*TINY, "logger=csv", f"paths.output_dir={out}", "budget.flops_per_clip=1e6",
-                        "budget.max_cost=1e-9", "budget.cost_per_gpu_hour=2.0")
+    cfg = compose_train(
+        *TINY,
+        "logger=csv",
+        f"paths.output_dir={out}",
+        "budget.flops_per_clip=1e6",
+        "budget.max_cost=1e-9",
+        "budget.cost_per_gpu_hour=2.0",
+    )
     train(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1
@@ -58,8 +73,9 @@ def test_cost_budget_stops_in_process(tmp_path, compose_train):
 
 
 def test_flop_budget_smaller_than_warmup_fails_before_training(tmp_path, compose_train):
-    cfg = compose_train(*TINY, "logger=none", f"paths.output_dir={tmp_path}",
-                        "budget.flops_per_clip=1e6", "budget.max_flops=8e6")  # 2 steps, warmup 2
+    cfg = compose_train(
+        *TINY, "logger=none", f"paths.output_dir={tmp_path}", "budget.flops_per_clip=1e6", "budget.max_flops=8e6"
+    )  # 2 steps, warmup 2
     with pytest.raises(ConfigError, match="schedule.warmup=2"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
@@ -79,12 +95,15 @@ def test_overrun_rule_and_state():
     assert (fresh.flops, fresh.gpu_seconds, fresh.cost, fresh.flops_per_clip) == (70.0, 1800.0, 4.0, 7.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_flops": -1.0, "flops_per_clip": 1.0}, "budget.max_flops"),
-    ({"max_cost": 3.0}, "budget.cost_per_gpu_hour"),
-    ({"max_gpu_hours": 0}, "budget.max_gpu_hours"),
-    ({"max_flops": 1e9}, "flops_per_clip"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_flops": -1.0, "flops_per_clip": 1.0}, "budget.max_flops"),
+        ({"max_cost": 3.0}, "budget.cost_per_gpu_hour"),
+        ({"max_gpu_hours": 0}, "budget.max_gpu_hours"),
+        ({"max_flops": 1e9}, "flops_per_clip"),
+    ],
+)
 def test_bad_budget_names_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ComputeBudget(**kwargs)

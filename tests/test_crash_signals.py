@@ -14,13 +14,24 @@ import torch
 from helpers import run_cli
 
 EXE = str(Path(sys.executable).parent / "stale-train")
-LONG_RUN = ["debug=smoke", "logger=csv", "trainer.max_steps=100000", "sample_every_n_steps=0",
-            "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.val_check_interval=1000"]
+LONG_RUN = [
+    "debug=smoke",
+    "logger=csv",
+    "trainer.max_steps=100000",
+    "sample_every_n_steps=0",
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "trainer.val_check_interval=1000",
+]
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([EXE, *LONG_RUN, f"hydra.run.dir={out}", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [EXE, *LONG_RUN, f"hydra.run.dir={out}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -54,8 +65,16 @@ def test_signal_saves_checkpoint_and_resume_continues(tmp_path, sig):
     assert not (out / "samples" / "contact_sheet.png").exists()  # a preempted run does not sample
 
     resumed = tmp_path / "resumed"
-    run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={resumed}", f"ckpt_path={last}",
-            f"trainer.max_steps={stopped_at + 2}", "sample_every_n_steps=0", timeout=180)
+    run_cli(
+        "stale-train",
+        "debug=smoke",
+        "logger=csv",
+        f"hydra.run.dir={resumed}",
+        f"ckpt_path={last}",
+        f"trainer.max_steps={stopped_at + 2}",
+        "sample_every_n_steps=0",
+        timeout=180,
+    )
     assert _step(resumed / "checkpoints" / "last.ckpt") == stopped_at + 2
 
 
@@ -71,8 +90,16 @@ def test_kill_9_during_training_leaves_loadable_checkpoints(tmp_path):
         torch.load(ckpt, map_location="cpu", weights_only=True)
     newest = max(ckpts, key=_step)
     resumed = tmp_path / "resumed"
-    run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={resumed}", f"ckpt_path={newest}",
-            f"trainer.max_steps={_step(newest) + 1}", "sample_every_n_steps=0", timeout=180)
+    run_cli(
+        "stale-train",
+        "debug=smoke",
+        "logger=csv",
+        f"hydra.run.dir={resumed}",
+        f"ckpt_path={newest}",
+        f"trainer.max_steps={_step(newest) + 1}",
+        "sample_every_n_steps=0",
+        timeout=180,
+    )
     assert _step(resumed / "checkpoints" / "last.ckpt") == _step(newest) + 1
 
 
@@ -115,16 +142,26 @@ def test_disk_full_during_save_names_the_file_and_keeps_the_previous_checkpoint(
     first = tmp_path / "first"
     run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={first}", "sample_every_n_steps=0")
     size = (first / "checkpoints" / "last.ckpt").stat().st_size
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)],
-                           capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mount.returncode:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
     try:
         (disk / "last.ckpt").write_bytes((first / "checkpoints" / "last.ckpt").read_bytes())
         good = (disk / "last.ckpt").read_bytes()
-        proc = run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={out}", "sample_every_n_steps=0",
-                       f"callbacks.model_checkpoint.dirpath={disk}", f"callbacks.final_checkpoint.dirpath={disk}",
-                       "callbacks.model_checkpoint.every_n_train_steps=1000", check=False, timeout=180)
+        proc = run_cli(
+            "stale-train",
+            "debug=smoke",
+            "logger=csv",
+            f"hydra.run.dir={out}",
+            "sample_every_n_steps=0",
+            f"callbacks.model_checkpoint.dirpath={disk}",
+            f"callbacks.final_checkpoint.dirpath={disk}",
+            "callbacks.model_checkpoint.every_n_train_steps=1000",
+            check=False,
+            timeout=180,
+        )
         text = proc.stdout + proc.stderr
         assert proc.returncode != 0
         assert "could not write checkpoint" in text and str(disk / "last.ckpt") in text and "intact" in text

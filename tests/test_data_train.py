@@ -12,8 +12,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from helpers import no_synthetic_keys, read_samples, real_shards, relabelled, run_cli, write_shard
 
+from helpers import no_synthetic_keys, read_samples, real_shards, relabelled, run_cli, write_shard
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError, DataHealthMonitor
 
@@ -50,10 +50,18 @@ class Record(Callback):
 
 
 def trainer(tmp_path, steps, callbacks, **kw):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""),
-                     callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                     log_every_n_steps=1, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-                     num_sanity_val_steps=0, **kw)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        **kw,
+    )
 
 
 def data(shards, **kw):
@@ -105,8 +113,11 @@ def test_lightning_checkpoint_resumes_the_stream_mid_epoch(real, tmp_path):
     shards = real["summary"]["splits"]["train"]["pattern"]
     kw = dict(num_workers=2, epoch_batches=4)
     full = Record()
-    trainer(tmp_path / "a", 7, [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1,
-                                                     filename="{step}")]).fit(Mean(), datamodule=data(shards, **kw))
+    trainer(
+        tmp_path / "a",
+        7,
+        [full, ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")],
+    ).fit(Mean(), datamodule=data(shards, **kw))
     ckpt = tmp_path / "ckpt" / "step=3.ckpt"
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert state["epoch"] == 0 and state["batches"] == 3 and state["round_yielded"] == 1  # mid-epoch, mid-round
@@ -120,16 +131,38 @@ def test_lightning_checkpoint_resumes_the_stream_mid_epoch(real, tmp_path):
 
 def test_stale_shards_then_stale_train_on_real_videos(real, tmp_path):
     out = tmp_path / "shards"
-    proc = run_cli("stale-shards", f"input={real['folder']}", f"out={out}", "size=16", "frames=8", "fps=8",
-                   "maxcount=4", "split.train=0.6", "split.val=0.4", "split.test=0", "workers=2", timeout=300)
+    proc = run_cli(
+        "stale-shards",
+        f"input={real['folder']}",
+        f"out={out}",
+        "size=16",
+        "frames=8",
+        "fps=8",
+        "maxcount=4",
+        "split.train=0.6",
+        "split.val=0.4",
+        "split.test=0",
+        "workers=2",
+        timeout=300,
+    )
     assert "train with: stale-train" in proc.stdout and "video/s" in proc.stderr  # summary and progress bar
     info = json.loads((out / "info.json").read_text())
     assert info["splits"]["train"]["shards"] >= 2 and info["num_classes"] == 2
     train, val = info["splits"]["train"]["pattern"], info["splits"]["val"]["pattern"]
     run = tmp_path / "run"
-    proc = run_cli("stale-train", "debug=smoke", "data=shards", f"data.shards='{train}'", f"data.val_shards='{val}'",
-                   "data.num_classes=2", "logger=csv", f"hydra.run.dir={run}", *no_synthetic_keys(), timeout=600,
-                   env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "stale-train",
+        "debug=smoke",
+        "data=shards",
+        f"data.shards='{train}'",
+        f"data.val_shards='{val}'",
+        "data.num_classes=2",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+        *no_synthetic_keys(),
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert "stale-train finished" in proc.stdout
     rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
     clips = [float(r["data/train_clips"]) for r in rows if r.get("data/train_clips")]

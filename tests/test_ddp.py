@@ -23,7 +23,6 @@ sys.path.insert(0, str(REPO / "tests"))  # tests/helpers.py when this file runs 
 
 from helpers import LITE_RUN, compose_train, run_cli  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------------------
 # One global batch, one process or two: the same loss at every step and the same weights at the end.
 
@@ -74,17 +73,34 @@ def _fit_fixed_batch(batch_path: Path, devices: int, out: Path) -> None:
             self.records.append({"loss": losses.mean().item(), "indices": indices.reshape(devices, -1).tolist()})
             return loss
 
-    cfg = compose_train(f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
-                        f"trainer.devices={devices}", "schedule=constant", "schedule.warmup=0",
-                        "optim.lr=1e-3", f"paths.output_dir={out}")  # the tolerance below
+    cfg = compose_train(
+        f"trainer={'ddp_cpu' if devices > 1 else 'cpu'}",
+        f"trainer.devices={devices}",
+        "schedule=constant",
+        "schedule.warmup=0",
+        "optim.lr=1e-3",
+        f"paths.output_dir={out}",
+    )  # the tolerance below
     L.seed_everything(0)
-    system = FixedNoiseSystem(instantiate(cfg.model, _convert_="all"), instantiate(cfg.diffusion),
-                              optimizer=instantiate(cfg.optim, _convert_="all"), schedule=instantiate(cfg.schedule))
+    system = FixedNoiseSystem(
+        instantiate(cfg.model, _convert_="all"),
+        instantiate(cfg.diffusion),
+        optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule),
+    )
     b = torch.load(batch_path)
     data = TensorDataset(b["video"], b["label"], b["z"], b["t"], torch.arange(len(b["label"])))
     loader = DataLoader(data, batch_size=len(data) // devices, shuffle=False)  # Lightning adds the rank split
-    trainer = instantiate(cfg.trainer, max_steps=3, logger=False, callbacks=[], enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=3,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(system, train_dataloaders=loader)
     if trainer.is_global_zero:
         torch.save({"records": system.records, "params": system.model.state_dict()}, out / f"result{devices}.pt")
@@ -97,8 +113,13 @@ def test_ddp_step_matches_one_process(tiny_shards, tmp_path):
     batch = tmp_path / "batch.pt"
     _fixed_batch(tiny_shards["folder"], batch)
     _fit_fixed_batch(batch, 1, tmp_path)  # the reference, in this process
-    proc = subprocess.run([sys.executable, __file__, str(batch), "2", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(batch), "2", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = torch.load(tmp_path / "result1.pt"), torch.load(tmp_path / "result2.pt")
 
@@ -137,14 +158,25 @@ def test_multirun_of_ddp_trials(tiny_shards, tmp_path):
     """`stale-train -m trainer=ddp_cpu optim.lr=a,b`: Lightning starts rank 1 of each trial in that trial's dir,
     the second trial starts clean, and the sweep ends with its summary."""
     sweep = tmp_path / "sweep"
-    run_cli("stale-train", "-m", "trainer=ddp_cpu", "optim.lr=1e-3,2e-3", *LITE_RUN, *tiny_shards["overrides"],
-            f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=380)
+    run_cli(
+        "stale-train",
+        "-m",
+        "trainer=ddp_cpu",
+        "optim.lr=1e-3,2e-3",
+        *LITE_RUN,
+        *tiny_shards["overrides"],
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=380,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no stray outputs/ or multirun/ dirs
     for trial, lr in (("0", "optim.lr=0.001"), ("1", "optim.lr=0.002")):
         _assert_one_run(sweep / trial, {"train.log", "train_rank1.log"})
         assert (sweep / trial / ".hydra" / "config.yaml").is_file()
         # rank 1 was started as a plain run of this trial: its overrides, its dir, no `-m`
-        child = next(line for line in (sweep / trial / "train.log").read_text().splitlines() if "starting rank 1:" in line)
+        child = next(
+            line for line in (sweep / trial / "train.log").read_text().splitlines() if "starting rank 1:" in line
+        )
         assert lr in child and "hydra.mode=RUN" in child and f"{sweep / trial}'" in child and " -m " not in child
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (sweep / trial / "train_rank1.log").read_text()
     with open(sweep / "sweep_summary.csv") as f:
@@ -164,9 +196,14 @@ def test_torchrun_script(tiny_shards, tmp_path):
     """scripts/torchrun.sh: torchrun starts both ranks; they share RUN_DIR and log to one file each."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "RUN_DIR": str(run_dir), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE_RUN,
-                           *tiny_shards["overrides"]], capture_output=True, text=True, timeout=380, cwd=tmp_path,
-                          env=env)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "torchrun.sh"), "2", "trainer=ddp_cpu", *LITE_RUN, *tiny_shards["overrides"]],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     _assert_one_run(run_dir, {"train_rank0.log", "train_rank1.log"})

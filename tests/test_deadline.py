@@ -8,17 +8,26 @@ import time
 import lightning as L
 import pytest
 import torch
-from helpers import TINY_RUN, train_on_stream
 
+from helpers import TINY_RUN, train_on_stream
 from stale.bench import random_batches
 from stale.bench.step import InMemory
 from stale.system.deadline import TrainingDeadline, plan_steps
 from stale.train import build_system
 
-DEADLINE = ["trainer.max_steps=null", "deadline.max_minutes=0.25", "deadline.max_steps=100000",
-            "deadline.calibration_steps=10", "deadline.skip_steps=2", "deadline.margin=0.3", "schedule.warmup=20",
-            "trainer.val_check_interval=1000", "sample_every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=15",
-            "optim.lr=1e-3"]  # the lr values below
+DEADLINE = [
+    "trainer.max_steps=null",
+    "deadline.max_minutes=0.25",
+    "deadline.max_steps=100000",
+    "deadline.calibration_steps=10",
+    "deadline.skip_steps=2",
+    "deadline.margin=0.3",
+    "schedule.warmup=20",
+    "trainer.val_check_interval=1000",
+    "sample_every_n_steps=0",
+    "callbacks.model_checkpoint.every_n_train_steps=15",
+    "optim.lr=1e-3",
+]  # the lr values below
 
 
 def test_plan_steps_arithmetic():
@@ -28,8 +37,10 @@ def test_plan_steps_arithmetic():
     assert plan_steps(step=50, rate=10.0, remaining_s=-3.0, margin=0.1, max_steps=4000) == 51  # already late
 
 
-@pytest.mark.parametrize("key,value", [("max_minutes", 0), ("max_minutes", True), ("max_steps", 0),
-                                       ("calibration_steps", 1.5), ("margin", 1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("max_minutes", 0), ("max_minutes", True), ("max_steps", 0), ("calibration_steps", 1.5), ("margin", 1.0)],
+)
 def test_bad_values_name_the_key(key, value):
     kwargs = {"max_minutes": 1.0, "max_steps": 10, key: value}
     with pytest.raises(ValueError, match=rf"deadline\.{key}="):
@@ -43,8 +54,10 @@ def test_deadline_plans_steps_stretches_schedule_and_resume_keeps_plan(tmp_path,
     planned = record["planned_steps"]
     assert 15 < planned < 100000  # decided after the 10 calibration steps, far below the cap
     assert record["decisions"][0]["step"] == 12 and record["decisions"][0]["steps_per_s"] > 0
-    assert any("deadline: measured" in r.getMessage() and f"training {planned:,} steps" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "deadline: measured" in r.getMessage() and f"training {planned:,} steps" in r.getMessage()
+        for r in caplog.records
+    )
     last = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
     # the plan keeps 30% of the time back; only a machine that slowed down by more stops at the deadline instead
     assert last["global_step"] == (record["stopped_at"] or planned)
@@ -91,14 +104,30 @@ class SlowStart(L.Callback):
 
 
 def test_plan_is_raised_when_the_machine_gets_faster(tmp_path, compose_train):
-    cfg = compose_train(*TINY_RUN, "data.frames=2", "sample.num_videos=2", "sample.steps=2",
-                        "budget.flops_per_clip=1e6", "logger=csv", f"paths.output_dir={tmp_path}")
+    cfg = compose_train(
+        *TINY_RUN,
+        "data.frames=2",
+        "sample.num_videos=2",
+        "sample.steps=2",
+        "budget.flops_per_clip=1e6",
+        "logger=csv",
+        f"paths.output_dir={tmp_path}",
+    )
     system = build_system(cfg)
-    deadline = TrainingDeadline(max_minutes=0.2, max_steps=100000, calibration_steps=6, skip_steps=2, margin=0.3,
-                                out_dir=str(tmp_path))
-    trainer = L.Trainer(max_steps=-1, callbacks=[SlowStart(), deadline], val_check_interval=20, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        accelerator="cpu")
+    deadline = TrainingDeadline(
+        max_minutes=0.2, max_steps=100000, calibration_steps=6, skip_steps=2, margin=0.3, out_dir=str(tmp_path)
+    )
+    trainer = L.Trainer(
+        max_steps=-1,
+        callbacks=[SlowStart(), deadline],
+        val_check_interval=20,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
     trainer.fit(system, InMemory(random_batches(400, 2, 2, 8)), InMemory(random_batches(1, 2, 2, 8)))
     first, *later = deadline.decisions
     assert first["why"].startswith("measured") and first["step"] == 8

@@ -8,8 +8,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from stale.diffusion.dog import (DOG_BANDS, DOG_K, DoGLoss, dog, dog_gain, gaussian_blur, peak_frequency,
-                                realised_peak)
+from stale.diffusion.dog import DOG_BANDS, DOG_K, DoGLoss, dog, dog_gain, gaussian_blur, peak_frequency, realised_peak
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5, 6.4])  # 6.4 = k * 4: a kernel wider than the 9 px axis
@@ -100,5 +99,3 @@ def test_dog_loss_rejects_bad_settings():
         DoGLoss(k=1.0)
     with pytest.raises(ValueError, match="B, C, T, H, W"):
         DoGLoss()(torch.zeros(3, 16, 16))
-
-

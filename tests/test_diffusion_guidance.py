@@ -25,8 +25,11 @@ def _guided_and_conditional(prior):
     guided = classifier_guided(full, input_gradient(log_p_class1), scale=1.0)
     g = torch.Generator().manual_seed(1)
     t = torch.rand(200, generator=g, dtype=torch.float64) * 0.7 + 0.2
-    x = flow.interpolate(flow.sample_prior((200, 3), prior, generator=g, dtype=torch.float64),
-                         data[3 + torch.randint(0, 3, (200,), generator=g)], t)  # points of class 1's path
+    x = flow.interpolate(
+        flow.sample_prior((200, 3), prior, generator=g, dtype=torch.float64),
+        data[3 + torch.randint(0, 3, (200,), generator=g)],
+        t,
+    )  # points of class 1's path
     return full(x, t), guided(x, t), cond(x, t)
 
 

@@ -59,9 +59,19 @@ def test_losses_have_their_expected_values(prior, second_moment):
     assert out["loss"].item() == pytest.approx(out["velocity"].item() + 0.5 * out["dog"].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [(), ("diffusion.prior=gaussian", "diffusion.dog_weight=0.1"),
-                                       ("diffusion.mixup=true", "diffusion.dog_temporal=true",
-                                        "diffusion.dog_weight=1", "diffusion.time_sampling=uniform")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("diffusion.prior=gaussian", "diffusion.dog_weight=0.1"),
+        (
+            "diffusion.mixup=true",
+            "diffusion.dog_temporal=true",
+            "diffusion.dog_weight=1",
+            "diffusion.time_sampling=uniform",
+        ),
+    ],
+)
 def test_configs_train_through_the_same_objective(overrides, compose_train):
     cfg = compose_train(*overrides)
     obj = instantiate(cfg.diffusion)
@@ -79,12 +89,17 @@ def test_configs_train_through_the_same_objective(overrides, compose_train):
     assert model.joy_token.grad is None  # the joy token is a buffer: never trained
 
 
-@pytest.mark.parametrize("kwargs, key", [({"prior": "laplace"}, "diffusion.prior"),
-                                         ({"time_sampling": "beta"}, "diffusion.time_sampling"),
-                                         ({"dog_weight": -1.0}, "diffusion.dog_weight"),
-                                         ({"label_dropout": 1.5}, "diffusion.label_dropout"),
-                                         ({"mixup": True, "mixup_alpha": 0.0}, "diffusion.mixup_alpha"),
-                                         ({"dog_bands": [0.0]}, "diffusion.dog_bands")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"prior": "laplace"}, "diffusion.prior"),
+        ({"time_sampling": "beta"}, "diffusion.time_sampling"),
+        ({"dog_weight": -1.0}, "diffusion.dog_weight"),
+        ({"label_dropout": 1.5}, "diffusion.label_dropout"),
+        ({"mixup": True, "mixup_alpha": 0.0}, "diffusion.mixup_alpha"),
+        ({"dog_bands": [0.0]}, "diffusion.dog_bands"),
+    ],
+)
 def test_bad_settings_name_their_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         StaleObjective(**kwargs)
@@ -116,9 +131,15 @@ def test_mixup_touches_the_hinge_branch_only():
     assert (excess(x_hinge, t_hinge) > 0.05).sum() >= 5  # the hinge branch saw blends
 
 
-@pytest.mark.parametrize("options", [{}, {"dog_weight": 0.1, "dog_temporal": True, "mixup": True},
-                                     {"context_frames": 1, "context_prob": 0.5, "prior": "gaussian"},
-                                     {"model": {"pos": "rope", "pattern": ["spatial", "temporal", "full"]}}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"dog_weight": 0.1, "dog_temporal": True, "mixup": True},
+        {"context_frames": 1, "context_prob": 0.5, "prior": "gaussian"},
+        {"model": {"pos": "rope", "pattern": ["spatial", "temporal", "full"]}},
+    ],
+)
 def test_objective_traces_as_one_graph(options):
     """Every setting of the objective is one Dynamo graph with the model inside (no graph break): the compiled
     training step uses fullgraph=True. Value checks (labels in range) stay eager-only; the DoG gains are constants.

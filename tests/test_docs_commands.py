@@ -57,8 +57,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import helpers
 import pytest
+
+import helpers
 
 pytestmark = pytest.mark.docs
 
@@ -145,10 +146,11 @@ def parse_doc(doc: str) -> Doc:
                 break
             lang = f["lang"]
             if not lang:
-                out.errors.append(f"{doc}:{n}: untagged fence: name its language (```bash for commands, ```text "
-                                  "for output)")
+                out.errors.append(
+                    f"{doc}:{n}: untagged fence: name its language (```bash for commands, ```text for output)"
+                )
             elif lang in SHELL_FENCES:
-                block = split_commands(doc, n + 1, lines[i + 1:end], console=lang == "console")
+                block = split_commands(doc, n + 1, lines[i + 1 : end], console=lang == "console")
                 for mline, reason, text in markers:
                     hit = [c for c in block if text is None or text in c.text]
                     if not hit:
@@ -208,17 +210,35 @@ def stand_ins(tmp_path_factory) -> StandIns:
     (wan / "vae").symlink_to(vae)
     manifest = helpers.captioned_manifest(base)
     shards = base / "shards"
-    convert(ShardsConfig(input=str(manifest), out=str(shards), resize="square", size=32, frames=8, fps=8,
-                         split={"train": 0.7, "val": 0.3, "test": 0}, progress=False))
+    convert(
+        ShardsConfig(
+            input=str(manifest),
+            out=str(shards),
+            resize="square",
+            size=32,
+            frames=8,
+            fps=8,
+            split={"train": 0.7, "val": 0.3, "test": 0},
+            progress=False,
+        )
+    )
     media = sorted((base / "media").rglob("video_*_120x120x*.mp4"))  # square, as the models of the docs make
     clip = base / "clip.mp4"
     shutil.copy(media[0], clip)
     image = base / "first_frame.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
     data = ensure_synthetic(base / "data", SyntheticSpec(counts={"train": 32, "val": 8, "test": 8}, per_shard=16))
-    return StandIns(wan=wan, vae=vae, t5=helpers.tiny_text_encoder(tmp_path_factory, "t5"), data=data,
-                    shards=shards, manifest=manifest, videos=helpers.mixed_video_folder(base / "videos"),
-                    image=image, clip=clip)
+    return StandIns(
+        wan=wan,
+        vae=vae,
+        t5=helpers.tiny_text_encoder(tmp_path_factory, "t5"),
+        data=data,
+        shards=shards,
+        manifest=manifest,
+        videos=helpers.mixed_video_folder(base / "videos"),
+        image=image,
+        clip=clip,
+    )
 
 
 # text substitutions: (pattern, replacement with {field} of StandIns)
@@ -229,8 +249,13 @@ SUBSTITUTIONS = [
     (r"/data/clips/|/data/", "{data}/"),
 ]
 # files and folders a doc names as the user's own: linked into the working dir unless the doc makes them itself
-STAND_INS = {"shards": "shards", "videos": "videos", "manifest.csv": "manifest", "first_frame.png": "image",
-             "clip.mp4": "clip"}
+STAND_INS = {
+    "shards": "shards",
+    "videos": "videos",
+    "manifest.csv": "manifest",
+    "first_frame.png": "image",
+    "clip.mp4": "clip",
+}
 PROMPTS = "a red square moving left\na blue disc moving up\n"
 # a brace range of shards in a stand-in's pattern: the stand-ins have a shard or two
 BRACE_RANGE = re.compile(r"(?P<dir>[^\s'\"=]*/)(?P<split>train|val|test)-\{\d+\.\.\d+\}\.tar")
@@ -247,17 +272,23 @@ SIZES = [
 # the commands whose words from this index on are stale-train overrides (sized down as stale-train's)
 TRAIN_OVERRIDES_FROM = {"stale-train": 1, "scripts/torchrun.sh": 2}
 BUCKET_LISTS = [  # latent.md's bucket lists, the same shapes scaled from 256 to 32 pixels and 17 to 5 frames
-    (r"\[\[1,256,256,32\],\[17,256,256,4\],\[17,192,336,4\],\[17,336,192,4\]\]",
-     "[[1,32,32,8],[5,32,32,4],[5,32,48,4],[5,48,32,4]]"),
-    (r"\[\[1,256,256,32\],\[17,192,336,4\],\[17,336,192,4\],\[17,256,256,4\]\]",
-     "[[1,32,32,8],[5,32,48,4],[5,48,32,4],[5,32,32,4]]"),
+    (
+        r"\[\[1,256,256,32\],\[17,256,256,4\],\[17,192,336,4\],\[17,336,192,4\]\]",
+        "[[1,32,32,8],[5,32,32,4],[5,32,48,4],[5,48,32,4]]",
+    ),
+    (
+        r"\[\[1,256,256,32\],\[17,192,336,4\],\[17,336,192,4\],\[17,256,256,4\]\]",
+        "[[1,32,32,8],[5,32,48,4],[5,48,32,4],[5,32,32,4]]",
+    ),
 ]
 
 
 def newest_run(work: Path) -> str:
     """The newest run dir under work/outputs/train; a doc that trains nothing first gets the tests' tiny run."""
+
     def runs():
         return sorted(p for p in work.glob("outputs/train/*/*") if (p / "checkpoints").is_dir())  # <date>/<time>
+
     if not runs():
         helpers.run_cli("stale-train", *helpers.TINY_RUN, cwd=work)
     return str(runs()[-1].relative_to(work))
@@ -284,7 +315,7 @@ def substitute(cmd: Command, work: Path, stand: StandIns, linked: set[str]) -> l
     argv = shlex.split(text)
     argv = [argv[0], *(word for a in argv[1:] for word in _sized(a))]
     if argv[0] in TRAIN_OVERRIDES_FROM:
-        keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[TRAIN_OVERRIDES_FROM[argv[0]]:] if "=" in a}
+        keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[TRAIN_OVERRIDES_FROM[argv[0]] :] if "=" in a}
         latent = "vae=diffusers" in argv or "data=latents" in argv
         argv += ["debug=smoke"] if "debug" not in keys else []
         argv += ["model=debug"] if "model" not in keys else []
@@ -314,10 +345,18 @@ def run_command(argv: list[str], work: Path) -> subprocess.CompletedProcess:
             (bin_dir / "torchrun").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
             (bin_dir / "torchrun").chmod(0o755)
         env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        return subprocess.run(["bash", str(helpers.REPO / argv[0]), *argv[1:]], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
-    raise AssertionError(f"no runner for {argv[0]!r}: run it through a stale-* command or mark it "
-                         "`<!-- docs-test: skip (REASON): TEXT -->`")
+        return subprocess.run(
+            ["bash", str(helpers.REPO / argv[0]), *argv[1:]],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    raise AssertionError(
+        f"no runner for {argv[0]!r}: run it through a stale-* command or mark it "
+        "`<!-- docs-test: skip (REASON): TEXT -->`"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -353,23 +392,55 @@ def test_markup_errors_are_found(tmp_path, monkeypatch):
     """The parser reports an untagged fence, an unknown reason, a reasonless skip, a marker that matches nothing
     and an indented command, each by line; and splits continuations, comments and console prompts."""
     doc = tmp_path / "doc.md"
-    doc.write_text("\n".join([
-        "```", "stale-train", "```",  # 1-3
-        "<!-- docs-test: skip (slow) -->", "```bash", "stale-train", "```",  # 4-7
-        "<!-- docs-test: skip -->", "```bash", "stale-train", "```",  # 8-11
-        "<!-- docs-test: skip (GPU): trainer=tpu -->", "```bash", "stale-train trainer=gpu", "```",  # 12-15
-        "", "    stale-train debug=smoke", "",  # 16-18
-        "```bash", "# a comment", "stale-train a=1 \\", "  b=2   # why", "", "stale-sample c=3", "```",  # 19-25
-        "<!-- docs-test: skip (GPU): trainer=gpu -->", "```console", "$ stale-train trainer=gpu", "output",
-        "$ stale-eval x=1", "```",  # 26-31
-    ]) + "\n")
+    doc.write_text(
+        "\n".join(
+            [
+                "```",
+                "stale-train",
+                "```",  # 1-3
+                "<!-- docs-test: skip (slow) -->",
+                "```bash",
+                "stale-train",
+                "```",  # 4-7
+                "<!-- docs-test: skip -->",
+                "```bash",
+                "stale-train",
+                "```",  # 8-11
+                "<!-- docs-test: skip (GPU): trainer=tpu -->",
+                "```bash",
+                "stale-train trainer=gpu",
+                "```",  # 12-15
+                "",
+                "    stale-train debug=smoke",
+                "",  # 16-18
+                "```bash",
+                "# a comment",
+                "stale-train a=1 \\",
+                "  b=2   # why",
+                "",
+                "stale-sample c=3",
+                "```",  # 19-25
+                "<!-- docs-test: skip (GPU): trainer=gpu -->",
+                "```console",
+                "$ stale-train trainer=gpu",
+                "output",
+                "$ stale-eval x=1",
+                "```",  # 26-31
+            ]
+        )
+        + "\n"
+    )
     monkeypatch.setattr(helpers, "REPO", tmp_path)
     parsed = parse_doc("doc.md")
     lines = [int(e.split(":")[1]) for e in parsed.errors]
     assert lines == [1, 4, 8, 12, 17], parsed.errors
     ran = [(c.line, c.text, c.skip) for c in parsed.commands]
-    assert ran[-4:] == [(21, "stale-train a=1 b=2", None), (24, "stale-sample c=3", None),
-                        (28, "stale-train trainer=gpu", "GPU"), (30, "stale-eval x=1", None)], ran
+    assert ran[-4:] == [
+        (21, "stale-train a=1 b=2", None),
+        (24, "stale-sample c=3", None),
+        (28, "stale-train trainer=gpu", "GPU"),
+        (30, "stale-eval x=1", None),
+    ], ran
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if PARSED[d].commands])
@@ -392,6 +463,9 @@ def test_doc_commands_run(doc, tmp_path, stand_ins):
         argv = substitute(cmd, work, stand_ins, linked)
         proc = run_command(argv, work)
         if proc.returncode != 0:
-            pytest.fail(f"{cmd.id}: `{cmd.text}` exited {proc.returncode}\nran as: {shlex.join(argv)}\n"
-                        f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}", pytrace=False)
+            pytest.fail(
+                f"{cmd.id}: `{cmd.text}` exited {proc.returncode}\nran as: {shlex.join(argv)}\n"
+                f"STDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}",
+                pytrace=False,
+            )
         COUNTS["ran"] += 1

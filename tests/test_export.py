@@ -12,19 +12,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import run_cli
+from stale.checkpoint.registry import ALLOWED_TARGETS
+from stale.data.media import save_videos
 from stale.data.video_io import decode_mp4
 from stale.export import export_checkpoint
 from stale.pipeline import StalePipeline
-from stale.checkpoint.registry import ALLOWED_TARGETS
 from stale.pipeline.sample_to_dir import sample_to_dir
 from stale.train import build_system
-from stale.data.media import save_videos
-
 
 # One thread per process, here and in the commands: the shapes are tiny, and on a shared 2-core machine two
 # threads per process made a forward pass of this model 3-40x slower than one (measured; barrier waits).
@@ -35,8 +34,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    run_cli("stale-train", "debug=smoke", "logger=csv", "callbacks.ema.decay=0.5", f"hydra.run.dir={run}",
-            env=ONE_THREAD)
+    run_cli(
+        "stale-train", "debug=smoke", "logger=csv", "callbacks.ema.decay=0.5", f"hydra.run.dir={run}", env=ONE_THREAD
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -78,8 +78,9 @@ def test_acceptance_train_export_sample(trained, exported, tmp_path):
     assert "onnx_max_abs_diff" in export_proc.stdout
 
     samples = tmp_path / "samples"
-    proc = run_cli("stale-sample", f"model={out}", f"out={samples}", "num_videos=3", "steps=4", "seed=7",
-                   env=ONE_THREAD)
+    proc = run_cli(
+        "stale-sample", f"model={out}", f"out={samples}", "num_videos=3", "steps=4", "seed=7", env=ONE_THREAD
+    )
     assert "4/4" in proc.stderr  # the progress bar reached the last step
     mp4s = sorted(samples.glob("sample_*.mp4"))
     assert len(mp4s) == 3
@@ -145,8 +146,11 @@ def test_parity_checkpoint_export_onnxruntime_torch_export(exported, lightning_s
     (onnx,) = session.run(["velocity"], {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
 
     assert ref.abs().max() > 0.05  # a trained velocity, so a 1e-4 tolerance means something
-    diffs = {"export": (export - ref).abs().max().item(), "onnxruntime": np.abs(onnx - ref.numpy()).max(),
-             "torch.export": (program - ref).abs().max().item()}
+    diffs = {
+        "export": (export - ref).abs().max().item(),
+        "onnxruntime": np.abs(onnx - ref.numpy()).max(),
+        "torch.export": (program - ref).abs().max().item(),
+    }
     print("max abs diff vs checkpoint (fp32):", diffs, "max |v| =", ref.abs().max().item())
     assert all(d <= 1e-4 for d in diffs.values()), diffs
 
@@ -168,15 +172,26 @@ def test_samples_identical_from_checkpoint_and_export(trained, exported, lightni
     assert not torch.equal(b, from_export(num_videos=3, label=labels, steps=3, guidance=1.0, seed=12))
 
 
-@pytest.mark.parametrize("settings", [["guidance=3"], ["guidance=3", "classifier_guidance=2"]],
-                         ids=["cfg3", "cfg3+classifier2"])
+@pytest.mark.parametrize(
+    "settings", [["guidance=3"], ["guidance=3", "classifier_guidance=2"]], ids=["cfg3", "cfg3+classifier2"]
+)
 def test_stale_sample_cli_writes_the_same_videos_from_checkpoint_and_export(trained, exported, tmp_path, settings):
     """`stale-sample ckpt=last.ckpt` and `stale-sample model=EXPORT_DIR` agree."""
     out, _ = exported
     frames = {}
     for name, source in (("ckpt", f"ckpt={trained}"), ("model", f"model={out}")):
-        run_cli("stale-sample", source, f"out={tmp_path / name}", "num_videos=2", "steps=2", "seed=3",
-                "device=cpu", "progress=false", *settings, env=ONE_THREAD)
+        run_cli(
+            "stale-sample",
+            source,
+            f"out={tmp_path / name}",
+            "num_videos=2",
+            "steps=2",
+            "seed=3",
+            "device=cpu",
+            "progress=false",
+            *settings,
+            env=ONE_THREAD,
+        )
         record = json.loads((tmp_path / name / "samples.json").read_text())
         assert record["guidance"] == 3.0 and record["classifier_guidance"] == (2.0 if len(settings) == 2 else 0.0)
         frames[name] = [decode_mp4(p.read_bytes()) for p in sorted((tmp_path / name).glob("sample_*.mp4"))]

@@ -10,15 +10,15 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import RESUME_RUN, StopAt, compose_train, nested_equal, train_on_stream
 
-from stale.export import export_checkpoint
+from helpers import RESUME_RUN, StopAt, compose_train, nested_equal, train_on_stream
 from stale.checkpoint import read_checkpoint
-from stale.export.export import save_pretrained
-from stale.pipeline import StalePipeline
 from stale.checkpoint.weights import InitFromError, init_from
+from stale.export import export_checkpoint
+from stale.export.export import save_pretrained
 from stale.models import build_model
 from stale.models.finetune import base_name
+from stale.pipeline import StalePipeline
 from stale.system.ema import StaleEMA
 from stale.train import ConfigError, build_system, check_config
 
@@ -48,8 +48,16 @@ def lora_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     final = FinalState()
     # a large learning rate, so that 6 steps move the adapters far enough to change samples
-    train_on_stream(out, *CONTEXT, "finetune=lora", "finetune.rank=2", f"init_from={base}", "optim.lr=0.05",
-        "callbacks.ema.decay=0.5", callbacks=[final])
+    train_on_stream(
+        out,
+        *CONTEXT,
+        "finetune=lora",
+        "finetune.rank=2",
+        f"init_from={base}",
+        "optim.lr=0.05",
+        "callbacks.ema.decay=0.5",
+        callbacks=[final],
+    )
     return out, final
 
 
@@ -84,22 +92,36 @@ def test_lora_checkpoint_is_small_and_rebuilds(base, lora_run):
 
 def test_lora_resume_is_exact(base, lora_run, tmp_path):
     straight, _ = lora_run
-    args = [*CONTEXT, "finetune=lora", "finetune.rank=2", f"init_from={base}", "optim.lr=0.05",
-            "callbacks.ema.decay=0.5", "sample_every_n_steps=0"]
+    args = [
+        *CONTEXT,
+        "finetune=lora",
+        "finetune.rank=2",
+        f"init_from={base}",
+        "optim.lr=0.05",
+        "callbacks.ema.decay=0.5",
+        "sample_every_n_steps=0",
+    ]
     train_on_stream(tmp_path / "stopped", *args, callbacks=[StopAt(3)])
     stopped = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     train_on_stream(tmp_path / "resumed", *args, f"ckpt_path={stopped}")
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
-    assert nested_equal(a["state_dict"], b["state_dict"]) and nested_equal(a["current_model_state"],
-                                                                           b["current_model_state"])
+    assert nested_equal(a["state_dict"], b["state_dict"]) and nested_equal(
+        a["current_model_state"], b["current_model_state"]
+    )
     # resuming on top of another base is refused
     other = tmp_path / "other"
     save_pretrained(build_model("tiny", dim=32, depth=2, heads=2, frames=4, size=8), other)
     with pytest.raises(Exception, match="resume it with that init_from"):
-        train_on_stream(tmp_path / "wrong", *args[:2], "finetune=lora", "finetune.rank=2", f"init_from={other}",
-            f"ckpt_path={stopped}")
+        train_on_stream(
+            tmp_path / "wrong",
+            *args[:2],
+            "finetune=lora",
+            "finetune.rank=2",
+            f"init_from={other}",
+            f"ckpt_path={stopped}",
+        )
 
 
 def test_merged_export_samples_like_base_plus_adapter(lora_run, base, tmp_path):
@@ -189,7 +211,7 @@ def test_full_finetune_with_frozen_patterns(base, tmp_path):
         assert torch.equal(final.state[name], base_state[name]), name
     assert not torch.equal(final.state["blocks.1.attn.qkv.weight"], base_state["blocks.1.attn.qkv.weight"])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert not any(k[len("model."):] in frozen for k in ckpt["state_dict"])  # left out, rebuilt from init_from
+    assert not any(k[len("model.") :] in frozen for k in ckpt["state_dict"])  # left out, rebuilt from init_from
     model = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt").build_model()
     assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], final.state["blocks.1.attn.qkv.weight"])
 
@@ -215,9 +237,16 @@ def test_ema_leaves_unchanged_tensors_bit_identical(tmp_path):
     torch.manual_seed(0)
     model, ema = TwoLayers(), StaleEMA(decay=0.9)
     frozen, start = model.frozen.weight.clone(), model.layer.weight.clone()
-    trainer = L.Trainer(max_steps=5, callbacks=[ema], logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=5,
+        callbacks=[ema],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model)  # at the end the callback copies the average into the model
     assert torch.equal(model.frozen.weight, frozen)
     assert not torch.equal(model.layer.weight, start)

@@ -14,9 +14,9 @@ import os
 
 import pytest
 import torch
-from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 from torch.distributed.tensor import DTensor
 
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 from stale.parallel.fsdp import FULL, ShardedEMA, gathered_copy, shard_model
 from stale.system.nan_guard import grad_norm  # imported before the workers fork: Lightning's import hangs after it
 
@@ -38,8 +38,9 @@ def _train_sharded_and_plain(rank: int, world: int, port: int, queue) -> None:
         out = {"rank": rank}
         for case in ("dp", "sp"):  # 2 ranks with 2 clips each | both ranks all 4 clips, each half of every clip
             torch.manual_seed(0)
-            model = build_model("tiny", dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=4, size=8,
-                                grad_checkpointing=True).double()
+            model = build_model(
+                "tiny", dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=4, size=8, grad_checkpointing=True
+            ).double()
             for p in model.parameters():  # adaLN-Zero starts every block as the identity: make the blocks do work
                 torch.nn.init.normal_(p, std=0.2)
             plain = copy.deepcopy(model)
@@ -68,7 +69,9 @@ def _train_sharded_and_plain(rank: int, world: int, port: int, queue) -> None:
                 norm_p, norm_s = grad_norm(plain), grad_norm(model)  # the NaN guard's norm, before clipping
                 err["norm"] = max(err["norm"], abs(norm_s - norm_p).item())
                 for n, p in model.named_parameters():
-                    err["grad"] = max(err["grad"], (p.grad.full_tensor() - plain.get_parameter(n).grad).abs().max().item())
+                    err["grad"] = max(
+                        err["grad"], (p.grad.full_tensor() - plain.get_parameter(n).grad).abs().max().item()
+                    )
                 for m in (plain, model):  # clipping engages (norms are ~1-10): the sharded norm must be the whole one
                     torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
                 opt_p.step(), opt_s.step(), opt_p.zero_grad(), opt_s.zero_grad()
@@ -180,8 +183,16 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
     blocks == plain DDP over 2 processes: the reduce-scatter over dp x sp ranks is the data-parallel mean."""
     short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
-    run_cli("stale-train", *short, "trainer=fsdp_cpu", "trainer.devices=4", "parallel.sequence=2",
-            "model.grad_checkpointing=true", f"hydra.run.dir={tmp_path / 'fsdp_sp'}", timeout=500)
+    run_cli(
+        "stale-train",
+        *short,
+        "trainer=fsdp_cpu",
+        "trainer.devices=4",
+        "parallel.sequence=2",
+        "model.grad_checkpointing=true",
+        f"hydra.run.dir={tmp_path / 'fsdp_sp'}",
+        timeout=500,
+    )
     dp, fsdp_sp = losses_of(tmp_path / "dp"), losses_of(tmp_path / "fsdp_sp")
     assert sorted(dp) == [0, 1, 2] and fsdp_sp == pytest.approx(dp, rel=1e-5, abs=0)
     w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "fsdp_sp"))
@@ -189,16 +200,20 @@ def test_fsdp2_composes_with_sequence_parallelism_and_checkpointing(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["finetune=lora"], "finetune=lora is not supported with trainer=fsdp"),
-    (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
-    (["compile=true"], "compile=True is not supported with trainer=fsdp"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["finetune=lora"], "finetune=lora is not supported with trainer=fsdp"),
+        (["finetune.freeze=[patch_embed.*]"], "finetune.freeze=['patch_embed.*'] is not supported with trainer=fsdp"),
+        (["compile=true"], "compile=True is not supported with trainer=fsdp"),
+    ],
+)
 def test_fsdp2_refuses_unsupported_settings_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
     (tmp_path / "base.ckpt").write_bytes(b"")  # init_from must exist; the FSDP2 check comes before reading it
-    cfg = compose_train("trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}",
-                        f"paths.output_dir={tmp_path}")
+    cfg = compose_train(
+        "trainer=fsdp_cpu", *overrides, f"init_from={tmp_path / 'base.ckpt'}", f"paths.output_dir={tmp_path}"
+    )
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.").replace("*", r"\*")):
         check_config(cfg)

@@ -18,9 +18,21 @@ from stale.train import train
 
 REFERENCE = Path(__file__).parent / "fixtures" / "golden_loss.json"
 STEPS = 20
-OVERRIDES = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-             f"trainer.max_steps={STEPS}", "trainer.val_check_interval=10", "sample.num_videos=1", "sample.steps=1",
-             "sample_every_n_steps=0", "trainer.deterministic=true", "logger=none", "threads=1", "seed=3"]
+OVERRIDES = [
+    "debug=smoke",
+    "model=debug",
+    "data.frames=4",
+    "data.size=8",
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=10",
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "sample_every_n_steps=0",
+    "trainer.deterministic=true",
+    "logger=none",
+    "threads=1",
+    "seed=3",
+]
 
 
 class Losses(L.Callback):
@@ -36,15 +48,17 @@ def test_debug_model_loss_curve_matches_the_reference(compose_train, tmp_path):
     train(compose_train(*OVERRIDES, f"paths.output_dir={tmp_path}"), callbacks=[losses])
     assert len(losses.losses) == STEPS
     if os.environ.get("STALE_UPDATE_GOLDEN"):
-        REFERENCE.write_text(json.dumps({"steps": STEPS, "overrides": OVERRIDES, "train_loss": losses.losses},
-                                        indent=1) + "\n")
+        REFERENCE.write_text(
+            json.dumps({"steps": STEPS, "overrides": OVERRIDES, "train_loss": losses.losses}, indent=1) + "\n"
+        )
         pytest.skip(f"wrote {REFERENCE}")
     reference = json.loads(REFERENCE.read_text())["train_loss"]
     # rel 1e-6: float slack only. (Before x264 encoded with one thread, the synthetic clips differed from run to run
     # and 2 runs of ~15 moved one step's loss by up to 1.6e-3: stale/data/video_io.py.)
     assert losses.losses == pytest.approx(reference, rel=1e-6, abs=0), (
         "the debug model's loss curve moved; if that was meant, regenerate tests/fixtures/golden_loss.json "
-        "(see this file's docstring)")
+        "(see this file's docstring)"
+    )
 
 
 def test_synthetic_clips_encode_to_the_same_bytes_every_time():

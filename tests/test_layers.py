@@ -109,8 +109,12 @@ def test_no_import_cycles():
 
 def test_every_import_is_allowed_by_the_layering():
     rows = allowed_imports()
-    bad = sorted(f"{m} imports {t}" for m, targets in import_graph().items() for t in targets
-                 if layer(t) not in (layer(m), "stale") and layer(t) not in rows.get(layer(m), set()))
+    bad = sorted(
+        f"{m} imports {t}"
+        for m, targets in import_graph().items()
+        for t in targets
+        if layer(t) not in (layer(m), "stale") and layer(t) not in rows.get(layer(m), set())
+    )
     assert not bad, "imports against docs/architecture.md:\n" + "\n".join(bad)
 
 

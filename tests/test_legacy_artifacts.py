@@ -12,10 +12,21 @@ from stale.train import train
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 # make_legacy.py's run in today's spelling
-OVERRIDES = ["debug=smoke", "model=debug", "data.frames=4", "data.size=8",
-             "sample.num_videos=1", "sample.steps=1", "callbacks.samples.num_videos=1", "sample_every_n_steps=0",
-             "trainer.deterministic=true", "callbacks.ema.decay=0.8", "logger=none", "threads=1",
-             "callbacks.model_checkpoint.every_n_train_steps=2"]
+OVERRIDES = [
+    "debug=smoke",
+    "model=debug",
+    "data.frames=4",
+    "data.size=8",
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "callbacks.samples.num_videos=1",
+    "sample_every_n_steps=0",
+    "trainer.deterministic=true",
+    "callbacks.ema.decay=0.8",
+    "logger=none",
+    "threads=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+]
 
 
 def expected() -> dict[str, torch.Tensor]:
@@ -54,6 +65,10 @@ class Losses(L.Callback):
 
 def test_legacy_checkpoint_resumes_to_the_same_losses(compose_train, tmp_path):
     losses = Losses()
-    train(compose_train(*OVERRIDES, f"paths.output_dir={tmp_path}", "trainer.max_steps=6",
-                        f"ckpt_path={LEGACY / 'step4.ckpt'}"), callbacks=[losses])
+    train(
+        compose_train(
+            *OVERRIDES, f"paths.output_dir={tmp_path}", "trainer.max_steps=6", f"ckpt_path={LEGACY / 'step4.ckpt'}"
+        ),
+        callbacks=[losses],
+    )
     assert losses.losses == dict(zip((4, 5), expected()["resume_losses"].tolist()))

@@ -14,8 +14,15 @@ from lightning.pytorch.strategies import DDPStrategy
 def test_fit_time_internals(tmp_path):
     model, ema = BoringModel(), EMAWeightAveraging(use_buffers=False)
     assert model._trainer is None  # stale_system.py: "is a trainer attached?" (self.trainer raises when not)
-    trainer = L.Trainer(max_steps=2, callbacks=[ema], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=2,
+        callbacks=[ema],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     # preemption.py: the cluster environment, also under a single-device strategy (which has no such property)
     assert isinstance(trainer._accelerator_connector.cluster_environment, ClusterEnvironment)
     trainer.fit(model)
@@ -46,8 +53,11 @@ def test_launcher_internals():
     assert callable(_set_num_threads_if_needed) and isinstance(_basic_subprocess_cmd(), list)
     from lightning.fabric.plugins.environments import LightningEnvironment
 
-    strategy = DDPStrategy(accelerator=L.pytorch.accelerators.CPUAccelerator(),
-                           cluster_environment=LightningEnvironment(), parallel_devices=[torch.device("cpu")] * 2)
+    strategy = DDPStrategy(
+        accelerator=L.pytorch.accelerators.CPUAccelerator(),
+        cluster_environment=LightningEnvironment(),
+        parallel_devices=[torch.device("cpu")] * 2,
+    )
     strategy._configure_launcher()  # what _HydraLaunch overrides; it reads and replaces _launcher
     assert type(strategy._launcher) is _SubprocessScriptLauncher
 

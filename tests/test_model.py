@@ -28,8 +28,11 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
 
 def inputs(b=2, c=3, T=4, H=8, W=8, num_classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(b, c, T, H, W, generator=g) * 2 - 1, torch.rand(b, generator=g),
-            torch.randint(0, num_classes + 1, (b,), generator=g))
+    return (
+        torch.rand(b, c, T, H, W, generator=g) * 2 - 1,
+        torch.rand(b, generator=g),
+        torch.randint(0, num_classes + 1, (b,), generator=g),
+    )
 
 
 def loss_of(v, s):
@@ -46,8 +49,9 @@ def test_velocity_is_exactly_zero_at_init(pattern):
     assert torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("T,H,W,patch", [(8, 16, 16, (1, 4, 4)), (4, 8, 12, (2, 4, 4)), (1, 8, 8, (1, 2, 2)),
-                                         (6, 16, 8, (2, 2, 2))])
+@pytest.mark.parametrize(
+    "T,H,W,patch", [(8, 16, 16, (1, 4, 4)), (4, 8, 12, (2, 4, 4)), (1, 8, 8, (1, 2, 2)), (6, 16, 8, (2, 2, 2))]
+)
 @pytest.mark.parametrize("num_classes,outputs", [(2, 1), (5, 5)])
 def test_shapes_for_any_grid(T, H, W, patch, num_classes, outputs):
     # frames=8, size=16: the training clip size; other (T, H, W) divisible by the patch must work too
@@ -167,16 +171,24 @@ def test_null_label_is_an_extra_row():
     assert (v_null - v_cond).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("pattern,patch,T,H,pos", [("alternating", (1, 4, 4), 8, 16, "sincos"),
-                                                    ("full", (1, 4, 4), 8, 16, "sincos"),
-                                                    ("alternating", (2, 2, 2), 4, 8, "sincos"),
-                                                    (("spatial", "spatial", "temporal"), (1, 2, 2), 3, 8, "sincos"),
-                                                    (("spatial", "temporal", "full"), (1, 4, 4), 4, 16, "rope")])
+@pytest.mark.parametrize(
+    "pattern,patch,T,H,pos",
+    [
+        ("alternating", (1, 4, 4), 8, 16, "sincos"),
+        ("full", (1, 4, 4), 8, 16, "sincos"),
+        ("alternating", (2, 2, 2), 4, 8, "sincos"),
+        (("spatial", "spatial", "temporal"), (1, 2, 2), 3, 8, "sincos"),
+        (("spatial", "temporal", "full"), (1, 4, 4), 4, 16, "rope"),
+    ],
+)
 def test_analytic_flops_match_flop_counter(pattern, patch, T, H, pos):
     """3 x forward analytic FLOPs per clip vs FlopCounterMode on a real forward + backward (math SDPA, which
     the counter sees; the CPU flash kernel has no FLOP formula). RoPE's rotations are elementwise: no product."""
-    model = randomize(build_model("tiny", dim=64, depth=3, heads=4, pattern=pattern, patch=patch,
-                                  frames=T, size=H, num_classes=3, pos=pos))
+    model = randomize(
+        build_model(
+            "tiny", dim=64, depth=3, heads=4, pattern=pattern, patch=patch, frames=T, size=H, num_classes=3, pos=pos
+        )
+    )
     x, t, y = inputs(b=2, T=T, H=H, W=H, num_classes=3)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
@@ -200,9 +212,13 @@ def test_full_attention_flops_grow_quadratically_alternating_linearly():
 
 
 # DiT-S/B/L/XL (Peebles & Xie 2023, Table 1) and the CPU size, typed here rather than read from SIZES
-DIT = {"tiny": dict(dim=128, depth=4, heads=4), "s": dict(dim=384, depth=12, heads=6),
-       "b": dict(dim=768, depth=12, heads=12), "l": dict(dim=1024, depth=24, heads=16),
-       "xl": dict(dim=1152, depth=28, heads=16)}
+DIT = {
+    "tiny": dict(dim=128, depth=4, heads=4),
+    "s": dict(dim=384, depth=12, heads=6),
+    "b": dict(dim=768, depth=12, heads=12),
+    "l": dict(dim=1024, depth=24, heads=16),
+    "xl": dict(dim=1152, depth=28, heads=16),
+}
 
 
 @pytest.mark.parametrize("name", list(DIT))

@@ -6,10 +6,24 @@ from stale.bench.attention import run, to_markdown
 
 
 def test_attention_benchmark_rows():
-    rows = run(frames=(2, 4), image=8, patch=(1, 4, 4), model_overrides=dict(dim=16, depth=2, heads=2),
-               batch=1, steps=1, warmup=0, device="cpu", threads=1, isolate=False)
-    assert [(r["frames"], r["pattern"]) for r in rows] == [(2, "alternating"), (2, "full"), (4, "alternating"),
-                                                          (4, "full")]
+    rows = run(
+        frames=(2, 4),
+        image=8,
+        patch=(1, 4, 4),
+        model_overrides=dict(dim=16, depth=2, heads=2),
+        batch=1,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        threads=1,
+        isolate=False,
+    )
+    assert [(r["frames"], r["pattern"]) for r in rows] == [
+        (2, "alternating"),
+        (2, "full"),
+        (4, "alternating"),
+        (4, "full"),
+    ]
     for r in rows:
         assert "error" not in r, r
         assert r["tokens"] == r["frames"] * (2 * 2 + 1)

@@ -9,13 +9,20 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import TINY_RUN, compose_train
 
+from helpers import TINY_RUN, compose_train
 from stale.system.nan_guard import NaNGuard, NonFiniteLossError
 from stale.train import train
 
-TINY = [*TINY_RUN, "sample.num_videos=2", "sample.steps=2", "sample_every_n_steps=0", "budget.flops_per_clip=1e6",
-        "trainer.val_check_interval=4", "trainer.max_steps=4"]
+TINY = [
+    *TINY_RUN,
+    "sample.num_videos=2",
+    "sample.steps=2",
+    "sample_every_n_steps=0",
+    "budget.flops_per_clip=1e6",
+    "trainer.val_check_interval=4",
+    "trainer.max_steps=4",
+]
 
 
 def make_cfg(out: Path, *overrides: str):

@@ -89,8 +89,10 @@ def test_error_falls_as_steps_grow(prior, sampler):
 def test_monte_carlo_loss_is_lowest_at_the_oracle(prior):
     data = _data(n=6, d=3, seed=4)
     o = Oracle(data, prior)
-    losses = {c: monte_carlo_loss(lambda x, t, c=c: c * o(x, t), data, prior, n=20_000, seed=5).item()
-              for c in (0.95, 1.0, 1.05)}
+    losses = {
+        c: monte_carlo_loss(lambda x, t, c=c: c * o(x, t), data, prior, n=20_000, seed=5).item()
+        for c in (0.95, 1.0, 1.05)
+    }
     assert losses[1.0] < losses[1.05] and losses[1.0] < losses[0.95], losses
     other = Oracle(data, "gaussian" if prior == "uniform" else "uniform")  # the other prior's v*: not optimal
     assert monte_carlo_loss(other, data, prior, n=20_000, seed=5).item() > losses[1.0]

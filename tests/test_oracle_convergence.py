@@ -9,8 +9,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_convergence_script_writes_table_and_plot(tmp_path):
-    cmd = [sys.executable, str(REPO / "experiments" / "convergence.py"), "--grid", "8", "--max-steps", "16",
-           "--ref-steps", "32", "--samplers", "euler", "heun", "--out", str(tmp_path), "--raw", str(tmp_path / "raw.pt")]
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "convergence.py"),
+        "--grid",
+        "8",
+        "--max-steps",
+        "16",
+        "--ref-steps",
+        "32",
+        "--samplers",
+        "euler",
+        "heun",
+        "--out",
+        str(tmp_path),
+        "--raw",
+        str(tmp_path / "raw.pt"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "convergence.md").read_text()

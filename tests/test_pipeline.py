@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from stale.diffusion.generate import guided_velocity
 from stale.checkpoint import ExportError
+from stale.diffusion.generate import guided_velocity
 from stale.export import save_pretrained
-from stale.pipeline import StalePipeline
 from stale.models import build_model
+from stale.pipeline import StalePipeline
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -28,8 +28,13 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    save_pretrained(tiny_model(), out, name="tiny", diffusion={"prior": "uniform"},
-                    sample={"steps": 3, "sampler": "euler", "guidance": 1.0, "seed": 5})
+    save_pretrained(
+        tiny_model(),
+        out,
+        name="tiny",
+        diffusion={"prior": "uniform"},
+        sample={"steps": 3, "sampler": "euler", "guidance": 1.0, "seed": 5},
+    )
     return out
 
 
@@ -127,8 +132,9 @@ def test_broken_exports_name_the_file(export_dir, tmp_path):
         StalePipeline.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("settings", [{"guidance": 3.0}, {"guidance": 3.0, "classifier_guidance": 2.0}],
-                         ids=["cfg3", "cfg3+classifier2"])
+@pytest.mark.parametrize(
+    "settings", [{"guidance": 3.0}, {"guidance": 3.0, "classifier_guidance": 2.0}], ids=["cfg3", "cfg3+classifier2"]
+)
 def test_system_and_pipeline_give_bit_identical_videos(pipe, settings):
     """stale-train's samples (StaleSystem.sample) and the export's (StalePipeline) for one seed, on CPU."""
     from stale.diffusion.objective import StaleObjective

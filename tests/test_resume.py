@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+
 from helpers import ClipStream, StopAt, nested_equal, train_on_stream
 
 
@@ -69,8 +70,13 @@ def test_resume_on_other_world_size_warns_and_lost_data_position_shows(tmp_path)
     moved = tmp_path / "two-devices.ckpt"
     torch.save(ckpt, moved)
     with pytest.warns(UserWarning, match=r"world size 2 on world size 1.*global batch") as record:
-        resumed = train_on_stream(tmp_path / "resumed", "trainer.max_steps=4", "sample_every_n_steps=0",
-                                  f"ckpt_path={moved}", stream_cls=ForgetfulStream)
+        resumed = train_on_stream(
+            tmp_path / "resumed",
+            "trainer.max_steps=4",
+            "sample_every_n_steps=0",
+            f"ckpt_path={moved}",
+            stream_cls=ForgetfulStream,
+        )
     assert any("only rank 0's data-loader position" in str(w.message) for w in record)
     assert resumed[3]["train/loss"] != straight[3]["train/loss"]  # the batch of step 3 was not restored
     assert resumed[3]["lr/decay"] == straight[3]["lr/decay"]  # the schedule was

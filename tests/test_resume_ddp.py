@@ -42,8 +42,10 @@ class SaveRankWeights(L.Callback):
         self.folder = folder
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.save({k: v.clone() for k, v in pl_module.model.state_dict().items()},
-                   f"{self.folder}/rank{trainer.global_rank}-step{trainer.global_step}.pt")
+        torch.save(
+            {k: v.clone() for k, v in pl_module.model.state_dict().items()},
+            f"{self.folder}/rank{trainer.global_rank}-step{trainer.global_step}.pt",
+        )
 
 
 @pytest.mark.slow
@@ -54,11 +56,21 @@ def test_resume_on_two_devices_and_nan_on_one_rank(tmp_path, compose_train):
     weights = tmp_path / "weights"
     weights.mkdir()
     tests_dir = str(Path(__file__).parent)
-    proc = run_cli("stale-train", *TINY, "trainer.max_steps=5", "trainer.devices=2", "+trainer.strategy=ddp",
-                   f"ckpt_path={tmp_path / 'one' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'two'}",
-                   "+callbacks.nan_rank1._target_=test_resume_ddp.NaNOnRank1", "+callbacks.nan_rank1.step=3",
-                   "+callbacks.save._target_=test_resume_ddp.SaveRankWeights", f"+callbacks.save.folder={weights}",
-                   env={"PYTHONPATH": tests_dir}, timeout=240)
+    proc = run_cli(
+        "stale-train",
+        *TINY,
+        "trainer.max_steps=5",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        f"ckpt_path={tmp_path / 'one' / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'two'}",
+        "+callbacks.nan_rank1._target_=test_resume_ddp.NaNOnRank1",
+        "+callbacks.nan_rank1.step=3",
+        "+callbacks.save._target_=test_resume_ddp.SaveRankWeights",
+        f"+callbacks.save.folder={weights}",
+        env={"PYTHONPATH": tests_dir},
+        timeout=240,
+    )
     assert "world size 1 on world size 2" in " ".join((proc.stdout + proc.stderr).split())
 
     for step in (4, 5):  # after the skipped step 3 and after a normal step 4: the ranks agree

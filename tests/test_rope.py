@@ -109,19 +109,36 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     x, t, y = torch.randn(2, 3, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
     grads = []
     for ckpt in (False, True):
-        model = randomize(build_model("tiny", dim=32, heads=4, depth=3, pattern=["spatial", "temporal", "full"],
-                                      frames=4, size=8, pos="rope", grad_checkpointing=ckpt)).train()
+        model = randomize(
+            build_model(
+                "tiny",
+                dim=32,
+                heads=4,
+                depth=3,
+                pattern=["spatial", "temporal", "full"],
+                frames=4,
+                size=8,
+                pos="rope",
+                grad_checkpointing=ckpt,
+            )
+        ).train()
         v, s = model(x, t, y)
         (v.square().mean() + s.sum()).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(dim=32, heads=8), r"model.pos=rope splits the head dimension model.dim / model.heads = 32 / 8 = 4 into "
-                            r"even time/height/width parts \(4, 0, 0\)"),
-    (dict(dim=56, heads=8), r"= 56 / 8 = 7 into even time/height/width parts \(3, 2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(dim=32, heads=8),
+            r"model.pos=rope splits the head dimension model.dim / model.heads = 32 / 8 = 4 into "
+            r"even time/height/width parts \(4, 0, 0\)",
+        ),
+        (dict(dim=56, heads=8), r"= 56 / 8 = 7 into even time/height/width parts \(3, 2, 2\)"),
+    ],
+)
 def test_bad_rope_configs_name_the_keys(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_model("tiny", pos="rope", **overrides)
@@ -141,8 +158,14 @@ def test_pos_bench_section_runs():
     from stale.bench.pos import run
 
     assert parse_sections("pos") == ["pos"] and SECTIONS["pos"] == "stale.bench.pos"
-    out = run(steps=3, seeds=1, eval_clips=1, dim=32, depth=2, evals={"trained 4x16x16": [4, 16, 16],
-                                                                      "unseen 4x24x24": [4, 24, 24]})
+    out = run(
+        steps=3,
+        seeds=1,
+        eval_clips=1,
+        dim=32,
+        depth=2,
+        evals={"trained 4x16x16": [4, 16, 16], "unseen 4x24x24": [4, 24, 24]},
+    )
     rows = {r["variant"]: r for r in out["rows"]}
     assert list(rows) == ["sincos", "sincos_scaled", "rope", "rope_scaled"]
     assert rows["sincos"]["steps_per_s_vs_sincos"] == 1.0 and rows["rope"]["steps_per_s_vs_sincos"] > 0

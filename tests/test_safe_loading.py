@@ -10,14 +10,27 @@ import json
 import pytest
 import torch
 
-from stale.checkpoint import (CheckpointError, DisallowedTargetError, UnsafeCheckpointError, load_checkpoint,
-                              read_checkpoint)
+from stale.checkpoint import (
+    CheckpointError,
+    DisallowedTargetError,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+)
 from stale.export import export_checkpoint, save_pretrained
-from stale.pipeline import StalePipeline
 from stale.models import build_model
+from stale.pipeline import StalePipeline
 
-MODEL_NODE = {"_target_": "stale.models.build_model", "name": "tiny", "dim": 32, "depth": 2, "heads": 2,
-              "frames": 4, "size": 8, "num_classes": 3}
+MODEL_NODE = {
+    "_target_": "stale.models.build_model",
+    "name": "tiny",
+    "dim": 32,
+    "depth": 2,
+    "heads": 2,
+    "frames": 4,
+    "size": 8,
+    "num_classes": 3,
+}
 
 
 class Payload:
@@ -34,8 +47,14 @@ def checkpoint_dict(**extra) -> dict:
     """The layout stale-train writes (EMA in state_dict, raw in current_model_state, run_config in hparams)."""
     kwargs = {k: v for k, v in MODEL_NODE.items() if k != "_target_"}
     state = {f"model.{k}": v for k, v in build_model(**kwargs).state_dict().items()}
-    return {"state_dict": state, "current_model_state": state, "global_step": 0, "epoch": 0,
-            "hyper_parameters": {"run_config": {"model": dict(MODEL_NODE), "sample": {"steps": 2}}}, **extra}
+    return {
+        "state_dict": state,
+        "current_model_state": state,
+        "global_step": 0,
+        "epoch": 0,
+        "hyper_parameters": {"run_config": {"model": dict(MODEL_NODE), "sample": {"steps": 2}}},
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -50,12 +69,16 @@ def evil_ckpt(tmp_path):
     return path, marker
 
 
-@pytest.mark.parametrize("load", [
-    load_checkpoint,
-    read_checkpoint,
-    lambda p: StalePipeline.from_checkpoint(p),
-    lambda p: export_checkpoint(p, p.parent / "export"),
-], ids=["load_checkpoint", "read_checkpoint", "from_checkpoint", "export_checkpoint"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        load_checkpoint,
+        read_checkpoint,
+        lambda p: StalePipeline.from_checkpoint(p),
+        lambda p: export_checkpoint(p, p.parent / "export"),
+    ],
+    ids=["load_checkpoint", "read_checkpoint", "from_checkpoint", "export_checkpoint"],
+)
 def test_malicious_checkpoint_is_refused_and_never_runs(evil_ckpt, load):
     path, marker = evil_ckpt
     with pytest.raises(UnsafeCheckpointError) as err:

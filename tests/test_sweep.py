@@ -27,10 +27,18 @@ def group_override(group: str, option: str) -> str:
 def test_optuna_search_through_submitit(tiny_shards, tmp_path):
     """2 Optuna trials, each a submitit job in its own process: each writes its result, the sweep the summary."""
     sweep = tmp_path / "sweep"
-    run_cli("stale-train", group_override("hparams_search", "optuna"), "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.n_jobs=2",  # one batch of 2: submitit runs both trials at once
-            "hydra/launcher=submitit_local", *LITE_RUN, *tiny_shards["overrides"], f"hydra.sweep.dir={sweep}",
-            cwd=tmp_path, timeout=380)
+    run_cli(
+        "stale-train",
+        group_override("hparams_search", "optuna"),
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",  # one batch of 2: submitit runs both trials at once
+        "hydra/launcher=submitit_local",
+        *LITE_RUN,
+        *tiny_shards["overrides"],
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=380,
+    )
     optuna_best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     with open(sweep / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -50,14 +58,28 @@ def _record(sweep: Path, trial: int, value, status="COMPLETED", extra=()):
     out = sweep / str(trial)
     out.mkdir(parents=True)
     overrides = ["debug=smoke", f"optim.lr={trial}e-3", *extra]
-    (out / RESULT_FILE).write_text(json.dumps({"trial": trial, "status": status, "val/loss": value,
-                                               "overrides": overrides, "output_dir": str(out), "error": None}))
+    (out / RESULT_FILE).write_text(
+        json.dumps(
+            {
+                "trial": trial,
+                "status": status,
+                "val/loss": value,
+                "overrides": overrides,
+                "output_dir": str(out),
+                "error": None,
+            }
+        )
+    )
 
 
 def test_summary_table_and_best(tmp_path):
     """Failed and non-finite trials are listed, never best; only the varying overrides go in the table."""
-    for trial, value, status in [(0, 0.5, "COMPLETED"), (1, None, "FAILED"), (2, 0.25, "COMPLETED"),
-                                 (10, 0.75, "COMPLETED")]:
+    for trial, value, status in [
+        (0, 0.5, "COMPLETED"),
+        (1, None, "FAILED"),
+        (2, 0.25, "COMPLETED"),
+        (10, 0.75, "COMPLETED"),
+    ]:
         _record(tmp_path, trial, value, status)
     summary = write_summary(tmp_path, "val/loss", "minimize")
     assert summary["trials"] == 4 and summary["best"]["trial"] == 2
@@ -78,13 +100,18 @@ def test_summary_command_for_an_interrupted_sweep(tmp_path):
     """`python -m stale.utils.sweep DIR`: the summary of whatever trials finished."""
     _record(tmp_path, 0, 0.5)
     _record(tmp_path, 1, 0.4)
-    proc = subprocess.run([sys.executable, "-m", "stale.utils.sweep", str(tmp_path), "--direction", "maximize"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stale.utils.sweep", str(tmp_path), "--direction", "maximize"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "best (maximize val/loss): trial 0" in proc.stdout
     assert yaml.safe_load((tmp_path / "best_trial.yaml").read_text())["trial"] == 0
-    proc = subprocess.run([sys.executable, "-m", "stale.utils.sweep", str(tmp_path / "none")], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stale.utils.sweep", str(tmp_path / "none")], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "no sweep_result.json" in proc.stdout
 
 
@@ -101,8 +128,15 @@ def test_slurm_launcher_and_search_configs():
     from hydra.utils import instantiate
 
     with initialize_config_module("stale.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                          group_override("hparams_search", "optuna")], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                group_override("hparams_search", "optuna"),
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60

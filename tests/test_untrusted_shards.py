@@ -30,11 +30,19 @@ def test_pickle_members_in_shards_are_never_loaded(tmp_path):
     shard = tmp_path / "evil-000000.tar"
     with wds.TarWriter(str(shard)) as sink:
         for i in range(8):
-            sink.write({"__key__": f"clip{i:03d}", "mp4": encode_mp4(make_clip(rng, spec, i % 4)),
-                        "json": json.dumps({"label": i % 4}).encode(),
-                        "pkl": evil, "pth": evil, "pyd": evil})
-    dm = VideoDataModule(shards=str(shard), val_shards=str(shard), frames=8, size=16, batch_size=4,
-                         num_workers=0, shuffle_buffer=4)
+            sink.write(
+                {
+                    "__key__": f"clip{i:03d}",
+                    "mp4": encode_mp4(make_clip(rng, spec, i % 4)),
+                    "json": json.dumps({"label": i % 4}).encode(),
+                    "pkl": evil,
+                    "pth": evil,
+                    "pyd": evil,
+                }
+            )
+    dm = VideoDataModule(
+        shards=str(shard), val_shards=str(shard), frames=8, size=16, batch_size=4, num_workers=0, shuffle_buffer=4
+    )
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 8, 16, 16) and y.tolist() != []
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 8

@@ -108,14 +108,20 @@ def build(name: str, frames: int, image: int, num_classes: int = 4, **overrides)
     return build_model(name, **model_kwargs(name, frames=frames, size=image, num_classes=num_classes, **overrides))
 
 
-def random_batches(n: int, batch_size: int, frames: int, image: int, num_classes: int = 4, seed: int = 0,
-                   channels: int = 3) -> list:
+def random_batches(
+    n: int, batch_size: int, frames: int, image: int, num_classes: int = 4, seed: int = 0, channels: int = 3
+) -> list:
     """n pre-decoded uint8 batches (B, C, T, H, W) + int64 labels: what the loader ships, held in memory."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (batch_size, channels, frames, image, image), generator=g, dtype=torch.uint8),
-             torch.randint(0, num_classes, (batch_size,), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randint(0, 256, (batch_size, channels, frames, image, image), generator=g, dtype=torch.uint8),
+            torch.randint(0, num_classes, (batch_size,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def sync(device: str) -> None:
@@ -180,8 +186,12 @@ def run_bench(cfg, command: str = "") -> dict:
 
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.get("device", "auto"))
-    doc = {"machine": machine_info(device), "command": command,
-           "config": OmegaConf.to_container(cfg, resolve=True), "sections": {}}
+    doc = {
+        "machine": machine_info(device),
+        "command": command,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "sections": {},
+    }
     for name, module in modules.items():
         node = cfg.get(name)  # sections without a node in conf/bench.yaml (data, attention) run their defaults
         kwargs = OmegaConf.to_container(node, resolve=True) if node is not None else {}

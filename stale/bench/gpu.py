@@ -54,8 +54,12 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+SDPA = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def _backend(sdpa: str):
@@ -110,8 +114,9 @@ def count_flops_per_clip(model, batch, device: str, precision: str = "32-true") 
     return counter.get_total_flops() / batch[0].shape[0]
 
 
-def flops_per_clip(model, frames: int, size: int, batch, device: str, precision: str = "32-true",
-                   source: str = "auto") -> tuple[float, str]:
+def flops_per_clip(
+    model, frames: int, size: int, batch, device: str, precision: str = "32-true", source: str = "auto"
+) -> tuple[float, str]:
     """Training FLOPs per clip of one objective step, and where they come from.
 
     analytic: stale.models.flops.training_flops_per_clip (3 x forward of one clip) x (1 + hinge share),
@@ -137,8 +142,7 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str,
-         sdpa: str) -> bool:
+def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str, sdpa: str) -> bool:
     """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
     try:
         trainer = train_step(build(size, frames, resolution), device, precision, compile=False)
@@ -156,8 +160,9 @@ def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, 
         _free(device)
 
 
-def largest_fitting(size: str, frames: int, resolutions, batch_size: int, device: str, precision: str,
-                    sdpa: str) -> int | None:
+def largest_fitting(
+    size: str, frames: int, resolutions, batch_size: int, device: str, precision: str, sdpa: str
+) -> int | None:
     for res in sorted(resolutions, reverse=True):
         if fits(size, frames, res, batch_size, device, precision, sdpa):
             return res
@@ -171,9 +176,22 @@ def _model_and_batch(size: str, frames: int, resolution: int, batch_size: int, d
     return model, [t.to(device) for t in random_batches(1, batch_size, frames, resolution, seed=seed)[0]]
 
 
-def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4, device: str = "cuda",
-            dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
-            flops: str = "auto", peak: float | None = None, seed: int = 0, cross_check: bool = True) -> dict:
+def measure(
+    size: str = "b",
+    frames: int = 16,
+    resolution: int = 128,
+    batch_size: int = 4,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    compile: bool = True,
+    sdpa: str = "flash",
+    steps: int = 10,
+    warmup: int = 3,
+    flops: str = "auto",
+    peak: float | None = None,
+    seed: int = 0,
+    cross_check: bool = True,
+) -> dict:
     """Time `steps` training steps after `warmup` (compilation happens there); tokens/s, FLOPs and MFU.
 
     cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
@@ -202,19 +220,42 @@ def measure(size: str = "b", frames: int = 16, resolution: int = 128, batch_size
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     peak = peak if peak else (peak_tflops(name) if precision == "bf16-mixed" and device.startswith("cuda") else None)
     achieved = per_clip * batch_size / step_s
-    return {"size": size, "device_name": name, "clip": [frames, resolution, resolution], "batch_size": batch_size,
-            "parameters": sum(p.numel() for p in model.parameters()), "tokens_per_clip": tokens,
-            "step_ms": round(1e3 * step_s, 3), "tokens_per_s": round(batch_size * tokens / step_s, 1),
-            "tflops_per_s": round(achieved / 1e12, 3), "flops_per_clip": per_clip, "flops_source": source,
-            **({"flops_per_clip_counted": counted} if counted else {}),
-            "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else "n/a (peak unknown)",
-            "dtype": dtype, "compile": compile, "sdpa": sdpa, "warmup_s": round(warm_s, 2),
-            "peak_mem_gib": round(meter.peak() / 2**30, 2) if device.startswith("cuda") else None}
+    return {
+        "size": size,
+        "device_name": name,
+        "clip": [frames, resolution, resolution],
+        "batch_size": batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_clip": tokens,
+        "step_ms": round(1e3 * step_s, 3),
+        "tokens_per_s": round(batch_size * tokens / step_s, 1),
+        "tflops_per_s": round(achieved / 1e12, 3),
+        "flops_per_clip": per_clip,
+        "flops_source": source,
+        **({"flops_per_clip_counted": counted} if counted else {}),
+        "peak_tflops": peak,
+        "mfu": round(achieved / (peak * 1e12), 4) if peak else "n/a (peak unknown)",
+        "dtype": dtype,
+        "compile": compile,
+        "sdpa": sdpa,
+        "warmup_s": round(warm_s, 2),
+        "peak_mem_gib": round(meter.peak() / 2**30, 2) if device.startswith("cuda") else None,
+    }
 
 
-def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, batch_size: int = 4,
-                    device: str = "cuda", dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash",
-                    steps: int = 3, top: int = 15, seed: int = 0) -> dict:
+def profile_kernels(
+    size: str = "b",
+    frames: int = 16,
+    resolution: int = 128,
+    batch_size: int = 4,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    compile: bool = True,
+    sdpa: str = "flash",
+    steps: int = 3,
+    top: int = 15,
+    seed: int = 0,
+) -> dict:
     """Where a training step's GPU time goes: the top kernels by CUDA time over `steps` profiled steps,
     and the share of attention, matmul and everything else (elementwise, norms, copies)."""
     from torch.profiler import ProfilerActivity, profile
@@ -230,6 +271,7 @@ def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, ba
             for _ in range(steps):
                 trainer(batch)
             sync(device)
+
     def time_of(e) -> float:
         return e.device_time_total if cuda else e.self_cpu_time_total
 
@@ -240,26 +282,52 @@ def profile_kernels(size: str = "b", frames: int = 16, resolution: int = 128, ba
         n = name.lower()
         if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
             return "attention"
-        if "gemm" in n or "sm90" in n or n.endswith("::mm") or "addmm" in n or "bmm" in n or "cutlass" in n or "matmul" in n or "cublas" in n or "nvjet" in n:
+        if (
+            "gemm" in n
+            or "sm90" in n
+            or n.endswith("::mm")
+            or "addmm" in n
+            or "bmm" in n
+            or "cutlass" in n
+            or "matmul" in n
+            or "cublas" in n
+            or "nvjet" in n
+        ):
             return "matmul"
         return "other"
 
     shares: dict[str, float] = {}
     for e in events:
         shares[kind(e.key)] = shares.get(kind(e.key), 0.0) + time_of(e) / total
-    rows = [{"kernel": e.key[:90], "share": round(time_of(e) / total, 4), "calls": e.count}
-            for e in sorted(events, key=lambda e: -time_of(e))[:top]]
-    return {"size": size, "clip": [frames, resolution, resolution], "batch_size": batch_size,
-            "step_ms_profiled": round(total / 1e3 / steps, 3), "shares": {k: round(v, 4) for k, v in shares.items()},
-            "top": rows}
+    rows = [
+        {"kernel": e.key[:90], "share": round(time_of(e) / total, 4), "calls": e.count}
+        for e in sorted(events, key=lambda e: -time_of(e))[:top]
+    ]
+    return {
+        "size": size,
+        "clip": [frames, resolution, resolution],
+        "batch_size": batch_size,
+        "step_ms_profiled": round(total / 1e3 / steps, 3),
+        "shares": {k: round(v, 4) for k, v in shares.items()},
+        "top": rows,
+    }
 
 
 TEMPORAL_BACKENDS = ("efficient", "flash", "cudnn", "math")
 
 
-def temporal_kernels(size: str = "b", frames: int = 16, resolution: int = 64, batch_size: int = 4,
-                     device: str = "cuda", dtype: str = "bfloat16", backends=TEMPORAL_BACKENDS, steps: int = 8,
-                     rounds: int = 2, seed: int = 0) -> dict:
+def temporal_kernels(
+    size: str = "b",
+    frames: int = 16,
+    resolution: int = 64,
+    batch_size: int = 4,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    backends=TEMPORAL_BACKENDS,
+    steps: int = 8,
+    rounds: int = 2,
+    seed: int = 0,
+) -> dict:
     """Which SDPA kernel suits temporal attention (B (H'W' + 1) sequences of only T' tokens)? The eager training
     step with the model's temporal blocks on each backend in turn (stale_transformer.TEMPORAL_SDPA, the list they
     try, set to that one backend; spatial blocks keep torch's choice), variants interleaved round by round. A
@@ -288,41 +356,89 @@ def temporal_kernels(size: str = "b", frames: int = 16, resolution: int = 64, ba
                 except RuntimeError as e:  # no such kernel for this device, dtype or shape: a result, not a crash
                     errors[name] = " ".join(str(e).split())[:160]
     ref = min(times[backends[0]]) if times[backends[0]] else None
-    rows = [{"temporal": name, "step_ms": round(1e3 * min(ts), 2) if ts else None,
-             "vs_" + backends[0]: round(min(ts) / ref, 3) if ts and ref else None,
-             **({"error": errors[name]} if name in errors else {})} for name, ts in times.items()]
-    return {"rows": rows, "size": size, "clip": [frames, resolution, resolution], "batch_size": batch_size,
-            "dtype": dtype, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
+    rows = [
+        {
+            "temporal": name,
+            "step_ms": round(1e3 * min(ts), 2) if ts else None,
+            "vs_" + backends[0]: round(min(ts) / ref, 3) if ts and ref else None,
+            **({"error": errors[name]} if name in errors else {}),
+        }
+        for name, ts in times.items()
+    ]
+    return {
+        "rows": rows,
+        "size": size,
+        "clip": [frames, resolution, resolution],
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    }
 
 
-def run(sizes=("s", "b", "l"), frames: int = 16, resolutions=(256, 192, 128, 96, 64), batch_size: int = 4,
-        dtype: str = "bfloat16", compile: bool = True, sdpa: str = "flash", steps: int = 10, warmup: int = 3,
-        flops: str = "auto", peak_tflops: float | None = None, measure_on_cpu: bool = False, device: str = "cpu",
-        seed: int = 0) -> dict:
+def run(
+    sizes=("s", "b", "l"),
+    frames: int = 16,
+    resolutions=(256, 192, 128, 96, 64),
+    batch_size: int = 4,
+    dtype: str = "bfloat16",
+    compile: bool = True,
+    sdpa: str = "flash",
+    steps: int = 10,
+    warmup: int = 3,
+    flops: str = "auto",
+    peak_tflops: float | None = None,
+    measure_on_cpu: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """One row per size; measure_on_cpu runs the same path without CUDA (tests: tiny, float32, no compile)."""
     if not device.startswith("cuda") and not measure_on_cpu:
-        return {"rows": [{"size": s, "tokens_per_s": NOT_MEASURED, "mfu": NOT_MEASURED} for s in sizes],
-                "summary": {"status": NOT_MEASURED, "target_mfu_b": TARGET_MFU_B},
-                "notes": ["the gpu section needs CUDA; its code path is tested on CPU (tests/test_bench.py)"]}
+        return {
+            "rows": [{"size": s, "tokens_per_s": NOT_MEASURED, "mfu": NOT_MEASURED} for s in sizes],
+            "summary": {"status": NOT_MEASURED, "target_mfu_b": TARGET_MFU_B},
+            "notes": ["the gpu section needs CUDA; its code path is tested on CPU (tests/test_bench.py)"],
+        }
     rows = []
     for s in sizes:
         res = largest_fitting(s, frames, resolutions, batch_size, device, precision_of(dtype), sdpa)
         if res is None:
-            rows.append({"size": s, "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits "
-                                                     f"batch {batch_size})", "mfu": "not measured"})
+            rows.append(
+                {
+                    "size": s,
+                    "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits batch {batch_size})",
+                    "mfu": "not measured",
+                }
+            )
             continue
         try:
-            rows.append(measure(s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops,
-                                peak_tflops, seed))
+            rows.append(
+                measure(
+                    s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops, peak_tflops, seed
+                )
+            )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _is_oom(e):
                 raise
-            rows.append({"size": s, "clip": [frames, res, res], "tokens_per_s": "not measured (compiled step OOM)",
-                         "mfu": "not measured"})
+            rows.append(
+                {
+                    "size": s,
+                    "clip": [frames, res, res],
+                    "tokens_per_s": "not measured (compiled step OOM)",
+                    "mfu": "not measured",
+                }
+            )
         _free(device)
     b = next((r for r in rows if r["size"] == "b" and isinstance(r.get("mfu"), float)), None)
-    summary = {"target_mfu_b": TARGET_MFU_B, "mfu_b": b["mfu"] if b else "not measured",
-               "meets_target": bool(b) and b["mfu"] >= TARGET_MFU_B}
-    return {"rows": rows, "summary": summary,
-            "notes": [f"bf16 autocast, torch.compile={compile}, SDPA backend {sdpa}, batch {batch_size}, "
-                      f"{frames} frames, largest fitting resolution of {list(resolutions)}"]}
+    summary = {
+        "target_mfu_b": TARGET_MFU_B,
+        "mfu_b": b["mfu"] if b else "not measured",
+        "meets_target": bool(b) and b["mfu"] >= TARGET_MFU_B,
+    }
+    return {
+        "rows": rows,
+        "summary": summary,
+        "notes": [
+            f"bf16 autocast, torch.compile={compile}, SDPA backend {sdpa}, batch {batch_size}, "
+            f"{frames} frames, largest fitting resolution of {list(resolutions)}"
+        ],
+    }

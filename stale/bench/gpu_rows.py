@@ -29,7 +29,7 @@ def _device(folder: Path) -> str:
         doc = _load(folder, name)
         if doc:
             m = doc["machine"]
-            return f'{m.get("device_name", "?")} (torch {m["torch"]}, Lightning {m["lightning"]}, {m["cpu_count"]} CPU cores)'
+            return f"{m.get('device_name', '?')} (torch {m['torch']}, Lightning {m['lightning']}, {m['cpu_count']} CPU cores)"
     text = folder / "device.txt"
     return text.read_text().strip() if text.is_file() else "unknown device"
 
@@ -39,8 +39,10 @@ def _num(value, fmt: str) -> str:
 
 
 def _mfu_rows(folder: Path) -> list[str]:
-    out = ["| part | size | clip x batch | step | tokens/s | TFLOP/s | MFU | peak memory | compile (warm-up) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| part | size | clip x batch | step | tokens/s | TFLOP/s | MFU | peak memory | compile (warm-up) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for part, name in GPU_PARTS:
         doc = _load(folder, name)
         rows = doc["sections"]["gpu"]["rows"] if doc else []
@@ -50,10 +52,12 @@ def _mfu_rows(folder: Path) -> list[str]:
             continue
         for r in rows:
             clip = "x".join(str(v) for v in r["clip"])
-            out.append(f'| {part} | {r["size"].upper()} ({r["parameters"] / 1e6:.1f} M) | {clip} x {r["batch_size"]} | '
-                       f'{r["step_ms"]:.1f} ms | {r["tokens_per_s"] / 1e3:.0f} k | {r["tflops_per_s"]:.0f} | '
-                       f'**{r["mfu"]:.1%}** | {_num(r.get("peak_mem_gib"), "{:.1f} GiB")} | '
-                       f'{_num(r.get("warmup_s"), "{:.0f} s")} |')
+            out.append(
+                f"| {part} | {r['size'].upper()} ({r['parameters'] / 1e6:.1f} M) | {clip} x {r['batch_size']} | "
+                f"{r['step_ms']:.1f} ms | {r['tokens_per_s'] / 1e3:.0f} k | {r['tflops_per_s']:.0f} | "
+                f"**{r['mfu']:.1%}** | {_num(r.get('peak_mem_gib'), '{:.1f} GiB')} | "
+                f"{_num(r.get('warmup_s'), '{:.0f} s')} |"
+            )
     return out
 
 
@@ -62,10 +66,12 @@ def _profile_lines(folder: Path) -> list[str]:
     if not doc:
         return [f"- Where B's step goes: {NOT_MEASURED}."]
     shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(doc["shares"].items(), key=lambda kv: -kv[1]))
-    top = "; ".join(f'{t["share"]:.1%} {t["kernel"][:60]}' for t in doc["top"][:3])
+    top = "; ".join(f"{t['share']:.1%} {t['kernel'][:60]}" for t in doc["top"][:3])
     clip = "x".join(str(v) for v in doc["clip"])
-    return [f'- Where B\'s step goes ({clip}, batch {doc["batch_size"]}, {doc["step_ms_profiled"]:.0f} ms a profiled '
-            f"step): {shares}. Top kernels: {top}."]
+    return [
+        f"- Where B's step goes ({clip}, batch {doc['batch_size']}, {doc['step_ms_profiled']:.0f} ms a profiled "
+        f"step): {shares}. Top kernels: {top}."
+    ]
 
 
 def _longest_lines(folder: Path) -> list[str]:
@@ -75,13 +81,18 @@ def _longest_lines(folder: Path) -> list[str]:
     lines = []
     for r in doc["rows"]:
         if r.get("longest_frames") is None:
-            lines.append(f'- Longest clip B trains (checkpointing {r["grad_checkpointing"]}): {r.get("note", NOT_MEASURED)}.')
+            lines.append(
+                f"- Longest clip B trains (checkpointing {r['grad_checkpointing']}): {r.get('note', NOT_MEASURED)}."
+            )
             continue
         peaks = [t["peak_gib"] for t in r["tries"] if t["fits"] and t["frames"] == r["longest_frames"]]
-        lines.append(f'- Longest clip {r["size"].upper()} trains, batch {r["batch_size"]}, '
-                     f'{r["resolution"]}x{r["resolution"]}, checkpointing {str(r["grad_checkpointing"]).lower()}: '
-                     f'**{r["longest_frames"]} frames** ({r["tokens_per_clip"]:,} tokens'
-                     + (f", {peaks[0]} GiB peak" if peaks else "") + ").")
+        lines.append(
+            f"- Longest clip {r['size'].upper()} trains, batch {r['batch_size']}, "
+            f"{r['resolution']}x{r['resolution']}, checkpointing {str(r['grad_checkpointing']).lower()}: "
+            f"**{r['longest_frames']} frames** ({r['tokens_per_clip']:,} tokens"
+            + (f", {peaks[0]} GiB peak" if peaks else "")
+            + ")."
+        )
     return lines
 
 
@@ -101,12 +112,14 @@ def _train_line(folder: Path) -> str:
     s, setup = t["summary"], t.get("setup", {})
     clip = "x".join(str(v) for v in setup.get("clip", []))
     lit = t.get("profile", {}).get("lightning", {}).get("self_ms_per_step", {}).get("lightning")
-    return (f'- Framework overhead on the GPU (train section, {setup.get("model", "?")} {clip} x '
-            f'{setup.get("batch_size", "?")}, {setup.get("precision", "?")}): Lightning against the plain loop '
-            f'**{s["framework_overhead"]:+.1%}** +- {_num(s.get("framework_overhead_error"), "{:.1%}")} '
-            f'({s.get("rounds", "?")} rounds), {_num(s.get("extra_ms_per_step"), "{:.1f}")} ms a step more '
-            f'(micro model {_num(s.get("micro_extra_ms_per_step"), "{:.1f}")} ms); Lightning\'s own Python '
-            f'{_num(lit, "{:.1f}")} ms a step under cProfile. Rows: train.json.')
+    return (
+        f"- Framework overhead on the GPU (train section, {setup.get('model', '?')} {clip} x "
+        f"{setup.get('batch_size', '?')}, {setup.get('precision', '?')}): Lightning against the plain loop "
+        f"**{s['framework_overhead']:+.1%}** +- {_num(s.get('framework_overhead_error'), '{:.1%}')} "
+        f"({s.get('rounds', '?')} rounds), {_num(s.get('extra_ms_per_step'), '{:.1f}')} ms a step more "
+        f"(micro model {_num(s.get('micro_extra_ms_per_step'), '{:.1f}')} ms); Lightning's own Python "
+        f"{_num(lit, '{:.1f}')} ms a step under cProfile. Rows: train.json."
+    )
 
 
 def _memory_line(folder: Path) -> str:
@@ -118,8 +131,11 @@ def _memory_line(folder: Path) -> str:
     for r in rows:
         per.setdefault(r["size"], {})[r["grad_checkpointing"]] = r["per_clip_mib"]
     clip = "x".join(str(v) for v in rows[0]["clip"]) if rows else "?"
-    parts = "; ".join(f'{k.upper()} {v.get(False, float("nan")) / 1024:.2f} GiB, checkpointed '
-                      f'{v.get(True, float("nan")) / 1024:.2f} GiB' for k, v in per.items())
+    parts = "; ".join(
+        f"{k.upper()} {v.get(False, float('nan')) / 1024:.2f} GiB, checkpointed "
+        f"{v.get(True, float('nan')) / 1024:.2f} GiB"
+        for k, v in per.items()
+    )
     return f"- Activation memory per {clip} clip (memory section, peak(B2) - peak(B1)): {parts}."
 
 
@@ -128,8 +144,11 @@ def _data_line(folder: Path) -> str:
     if not doc:
         return f"- Data wait at 256 px (data section): {NOT_MEASURED}."
     rows = doc["sections"]["data"]["rows"]
-    parts = "; ".join(f'{r["workers"]} workers {r["loader_clips_per_s_per_worker"] * max(1, r["workers"]):.0f} '
-                      f'clips/s ({r["ratio"]:.2f} of raw decode per worker)' for r in rows)
+    parts = "; ".join(
+        f"{r['workers']} workers {r['loader_clips_per_s_per_worker'] * max(1, r['workers']):.0f} "
+        f"clips/s ({r['ratio']:.2f} of raw decode per worker)"
+        for r in rows
+    )
     return f"- Data at {rows[0]['clip'] if rows else '?'} (data section, the real loader): {parts}."
 
 
@@ -144,20 +163,32 @@ def _fsdp_line(folder: Path) -> str:
     rel = max((abs(fsdp[k] - one[k]) / abs(one[k]) for k in common), default=float("nan"))
     again = sorted(set(resumed) & set(fsdp), key=int)
     rel_r = max((abs(resumed[k] - fsdp[k]) / abs(fsdp[k]) for k in again), default=float("nan"))
-    return (f"- FSDP2 on the GPU (trainer=fsdp, smoke run, {len(fsdp)} steps): train/loss against trainer=gpu "
-            f"within {rel:.2%} at every step ({len(common)} compared); resumed from step {again[0] if again else '?'}: "
-            f"{len(again)} steps within {rel_r:.2e} of the straight run; stale-export wrote "
-            f"{', '.join(doc.get('export') or ['nothing'])}.")
+    return (
+        f"- FSDP2 on the GPU (trainer=fsdp, smoke run, {len(fsdp)} steps): train/loss against trainer=gpu "
+        f"within {rel:.2%} at every step ({len(common)} compared); resumed from step {again[0] if again else '?'}: "
+        f"{len(again)} steps within {rel_r:.2e} of the straight run; stale-export wrote "
+        f"{', '.join(doc.get('export') or ['nothing'])}."
+    )
 
 
 def render(folder: str | Path) -> str:
     folder = Path(folder)
-    lines = [BEGIN, f"Device: {_device(folder)}. Rows written by `python -m stale.bench.gpu_rows` from "
-             "`scripts/gpu_check.sh`'s output.", ""]
+    lines = [
+        BEGIN,
+        f"Device: {_device(folder)}. Rows written by `python -m stale.bench.gpu_rows` from "
+        "`scripts/gpu_check.sh`'s output.",
+        "",
+    ]
     lines += _mfu_rows(folder) + [""]
     lines += _profile_lines(folder) + _longest_lines(folder)
-    lines += [_train_line(folder), _data_line(folder), _memory_line(folder), _fsdp_line(folder),
-              _section_line(folder, "parallel.json", "Sequence parallelism simulated on one GPU"), END]
+    lines += [
+        _train_line(folder),
+        _data_line(folder),
+        _memory_line(folder),
+        _fsdp_line(folder),
+        _section_line(folder, "parallel.json", "Sequence parallelism simulated on one GPU"),
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -34,22 +34,37 @@ def _autoencoder(vae: str | None, device: str):
 
     torch.manual_seed(0)
     model = AutoencoderKLWan()  # diffusers' default config: Wan 2.1's VAE (base_dim 96, z_dim 16)
-    return Autoencoder(model, "AutoencoderKLWan", {"pretrained": None}).to(device), \
-        "AutoencoderKLWan default config (Wan 2.1 architecture), random weights"
+    return Autoencoder(model, "AutoencoderKLWan", {"pretrained": None}).to(
+        device
+    ), "AutoencoderKLWan default config (Wan 2.1 architecture), random weights"
 
 
 def _cache_bytes(moments: torch.Tensor, dtype) -> int:
     """Bytes of one clip's cache members as stale-encode writes them (npy + json), tar headers excluded."""
     buf = io.BytesIO()
     np.save(buf, moments.numpy().astype(dtype))
-    meta = {"label": 0, "source": "shards/train-000000.tar:clip_000000", "clip": {"frames": 0, "size": 0},
-            "latent_shape": list(moments.shape)}
+    meta = {
+        "label": 0,
+        "source": "shards/train-000000.tar:clip_000000",
+        "clip": {"frames": 0, "size": 0},
+        "latent_shape": list(moments.shape),
+    }
     return buf.getbuffer().nbytes + len(json.dumps(meta))
 
 
-def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int = 64, batch_size: int = 4,
-        latent_patch=(1, 2, 2), steps: int = 5, rounds: int = 3, encode_clips: int = 4, device: str = "cpu",
-        seed: int = 0) -> dict:
+def run(
+    vae: str | None = None,
+    model: str = "tiny",
+    frames: int = 9,
+    size: int = 64,
+    batch_size: int = 4,
+    latent_patch=(1, 2, 2),
+    steps: int = 5,
+    rounds: int = 3,
+    encode_clips: int = 4,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     ae, name = _autoencoder(vae, device)
     c, t, h, w = ae.latent_shape(frames, size)
     pixels = random_batches(2, batch_size, frames, size, seed=seed)
@@ -68,9 +83,11 @@ def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int 
     torch.manual_seed(seed)
     latent_net = build(model, t, h, in_channels=c, patch=list(latent_patch))
     latent_step = TrainStep(make_system(latent_net, autoencoder=ae), device)
-    variants = {"pixels": lambda i: pixel_step(pixels[i % 2]),
-                "cached latents": lambda i: latent_step(cached[i % 2]),
-                "latents encoded on the fly": lambda i: latent_step(pixels[i % 2])}
+    variants = {
+        "pixels": lambda i: pixel_step(pixels[i % 2]),
+        "cached latents": lambda i: latent_step(cached[i % 2]),
+        "latents encoded on the fly": lambda i: latent_step(pixels[i % 2]),
+    }
     times: dict[str, list[float]] = {}
     for r in range(rounds):
         for key, fn in variants.items():
@@ -83,21 +100,39 @@ def run(vae: str | None = None, model: str = "tiny", frames: int = 9, size: int 
             sync(device)
             times.setdefault(key, []).append((time.perf_counter() - t0) / steps)
     pixel_ms = 1e3 * median(times["pixels"])
-    tokens = {"pixels": frames * (size // 4) ** 2, "cached latents": t * (h // latent_patch[1]) * (w // latent_patch[2])}
+    tokens = {
+        "pixels": frames * (size // 4) ** 2,
+        "cached latents": t * (h // latent_patch[1]) * (w // latent_patch[2]),
+    }
     tokens["latents encoded on the fly"] = tokens["cached latents"]
-    rows = [{"variant": k, "step_ms": round(1e3 * median(v), 1), "vs_pixels": round(pixel_ms / (1e3 * median(v)), 2),
-             "tokens_per_clip": tokens[k]} for k, v in times.items()]
+    rows = [
+        {
+            "variant": k,
+            "step_ms": round(1e3 * median(v), 1),
+            "vs_pixels": round(pixel_ms / (1e3 * median(v)), 2),
+            "tokens_per_clip": tokens[k],
+        }
+        for k, v in times.items()
+    ]
     uint8_bytes = 3 * frames * size * size
     summary = {
-        "autoencoder": name, "pixel_clip": [3, frames, size, size], "latent_clip": [c, t, h, w],
-        "encode_clips_per_s": round(1 / encode_s, 2), "encode_ms_per_clip": round(1e3 * encode_s, 1),
+        "autoencoder": name,
+        "pixel_clip": [3, frames, size, size],
+        "latent_clip": [c, t, h, w],
+        "encode_clips_per_s": round(1 / encode_s, 2),
+        "encode_ms_per_clip": round(1e3 * encode_s, 1),
         "cache_bytes_per_clip_float32": _cache_bytes(moments[0].cpu(), np.float32),
         "cache_bytes_per_clip_float16": _cache_bytes(moments[0].cpu(), np.float16),
         "uint8_pixel_bytes_per_clip": uint8_bytes,
         "step_ratio_pixels_over_cached": round(median(times["pixels"]) / median(times["cached latents"]), 2),
     }
-    return {"rows": rows, "summary": summary,
-            "notes": [f"{model} model, batch {batch_size}; pixels patch (1, 4, 4) as conf/model/{model}.yaml, latents "
-                      f"patch {tuple(latent_patch)}; median over {rounds} rounds x {steps} steps, variants "
-                      "interleaved; encode timed at batch 1 over "
-                      f"{encode_clips} clips; cache bytes: the moments (2C channels) as .npy + the .json"]}
+    return {
+        "rows": rows,
+        "summary": summary,
+        "notes": [
+            f"{model} model, batch {batch_size}; pixels patch (1, 4, 4) as conf/model/{model}.yaml, latents "
+            f"patch {tuple(latent_patch)}; median over {rounds} rounds x {steps} steps, variants "
+            "interleaved; encode timed at batch 1 over "
+            f"{encode_clips} clips; cache bytes: the moments (2C channels) as .npy + the .json"
+        ],
+    }

@@ -86,8 +86,9 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _peaks(size: str, checkpointing: bool, frames: int, image: int, batches: tuple[int, int], device: str,
-           seed: int) -> dict:
+def _peaks(
+    size: str, checkpointing: bool, frames: int, image: int, batches: tuple[int, int], device: str, seed: int
+) -> dict:
     """Memory held before the first step and the peaks of steps at batches[0] and batches[1]."""
     torch.manual_seed(seed)
     model = build(size, frames, image, grad_checkpointing=checkpointing)
@@ -103,22 +104,39 @@ def _peaks(size: str, checkpointing: bool, frames: int, image: int, batches: tup
     meter.reset()
     step(data[b2])
     p2 = meter.peak()
-    return {"base": base, "p1": p1, "p2": p2, "parameters": sum(p.numel() for p in model.parameters()),
-            "method": meter.method}
+    return {
+        "base": base,
+        "p1": p1,
+        "p2": p2,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "method": meter.method,
+    }
 
 
 def _peaks_cpu_subprocess(args: dict) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "stale.bench.memory", json.dumps(args)], capture_output=True,
-                          text=True, env=env, timeout=args.get("timeout", 900))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stale.bench.memory", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=args.get("timeout", 900),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory worker for {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK):])
+    return json.loads(lines[-1][len(MARK) :])
 
 
-def run(sizes=("tiny", "s"), frames: int = 8, size: int = 16, batches=(2, 10), checkpointing=(False, True),
-        device: str = "cpu", seed: int = 0) -> dict:
+def run(
+    sizes=("tiny", "s"),
+    frames: int = 8,
+    size: int = 16,
+    batches=(2, 10),
+    checkpointing=(False, True),
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     b1, b2 = (int(b) for b in batches)
     if not 0 < b1 < b2:
         raise ValueError(f"memory.batches={list(batches)} must be two batch sizes 0 < B1 < B2")
@@ -126,30 +144,50 @@ def run(sizes=("tiny", "s"), frames: int = 8, size: int = 16, batches=(2, 10), c
     for name in sizes:
         plain_per_clip = None
         for ckpt in checkpointing:
-            args = dict(size=name, checkpointing=bool(ckpt), frames=frames, image=size, batches=(b1, b2),
-                        seed=seed, threads=torch.get_num_threads())
+            args = dict(
+                size=name,
+                checkpointing=bool(ckpt),
+                frames=frames,
+                image=size,
+                batches=(b1, b2),
+                seed=seed,
+                threads=torch.get_num_threads(),
+            )
             if device.startswith("cuda"):
                 m = _peaks(name, bool(ckpt), frames, size, (b1, b2), device, seed)
                 torch.cuda.empty_cache()
             else:
                 m = _peaks_cpu_subprocess(args)
             per_clip = (m["p2"] - m["p1"]) / (b2 - b1)
-            row = {"size": name, "grad_checkpointing": bool(ckpt), "parameters": m["parameters"],
-                   "clip": [frames, size, size], "per_clip_mib": round(per_clip / MIB, 3),
-                   "fixed_mib": round((m["p1"] - m["base"] - b1 * per_clip) / MIB, 2),
-                   "peak_mib_at_b2": round((m["p2"] - (0 if device.startswith("cuda") else m["base"])) / MIB, 2),
-                   "method": m["method"]}
+            row = {
+                "size": name,
+                "grad_checkpointing": bool(ckpt),
+                "parameters": m["parameters"],
+                "clip": [frames, size, size],
+                "per_clip_mib": round(per_clip / MIB, 3),
+                "fixed_mib": round((m["p1"] - m["base"] - b1 * per_clip) / MIB, 2),
+                "peak_mib_at_b2": round((m["p2"] - (0 if device.startswith("cuda") else m["base"])) / MIB, 2),
+                "method": m["method"],
+            }
             if not ckpt:
                 plain_per_clip = per_clip
             elif plain_per_clip:
                 row["per_clip_vs_no_ckpt"] = round(per_clip / plain_per_clip, 3)
             rows.append(row)
-    return {"rows": rows, "setup": {"batches": [b1, b2], "device": device,
-                                    "precision": "bf16-mixed" if device.startswith("cuda") else "32-true"},
-            "notes": ["per_clip_mib = (peak(B2) - peak(B1)) / (B2 - B1); fixed_mib = peak(B1) - held before "
-                      "the first step - B1 x per_clip (weights' gradients, AdamW state, workspaces)",
-                      "cpu peak_mib_at_b2 is above the process's resident size before the first step; cuda "
-                      "peak_mib_at_b2 is all live tensor memory"]}
+    return {
+        "rows": rows,
+        "setup": {
+            "batches": [b1, b2],
+            "device": device,
+            "precision": "bf16-mixed" if device.startswith("cuda") else "32-true",
+        },
+        "notes": [
+            "per_clip_mib = (peak(B2) - peak(B1)) / (B2 - B1); fixed_mib = peak(B1) - held before "
+            "the first step - B1 x per_clip (weights' gradients, AdamW state, workspaces)",
+            "cpu peak_mib_at_b2 is above the process's resident size before the first step; cuda "
+            "peak_mib_at_b2 is all live tensor memory",
+        ],
+    }
 
 
 def largest_size_that_fits(fits, start: int, limit: int, step: int) -> int:
@@ -175,16 +213,28 @@ def largest_size_that_fits(fits, start: int, limit: int, step: int) -> int:
     return good
 
 
-def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = False, device: str = "cuda",
-                 batch_size: int = 1, start: int = 4, max_frames: int = 1024, seed: int = 0) -> dict:
+def longest_clip(
+    size: str = "b",
+    resolution: int = 128,
+    checkpointing: bool = False,
+    device: str = "cuda",
+    batch_size: int = 1,
+    start: int = 4,
+    max_frames: int = 1024,
+    seed: int = 0,
+) -> dict:
     """The longest clip (frames at resolution x resolution) whose bf16 training step fits on the GPU.
 
     One eager training step per try (stale.bench.step, bf16-mixed); a try that raises CUDA's
     out-of-memory error does not fit. Frames move in multiples of the model's temporal patch.
     """
     if not device.startswith("cuda"):
-        return {"size": size, "grad_checkpointing": checkpointing, "longest_frames": None,
-                "note": "not measured (no CUDA): out-of-memory needs a device with a fixed memory size"}
+        return {
+            "size": size,
+            "grad_checkpointing": checkpointing,
+            "longest_frames": None,
+            "note": "not measured (no CUDA): out-of-memory needs a device with a fixed memory size",
+        }
     tries = []
 
     def fits(frames: int) -> bool:
@@ -210,9 +260,16 @@ def longest_clip(size: str = "b", resolution: int = 128, checkpointing: bool = F
     pt, ph, pw = model_kwargs(size, frames=start, size=resolution)["patch"]
     best = largest_size_that_fits(fits, start, max_frames, pt)
     tokens = best // pt * (resolution // ph) * (resolution // pw)
-    return {"size": size, "grad_checkpointing": checkpointing, "resolution": resolution, "batch_size": batch_size,
-            "longest_frames": best, "tokens_per_clip": tokens, "tries": tries,
-            "device": torch.cuda.get_device_name()}
+    return {
+        "size": size,
+        "grad_checkpointing": checkpointing,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "longest_frames": best,
+        "tokens_per_clip": tokens,
+        "tries": tries,
+        "device": torch.cuda.get_device_name(),
+    }
 
 
 if __name__ == "__main__":  # worker: one (size, checkpointing) row in a fresh process

@@ -56,8 +56,18 @@ def analytic(model_cfg, batch: int, sp: int, params: int) -> dict:
     return {"predicted_share": sum(shares) / len(shares), "comm_bytes": comm, "tokens_per_rank_max": ts[0] * n}
 
 
-def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides: dict, batch: int, steps: int,
-            warmup: int, seed: int) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    queue,
+    model_name: str,
+    overrides: dict,
+    batch: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+) -> None:
     import torch.distributed as dist
 
     from stale.bench import build, random_batches
@@ -110,8 +120,17 @@ def _worker(rank: int, world: int, port: int, queue, model_name: str, overrides:
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
-        queue.put({"rank": rank, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
-                   "saved": saved[0], "rss": rss.peak() - before, "loss0": losses[0], "method": rss.method})
+        queue.put(
+            {
+                "rank": rank,
+                "step_s": statistics.median(times),
+                "cpu_s": statistics.median(cpu),
+                "saved": saved[0],
+                "rss": rss.peak() - before,
+                "loss0": losses[0],
+                "method": rss.method,
+            }
+        )
     except Exception:  # to the parent, which would otherwise wait on the queue
         import traceback
 
@@ -127,8 +146,9 @@ def _measure(sp: int, **kwargs) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, kwargs=dict(rank=r, world=sp, port=port, queue=queue, **kwargs))
-             for r in range(sp)]
+    procs = [
+        ctx.Process(target=_worker, kwargs=dict(rank=r, world=sp, port=port, queue=queue, **kwargs)) for r in range(sp)
+    ]
     for p in procs:
         p.start()
     results = [queue.get(timeout=900) for _ in range(sp)]
@@ -140,8 +160,18 @@ def _measure(sp: int, **kwargs) -> list[dict]:
     return sorted(results, key=lambda r: r["rank"])
 
 
-def run(model: str = "tiny", frames: int = 16, size: int = 32, batch_size: int = 2, sequences=(1, 2),
-        steps: int = 5, warmup: int = 2, pattern=None, seed: int = 0, device: str = "cpu") -> dict:
+def run(
+    model: str = "tiny",
+    frames: int = 16,
+    size: int = 32,
+    batch_size: int = 2,
+    sequences=(1, 2),
+    steps: int = 5,
+    warmup: int = 2,
+    pattern=None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     from stale.bench import build
 
     if device != "cpu":
@@ -151,23 +181,37 @@ def run(model: str = "tiny", frames: int = 16, size: int = 32, batch_size: int =
     model_cfg, params = built.config, sum(p.numel() for p in built.parameters())
     rows, base = [], None
     for sp in sequences:
-        res = _measure(sp, model_name=model, overrides=overrides, batch=batch_size, steps=steps, warmup=warmup,
-                       seed=seed)
+        res = _measure(
+            sp, model_name=model, overrides=overrides, batch=batch_size, steps=steps, warmup=warmup, seed=seed
+        )
         a = analytic(model_cfg, batch_size, sp, params)
-        row = {"sequence": sp, "clip": f"{frames}x{size}x{size}", "batch": batch_size,
-               "tokens_per_rank": a["tokens_per_rank_max"], "step_ms": round(res[0]["step_s"] * 1e3, 1),
-               "cpu_ms": round(max(r["cpu_s"] for r in res) * 1e3, 1),
-               "saved_mib": round(max(r["saved"] for r in res) / MIB, 2),
-               "rss_step_mib": round(max(r["rss"] for r in res) / MIB, 1),
-               "comm_mib": round(a["comm_bytes"] / MIB, 2), "predicted_ratio": round(a["predicted_share"], 3),
-               "loss0": round(res[0]["loss0"], 6)}
+        row = {
+            "sequence": sp,
+            "clip": f"{frames}x{size}x{size}",
+            "batch": batch_size,
+            "tokens_per_rank": a["tokens_per_rank_max"],
+            "step_ms": round(res[0]["step_s"] * 1e3, 1),
+            "cpu_ms": round(max(r["cpu_s"] for r in res) * 1e3, 1),
+            "saved_mib": round(max(r["saved"] for r in res) / MIB, 2),
+            "rss_step_mib": round(max(r["rss"] for r in res) / MIB, 1),
+            "comm_mib": round(a["comm_bytes"] / MIB, 2),
+            "predicted_ratio": round(a["predicted_share"], 3),
+            "loss0": round(res[0]["loss0"], 6),
+        }
         base = base or row
         row["saved_ratio"] = round(row["saved_mib"] / base["saved_mib"], 3)
         row["rss_ratio"] = round(row["rss_step_mib"] / base["rss_step_mib"], 3) if base["rss_step_mib"] else None
         row["step_ratio"] = round(row["step_ms"] / base["step_ms"], 3)
         row["cpu_ratio"] = round(row["cpu_ms"] / base["cpu_ms"], 3)
         rows.append(row)
-    return {"rows": rows, "summary": {f"saved_ratio_N{r['sequence']}": r["saved_ratio"] for r in rows},
-            "notes": [__doc__.split("\n\n")[1].replace("\n", " "), f"model {model} {model_cfg.modes}",
-                      "memory: " + res[0]["method"], "predicted_ratio is the block-token share only: the patch "
-                      "embedding, the final gather, the head and the final layer hold the whole clip on every rank"]}
+    return {
+        "rows": rows,
+        "summary": {f"saved_ratio_N{r['sequence']}": r["saved_ratio"] for r in rows},
+        "notes": [
+            __doc__.split("\n\n")[1].replace("\n", " "),
+            f"model {model} {model_cfg.modes}",
+            "memory: " + res[0]["method"],
+            "predicted_ratio is the block-token share only: the patch "
+            "embedding, the final gather, the head and the final layer hold the whole clip on every rank",
+        ],
+    }

@@ -31,18 +31,31 @@ from stale.bench.step import TrainStep, make_system
 from stale.diffusion.objective import StaleObjective
 
 
-def latte_model(dim: int, depth: int, heads: int, patch: int, channels: int, frames: int, size: int,
-                cross_attention: bool = False):
+def latte_model(
+    dim: int, depth: int, heads: int, patch: int, channels: int, frames: int, size: int, cross_attention: bool = False
+):
     """diffusers' LatteTransformer3DModel at stale's width/depth/heads/patch, random init from a config."""
     from diffusers import LatteTransformer3DModel
 
     if depth % 2:
         raise ValueError(f"depth={depth} is odd: Latte's layers are (spatial, temporal) pairs")
     return LatteTransformer3DModel(
-        num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=channels, out_channels=channels,
-        num_layers=depth // 2, cross_attention_dim=dim if cross_attention else None, attention_bias=True,
-        sample_size=size, patch_size=patch, activation_fn="gelu-approximate", norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=dim, video_length=frames)
+        num_attention_heads=heads,
+        attention_head_dim=dim // heads,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=depth // 2,
+        cross_attention_dim=dim if cross_attention else None,
+        attention_bias=True,
+        sample_size=size,
+        patch_size=patch,
+        activation_fn="gelu-approximate",
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=dim,
+        video_length=frames,
+    )
 
 
 class LatteAsStale(nn.Module):
@@ -63,10 +76,13 @@ def matched_latte(stale: nn.Module, batch_size: int, seed: int, cross_attention:
     """The Latte of `stale`'s width, depth, heads, patch and clip, with a (batch_size, 1, D) dummy caption."""
     cfg = stale.config
     if cfg.patch[0] != 1 or cfg.patch[1] != cfg.patch[2] or set(cfg.pattern) != {"spatial", "temporal"}:
-        raise ValueError(f"Latte needs patch (1, p, p) and the alternating pattern; this model has "
-                         f"patch {list(cfg.patch)}, pattern {list(cfg.pattern)}")
-    latte = latte_model(cfg.dim, cfg.depth, cfg.heads, cfg.patch[1], cfg.in_channels, cfg.frames, cfg.size,
-                        cross_attention)
+        raise ValueError(
+            f"Latte needs patch (1, p, p) and the alternating pattern; this model has "
+            f"patch {list(cfg.patch)}, pattern {list(cfg.pattern)}"
+        )
+    latte = latte_model(
+        cfg.dim, cfg.depth, cfg.heads, cfg.patch[1], cfg.in_channels, cfg.frames, cfg.size, cross_attention
+    )
     caption = torch.randn(batch_size, 1, cfg.dim, generator=torch.Generator().manual_seed(seed))
     return LatteAsStale(latte, cfg, caption)
 
@@ -86,7 +102,7 @@ def alternate(models: dict, batch, rounds: int, warmup: int, seed: int) -> dict[
             step(batch)
     times = {name: [] for name in steps}
     for r in range(rounds):
-        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
             t0 = time.perf_counter()
             steps[name](batch)
             times[name].append(time.perf_counter() - t0)
@@ -99,8 +115,16 @@ def n_params(model) -> int:
 
 def ratio_rows(case: str, models: dict, times: dict[str, list[float]]) -> list[dict]:
     """One row per model: step time and spread; for the stale models the median per-round ratio to Latte."""
-    rows = [{"case": case, "model": name, "params": n_params(models[name]), "step_ms": round(1e3 * median(ts), 2),
-             "step_spread": round(spread(ts), 3)} for name, ts in times.items()]
+    rows = [
+        {
+            "case": case,
+            "model": name,
+            "params": n_params(models[name]),
+            "step_ms": round(1e3 * median(ts), 2),
+            "step_spread": round(spread(ts), 3),
+        }
+        for name, ts in times.items()
+    ]
     for row in rows:
         if row["model"] != "latte":
             ratios = [s / lt for s, lt in zip(times[row["model"]], times["latte"])]
@@ -110,8 +134,18 @@ def ratio_rows(case: str, models: dict, times: dict[str, list[float]]) -> list[d
     return rows
 
 
-def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, warmup: int, seed: int,
-            cross_attention: bool = False, variants: dict | None = None, **overrides) -> dict:
+def compare(
+    model: str,
+    frames: int,
+    size: int,
+    batch_size: int,
+    rounds: int,
+    warmup: int,
+    seed: int,
+    cross_attention: bool = False,
+    variants: dict | None = None,
+    **overrides,
+) -> dict:
     """One case: stale, the matched Latte and stale `variants` (name -> StaleConfig overrides), built, warmed up,
     then timed step by step in alternation."""
     torch.manual_seed(seed)
@@ -123,16 +157,27 @@ def compare(model: str, frames: int, size: int, batch_size: int, rounds: int, wa
     cfg = stale.config
     batch = random_batches(1, batch_size, frames, size, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
     times = alternate(models, batch, rounds, warmup, seed)
-    label = (f"{model}{'' if 'depth' not in overrides else '-d' + str(cfg.depth)} {frames}x{size}x{size} b{batch_size}"
-             + (" +xattn" if cross_attention else ""))
+    label = (
+        f"{model}{'' if 'depth' not in overrides else '-d' + str(cfg.depth)} {frames}x{size}x{size} b{batch_size}"
+        + (" +xattn" if cross_attention else "")
+    )
     rows = ratio_rows(label, models, times)
     return {"rows": rows, "ratio": rows[0]["stale_over_latte"]}
 
 
-def run(cases=({"model": "tiny", "frames": 8, "size": 16, "batch_size": 8},
-               {"model": "s", "depth": 4, "frames": 16, "size": 32, "batch_size": 1}),
-        rounds: int = 30, warmup: int = 3, cross_attention: bool = False, variants: dict | None = None,
-        threads: int | None = None, device: str = "cpu", seed: int = 0) -> dict:
+def run(
+    cases=(
+        {"model": "tiny", "frames": 8, "size": 16, "batch_size": 8},
+        {"model": "s", "depth": 4, "frames": 16, "size": 32, "batch_size": 1},
+    ),
+    rounds: int = 30,
+    warmup: int = 3,
+    cross_attention: bool = False,
+    variants: dict | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """cases: (model, frames, size, batch_size [, any StaleConfig override]) each; rounds: timed steps per model;
     variants: extra stale models timed in the same rounds, name -> StaleConfig overrides (ablations)."""
     if not str(device).startswith("cpu"):
@@ -141,17 +186,31 @@ def run(cases=({"model": "tiny", "frames": 8, "size": 16, "batch_size": 8},
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        results = [compare(**dict(case), rounds=rounds, warmup=warmup, seed=seed, cross_attention=cross_attention,
-                           variants=variants) for case in cases]
+        results = [
+            compare(
+                **dict(case),
+                rounds=rounds,
+                warmup=warmup,
+                seed=seed,
+                cross_attention=cross_attention,
+                variants=variants,
+            )
+            for case in cases
+        ]
     finally:
         torch.set_num_threads(previous)
-    return {"rows": [row for res in results for row in res["rows"]],
-            "summary": {res["rows"][0]["case"]: res["rows"][0]["stale_over_latte"] for res in results},
-            "notes": ["stale_over_latte: median over rounds of (stale step time / Latte step time) in the same round; "
-                      "< 1 means stale is faster. Steps alternate one by one, the order flips every round.",
-                      f"{rounds} rounds after {warmup} warm-up steps each; step = stale.bench.step (velocity MSE, "
-                      "backward, clipping, fused AdamW); torch threads: "
-                      f"{threads or previous}",
-                      "Latte: diffusers LatteTransformer3DModel, num_layers = depth/2, ada_norm_single, "
-                      "gelu-approximate, " + ("cross-attention to" if cross_attention else "no cross-attention; ")
-                      + " a dummy 1-token caption of width D"]}
+    return {
+        "rows": [row for res in results for row in res["rows"]],
+        "summary": {res["rows"][0]["case"]: res["rows"][0]["stale_over_latte"] for res in results},
+        "notes": [
+            "stale_over_latte: median over rounds of (stale step time / Latte step time) in the same round; "
+            "< 1 means stale is faster. Steps alternate one by one, the order flips every round.",
+            f"{rounds} rounds after {warmup} warm-up steps each; step = stale.bench.step (velocity MSE, "
+            "backward, clipping, fused AdamW); torch threads: "
+            f"{threads or previous}",
+            "Latte: diffusers LatteTransformer3DModel, num_layers = depth/2, ada_norm_single, "
+            "gelu-approximate, "
+            + ("cross-attention to" if cross_attention else "no cross-attention; ")
+            + " a dummy 1-token caption of width D",
+        ],
+    }

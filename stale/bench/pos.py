@@ -30,8 +30,11 @@ VARIANTS = {  # name -> StaleConfig overrides; the first is the reference of the
     "rope_scaled": {"pos": "rope", "pos_base": 4},  # RoPE with position interpolation over the frame
 }
 EVAL = {  # name -> (T, H, W)
-    "trained 8x16x16": (8, 16, 16), "trained 8x12x20": (8, 12, 20),
-    "unseen 8x24x24": (8, 24, 24), "unseen 8x16x32": (8, 16, 32), "unseen 8x32x32": (8, 32, 32),
+    "trained 8x16x16": (8, 16, 16),
+    "trained 8x12x20": (8, 12, 20),
+    "unseen 8x24x24": (8, 24, 24),
+    "unseen 8x16x32": (8, 16, 32),
+    "unseen 8x32x32": (8, 32, 32),
     "unseen 16x16x16": (16, 16, 16),
 }
 
@@ -85,16 +88,28 @@ def train(variants: dict, buckets, steps: int, seed: int, model_kw: dict, lr: fl
     for step in range(steps):
         bucket = shapes[int(torch.randint(len(shapes), (1,), generator=g))]
         batch = render(bucket.batch_size, bucket.frames, bucket.height, bucket.width, g)
-        for name in names[step % len(names):] + names[: step % len(names)]:  # rotate who goes first
+        for name in names[step % len(names) :] + names[: step % len(names)]:  # rotate who goes first
             t0 = time.perf_counter()
             trainers[name](batch)
             times[name].append(time.perf_counter() - t0)
     return {name: (trainers[name].system.model.eval(), times[name]) for name in variants}
 
 
-def run(steps: int = 1500, seeds: int = 2, buckets="smoke", variants: dict | None = None, evals: dict | None = None,
-        dim: int = 64, depth: int = 4, heads: int = 4, lr: float = 2e-3, eval_clips: int = 8, threads: int | None = 1,
-        seed: int = 0, **_) -> dict:
+def run(
+    steps: int = 1500,
+    seeds: int = 2,
+    buckets="smoke",
+    variants: dict | None = None,
+    evals: dict | None = None,
+    dim: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    lr: float = 2e-3,
+    eval_clips: int = 8,
+    threads: int | None = 1,
+    seed: int = 0,
+    **_,
+) -> dict:
     variants = variants or VARIANTS
     evals = {k: tuple(v) for k, v in (evals or EVAL).items()}
     old_threads = torch.get_num_threads()
@@ -106,8 +121,14 @@ def run(steps: int = 1500, seeds: int = 2, buckets="smoke", variants: dict | Non
         for s in range(seed, seed + seeds):
             trained = train(variants, buckets, steps, s, model_kw, lr)
             for name, (model, times) in trained.items():
-                per_seed.append({"variant": name, "seed": s, "step_ms": round(1e3 * median(times[2:] or times), 2),
-                                 **{k: round(flow_loss(model, shape, eval_clips), 4) for k, shape in evals.items()}})
+                per_seed.append(
+                    {
+                        "variant": name,
+                        "seed": s,
+                        "step_ms": round(1e3 * median(times[2:] or times), 2),
+                        **{k: round(flow_loss(model, shape, eval_clips), 4) for k, shape in evals.items()},
+                    }
+                )
     finally:
         torch.set_num_threads(old_threads)
     ref = next(iter(variants))
@@ -132,11 +153,18 @@ def run(steps: int = 1500, seeds: int = 2, buckets="smoke", variants: dict | Non
         "mean_trained": {r["variant"]: round(mean(r, trained_keys), 4) for r in rows},
         "mean_unseen": {r["variant"]: round(mean(r, unseen_keys), 4) for r in rows},
         # how much the seeds disagree: the largest spread of one variant's loss over seeds at one shape
-        "seed_spread": round(max((max(r[k] for r in per_seed if r["variant"] == v) -
-                                  min(r[k] for r in per_seed if r["variant"] == v))
-                                 for v in variants for k in evals), 4),
+        "seed_spread": round(
+            max(
+                (max(r[k] for r in per_seed if r["variant"] == v) - min(r[k] for r in per_seed if r["variant"] == v))
+                for v in variants
+                for k in evals
+            ),
+            4,
+        ),
     }
-    notes = [f"{steps} steps x {seeds} seed(s) per variant, dim {dim}, depth {depth}, heads {heads}, AdamW lr {lr}, "
-             f"buckets {buckets}; losses are means over seeds of the flow MSE on fixed noise (lower is better)",
-             "steps_per_s ratio > 1: faster than the reference; variants alternate step by step in one process"]
+    notes = [
+        f"{steps} steps x {seeds} seed(s) per variant, dim {dim}, depth {depth}, heads {heads}, AdamW lr {lr}, "
+        f"buckets {buckets}; losses are means over seeds of the flow MSE on fixed noise (lower is better)",
+        "steps_per_s ratio > 1: faster than the reference; variants alternate step by step in one process",
+    ]
     return {"rows": rows, "summary": summary, "notes": notes, "per_seed": per_seed}

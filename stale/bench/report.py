@@ -33,8 +33,10 @@ def normalise(result: Any) -> dict:
             out = dict(result)
             out["rows"] = [dict(r) for r in result["rows"]]
         else:
-            out = {"rows": [{k: v for k, v in result.items() if not isinstance(v, (list, dict))}],
-                   "details": {k: v for k, v in result.items() if isinstance(v, (list, dict))}}
+            out = {
+                "rows": [{k: v for k, v in result.items() if not isinstance(v, (list, dict))}],
+                "details": {k: v for k, v in result.items() if isinstance(v, (list, dict))},
+            }
         out.setdefault("summary", {})
         out.setdefault("notes", [])
         return out

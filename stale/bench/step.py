@@ -23,14 +23,21 @@ from stale.system.stale_system import StaleSystem, noise_seed
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
-def make_system(model: torch.nn.Module, lr: float = 1e-3, objective: StaleObjective | None = None,
-                schedule: LRSchedule | None = None, weight_decay: float = 0.0, **kwargs) -> StaleSystem:
+def make_system(
+    model: torch.nn.Module,
+    lr: float = 1e-3,
+    objective: StaleObjective | None = None,
+    schedule: LRSchedule | None = None,
+    weight_decay: float = 0.0,
+    **kwargs,
+) -> StaleSystem:
     """The StaleSystem the benches wrap around `model`: conf/train.yaml's optimiser (AdamW, betas 0.9/0.99) at `lr`,
     the default objective and a constant learning rate unless given (kwargs: any other StaleSystem argument, e.g.
     compile, autoencoder)."""
     optimizer = functools.partial(torch.optim.AdamW, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
-    return StaleSystem(model, objective or StaleObjective(), optimizer=optimizer,
-                       schedule=schedule or Constant(warmup=0), **kwargs)
+    return StaleSystem(
+        model, objective or StaleObjective(), optimizer=optimizer, schedule=schedule or Constant(warmup=0), **kwargs
+    )
 
 
 class TrainStep:
@@ -41,8 +48,14 @@ class TrainStep:
     it is trainer.max_steps); `steps_done` is the batch index the next step's noise seed is built from.
     """
 
-    def __init__(self, system: StaleSystem, device: str = "cpu", precision: str = "32-true", clip: float | None = 1.0,
-                 steps: int = 10_000):
+    def __init__(
+        self,
+        system: StaleSystem,
+        device: str = "cpu",
+        precision: str = "32-true",
+        clip: float | None = 1.0,
+        steps: int = 10_000,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
         self.system, self.device, self.clip = system.to(device).train(), device, clip

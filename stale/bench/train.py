@@ -65,6 +65,8 @@ def default_progress_bar():
     from stale.bench import packaged_conf
 
     return instantiate(OmegaConf.load(packaged_conf("callbacks", "default.yaml")).progress_bar)
+
+
 TARGET_OVERHEAD = 0.03  # issue 11: framework overhead <= 3%
 
 
@@ -93,8 +95,12 @@ def _quiet():
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
-    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null), \
-            warnings.catch_warnings():
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stderr(null),
+        contextlib.redirect_stdout(null),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         try:
             yield
@@ -118,8 +124,9 @@ def _minus(b: tuple[float, float], a: tuple[float, float], n: int = 1) -> tuple[
     return (b[0] - a[0]) / n, (b[1] - a[1]) / n
 
 
-def _block(plain: TrainStep, batches: list, start: int, end: int,
-           profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+def _block(
+    plain: TrainStep, batches: list, start: int, end: int, profiler: cProfile.Profile | None = None
+) -> tuple[float, float]:
     """Run the plain step on every batch; return the mean (wall, cpu) step time over steps [start, end)."""
     device, a, b = plain.device, None, None
     for i, batch in enumerate(batches):
@@ -149,8 +156,15 @@ class _Recorder:
     also where the optional cProfile window opens and closes.
     """
 
-    def __init__(self, device: str, plain: TrainStep | None, batches: list, start: int, end: int,
-                 profiler: cProfile.Profile | None = None):
+    def __init__(
+        self,
+        device: str,
+        plain: TrainStep | None,
+        batches: list,
+        start: int,
+        end: int,
+        profiler: cProfile.Profile | None = None,
+    ):
         self.device, self.plain, self.batches = device, plain, batches
         self.start, self.end, self.profiler = start, end, profiler
         self.lightning: list[tuple[float, float]] = []  # step mode: Lightning step i, i >= start
@@ -180,8 +194,17 @@ class _Recorder:
             self.paired.append(_minus(self._end, a))
 
 
-def _lightning_round(system, batches, variant: str, device: str, precision: str, clip: float,
-                     recorder: _Recorder, log_every_n_steps: int, logdir: str | None) -> None:
+def _lightning_round(
+    system,
+    batches,
+    variant: str,
+    device: str,
+    precision: str,
+    clip: float,
+    recorder: _Recorder,
+    log_every_n_steps: int,
+    logdir: str | None,
+) -> None:
     import lightning as L
 
     class StepTimer(L.Callback):
@@ -206,15 +229,27 @@ def _lightning_round(system, batches, variant: str, device: str, precision: str,
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         callbacks.append(TQDMProgressBar())
-    kwargs = dict(logger=logger, enable_checkpointing=False,
-                  enable_progress_bar=variant in ("lightning", "rich", "rich_4hz", "tqdm"),
-                  enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every_n_steps)
+    kwargs = dict(
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=variant in ("lightning", "rich", "rich_4hz", "tqdm"),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=log_every_n_steps,
+    )
     if variant == "barebones":  # it switches those off itself and refuses to be told
         kwargs = dict(barebones=True)
     trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
-        max_steps=len(batches), max_epochs=1, limit_val_batches=0, gradient_clip_val=clip or None,
-        callbacks=callbacks, default_root_dir=logdir, **kwargs,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=len(batches),
+        max_epochs=1,
+        limit_val_batches=0,
+        gradient_clip_val=clip or None,
+        callbacks=callbacks,
+        default_root_dir=logdir,
+        **kwargs,
     )
     if variant == "no_log":  # the real training_step, minus its self.log calls
         system.log = system.log_dict = lambda *a, **k: None
@@ -254,29 +289,57 @@ def _profile_split(profiler: cProfile.Profile, steps: int, top: int) -> dict:
     light.sort(reverse=True)
     per_step = {k: round(1e3 * v / steps, 3) for k, v in sorted(groups.items())}
     per_step["total"] = round(sum(per_step.values()), 3)
-    return {"self_ms_per_step": per_step,
-            "top_lightning_self_ms_per_step": [{"fn": name, "self_ms": round(1e3 * tt / steps, 3),
-                                                "cum_ms": round(1e3 * ct / steps, 3)}
-                                               for tt, ct, name in light[:top]]}
+    return {
+        "self_ms_per_step": per_step,
+        "top_lightning_self_ms_per_step": [
+            {"fn": name, "self_ms": round(1e3 * tt / steps, 3), "cum_ms": round(1e3 * ct / steps, 3)}
+            for tt, ct, name in light[:top]
+        ],
+    }
 
 
 def _row(name: str, lightning: list, plain: list, pairs: list) -> dict:
     """One Lightning variant against the plain steps (or runs) beside it; times are (wall, cpu) tuples."""
     lw, lc = [w for w, _ in lightning], [c for _, c in lightning]
     pw, pc = [w for w, _ in plain], [c for _, c in plain]
-    return {"loop": name, "samples": len(lw), "median_ms": round(1e3 * median(lw), 3),
-            "plain_median_ms": round(1e3 * median(pw), 3), "overhead": round(median(lw) / median(pw) - 1, 4),
-            "overhead_paired": round(median(pairs) - 1, 4),
-            "overhead_cpu": round(median(lc) / median(pc) - 1, 4),
-            "overhead_mean": round(sum(lw) / sum(pw) - 1, 4),
-            "overhead_error": round(median_error(pairs), 4) if len(pairs) >= 4 else None,  # None: too few rounds
-            "extra_ms": round(1e3 * (median(lw) - median(pw)), 3), "noise": round(spread(lw), 4)}
+    return {
+        "loop": name,
+        "samples": len(lw),
+        "median_ms": round(1e3 * median(lw), 3),
+        "plain_median_ms": round(1e3 * median(pw), 3),
+        "overhead": round(median(lw) / median(pw) - 1, 4),
+        "overhead_paired": round(median(pairs) - 1, 4),
+        "overhead_cpu": round(median(lc) / median(pc) - 1, 4),
+        "overhead_mean": round(sum(lw) / sum(pw) - 1, 4),
+        "overhead_error": round(median_error(pairs), 4) if len(pairs) >= 4 else None,  # None: too few rounds
+        "extra_ms": round(1e3 * (median(lw) - median(pw)), 3),
+        "noise": round(spread(lw), 4),
+    }
 
 
-def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: int, steps: int, warmup: int,
-             rounds: int, max_rounds: int, pool: int, precision: str, clip: float, lr: float, variants: list,
-             log_every_n_steps: int, timing: str, profile: bool, profile_top: int, device: str,
-             seed: int, max_seconds: float | None = None) -> tuple[list, dict, int, str]:
+def _measure(
+    model: str,
+    overrides: dict,
+    frames: int,
+    size: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    max_rounds: int,
+    pool: int,
+    precision: str,
+    clip: float,
+    lr: float,
+    variants: list,
+    log_every_n_steps: int,
+    timing: str,
+    profile: bool,
+    profile_top: int,
+    device: str,
+    seed: int,
+    max_seconds: float | None = None,
+) -> tuple[list, dict, int, str]:
     torch.manual_seed(seed)
     base = build(model, frames, size, **overrides)
     n_params = sum(p.numel() for p in base.parameters())
@@ -301,20 +364,22 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
             if r >= rounds and max_seconds is not None and time.perf_counter() - began > max_seconds:
                 stopped = "max_seconds"  # the section's time budget: stale-bench has 5 minutes in all
                 break
-            order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate the order
             for name in order:
                 if timing == "step":
                     rec = _Recorder(device, plain, batches, start, end)
-                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
-                                     log_every_n_steps, logdir)
+                    _lightning_round(
+                        systems[name], batches, name, device, precision, clip, rec, log_every_n_steps, logdir
+                    )
                     lit[name] += rec.lightning
                     pla[name] += rec.paired
                     pairs[name] += [lw / pw for (lw, _), (pw, _) in zip(rec.lightning, rec.paired)]
                 else:
                     p = _block(plain, batches, start, end)
                     rec = _Recorder(device, None, batches, start, end)
-                    _lightning_round(systems[name], batches, name, device, precision, clip, rec,
-                                     log_every_n_steps, logdir)
+                    _lightning_round(
+                        systems[name], batches, name, device, precision, clip, rec, log_every_n_steps, logdir
+                    )
                     lit[name].append(rec.block)
                     pla[name].append(p)
                     pairs[name].append(rec.block[0] / p[0])
@@ -324,23 +389,49 @@ def _measure(model: str, overrides: dict, frames: int, size: int, batch_size: in
             profiles["plain"] = _profile_split(prof, steps, profile_top)
             prof = cProfile.Profile()
             rec = _Recorder(device, None, batches, start, end, profiler=prof)
-            _lightning_round(systems[variants[0]], batches, variants[0], device, precision, clip, rec,
-                             log_every_n_steps, logdir)
+            _lightning_round(
+                systems[variants[0]], batches, variants[0], device, precision, clip, rec, log_every_n_steps, logdir
+            )
             profiles[variants[0]] = _profile_split(prof, steps, profile_top)
     shutil.rmtree(logdir, ignore_errors=True)
 
     rows = [_row(name, lit[name], pla[name], pairs[name]) for name in variants]
     all_plain = [w for name in variants for w, _ in pla[name]]
-    rows.insert(0, {"loop": "plain", "samples": len(all_plain), "median_ms": round(1e3 * median(all_plain), 3),
-                    "noise": round(spread(all_plain), 4)})
+    rows.insert(
+        0,
+        {
+            "loop": "plain",
+            "samples": len(all_plain),
+            "median_ms": round(1e3 * median(all_plain), 3),
+            "noise": round(spread(all_plain), 4),
+        },
+    )
     return rows, profiles, n_params, stopped
 
 
-def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 16, steps: int = 12,
-        warmup: int = 2, rounds: int = 3, max_rounds: int = 12, pool: int = 4, precision: str = "auto", gradient_clip_val: float = 1.0,
-        lr: float = 1e-3, variants=VARIANTS[:5], log_every_n_steps: int = 10, timing: str = "block",
-        profile: bool = True, profile_top: int = 15, micro: dict | None = None, device: str = "cpu",
-        seed: int = 0, max_seconds: float | None = None) -> dict:
+def run(
+    model: str = "tiny",
+    frames: int = 8,
+    size: int = 16,
+    batch_size: int = 16,
+    steps: int = 12,
+    warmup: int = 2,
+    rounds: int = 3,
+    max_rounds: int = 12,
+    pool: int = 4,
+    precision: str = "auto",
+    gradient_clip_val: float = 1.0,
+    lr: float = 1e-3,
+    variants=VARIANTS[:5],
+    log_every_n_steps: int = 10,
+    timing: str = "block",
+    profile: bool = True,
+    profile_top: int = 15,
+    micro: dict | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    max_seconds: float | None = None,
+) -> dict:
     """Framework overhead of each Lightning variant against a plain loop; see the module docstring.
 
     micro: optional model overrides (e.g. {dim: 32, depth: 2, heads: 2, frames: 2, size: 8, batch_size: 1})
@@ -355,52 +446,94 @@ def run(model: str = "tiny", frames: int = 8, size: int = 16, batch_size: int = 
     if timing not in ("step", "block"):
         raise ValueError(f"train.timing={timing!r} is not one of step, block")
     precision = _precision(str(precision), device)
-    common = dict(steps=steps, warmup=warmup, rounds=rounds, max_rounds=max_rounds, pool=pool, precision=precision, clip=gradient_clip_val,
-                  lr=lr, variants=variants, log_every_n_steps=log_every_n_steps, timing=timing,
-                  profile_top=profile_top, device=device, seed=seed)
-    rows, profiles, n_params, stopped = _measure(model, {}, frames, size, batch_size, profile=profile,
-                                                 max_seconds=max_seconds, **common)
+    common = dict(
+        steps=steps,
+        warmup=warmup,
+        rounds=rounds,
+        max_rounds=max_rounds,
+        pool=pool,
+        precision=precision,
+        clip=gradient_clip_val,
+        lr=lr,
+        variants=variants,
+        log_every_n_steps=log_every_n_steps,
+        timing=timing,
+        profile_top=profile_top,
+        device=device,
+        seed=seed,
+    )
+    rows, profiles, n_params, stopped = _measure(
+        model, {}, frames, size, batch_size, profile=profile, max_seconds=max_seconds, **common
+    )
     head = rows[1]
-    summary = {"framework_overhead": head["overhead_paired"], "framework_overhead_error": head["overhead_error"],
-               "rounds": head["samples"], "stopped": stopped, "framework_overhead_cpu": head["overhead_cpu"],
-               "compared": f"{head['loop']} vs plain", "target": TARGET_OVERHEAD,
-               "meets_target": head["overhead_paired"] <= TARGET_OVERHEAD,
-               "extra_ms_per_step": head["extra_ms"]}
-    setup = {"model": model, "parameters": n_params, "clip": [frames, size, size], "batch_size": batch_size,
-             "precision": precision, "gradient_clip_val": gradient_clip_val, "timing": timing, "rounds": rounds,
-             "steps_per_fit": steps, "warmup": warmup, "log_every_n_steps": log_every_n_steps, "device": device,
-             "torch_threads": torch.get_num_threads()}
+    summary = {
+        "framework_overhead": head["overhead_paired"],
+        "framework_overhead_error": head["overhead_error"],
+        "rounds": head["samples"],
+        "stopped": stopped,
+        "framework_overhead_cpu": head["overhead_cpu"],
+        "compared": f"{head['loop']} vs plain",
+        "target": TARGET_OVERHEAD,
+        "meets_target": head["overhead_paired"] <= TARGET_OVERHEAD,
+        "extra_ms_per_step": head["extra_ms"],
+    }
+    setup = {
+        "model": model,
+        "parameters": n_params,
+        "clip": [frames, size, size],
+        "batch_size": batch_size,
+        "precision": precision,
+        "gradient_clip_val": gradient_clip_val,
+        "timing": timing,
+        "rounds": rounds,
+        "steps_per_fit": steps,
+        "warmup": warmup,
+        "log_every_n_steps": log_every_n_steps,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+    }
     if micro:
         m = dict(micro)
         m_frames, m_size, m_batch = m.pop("frames", 2), m.pop("size", 8), m.pop("batch_size", 1)
         # Lightning's fixed ms per step, for reading beside any step time: `rounds` rounds, no error target
-        m_rows, _, m_params, _ = _measure(model, m, m_frames, m_size, m_batch, profile=False,
-                                          **{**common, "max_rounds": rounds})
+        m_rows, _, m_params, _ = _measure(
+            model, m, m_frames, m_size, m_batch, profile=False, **{**common, "max_rounds": rounds}
+        )
         for r in m_rows:
             r["loop"] = f"{r['loop']} (micro)"
         rows += m_rows
         summary["micro_extra_ms_per_step"] = m_rows[1]["extra_ms"]
         setup["micro"] = {**micro, "parameters": m_params}
     unit = "step" if timing == "step" else f"fit of {steps} steps"
-    out = {"rows": rows, "summary": summary, "setup": setup,
-           "notes": [f"timing={timing}: one sample per {unit}; same weights, in-memory batches, optimiser and "
-                     "scheduler (StaleSystem.configure_optimizers), clipping and precision on both sides",
-                     "framework_overhead (the headline) = overhead_paired: median of per-round ratios of "
-                     "Lightning to the plain run beside it, - 1; overhead_error: the standard error of that median "
-                     f"(rounds run on from {rounds} until it is <= the {TARGET_OVERHEAD:.0%} target, at most {max_rounds} "
-                     f"rounds or max_seconds={max_seconds}; `stopped` says which ended it); "
-                     "meets_target: overhead <= target (read it with the error beside it). "
-                     "overhead = median(Lightning) / median(plain beside it) - 1 (wall); overhead_cpu: the same "
-                     "with process CPU time (steadier on a shared machine); overhead_paired: median of "
-                     "per-sample ratios; overhead_mean: ratio of sums (catches periodic costs such as logging "
-                     f"every {log_every_n_steps} steps); extra_ms: difference of medians; noise: half IQR / "
-                     f"median. {rounds} rounds x {steps} steps per variant, first {warmup} of each fit dropped"]}
+    out = {
+        "rows": rows,
+        "summary": summary,
+        "setup": setup,
+        "notes": [
+            f"timing={timing}: one sample per {unit}; same weights, in-memory batches, optimiser and "
+            "scheduler (StaleSystem.configure_optimizers), clipping and precision on both sides",
+            "framework_overhead (the headline) = overhead_paired: median of per-round ratios of "
+            "Lightning to the plain run beside it, - 1; overhead_error: the standard error of that median "
+            f"(rounds run on from {rounds} until it is <= the {TARGET_OVERHEAD:.0%} target, at most {max_rounds} "
+            f"rounds or max_seconds={max_seconds}; `stopped` says which ended it); "
+            "meets_target: overhead <= target (read it with the error beside it). "
+            "overhead = median(Lightning) / median(plain beside it) - 1 (wall); overhead_cpu: the same "
+            "with process CPU time (steadier on a shared machine); overhead_paired: median of "
+            "per-sample ratios; overhead_mean: ratio of sums (catches periodic costs such as logging "
+            f"every {log_every_n_steps} steps); extra_ms: difference of medians; noise: half IQR / "
+            f"median. {rounds} rounds x {steps} steps per variant, first {warmup} of each fit dropped",
+        ],
+    }
     if micro:
-        out["notes"].append("(micro) rows: a model so small that the step is mostly framework; extra_ms is "
-                            "Lightning's fixed cost per step, to set against any step time")
+        out["notes"].append(
+            "(micro) rows: a model so small that the step is mostly framework; extra_ms is "
+            "Lightning's fixed cost per step, to set against any step time"
+        )
     if profiles:
         out["profile"] = profiles
-        out["notes"].append("profile: cProfile self time per step by code location, plain vs "
-                            f"{variants[0]}; cProfile slows Python code, so compare the groups between the "
-                            "two loops rather than reading absolute ms")
+        out["notes"].append(
+            "profile: cProfile self time per step by code location, plain vs "
+            f"{variants[0]}; cProfile slows Python code, so compare the groups between the "
+            "two loops rather than reading absolute ms"
+        )
     return out

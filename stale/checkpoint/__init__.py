@@ -7,7 +7,17 @@ from stale.checkpoint.safe_load import CheckpointError, UnsafeCheckpointError, l
 from stale.checkpoint.weights import InitFromError, StaleCheckpoint, init_from, prepare, read_checkpoint
 
 __all__ = [
-    "ALLOWED_TARGETS", "CheckpointError", "DisallowedTargetError", "Export", "ExportError", "InitFromError",
-    "StaleCheckpoint", "UnsafeCheckpointError", "init_from", "load_checkpoint", "prepare", "read_checkpoint",
+    "ALLOWED_TARGETS",
+    "CheckpointError",
+    "DisallowedTargetError",
+    "Export",
+    "ExportError",
+    "InitFromError",
+    "StaleCheckpoint",
+    "UnsafeCheckpointError",
+    "init_from",
+    "load_checkpoint",
+    "prepare",
+    "read_checkpoint",
     "read_export",
 ]

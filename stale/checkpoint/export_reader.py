@@ -31,8 +31,9 @@ class Export:
     text_encoder: object = None  # a model.cond=text model's stale.text encoder
 
 
-def read_export(path: str | Path, device: str | torch.device = "cpu", lora: str | Path | None = None,
-                frozen_parts: bool = True) -> Export:
+def read_export(
+    path: str | Path, device: str | torch.device = "cpu", lora: str | Path | None = None, frozen_parts: bool = True
+) -> Export:
     """Load an export folder. `lora`: an adapter folder (stale-export merge=false) injected into the model
     (stale.models.finetune.load_adapter); frozen_parts=False skips the autoencoder and text encoder (init_from
     needs only the weights)."""
@@ -46,11 +47,14 @@ def read_export(path: str | Path, device: str | torch.device = "cpu", lora: str 
     except json.JSONDecodeError as err:
         raise ExportError(f"{cfg_path} is not valid JSON: {err}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, "
-                          f"expected {FORMAT!r}")
+        raise ExportError(
+            f"{cfg_path}: format={config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}"
+        )
     if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-        raise ExportError(f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
-                          f"versions <= {FORMAT_VERSION}")
+        raise ExportError(
+            f"{cfg_path}: format_version={config.get('format_version')!r}; this stale reads "
+            f"versions <= {FORMAT_VERSION}"
+        )
     for key in ("model", "diffusion"):
         if not isinstance(config.get(key), dict):
             raise ExportError(f"{cfg_path} has no '{key}' mapping")

@@ -30,8 +30,7 @@ def autoencoder_from_node(node: dict | None, where: str, device: str | torch.dev
         return None
     from stale.latent.autoencoder import AutoencoderError, load_autoencoder
 
-    kwargs = {k: node.get(k) for k in ("pretrained", "subfolder", "dtype", "normalization", "shift", "scale",
-                                       "sha256")}
+    kwargs = {k: node.get(k) for k in ("pretrained", "subfolder", "dtype", "normalization", "shift", "scale", "sha256")}
     if folder is not None:
         kwargs.update(pretrained=str(folder), subfolder=None)
     try:

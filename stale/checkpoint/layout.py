@@ -1,11 +1,11 @@
 """The layout of an export folder, shared by its writer (stale.export) and its readers (export_reader.py, StalePipeline).
 
-    model.safetensors   the weights (EMA by default), no pickle
-    config.json         {"format", "format_version", "model": {"_target_": MODEL_TARGET, ...},
-                         "diffusion": {"_target_": DIFFUSION_TARGET, ...}, "sample", "weights", "files", ["vae"],
-                         ["text_encoder"]}
-    provenance.json     what produced it (stale/export/export.py)
-    vae/, text_encoder/, lora/, denoiser.onnx, denoiser.pt2   optional, listed under config.json "files"
+model.safetensors   the weights (EMA by default), no pickle
+config.json         {"format", "format_version", "model": {"_target_": MODEL_TARGET, ...},
+                     "diffusion": {"_target_": DIFFUSION_TARGET, ...}, "sample", "weights", "files", ["vae"],
+                     ["text_encoder"]}
+provenance.json     what produced it (stale/export/export.py)
+vae/, text_encoder/, lora/, denoiser.onnx, denoiser.pt2   optional, listed under config.json "files"
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def check_targets(node: Any, where: str) -> None:
         if target is not None and target not in ALLOWED_TARGETS:
             raise DisallowedTargetError(
                 f"{where}: _target_={target!r} is not an allowed stale class; allowed: {sorted(ALLOWED_TARGETS)}. "
-                "Exports may only name these, and nothing else is imported or called.")
+                "Exports may only name these, and nothing else is imported or called."
+            )
         for key, value in node.items():
             check_targets(value, f"{where}.{key}")
     elif isinstance(node, list):

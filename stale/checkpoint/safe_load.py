@@ -48,8 +48,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """torch.load(path, weights_only=True) on CPU, with errors that name the file and say what is wrong."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory (a distributed FSDP2 checkpoint?): export needs one "
-                              "file; train with trainer.strategy.save_distributed_checkpoint=false (the default)")
+        raise CheckpointError(
+            f"checkpoint {path} is a directory (a distributed FSDP2 checkpoint?): export needs one "
+            "file; train with trainer.strategy.save_distributed_checkpoint=false (the default)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -59,8 +61,11 @@ def load_checkpoint(path: str | Path) -> dict:
         # The restricted unpickler refused a real checkpoint (a zip archive, or any file that names a global):
         # that is a refusal, not a corrupt file.
         if "global" in reason or zipfile.is_zipfile(path):
-            what = (f"{reason}, which is not a tensor or a plain container" if "global" in reason
-                    else f"PyTorch's restricted unpickler rejected it ({reason})")
+            what = (
+                f"{reason}, which is not a tensor or a plain container"
+                if "global" in reason
+                else f"PyTorch's restricted unpickler rejected it ({reason})"
+            )
             raise UnsafeCheckpointError(
                 f"refused to load checkpoint {path}: {what}. "
                 "Unpickling it could run arbitrary code, so stale loads checkpoints only with "

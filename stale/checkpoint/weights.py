@@ -62,7 +62,9 @@ class StaleCheckpoint:
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as err:  # missing/unexpected keys or shape mismatches, listed by PyTorch
-            raise CheckpointError(f"checkpoint {self.path}: {self.weights} weights do not fit run_config.model: {err}") from None
+            raise CheckpointError(
+                f"checkpoint {self.path}: {self.weights} weights do not fit run_config.model: {err}"
+            ) from None
         return model.eval()
 
     def build_autoencoder(self, device: str | torch.device = "cpu"):
@@ -71,8 +73,9 @@ class StaleCheckpoint:
 
     def build_text_encoder(self, device: str | torch.device = "cpu"):
         """The run's text encoder (model.cond=text; hf: checked against its recorded weights hash), else None."""
-        return text_encoder_from_node(self.run_config.get("text_encoder"), f"{self.path}: run_config.text_encoder",
-                                      device)
+        return text_encoder_from_node(
+            self.run_config.get("text_encoder"), f"{self.path}: run_config.text_encoder", device
+        )
 
 
 def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
@@ -83,21 +86,30 @@ def read_checkpoint(path: str | Path, weights: str = "ema") -> StaleCheckpoint:
     ckpt = load_checkpoint(path)
     run_config = (ckpt.get("hyper_parameters") or {}).get("run_config") if isinstance(ckpt, dict) else None
     if not isinstance(run_config, dict) or not isinstance(run_config.get("model"), dict):
-        raise CheckpointError(f"checkpoint {path} has no hyper_parameters.run_config.model: "
-                              "it was not written by stale-train")
+        raise CheckpointError(
+            f"checkpoint {path} has no hyper_parameters.run_config.model: it was not written by stale-train"
+        )
     has_ema = "current_model_state" in ckpt  # WeightAveraging moves the raw weights there
     if weights == "ema" and not has_ema:
-        raise CheckpointError(f"checkpoint {path} has no EMA weights (it was trained without the "
-                              "EMA callback): use weights=raw")
+        raise CheckpointError(
+            f"checkpoint {path} has no EMA weights (it was trained without the EMA callback): use weights=raw"
+        )
     source = ckpt["current_model_state"] if weights == "raw" and has_ema else ckpt.get("state_dict")
     if not isinstance(source, dict) or not any(k.startswith(PREFIX) for k in source):
         raise CheckpointError(f"checkpoint {path} has no model weights (no '{PREFIX}*' keys in its state dict)")
-    state = {k[len(PREFIX):]: v for k, v in source.items() if k.startswith(PREFIX)}
+    state = {k[len(PREFIX) :]: v for k, v in source.items() if k.startswith(PREFIX)}
     # stale_format 1 kept provenance inside run_config; later checkpoints carry a top-level "provenance" entry
     prov = ckpt.get("provenance") if isinstance(ckpt.get("provenance"), dict) else run_config.get("provenance")
-    return StaleCheckpoint(path=path, run_config=run_config, state_dict=state, weights=weights,
-                           global_step=ckpt.get("global_step"), epoch=ckpt.get("epoch"), provenance=prov,
-                           extra={k: ckpt[k] for k in ("pytorch-lightning_version", "stale_format", "finetune_base") if k in ckpt})
+    return StaleCheckpoint(
+        path=path,
+        run_config=run_config,
+        state_dict=state,
+        weights=weights,
+        global_step=ckpt.get("global_step"),
+        epoch=ckpt.get("epoch"),
+        provenance=prov,
+        extra={k: ckpt[k] for k in ("pytorch-lightning_version", "stale_format", "finetune_base") if k in ckpt},
+    )
 
 
 # Model config fields that change what the weights compute without changing any tensor's name or shape.
@@ -146,15 +158,22 @@ def init_from(model: nn.Module, path: str | Path, strict: bool = True) -> tuple[
         log.info("init_from %s: %s", path, line)
     for key in SAME_TENSORS_OTHER_MEANING:  # every tensor fits, yet the weights will see other inputs
         if source.model.get(key) != target.get(key):
-            log.warning("init_from %s: model.%s was %s when these weights trained and is %s now; every tensor "
-                        "loads, but attention sees tokens in another way until training adapts it (expect a higher "
-                        "loss in the first steps)", path, key, source.model.get(key), target.get(key))
+            log.warning(
+                "init_from %s: model.%s was %s when these weights trained and is %s now; every tensor "
+                "loads, but attention sees tokens in another way until training adapts it (expect a higher "
+                "loss in the first steps)",
+                path,
+                key,
+                source.model.get(key),
+                target.get(key),
+            )
     if report.unexpected and strict:
         raise InitFromError(
             f"init_from={path}: {len(report.unexpected)} tensors are new, dropped or reshaped and the model config "
             f"change does not explain them: {', '.join(report.unexpected[:8])}"
             f"{' ...' if len(report.unexpected) > 8 else ''}. Set init_from_strict=false to start anyway "
-            "(they keep their fresh initialisation)")
+            "(they keep their fresh initialisation)"
+        )
     return report, {"init_from": str(Path(path).resolve()), "sha256": source.sha256}
 
 
@@ -169,8 +188,10 @@ def check_base(finetune: dict | None, init_path: str | None) -> Finetune:
     """The finetune node, built (its own checks), against init_from: LoRA needs a frozen base to adapt."""
     ft = Finetune(**{k: v for k, v in (finetune or {}).items() if k != "_target_"})
     if ft.lora and not init_path:
-        raise InitFromError("finetune=lora needs init_from=CKPT_OR_EXPORT_DIR: adapters on a random base learn "
-                            "nothing useful (use finetune=full to train from scratch)")
+        raise InitFromError(
+            "finetune=lora needs init_from=CKPT_OR_EXPORT_DIR: adapters on a random base learn "
+            "nothing useful (use finetune=full to train from scratch)"
+        )
     return ft
 
 
@@ -193,7 +214,8 @@ def rebuild(ckpt: StaleCheckpoint) -> nn.Module:
     if found != base["sha256"]:
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds only its trained tensors; its frozen base is init_from={path}, which "
-            f"{'is missing' if found is None else 'has changed (sha256 differs)'}: restore that file")
+            f"{'is missing' if found is None else 'has changed (sha256 differs)'}: restore that file"
+        )
     prepare(model, run.get("finetune"), str(path), strict=bool(run.get("init_from_strict", True)))
     full = model.state_dict()
     extra = sorted(set(ckpt.state_dict) - set(full))

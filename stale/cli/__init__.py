@@ -61,8 +61,12 @@ class PrintedOnce(logging.Filter):
 
 def _prints(handler: logging.Handler, record: logging.LogRecord) -> bool:
     """Whether `handler` writes `record` to the console (a file handler is no console)."""
-    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-            and getattr(handler, "stream", None) in (sys.stdout, sys.stderr) and record.levelno >= handler.level)
+    return (
+        isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+        and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+        and record.levelno >= handler.level
+    )
 
 
 class _NoAdvert(logging.Filter):
@@ -84,8 +88,11 @@ def quiet_console() -> None:
             # root, as it is done here
             logger = logging.getLogger(name)
             if not logger.propagate:
-                for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
-                                and not isinstance(h, logging.FileHandler)]:
+                for handler in [
+                    h
+                    for h in logger.handlers
+                    if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                ]:
                     logger.removeHandler(handler)
                 logger.propagate = True
     for category, message, module in LIBRARY_WARNINGS:
@@ -106,8 +113,11 @@ def explain_override_error(config_name: str, overrides: list[str], config_path: 
 
     overrides = [o for o in overrides if not o.startswith("-")]  # --multirun, --cfg job, ...
     GlobalHydra.instance().clear()
-    init = initialize_config_module(CONFIG_MODULE, version_base="1.3") if config_path else \
-        initialize(config_path=None, version_base="1.3")
+    init = (
+        initialize_config_module(CONFIG_MODULE, version_base="1.3")
+        if config_path
+        else initialize(config_path=None, version_base="1.3")
+    )
     try:
         with init:
             compose(config_name, overrides=overrides)
@@ -125,8 +135,9 @@ def explain_override_error(config_name: str, overrides: list[str], config_path: 
     return ""
 
 
-def stale_app(config_name: str, config_path: str | None = CONFIG_PATH,
-              flat_keys: DictConfig | None = None) -> Callable[[Callable], Callable[[], object]]:
+def stale_app(
+    config_name: str, config_path: str | None = CONFIG_PATH, flat_keys: DictConfig | None = None
+) -> Callable[[Callable], Callable[[], object]]:
     """hydra.main for stale's apps. flat_keys: the packaged config of a flat app, whose root keys are the only
     keys the app accepts (a `+typo=1` would otherwise be ignored)."""
 

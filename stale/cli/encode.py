@@ -7,21 +7,25 @@ from stale.cli import packaged_config, stale_app
 
 @stale_app("encode", flat_keys=packaged_config("encode"))
 def main(cfg: DictConfig) -> None:
-    from stale.pipeline.sample_to_dir import resolve_device  # imported late so that --help and config errors are fast
     from stale.latent.cache import encode_shards
+    from stale.pipeline.sample_to_dir import resolve_device  # imported late so that --help and config errors are fast
 
     options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     options["device"] = resolve_device(options["device"])
     result = encode_shards(**options)
     info = result["info"]
     print("\nstale-encode finished:")
-    print(f"  clips          {info['clips']} in {len(info['shards'])} shards ({sum(info['skipped'].values())} "
-          f"skipped: {info['skipped'] or 'none'})")
+    print(
+        f"  clips          {info['clips']} in {len(info['shards'])} shards ({sum(info['skipped'].values())} "
+        f"skipped: {info['skipped'] or 'none'})"
+    )
     if info.get("per_bucket"):  # buckets=: one latent shape per bucket
         for name, b in info["per_bucket"].items():
             print(f"  bucket {name:<12} {b['clips']} clips, latent shape {b['latent_shape']}")
     else:
-        print(f"  latent shape   {info['latent_shape']} per clip of {info['frames']} x {info['size']} x {info['size']} px")
+        print(
+            f"  latent shape   {info['latent_shape']} per clip of {info['frames']} x {info['size']} x {info['size']} px"
+        )
     print(f"  cache          {result['out']}")
     print(f"  train with     {result['command']}")
 

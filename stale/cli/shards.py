@@ -37,8 +37,10 @@ def _main(cfg: DictConfig) -> None:
     summary = shards.convert(shards.ShardsConfig(**options))
     print("\nstale-shards finished:")
     for split, s in summary["splits"].items():
-        print(f"  {split:<6} {s['clips']:>7} clips in {s['shards']} shards from {s['videos']} videos "
-              f"({s['failed_videos']} failed): {s['pattern']}")
+        print(
+            f"  {split:<6} {s['clips']:>7} clips in {s['shards']} shards from {s['videos']} videos "
+            f"({s['failed_videos']} failed): {s['pattern']}"
+        )
     if summary["failed"]:
         print(f"  {len(summary['failed'])} videos could not be used; see {cfg.out}/info.json")
     print(f"  train with: {summary['command']}")

@@ -86,8 +86,10 @@ def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") 
         return None
     if isinstance(value, str):
         if value not in PRESETS:
-            raise BucketError(f"{key}={value!r} is not a preset ({', '.join(sorted(PRESETS))}) nor a list of "
-                              "[frames, height, width, batch_size, keep_prob]")
+            raise BucketError(
+                f"{key}={value!r} is not a preset ({', '.join(sorted(PRESETS))}) nor a list of "
+                "[frames, height, width, batch_size, keep_prob]"
+            )
         value = PRESETS[value]
     if not isinstance(value, (list, tuple)) or not value:
         raise BucketError(f"{key}={value!r} must be a preset name or a non-empty list of buckets")
@@ -96,15 +98,16 @@ def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") 
         try:
             bucket = Bucket(**b) if isinstance(b, dict) else Bucket(*b)
         except TypeError as e:
-            raise BucketError(f"{key}[{i}]={b!r}: a bucket is [frames, height, width, batch_size(, keep_prob)] or "
-                              f"a dict of those keys ({e})") from None
+            raise BucketError(
+                f"{key}[{i}]={b!r}: a bucket is [frames, height, width, batch_size(, keep_prob)] or "
+                f"a dict of those keys ({e})"
+            ) from None
         ints = (bucket.frames, bucket.height, bucket.width, bucket.batch_size)
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ints):
             raise BucketError(f"{key}[{i}]={b!r}: frames, height, width and batch_size must be integers >= 1")
         if not 0 < bucket.keep_prob <= 1:
             raise BucketError(f"{key}[{i}]={b!r}: keep_prob={bucket.keep_prob} must be in (0, 1]")
-        if patch is not None and (bucket.frames % patch[0] or bucket.height % patch[1]
-                                  or bucket.width % patch[2]):
+        if patch is not None and (bucket.frames % patch[0] or bucket.height % patch[1] or bucket.width % patch[2]):
             raise BucketError(f"{key}[{i}]: the bucket {bucket.name} is not divisible by model.patch={list(patch)}")
         out.append(bucket)
     names = [b.name for b in out]
@@ -117,12 +120,14 @@ def parse_buckets(value, patch: tuple | None = None, key: str = "data.buckets") 
 def check_rule(max_crop: float, max_upscale: float, prefix: str = "data.") -> None:
     """The fit rule's bounds (BucketError naming the keys): a crop share in [0, 1), an upscale factor >= 1."""
     if not 0 <= max_crop < 1 or max_upscale < 1:
-        raise BucketError(f"{prefix}bucket_max_crop={max_crop} must be in [0, 1) and {prefix}bucket_max_upscale="
-                          f"{max_upscale} >= 1")
+        raise BucketError(
+            f"{prefix}bucket_max_crop={max_crop} must be in [0, 1) and {prefix}bucket_max_upscale={max_upscale} >= 1"
+        )
 
 
-def fits(bucket: Bucket, frames: int, h: int, w: int, stride: int = 1, max_crop: float = 0.25,
-         max_upscale: float = 1.0) -> bool:
+def fits(
+    bucket: Bucket, frames: int, h: int, w: int, stride: int = 1, max_crop: float = 0.25, max_upscale: float = 1.0
+) -> bool:
     """Whether a clip of (frames, h, w) fits the bucket (the rule in the module docstring)."""
     if frames < (bucket.frames - 1) * stride + 1:
         return False
@@ -142,15 +147,22 @@ def thinned(keep: tuple[float, float], image: bool, rng: random.Random) -> bool:
 class Assigner:
     """Puts clips into buckets: `assign(frames, h, w, rng)` -> bucket index or None (fits none)."""
 
-    def __init__(self, buckets: list[Bucket], stride: int = 1, max_crop: float = 0.25, max_upscale: float = 1.0,
-                 keep: tuple[float, float] = (1.0, 1.0)):
+    def __init__(
+        self,
+        buckets: list[Bucket],
+        stride: int = 1,
+        max_crop: float = 0.25,
+        max_upscale: float = 1.0,
+        keep: tuple[float, float] = (1.0, 1.0),
+    ):
         self.buckets, self.stride, self.max_crop, self.max_upscale = buckets, stride, max_crop, max_upscale
         self.keep = keep  # (p keep an image, p keep a video): image_share's thinning; (1, 1) keeps every clip
         self.order = sorted(range(len(buckets)), key=lambda i: (-buckets[i].pixels, i))  # largest first
 
     def fitting(self, frames: int, h: int, w: int) -> list[int]:
-        return [i for i in self.order if fits(self.buckets[i], frames, h, w, self.stride, self.max_crop,
-                                              self.max_upscale)]
+        return [
+            i for i in self.order if fits(self.buckets[i], frames, h, w, self.stride, self.max_crop, self.max_upscale)
+        ]
 
     def assign(self, frames: int, h: int, w: int, rng: random.Random) -> int | None:
         """The bucket index of a clip, or None when it fits none; -1 when image_share thins it out."""
@@ -174,8 +186,14 @@ class Assigner:
         """What decides a clip's bucket besides the list, for the loader's resume fingerprint."""
         return [self.stride, self.max_crop, self.max_upscale, list(self.keep)]
 
-    def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
-              num_classes: int | None = None, largest: bool = False) -> int:
+    def place(
+        self,
+        sample: dict,
+        rng: random.Random,
+        label_key: str | None = "label",
+        num_classes: int | None = None,
+        largest: bool = False,
+    ) -> int:
         """The bucket index of a sample from the shape its .json records (else its mp4 header): `assign`, or with
         largest=True `largest`; -1 when image_share thins it out. Raises Skip: no_bucket when it fits none, and
         when its shape cannot be read, the sample check's reason (bad .json, label) or else corrupt_video."""
@@ -187,8 +205,11 @@ class Assigner:
             raise Skip("corrupt_video", f"{sample_name(sample)}: cannot read the clip's shape")
         k = self.largest(*shape) if largest else self.assign(*shape, rng)
         if k is None:
-            raise Skip("no_bucket", f"{sample_name(sample)}: a clip of (T, H, W) = {shape} fits no bucket (largest "
-                                    f"first: {', '.join(self.buckets[i].name for i in self.order)})")
+            raise Skip(
+                "no_bucket",
+                f"{sample_name(sample)}: a clip of (T, H, W) = {shape} fits no bucket (largest "
+                f"first: {', '.join(self.buckets[i].name for i in self.order)})",
+            )
         return k
 
 
@@ -205,8 +226,9 @@ class CacheAssigner:
     def rule(self) -> list:
         return ["cache", list(self.keep)]
 
-    def place(self, sample: dict, rng: random.Random, label_key: str | None = "label",
-              num_classes: int | None = None) -> int:
+    def place(
+        self, sample: dict, rng: random.Random, label_key: str | None = "label", num_classes: int | None = None
+    ) -> int:
         """The index of the bucket the sample's .json names; a bad .json or label is named as such by the sample
         check, a missing or unknown bucket name is a bad_latent (the sample does not match the cache's info.json)."""
         from stale.data.reader import Skip, check_sample, sample_name
@@ -214,8 +236,11 @@ class CacheAssigner:
         check_sample(sample, label_key, num_classes, member=self.member)
         name = json.loads(sample["json"]).get("bucket") if "json" in sample else None
         if name not in self.index:
-            raise Skip("bad_latent", f"{sample_name(sample)}: .json names the bucket {name!r}, not one of the cache's "
-                                     f"info.json {list(self.index)}")
+            raise Skip(
+                "bad_latent",
+                f"{sample_name(sample)}: .json names the bucket {name!r}, not one of the cache's "
+                f"info.json {list(self.index)}",
+            )
         k = self.index[name]
         return -1 if thinned(self.keep, self.buckets[k].frames == 1, rng) else k
 
@@ -307,20 +332,31 @@ def report(found: Scan, buckets: list[Bucket]) -> list[str]:
     """The scan's warnings, one line each: the buckets with less data than one batch (all of them in one line),
     and the clips that fit no bucket."""
     empty = [b.name for b in buckets if found.per_bucket.get(b.name, 0) == 0]
-    few = [f"{b.name} ({found.per_bucket[b.name]} of a batch of {b.batch_size})" for b in buckets
-           if 0 < found.per_bucket.get(b.name, 0) < b.batch_size]
+    few = [
+        f"{b.name} ({found.per_bucket[b.name]} of a batch of {b.batch_size})"
+        for b in buckets
+        if 0 < found.per_bucket.get(b.name, 0) < b.batch_size
+    ]
     out = []
     if empty or few:
         parts = []
         if empty:
-            parts.append(f"no clip has {', '.join(empty)} as its largest bucket (they get clips only through the "
-                         "keep_prob of larger buckets)")
+            parts.append(
+                f"no clip has {', '.join(empty)} as its largest bucket (they get clips only through the "
+                "keep_prob of larger buckets)"
+            )
         if few:
-            parts.append(f"fewer clips than one batch fit {', '.join(few)} (their batches repeat clips: the stream "
-                         "resamples)")
-        out.append(f"{len(empty) + len(few)} of {len(buckets)} buckets have less data than one batch: "
-                   + "; ".join(parts) + ". Lower their batch_size or drop them from data.buckets")
+            parts.append(
+                f"fewer clips than one batch fit {', '.join(few)} (their batches repeat clips: the stream resamples)"
+            )
+        out.append(
+            f"{len(empty) + len(few)} of {len(buckets)} buckets have less data than one batch: "
+            + "; ".join(parts)
+            + ". Lower their batch_size or drop them from data.buckets"
+        )
     if found.no_bucket:
-        out.append(f"{found.no_bucket} of {found.clips} clips fit no bucket of data.buckets and are skipped "
-                   "(counted as no_bucket): add a bucket of their shape or lower a bucket's frames")
+        out.append(
+            f"{found.no_bucket} of {found.clips} clips fit no bucket of data.buckets and are skipped "
+            "(counted as no_bucket): add a bucket of their shape or lower a bucket's frames"
+        )
     return out

@@ -29,8 +29,10 @@ def fit_frames(frames: np.ndarray, size: int, name: str) -> np.ndarray:
     if (h, w) == (size, size):
         return frames
     if h != w:
-        raise ConditioningError(f"{name} is {w}x{h}, not square: the model makes {size}x{size} clips; crop it to a "
-                                "square (it is not stretched, which would distort its shapes)")
+        raise ConditioningError(
+            f"{name} is {w}x{h}, not square: the model makes {size}x{size} clips; crop it to a "
+            "square (it is not stretched, which would distort its shapes)"
+        )
     log.warning("%s is %dx%d: resized to the model's %dx%d", name, w, h, size, size)
     return np.stack([np.array(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
 

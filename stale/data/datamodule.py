@@ -80,7 +80,8 @@ class VideoDataModule(L.LightningDataModule):
         bucket_max_upscale: float = 1.0,  # ... and it is scaled up at most this much
         image_share: float | None = None,  # with buckets: the share of training clips that are images (T = 1)
         bucket_scan: bool = True,  # read the shards' .json once at start: clips per bucket, warnings, image_share
-        bucket_batch_max: int | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
+        bucket_batch_max: int
+        | None = None,  # caps every bucket's batch size (debug=smoke: a few steps see every bucket)
         captions: bool = False,  # read each clip's caption too (stale-train sets it with model.cond=text)
         missing_caption: str = "skip",  # a clip without a caption: skip (counted) | empty (counted, kept with "")
     ):
@@ -100,10 +101,13 @@ class VideoDataModule(L.LightningDataModule):
         if self.buckets and bucket_batch_max is not None:
             if bucket_batch_max < 1:
                 raise ValueError(f"data.bucket_batch_max={bucket_batch_max} must be >= 1 (or null)")
-            self.buckets = [dataclasses.replace(b, batch_size=min(b.batch_size, bucket_batch_max)) for b in self.buckets]
+            self.buckets = [
+                dataclasses.replace(b, batch_size=min(b.batch_size, bucket_batch_max)) for b in self.buckets
+            ]
         if image_share is not None and not (self.buckets and bucket_scan and 0 <= image_share <= 1):
-            raise ValueError(f"data.image_share={image_share} needs data.buckets, data.bucket_scan=true and a value "
-                             "in [0, 1]")
+            raise ValueError(
+                f"data.image_share={image_share} needs data.buckets, data.bucket_scan=true and a value in [0, 1]"
+            )
         bucketing.check_rule(bucket_max_crop, bucket_max_upscale)
         self.bucket_scan: bucketing.Scan | None = None
         self.bucket_specs = None  # per bucket: None = the clip spec at the bucket's shape (a latent cache sets its own)
@@ -134,33 +138,62 @@ class VideoDataModule(L.LightningDataModule):
         rank, _ = _rank_world(self.trainer)
         if rank == 0:
             found = self.bucket_scan
-            log.info("buckets: %d clips (%d images, %d videos) in data.shards; largest bucket each fits: %s",
-                     found.clips, found.images, found.videos, ", ".join(f"{n}={c}" for n, c in found.per_bucket.items()))
+            log.info(
+                "buckets: %d clips (%d images, %d videos) in data.shards; largest bucket each fits: %s",
+                found.clips,
+                found.images,
+                found.videos,
+                ", ".join(f"{n}={c}" for n, c in found.per_bucket.items()),
+            )
             for warning in bucketing.report(found, self.buckets):
                 log.warning("%s", warning)
 
     def _stream(self, train: bool) -> VideoStream:
         hp = self.hparams
         rank, world = _rank_world(self.trainer)
-        return VideoStream(self.train_urls if train else self.val_urls, self.train_spec if train else self.val_spec,
-                           train=train, batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
-                           num_classes=hp.num_classes, label_key=hp.label_key, shuffle_buffer=hp.shuffle_buffer,
-                           seed=hp.seed, rank=rank, world_size=world,
-                           buckets=self.buckets, assigner=self.assigner(train),
-                           captions=hp.missing_caption if hp.captions else None, text_members=self.text_members,
-                           bucket_specs=self.bucket_specs)
+        return VideoStream(
+            self.train_urls if train else self.val_urls,
+            self.train_spec if train else self.val_spec,
+            train=train,
+            batch_size=hp.batch_size if train else (hp.val_batch_size or hp.batch_size),
+            num_classes=hp.num_classes,
+            label_key=hp.label_key,
+            shuffle_buffer=hp.shuffle_buffer,
+            seed=hp.seed,
+            rank=rank,
+            world_size=world,
+            buckets=self.buckets,
+            assigner=self.assigner(train),
+            captions=hp.missing_caption if hp.captions else None,
+            text_members=self.text_members,
+            bucket_specs=self.bucket_specs,
+        )
 
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
-        return TrainLoader(self._stream(train=True), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor,
-                           hp.persistent_workers, epoch_batches=hp.epoch_batches, mix=hp.mix_workers)
+        return TrainLoader(
+            self._stream(train=True),
+            self.health,
+            hp.num_workers,
+            hp.pin_memory,
+            hp.prefetch_factor,
+            hp.persistent_workers,
+            epoch_batches=hp.epoch_batches,
+            mix=hp.mix_workers,
+        )
 
     def val_dataloader(self) -> ValLoader | list:
         if not self.val_urls:
             return []
         hp = self.hparams
-        return ValLoader(self._stream(train=False), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor,
-                         persistent_workers=False)
+        return ValLoader(
+            self._stream(train=False),
+            self.health,
+            hp.num_workers,
+            hp.pin_memory,
+            hp.prefetch_factor,
+            persistent_workers=False,
+        )
 
 
 class LatentDataModule(VideoDataModule):
@@ -172,26 +205,39 @@ class LatentDataModule(VideoDataModule):
     its bucket (no fit rule at train time), each bucket's batches are of its latent shape. `buckets` (data.buckets)
     may only repeat the cache's list; `image_share` counts the clips of one-frame buckets as the images."""
 
-    def __init__(self, shards: str | list[str], val_shards: str | list[str] | None = None,
-                 frames: int | None = None, size: int | None = None, buckets=None, **loader_kwargs):
+    def __init__(
+        self,
+        shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        frames: int | None = None,
+        size: int | None = None,
+        buckets=None,
+        **loader_kwargs,
+    ):
         info, path = cache_info(shards, "data.shards")
         check_cache_clip(info, path, frames, size)
         buckets = cache_buckets(info, path, buckets)  # a local again: save_hyperparameters records it
         if val_shards:
             val_info, val_path = cache_info(val_shards, "data.val_shards")
-            if (val_info["latent_shape"] != info["latent_shape"] or val_info["vae"] != info["vae"]
-                    or val_info.get("buckets") != info.get("buckets")):
-                raise ValueError(f"data.val_shards: {val_path} was encoded differently from {path} "
-                                 "(autoencoder, clip shape or buckets)")
-        super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], buckets=buckets,
-                         **loader_kwargs)
+            if (
+                val_info["latent_shape"] != info["latent_shape"]
+                or val_info["vae"] != info["vae"]
+                or val_info.get("buckets") != info.get("buckets")
+            ):
+                raise ValueError(
+                    f"data.val_shards: {val_path} was encoded differently from {path} "
+                    "(autoencoder, clip shape or buckets)"
+                )
+        super().__init__(shards, val_shards, frames=info["frames"], size=info["size"], buckets=buckets, **loader_kwargs)
         c, t, h, w = info["latent_shape"]
         self.info = info
         if info.get("text_encoder"):  # captions encoded once by stale-encode: the loader reads them, never the text
             self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
             self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))
-        if self.buckets:  # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+        if (
+            self.buckets
+        ):  # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
             shapes = [info["per_bucket"][b.name]["latent_shape"] for b in self.buckets]
             self.bucket_specs = [LatentSpec((2 * s[0], *s[1:])) for s in shapes]
 

@@ -70,9 +70,12 @@ class DataHealth:
         return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
 
     def state_dict(self) -> dict:
-        return {"clips": dict(self.clips), "reasons": {s: dict(c) for s, c in self.reasons.items()},
-                "shards": {s: {u: dict(c) for u, c in d.items()} for s, d in self.shards.items()},
-                "buckets": dict(self.buckets)}
+        return {
+            "clips": dict(self.clips),
+            "reasons": {s: dict(c) for s, c in self.reasons.items()},
+            "shards": {s: {u: dict(c) for u, c in d.items()} for s, d in self.shards.items()},
+            "buckets": dict(self.buckets),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.clips = Counter(state.get("clips", {}))
@@ -105,15 +108,23 @@ def advice(counts: dict, label_key: str | None = "label") -> str:
     return " ".join(f"{r}: {likely_fix(r, 'data.', label_key)}." for _, r in ranked)
 
 
-def health_error(vec: torch.Tensor, worst: list[tuple[str, int, dict]], max_rate: float, split: str = "train",
-                 label_key: str | None = "label") -> str:
+def health_error(
+    vec: torch.Tensor,
+    worst: list[tuple[str, int, dict]],
+    max_rate: float,
+    split: str = "train",
+    label_key: str | None = "label",
+) -> str:
     rate, skipped, seen = rate_of(vec)
     counts = {r: int(n) for r, n in zip(REASONS, vec[1:].tolist()) if n}
     reasons = ", ".join(f"{r}={n}" for r, n in counts.items())
     lines = [f"{u}: {n} skipped ({', '.join(f'{r}={c}' for r, c in sorted(rs.items()))})" for u, n, rs in worst]
-    return (f"{split} data: {skipped} of {seen} samples skipped ({rate:.2%}), above data.max_skip_rate="
-            f"{max_rate:g}. By reason: {reasons}. Worst shards:\n  " + "\n  ".join(lines)
-            + f"\nLikely fix: {advice(counts, label_key)} Or raise data.max_skip_rate.")
+    return (
+        f"{split} data: {skipped} of {seen} samples skipped ({rate:.2%}), above data.max_skip_rate="
+        f"{max_rate:g}. By reason: {reasons}. Worst shards:\n  "
+        + "\n  ".join(lines)
+        + f"\nLikely fix: {advice(counts, label_key)} Or raise data.max_skip_rate."
+    )
 
 
 def _datamodule_health(trainer) -> DataHealth | None:
@@ -144,8 +155,11 @@ class DataHealthMonitor(Callback):
 
     def _metrics(self, vec: torch.Tensor, split: str) -> dict:
         rate, skipped, _ = rate_of(vec)
-        out = {f"data/{split}_clips": float(vec[0]), f"data/{split}_skipped": float(skipped),
-               f"data/{split}_skip_rate": rate}
+        out = {
+            f"data/{split}_clips": float(vec[0]),
+            f"data/{split}_skipped": float(skipped),
+            f"data/{split}_skip_rate": rate,
+        }
         if split == "train":
             out.update({f"data/skipped_{r}": float(n) for r, n in zip(REASONS, vec[1:].tolist()) if n})
         return out
@@ -161,8 +175,12 @@ class DataHealthMonitor(Callback):
         pl_module.log_dict(self._metrics(vec, "train"), on_step=True, on_epoch=False, logger=True)
         if health.bucket_names:  # clips each bucket received, all ranks
             per = self._reduce(trainer, health.bucket_vector())
-            pl_module.log_dict({f"data/bucket_{n}": float(c) for n, c in zip(health.bucket_names, per.tolist())},
-                               on_step=True, on_epoch=False, logger=True)
+            pl_module.log_dict(
+                {f"data/bucket_{n}": float(c) for n, c in zip(health.bucket_names, per.tolist())},
+                on_step=True,
+                on_epoch=False,
+                logger=True,
+            )
         rate, skipped, seen = rate_of(vec)
         if seen >= health.min_samples and rate > health.max_skip_rate:
             worst = health.worst_shards("train")
@@ -192,10 +210,12 @@ class DataHealthMonitor(Callback):
         if health is not None and trainer.is_global_zero:
             log.info("data health (rank 0) %s", health.summary("train"))
             if health.skipped("train"):  # below data.max_skip_rate, yet data the run did not train on
-                log.warning("train data skipped on rank 0; likely fix: %s",
-                            advice(health.reasons["train"], _label_key(trainer)))
+                log.warning(
+                    "train data skipped on rank 0; likely fix: %s", advice(health.reasons["train"], _label_key(trainer))
+                )
             if health.bucket_names:
-                log.info("clips per bucket (rank 0): %s", ", ".join(f"{n}={health.buckets[n]}"
-                                                                    for n in health.bucket_names))
+                log.info(
+                    "clips per bucket (rank 0): %s", ", ".join(f"{n}={health.buckets[n]}" for n in health.bucket_names)
+                )
             if health.clips["val"] or health.skipped("val"):
                 log.info("data health (rank 0) %s", health.summary("val"))

@@ -27,13 +27,17 @@ def cache_info(shards, key: str = "data.shards") -> tuple[dict, Path]:
     urls = expand_shards(shards, key)
     path = Path(urls[0]).parent / INFO
     if not path.is_file():
-        raise CacheError(f"{key}: {path} does not exist: data=latents reads shards written by stale-encode "
-                         "(their folder holds its info.json)")
+        raise CacheError(
+            f"{key}: {path} does not exist: data=latents reads shards written by stale-encode "
+            "(their folder holds its info.json)"
+        )
     info = json.loads(path.read_text())
     if info.get("format") != FORMAT:
-        raise CacheError(f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r}): mp4 shards "
-                         "train with data=shards (add vae=diffusers to encode them on the fly), or encode them once "
-                         "with stale-encode and train on its out= with data=latents")
+        raise CacheError(
+            f"{key}: {path} is not a stale-encode cache (format={info.get('format')!r}): mp4 shards "
+            "train with data=shards (add vae=diffusers to encode them on the fly), or encode them once "
+            "with stale-encode and train on its out= with data=latents"
+        )
     return info, path
 
 
@@ -41,8 +45,10 @@ def check_cache_clip(info: dict, path: Path, frames: int | None, size: int | Non
     """data.frames / data.size, when set with data=latents, must be the clip the cache holds."""
     for key, value in (("frames", frames), ("size", size)):
         if value is not None and value != info[key]:
-            raise CacheError(f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: leave "
-                             f"data.{key} unset (null) with data=latents, or encode again")
+            raise CacheError(
+                f"data.{key}={value}, but the cache {path} holds clips of {key} {info[key]}: leave "
+                f"data.{key} unset (null) with data=latents, or encode again"
+            )
 
 
 def cache_buckets(info: dict, path: Path, buckets=None, key: str = "data.buckets") -> list | None:
@@ -52,13 +58,17 @@ def cache_buckets(info: dict, path: Path, buckets=None, key: str = "data.buckets
     if buckets is None:
         return cached
     if cached is None:
-        raise CacheError(f"{key}={buckets!r}, but the cache {path} holds clips of one shape ({info['frames']} x "
-                         f"{info['size']} x {info['size']} pixels): encode it with stale-encode buckets=... (then "
-                         f"leave {key} unset), or drop {key}")
+        raise CacheError(
+            f"{key}={buckets!r}, but the cache {path} holds clips of one shape ({info['frames']} x "
+            f"{info['size']} x {info['size']} pixels): encode it with stale-encode buckets=... (then "
+            f"leave {key} unset), or drop {key}"
+        )
     if bucketing.parse_buckets(buckets, key=key) != bucketing.parse_buckets(cached, key=f"{path} buckets"):
-        raise CacheError(f"{key}={buckets!r} differs from the buckets the cache {path} was encoded with: {cached}. "
-                         f"Leave {key} unset (null) to train the cache's (data.bucket_batch_max caps their batch "
-                         "sizes), or encode again with stale-encode buckets=...")
+        raise CacheError(
+            f"{key}={buckets!r} differs from the buckets the cache {path} was encoded with: {cached}. "
+            f"Leave {key} unset (null) to train the cache's (data.bucket_batch_max caps their batch "
+            "sizes), or encode again with stale-encode buckets=..."
+        )
     return cached
 
 

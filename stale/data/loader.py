@@ -58,10 +58,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stale.data import buckets as bucketing
 from stale.data.buckets import Assigner, Bucket, CacheAssigner
+from stale.data.captions import sample_caption
 from stale.data.health import DataHealth, DataHealthError
 from stale.data.reader import Skip, SkipCounter, all_skipped, decode_sample, read_shard
 from stale.data.video_io import ClipSpec
-from stale.data.captions import sample_caption
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,26 @@ class VideoStream(IterableDataset):
     cached embeddings and masks stacked as (float32 (B, L, D), bool (B, L)).
     """
 
-    def __init__(self, urls: list[str], spec: ClipSpec, *, train: bool, batch_size: int, num_classes: int,
-                 label_key: str | None = "label", shuffle_buffer: int = 512, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, control: torch.Tensor | None = None, buckets: list[Bucket] | None = None,
-                 assigner: Assigner | CacheAssigner | None = None, captions: str | None = None,
-                 text_members: tuple[str, str] | None = None, bucket_specs: list | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        spec: ClipSpec,
+        *,
+        train: bool,
+        batch_size: int,
+        num_classes: int,
+        label_key: str | None = "label",
+        shuffle_buffer: int = 512,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        control: torch.Tensor | None = None,
+        buckets: list[Bucket] | None = None,
+        assigner: Assigner | CacheAssigner | None = None,
+        captions: str | None = None,
+        text_members: tuple[str, str] | None = None,
+        bucket_specs: list | None = None,
+    ):
         self.urls, self.spec, self.train = list(urls), spec, train
         self.buckets = buckets
         self.assigner = assigner or (Assigner(buckets, spec.stride) if buckets else None)
@@ -118,8 +133,10 @@ class VideoStream(IterableDataset):
             n = yield from read_shard(url, counter)
             dry = 0 if n else dry + 1
             if dry >= limit:
-                raise DataHealthError(f"rank {self.rank} worker {worker}: the last {dry} shards opened held no "
-                                      f"sample, e.g. {url}. Check data.shards (and pipe: commands by hand).")
+                raise DataHealthError(
+                    f"rank {self.rank} worker {worker}: the last {dry} shards opened held no "
+                    f"sample, e.g. {url}. Check data.shards (and pipe: commands by hand)."
+                )
 
     def _validation(self, worker: int, workers: int, counter: SkipCounter) -> Iterator[dict]:
         slots, slot = self.world_size * workers, self.rank * workers + worker
@@ -167,8 +184,14 @@ class VideoStream(IterableDataset):
             rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
             try:
                 text = self._text(sample, counter)  # before decoding: a clip skipped for its caption is not decoded
-                clip, label = decode_sample(sample, self.spec, rng, self.label_key, self.num_classes,
-                                            None if video is None else video[len(labels)].numpy())
+                clip, label = decode_sample(
+                    sample,
+                    self.spec,
+                    rng,
+                    self.label_key,
+                    self.num_classes,
+                    None if video is None else video[len(labels)].numpy(),
+                )
             except Skip as e:
                 self._skipped(counter, streak, e, sample, worker)
                 continue
@@ -190,8 +213,9 @@ class VideoStream(IterableDataset):
         counter.skip(e.reason, sample.get("__url__", "?"), e)
         streak[e.reason] += 1
         if self.train and streak.total() >= STALL_SAMPLES:
-            raise DataHealthError(all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.",
-                                              self.label_key, in_a_row=True)) from None
+            raise DataHealthError(
+                all_skipped(f"rank {self.rank} worker {worker}", streak, e, "data.", self.label_key, in_a_row=True)
+            ) from None
 
     def _text(self, sample: dict, counter: SkipCounter):
         """The clip's caption (a string), its cached (embedding, mask) arrays, or None without captions."""
@@ -202,8 +226,11 @@ class VideoStream(IterableDataset):
         try:
             return tuple(np.load(io.BytesIO(sample[m]), allow_pickle=False) for m in self.text_members)
         except (KeyError, ValueError, OSError, EOFError) as e:
-            raise Skip("bad_latent", f"{sample.get('__key__', '?')}: cached caption {self.text_members} "
-                                     f"missing or unreadable ({type(e).__name__}: {e})") from None
+            raise Skip(
+                "bad_latent",
+                f"{sample.get('__key__', '?')}: cached caption {self.text_members} "
+                f"missing or unreadable ({type(e).__name__}: {e})",
+            ) from None
 
     def _bucketed(self, samples, worker: int, epoch: int, skip: int, counter: SkipCounter):
         """One partly filled batch per bucket; yields whichever fills first. A finite (validation) stream ends with
@@ -226,12 +253,20 @@ class VideoStream(IterableDataset):
                 bucket = self.buckets[k]
                 if k not in partial:
                     shape_out, dtype = batch_layout(self.bucket_specs[k], bucket.batch_size)
-                    partial[k] = (_shared(shape_out, dtype) if get_worker_info() is not None else
-                                  torch.empty(shape_out, dtype=dtype), [], [], [], [])
+                    partial[k] = (
+                        _shared(shape_out, dtype)
+                        if get_worker_info() is not None
+                        else torch.empty(shape_out, dtype=dtype),
+                        [],
+                        [],
+                        [],
+                        [],
+                    )
                 video, labels, keys, positions, texts = partial[k]
                 clip_rng = random.Random(sample_seed(self.seed, epoch, self.rank, worker, i))
-                _, label = decode_sample(sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes,
-                                         video[len(labels)].numpy())
+                _, label = decode_sample(
+                    sample, self.bucket_specs[k], clip_rng, self.label_key, self.num_classes, video[len(labels)].numpy()
+                )
             except Skip as e:
                 self._skipped(counter, streak, e, sample, worker)
                 continue
@@ -243,17 +278,38 @@ class VideoStream(IterableDataset):
             if len(labels) == bucket.batch_size and i >= skip:
                 del partial[k]
                 pending = sorted(p for _, _, _, ps, _ in partial.values() for p in ps)
-                meta = {"worker": worker, "epoch": epoch, "consumed": i + 1, "keys": keys, "skips": counter.take(),
-                        "slot": None, "pending": pending, "bucket": bucket.name, "text": self._texts(texts)}
+                meta = {
+                    "worker": worker,
+                    "epoch": epoch,
+                    "consumed": i + 1,
+                    "keys": keys,
+                    "skips": counter.take(),
+                    "slot": None,
+                    "pending": pending,
+                    "bucket": bucket.name,
+                    "text": self._texts(texts),
+                }
                 yield video, torch.tensor(labels, dtype=torch.int64), meta
         for n, k in enumerate(sorted(partial)):  # finite stream: the rest of every bucket, and the last counts
             video, labels, keys, _, texts = partial[k]
-            meta = {"worker": worker, "epoch": epoch, "consumed": -1, "keys": keys, "skips": counter.take(),
-                    "slot": None, "pending": [], "bucket": self.buckets[k].name, "text": self._texts(texts)}
+            meta = {
+                "worker": worker,
+                "epoch": epoch,
+                "consumed": -1,
+                "keys": keys,
+                "skips": counter.take(),
+                "slot": None,
+                "pending": [],
+                "bucket": self.buckets[k].name,
+                "text": self._texts(texts),
+            }
             yield video[: len(labels)], torch.tensor(labels, dtype=torch.int64), meta
         if not partial and counter.reasons:
-            yield None, None, {"worker": worker, "epoch": epoch, "consumed": -1, "keys": [], "skips": counter.take(),
-                               "slot": None}
+            yield (
+                None,
+                None,
+                {"worker": worker, "epoch": epoch, "consumed": -1, "keys": [], "skips": counter.take(), "slot": None},
+            )
 
     def _new_batch(self, ring: "_Ring") -> tuple[torch.Tensor | None, tuple | None]:
         """uint8 (B, C, T, H, W) (float32 latent moments with a LatentSpec), in shared memory inside a worker so
@@ -271,8 +327,15 @@ class VideoStream(IterableDataset):
         return stack_text(texts) if self.captions is not None and texts else None
 
     def _batch(self, video, slot, clips, labels, keys, worker, epoch, consumed, counter, texts=()):
-        meta = {"worker": worker, "epoch": epoch, "consumed": consumed, "keys": keys, "skips": counter.take(),
-                "slot": slot, "text": self._texts(texts) if labels else None}
+        meta = {
+            "worker": worker,
+            "epoch": epoch,
+            "consumed": consumed,
+            "keys": keys,
+            "skips": counter.take(),
+            "slot": slot,
+            "text": self._texts(texts) if labels else None,
+        }
         if not labels:
             return None, None, meta
         if video is None:  # size=None: clips of the stored size, stacked here
@@ -299,7 +362,10 @@ def stack_text(texts: list):
     """Per-clip captions -> the batch's: a list of strings, or cached (embedding, mask) arrays stacked as tensors."""
     if not texts or isinstance(texts[0], str):
         return list(texts)
-    return (torch.from_numpy(np.stack([t[0] for t in texts])).float(), torch.from_numpy(np.stack([t[1] for t in texts])).bool())
+    return (
+        torch.from_numpy(np.stack([t[0] for t in texts])).float(),
+        torch.from_numpy(np.stack([t[1] for t in texts])).bool(),
+    )
 
 
 def take_text(text, idx: list[int]):
@@ -361,14 +427,26 @@ class _Loader:
 
     split = "train"
 
-    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int | None, persistent_workers: bool):
+    def __init__(
+        self,
+        stream: VideoStream,
+        health: DataHealth,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int | None,
+        persistent_workers: bool,
+    ):
         self.stream, self.health, self.num_workers = stream, health, num_workers
         self._live = None  # the running DataLoader iterator
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.dataloader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=self.pin_memory,
-                                     persistent_workers=persistent_workers and num_workers > 0,
-                                     prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self.dataloader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=persistent_workers and num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
 
     # Lightning's teardown stops workers through `loader._iterator` (combined_loader.py): expose the live one.
     @property
@@ -423,8 +501,17 @@ class ValLoader(_Loader):
 class TrainLoader(_Loader):
     """Endless resampled stream cut into epochs of `epoch_batches`, mixed across workers, resumable."""
 
-    def __init__(self, stream: VideoStream, health: DataHealth, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int | None, persistent_workers: bool, epoch_batches: int, mix: bool = True):
+    def __init__(
+        self,
+        stream: VideoStream,
+        health: DataHealth,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int | None,
+        persistent_workers: bool,
+        epoch_batches: int,
+        mix: bool = True,
+    ):
         if epoch_batches < 1:
             raise ValueError(f"data.epoch_batches={epoch_batches} must be >= 1")
         self.workers = max(1, num_workers)
@@ -432,8 +519,9 @@ class TrainLoader(_Loader):
         # With workers, every batch is copied out of the worker's shared buffer (mixed across workers, or
         # not), straight into pinned memory when asked: the DataLoader's own pinning would copy again.
         self.copy_out = num_workers > 0
-        super().__init__(stream, health, num_workers, pin_memory and not self.copy_out, prefetch_factor,
-                         persistent_workers)
+        super().__init__(
+            stream, health, num_workers, pin_memory and not self.copy_out, prefetch_factor, persistent_workers
+        )
         self.pin_out = pin_memory and self.copy_out and torch.cuda.is_available()
         self.epoch_batches = epoch_batches
         stream.control = torch.zeros(1 + self.workers, dtype=torch.int64).share_memory_()
@@ -449,25 +537,45 @@ class TrainLoader(_Loader):
         return self
 
     def _fresh(self, epoch: int) -> dict:
-        return {"epoch": epoch, "batches": 0, "round": 0, "round_start": [0] * self.workers, "round_yielded": 0,
-                "round_pending": [[] for _ in range(self.workers)]}
+        return {
+            "epoch": epoch,
+            "batches": 0,
+            "round": 0,
+            "round_start": [0] * self.workers,
+            "round_yielded": 0,
+            "round_pending": [[] for _ in range(self.workers)],
+        }
 
     def _fingerprint(self) -> dict:
         d = self.stream
-        return {"workers": self.workers, "batch_size": d.batch_size, "world_size": d.world_size,
-                "rank": d.rank, "seed": d.seed, "epoch_batches": self.epoch_batches, "mix": self.mix,
-                "shuffle_buffer": d.shuffle_buffer,
-                **({"buckets": [list(dataclasses.astuple(b)) for b in d.buckets], "bucket_rule": d.assigner.rule()}
-                   if d.buckets else {})}
+        return {
+            "workers": self.workers,
+            "batch_size": d.batch_size,
+            "world_size": d.world_size,
+            "rank": d.rank,
+            "seed": d.seed,
+            "epoch_batches": self.epoch_batches,
+            "mix": self.mix,
+            "shuffle_buffer": d.shuffle_buffer,
+            **(
+                {"buckets": [list(dataclasses.astuple(b)) for b in d.buckets], "bucket_rule": d.assigner.rule()}
+                if d.buckets
+                else {}
+            ),
+        }
 
     def __len__(self) -> int:
         return self.epoch_batches
 
     def state_dict(self) -> dict:
         st = self.state
-        own = {**st, "round_start": list(st["round_start"]), "round_pending": [list(p) for p in st["round_pending"]],
-               "config": self._fingerprint(),
-               "health": self.health.state_dict()}
+        own = {
+            **st,
+            "round_start": list(st["round_start"]),
+            "round_pending": [list(p) for p in st["round_pending"]],
+            "config": self._fingerprint(),
+            "health": self.health.state_dict(),
+        }
         # every process, not only every data rank: under sequence parallelism (stale/parallel/mesh.py) several
         # processes share one data rank, and all of them take part in the collective
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -482,18 +590,30 @@ class TrainLoader(_Loader):
         if "ranks" in state:  # a DDP checkpoint: take this data rank's part (the processes' list, in rank order)
             ranks, rank = state["ranks"], self.stream.rank
             mine = [s for s in ranks if (s.get("config") or {}).get("rank") == rank]
-            state = mine[0] if mine else ranks[rank] if rank < len(ranks) else {"config": None,
-                                                                                 "epoch": ranks[0].get("epoch", 0)}
+            state = (
+                mine[0]
+                if mine
+                else ranks[rank]
+                if rank < len(ranks)
+                else {"config": None, "epoch": ranks[0].get("epoch", 0)}
+            )
         self.health.load_state_dict(state.get("health", {}))
         fp = self._fingerprint()
         if state.get("config") != fp:
             saved = state.get("config") or {}
             changed = {k: (saved.get(k), v) for k, v in fp.items() if saved.get(k) != v}
-            rule = (" The bucket list or its rule changed: clips would land in other buckets, so the partly "
-                    "filled buckets are dropped and the new buckets start empty." if {"buckets", "bucket_rule"}
-                    & set(changed) else "")
-            log.warning("data loader changed since the checkpoint (%s): resuming at the start of the next "
-                        "epoch instead of the exact position.%s", changed, rule)
+            rule = (
+                " The bucket list or its rule changed: clips would land in other buckets, so the partly "
+                "filled buckets are dropped and the new buckets start empty."
+                if {"buckets", "bucket_rule"} & set(changed)
+                else ""
+            )
+            log.warning(
+                "data loader changed since the checkpoint (%s): resuming at the start of the next "
+                "epoch instead of the exact position.%s",
+                changed,
+                rule,
+            )
             self.state = self._fresh(epoch=int(state.get("epoch", 0)) + 1)
             return
         self.state = {k: state[k] for k in ("epoch", "batches", "round", "round_yielded")}
@@ -511,8 +631,9 @@ class TrainLoader(_Loader):
             keys = [k for it in items for k in it[2]["keys"]]
             text = concat_text([it[2].get("text") for it in items])
             perm = torch.from_numpy(np.random.default_rng([d.seed, 3, epoch, rnd, d.rank]).permutation(len(label)))
-            parts = [(video, label, keys, text, perm[j * d.batch_size : (j + 1) * d.batch_size])
-                     for j in range(len(items))]
+            parts = [
+                (video, label, keys, text, perm[j * d.batch_size : (j + 1) * d.batch_size]) for j in range(len(items))
+            ]
         else:
             parts = [(it[0], it[1], it[2]["keys"], it[2].get("text"), None) for it in items]
         out = []

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # --- shard patterns ----------------------------------------------------------------------------------
 
+
 class ShardError(ValueError):
     """Bad shard configuration: the message names the pattern or file."""
 
@@ -62,8 +63,10 @@ def expand_shards(shards: str | list[str], key: str = "data.shards") -> list[str
             if not _is_remote(url) and os.path.isdir(url):
                 found = sorted(glob.glob(os.path.join(url, "*.tar")))
                 if not found:
-                    raise ShardError(f"{key}: folder {url} holds no *.tar shard (a folder of videos becomes shards with "
-                                     f"stale-shards input={url} out=SHARDS_DIR)")
+                    raise ShardError(
+                        f"{key}: folder {url} holds no *.tar shard (a folder of videos becomes shards with "
+                        f"stale-shards input={url} out=SHARDS_DIR)"
+                    )
                 urls.extend(found)
             elif not _is_remote(url) and any(ch in url for ch in "*?["):
                 found = sorted(glob.glob(url))
@@ -71,14 +74,15 @@ def expand_shards(shards: str | list[str], key: str = "data.shards") -> list[str
                     raise ShardError(f"{key}: glob {url!r} matches no file")
                 urls.extend(found)
             else:
-                urls.append(url[len("file:"):] if url.startswith("file:") else url)
+                urls.append(url[len("file:") :] if url.startswith("file:") else url)
     if not urls:
         raise ShardError(f"{key}={shards!r} expands to no shard")
     missing = [u for u in urls if not _is_remote(u) and not os.path.exists(u)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ShardError(f"shard not found: {', '.join(missing[:3])}{more} ({len(missing)} of {len(urls)} "
-                         f"from {key}={shards!r})")
+        raise ShardError(
+            f"shard not found: {', '.join(missing[:3])}{more} ({len(missing)} of {len(urls)} from {key}={shards!r})"
+        )
     empty = [u for u in urls if not _is_remote(u) and os.path.getsize(u) == 0]
     if empty and len(empty) == len(urls):
         raise ShardError(f"every shard of {key}={shards!r} is empty (0 bytes), e.g. {empty[0]}")
@@ -116,23 +120,23 @@ NO_SAMPLE = ("empty_shard", "no_bucket", "empty_caption")
 # The likely fix when a reason accounts for every skip; {p} is the config prefix ("data." in training).
 FIXES = {
     "failed_row": "every row is a failed video2dataset download (status != success): rerun the download or "
-                  "point {p}shards at shards that hold videos",
+    "point {p}shards at shards that hold videos",
     "missing_mp4": "the samples have no .mp4 member: convert the videos with stale-shards",
     "bad_json": "the .json members do not parse as JSON objects: rewrite the shards",
     "missing_label": "no sample has a label under {p}label_key={label_key!r} (.json field) or a .cls member: "
-                     "unlabelled shards (video2dataset's) need {unlabelled}",
+    "unlabelled shards (video2dataset's) need {unlabelled}",
     "bad_label": "labels are not integers in [0, {p}num_classes): set {p}num_classes or {p}label_key",
     "corrupt_video": "the .mp4 members do not decode: check them with ffprobe or rewrite them with stale-shards",
     "too_short": "the clips have fewer frames than the run takes ({p}frames x {p}frame_stride, or {p}fps; a still "
-                 "image has one): set {p}frames or {p}frame_stride to what they hold{buckets}",
+    "image has one): set {p}frames or {p}frame_stride to what they hold{buckets}",
     "corrupt_shard": "the shards are damaged or cut short: download or write them again",
     "unreadable_shard": "the shards cannot be opened: check the paths and run pipe: commands by hand",
     "empty_shard": "the shards hold no sample",
     "bad_latent": "the latent samples do not match the cache's info.json: encode them again with stale-encode",
     "no_bucket": "no clip fits a bucket of {p}buckets: add buckets of the clips' shapes (their .json height, width "
-                 "and frames) or lower the buckets' frames",
+    "and frames) or lower the buckets' frames",
     "missing_caption": "the samples have no caption (.txt, or 'caption' in .json): caption them, or set "
-                       "{p}missing_caption=empty to train them with the empty caption",
+    "{p}missing_caption=empty to train them with the empty caption",
     "empty_caption": "the samples have no caption",
 }
 
@@ -149,13 +153,25 @@ def likely_fix(reason: str, prefix: str = "data.", label_key: str | None = "labe
     """FIXES[reason] for the keys under `prefix` ("data." is training's data node, which also has buckets)."""
     training = prefix == "data."
     unlabelled = "data=video2dataset or data.label_key=null" if training else f"{prefix}label_key=null"
-    buckets = (", or set data.buckets so that each length trains in a bucket of its own (the list stale-shards "
-               "prints for its shards)") if training else ""
+    buckets = (
+        (
+            ", or set data.buckets so that each length trains in a bucket of its own (the list stale-shards "
+            "prints for its shards)"
+        )
+        if training
+        else ""
+    )
     return FIXES[reason].format(p=prefix, label_key=label_key, unlabelled=unlabelled, buckets=buckets)
 
 
-def all_skipped(where: str, reasons: Counter, last: Skip | None, prefix: str = "data.",
-                label_key: str | None = "label", in_a_row: bool = False) -> str:
+def all_skipped(
+    where: str,
+    reasons: Counter,
+    last: Skip | None,
+    prefix: str = "data.",
+    label_key: str | None = "label",
+    in_a_row: bool = False,
+) -> str:
     """The message when no sample decoded (in_a_row: since the last that did): the skips by reason, the
     likely fix (for the commonest reason), the last skip."""
     counts = ", ".join(f"{r}={n}" for r, n in reasons.most_common())
@@ -163,8 +179,10 @@ def all_skipped(where: str, reasons: Counter, last: Skip | None, prefix: str = "
     fix = likely_fix(top, prefix, label_key)
     tail = f" Last: [{last.reason}] {last}" if last is not None else ""
     row = " in a row" if in_a_row else ""
-    return (f"{where}: {sum(reasons.values())} samples skipped{row}, none decoded. By reason: {counts}. "
-            f"Likely fix: {fix}.{tail}")
+    return (
+        f"{where}: {sum(reasons.values())} samples skipped{row}, none decoded. By reason: {counts}. "
+        f"Likely fix: {fix}.{tail}"
+    )
 
 
 class SkipCounter:
@@ -242,6 +260,7 @@ def read_shard(url: str, counter: SkipCounter, count_shard_errors: bool = True) 
     raised; whole samples read before a break are kept. Returns (as the generator's value) the number of
     samples read.
     """
+
     def skip(reason, exn):
         if count_shard_errors:
             counter.skip(reason, url, f"{type(exn).__name__}: {exn}" if exn else "no sample")
@@ -282,12 +301,14 @@ def read_shard(url: str, counter: SkipCounter, count_shard_errors: bool = True) 
 
 # --- one sample --------------------------------------------------------------------------------------
 
+
 def sample_name(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-def check_sample(sample: dict, label_key: str | None = "label", num_classes: int | None = None,
-                 member: str = "mp4") -> int:
+def check_sample(
+    sample: dict, label_key: str | None = "label", num_classes: int | None = None, member: str = "mp4"
+) -> int:
     """The sample's integer label after the checks every reader makes; raises Skip (never decodes).
 
     label_key None: unlabelled data, every clip is class 0. num_classes None: no upper bound on labels.
@@ -342,8 +363,13 @@ class LatentSpec:
         return tuple(self.shape)
 
 
-def decode_latent(sample: dict, spec: LatentSpec, label_key: str | None = "label", num_classes: int | None = None,
-                  out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def decode_latent(
+    sample: dict,
+    spec: LatentSpec,
+    label_key: str | None = "label",
+    num_classes: int | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
     """(moments float32 (2C, T', H', W'), label) of a latent cache sample; a wrong or unreadable array is a Skip."""
     label = check_sample(sample, label_key, num_classes, member=spec.member)
     try:
@@ -351,16 +377,25 @@ def decode_latent(sample: dict, spec: LatentSpec, label_key: str | None = "label
     except (ValueError, OSError, EOFError) as e:
         raise Skip("bad_latent", f"{sample_name(sample)}: .{spec.member} does not load ({e})") from None
     if tuple(array.shape) != tuple(spec.shape):
-        raise Skip("bad_latent", f"{sample_name(sample)}: .{spec.member} has shape {list(array.shape)}, the cache's "
-                                 f"info.json says {list(spec.shape)}")
+        raise Skip(
+            "bad_latent",
+            f"{sample_name(sample)}: .{spec.member} has shape {list(array.shape)}, the cache's "
+            f"info.json says {list(spec.shape)}",
+        )
     if out is None:
         return array.astype(np.float32), label
     out[...] = array
     return out, label
 
 
-def decode_sample(sample: dict, spec: ClipSpec | LatentSpec, rng: random.Random, label_key: str | None = "label",
-                  num_classes: int | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def decode_sample(
+    sample: dict,
+    spec: ClipSpec | LatentSpec,
+    rng: random.Random,
+    label_key: str | None = "label",
+    num_classes: int | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
     """(clip, label) of one sample: check_sample, then decode_clip; decode failures become Skip. A LatentSpec
     reads a latent cache sample instead (decode_latent)."""
     if isinstance(spec, LatentSpec):
@@ -374,8 +409,15 @@ def decode_sample(sample: dict, spec: ClipSpec | LatentSpec, rng: random.Random,
         raise Skip("corrupt_video", str(e)) from None
 
 
-def read_clips(shards, spec: ClipSpec, label_key: str | None = "label", num_classes: int | None = None,
-               max_clips: int | None = None, key: str = "real", prefix: str = "") -> tuple[list, list, list, Counter]:
+def read_clips(
+    shards,
+    spec: ClipSpec,
+    label_key: str | None = "label",
+    num_classes: int | None = None,
+    max_clips: int | None = None,
+    key: str = "real",
+    prefix: str = "",
+) -> tuple[list, list, list, Counter]:
     """Every clip of the shards in order, read once (evaluation): (clips, labels, urls, skips by reason).
 
     Bad samples and shards are skipped and counted like training's; when none decodes, a ShardError

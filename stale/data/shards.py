@@ -50,13 +50,41 @@ from stale.data.video_io import VideoDecodeError, aspect_shape, encode_mp4, iter
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
-                    ".3gp", ".ogv", ".gif"}
+VIDEO_EXTENSIONS = {
+    ".mp4",
+    ".m4v",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mov",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ogv",
+    ".gif",
+}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}  # still images: one-frame samples
 STATE_DIR = ".stale-shards"
 # Options that change the shards: a resumed run must use the same values.
-OUTPUT_OPTIONS = ("fps", "size", "frames", "stride", "max_clips_per_video", "maxcount", "maxsize", "split", "seed",
-                  "crf", "preset", "resize", "grid", "max_frames")
+OUTPUT_OPTIONS = (
+    "fps",
+    "size",
+    "frames",
+    "stride",
+    "max_clips_per_video",
+    "maxcount",
+    "maxsize",
+    "split",
+    "seed",
+    "crf",
+    "preset",
+    "resize",
+    "grid",
+    "max_frames",
+)
 RESIZE = ("aspect", "square")
 # (size, grid) of resize=aspect -> the data.buckets preset made for the shapes it writes (stale/data/buckets.py)
 BUCKET_PRESETS = {(64, 16): "default", (16, 4): "smoke", (256, 16): "256"}
@@ -176,8 +204,10 @@ def _read_manifest(p: Path) -> list[dict]:
         with open(p, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise ShardsError(f"{p}: a manifest.csv needs a header with a 'path' column "
-                                  f"(and optional 'label', 'caption'), got {reader.fieldnames}")
+                raise ShardsError(
+                    f"{p}: a manifest.csv needs a header with a 'path' column "
+                    f"(and optional 'label', 'caption'), got {reader.fieldnames}"
+                )
             return list(reader)
     if p.suffix.lower() in (".jsonl", ".json"):
         rows = []
@@ -265,18 +295,37 @@ def clip_image(path: str, size: int | None, resize: str, grid: int, fps: float |
             scale = max(th / h, tw / w)
             im = im.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
         a = np.asarray(im)
-    th, tw = (target, target) if isinstance(target, int) else (target or (a.shape[0] - a.shape[0] % 2,
-                                                                            a.shape[1] - a.shape[1] % 2))
+    th, tw = (
+        (target, target)
+        if isinstance(target, int)
+        else (target or (a.shape[0] - a.shape[0] % 2, a.shape[1] - a.shape[1] % 2))
+    )
     top, left = (a.shape[0] - th) // 2, (a.shape[1] - tw) // 2
     frame = np.ascontiguousarray(a[top : top + th, left : left + tw])[None]  # (1, H, W, 3)
-    clip = {"start_time": 0.0, "end_time": 0.0, "frames": 1, "width": tw, "height": th,
-            "mp4": encode_mp4(frame, fps=rate, crf=crf, preset=preset, tune="stillimage")}
+    clip = {
+        "start_time": 0.0,
+        "end_time": 0.0,
+        "frames": 1,
+        "width": tw,
+        "height": th,
+        "mp4": encode_mp4(frame, fps=rate, crf=crf, preset=preset, tune="stillimage"),
+    }
     return {"clips": [clip], "fps": float(rate), "source_fps": None, "codec": "image", "error": None}
 
 
-def clip_video(path: str, fps: float | None, size: int | None, frames: int | None, stride: int | None,
-               max_clips: int | None, crf: int, preset: str, resize: str = "square", grid: int = 2,
-               max_frames: int = 64) -> dict:
+def clip_video(
+    path: str,
+    fps: float | None,
+    size: int | None,
+    frames: int | None,
+    stride: int | None,
+    max_clips: int | None,
+    crf: int,
+    preset: str,
+    resize: str = "square",
+    grid: int = 2,
+    max_frames: int = 64,
+) -> dict:
     """Decode, resample and cut one video (or take one still image); returns encoded clips or the error.
     frames None: each video's own length, in back-to-back clips of at most max_frames (the last shorter)."""
     try:
@@ -301,9 +350,16 @@ def clip_video(path: str, fps: float | None, size: int | None, frames: int | Non
 
         def emit():
             clip = np.stack([im for _, im in buf])
-            clips.append({"start_time": round(buf[0][0], 4), "end_time": round(buf[-1][0], 4),
-                          "mp4": encode_mp4(clip, fps=rate, crf=crf, preset=preset, tune=None),
-                          "frames": clip.shape[0], "width": clip.shape[2], "height": clip.shape[1]})
+            clips.append(
+                {
+                    "start_time": round(buf[0][0], 4),
+                    "end_time": round(buf[-1][0], 4),
+                    "mp4": encode_mp4(clip, fps=rate, crf=crf, preset=preset, tune=None),
+                    "frames": clip.shape[0],
+                    "width": clip.shape[2],
+                    "height": clip.shape[1],
+                }
+            )
 
         j = -1
         for j, (t, img) in enumerate(iter_frames(path, fps=float(rate) if fps else None, size=target)):
@@ -321,9 +377,19 @@ def clip_video(path: str, fps: float | None, size: int | None, frames: int | Non
                 break
         if variable and buf and (j + 1) % frames and not (max_clips and len(clips) >= max_clips):
             emit()  # the rest of a video: a shorter clip
-        return {"clips": clips, "fps": float(rate), "source_fps": info.fps, "codec": info.codec,
-                "error": None if clips else (f"too short for one clip of {frames} frames at {float(rate):g} fps"
-                                             if not variable else "no frame decoded")}
+        return {
+            "clips": clips,
+            "fps": float(rate),
+            "source_fps": info.fps,
+            "codec": info.codec,
+            "error": None
+            if clips
+            else (
+                f"too short for one clip of {frames} frames at {float(rate):g} fps"
+                if not variable
+                else "no frame decoded"
+            ),
+        }
     except VideoDecodeError as e:
         return {"clips": [], "error": str(e)}
     except Exception as e:  # noqa: BLE001 - one bad video must not stop a conversion of thousands
@@ -369,8 +435,13 @@ class _Sink:
         self.writer.close()
         final = self._name(self.index)
         os.replace(str(final) + ".tmp", final)
-        marker = {"shard": final.name, "clips": self.count, "bytes": final.stat().st_size, "end": list(end),
-                  "shapes": dict(self.shapes)}
+        marker = {
+            "shard": final.name,
+            "clips": self.count,
+            "bytes": final.stat().st_size,
+            "end": list(end),
+            "shapes": dict(self.shapes),
+        }
         _write_json(self.out / STATE_DIR / f"{self.split}-{self.index:06d}.json", marker)
         self.written.append(marker)
         self.writer, self.index = None, self.index + 1
@@ -436,23 +507,45 @@ def convert(cfg: ShardsConfig) -> dict:
     stride = cfg.stride or cfg.frames
     _check_options(out, cfg, sources)
 
-    kw = dict(fps=cfg.fps, size=cfg.size, frames=cfg.frames, stride=stride, max_clips=cfg.max_clips_per_video,
-              crf=cfg.crf, preset=cfg.preset, resize=cfg.resize, grid=cfg.grid, max_frames=cfg.max_frames)
+    kw = dict(
+        fps=cfg.fps,
+        size=cfg.size,
+        frames=cfg.frames,
+        stride=stride,
+        max_clips=cfg.max_clips_per_video,
+        crf=cfg.crf,
+        preset=cfg.preset,
+        resize=cfg.resize,
+        grid=cfg.grid,
+        max_frames=cfg.max_frames,
+    )
     summary = {"splits": {}, "classes": classes, "failed": []}
     for split, videos in splits.items():
         summary["splits"][split] = _convert_split(out, split, videos, table, classes, cfg, kw, summary["failed"])
 
     labelled = bool(table)
     num_classes = (len(classes) if classes else max(table.values()) + 1) if labelled else 1
-    summary.update(num_classes=num_classes, labelled=labelled,
-                   unlabelled_videos=sum(s.label is None for s in sources) if labelled else None,
-                   options={k: (dict(v) if k == "split" else v) for k, v in asdict(cfg).items()
-                            if k in OUTPUT_OPTIONS}, command=_train_command(out, summary, cfg, num_classes, labelled))
+    summary.update(
+        num_classes=num_classes,
+        labelled=labelled,
+        unlabelled_videos=sum(s.label is None for s in sources) if labelled else None,
+        options={k: (dict(v) if k == "split" else v) for k, v in asdict(cfg).items() if k in OUTPUT_OPTIONS},
+        command=_train_command(out, summary, cfg, num_classes, labelled),
+    )
     with open(out / "sources.jsonl", "w") as f:
         for split, videos in splits.items():
             for s in videos:
-                f.write(json.dumps({"path": s.rel, "split": split, "label": table.get(s.label) if s.label is not None
-                                    else None, "caption": s.caption}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "path": s.rel,
+                            "split": split,
+                            "label": table.get(s.label) if s.label is not None else None,
+                            "caption": s.caption,
+                        }
+                    )
+                    + "\n"
+                )
     _write_json(out / "info.json", summary)
     return summary
 
@@ -468,22 +561,26 @@ def _check_options(out: Path, cfg: ShardsConfig, sources: list[Source]) -> None:
         diff = {k: (old.get(k), v) for k, v in opts.items() if old.get(k) != v}
         if diff and not cfg.overwrite:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ShardsError(f"out={out} holds shards made with other options or videos ({what}); "
-                              f"use another out= or overwrite=true to start over")
+            raise ShardsError(
+                f"out={out} holds shards made with other options or videos ({what}); "
+                f"use another out= or overwrite=true to start over"
+            )
         if diff:
             log.warning("overwrite=true: deleting the shards in %s made with other options", out)
             shutil.rmtree(state)
             for p in out.glob("*.tar*"):
                 p.unlink()
     elif any(out.glob("*.tar")) and not cfg.overwrite:
-        raise ShardsError(f"out={out} already holds .tar files not made by stale-shards; use another out= "
-                          f"or overwrite=true")
+        raise ShardsError(
+            f"out={out} already holds .tar files not made by stale-shards; use another out= or overwrite=true"
+        )
     state.mkdir(parents=True, exist_ok=True)
     _write_json(saved, opts)
 
 
-def _convert_split(out: Path, split: str, videos: list[Source], table: dict, classes, cfg: ShardsConfig, kw: dict,
-                   failed: list) -> dict:
+def _convert_split(
+    out: Path, split: str, videos: list[Source], table: dict, classes, cfg: ShardsConfig, kw: dict, failed: list
+) -> dict:
     done_path = out / STATE_DIR / f"{split}.done.json"
     index, (vstart, cstart), markers = _resume_point(out, split)
     if done_path.is_file() and index == json.loads(done_path.read_text())["shards"]:
@@ -514,13 +611,17 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
             for j, clip in enumerate(res["clips"]):
                 if j < first:
                     continue
-                sink.write(_sample(src, split, j, clip, res, cfg, table, classes), pos_after=(i, j + 1),
-                           pos_before=(i, j))
+                sink.write(
+                    _sample(src, split, j, clip, res, cfg, table, classes), pos_after=(i, j + 1), pos_before=(i, j)
+                )
                 clips_new += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(shards=sink.index + (sink.writer is not None), clips=sum(m["clips"] for m in markers)
-                                + clips_new, failed=len(errors))
+                bar.set_postfix(
+                    shards=sink.index + (sink.writer is not None),
+                    clips=sum(m["clips"] for m in markers) + clips_new,
+                    failed=len(errors),
+                )
         sink.close((len(videos), 0))
     finally:
         if pool is not None:
@@ -530,9 +631,15 @@ def _convert_split(out: Path, split: str, videos: list[Source], table: dict, cla
         errors_path.write_text("".join(json.dumps(e) + "\n" for e in errors))
     markers = markers + sink.written
     shards = [m["shard"] for m in markers]
-    result = {"shards": len(shards), "clips": sum(m["clips"] for m in markers), "videos": len(videos),
-              "failed_videos": len(errors), "pattern": _pattern(out, split, len(shards)), "bytes":
-              sum(m["bytes"] for m in markers), "shapes": _split_shapes(out, markers)}
+    result = {
+        "shards": len(shards),
+        "clips": sum(m["clips"] for m in markers),
+        "videos": len(videos),
+        "failed_videos": len(errors),
+        "pattern": _pattern(out, split, len(shards)),
+        "bytes": sum(m["bytes"] for m in markers),
+        "shapes": _split_shapes(out, markers),
+    }
     failed.extend({**e, "split": split} for e in errors)
     _write_json(done_path, result)
     return result
@@ -544,9 +651,20 @@ def _lines(path: Path) -> list[str]:
 
 def _sample(src: Source, split: str, j: int, clip: dict, res: dict, cfg: ShardsConfig, table: dict, classes) -> dict:
     key = f"{src.key}_{j:04d}"
-    meta = {"key": key, "source": src.rel, "split": split, "clip": j, "start_time": clip["start_time"],
-            "end_time": clip["end_time"], "fps": res["fps"], "source_fps": res["source_fps"], "frames": clip["frames"],
-            "width": clip["width"], "height": clip["height"], "duration": round(clip["frames"] / res["fps"], 4)}
+    meta = {
+        "key": key,
+        "source": src.rel,
+        "split": split,
+        "clip": j,
+        "start_time": clip["start_time"],
+        "end_time": clip["end_time"],
+        "fps": res["fps"],
+        "source_fps": res["source_fps"],
+        "frames": clip["frames"],
+        "width": clip["width"],
+        "height": clip["height"],
+        "duration": round(clip["frames"] / res["fps"], 4),
+    }
     if src.label is not None:
         meta["label"] = table[src.label]
         if classes:
@@ -570,9 +688,9 @@ def _pattern(out: Path, split: str, n: int) -> str | None:
 def _train_command(out: Path, summary: dict, cfg: ShardsConfig, num_classes: int, labelled: bool) -> str:
     sp = summary["splits"]
     # Hydra reads {..} in an override as a dict unless the value is quoted: 'key="a-{0..9}.tar"'
-    parts = ["stale-train", "data=shards", f"""'data.shards="{sp.get('train', {}).get('pattern')}"'"""]
+    parts = ["stale-train", "data=shards", f"""'data.shards="{sp.get("train", {}).get("pattern")}"'"""]
     if sp.get("val", {}).get("pattern"):
-        parts.append(f"""'data.val_shards="{sp['val']['pattern']}"'""")
+        parts.append(f"""'data.val_shards="{sp["val"]["pattern"]}"'""")
     parts.append(f"data.num_classes={num_classes}")
     if not labelled:
         parts.append("data.label_key=null")
@@ -613,13 +731,28 @@ def _progress(enabled: bool, **kw):
 # stale-shards synthetic
 
 
-def write_synthetic(out: str, frames: int = 8, size: int = 16, num_classes: int = 4, train_clips: int = 2048,
-                    val_clips: int = 128, test_clips: int = 128, per_shard: int = 256, style: str = "simple") -> dict:
+def write_synthetic(
+    out: str,
+    frames: int = 8,
+    size: int = 16,
+    num_classes: int = 4,
+    train_clips: int = 2048,
+    val_clips: int = 128,
+    test_clips: int = 128,
+    per_shard: int = 256,
+    style: str = "simple",
+) -> dict:
     """The embedded dataset (moving shapes) as shards under `out`; returns the split patterns."""
     from stale.data.synthetic import SyntheticSpec, split_pattern, write_split
 
-    spec = SyntheticSpec(frames=frames, size=size, num_classes=num_classes, per_shard=per_shard, style=style,
-                         counts={"train": train_clips, "val": val_clips, "test": test_clips})
+    spec = SyntheticSpec(
+        frames=frames,
+        size=size,
+        num_classes=num_classes,
+        per_shard=per_shard,
+        style=style,
+        counts={"train": train_clips, "val": val_clips, "test": test_clips},
+    )
     folder = Path(os.path.expanduser(str(out)))
     patterns = {}
     for split, n in spec.counts.items():

@@ -45,6 +45,8 @@ def held_out(shape: int, colour: int, direction: int) -> bool:
 
 def caption(shape: int, colour: int, direction: int) -> str:
     return f"a {COLOUR_NAMES[colour]} {SHAPES[shape]} moving {list(DIRECTIONS)[direction]}"
+
+
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}  # different seeds: no clip is shared between splits
 
 
@@ -127,8 +129,9 @@ def make_clip(rng: np.random.Generator, spec: SyntheticSpec, label: int) -> np.n
     return np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
 
-def make_captioned_clip(rng: np.random.Generator, spec: SyntheticSpec, label: int, colour: int,
-                        direction: int) -> np.ndarray:
+def make_captioned_clip(
+    rng: np.random.Generator, spec: SyntheticSpec, label: int, colour: int, direction: int
+) -> np.ndarray:
     """style="captioned": one colour, one straight motion that never reaches an edge (the caption stays true)."""
     s, ss = spec.size, spec.supersample
     n = s * ss
@@ -151,8 +154,11 @@ def make_captioned_clip(rng: np.random.Generator, spec: SyntheticSpec, label: in
 def _captioned(rng: np.random.Generator, spec: SyntheticSpec, split: str) -> tuple[int, int, int]:
     """(shape, colour, direction) of one clip: held-out triples only in test, never elsewhere."""
     while True:
-        combo = (int(rng.integers(spec.num_classes)), int(rng.integers(CAPTION_COLOURS)),
-                 int(rng.integers(len(DIRECTIONS))))
+        combo = (
+            int(rng.integers(spec.num_classes)),
+            int(rng.integers(CAPTION_COLOURS)),
+            int(rng.integers(len(DIRECTIONS))),
+        )
         if held_out(*combo) == (split == "test"):
             return combo
 
@@ -168,15 +174,34 @@ def write_split(out_dir: Path, split: str, spec: SyntheticSpec) -> list[str]:
             if spec.style == "captioned":
                 label, colour, direction = _captioned(rng, spec, split)
                 clip, text = make_captioned_clip(rng, spec, label, colour, direction), caption(label, colour, direction)
-                extra = {"caption": text, "colour": COLOUR_NAMES[colour], "direction": list(DIRECTIONS)[direction],
-                         "held_out": held_out(label, colour, direction)}
+                extra = {
+                    "caption": text,
+                    "colour": COLOUR_NAMES[colour],
+                    "direction": list(DIRECTIONS)[direction],
+                    "held_out": held_out(label, colour, direction),
+                }
             else:
                 label = int(rng.integers(spec.num_classes))
                 clip, text, extra = make_clip(rng, spec, label), SHAPES[label], {}
-            meta = {"key": key, "label": label, "class_name": SHAPES[label], "fps": spec.fps,
-                    "frames": spec.frames, "source": "stale.synthetic", "split": split, **extra}
-            sink.write({"__key__": key, "mp4": encode_mp4(clip, fps=spec.fps), "json": json.dumps(meta).encode(),
-                        "cls": str(label).encode(), "txt": text.encode()})
+            meta = {
+                "key": key,
+                "label": label,
+                "class_name": SHAPES[label],
+                "fps": spec.fps,
+                "frames": spec.frames,
+                "source": "stale.synthetic",
+                "split": split,
+                **extra,
+            }
+            sink.write(
+                {
+                    "__key__": key,
+                    "mp4": encode_mp4(clip, fps=spec.fps),
+                    "json": json.dumps(meta).encode(),
+                    "cls": str(label).encode(),
+                    "txt": text.encode(),
+                }
+            )
     return sorted(str(p) for p in out_dir.glob(f"{split}-*.tar"))
 
 

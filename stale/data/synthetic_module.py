@@ -19,11 +19,31 @@ def default_cache_root() -> str:
 class SyntheticDataModule(VideoDataModule):
     """Coloured moving shapes (stale.data.synthetic), written as real mp4 WebDataset shards on first use."""
 
-    def __init__(self, root: str | None = None, frames: int = 8, size: int = 16, num_classes: int = 4,
-                 train_clips: int = 2048, val_clips: int = 128, test_clips: int = 128, style: str = "simple",
-                 **loader_kwargs):
-        spec = SyntheticSpec(frames=frames, size=size, num_classes=num_classes, style=style,
-                             counts={"train": train_clips, "val": val_clips, "test": test_clips})
+    def __init__(
+        self,
+        root: str | None = None,
+        frames: int = 8,
+        size: int = 16,
+        num_classes: int = 4,
+        train_clips: int = 2048,
+        val_clips: int = 128,
+        test_clips: int = 128,
+        style: str = "simple",
+        **loader_kwargs,
+    ):
+        spec = SyntheticSpec(
+            frames=frames,
+            size=size,
+            num_classes=num_classes,
+            style=style,
+            counts={"train": train_clips, "val": val_clips, "test": test_clips},
+        )
         self.folder = ensure_synthetic(root or default_cache_root(), spec)
-        super().__init__(shards=split_pattern(self.folder, "train"), val_shards=split_pattern(self.folder, "val"),
-                         frames=frames, size=size, num_classes=num_classes, **loader_kwargs)
+        super().__init__(
+            shards=split_pattern(self.folder, "train"),
+            val_shards=split_pattern(self.folder, "val"),
+            frames=frames,
+            size=size,
+            num_classes=num_classes,
+            **loader_kwargs,
+        )

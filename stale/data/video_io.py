@@ -49,8 +49,14 @@ def _rate(fps) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def encode_mp4(frames: np.ndarray, fps: float | Fraction = 8, crf: int = 12, codec: str = "libx264",
-               preset: str = "medium", tune: str | None = "animation") -> bytes:
+def encode_mp4(
+    frames: np.ndarray,
+    fps: float | Fraction = 8,
+    crf: int = 12,
+    codec: str = "libx264",
+    preset: str = "medium",
+    tune: str | None = "animation",
+) -> bytes:
     """Encode uint8 frames (T, H, W, 3) as an H.264 mp4 in memory.
 
     A low CRF keeps the tiny synthetic clips close to lossless; yuv420p keeps them playable anywhere.
@@ -190,8 +196,14 @@ def _out_shape(w: int, h: int, size: int | tuple[int, int] | None) -> tuple[int,
     return max(tw, int(round(w * scale))), max(th, int(round(h * scale)))
 
 
-def decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str = "<bytes>",
-                out: np.ndarray | None = None, format: str | None = None) -> np.ndarray:
+def decode_clip(
+    data: bytes,
+    spec: ClipSpec,
+    rng: random.Random,
+    name: str = "<bytes>",
+    out: np.ndarray | None = None,
+    format: str | None = None,
+) -> np.ndarray:
     """Decode one training clip from video bytes: uint8 (T, size, size, 3).
 
     Decodes sequentially and stops after the last frame the clip needs; only those frames are converted
@@ -220,8 +232,15 @@ def _open(data: bytes, format: str | None):
     return av.open(io.BytesIO(data), mode="r")
 
 
-def _decode_clip(data: bytes, spec: ClipSpec, rng: random.Random, name: str, total_hint: int | None,
-                 out: np.ndarray | None, format: str | None = None):
+def _decode_clip(
+    data: bytes,
+    spec: ClipSpec,
+    rng: random.Random,
+    name: str,
+    total_hint: int | None,
+    out: np.ndarray | None,
+    format: str | None = None,
+):
     rgb = _reformatter()
     with _open(data, format) as container:
         if not container.streams.video:
@@ -296,11 +315,13 @@ def _rgb_planes(rgb: VideoReformatter, frame, shape) -> list[np.ndarray]:
     columns past 16 unwritten (garbage, different on every call) at widths 20, 24, 40 and 56 (tests/test_buckets.py).
     """
     if shape[0] % 16:
-        a = rgb.reformat(frame, width=shape[0], height=shape[1], format="rgb24", interpolation=_interp(frame, shape),
-                         threads=1).to_ndarray()
+        a = rgb.reformat(
+            frame, width=shape[0], height=shape[1], format="rgb24", interpolation=_interp(frame, shape), threads=1
+        ).to_ndarray()
         return [a[..., 0], a[..., 1], a[..., 2]]
-    g = rgb.reformat(frame, width=shape[0], height=shape[1], format="gbrp", interpolation=_interp(frame, shape),
-                     threads=1)
+    g = rgb.reformat(
+        frame, width=shape[0], height=shape[1], format="gbrp", interpolation=_interp(frame, shape), threads=1
+    )
     g, b, r = (np.ndarray((p.height, p.width), np.uint8, p, strides=(p.line_size, 1)) for p in g.planes)
     return [r, g, b]
 
@@ -354,8 +375,10 @@ def aspect_shape(h: int, w: int, area: int, grid: int) -> tuple[int, int]:
     of `grid` (the model's patch in pixels; even for H.264). Never scales up: a smaller picture keeps its size,
     rounded down to the grid (at least one grid cell)."""
     scale = min(1.0, (area / (h * w)) ** 0.5)
-    return (max(grid, int(h * scale / grid + 0.5) * grid if scale < 1 else h // grid * grid),
-            max(grid, int(w * scale / grid + 0.5) * grid if scale < 1 else w // grid * grid))
+    return (
+        max(grid, int(h * scale / grid + 0.5) * grid if scale < 1 else h // grid * grid),
+        max(grid, int(w * scale / grid + 0.5) * grid if scale < 1 else w // grid * grid),
+    )
 
 
 def probe(path: str) -> VideoInfo:
@@ -374,8 +397,9 @@ def probe(path: str) -> VideoInfo:
         raise VideoDecodeError(f"{path}: cannot open video ({type(e).__name__}: {e})") from e
 
 
-def iter_frames(path: str, fps: float | None = None, size: int | tuple[int, int] | None = None,
-                threads: int = 0) -> Iterator[tuple[float, np.ndarray]]:
+def iter_frames(
+    path: str, fps: float | None = None, size: int | tuple[int, int] | None = None, threads: int = 0
+) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time in seconds from the first frame, uint8 (H, W, 3)) from any video FFmpeg reads.
 
     fps: resample to this rate by taking, for each output time k/fps, the stored frame nearest to it
@@ -396,8 +420,14 @@ def iter_frames(path: str, fps: float | None = None, size: int | tuple[int, int]
             shape = None
 
             def convert(frame):
-                a = rgb.reformat(frame, width=shape[0], height=shape[1], format="rgb24",
-                                 interpolation=_interp(frame, shape), threads=1).to_ndarray()
+                a = rgb.reformat(
+                    frame,
+                    width=shape[0],
+                    height=shape[1],
+                    format="rgb24",
+                    interpolation=_interp(frame, shape),
+                    threads=1,
+                ).to_ndarray()
                 return _centre_crop(a, size)
 
             for i, frame in enumerate(c.decode(stream)):

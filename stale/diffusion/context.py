@@ -18,8 +18,10 @@ import torch
 def latent_context(context_frames: int, frames: int, pt: int) -> int:
     """Context length in latent frames, checking it fits: 0 <= K < T and K divisible by pt."""
     if context_frames % pt or not 0 <= context_frames < frames:
-        raise ValueError(f"context_frames={context_frames} must be a multiple of the temporal patch {pt} and "
-                         f"less than the clip's {frames} frames")
+        raise ValueError(
+            f"context_frames={context_frames} must be a multiple of the temporal patch {pt} and "
+            f"less than the clip's {frames} frames"
+        )
     return context_frames // pt
 
 

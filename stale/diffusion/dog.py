@@ -141,9 +141,12 @@ class DoGLoss:
         for s in bands:  # a band that aliases is a high-pass: say so, with the numbers
             peak, expected = realised_peak(s, self.k), peak_frequency(s, self.k)
             if abs(peak - expected) > 0.10 * expected:
-                warnings.warn(f"diffusion.dog_bands: the {s} px band peaks at {peak:.2f} rad/px, not "
-                              f"{expected:.2f} (a sampled Gaussian below ~0.6 px aliases; "
-                              "it acts as a high-pass)", stacklevel=2)
+                warnings.warn(
+                    f"diffusion.dog_bands: the {s} px band peaks at {peak:.2f} rad/px, not "
+                    f"{expected:.2f} (a sampled Gaussian below ~0.6 px aliases; "
+                    "it acts as a high-pass)",
+                    stacklevel=2,
+                )
         self.dims = (-3, -2, -1) if temporal else (-2, -1)
 
     def weights(self, sizes) -> tuple:

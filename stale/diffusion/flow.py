@@ -17,8 +17,14 @@ PRIORS = ("uniform", "gaussian")
 TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
-def sample_prior(shape, prior: str = "uniform", generator: torch.Generator | None = None,
-                 device=None, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+def sample_prior(
+    shape,
+    prior: str = "uniform",
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype=torch.float32,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Draw z ~ p0: U[-scale, scale]^d (`uniform`, the default; scale 1 on pixels) or N(0, I) (`gaussian`, the
     ablation baseline, unit variance whatever the scale: it already matches normalised latents)."""
     if prior == "uniform":
@@ -29,8 +35,14 @@ def sample_prior(shape, prior: str = "uniform", generator: torch.Generator | Non
     raise ValueError(f"diffusion.prior={prior!r} is not one of {PRIORS}")
 
 
-def sample_time(n: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_time(
+    n: int,
+    kind: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
     """Training times t in (0, 1): logit-normal (SD3, Esser et al. 2024) concentrates on mid times."""
     if kind == "logit_normal":
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))

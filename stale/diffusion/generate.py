@@ -30,9 +30,15 @@ def text_model(model: nn.Module, text: tuple, negative: tuple):
     return call, torch.arange(n, device=bank.device), torch.arange(n, 2 * n, device=bank.device)
 
 
-def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.0,
-                    classifier_guidance: float = 0.0, context: torch.Tensor | None = None,
-                    text: tuple | None = None, negative: tuple | None = None) -> Velocity:
+def guided_velocity(
+    model: nn.Module,
+    labels: torch.Tensor,
+    guidance: float = 1.0,
+    classifier_guidance: float = 0.0,
+    context: torch.Tensor | None = None,
+    text: tuple | None = None,
+    negative: tuple | None = None,
+) -> Velocity:
     """The field the samplers integrate: v(x (B, C, T, H, W), t (B,)) for a model(x, t, y) -> (v, scores).
 
     The model's extra label row, num_classes, is the null label of classifier-free guidance. context: (T',) bool,
@@ -59,13 +65,30 @@ def guided_velocity(model: nn.Module, labels: torch.Tensor, guidance: float = 1.
 
 
 @torch.no_grad()
-def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", steps: int = 50,
-             sampler: str = "euler", guidance: float = 1.0, classifier_guidance: float = 0.0, seed: int = 0,
-             frames: int | None = None, size: int | None = None, batch_size: int | None = None,
-             progress: bool = False, prior_scale: float = 1.0, autoencoder=None,
-             context: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-             time_shift_base: int | None = None, time_shift_scale: float = 1.0, text: tuple | None = None,
-             negative: tuple | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    labels: torch.Tensor,
+    *,
+    prior: str = "uniform",
+    steps: int = 50,
+    sampler: str = "euler",
+    guidance: float = 1.0,
+    classifier_guidance: float = 0.0,
+    seed: int = 0,
+    frames: int | None = None,
+    size: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    prior_scale: float = 1.0,
+    autoencoder=None,
+    context: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    time_shift_base: int | None = None,
+    time_shift_scale: float = 1.0,
+    text: tuple | None = None,
+    negative: tuple | None = None,
+) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
     sampler: euler | heun | rk4. guidance: classifier-free weight w (1 = plain conditional, 0 = unconditional).
@@ -86,8 +109,14 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     solve = get_sampler(sampler)  # fails on an unknown name before any work
     cfg = model.config
     if (cfg.cond == "text") != (text is not None) or (text is not None and negative is None):
-        raise ValueError(f"model.cond={cfg.cond}: " + ("give the prompts' encoding (text) and the negative or "
-                         "empty caption's (negative)" if cfg.cond == "text" else "a label model takes no text"))
+        raise ValueError(
+            f"model.cond={cfg.cond}: "
+            + (
+                "give the prompts' encoding (text) and the negative or empty caption's (negative)"
+                if cfg.cond == "text"
+                else "a label model takes no text"
+            )
+        )
     device = next(model.parameters()).device
     if (height is None) != (width is None):
         raise ValueError(f"height={height} and width={width}: give both (a non-square clip) or neither")
@@ -102,29 +131,39 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
     pt, ph, pw = cfg.patch
     if shape[2] % pt or shape[3] % ph or shape[4] % pw:
         if autoencoder is not None:  # the user asked in pixels: answer in pixels
-            raise ValueError(f"{asked}the latent clip (T, H, W) = {tuple(shape[2:])}, which the model's patch "
-                             f"{list(cfg.patch)} does not divide: choose height and width that are multiples of "
-                             f"{autoencoder.spatial * ph} pixels")
-        raise ValueError(f"a clip of (T, H, W) = {tuple(shape[2:])} (the model's) is not divisible by its patch "
-                         f"{list(cfg.patch)}: choose frames, height and width it divides")
-    noise = flow.sample_prior(shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed),
-                              scale=prior_scale)
+            raise ValueError(
+                f"{asked}the latent clip (T, H, W) = {tuple(shape[2:])}, which the model's patch "
+                f"{list(cfg.patch)} does not divide: choose height and width that are multiples of "
+                f"{autoencoder.spatial * ph} pixels"
+            )
+        raise ValueError(
+            f"a clip of (T, H, W) = {tuple(shape[2:])} (the model's) is not divisible by its patch "
+            f"{list(cfg.patch)}: choose frames, height and width it divides"
+        )
+    noise = flow.sample_prior(
+        shape, prior, generator=torch.Generator(device="cpu").manual_seed(seed), scale=prior_scale
+    )
     clamp = prior == "uniform" and autoencoder is None and prior_scale == 1.0  # the pixel box [-1, 1]
     if autoencoder is not None:
         autoencoder.to(device)
     given = None
     if context is not None:
         if autoencoder is not None:
-            raise ValueError("frame conditioning (context) of a latent model is not supported yet: the given frames "
-                             "would have to be encoded; use a pixel model")
+            raise ValueError(
+                "frame conditioning (context) of a latent model is not supported yet: the given frames "
+                "would have to be encoded; use a pixel model"
+            )
         k = context.shape[2]
         if context.dtype != torch.uint8 or context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:]:
-            raise ValueError(f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
-                             f"{shape[4]}); got {context.dtype} {tuple(context.shape)}")
+            raise ValueError(
+                f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
+                f"{shape[4]}); got {context.dtype} {tuple(context.shape)}"
+            )
         given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
         noise[:, :, :k] = flow.to_unit_range(context)
-    ts = flow.shift_time(time_grid(steps, device),
-                         flow.token_shift(flow.tokens(shape, cfg.patch), time_shift_base, time_shift_scale))
+    ts = flow.shift_time(
+        time_grid(steps, device), flow.token_shift(flow.tokens(shape, cfg.patch), time_shift_base, time_shift_scale)
+    )
     labels = labels.to(device)
     chunk = batch_size or len(labels)
     was_training = model.training
@@ -133,8 +172,11 @@ def generate(model: nn.Module, labels: torch.Tensor, *, prior: str = "uniform", 
         out = []
         for i in range(0, len(labels), chunk):
             part = None if text is None else tuple(v[i : i + chunk].to(device) for v in text)
-            neg = None if negative is None else tuple(v[i : i + chunk].to(device) if len(v) > 1 else v.to(device)
-                                                      for v in negative)
+            neg = (
+                None
+                if negative is None
+                else tuple(v[i : i + chunk].to(device) if len(v) > 1 else v.to(device) for v in negative)
+            )
             velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given, part, neg)
             x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=clamp, progress=progress)
             out.append(flow.to_uint8(x if autoencoder is None else autoencoder.decode(x)).cpu())

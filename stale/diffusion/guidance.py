@@ -60,8 +60,12 @@ def classifier_free(velocity: Conditional, labels: torch.Tensor, null: torch.Ten
     return guided
 
 
-def classifier_guided(velocity: Velocity, grad_log_p: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                      scale: float, t_min: float = 0.05) -> Velocity:
+def classifier_guided(
+    velocity: Velocity,
+    grad_log_p: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: float,
+    t_min: float = 0.05,
+) -> Velocity:
     """v + scale (1 - t) / max(t, t_min) grad_log_p(x, t); scale = 0 returns `velocity` itself."""
     if scale == 0:
         return velocity

@@ -18,8 +18,9 @@ import torch
 from stale.diffusion.hinge import hinge_loss
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blend each clip with a random partner from the batch.
 
     x (B, ...), y (B,) -> (mixed x, y_a, y_b, lam (B,)) with mixed x = lam x + (1 - lam) x[perm].

@@ -93,8 +93,15 @@ class StaleObjective:
         """The time shift for clips of `shape` (B, C, T, H, W) through a model of `patch` (1 when off)."""
         return flow.token_shift(flow.tokens(shape, patch), self.time_shift_base, self.time_shift_scale)
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, null_label: int, text: tuple | None = None,
-                 empty: tuple | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        model,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        null_label: int,
+        text: tuple | None = None,
+        empty: tuple | None = None,
+    ) -> dict[str, torch.Tensor]:
         """x: float (B, C, T, H, W) in [-1, 1]; y: (B,) labels. Returns the total loss and its detached parts.
         text (model.cond=text): the captions' encoding (text (B, L[, D]), mask (B, L)) and `empty`, the empty
         caption's (1, L[, D]), (1, L): caption dropout puts it in, and the labels are not used."""
@@ -103,8 +110,9 @@ class StaleObjective:
         b = x.shape[0]
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
         shift = 1.0 if self.time_shift_base is None else self.shift(x.shape, model.config.patch)
-        t = flow.shift_time(flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device),
-                            shift)
+        t = flow.shift_time(
+            flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
+        )
         t_in, tt, keep = t, flow.expand_t(t, x), None  # the model's times, t against x, frames in the loss
         if self.context_frames and self.context_prob > 0:
             pt = model.config.patch[0]
@@ -131,8 +139,9 @@ class StaleObjective:
             if self.mixup:
                 xh, ya, yb, lam = mixup(xh, yh, self.mixup_alpha)
             zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-            th = flow.shift_time(flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device),
-                                 shift)
+            th = flow.shift_time(
+                flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
+            )
             _, scores = model(flow.interpolate(zh, xh, th), th, torch.full_like(yh, null_label))
             if self.mixup:
                 hinge = mixup_hinge(scores.float(), ya, yb, lam)
@@ -158,8 +167,9 @@ class StaleObjective:
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
         # as the label path and sampling (generate) shift it
         shift = 1.0 if self.time_shift_base is None else self.shift(x.shape, model.config.patch)
-        t = flow.shift_time(flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device),
-                            shift)
+        t = flow.shift_time(
+            flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
+        )
         drop = torch.rand(b, device=x.device) < self.caption_dropout
         e_emb, e_mask = (v.to(x.device).expand(b, *v.shape[1:]) for v in empty)
         keep = drop.view(b, *([1] * (emb.ndim - 1)))
@@ -179,11 +189,17 @@ class StaleObjective:
             cn, mn = ch.roll(1, dims=0), mh.roll(1, dims=0)  # each clip with its neighbour's caption
             same = ((ch == cn) | ~mh[(...,) + (None,) * (ch.ndim - 2)]).flatten(1).all(1) & (mh == mn).all(1)
             zh = flow.sample_prior(xh.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
-            th = flow.shift_time(flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device),
-                                 shift)
+            th = flow.shift_time(
+                flow.sample_time(n, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
+            )
             xt = flow.interpolate(zh, xh, th)
-            _, scores = model(torch.cat([xt, xt]), torch.cat([th, th]), torch.zeros(2 * n, dtype=torch.long,
-                              device=x.device), torch.cat([ch, cn]), torch.cat([mh, mn]))
+            _, scores = model(
+                torch.cat([xt, xt]),
+                torch.cat([th, th]),
+                torch.zeros(2 * n, dtype=torch.long, device=x.device),
+                torch.cat([ch, cn]),
+                torch.cat([mh, mn]),
+            )
             target = torch.cat([torch.ones(n, device=x.device), torch.where(same, 1.0, -1.0)]).long()
             hinge = hinge_loss(scores.float(), target)
             out["loss"] = out["loss"] + self.hinge_weight * hinge

@@ -43,7 +43,7 @@ class Oracle:
         rows = max(1, self.chunk // self.y.numel())  # samples per chunk: bounds the (b, N, d) temporaries
         out = []
         for s in range(0, xf.shape[0], rows):
-            xs, ts = xf[s:s + rows], t[s:s + rows, None]  # (b, d), (b, 1)
+            xs, ts = xf[s : s + rows], t[s : s + rows, None]  # (b, d), (b, 1)
             diff = xs[:, None, :] - ts[:, :, None] * self.y[None]  # (b, N, d): x - t y_i
             if self.prior == "gaussian":
                 out.append(torch.softmax(-diff.pow(2).sum(-1) / (2 * (1 - ts) ** 2), dim=1))  # (b, N)
@@ -71,8 +71,9 @@ class Oracle:
         return idx, dist
 
 
-def monte_carlo_loss(velocity, data: torch.Tensor, prior: str, n: int, seed: int = 0,
-                     time_sampling: str = "uniform") -> torch.Tensor:
+def monte_carlo_loss(
+    velocity, data: torch.Tensor, prior: str, n: int, seed: int = 0, time_sampling: str = "uniform"
+) -> torch.Tensor:
     """E ||v(x_t, t) - (x - z)||^2 (summed over dimensions) over x ~ data, z ~ p0, t, from n draws.
 
     A fixed seed gives common random numbers, so two velocity fields are compared on the same draws.

@@ -52,8 +52,9 @@ def _v(velocity: Velocity, x: torch.Tensor, t) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True,
-                 progress: bool = False) -> torch.Tensor:
+def sample_euler(
+    velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True, progress: bool = False
+) -> torch.Tensor:
     """Explicit Euler, first order: x <- x + h v(x, t). One velocity evaluation per step."""
     for t, h, _ in _steps(ts, progress, "euler"):
         x = _project(x + h * _v(velocity, x, t), clamp)
@@ -61,8 +62,9 @@ def sample_euler(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: b
 
 
 @torch.no_grad()
-def sample_heun(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True,
-                progress: bool = False) -> torch.Tensor:
+def sample_heun(
+    velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True, progress: bool = False
+) -> torch.Tensor:
     """Heun's method (explicit trapezoid), second order; two evaluations per step (Karras et al. 2022,
     Alg. 1). The last step to t = 1 is an Euler step, so the singular endpoint is never evaluated."""
     for t, h, last in _steps(ts, progress, "heun"):
@@ -77,8 +79,9 @@ def sample_heun(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bo
 
 
 @torch.no_grad()
-def sample_rk4(velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True,
-               progress: bool = False) -> torch.Tensor:
+def sample_rk4(
+    velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, clamp: bool = True, progress: bool = False
+) -> torch.Tensor:
     """Classical Runge-Kutta, fourth order; four evaluations per step. The last step to t = 1 uses
     Ralston's third-order method (stages at t, t + h/2, t + 3h/4; Ralston 1962), which never evaluates t=1."""
     for t, h, last in _steps(ts, progress, "rk4"):

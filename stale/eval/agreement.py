@@ -21,8 +21,9 @@ from stale.diffusion.hinge import predict
 
 
 @torch.no_grad()
-def head_predictions(model, clips: torch.Tensor, t: float = 1.0, prior: str = "uniform", batch: int = 32,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def head_predictions(
+    model, clips: torch.Tensor, t: float = 1.0, prior: str = "uniform", batch: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Hinge-head class predictions for uint8 clips (N, T, H, W, 3) at flow time t with the null label.
 
     Returns (predicted classes (N,), scores (N, outputs)).
@@ -34,7 +35,9 @@ def head_predictions(model, clips: torch.Tensor, t: float = 1.0, prior: str = "u
     g = torch.Generator().manual_seed(seed)
     preds, scores = [], []
     for i in range(0, len(clips), batch):
-        x = flow.to_unit_range(torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3))  # (B, C, T, H, W)
+        x = flow.to_unit_range(
+            torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3)
+        )  # (B, C, T, H, W)
         tt = torch.full((x.shape[0],), float(t), device=device)
         if t < 1:
             z = flow.sample_prior(x.shape, prior, generator=g).to(device)
@@ -58,5 +61,10 @@ def agreement(requested, predicted, num_classes: int) -> dict:
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: requested, columns: predicted
     np.add.at(confusion, (req, pred), 1)
     per_class = {int(c): float(confusion[c, c] / confusion[c].sum()) for c in range(num_classes) if confusion[c].sum()}
-    return {"agreement": float((req == pred).mean()), "n": int(len(req)), "chance": 1.0 / num_classes,
-            "per_class": per_class, "confusion": confusion.tolist()}
+    return {
+        "agreement": float((req == pred).mean()),
+        "n": int(len(req)),
+        "chance": 1.0 / num_classes,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }

@@ -26,8 +26,9 @@ from stale.eval.frechet import frechet_between
 
 
 class FDDCallback(L.Callback):
-    def __init__(self, num_videos: int = 16, steps: int = 10, sampler: str = "euler", max_real: int = 256,
-                 seed: int = 0):
+    def __init__(
+        self, num_videos: int = 16, steps: int = 10, sampler: str = "euler", max_real: int = 256, seed: int = 0
+    ):
         if num_videos < 2:
             raise ValueError(f"FDDCallback num_videos={num_videos} must be >= 2 (a covariance needs two clips)")
         self.num_videos, self.steps, self.sampler, self.max_real, self.seed = num_videos, steps, sampler, max_real, seed

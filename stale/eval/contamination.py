@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # --- fingerprints of shards --------------------------------------------------------------------------
 
+
 @dataclass
 class Fingerprints:
     """One row per clip: its frame hashes, key and shard."""
@@ -56,9 +57,12 @@ class Fingerprints:
     @classmethod
     def concat(cls, parts: list["Fingerprints"], frames: int) -> "Fingerprints":
         hashes = [p.hashes for p in parts if len(p)]
-        return cls(np.concatenate(hashes) if hashes else np.zeros((0, frames), np.uint64),
-                   [k for p in parts for k in p.keys], [s for p in parts for s in p.shards],
-                   [e for p in parts for e in p.errors])
+        return cls(
+            np.concatenate(hashes) if hashes else np.zeros((0, frames), np.uint64),
+            [k for p in parts for k in p.keys],
+            [s for p in parts for s in p.shards],
+            [e for p in parts for e in p.errors],
+        )
 
 
 def fingerprint_shard(url: str, frames: int = DEFAULT_FRAMES) -> Fingerprints:
@@ -89,8 +93,9 @@ def fingerprint_shard(url: str, frames: int = DEFAULT_FRAMES) -> Fingerprints:
     return Fingerprints(arr, keys, [url] * len(keys), errors)
 
 
-def fingerprint_shards(urls: list[str], frames: int = DEFAULT_FRAMES, workers: int = 0,
-                       progress: bool = True, desc: str = "fingerprint") -> Fingerprints:
+def fingerprint_shards(
+    urls: list[str], frames: int = DEFAULT_FRAMES, workers: int = 0, progress: bool = True, desc: str = "fingerprint"
+) -> Fingerprints:
     """Fingerprint every clip of every shard; `workers` > 1 decodes shards in parallel processes."""
     bar = tqdm(total=len(urls), desc=desc, unit="shard", disable=not progress)
     parts = []
@@ -112,6 +117,7 @@ def fingerprint_shards(urls: list[str], frames: int = DEFAULT_FRAMES, workers: i
 
 # --- the pair search ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Pairs:
     """Near-duplicate pairs: row i of the query set matches row j of the base set."""
@@ -125,8 +131,15 @@ class Pairs:
         return len(self.i)
 
 
-def find_pairs(query: np.ndarray, base: np.ndarray | None = None, threshold: float = DEFAULT_THRESHOLD,
-               block: int = 32, tile: int = 16384, progress: bool = False, desc: str = "pairs") -> Pairs:
+def find_pairs(
+    query: np.ndarray,
+    base: np.ndarray | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    block: int = 32,
+    tile: int = 16384,
+    progress: bool = False,
+    desc: str = "pairs",
+) -> Pairs:
     """All (i, j) with median_k hamming(query[i, k], base[j, k]) <= threshold.
 
     query (Nq, K) and base (Nb, K) uint64. base=None searches within `query`, each unordered pair once
@@ -218,8 +231,9 @@ def rewrite_shard_without(src: str, dst: str, drop: set[str]) -> tuple[int, int]
     return len(kept), len(dropped)
 
 
-def clean_test_shards(test: Fingerprints, drop_rows: np.ndarray, clean_dir: str | Path,
-                      write_shards: bool = True) -> dict:
+def clean_test_shards(
+    test: Fingerprints, drop_rows: np.ndarray, clean_dir: str | Path, write_shards: bool = True
+) -> dict:
     """The test set without the flagged clips.
 
     write_shards=True: every test shard holding a flagged clip is rewritten into clean_dir without it;
@@ -248,22 +262,47 @@ def clean_test_shards(test: Fingerprints, drop_rows: np.ndarray, clean_dir: str 
             rewritten.append({"source": shard, "shard": dst, "kept": kept, "dropped": dropped})
     n_drop = int(len(np.unique(drop_rows)))
     removed_clips = n_drop if write_shards else sum(test.shards.count(s) for s in drop_by_shard)
-    return {"mode": "rewritten shards" if write_shards else "shard filter", "shards": listed,
-            "rewritten": rewritten, "clips_removed": removed_clips, "clips_kept": len(test) - removed_clips}
+    return {
+        "mode": "rewritten shards" if write_shards else "shard filter",
+        "shards": listed,
+        "rewritten": rewritten,
+        "clips_removed": removed_clips,
+        "clips_kept": len(test) - removed_clips,
+    }
 
 
 # --- the whole check ---------------------------------------------------------------------------------
 
+
 def _pair_rows(pairs: Pairs, a: Fingerprints, b: Fingerprints, name_a: str, name_b: str) -> list[dict]:
-    return [{f"{name_a}_key": a.keys[i], f"{name_a}_shard": a.shards[i], f"{name_b}_key": b.keys[j],
-             f"{name_b}_shard": b.shards[j], "distance": float(dist), "frame_distances": fd.tolist()}
-            for i, j, dist, fd in zip(pairs.i, pairs.j, pairs.distance, pairs.frame_distances)]
+    return [
+        {
+            f"{name_a}_key": a.keys[i],
+            f"{name_a}_shard": a.shards[i],
+            f"{name_b}_key": b.keys[j],
+            f"{name_b}_shard": b.shards[j],
+            "distance": float(dist),
+            "frame_distances": fd.tolist(),
+        }
+        for i, j, dist, fd in zip(pairs.i, pairs.j, pairs.distance, pairs.frame_distances)
+    ]
 
 
-def check_contamination(train, test, out: str | Path, threshold: float = DEFAULT_THRESHOLD,
-                        frames: int = DEFAULT_FRAMES, within: bool = True, dedupe_test: bool = True,
-                        write_shards: bool = True, clean_dir: str | Path | None = None, workers: int = 0,
-                        block: int = 32, tile: int = 16384, progress: bool = True) -> dict:
+def check_contamination(
+    train,
+    test,
+    out: str | Path,
+    threshold: float = DEFAULT_THRESHOLD,
+    frames: int = DEFAULT_FRAMES,
+    within: bool = True,
+    dedupe_test: bool = True,
+    write_shards: bool = True,
+    clean_dir: str | Path | None = None,
+    workers: int = 0,
+    block: int = 32,
+    tile: int = 16384,
+    progress: bool = True,
+) -> dict:
     """Fingerprint both sets, find pairs across and within them, write the JSON report and the clean test set.
 
     Writes `out` (JSON), `<out stem>.clean-test.txt` (the clean test shards, one path per line) and, when
@@ -301,14 +340,25 @@ def check_contamination(train, test, out: str | Path, threshold: float = DEFAULT
     clean["list"] = str(list_file.resolve())
 
     report = {
-        "method": {"hash": "dHash 9x8 grey, 64 bits", "frames_per_clip": frames, "threshold": threshold,
-                   "rule": "median Hamming distance of matched frames <= threshold"},
-        "train": {"pattern": str(train), "shards": len(train_urls), "clips": len(fp_train),
-                  "unreadable": fp_train.errors},
+        "method": {
+            "hash": "dHash 9x8 grey, 64 bits",
+            "frames_per_clip": frames,
+            "threshold": threshold,
+            "rule": "median Hamming distance of matched frames <= threshold",
+        },
+        "train": {
+            "pattern": str(train),
+            "shards": len(train_urls),
+            "clips": len(fp_train),
+            "unreadable": fp_train.errors,
+        },
         "test": {"pattern": str(test), "shards": len(test_urls), "clips": len(fp_test), "unreadable": fp_test.errors},
-        "counts": {"train_test": len(cross), "within_train": len(in_train) if in_train is not None else None,
-                   "within_test": len(in_test) if in_test is not None else None,
-                   "contaminated_test_clips": len(set(cross.i.tolist()))},
+        "counts": {
+            "train_test": len(cross),
+            "within_train": len(in_train) if in_train is not None else None,
+            "within_test": len(in_test) if in_test is not None else None,
+            "contaminated_test_clips": len(set(cross.i.tolist())),
+        },
         "pairs": {
             "train_test": _pair_rows(cross, fp_test, fp_train, "test", "train"),
             "within_train": _pair_rows(in_train, fp_train, fp_train, "a", "b") if in_train is not None else None,

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # --- loading -----------------------------------------------------------------------------------------
 
+
 def load_sample_clips(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     """All mp4 clips of a samples folder -> uint8 (N, T, H, W, 3) and their file names. Shapes must agree."""
     clips, names = [], []
@@ -46,8 +47,9 @@ def load_sample_clips(folder: str | Path) -> tuple[np.ndarray, list[str]]:
     return np.stack(clips), names
 
 
-def load_real_clips(pattern, frames: int, size: int, max_clips: int | None = None,
-                    label_key: str | None = "label") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_real_clips(
+    pattern, frames: int, size: int, max_clips: int | None = None, label_key: str | None = "label"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Real clips from shards, cut like validation batches: uint8 (N, frames, size, size, 3), labels (N,), shards.
 
     Read by stale.data.reader like training's: bad samples are skipped and counted (logged), and when
@@ -86,8 +88,10 @@ def sample_labels(folder, names: list[str], mode: str = "auto", num_classes: int
 
 # --- FVD (optional) ----------------------------------------------------------------------------------
 
-def i3d_features(detector, clips: np.ndarray, size: int = 224, batch: int = 8, device: str = "cpu",
-                 kwargs: dict | None = None) -> np.ndarray:
+
+def i3d_features(
+    detector, clips: np.ndarray, size: int = 224, batch: int = 8, device: str = "cpu", kwargs: dict | None = None
+) -> np.ndarray:
     """Features of uint8 clips (N, T, H, W, 3) from an I3D TorchScript module.
 
     Preprocessing follows the common PyTorch FVD port (universome/fvd-comparison, StyleGAN-V): frames
@@ -125,16 +129,29 @@ def load_i3d(path: str | Path, device: str = "cpu"):
 
 # --- the whole evaluation ----------------------------------------------------------------------------
 
+
 def fdd(clips_a: np.ndarray, clips_b: np.ndarray, batch: int = 64) -> float:
     """Fréchet DoG distance between two sets of uint8 clips (N, T, H, W, 3)."""
     return frechet_between(clip_batches_features(clips_a, batch).numpy(), clip_batches_features(clips_b, batch).numpy())
 
 
-def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str | Path | None = None,
-             out: str | Path | None = None, max_real: int | None = None, labels: str = "auto",
-             agreement_t: float = 1.0, batch: int = 32, device: str = "cpu", i3d_size: int = 224,
-             i3d_kwargs: dict | None = None, seed: int = 0, label_key: str | None = "label",
-             weights: str = "ema") -> dict:
+def evaluate(
+    samples: str | Path,
+    real,
+    ckpt: str | Path | None = None,
+    i3d: str | Path | None = None,
+    out: str | Path | None = None,
+    max_real: int | None = None,
+    labels: str = "auto",
+    agreement_t: float = 1.0,
+    batch: int = 32,
+    device: str = "cpu",
+    i3d_size: int = 224,
+    i3d_kwargs: dict | None = None,
+    seed: int = 0,
+    label_key: str | None = "label",
+    weights: str = "ema",
+) -> dict:
     """Evaluate a samples folder against real shards; writes the JSON report to `out` (default <samples>/eval.json).
     weights: the checkpoint's head to score labels with, ema (what stale-train samples with) or raw.
     label_key: the real clips' label, read only with a checkpoint (null: unlabelled shards, no real accuracy)."""
@@ -144,22 +161,34 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
     if h != w:
         log.warning("samples are %dx%d; real clips are centre-cropped square to %d", h, w, h)
     label_key = label_key if ckpt else None  # only the head's accuracy on real clips reads their labels
-    real_clips, real_labels, real_urls = load_real_clips(real, frames=t, size=h, max_clips=max_real, label_key=label_key)
+    real_clips, real_labels, real_urls = load_real_clips(
+        real, frames=t, size=h, max_clips=max_real, label_key=label_key
+    )
     report: dict = {
         "samples": {"folder": str(Path(samples).resolve()), "clips": n, "frames": t, "height": h, "width": w},
-        "real": {"pattern": str(real), "shards": len(real_urls), "clips": len(real_clips), "max_real": max_real,
-                 "label_key": label_key},
+        "real": {
+            "pattern": str(real),
+            "shards": len(real_urls),
+            "clips": len(real_clips),
+            "max_real": max_real,
+            "label_key": label_key,
+        },
     }
     gen_f = clip_batches_features(gen, batch).numpy()
     real_f = clip_batches_features(real_clips, batch).numpy()
-    report["fdd"] = {"value": frechet_between(gen_f, real_f), "generated_clips": n, "real_clips": len(real_clips),
-                     "frames_per_clip_used": t - 1, "features": len(FEATURE_NAMES),
-                     "generated_mean": dict(zip(FEATURE_NAMES, np.round(gen_f.mean(0), 3).tolist())),
-                     "real_mean": dict(zip(FEATURE_NAMES, np.round(real_f.mean(0), 3).tolist()))}
+    report["fdd"] = {
+        "value": frechet_between(gen_f, real_f),
+        "generated_clips": n,
+        "real_clips": len(real_clips),
+        "frames_per_clip_used": t - 1,
+        "features": len(FEATURE_NAMES),
+        "generated_mean": dict(zip(FEATURE_NAMES, np.round(gen_f.mean(0), 3).tolist())),
+        "real_mean": dict(zip(FEATURE_NAMES, np.round(real_f.mean(0), 3).tolist())),
+    }
 
     if ckpt:
-        from stale.eval.agreement import agreement, head_predictions
         from stale.checkpoint import read_checkpoint
+        from stale.eval.agreement import agreement, head_predictions
 
         source = read_checkpoint(ckpt, weights)  # allow-listed model targets, weights_only loading
         model, run_config = source.build_model().to(device), source.run_config
@@ -167,8 +196,12 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
         prior = run_config.get("diffusion", {}).get("prior", "uniform")
         requested, source = sample_labels(samples, names, labels, k)
         kw = dict(t=agreement_t, prior=prior, batch=batch, seed=seed)
-        section: dict = {"checkpoint": str(Path(ckpt).resolve()), "t": agreement_t, "labels_from": source,
-                         "num_classes": k}
+        section: dict = {
+            "checkpoint": str(Path(ckpt).resolve()),
+            "t": agreement_t,
+            "labels_from": source,
+            "num_classes": k,
+        }
         if requested is not None:
             pred, _ = head_predictions(model, gen, **kw)
             section.update(agreement(requested, pred, k))
@@ -186,10 +219,18 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
             g = i3d_features(detector, gen, i3d_size, batch, device, i3d_kwargs)
             r = i3d_features(detector, real_clips, i3d_size, batch, device, i3d_kwargs)
         except RuntimeError as e:
-            raise ValueError(f"i3d={i3d}: the module failed on clips of {t} frames at {i3d_size}px "
-                             f"(I3D needs enough frames, often >= 10; check i3d_kwargs): {e}") from e
-        report["fvd"] = {"value": frechet_between(g, r), "generated_clips": n, "real_clips": len(real_clips),
-                         "detector": str(Path(i3d).resolve()), "feature_dim": int(g.shape[1]), "size": i3d_size}
+            raise ValueError(
+                f"i3d={i3d}: the module failed on clips of {t} frames at {i3d_size}px "
+                f"(I3D needs enough frames, often >= 10; check i3d_kwargs): {e}"
+            ) from e
+        report["fvd"] = {
+            "value": frechet_between(g, r),
+            "generated_clips": n,
+            "real_clips": len(real_clips),
+            "detector": str(Path(i3d).resolve()),
+            "feature_dim": int(g.shape[1]),
+            "size": i3d_size,
+        }
 
     report["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(out) if out else Path(samples) / "eval.json"
@@ -202,13 +243,17 @@ def evaluate(samples: str | Path, real, ckpt: str | Path | None = None, i3d: str
 def summary_lines(report: dict) -> list[str]:
     """Human-readable lines for the terminal."""
     f = report["fdd"]
-    lines = [f"FDD {f['value']:.3f}  ({f['generated_clips']} generated vs {f['real_clips']} real clips "
-             f"from {report['real']['pattern']}, {f['frames_per_clip_used']} frames each)"]
+    lines = [
+        f"FDD {f['value']:.3f}  ({f['generated_clips']} generated vs {f['real_clips']} real clips "
+        f"from {report['real']['pattern']}, {f['frames_per_clip_used']} frames each)"
+    ]
     la = report.get("label_agreement")
     if la:
         if "agreement" in la:
-            lines.append(f"label agreement {la['agreement']:.3f} over {la['n']} clips at t={la['t']} "
-                         f"(chance {la['chance']:.3f}; labels from {la['labels_from']})")
+            lines.append(
+                f"label agreement {la['agreement']:.3f} over {la['n']} clips at t={la['t']} "
+                f"(chance {la['chance']:.3f}; labels from {la['labels_from']})"
+            )
         else:
             lines.append(f"label agreement: skipped, {la['labels_from']}")
         if "real_accuracy" in la:

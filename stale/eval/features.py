@@ -25,8 +25,10 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
 FEATURE_NAMES = (
     [f"dog_s{s:g}_{c}" for c in "rgb" for s in DOG_BANDS]
-    + [f"mean_{c}" for c in "rgb"] + [f"std_{c}" for c in "rgb"]
-    + [f"diff_rms_{c}" for c in "rgb"] + [f"diff_dog_s{s:g}" for s in DOG_BANDS]
+    + [f"mean_{c}" for c in "rgb"]
+    + [f"std_{c}" for c in "rgb"]
+    + [f"diff_rms_{c}" for c in "rgb"]
+    + [f"diff_dog_s{s:g}" for s in DOG_BANDS]
 )
 
 

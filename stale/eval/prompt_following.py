@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from stale.data.synthetic import CAPTION_COLOURS, COLOURS, COLOUR_NAMES, DIRECTIONS, SHAPES, SIMPLE_BACKGROUND
+from stale.data.synthetic import CAPTION_COLOURS, COLOUR_NAMES, COLOURS, DIRECTIONS, SHAPES, SIMPLE_BACKGROUND
 
 FOREGROUND = 60.0  # L1 distance (0-765) from the background colour above which a pixel is the shape's
 MIN_PIXELS = 3  # fewer foreground pixels in a frame: nothing is there

@@ -29,9 +29,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stale.checkpoint.layout import (CONFIG_FILE, DIFFUSION_TARGET, FORMAT, FORMAT_VERSION, LORA_DIR, MODEL_TARGET,
-                                     ONNX_FILE, PROGRAM_FILE, PROVENANCE_FILE, SAMPLE_DEFAULTS, TEXT_FOLDER,
-                                     VAE_FOLDER, WEIGHTS_FILE, sha256)
+from stale.checkpoint.layout import (
+    CONFIG_FILE,
+    DIFFUSION_TARGET,
+    FORMAT,
+    FORMAT_VERSION,
+    LORA_DIR,
+    MODEL_TARGET,
+    ONNX_FILE,
+    PROGRAM_FILE,
+    PROVENANCE_FILE,
+    SAMPLE_DEFAULTS,
+    TEXT_FOLDER,
+    VAE_FOLDER,
+    WEIGHTS_FILE,
+    sha256,
+)
 from stale.checkpoint.registry import build
 from stale.checkpoint.weights import read_checkpoint
 from stale.export.onnx import check_onnx, export_onnx, export_program
@@ -59,9 +72,18 @@ def _json(path: Path, obj: dict) -> Path:
     return path
 
 
-def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None = None,
-                    diffusion: dict | None = None, sample: dict | None = None, weights: str = "ema",
-                    provenance_record: dict | None = None, autoencoder=None, text_encoder=None) -> dict[str, Path]:
+def save_pretrained(
+    model: torch.nn.Module,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    diffusion: dict | None = None,
+    sample: dict | None = None,
+    weights: str = "ema",
+    provenance_record: dict | None = None,
+    autoencoder=None,
+    text_encoder=None,
+) -> dict[str, Path]:
     """Write model.safetensors, config.json and provenance.json for `model` into `out` (and the autoencoder's
     copy into out/vae/ for a latent model; a text model's encoder: text_encoder=hf's copy, with its tokenizer,
     into out/text_encoder/, the learned encoder's vocabulary into config.json)."""
@@ -70,8 +92,9 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
     # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     paths = {"weights": out / WEIGHTS_FILE}
-    save_file(state, str(paths["weights"]), metadata={"format": "pt", "stale_export": str(FORMAT_VERSION),
-                                                      "weights": weights})
+    save_file(
+        state, str(paths["weights"]), metadata={"format": "pt", "stale_export": str(FORMAT_VERSION), "weights": weights}
+    )
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -97,9 +120,18 @@ def save_pretrained(model: torch.nn.Module, out: str | Path, *, name: str | None
     return paths
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", onnx: bool = False,
-                      torch_export: bool = False, opset: int | None = None, trace_batch: int = 2,
-                      check: bool = True, tolerance: float = 1e-4, merge: bool = True) -> dict:
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    weights: str = "ema",
+    onnx: bool = False,
+    torch_export: bool = False,
+    opset: int | None = None,
+    trace_batch: int = 2,
+    check: bool = True,
+    tolerance: float = 1e-4,
+    merge: bool = True,
+) -> dict:
     """Export a stale-train checkpoint (loaded with weights_only=True) to `out`. Returns paths and checks.
     merge: for a LoRA checkpoint, fold the adapter into the weights (true) or write it beside the base (false)."""
     ckpt, out = Path(ckpt), Path(out)
@@ -116,16 +148,33 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
     record = {
         "training": source.provenance,  # git commit, package versions, ... of the training run
         "run_config": {k: v for k, v in run.items() if k != "provenance"},
-        "checkpoint": {"path": str(ckpt.resolve()), "sha256": sha256(ckpt), "global_step": source.global_step,
-                       "epoch": source.epoch, "weights": weights, **source.extra},
+        "checkpoint": {
+            "path": str(ckpt.resolve()),
+            "sha256": sha256(ckpt),
+            "global_step": source.global_step,
+            "epoch": source.epoch,
+            "weights": weights,
+            **source.extra,
+        },
         "export": provenance(),
     }
     if record["training"] is None:
-        log.warning("checkpoint %s carries no provenance; provenance.json records "
-                    "only the checkpoint and the exporting environment", ckpt)
-    paths = save_pretrained(model, out, name=run["model"].get("name"), diffusion=run.get("diffusion"),
-                            sample=run.get("sample"), weights=weights, provenance_record=record,
-                            autoencoder=source.build_autoencoder(), text_encoder=source.build_text_encoder())
+        log.warning(
+            "checkpoint %s carries no provenance; provenance.json records "
+            "only the checkpoint and the exporting environment",
+            ckpt,
+        )
+    paths = save_pretrained(
+        model,
+        out,
+        name=run["model"].get("name"),
+        diffusion=run.get("diffusion"),
+        sample=run.get("sample"),
+        weights=weights,
+        provenance_record=record,
+        autoencoder=source.build_autoencoder(),
+        text_encoder=source.build_text_encoder(),
+    )
     result: dict = {"paths": paths, "checks": {}}
     config = json.loads(paths["config"].read_text())
     if adapter is not None:
@@ -148,12 +197,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, weights: str = "ema", o
                 diff = check_onnx(paths["onnx"], model)
                 result["checks"]["onnx_max_abs_diff"] = diff
                 if not diff <= tolerance:
-                    raise RuntimeError(f"{paths['onnx']}: onnxruntime differs from PyTorch by {diff:.3g} "
-                                       f"(> {tolerance:g}) in fp32")
+                    raise RuntimeError(
+                        f"{paths['onnx']}: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}) in fp32"
+                    )
         _json(paths["config"], config)
     written = {p.name for p in paths.values()} | ({ONNX_FILE + ".data"} if onnx else set())
     for name in (ONNX_FILE, ONNX_FILE + ".data", PROGRAM_FILE):
         if (out / name).exists() and name not in written:
-            log.warning("%s is left over from an earlier export into %s (config.json does not list it): "
-                        "delete it or export into an empty folder", out / name, out)
+            log.warning(
+                "%s is left over from an earlier export into %s (config.json does not list it): "
+                "delete it or export into an empty folder",
+                out / name,
+                out,
+            )
     return result

@@ -35,6 +35,8 @@ TEXT_INPUT_NAMES = ("text", "text_mask")
 
 def input_names(config) -> tuple[str, ...]:
     return INPUT_NAMES + (TEXT_INPUT_NAMES if config.cond == "text" else ())
+
+
 OUTPUT_NAMES = ("velocity",)
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (torch.export needs one; ONNX keeps it symbolic)
 ONNX_INLINE_LIMIT = 1 << 30  # weights above 1 GiB go to an external .onnx.data file (protobuf caps a file at 2 GiB)
@@ -61,8 +63,11 @@ def example_inputs(config, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor,
     if config.cond != "text":
         return x, t, y
     L = config.text_len
-    text = (torch.randint(0, config.text_vocab, (batch, L), generator=g) if config.text_vocab
-            else torch.randn(batch, L, config.text_dim, generator=g))
+    text = (
+        torch.randint(0, config.text_vocab, (batch, L), generator=g)
+        if config.text_vocab
+        else torch.randn(batch, L, config.text_dim, generator=g)
+    )
     mask = torch.arange(L)[None] < torch.randint(1, L + 1, (batch, 1), generator=g)
     return x, t, y, text, mask
 
@@ -72,8 +77,11 @@ def quiet_exporters():
     """The exporters log every graph rewrite at INFO (shown by Hydra's console logging), warn that torchvision
     is missing (its ops are not used here) and hit a torch-internal pytree deprecation: keep their warnings,
     drop that noise."""
-    levels = {"onnxscript": logging.WARNING, "onnx_ir": logging.WARNING,
-              "torch.onnx._internal.exporter._registration": logging.ERROR}
+    levels = {
+        "onnxscript": logging.WARNING,
+        "onnx_ir": logging.WARNING,
+        "torch.onnx._internal.exporter._registration": logging.ERROR,
+    }
     old = {name: logging.getLogger(name).level for name in levels}
     try:
         for name, level in levels.items():
@@ -108,8 +116,13 @@ def export_program(model: nn.Module, batch: int = 2) -> torch.export.ExportedPro
         return torch.export.export(denoiser, example_inputs(model.config, batch), dynamic_shapes=dynamic)
 
 
-def export_onnx(model: nn.Module, path: str | Path, batch: int = 2, opset: int | None = None,
-                program: torch.export.ExportedProgram | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    batch: int = 2,
+    opset: int | None = None,
+    program: torch.export.ExportedProgram | None = None,
+) -> Path:
     """Write the denoiser as ONNX (one file unless the weights exceed ONNX_INLINE_LIMIT)."""
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's op library)
@@ -119,9 +132,14 @@ def export_onnx(model: nn.Module, path: str | Path, batch: int = 2, opset: int |
     program = program or export_program(model, batch)
     n_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     with quiet_exporters():
-        onnx_program = torch.onnx.export(program, input_names=list(input_names(model.config)),
-                                         output_names=list(OUTPUT_NAMES),
-                                         opset_version=opset, dynamo=True, verbose=False)
+        onnx_program = torch.onnx.export(
+            program,
+            input_names=list(input_names(model.config)),
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
         onnx_program.save(str(path), external_data=n_bytes > ONNX_INLINE_LIMIT)
     return path
 

@@ -30,8 +30,13 @@ from pathlib import Path
 import torch
 
 # diffusers' autoencoder classes stale reads, by the `_class_name` of their config.json
-CLASSES = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo",
-           "AutoencoderKL")
+CLASSES = (
+    "AutoencoderKLWan",
+    "AutoencoderKLCogVideoX",
+    "AutoencoderKLLTXVideo",
+    "AutoencoderKLHunyuanVideo",
+    "AutoencoderKL",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NORMALIZATIONS = ("auto", "vae", "data")
 
@@ -69,8 +74,9 @@ def _constants(cls: str, model, channels: int) -> tuple[torch.Tensor, torch.Tens
     if mean is not None and std is not None:
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != (channels,) or std.shape != (channels,):
-            raise AutoencoderError(f"latents_mean/latents_std have {mean.numel()}/{std.numel()} entries for "
-                                   f"{channels} latent channels")
+            raise AutoencoderError(
+                f"latents_mean/latents_std have {mean.numel()}/{std.numel()} entries for {channels} latent channels"
+            )
         return mean, factor / std
     return ones * float(getattr(c, "shift_factor", None) or 0.0), ones * float(factor)
 
@@ -94,9 +100,17 @@ def _nearest(valid, value: int) -> str:
 class Autoencoder:
     """A frozen diffusers autoencoder in eval mode, with its latent shape rules and normalisation."""
 
-    def __init__(self, model: torch.nn.Module, cls: str, source: dict, shift: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None, normalization: str = "auto", stats: dict | None = None,
-                 measure_stats: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cls: str,
+        source: dict,
+        shift: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        normalization: str = "auto",
+        stats: dict | None = None,
+        measure_stats: bool = False,
+    ):
         if normalization not in NORMALIZATIONS:
             raise AutoencoderError(f"vae.normalization={normalization!r} is not one of {NORMALIZATIONS}")
         self.model = model.eval().requires_grad_(False)
@@ -115,18 +129,24 @@ class Autoencoder:
             elif self.normalization == "data" and measure_stats:
                 shift = scale = None  # stale-encode stores raw moments and measures the statistics itself
             elif self.normalization == "data":
-                why = ("vae.normalization=data asks for" if normalization == "data" else
-                       "its own constants are the identity (latents_mean 0 and latents_std 1, or no scaling_factor), "
-                       "so it needs")
+                why = (
+                    "vae.normalization=data asks for"
+                    if normalization == "data"
+                    else "its own constants are the identity (latents_mean 0 and latents_std 1, or no scaling_factor), "
+                    "so it needs"
+                )
                 raise AutoencoderError(
                     f"{cls} at vae.pretrained={source.get('pretrained')!r}: {why} per-channel statistics of the data. "
                     "Encode a cache with stale-encode (it measures them) and train with data=latents, or set "
-                    "vae.stats=CACHE/info.json")
+                    "vae.stats=CACHE/info.json"
+                )
         self.shift = None if shift is None else torch.as_tensor(shift, dtype=torch.float32).reshape(-1)
         self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
         if self.shift is not None and (self.shift.numel() != self.channels or self.scale.numel() != self.channels):
-            raise AutoencoderError(f"vae.shift/vae.scale have {self.shift.numel()}/{self.scale.numel()} entries "
-                                   f"for {self.channels} latent channels")
+            raise AutoencoderError(
+                f"vae.shift/vae.scale have {self.shift.numel()}/{self.scale.numel()} entries "
+                f"for {self.channels} latent channels"
+            )
 
     def __deepcopy__(self, memo):  # frozen: the EMA callback's copy of the system shares it
         return self
@@ -153,8 +173,10 @@ class Autoencoder:
             raise AutoencoderError(f"{keys[0]}={frames}: {name} takes {rule}; nearest valid: {keys[0]}={near}")
         if not isinstance(size, int) or size < self.spatial or size % self.spatial:
             near = _nearest(range(self.spatial, max(size, 1) + self.spatial + 1, self.spatial), max(size, 1))
-            raise AutoencoderError(f"{keys[1]}={size}: {name} compresses space by {self.spatial}, so the size must "
-                                   f"be a multiple of {self.spatial}; nearest valid: {keys[1]}={near}")
+            raise AutoencoderError(
+                f"{keys[1]}={size}: {name} compresses space by {self.spatial}, so the size must "
+                f"be a multiple of {self.spatial}; nearest valid: {keys[1]}={near}"
+            )
 
     def latent_shape(self, frames: int, size: int) -> tuple[int, int, int, int]:
         """(C, T', H', W') of a frames x size x size pixel clip (after check_clip)."""
@@ -194,8 +216,10 @@ class Autoencoder:
 
     def _resolved(self) -> None:
         if self.shift is None:
-            raise AutoencoderError(f"{self.cls}: the normalisation waits for the data's statistics (loaded with "
-                                   "measure_stats=True, as stale-encode does, which stores raw moments)")
+            raise AutoencoderError(
+                f"{self.cls}: the normalisation waits for the data's statistics (loaded with "
+                "measure_stats=True, as stale-encode does, which stores raw moments)"
+            )
 
     def normalize(self, latent: torch.Tensor) -> torch.Tensor:
         self._resolved()
@@ -210,8 +234,11 @@ class Autoencoder:
     def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One normalised posterior draw from moments (the global RNG unless a generator is given)."""
         mean, logvar = moments.float().chunk(2, dim=1)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device) if generator is not None else \
-            torch.randn_like(mean)
+        eps = (
+            torch.randn(mean.shape, generator=generator, device=mean.device)
+            if generator is not None
+            else torch.randn_like(mean)
+        )
         return self.normalize(mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps)
 
     def mode(self, moments: torch.Tensor) -> torch.Tensor:
@@ -230,8 +257,13 @@ class Autoencoder:
     def node(self) -> dict:
         """The plain-JSON description that rebuilds this autoencoder: where it came from and its normalisation."""
         self._resolved()
-        return {**self.source, "class": self.cls, "normalization": self.normalization,
-                "shift": [float(v) for v in self.shift], "scale": [float(v) for v in self.scale]}
+        return {
+            **self.source,
+            "class": self.cls,
+            "normalization": self.normalization,
+            "shift": [float(v) for v in self.shift],
+            "scale": [float(v) for v in self.scale],
+        }
 
     def save(self, out: str | Path) -> Path:
         """save_pretrained (config.json + safetensors) into `out`: an export's own copy."""
@@ -248,25 +280,40 @@ def _read_config(pretrained: str, subfolder: str | None) -> dict:
         if not path.is_dir():
             raise AutoencoderError(f"vae.pretrained={pretrained!r}: no such folder ({path.resolve()})")
         if not (folder / "config.json").is_file():
-            raise AutoencoderError(f"vae.pretrained={pretrained!r}: {folder / 'config.json'} does not exist "
-                                   f"(vae.subfolder={subfolder!r}); point it at a diffusers autoencoder folder")
+            raise AutoencoderError(
+                f"vae.pretrained={pretrained!r}: {folder / 'config.json'} does not exist "
+                f"(vae.subfolder={subfolder!r}); point it at a diffusers autoencoder folder"
+            )
         try:
             return json.loads((folder / "config.json").read_text())
         except json.JSONDecodeError as e:
-            raise AutoencoderError(f"vae.pretrained={pretrained!r}: {folder / 'config.json'} is not JSON: {e}") from None
+            raise AutoencoderError(
+                f"vae.pretrained={pretrained!r}: {folder / 'config.json'} is not JSON: {e}"
+            ) from None
     from diffusers import AutoencoderKL  # any ModelMixin: load_config reads its config.json, whatever the class
 
     try:
         return dict(AutoencoderKL.load_config(pretrained, subfolder=subfolder))
     except Exception as e:  # noqa: BLE001 - diffusers raises OSError/EnvironmentError/HTTP errors here
-        raise AutoencoderError(f"vae.pretrained={pretrained!r} is not a local folder and could not be loaded as a "
-                               f"hub id: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise AutoencoderError(
+            f"vae.pretrained={pretrained!r} is not a local folder and could not be loaded as a "
+            f"hub id: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
-def load_autoencoder(pretrained: str | None, subfolder: str | None = None, dtype: str = "float32",
-                     normalization: str = "auto", stats: dict | str | None = None, shift=None, scale=None,
-                     sha256: str | None = None, device: str | torch.device = "cpu", measure_stats: bool = False,
-                     **_ignored) -> Autoencoder:
+def load_autoencoder(
+    pretrained: str | None,
+    subfolder: str | None = None,
+    dtype: str = "float32",
+    normalization: str = "auto",
+    stats: dict | str | None = None,
+    shift=None,
+    scale=None,
+    sha256: str | None = None,
+    device: str | torch.device = "cpu",
+    measure_stats: bool = False,
+    **_ignored,
+) -> Autoencoder:
     """Load the diffusers autoencoder at `pretrained` (folder or hub id), frozen, in eval mode.
 
     `stats`: per-channel {"mean", "std"} of the raw latents, or a path to a cache's info.json holding them.
@@ -283,25 +330,35 @@ def load_autoencoder(pretrained: str | None, subfolder: str | None = None, dtype
     config = _read_config(pretrained, subfolder)
     cls = config.get("_class_name")
     if cls not in CLASSES:
-        raise AutoencoderError(f"vae.pretrained={pretrained!r}: _class_name={cls!r} in its config.json is not "
-                               f"one of {CLASSES}")
+        raise AutoencoderError(
+            f"vae.pretrained={pretrained!r}: _class_name={cls!r} in its config.json is not one of {CLASSES}"
+        )
     import diffusers
 
     try:
-        model = getattr(diffusers, cls).from_pretrained(pretrained, subfolder=subfolder, torch_dtype=DTYPES[dtype],
-                                                    low_cpu_mem_usage=False)
+        model = getattr(diffusers, cls).from_pretrained(
+            pretrained, subfolder=subfolder, torch_dtype=DTYPES[dtype], low_cpu_mem_usage=False
+        )
     except Exception as e:  # noqa: BLE001 - missing or damaged weights
-        raise AutoencoderError(f"vae.pretrained={pretrained!r}: {cls} weights do not load: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise AutoencoderError(
+            f"vae.pretrained={pretrained!r}: {cls} weights do not load: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     digest = weights_sha256(model)
     if sha256 and sha256 != digest:
-        raise AutoencoderError(f"vae.pretrained={pretrained!r} holds other weights (sha256 {digest[:12]}...) than "
-                               f"the ones recorded (sha256 {sha256[:12]}...)")
+        raise AutoencoderError(
+            f"vae.pretrained={pretrained!r} holds other weights (sha256 {digest[:12]}...) than "
+            f"the ones recorded (sha256 {sha256[:12]}...)"
+        )
     if isinstance(stats, (str, Path)):
         stats = read_stats(stats)
     local = Path(pretrained).expanduser()
-    source = {"pretrained": str(local.resolve()) if local.exists() else pretrained, "subfolder": subfolder,
-              "dtype": dtype, "sha256": digest}
+    source = {
+        "pretrained": str(local.resolve()) if local.exists() else pretrained,
+        "subfolder": subfolder,
+        "dtype": dtype,
+        "sha256": digest,
+    }
     ae = Autoencoder(model, cls, source, shift, scale, normalization, stats, measure_stats)
     return ae.to(device)
 

@@ -3,5 +3,13 @@
 from stale.models.flops import count_parameters, training_flops_per_clip
 from stale.models.stale_transformer import SIZES, StaleBlock, StaleConfig, StaleTransformer, build_model, model_config
 
-__all__ = ["SIZES", "StaleBlock", "StaleConfig", "StaleTransformer", "build_model", "count_parameters", "model_config",
-           "training_flops_per_clip"]
+__all__ = [
+    "SIZES",
+    "StaleBlock",
+    "StaleConfig",
+    "StaleTransformer",
+    "build_model",
+    "count_parameters",
+    "model_config",
+    "training_flops_per_clip",
+]

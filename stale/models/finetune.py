@@ -35,12 +35,16 @@ class Finetune:
     """conf/finetune/*.yaml: what trains."""
 
     name: str = "full"  # full | lora
-    freeze: list = field(default_factory=list)  # parameter-name patterns kept fixed (full); lora freezes all but adapters
+    freeze: list = field(
+        default_factory=list
+    )  # parameter-name patterns kept fixed (full); lora freezes all but adapters
     rank: int = 8  # lora: r
     alpha: float = 8.0  # lora: the update is (alpha / rank) B A
     dropout: float = 0.0  # lora: dropout on the adapter's input
     target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # lora: nn.Linear module patterns
-    train: list = field(default_factory=list)  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
+    train: list = field(
+        default_factory=list
+    )  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
 
     def __post_init__(self):
         if self.name not in MODES:
@@ -73,8 +77,9 @@ def require_peft() -> None:
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise ImportError("LoRA (finetune=lora, lora=ADAPTER, a LoRA checkpoint or export) needs peft: "
-                          "pip install 'stale[finetune]'") from None
+        raise ImportError(
+            "LoRA (finetune=lora, lora=ADAPTER, a LoRA checkpoint or export) needs peft: pip install 'stale[finetune]'"
+        ) from None
 
 
 def lora_config(ft: Finetune, targets: list[str]):
@@ -170,8 +175,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     for f in (folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} does not exist: lora= must be an adapter folder written by "
-                                    "stale-export merge=false (adapter_config.json + adapter_model.safetensors)")
+            raise FileNotFoundError(
+                f"{f} does not exist: lora= must be an adapter folder written by "
+                "stale-export merge=false (adapter_config.json + adapter_model.safetensors)"
+            )
     config = LoraConfig.from_pretrained(str(folder))
     try:
         inject_adapter_in_model(config, model)
@@ -180,6 +187,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{folder}: adapter weights do not fit the model (missing {missing[:4]}, unexpected "
-                         f"{list(result.unexpected_keys)[:4]})")
+        raise ValueError(
+            f"{folder}: adapter weights do not fit the model (missing {missing[:4]}, unexpected "
+            f"{list(result.unexpected_keys)[:4]})"
+        )
     return model.eval()

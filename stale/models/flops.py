@@ -43,23 +43,37 @@ def parameter_count(config: StaleConfig) -> int:
     hidden = int(d * config.mlp_ratio)
     head_dim = d // config.heads
     block = (
-        3 * d * d + 3 * d  # qkv
+        3 * d * d
+        + 3 * d  # qkv
         + (2 * head_dim if config.qk_norm else 0)  # RMSNorm weights of q and k
-        + d * d + d  # attention output projection
-        + d * hidden + hidden + hidden * d + d  # MLP
+        + d * d
+        + d  # attention output projection
+        + d * hidden
+        + hidden
+        + hidden * d
+        + d  # MLP
         + (d * 6 * d + 6 * d if config.adaln == "per_block" else 6 * d)  # adaLN modulation | adaLN-single offset
     )
     text = config.cond == "text"
     if text:  # cross-attention: q, kv from the caption tokens (width D after the projection), proj, q/k norms
         block += d * d + d + d * 2 * d + 2 * d + d * d + d + (2 * head_dim if config.qk_norm else 0)
     return (
-        c * pvol * d + d  # patch embedding
-        + FREQ_DIM * d + d + d * d + d  # timestep MLP
+        c * pvol * d
+        + d  # patch embedding
+        + FREQ_DIM * d
+        + d
+        + d * d
+        + d  # timestep MLP
         + (_text_parameters(config) if text else (config.num_classes + 1) * d)  # caption layers, or label table
         + config.depth * block
         + (d * 6 * d + 6 * d if config.adaln == "single" else 0)  # adaLN-single's shared modulation
-        + d * 2 * d + 2 * d + d * pvol * c + pvol * c  # final layer
-        + 2 * d + d * config.head_outputs + config.head_outputs  # hinge head (LayerNorm, linear)
+        + d * 2 * d
+        + 2 * d
+        + d * pvol * c
+        + pvol * c  # final layer
+        + 2 * d
+        + d * config.head_outputs
+        + config.head_outputs  # hinge head (LayerNorm, linear)
     )
 
 
@@ -69,8 +83,21 @@ def _text_parameters(config: StaleConfig) -> int:
     out = dt * d + d + d * d + d + d * d + d
     if config.text_vocab:
         hd = dt // config.heads
-        layer = (2 * dt + dt * dt + dt + dt * 2 * dt + 2 * dt + 2 * hd + dt * dt + dt  # norm1, attention
-                 + 2 * dt + dt * 4 * dt + 4 * dt + 4 * dt * dt + dt)  # norm2, MLP
+        layer = (
+            2 * dt
+            + dt * dt
+            + dt
+            + dt * 2 * dt
+            + 2 * dt
+            + 2 * hd
+            + dt * dt
+            + dt  # norm1, attention
+            + 2 * dt
+            + dt * 4 * dt
+            + 4 * dt
+            + 4 * dt * dt
+            + dt
+        )  # norm2, MLP
         out += config.text_vocab * dt + config.text_len * dt + config.text_layers * layer + 2 * dt
     return out
 
@@ -87,8 +114,9 @@ def _text_flops(config: StaleConfig, tokens: int) -> dict[str, float]:
     return parts
 
 
-def forward_flops(config: StaleConfig, frames: int | None = None,
-                  size: int | tuple[int, int] | None = None) -> dict[str, float]:
+def forward_flops(
+    config: StaleConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
+) -> dict[str, float]:
     """Forward FLOPs per clip of T=frames and H=W=size, or (H, W)=size for non-square buckets (defaults: the
     config's clip), by part; 'total' sums them."""
     T = config.frames if frames is None else frames
@@ -129,7 +157,8 @@ def forward_flops(config: StaleConfig, frames: int | None = None,
     return parts
 
 
-def training_flops_per_clip(config: StaleConfig, frames: int | None = None,
-                            size: int | tuple[int, int] | None = None) -> float:
+def training_flops_per_clip(
+    config: StaleConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
+) -> float:
     """Analytic training FLOPs (forward + backward = 3 x forward) per clip of T=frames, H=W=size or (H, W)=size."""
     return 3.0 * forward_flops(config, frames, size)["total"]

@@ -48,8 +48,9 @@ def _angles(n: int, dim: int, device, scale: float = 1.0) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32, device=device) * scale)[:, None] * freqs[None]
 
 
-def tables(head_dim: int, t: int, h: int, w: int, device=None,
-           base: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def tables(
+    head_dim: int, t: int, h: int, w: int, device=None, base: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(cos, sin) of each attention mode's rotation for a grid of t x h x w patches (joy token last per frame).
 
     spatial  (N, head_dim / 2),       N = h w + 1: (h, w) angles, the joy token's all 0

@@ -94,11 +94,14 @@ class StaleConfig:
             raise ValueError(f"model.patch={list(self.patch)} must be three positive ints (pt, ph, pw)")
         bad = [m for m in self.pattern if m not in MODES]
         if bad or not self.pattern:
-            raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of {MODES} "
-                             f"or one of {sorted(PATTERNS)}")
+            raise ValueError(
+                f"model.pattern={list(self.pattern)} must be a non-empty list of {MODES} or one of {sorted(PATTERNS)}"
+            )
         if self.dim % self.heads or self.dim % 2 or self.dim < 8:
-            raise ValueError(f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
-                             f"and divisible by model.heads={self.heads}")
+            raise ValueError(
+                f"model.dim={self.dim} must be even, >= 8 (the 3D sin-cos code splits it in three) "
+                f"and divisible by model.heads={self.heads}"
+            )
         if not isinstance(self.grad_checkpointing, bool):
             raise ValueError(f"model.grad_checkpointing={self.grad_checkpointing!r} must be true or false")
         if self.adaln not in ADALN:
@@ -107,26 +110,31 @@ class StaleConfig:
             raise ValueError(f"model.prediction={self.prediction!r} is not one of ('velocity', 'data')")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"model.t_eps={self.t_eps} must be in (0, 1)")
-        if self.pos_base is not None and (isinstance(self.pos_base, bool) or not isinstance(self.pos_base, int)
-                                          or self.pos_base < 1):
+        if self.pos_base is not None and (
+            isinstance(self.pos_base, bool) or not isinstance(self.pos_base, int) or self.pos_base < 1
+        ):
             raise ValueError(f"model.pos_base={self.pos_base!r} must be null or an integer >= 1 (grid positions)")
         if self.pos not in POS:
             raise ValueError(f"model.pos={self.pos!r} is not one of {POS}")
         if self.pos == "rope":
             hd = self.dim // self.heads
             if min(rope3d.rope_dims(hd)) < 2 or hd % 2:
-                raise ValueError(f"model.pos=rope splits the head dimension model.dim / model.heads = {self.dim} / "
-                                 f"{self.heads} = {hd} into even time/height/width parts {rope3d.rope_dims(hd)}: "
-                                 "it must be even and >= 6")
+                raise ValueError(
+                    f"model.pos=rope splits the head dimension model.dim / model.heads = {self.dim} / "
+                    f"{self.heads} = {hd} into even time/height/width parts {rope3d.rope_dims(hd)}: "
+                    "it must be even and >= 6"
+                )
         if self.cond not in CONDS:
             raise ValueError(f"model.cond={self.cond!r} is not one of {CONDS}")
         if self.cond == "text":
             if self.text_vocab > 0 and self.text_dim < 1:
                 self.text_dim = self.dim  # the learned encoder's width defaults to the model's
             if self.text_dim < 1 or self.text_len < 1 or self.text_dim % self.heads:
-                raise ValueError(f"model.cond=text needs model.text_dim >= 1 (divisible by model.heads={self.heads}) "
-                                 f"and model.text_len >= 1; got text_dim={self.text_dim}, text_len={self.text_len} "
-                                 "(text_encoder=hf|learned fills them in)")
+                raise ValueError(
+                    f"model.cond=text needs model.text_dim >= 1 (divisible by model.heads={self.heads}) "
+                    f"and model.text_len >= 1; got text_dim={self.text_dim}, text_len={self.text_len} "
+                    "(text_encoder=hf|learned fills them in)"
+                )
         for name in ("in_channels", "depth", "num_classes", "frames", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -170,6 +178,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # model.pos=rope (stale/models/rope.py) rotates q and k by relative positions instead: measured against this
 # code in docs/buckets.md section 3.1 (better on longer clips, worse on larger grids unless scaled, 6% slower).
 
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """Fixed sin-cos code of positions `pos` (N,) -> (N, dim), dim even (DiT's get_1d_sincos_pos_embed)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
@@ -192,8 +201,14 @@ def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None, base: int | None
     scale = 1.0 if base is None else base / math.sqrt(h * w)
     eh = sincos_1d(dh, torch.arange(h, device=device) * scale)  # (h, dh)
     ew = sincos_1d(dw, torch.arange(w, device=device) * scale)  # (w, dw)
-    grid = torch.cat([et[:, None, None].expand(t, h, w, dt), eh[None, :, None].expand(t, h, w, dh),
-                      ew[None, None, :].expand(t, h, w, dw)], dim=-1).reshape(t, h * w, dim)
+    grid = torch.cat(
+        [
+            et[:, None, None].expand(t, h, w, dt),
+            eh[None, :, None].expand(t, h, w, dh),
+            ew[None, None, :].expand(t, h, w, dw),
+        ],
+        dim=-1,
+    ).reshape(t, h * w, dim)
     joy = F.pad(et, (0, dh + dw))[:, None]  # (t, 1, dim)
     return torch.cat([grid, joy], dim=1)  # (t, h*w + 1, dim)
 
@@ -201,6 +216,7 @@ def pos_embed_3d(dim: int, t: int, h: int, w: int, device=None, base: int | None
 #################################################################################
 #                     Embedding layers for timesteps and labels                  #
 #################################################################################
+
 
 class TimestepEmbedder(nn.Module):
     """Embeds flow time t in [0, 1] with sinusoids and an MLP (DiT)."""
@@ -244,8 +260,12 @@ SDPA_MAX_SEQUENCES = 32768
 # Temporal attention is B (H'W' + 1) sequences of only T' tokens, a shape flash attention's backward is slow on:
 # B's eager bf16 step (16 x 64 x 64, batch 4, one H100) took 0.91x the time with the memory-efficient kernel
 # for temporal blocks (cuDNN 0.92x, math 0.94x; BENCHMARKS.md). Tried in this order; CPUs fall to their flash.
-TEMPORAL_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                 SDPBackend.MATH]
+TEMPORAL_SDPA = [
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class _RMSNormBackward(torch.autograd.Function):
@@ -313,8 +333,14 @@ class Attention(nn.Module):
         if torch.compiler.is_exporting() or q.shape[0] <= SDPA_MAX_SEQUENCES:
             out = F.scaled_dot_product_attention(q, k, v)  # (S, heads, L, D/heads), scale 1/sqrt(D/heads)
         else:  # temporal attention of large clips: B (H'W' + 1) sequences can exceed the kernels' grid
-            out = torch.cat([F.scaled_dot_product_attention(*qkv) for qkv in zip(
-                q.split(SDPA_MAX_SEQUENCES), k.split(SDPA_MAX_SEQUENCES), v.split(SDPA_MAX_SEQUENCES))])
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(*qkv)
+                    for qkv in zip(
+                        q.split(SDPA_MAX_SEQUENCES), k.split(SDPA_MAX_SEQUENCES), v.split(SDPA_MAX_SEQUENCES)
+                    )
+                ]
+            )
         if sp is not None:  # back to all heads of this rank's frames
             out = sp.sequence_to_heads(out)
         return self.proj(rearrange(out, "s h l d -> s l (h d)"))  # (S, L, D)
@@ -372,11 +398,17 @@ class LearnedTextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.zeros(length, dim))
-        self.layers = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(dim, eps=1e-6), "attn": CrossAttention(dim, heads, qk_norm=True),
-            "norm2": nn.LayerNorm(dim, eps=1e-6),
-            "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)),
-        }) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(dim, eps=1e-6),
+                    "attn": CrossAttention(dim, heads, qk_norm=True),
+                    "norm2": nn.LayerNorm(dim, eps=1e-6),
+                    "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)),
+                }
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # ids, mask: (B, L)
@@ -395,10 +427,14 @@ class TextConditioner(nn.Module):
 
     def __init__(self, cfg: "StaleConfig"):
         super().__init__()
-        self.encoder = (LearnedTextEncoder(cfg.text_vocab, cfg.text_dim, cfg.text_len, cfg.text_layers, cfg.heads)
-                        if cfg.text_vocab > 0 else None)
-        self.proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
-                                  nn.Linear(cfg.dim, cfg.dim))
+        self.encoder = (
+            LearnedTextEncoder(cfg.text_vocab, cfg.text_dim, cfg.text_len, cfg.text_layers, cfg.heads)
+            if cfg.text_vocab > 0
+            else None
+        )
+        self.proj = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
         self.pool = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, text: torch.Tensor, mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -428,8 +464,16 @@ class StaleBlock(nn.Module):
     The unit of gradient checkpointing and of FSDP2 sharding (stale/parallel/fsdp.py).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, mode: str, qk_norm: bool, text: bool = False,
-                 adaln: str = "per_block"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        mode: str,
+        qk_norm: bool,
+        text: bool = False,
+        adaln: str = "per_block",
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r} is not one of {MODES}")
@@ -444,12 +488,15 @@ class StaleBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         # per_block: c -> this block's 6 modulations; single: c is already the shared 6D modulation, offset per block
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln == "per_block" \
-            else BlockOffset(6 * dim)
+        self.adaLN_modulation = (
+            nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln == "per_block" else BlockOffset(6 * dim)
+        )
 
     def attend(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
-        rope = None if rope is None else rope[self.mode]  # model.pos=rope: this mode's (cos, sin) (stale/models/rope.py)
+        rope = (
+            None if rope is None else rope[self.mode]
+        )  # model.pos=rope: this mode's (cos, sin) (stale/models/rope.py)
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d"), rope=rope).view(b, t, n, -1)
         if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'
@@ -459,12 +506,23 @@ class StaleBlock(nn.Module):
         # full: B sequences of T' N (under sequence parallelism this rank's T'_r N, the heads exchanged inside)
         return self.attn(rearrange(x, "b t n d -> b (t n) d"), sp, rope).view(b, t, n, -1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
-        mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[:, :, None]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        sp=None,
+        rope=None,
+    ) -> torch.Tensor:  # x: (B, T', N, D), c: (B, [1 or T',] D)
+        mods = self.adaLN_modulation(c.view(c.shape[0], -1, c.shape[-1]))[
+            :, :, None
+        ]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp, rope)
-        if self.cross_attn is not None:  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+        if (
+            self.cross_attn is not None
+        ):  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
             b, t, n, d = x.shape
             x = x + self.cross_attn(self.cross_norm(x).reshape(b, t * n, d), text, text_mask).view(b, t, n, d)
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
@@ -520,12 +578,14 @@ def _check_joy_token(module: "StaleTransformer", state_dict: dict, prefix: str, 
         raise JoyTokenMismatchError(
             f"{prefix}joy_token in the loaded weights is not joy_vector(dim={cfg.dim}, joy_seed={cfg.joy_seed}) "
             f"(shape {tuple(stored.shape)}, max abs difference {diff}): the weights were trained with another "
-            "model.joy_seed, or the token was averaged (the EMA callback needs use_buffers=false)")
+            "model.joy_seed, or the token was averaged (the EMA callback needs use_buffers=false)"
+        )
 
 
 #################################################################################
 #                               The Stale Transformer                            #
 #################################################################################
+
 
 class StaleTransformer(nn.Module):
     """Video velocity model v(x_t, t, label) (or v(x_t, t, caption) with cond=text) with a joy-token hinge head.
@@ -558,8 +618,10 @@ class StaleTransformer(nn.Module):
         # (_check_joy_token): whatever path loads weights into the model, directly or as a submodule.
         self.register_buffer("joy_token", joy_vector(cfg.dim, cfg.joy_seed), persistent=True)  # (D,)
         self.register_load_state_dict_pre_hook(_check_joy_token)
-        self.blocks = nn.ModuleList(StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.cond == "text",
-                                               cfg.adaln) for m in cfg.modes)
+        self.blocks = nn.ModuleList(
+            StaleBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, m, cfg.qk_norm, cfg.cond == "text", cfg.adaln)
+            for m in cfg.modes
+        )
         # adaLN-single: the one modulation network all blocks share (model.adaln=single); none for per_block
         self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim)) if cfg.adaln == "single" else None
         self.final = FinalLayer(cfg.dim, pt * ph * pw, cfg.in_channels)
@@ -587,7 +649,8 @@ class StaleTransformer(nn.Module):
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         for lin in [b.adaLN_modulation[-1] for b in self.blocks if self.config.adaln == "per_block"] + (
-                [self.adaLN_single[-1]] if self.adaLN_single is not None else []):
+            [self.adaLN_single[-1]] if self.adaLN_single is not None else []
+        ):
             nn.init.zeros_(lin.weight)  # adaLN-Zero: gates start at 0, so each block is the identity
             nn.init.zeros_(lin.bias)
         for block in self.blocks:
@@ -603,23 +666,37 @@ class StaleTransformer(nn.Module):
         cfg = self.config
         if cfg.cond == "text":
             want = (x.shape[0], cfg.text_len) if cfg.text_vocab else (x.shape[0], cfg.text_len, cfg.text_dim)
-            if text is None or text_mask is None or tuple(text.shape) != want or \
-                    tuple(text_mask.shape) != (x.shape[0], cfg.text_len):
-                raise ValueError(f"model.cond=text needs text {want} ({'token ids' if cfg.text_vocab else 'embeddings'}) "
-                                 f"and text_mask ({x.shape[0]}, {cfg.text_len}); got "
-                                 f"{None if text is None else tuple(text.shape)} and "
-                                 f"{None if text_mask is None else tuple(text_mask.shape)}")
+            if (
+                text is None
+                or text_mask is None
+                or tuple(text.shape) != want
+                or tuple(text_mask.shape) != (x.shape[0], cfg.text_len)
+            ):
+                raise ValueError(
+                    f"model.cond=text needs text {want} ({'token ids' if cfg.text_vocab else 'embeddings'}) "
+                    f"and text_mask ({x.shape[0]}, {cfg.text_len}); got "
+                    f"{None if text is None else tuple(text.shape)} and "
+                    f"{None if text_mask is None else tuple(text_mask.shape)}"
+                )
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, C={cfg.in_channels}, T, H, W); got shape {tuple(x.shape)}")
         _, _, T, H, W = x.shape
         if T % cfg.patch[0] or H % cfg.patch[1] or W % cfg.patch[2]:
             raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(cfg.patch)}")
         if t.shape not in ((x.shape[0],), (x.shape[0], T // cfg.patch[0])) or y.shape != (x.shape[0],):
-            raise ValueError(f"t must be (B,)=({x.shape[0]},) or per latent frame (B, T')=({x.shape[0]}, "
-                             f"{T // cfg.patch[0]}) and y (B,); got t {tuple(t.shape)}, y {tuple(y.shape)}")
+            raise ValueError(
+                f"t must be (B,)=({x.shape[0]},) or per latent frame (B, T')=({x.shape[0]}, "
+                f"{T // cfg.patch[0]}) and y (B,); got t {tuple(t.shape)}, y {tuple(y.shape)}"
+            )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         self._check_inputs(x, t, y, text, text_mask)
         b, c, T, H, W = x.shape
@@ -661,8 +738,9 @@ class StaleTransformer(nn.Module):
             tokens = sp.gather(tokens)  # (B, T', N, D) on every rank: head, final layer and loss as without it
         scores = self.head(tokens[:, :, -1])  # (B, outputs), from the joy token of every frame
         out = self.final(tokens[:, :, :-1], c_emb)  # (B, T', H'W', pt*ph*pw*C)
-        v = rearrange(out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
-                      h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c)  # (B, C, T, H, W)
+        v = rearrange(
+            out, "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=c
+        )  # (B, C, T, H, W)
         if cfg.prediction == "data":  # v is x1_hat here: turn it into the velocity that lands on it
             tt = t.to(v.dtype).view(b, 1, -1, 1, 1)  # (B, 1, 1 or T', 1, 1)
             one_minus_t = (1 - tt.repeat_interleave(pt, dim=2) if t.ndim == 2 else 1 - tt).clamp(min=cfg.t_eps)
@@ -677,7 +755,9 @@ def model_config(name: str = "tiny", **overrides) -> StaleConfig:
         raise ValueError(f"model.name={name!r} is not one of {sorted(SIZES)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(StaleConfig)}
     if unknown:
-        raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(StaleConfig))}")
+        raise ValueError(
+            f"unknown model keys {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(StaleConfig))}"
+        )
     size = {k: v if overrides.get(k) is None else overrides[k] for k, v in SIZES[name].items()}
     return StaleConfig(**{**overrides, **size})
 

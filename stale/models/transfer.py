@@ -55,7 +55,8 @@ def expected_changes(source: dict, target: dict) -> list[str]:
     if source.get("num_classes") != target.get("num_classes"):
         patterns += ["y_embed.embedding_table.weight", "head.linear.*"]
     if source.get("in_channels") != target.get("in_channels") or list(source.get("patch") or []) != list(
-            target.get("patch") or []):
+        target.get("patch") or []
+    ):
         patterns += ["patch_embed.*", "final.linear.*"]
     depth_s, depth_t = source.get("depth"), target.get("depth")
     if depth_s is not None and depth_t is not None and depth_s != depth_t:
@@ -80,7 +81,8 @@ def load_matching(model: nn.Module, source: dict[str, torch.Tensor], expected: l
             take[name] = source[name]
             report.loaded.append(name)
     report.dropped = [n for n in source if n not in own and n not in NEVER_LOADED]
-    report.unexpected = [n for n in report.new + report.dropped + report.reshaped
-                         if not any(fnmatch.fnmatchcase(n, p) for p in expected)]
+    report.unexpected = [
+        n for n in report.new + report.dropped + report.reshaped if not any(fnmatch.fnmatchcase(n, p) for p in expected)
+    ]
     model.load_state_dict(take, strict=False)
     return report

@@ -42,8 +42,9 @@ def shard_model(model: nn.Module, device_type: str, world_size: int, precision: 
         return
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
     bf16 = str(precision).startswith("bf16")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for block in model.modules():
         if isinstance(block, StaleBlock):
             fully_shard(block, mesh=mesh, mp_policy=policy)

@@ -35,8 +35,10 @@ class SequenceParallelMixin:
         super().setup_environment()
         p, world = self.sequence_parallel, self.world_size
         if world % p:
-            raise ValueError(f"parallel.sequence={p} must divide the number of processes, {world} "
-                             "(trainer.devices x trainer.num_nodes)")
+            raise ValueError(
+                f"parallel.sequence={p} must divide the number of processes, {world} "
+                "(trainer.devices x trainer.num_nodes)"
+            )
         if p > 1 and self.mesh is None:
             self.mesh = init_device_mesh(self.root_device.type, (world // p, p), mesh_dim_names=("dp", "sp"))
             self.sequence = SequenceParallel(self.mesh.get_group("sp"))

@@ -48,8 +48,9 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-def all_to_all(x: torch.Tensor, group, scatter_dim: int, scatter_sizes: list[int], gather_dim: int,
-               gather_sizes: list[int]) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, group, scatter_dim: int, scatter_sizes: list[int], gather_dim: int, gather_sizes: list[int]
+) -> torch.Tensor:
     """Differentiable uneven all-to-all: piece s of x along `scatter_dim` goes to rank s; from rank s this rank
     receives a piece whose `gather_dim` is gather_sizes[s], concatenated in rank order along `gather_dim`.
 
@@ -59,7 +60,7 @@ def all_to_all(x: torch.Tensor, group, scatter_dim: int, scatter_sizes: list[int
     send = torch.cat([p.reshape(-1) for p in pieces])
     shape = list(x.shape)
     shape[scatter_dim] = scatter_sizes[rank]
-    shapes = [shape[:gather_dim] + [g] + shape[gather_dim + 1:] for g in gather_sizes]
+    shapes = [shape[:gather_dim] + [g] + shape[gather_dim + 1 :] for g in gather_sizes]
     recv_sizes = [math.prod(s) for s in shapes]
     out = funcol.all_to_all_single_autograd(send, recv_sizes, [p.numel() for p in pieces], group)
     return torch.cat([p.view(s) for p, s in zip(out.split(recv_sizes), shapes)], dim=gather_dim)
@@ -82,20 +83,21 @@ class SequenceParallel:
         """(B, T', N, D) whole clip -> this rank's frames (B, T'_r, N, D); c (B, 1 or T', D) kept for `condition`."""
         t, n = tokens.shape[1], tokens.shape[2]
         if t < self.size:
-            raise ValueError(f"parallel.sequence={self.size} splits the clip's {t} latent frames over {self.size} "
-                             f"ranks: use at most {t} (a rank needs at least one frame)")
+            raise ValueError(
+                f"parallel.sequence={self.size} splits the clip's {t} latent frames over {self.size} "
+                f"ranks: use at most {t} (a rank needs at least one frame)"
+            )
         self.t_sizes, self.n_sizes, self.current = split_sizes(t, self.size), split_sizes(n, self.size), "frames"
-        start = sum(self.t_sizes[:self.rank])
+        start = sum(self.t_sizes[: self.rank])
         self.c_full = c
-        self.c_frames = c if c.shape[1] == 1 else c[:, start:start + self.t_sizes[self.rank]]
-        return tokens[:, start:start + self.t_sizes[self.rank]]
+        self.c_frames = c if c.shape[1] == 1 else c[:, start : start + self.t_sizes[self.rank]]
+        return tokens[:, start : start + self.t_sizes[self.rank]]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's tokens in the current layout -> the whole (B, T', N, D), on every rank of the group."""
         x = self.layout(x, "spatial")  # whole frames (B, T'_r, N, D)
         # an all-to-all that sends this rank's frames to every rank: its backward sums the ranks' gradients
-        return all_to_all(torch.cat([x] * self.size, dim=1), self.group, 1, [x.shape[1]] * self.size, 1,
-                          self.t_sizes)
+        return all_to_all(torch.cat([x] * self.size, dim=1), self.group, 1, [x.shape[1]] * self.size, 1, self.t_sizes)
 
     # --- between blocks ---------------------------------------------------------------------------------
     def layout(self, x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -51,15 +51,25 @@ from stale.parallel.mesh import SequenceParallelMixin
 log = logging.getLogger(__name__)
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-_SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.sweeper", "hydra/sweeper", "hydra.launcher",
-               "hydra/launcher", "hydra.job.name", "hydra.output_subdir")
+_SWEEP_ONLY = (
+    "hydra.mode",
+    "hydra.run.",
+    "hydra.sweep.",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.job.name",
+    "hydra.output_subdir",
+)
 
 
 def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
     """The command line and cwd that rerun the current Hydra job (run or multirun job) as one plain run."""
-    import __main__
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
 
     hc = HydraConfig.get()
     if __main__.__spec__ is None:  # a script or console entry point (`stale-train`)
@@ -69,8 +79,12 @@ def hydra_child_command(local_rank: int) -> tuple[list[str], str]:
     command += list(hc.overrides.task)  # this job's overrides, sweep values already chosen
     command += [o for o in hc.overrides.hydra if not o.lstrip("~+").startswith(_SWEEP_ONLY)]
     out = str(hc.runtime.output_dir).replace("'", "\\'")  # a quoted Hydra value
-    command += ["hydra.mode=RUN", f"hydra.run.dir='{out}'", "hydra.output_subdir=null",
-                f"hydra.job.name={hc.job.name}_rank{local_rank}"]
+    command += [
+        "hydra.mode=RUN",
+        f"hydra.run.dir='{out}'",
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",
+    ]
     return command, get_original_cwd()
 
 
@@ -128,8 +142,11 @@ class HydraSubprocessLauncher(_SubprocessScriptLauncher):
                 try:
                     proc.wait(timeout=self.child_exit_timeout_s)
                 except subprocess.TimeoutExpired:
-                    log.warning("rank process %d still running %.0f s after fit: stopping it", proc.pid,
-                                self.child_exit_timeout_s)
+                    log.warning(
+                        "rank process %d still running %.0f s after fit: stopping it",
+                        proc.pid,
+                        self.child_exit_timeout_s,
+                    )
             if proc.poll() is None:
                 proc.kill()
             if proc.wait() != 0 and completed:
@@ -202,8 +219,12 @@ class HydraFSDP2Strategy(SequenceParallelMixin, _HydraLaunch, ModelParallelStrat
     def teardown(self) -> None:
         module = self.lightning_module
         trainer = module._trainer if module is not None else None
-        if (trainer is not None and trainer.state.status != TrainerStatus.INTERRUPTED  # as _HydraLaunch.teardown
-                and trainer.state.fn == TrainerFn.FITTING and is_sharded(module.model)):
+        if (
+            trainer is not None
+            and trainer.state.status != TrainerStatus.INTERRUPTED  # as _HydraLaunch.teardown
+            and trainer.state.fn == TrainerFn.FITTING
+            and is_sharded(module.model)
+        ):
             plain = gathered_copy(module.model)  # every rank, while the process group is up
             if plain is not None:
                 module.model = plain

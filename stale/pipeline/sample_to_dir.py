@@ -25,11 +25,18 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_pipeline(model: str | Path | None = None, ckpt: str | Path | None = None, weights: str = "ema",
-                  device: str | None = "cpu", lora: str | Path | None = None) -> StalePipeline:
+def load_pipeline(
+    model: str | Path | None = None,
+    ckpt: str | Path | None = None,
+    weights: str = "ema",
+    device: str | None = "cpu",
+    lora: str | Path | None = None,
+) -> StalePipeline:
     """An export folder (`model`, optionally with a LoRA adapter folder) or a stale-train checkpoint (`ckpt`)."""
     if (model is None) == (ckpt is None):
-        raise ValueError(f"give exactly one of model=EXPORT_DIR or ckpt=CHECKPOINT (got model={model!r}, ckpt={ckpt!r})")
+        raise ValueError(
+            f"give exactly one of model=EXPORT_DIR or ckpt=CHECKPOINT (got model={model!r}, ckpt={ckpt!r})"
+        )
     if lora is not None and model is None:
         raise ValueError("lora=ADAPTER_DIR goes with model=BASE_EXPORT_DIR (a checkpoint already holds its adapter)")
     device = resolve_device(device)
@@ -55,16 +62,20 @@ def conditioning(pipe: StalePipeline, image, video, context_frames: int | None, 
             raise ValueError(f"video={video} needs context_frames=K: how many of its frames to keep")
         context = load_video(video, int(context_frames), size)
     if context.shape[1] != trained:
-        log.warning("conditioning on %d frames; this model was trained with diffusion.context_frames=%d "
-                    "(context_prob %s): expect the generated frames to follow them loosely", context.shape[1],
-                    trained, pipe.diffusion.get("context_prob", 0))
+        log.warning(
+            "conditioning on %d frames; this model was trained with diffusion.context_frames=%d "
+            "(context_prob %s): expect the generated frames to follow them loosely",
+            context.shape[1],
+            trained,
+            pipe.diffusion.get("context_prob", 0),
+        )
     return context
 
 
 def read_prompts(prompt: str | None, prompts: str | Path | None) -> list[str] | None:
     """prompt="..." or prompts=FILE (one per line, blank lines ignored) -> the prompt list, or None."""
     if prompt is not None and prompts is not None:
-        raise ValueError("give prompt=\"...\" or prompts=FILE, not both")
+        raise ValueError('give prompt="..." or prompts=FILE, not both')
     if prompts is not None:
         path = Path(prompts)
         if not path.is_file():
@@ -76,15 +87,34 @@ def read_prompts(prompt: str | None, prompts: str | Path | None) -> list[str] | 
     return None if prompt is None else [str(prompt)]
 
 
-def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | Path | None = None,
-                  weights: str = "ema", num_videos: int | None = None, label: int | Sequence[int] | None = None,
-                  steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                  classifier_guidance: float | None = None, seed: int = 0, frames: int | None = None,
-                  size: int | None = None, batch_size: int | None = None, fps: int = 8, device: str | None = "auto",
-                  progress: bool = True, lora: str | Path | None = None, image: str | Path | None = None,
-                  video: str | Path | None = None, context_frames: int | None = None, height: int | None = None,
-                  width: int | None = None, prompt: str | None = None, prompts: str | Path | None = None,
-                  negative_prompt: str | None = None) -> dict[str, Path]:
+def sample_to_dir(
+    out: str | Path,
+    model: str | Path | None = None,
+    ckpt: str | Path | None = None,
+    weights: str = "ema",
+    num_videos: int | None = None,
+    label: int | Sequence[int] | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    guidance: float | None = None,
+    classifier_guidance: float | None = None,
+    seed: int = 0,
+    frames: int | None = None,
+    size: int | None = None,
+    batch_size: int | None = None,
+    fps: int = 8,
+    device: str | None = "auto",
+    progress: bool = True,
+    lora: str | Path | None = None,
+    image: str | Path | None = None,
+    video: str | Path | None = None,
+    context_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    prompt: str | None = None,
+    prompts: str | Path | None = None,
+    negative_prompt: str | None = None,
+) -> dict[str, Path]:
     """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png, samples.json and, for
     class-conditional samples, labels.json (the class each clip was asked for: stale-eval's label agreement).
     image=PNG: every video starts with that image (image-to-video); video=MP4 context_frames=K: with its first K
@@ -98,19 +128,44 @@ def sample_to_dir(out: str | Path, model: str | Path | None = None, ckpt: str | 
     labels = pipe.labels(num_videos, label if text is None else 0)
     settings = pipe.settings(steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance)
     context = conditioning(pipe, image, video, context_frames, size)
-    videos = pipe(num_videos=num_videos, label=labels, seed=seed, frames=frames, size=size, batch_size=batch_size,
-                  progress=progress, context=context, height=height, width=width, prompt=text,
-                  negative_prompt=negative_prompt,
-                  **settings)  # uint8 (B, C, T, H, W)
+    videos = pipe(
+        num_videos=num_videos,
+        label=labels,
+        seed=seed,
+        frames=frames,
+        size=size,
+        batch_size=batch_size,
+        progress=progress,
+        context=context,
+        height=height,
+        width=width,
+        prompt=text,
+        negative_prompt=negative_prompt,
+        **settings,
+    )  # uint8 (B, C, T, H, W)
     paths = save_videos(videos, out, fps=fps)
-    record = {"source": {"model": str(model) if model else None, "ckpt": str(ckpt) if ckpt else None,
-                         "weights": None if model else weights},
-              "lora": str(lora) if lora else None,
-              "conditioning": {"image": str(image) if image else None, "video": str(video) if video else None,
-                               "context_frames": 0 if context is None else context.shape[1]},
-              "num_videos": num_videos, "labels": None if text else labels.tolist(), "prompts": text,
-              "negative_prompt": negative_prompt, "seed": seed, **settings,
-              "shape": list(videos.shape), "prior": pipe.prior, "device": str(pipe.device)}
+    record = {
+        "source": {
+            "model": str(model) if model else None,
+            "ckpt": str(ckpt) if ckpt else None,
+            "weights": None if model else weights,
+        },
+        "lora": str(lora) if lora else None,
+        "conditioning": {
+            "image": str(image) if image else None,
+            "video": str(video) if video else None,
+            "context_frames": 0 if context is None else context.shape[1],
+        },
+        "num_videos": num_videos,
+        "labels": None if text else labels.tolist(),
+        "prompts": text,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        **settings,
+        "shape": list(videos.shape),
+        "prior": pipe.prior,
+        "device": str(pipe.device),
+    }
     paths["record"] = Path(out) / "samples.json"
     paths["record"].write_text(json.dumps(record, indent=2) + "\n")
     if text is None and bool((labels < pipe.null_label).all()):  # unconditional clips ask for no class

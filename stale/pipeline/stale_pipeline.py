@@ -30,9 +30,17 @@ from stale.export.export import save_pretrained
 class StalePipeline:
     """A Stale model, its prior and default sampling settings; call it to generate uint8 videos."""
 
-    def __init__(self, model: torch.nn.Module, prior: str = "uniform", defaults: dict | None = None,
-                 diffusion: dict | None = None, name: str | None = None, prior_scale: float = 1.0,
-                 autoencoder=None, text_encoder=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        prior: str = "uniform",
+        defaults: dict | None = None,
+        diffusion: dict | None = None,
+        name: str | None = None,
+        prior_scale: float = 1.0,
+        autoencoder=None,
+        text_encoder=None,
+    ):
         if prior not in flow.PRIORS:
             raise ValueError(f"prior={prior!r} is not one of {flow.PRIORS}")
         self.model = model.eval()
@@ -44,23 +52,34 @@ class StalePipeline:
         self.autoencoder = autoencoder  # stale.latent Autoencoder of a latent model: samples are decoded through it
         self.text_encoder = text_encoder  # stale.text encoder of a model.cond=text model: prompts go through it
         if model.config.cond == "text" and text_encoder is None:
-            raise ValueError("a model.cond=text model needs its text encoder (the export's or run config's text_encoder)")
+            raise ValueError(
+                "a model.cond=text model needs its text encoder (the export's or run config's text_encoder)"
+            )
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        lora: str | Path | None = None) -> "StalePipeline":
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", lora: str | Path | None = None
+    ) -> "StalePipeline":
         """Load an export folder: JSON config (allow-listed targets only) and safetensors weights; `lora`: an adapter
         folder (stale-export merge=false) to inject into the model (stale.models.finetune.load_adapter)."""
         export = read_export(path, device, lora)
         objective, config = export.objective, export.config
-        return cls(export.model.to(device), prior=objective.prior, defaults=config.get("sample"),
-                   diffusion={k: v for k, v in config["diffusion"].items() if k != "_target_"},
-                   name=config["model"].get("name"), prior_scale=objective.scale, autoencoder=export.autoencoder,
-                   text_encoder=export.text_encoder)
+        return cls(
+            export.model.to(device),
+            prior=objective.prior,
+            defaults=config.get("sample"),
+            diffusion={k: v for k, v in config["diffusion"].items() if k != "_target_"},
+            name=config["model"].get("name"),
+            prior_scale=objective.scale,
+            autoencoder=export.autoencoder,
+            text_encoder=export.text_encoder,
+        )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> "StalePipeline":
+    def from_checkpoint(
+        cls, ckpt: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+    ) -> "StalePipeline":
         """Load a stale-train Lightning checkpoint (torch.load(weights_only=True)) without Lightning."""
         source = read_checkpoint(ckpt, weights)
         run = source.run_config
@@ -68,14 +87,28 @@ class StalePipeline:
         objective = build(diffusion_cfg, where=f"{ckpt}: run_config.diffusion")
         diffusion = {k: v for k, v in diffusion_cfg.items() if k != "_target_"}
         sample = {k: v for k, v in (run.get("sample") or {}).items() if k in SAMPLE_DEFAULTS}
-        return cls(source.build_model().to(device), prior=objective.prior, defaults=sample, diffusion=diffusion,
-                   name=run["model"].get("name"), prior_scale=objective.scale,
-                   autoencoder=source.build_autoencoder(device), text_encoder=source.build_text_encoder(device))
+        return cls(
+            source.build_model().to(device),
+            prior=objective.prior,
+            defaults=sample,
+            diffusion=diffusion,
+            name=run["model"].get("name"),
+            prior_scale=objective.scale,
+            autoencoder=source.build_autoencoder(device),
+            text_encoder=source.build_text_encoder(device),
+        )
 
     def save_pretrained(self, out: str | Path) -> dict[str, Path]:
         """Write this pipeline as an export folder (model.safetensors, config.json, provenance.json)."""
-        return save_pretrained(self.model, out, name=self.name, diffusion=self.diffusion, sample=self.defaults,
-                               autoencoder=self.autoencoder, text_encoder=self.text_encoder)
+        return save_pretrained(
+            self.model,
+            out,
+            name=self.name,
+            diffusion=self.diffusion,
+            sample=self.defaults,
+            autoencoder=self.autoencoder,
+            text_encoder=self.text_encoder,
+        )
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -104,18 +137,32 @@ class StalePipeline:
                 raise ValueError(f"label has {len(labels)} entries for num_videos={num_videos}")
         bad = labels[(labels < 0) | (labels > self.null_label)]
         if len(bad):
-            raise ValueError(f"label {bad[0].item()} is outside 0..{self.null_label} "
-                             f"({self.config.num_classes} classes; {self.null_label} = unconditional)")
+            raise ValueError(
+                f"label {bad[0].item()} is outside 0..{self.null_label} "
+                f"({self.config.num_classes} classes; {self.null_label} = unconditional)"
+            )
         return labels
 
     @torch.no_grad()
-    def __call__(self, num_videos: int = 4, label: int | Sequence[int] | torch.Tensor | None = None,
-                 steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                 seed: int = 0, frames: int | None = None, size: int | None = None,
-                 batch_size: int | None = None, progress: bool = False,
-                 classifier_guidance: float | None = None, context: torch.Tensor | None = None,
-                 height: int | None = None, width: int | None = None,
-                 prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        num_videos: int = 4,
+        label: int | Sequence[int] | torch.Tensor | None = None,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        frames: int | None = None,
+        size: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        classifier_guidance: float | None = None,
+        context: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+    ) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate: pixels, decoded through
         the autoencoder for a latent model (frames/size/height/width are then the pixel clip's; height and width give
         a non-square clip). steps, sampler, guidance
@@ -123,8 +170,9 @@ class StalePipeline:
         context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1).
         prompt (model.cond=text): one string for every video, or one per video; guidance runs against
         negative_prompt, else the empty caption."""
-        settings = self.settings(steps=steps, sampler=sampler, guidance=guidance,
-                                 classifier_guidance=classifier_guidance)
+        settings = self.settings(
+            steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance
+        )
         if context is not None and context.ndim == 4:
             context = context[None].expand(num_videos, *context.shape).contiguous()
         text = negative = None
@@ -136,17 +184,31 @@ class StalePipeline:
             negative = self.text_encoder.encode([negative_prompt]) if negative_prompt else self.text_encoder.empty()
         elif prompt is not None or negative_prompt is not None:
             raise ValueError("prompt= needs a text-conditioned model (model.cond=text); this one takes label=")
-        return generate(self.model, self.labels(num_videos, label), prior=self.prior, seed=seed, frames=frames,
-                        size=size, batch_size=batch_size, progress=progress, prior_scale=self.prior_scale,
-                        autoencoder=self.autoencoder, context=context, height=height, width=width,
-                        time_shift_base=self.diffusion.get("time_shift_base"),
-                        time_shift_scale=float(self.diffusion.get("time_shift_scale", 1.0)),
-                        text=text, negative=negative, **settings)
+        return generate(
+            self.model,
+            self.labels(num_videos, label),
+            prior=self.prior,
+            seed=seed,
+            frames=frames,
+            size=size,
+            batch_size=batch_size,
+            progress=progress,
+            prior_scale=self.prior_scale,
+            autoencoder=self.autoencoder,
+            context=context,
+            height=height,
+            width=width,
+            time_shift_base=self.diffusion.get("time_shift_base"),
+            time_shift_scale=float(self.diffusion.get("time_shift_scale", 1.0)),
+            text=text,
+            negative=negative,
+            **settings,
+        )
 
     def prompts(self, num_videos: int, prompt: str | Sequence[str] | None) -> list[str]:
         """One prompt per video: a string repeats; a list must have num_videos entries."""
         if prompt is None:
-            raise ValueError("this model is text-conditioned: give prompt=\"...\" (or prompts=FILE, one per line)")
+            raise ValueError('this model is text-conditioned: give prompt="..." (or prompts=FILE, one per line)')
         prompts = [prompt] * num_videos if isinstance(prompt, str) else [str(p) for p in prompt]
         if len(prompts) != num_videos:
             raise ValueError(f"{len(prompts)} prompts for num_videos={num_videos}")
@@ -155,5 +217,9 @@ class StalePipeline:
     def settings(self, **given) -> dict:
         """The sampling settings: each given value, else the export's default."""
         out = {k: given[k] if given.get(k) is not None else self.defaults[k] for k in SAMPLE_DEFAULTS}
-        return {"steps": int(out["steps"]), "sampler": out["sampler"], "guidance": float(out["guidance"]),
-                "classifier_guidance": float(out["classifier_guidance"])}
+        return {
+            "steps": int(out["steps"]),
+            "sampler": out["sampler"],
+            "guidance": float(out["guidance"]),
+            "classifier_guidance": float(out["classifier_guidance"]),
+        }

@@ -43,14 +43,25 @@ def clips_per_device(sequence: int = 1):
 
 
 class ComputeBudget(L.Callback):
-    def __init__(self, flops_per_clip: float | None = None, max_flops: float | None = None,
-                 max_gpu_hours: float | None = None, max_cost: float | None = None,
-                 cost_per_gpu_hour: float | None = None):
-        values = dict(flops_per_clip=flops_per_clip, max_flops=max_flops, max_gpu_hours=max_gpu_hours,
-                      max_cost=max_cost, cost_per_gpu_hour=cost_per_gpu_hour)
+    def __init__(
+        self,
+        flops_per_clip: float | None = None,
+        max_flops: float | None = None,
+        max_gpu_hours: float | None = None,
+        max_cost: float | None = None,
+        cost_per_gpu_hour: float | None = None,
+    ):
+        values = dict(
+            flops_per_clip=flops_per_clip,
+            max_flops=max_flops,
+            max_gpu_hours=max_gpu_hours,
+            max_cost=max_cost,
+            cost_per_gpu_hour=cost_per_gpu_hour,
+        )
         for key, value in values.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
                 raise ValueError(f"budget.{key}={value!r} must be a positive number or null")
         if max_cost is not None and cost_per_gpu_hour is None:
             raise ValueError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
@@ -85,8 +96,10 @@ class ComputeBudget(L.Callback):
         if affordable is None:
             return None
         if affordable <= warmup:
-            raise ValueError(f"budget.max_flops={self.max_flops:.4g} pays for {affordable} steps of "
-                             f"{self.flops_per_clip * clips_per_step:.4g} FLOPs, not more than schedule.warmup={warmup}")
+            raise ValueError(
+                f"budget.max_flops={self.max_flops:.4g} pays for {affordable} steps of "
+                f"{self.flops_per_clip * clips_per_step:.4g} FLOPs, not more than schedule.warmup={warmup}"
+            )
         return min(max_steps, affordable)
 
     @property
@@ -145,15 +158,19 @@ class ComputeBudget(L.Callback):
             self._paused += time.perf_counter() - self._val_start
             self._val_start = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.flops_per_clip is not None:
             # this device's FLOPs of the batch at its shape (StaleSystem.flops_per_batch: buckets vary it; sequence-
             # parallel ranks each count their share), times the devices; else the planning figure per clip times
             # the data-parallel groups (sequence-parallel ranks share each clip)
             per_device = getattr(pl_module, "flops_per_batch", None)
-            self._pending_flops += (per_device * trainer.world_size if per_device else
-                                    self.flops_per_clip * batch_clips(batch) * data_parallel_rank_world(trainer)[1])
+            self._pending_flops += (
+                per_device * trainer.world_size
+                if per_device
+                else self.flops_per_clip * batch_clips(batch) * data_parallel_rank_world(trainer)[1]
+            )
         if trainer.global_step == self._last_step:  # accumulating gradients: no optimiser step yet
             return
         self._last_step = trainer.global_step
@@ -180,12 +197,18 @@ class ComputeBudget(L.Callback):
             metrics["budget/used"] = max(fractions.values())
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
         if fractions:
-            pl_module.log("budget", float(max(fractions.values())), on_step=True, on_epoch=False, prog_bar=True,
-                          logger=False)
+            pl_module.log(
+                "budget", float(max(fractions.values())), on_step=True, on_epoch=False, prog_bar=True, logger=False
+            )
 
     def state_dict(self) -> dict:
-        return {"flops": self.flops, "gpu_seconds": self.gpu_seconds, "cost": self.cost,
-                "stop_reason": self.stop_reason, "flops_per_clip": self.flops_per_clip}
+        return {
+            "flops": self.flops,
+            "gpu_seconds": self.gpu_seconds,
+            "cost": self.cost,
+            "stop_reason": self.stop_reason,
+            "flops_per_clip": self.flops_per_clip,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.flops = float(state_dict.get("flops", 0.0))

@@ -50,9 +50,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             free = shutil.disk_usage(path.parent).free
             kept = "the previous checkpoint there is intact" if path.exists() else "there was no earlier one"
             raise CheckpointWriteError(
-                e.errno, f"could not write checkpoint {path}: {os.strerror(e.errno)} ({free / 2**20:.1f} MiB free in "
+                e.errno,
+                f"could not write checkpoint {path}: {os.strerror(e.errno)} ({free / 2**20:.1f} MiB free in "
                 f"{path.parent}); {kept}. Free space or point callbacks.*.dirpath elsewhere, then resume with "
-                f"ckpt_path=") from e
+                f"ckpt_path=",
+            ) from e
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)

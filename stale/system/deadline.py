@@ -61,8 +61,10 @@ def clock_started_ago(max_minutes: float) -> float:
     except ValueError:
         ago = -1.0
     if not 0.0 <= ago < 60.0 * max_minutes:
-        log.warning(f"deadline: ignoring {CLOCK_ENV}={raw!r} (not a Unix time within the last {max_minutes:g} "
-                    "minutes); the deadline counts from now")
+        log.warning(
+            f"deadline: ignoring {CLOCK_ENV}={raw!r} (not a Unix time within the last {max_minutes:g} "
+            "minutes); the deadline counts from now"
+        )
         return 0.0
     return ago
 
@@ -70,12 +72,22 @@ def clock_started_ago(max_minutes: float) -> float:
 class TrainingDeadline(L.Callback):
     RAISE_AT = 0.05  # raise the plan after a validation only for at least 5% more steps (each raise moves the LR curve)
 
-    def __init__(self, max_minutes: float, max_steps: int, calibration_steps: int = 40, skip_steps: int = 5,
-                 margin: float = 0.08, out_dir: str | None = None):
+    def __init__(
+        self,
+        max_minutes: float,
+        max_steps: int,
+        calibration_steps: int = 40,
+        skip_steps: int = 5,
+        margin: float = 0.08,
+        out_dir: str | None = None,
+    ):
         if isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float)) or not max_minutes > 0:
             raise ValueError(f"deadline.max_minutes={max_minutes!r} must be a positive number of minutes")
-        for key, value, low in (("max_steps", max_steps, 1), ("calibration_steps", calibration_steps, 1),
-                                ("skip_steps", skip_steps, 0)):
+        for key, value, low in (
+            ("max_steps", max_steps, 1),
+            ("calibration_steps", calibration_steps, 1),
+            ("skip_steps", skip_steps, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"deadline.{key}={value!r} must be an integer >= {low}")
         if not 0 <= margin < 1:
@@ -106,33 +118,53 @@ class TrainingDeadline(L.Callback):
     def _record(self, trainer: L.Trainer, why: str) -> None:
         """Say what was decided: the console, the loggers (deadline/*) and <out_dir>/deadline.json."""
         finish = self.wall_start + timedelta(seconds=self.t_deadline - self.t_start)
-        self.decisions.append({"step": trainer.global_step, "planned_steps": self.planned_steps, "why": why,
-                               "steps_per_s": round(self.rate, 3) if self.rate else None,
-                               "deadline": finish.isoformat(timespec="seconds"),
-                               "elapsed_s": round(time.monotonic() - self.t_start, 1)})
+        self.decisions.append(
+            {
+                "step": trainer.global_step,
+                "planned_steps": self.planned_steps,
+                "why": why,
+                "steps_per_s": round(self.rate, 3) if self.rate else None,
+                "deadline": finish.isoformat(timespec="seconds"),
+                "elapsed_s": round(time.monotonic() - self.t_start, 1),
+            }
+        )
         if not trainer.is_global_zero:
             return
         planned = f"{self.planned_steps:,}" if self.planned_steps is not None else "(no plan yet)"
-        log.info(f"deadline: {why}; training {planned} steps (max {self.max_steps:,}) to finish by "
-                 f"{finish:%H:%M:%S} (deadline.max_minutes={self.max_minutes:g})")
+        log.info(
+            f"deadline: {why}; training {planned} steps (max {self.max_steps:,}) to finish by "
+            f"{finish:%H:%M:%S} (deadline.max_minutes={self.max_minutes:g})"
+        )
         if self.planned_steps is not None:
             for lg in trainer.loggers:
-                lg.log_metrics({"deadline/planned_steps": self.planned_steps, "deadline/steps_per_s": self.rate or 0.0},
-                               step=trainer.global_step)
+                lg.log_metrics(
+                    {"deadline/planned_steps": self.planned_steps, "deadline/steps_per_s": self.rate or 0.0},
+                    step=trainer.global_step,
+                )
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "deadline.json").write_text(json.dumps(
-                {"max_minutes": self.max_minutes, "max_steps": self.max_steps, "margin": self.margin,
-                 "planned_steps": self.planned_steps, "stopped_at": self.stopped_at, "decisions": self.decisions},
-                indent=1))
+            (self.out_dir / "deadline.json").write_text(
+                json.dumps(
+                    {
+                        "max_minutes": self.max_minutes,
+                        "max_steps": self.max_steps,
+                        "margin": self.margin,
+                        "planned_steps": self.planned_steps,
+                        "stopped_at": self.stopped_at,
+                        "decisions": self.decisions,
+                    },
+                    indent=1,
+                )
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.planned_steps is not None:  # restored from a checkpoint: keep the plan, no new deadline
             self.resumed = True
             self._apply(trainer, pl_module, self.planned_steps, "resumed: keeping the planned step count")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.resumed:
             return
         step, now = trainer.global_step, time.monotonic()
@@ -144,8 +176,9 @@ class TrainingDeadline(L.Callback):
                 self.rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
                 planned = plan_steps(step, self.rate, self.t_deadline - now, self.margin, self.max_steps)
                 self._calibrated_at = (step, now)
-                self._apply(trainer, pl_module, planned, f"measured {self.rate:.3g} steps/s over steps "
-                                                         f"{self._mark[0]}-{step}")
+                self._apply(
+                    trainer, pl_module, planned, f"measured {self.rate:.3g} steps/s over steps {self._mark[0]}-{step}"
+                )
         late = trainer.strategy.reduce_boolean_decision(now >= self.t_deadline, all=False)
         if late and not trainer.should_stop:
             self.stopped_at = step
@@ -165,19 +198,30 @@ class TrainingDeadline(L.Callback):
         planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
         late = now + (self.planned_steps - step) / effective > self.t_deadline
         if late and planned < self.planned_steps:
-            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s "
-                                                     f"with validation and sampling")
+            self._apply(
+                trainer,
+                pl_module,
+                planned,
+                f"re-planned at step {step}: {effective:.3g} steps/s with validation and sampling",
+            )
         elif planned > self.planned_steps * (1 + self.RAISE_AT):  # the machine got faster (other jobs ended)
-            self._apply(trainer, pl_module, planned, f"re-planned at step {step}: {effective:.3g} steps/s with "
-                                                     f"validation and sampling, faster than measured")
+            self._apply(
+                trainer,
+                pl_module,
+                planned,
+                f"re-planned at step {step}: {effective:.3g} steps/s with "
+                f"validation and sampling, faster than measured",
+            )
 
     def summary(self) -> dict:
         """The end-of-run report's line: the last decision and where the record is."""
         if not self.decisions:
             return {}
         d = self.decisions[-1]
-        return {"deadline": f"{self.max_minutes:g} min: {d['why']}; planned {d['planned_steps']} steps"
-                            + (f" ({self.out_dir / 'deadline.json'})" if self.out_dir else "")}
+        return {
+            "deadline": f"{self.max_minutes:g} min: {d['why']}; planned {d['planned_steps']} steps"
+            + (f" ({self.out_dir / 'deadline.json'})" if self.out_dir else "")
+        }
 
     def state_dict(self) -> dict:
         return {"planned_steps": self.planned_steps, "rate": self.rate, "decisions": self.decisions}

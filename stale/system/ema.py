@@ -89,7 +89,8 @@ class StaleEMA(WeightAveraging):
         # the strategy has loaded the raw weights (HydraFSDP2Strategy.load_checkpoint); a checkpoint without
         # an average starts it from the weights, as WeightAveraging does
         if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
-            self.sharded.load_full_state_dict(pl_module, checkpoint["state_dict"],
-                                              checkpoint["averaging_state"]["n_averaged"])
+            self.sharded.load_full_state_dict(
+                pl_module, checkpoint["state_dict"], checkpoint["averaging_state"]["n_averaged"]
+            )
         else:
             self.sharded.track(pl_module)

@@ -68,7 +68,8 @@ class NaNGuard(L.Callback):
             raise NonFiniteLossError(
                 f"stopping at {what}; {self.skips} step(s) were skipped before (nan_guard.max_skips="
                 f"{self.max_skips}, skipped steps {self.skipped_steps}). Lower optim.lr, check the data, or "
-                f"resume from an earlier checkpoint.")
+                f"resume from an earlier checkpoint."
+            )
         optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients: nothing changes
         self.skips += 1
         self.skipped_steps = (self.skipped_steps + [step])[-20:]
@@ -81,4 +82,3 @@ class NaNGuard(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.skips = int(state_dict.get("skips", 0))
         self.skipped_steps = list(state_dict.get("skipped_steps", []))
-

@@ -68,11 +68,18 @@ class PreemptionCheckpoint(L.Callback):
 
     def report(self, step: int) -> str:
         """stale-train's end-of-run report after a signal: where the checkpoint is and how to resume."""
-        return (f"\nstale-train stopped by {self.stopped_by} at step {step}.\n"
-                f"  checkpoint      {self.path}\n  resume with     stale-train ckpt_path={self.path} ...")
+        return (
+            f"\nstale-train stopped by {self.stopped_by} at step {step}.\n"
+            f"  checkpoint      {self.path}\n  resume with     stale-train ckpt_path={self.path} ..."
+        )
 
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)  # Lightning writes through a temporary file: atomic
         if trainer.is_global_zero:
-            log.warning("stopped by %s at step %d; checkpoint %s (resume with ckpt_path=%s)",
-                        self.stopped_by, trainer.global_step, self.path, self.path)
+            log.warning(
+                "stopped by %s at step %d; checkpoint %s (resume with ckpt_path=%s)",
+                self.stopped_by,
+                trainer.global_step,
+                self.path,
+                self.path,
+            )

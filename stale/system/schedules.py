@@ -73,12 +73,18 @@ def constant_lr(step: int, warmup: int, total: int) -> float:
 
 
 SCHEDULE_FNS: dict[str, Callable[..., float]] = {
-    "arctan": arctan_lr, "cosine": cosine_lr, "wsd": wsd_lr, "constant": constant_lr,
+    "arctan": arctan_lr,
+    "cosine": cosine_lr,
+    "wsd": wsd_lr,
+    "constant": constant_lr,
 }
 
 # (low, high, low inclusive, high inclusive) for every schedule parameter
-_RANGES = {"min_ratio": (0.0, 1.0, True, True), "sharpness": (0.0, math.inf, False, False),
-           "decay_fraction": (0.0, 1.0, False, True)}
+_RANGES = {
+    "min_ratio": (0.0, 1.0, True, True),
+    "sharpness": (0.0, math.inf, False, False),
+    "decay_fraction": (0.0, 1.0, False, True),
+}
 
 
 def schedule_params(name: str) -> dict[str, float]:
@@ -97,10 +103,15 @@ class LRSchedule:
         known = schedule_params(self.name)
         for key, value in params.items():
             if key not in known:
-                raise ValueError(f"schedule.{key} is not a parameter of the {self.name} schedule (it has: {sorted(known)})")
+                raise ValueError(
+                    f"schedule.{key} is not a parameter of the {self.name} schedule (it has: {sorted(known)})"
+                )
             lo, hi, lo_in, hi_in = _RANGES[key]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi))
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and ((value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi))
+            )
             if not ok:
                 interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
                 raise ValueError(f"schedule.{key}={value!r} must be in {interval}")
@@ -110,8 +121,9 @@ class LRSchedule:
 
     def check_total(self, total: int) -> None:
         if total <= 0 or self.warmup >= total:
-            raise ValueError(f"schedule.warmup={self.warmup} must be smaller than the number of training steps "
-                             f"({total})")
+            raise ValueError(
+                f"schedule.warmup={self.warmup} must be smaller than the number of training steps ({total})"
+            )
 
     def __call__(self, step: int, total: int) -> float:
         return SCHEDULE_FNS[self.name](step, self.warmup, total, **self.params)
@@ -167,8 +179,9 @@ def lr_multiplier(name: str, warmup: int, total: int, **params) -> Callable[[int
         raise ValueError(f"schedule.name={name!r} is not one of {SCHEDULES}")
     unknown = sorted(set(params) - set(schedule_params(name)))
     if unknown:
-        raise ValueError(f"schedule.{unknown[0]} is not a parameter of the {name} schedule (it has: "
-                         f"{sorted(schedule_params(name))})")
+        raise ValueError(
+            f"schedule.{unknown[0]} is not a parameter of the {name} schedule (it has: {sorted(schedule_params(name))})"
+        )
     schedule = SCHEDULE_CLASSES[name](warmup, **params)
     schedule.check_total(total)
     return partial(schedule, total=total)

@@ -38,8 +38,16 @@ def noise_seed(seed: int, batch_idx: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, batch_idx, rank]).generate_state(1)[0])
 
 
-def validation_losses(model: nn.Module, prior: str, x: torch.Tensor, label: torch.Tensor, batch_idx: int,
-                      times, prior_scale: float = 1.0, text: tuple = ()) -> list[torch.Tensor]:
+def validation_losses(
+    model: nn.Module,
+    prior: str,
+    x: torch.Tensor,
+    label: torch.Tensor,
+    batch_idx: int,
+    times,
+    prior_scale: float = 1.0,
+    text: tuple = (),
+) -> list[torch.Tensor]:
     """Velocity MSE of one batch x (in the model's space: pixels in [-1, 1], or normalised latents) at each t in
     `times`, with noise from a CPU generator seeded 1000 + batch_idx: the number depends only on the weights and
     the clips, never on the RNG state of training."""
@@ -140,7 +148,9 @@ class StaleSystem(L.LightningModule):
         # After the callbacks' setup, so that the EMA callback (WeightAveraging) deep-copies the plain module. nn.Module.compile
         # compiles in place: parameter names and checkpoints are the same with and without it.
         if stage == "fit" and self.compile_options is not None and not self._compiled:
-            self.model.compile(**{k: v for k, v in self.compile_options.items() if k != "fullgraph"})  # validation, sampling
+            self.model.compile(
+                **{k: v for k, v in self.compile_options.items() if k != "fullgraph"}
+            )  # validation, sampling
             # The training step's loss (both branches of the objective, noise draws included) is one graph: any
             # graph break is an error, not a silent slowdown (tests/test_system.py checks there is none).
             self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})
@@ -250,8 +260,9 @@ class StaleSystem(L.LightningModule):
         video, label, *text = batch
         x = self.latents(self.encode_batch(video), sample=False)
         text = self.encode_text(text[0] if text else None, x.device)
-        losses = validation_losses(self.model, self.objective.prior, x, label, batch_idx, self.val_times,
-                                   self.objective.scale, text)
+        losses = validation_losses(
+            self.model, self.objective.prior, x, label, batch_idx, self.val_times, self.objective.scale, text
+        )
         for t_val, loss in zip(self.val_times, losses):
             self.log(f"val/loss_t{t_val:.2f}", loss, sync_dist=True, batch_size=video.shape[0])
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, sync_dist=True, batch_size=video.shape[0])
@@ -289,8 +300,10 @@ class StaleSystem(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (keep if no_decay(name, p) else decay).append(p)
-        groups = [{"params": decay, "name": "decay"},  # the optim node's weight_decay
-                  {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
+        groups = [
+            {"params": decay, "name": "decay"},  # the optim node's weight_decay
+            {"params": keep, "weight_decay": 0.0, "name": "no_decay"},
+        ]
         # One fused kernel for the whole update, on CUDA and CPU: on the tiny CPU model (63 tensors) torch's
         # default per-tensor loop took 15.6 ms an update, fused 3.7 ms (stale-bench cpu; BENCHMARKS.md). Not
         # with fp16's GradScaler: a fused AdamW unscales inside its step, after gradient clipping would have run.
@@ -301,12 +314,24 @@ class StaleSystem(L.LightningModule):
         total = self.schedule_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._schedule_fn(total))
         # stepped after every optimiser step (not every micro-batch), logged by LearningRateMonitor as lr/*
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1,
-                                                   "name": "lr"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
 
-    def sample(self, labels: torch.Tensor, steps: int = 50, sampler: str = "euler", guidance: float = 1.0,
-               seed: int = 0, frames: int | None = None, size: int | None = None, progress: bool = False,
-               classifier_guidance: float = 0.0, prompts: list[str] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        labels: torch.Tensor,
+        steps: int = 50,
+        sampler: str = "euler",
+        guidance: float = 1.0,
+        seed: int = 0,
+        frames: int | None = None,
+        size: int | None = None,
+        progress: bool = False,
+        classifier_guidance: float = 0.0,
+        prompts: list[str] | None = None,
+    ) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU for `labels`, with stale.diffusion.generate (the same
         path as StalePipeline, so a seed gives the same videos from this system and from its export); with an
         autoencoder they are decoded to pixels, and frames/size are the pixel clip's. model.cond=text: one prompt
@@ -316,11 +341,25 @@ class StaleSystem(L.LightningModule):
             pool = self.prompts or [""]
             prompts = prompts or [pool[i % len(pool)] for i in range(len(labels))]
             text, negative = self.text_encoder.encode(prompts), self.empty_text
-        return generate(self.model, labels, prior=self.objective.prior, steps=steps, sampler=sampler,
-                        guidance=guidance, classifier_guidance=classifier_guidance, seed=seed, frames=frames,
-                        size=size, progress=progress, prior_scale=self.objective.scale,
-                        autoencoder=self.autoencoder, time_shift_base=self.objective.time_shift_base,
-                        time_shift_scale=self.objective.time_shift_scale, text=text, negative=negative)
+        return generate(
+            self.model,
+            labels,
+            prior=self.objective.prior,
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            classifier_guidance=classifier_guidance,
+            seed=seed,
+            frames=frames,
+            size=size,
+            progress=progress,
+            prior_scale=self.objective.scale,
+            autoencoder=self.autoencoder,
+            time_shift_base=self.objective.time_shift_base,
+            time_shift_scale=self.objective.time_shift_scale,
+            text=text,
+            negative=negative,
+        )
 
     @contextmanager
     def sampling_with(self, model: nn.Module | None):
@@ -363,9 +402,11 @@ class StaleSystem(L.LightningModule):
         base = checkpoint.get("finetune_base")
         if base:
             if not self.finetune_base or self.finetune_base["sha256"] != base["sha256"]:
-                raise ValueError(f"this checkpoint holds only its trained tensors, on top of init_from="
-                                 f"{base['init_from']} (sha256 {base['sha256'][:12]}); resume it with that init_from "
-                                 f"(this run has {self.finetune_base})")
+                raise ValueError(
+                    f"this checkpoint holds only its trained tensors, on top of init_from="
+                    f"{base['init_from']} (sha256 {base['sha256'][:12]}); resume it with that init_from "
+                    f"(this run has {self.finetune_base})"
+                )
             own = {f"model.{k}": v for k, v in self.model.state_dict().items()}
             for key in ("state_dict", "current_model_state"):
                 if key in checkpoint:
@@ -390,7 +431,9 @@ class StaleSystem(L.LightningModule):
             "uninterrupted run: the global batch (data.batch_size x devices x accumulation) changes by a factor "
             f"{trainer.world_size / old:g} while optim.lr stays; each rank draws its own data stream and noise, so "
             "the batches after the resume differ; only rank 0's data-loader position is in the checkpoint; "
-            "GPU-hours count the new number of devices from here on.", category=UserWarning)
+            "GPU-hours count the new number of devices from here on.",
+            category=UserWarning,
+        )
 
 
 __all__ = ["StaleSystem", "no_decay"]

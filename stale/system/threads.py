@@ -34,8 +34,9 @@ class ThreadTuner(L.Callback):
         torch.set_num_threads(n)
         self._current = n
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.chosen is not None or trainer.global_step < self.skip_steps:
             return
         trial = (trainer.global_step - self.skip_steps) // self.steps_each  # which candidate's turn
@@ -47,8 +48,9 @@ class ThreadTuner(L.Callback):
             self._set(n)
         self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.chosen is None and self._t0 is not None:
             self.times[self._current].append(time.perf_counter() - self._t0)
             self._t0 = None

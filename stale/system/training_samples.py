@@ -31,7 +31,7 @@ def ema_module(trainer: L.Trainer | None, pl_module: L.LightningModule) -> L.Lig
     During fit the average lives in the callback (an AveragedModel around a deep copy of the system);
     after fit the callback has copied it into `pl_module` itself.
     """
-    for cb in (trainer.callbacks if trainer is not None else []):
+    for cb in trainer.callbacks if trainer is not None else []:
         average = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
         if average is not None:
             return average.module
@@ -54,12 +54,20 @@ def log_videos(loggers: list, paths: dict[str, Path], step: int, key: str = "sam
     mp4s = [str(p) for name, p in sorted(paths.items()) if name.startswith("mp4_")]
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger" and mp4s:
-            lg.log_video(key, mp4s, step=step, format=["mp4"] * len(mp4s),
-                         caption=[Path(p).stem for p in mp4s])
+            lg.log_video(key, mp4s, step=step, format=["mp4"] * len(mp4s), caption=[Path(p).stem for p in mp4s])
 
 
-def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: str, guidance: float, seed: int,
-                   fps: int = 8, **sample_kwargs) -> dict[str, Path]:
+def sample_to_disk(
+    system,
+    out_dir: Path,
+    num_videos: int,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    fps: int = 8,
+    **sample_kwargs,
+) -> dict[str, Path]:
     """Sample `num_videos` clips (labels cycle through the classes; model.cond=text: the prompts cycle, see
     StaleSystem.sample) and write them; returns the paths."""
     k = system.model.config.num_classes
@@ -67,8 +75,9 @@ def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: 
     if system.model.config.cond == "text":
         prompts = sample_kwargs.pop("prompts", None) or system.prompts or [""]
         prompts = [prompts[i % len(prompts)] for i in range(num_videos)]
-        videos = system.sample(labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, prompts=prompts,
-                               **sample_kwargs)
+        videos = system.sample(
+            labels, steps=steps, sampler=sampler, guidance=guidance, seed=seed, prompts=prompts, **sample_kwargs
+        )
         paths = save_videos(videos, out_dir, fps=fps)
         paths["prompts"] = Path(out_dir) / "prompts.json"  # which prompt each clip was asked for
         paths["prompts"].write_text(json.dumps({paths[f"mp4_{i}"].name: p for i, p in enumerate(prompts)}, indent=1))
@@ -78,14 +87,24 @@ def sample_to_disk(system, out_dir: Path, num_videos: int, steps: int, sampler: 
     paths = save_videos(videos, out_dir, fps=fps)
     # labels.json: which class each clip was asked for, so stale-eval can measure label agreement
     names = {paths[f"mp4_{i}"].name: int(label) for i, label in enumerate(labels)}
-    paths["labels"] = write_labels(out_dir, names, num_classes=k, guidance=guidance, sampler=sampler, steps=steps,
-                                   seed=seed)
+    paths["labels"] = write_labels(
+        out_dir, names, num_classes=k, guidance=guidance, sampler=sampler, steps=steps, seed=seed
+    )
     return paths
 
 
 class SampleVideos(L.Callback):
-    def __init__(self, every_n_steps: int = 500, out_dir: str = "samples", num_videos: int = 4, steps: int = 25,
-                 sampler: str = "euler", guidance: float = 1.0, seed: int = 0, fps: int = 8):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        out_dir: str = "samples",
+        num_videos: int = 4,
+        steps: int = 25,
+        sampler: str = "euler",
+        guidance: float = 1.0,
+        seed: int = 0,
+        fps: int = 8,
+    ):
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"sample_every_n_steps={every_n_steps!r} must be an integer >= 0 (0 = never)")
         if num_videos < 1 or steps < 1:
@@ -95,8 +114,9 @@ class SampleVideos(L.Callback):
         self._last_step = -1
         self.written: list[Path] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
             return

@@ -26,8 +26,13 @@ log = logging.getLogger("stale")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # model_type in the config -> the transformers class that holds only the text tower
-ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
-                   "clip_text_model": "CLIPTextModel", "clip": "CLIPTextModel"}
+ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "clip_text_model": "CLIPTextModel",
+    "clip": "CLIPTextModel",
+}
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
 
 
@@ -52,8 +57,12 @@ class _Encoder:
         cut = [(c, n) for c, n in zip(captions, lengths) if n > self.max_length]
         if cut:
             if not self.truncated:
-                log.warning("text_encoder.max_length=%d: caption cut (%d tokens): %.80r; further cuts are counted",
-                            self.max_length, cut[0][1], cut[0][0])
+                log.warning(
+                    "text_encoder.max_length=%d: caption cut (%d tokens): %.80r; further cuts are counted",
+                    self.max_length,
+                    cut[0][1],
+                    cut[0][0],
+                )
             self.truncated += len(cut)
 
     @torch.no_grad()
@@ -80,8 +89,16 @@ class HFTextEncoder(_Encoder):
 
     name = "hf"
 
-    def __init__(self, pretrained: str, max_length: int = 77, dtype: str = "float32", subfolder: str | None = None,
-                 tokenizer_subfolder: str | None = None, sha256: str | None = None, device="cpu"):
+    def __init__(
+        self,
+        pretrained: str,
+        max_length: int = 77,
+        dtype: str = "float32",
+        subfolder: str | None = None,
+        tokenizer_subfolder: str | None = None,
+        sha256: str | None = None,
+        device="cpu",
+    ):
         if not pretrained:
             raise TextEncoderError("text_encoder=hf needs text_encoder.pretrained=<a folder or hub id>")
         if dtype not in DTYPES:
@@ -99,18 +116,27 @@ class HFTextEncoder(_Encoder):
             cls = getattr(transformers, ENCODER_CLASSES.get(config.model_type, "AutoModel"))
             self.model = cls.from_pretrained(pretrained, subfolder=subfolder or "", dtype=DTYPES[dtype])
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-                pretrained, subfolder=tokenizer_subfolder if tokenizer_subfolder is not None else (subfolder or ""))
+                pretrained, subfolder=tokenizer_subfolder if tokenizer_subfolder is not None else (subfolder or "")
+            )
         except (OSError, ValueError, KeyError) as e:
             raise TextEncoderError(f"{where}: cannot load a text encoder and its tokenizer ({e})") from None
         self.model = self.model.eval().requires_grad_(False).to(device)
         self.dim = int(self.model.config.hidden_size)
         digest = _weights_sha256(self.model)
         if sha256 and sha256 != digest:
-            raise TextEncoderError(f"{where} holds other weights (sha256 {digest[:12]}...) than the ones recorded "
-                                   f"({sha256[:12]}...)")
-        self.source = {"name": "hf", "pretrained": str(pretrained), "subfolder": subfolder,
-                       "tokenizer_subfolder": tokenizer_subfolder, "dtype": dtype, "max_length": max_length,
-                       "sha256": digest, "class": type(self.model).__name__}
+            raise TextEncoderError(
+                f"{where} holds other weights (sha256 {digest[:12]}...) than the ones recorded ({sha256[:12]}...)"
+            )
+        self.source = {
+            "name": "hf",
+            "pretrained": str(pretrained),
+            "subfolder": subfolder,
+            "tokenizer_subfolder": tokenizer_subfolder,
+            "dtype": dtype,
+            "max_length": max_length,
+            "sha256": digest,
+            "class": type(self.model).__name__,
+        }
 
     def to(self, device) -> "HFTextEncoder":
         self.model.to(device)
@@ -120,8 +146,9 @@ class HFTextEncoder(_Encoder):
     def tokenize(self, captions):
         lengths = [len(i) for i in self.tokenizer(captions, truncation=False)["input_ids"]]
         self._count(lengths, captions)
-        out = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        out = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return out["input_ids"], out["attention_mask"]
 
     def embed(self, ids, mask):
@@ -142,14 +169,23 @@ class LearnedTokenizer(_Encoder):
 
     name = "learned"
 
-    def __init__(self, words: list[str] | None = None, max_length: int = 16, max_words: int = 5000,
-                 vocab_captions: int = 100_000, layers: int = 2, sha256: str | None = None):
+    def __init__(
+        self,
+        words: list[str] | None = None,
+        max_length: int = 16,
+        max_words: int = 5000,
+        vocab_captions: int = 100_000,
+        layers: int = 2,
+        sha256: str | None = None,
+    ):
         """words: the vocabulary (stale-train builds it from up to vocab_captions training captions, the max_words
         commonest words: build_vocabulary); layers: the Transformer blocks of the encoder inside the model; sha256:
         the vocabulary's hash when it was recorded (a checkpoint's, an export's), checked."""
         if not words:
-            raise TextEncoderError("text_encoder=learned has no vocabulary (text_encoder.words): stale-train builds "
-                                   "it from the training captions")
+            raise TextEncoderError(
+                "text_encoder=learned has no vocabulary (text_encoder.words): stale-train builds "
+                "it from the training captions"
+            )
         _require_tokenizers()
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
@@ -166,8 +202,10 @@ class LearnedTokenizer(_Encoder):
         self.max_words, self.vocab_captions, self.layers = max_words, vocab_captions, layers
         digest = hashlib.sha256(json.dumps(self.words).encode()).hexdigest()
         if sha256 and sha256 != digest:
-            raise TextEncoderError(f"text_encoder.words: this vocabulary (sha256 {digest[:12]}...) is not the one "
-                                   f"recorded ({sha256[:12]}...)")
+            raise TextEncoderError(
+                f"text_encoder.words: this vocabulary (sha256 {digest[:12]}...) is not the one "
+                f"recorded ({sha256[:12]}...)"
+            )
         self.source = {"name": "learned", "words": self.words, "max_length": max_length, "sha256": digest}
 
     def to(self, device) -> "LearnedTokenizer":
@@ -197,7 +235,9 @@ def _require_tokenizers() -> None:
     try:
         import tokenizers  # noqa: F401
     except ImportError as e:
-        raise TextEncoderError(f"text_encoder=learned needs the tokenizers package: pip install 'stale[text]' ({e})") from None
+        raise TextEncoderError(
+            f"text_encoder=learned needs the tokenizers package: pip install 'stale[text]' ({e})"
+        ) from None
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:

@@ -44,15 +44,21 @@ def build_system(run: Resolved | DictConfig) -> StaleSystem:
     except ValueError as e:  # InitFromError, CheckpointError, a bad finetune node
         raise ConfigError(str(e)) from None
     compile_opts = cfg.get("compile", False)
-    system = StaleSystem(model, instantiate(cfg.diffusion), optimizer=instantiate(cfg.optim, _convert_="all"),
-                         schedule=instantiate(cfg.schedule),
-                         seed=cfg.seed,
-                         compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig)
-                         else compile_opts,
-                         provenance=provenance(),
-                         finetune_base=prepared.base,
-                         run_config=OmegaConf.to_container(cfg, resolve=True), autoencoder=run.autoencoder,
-                         text_encoder=run.text_encoder, empty_text=run.empty_text, prompts=cfg.sample.get("prompts"))
+    system = StaleSystem(
+        model,
+        instantiate(cfg.diffusion),
+        optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule),
+        seed=cfg.seed,
+        compile=OmegaConf.to_container(compile_opts) if isinstance(compile_opts, DictConfig) else compile_opts,
+        provenance=provenance(),
+        finetune_base=prepared.base,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        autoencoder=run.autoencoder,
+        text_encoder=run.text_encoder,
+        empty_text=run.empty_text,
+        prompts=cfg.sample.get("prompts"),
+    )
     system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
     return system
 
@@ -108,7 +114,9 @@ def build_callbacks(cfg: DictConfig, system: StaleSystem) -> list[L.Callback]:
         callbacks.append(instantiate(node, **kwargs))
     callbacks.append(instantiate(cfg.nan_guard))
     config = system.model.config  # the budget plans with the model's own clip
-    callbacks.append(instantiate(cfg.budget, flops_per_clip=system.clip_flops((config.frames, config.size, config.size))))
+    callbacks.append(
+        instantiate(cfg.budget, flops_per_clip=system.clip_flops((config.frames, config.size, config.size)))
+    )
     tuner = thread_tuner(cfg)
     if tuner is not None:
         callbacks.append(tuner)
@@ -149,8 +157,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 def plan_schedule(cfg: DictConfig, system: StaleSystem, budget: ComputeBudget, trainer: L.Trainer) -> None:
     """With a FLOP budget the schedule decays to its floor where the budget ends (ComputeBudget.schedule_steps)."""
-    clips_per_step = (cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
-                      // cfg.parallel.sequence)  # the ranks of a sequence-parallel group share clips
+    clips_per_step = (
+        cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size // cfg.parallel.sequence
+    )  # the ranks of a sequence-parallel group share clips
     try:
         steps = budget.schedule_steps(clips_per_step, max_steps(cfg), int(cfg.schedule.get("warmup", 0)))
     except ValueError as e:

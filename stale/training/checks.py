@@ -28,8 +28,10 @@ from stale.utils.schema import MOVED_KEYS, UnknownKeyError, check_train_keys, ta
 log = logging.getLogger("stale")
 
 # strategies with a sequence_parallel argument (stale/parallel/mesh.py)
-SEQUENCE_PARALLEL_STRATEGIES = ("stale.parallel.strategies.HydraDDPStrategy",
-                                "stale.parallel.strategies.HydraFSDP2Strategy")
+SEQUENCE_PARALLEL_STRATEGIES = (
+    "stale.parallel.strategies.HydraDDPStrategy",
+    "stale.parallel.strategies.HydraFSDP2Strategy",
+)
 FSDP2_STRATEGY = "stale.parallel.strategies.HydraFSDP2Strategy"
 PRECISIONS = ("32", "32-true", "bf16-mixed")  # fp16 needs loss scaling, whose skipped steps the NaN guard would count
 
@@ -38,8 +40,15 @@ class ConfigError(ValueError):
     """A config value that cannot work; raised before training starts, naming the key."""
 
 
-def number(cfg: DictConfig, key: str, low: float | None = None, *, strict: bool = False, integer: bool = False,
-           optional: bool = False) -> None:
+def number(
+    cfg: DictConfig,
+    key: str,
+    low: float | None = None,
+    *,
+    strict: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
     """The value at dotted `key` is a number (>= low, or > low when strict)."""
     value = OmegaConf.select(cfg, key)
     if value is None and optional:
@@ -109,7 +118,9 @@ def check_files(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
     if cfg.get("init_from") and not Path(cfg.init_from).exists():
-        raise ConfigError(f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)")
+        raise ConfigError(
+            f"init_from={cfg.init_from!r} does not exist (a stale-train checkpoint or a stale-export folder)"
+        )
     finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
     try:
         if check_base(finetune, cfg.get("init_from")).lora:
@@ -122,10 +133,17 @@ def check_trainer(cfg: DictConfig) -> None:
     """Lightning's Trainer arguments, which it does not range-check, and the final sampling's settings (it runs
     after fit: a bad value would throw the run's samples away)."""
     if cfg.trainer.max_steps is None and (cfg.get("deadline") or {}).get("max_minutes") is None:
-        raise ConfigError("trainer.max_steps=null lets a training deadline decide the step count, but "
-                          "deadline.max_minutes is null: set one of them")
-    number(cfg, "deadline.max_steps" if cfg.trainer.max_steps is None else "trainer.max_steps", 0, strict=True,
-           integer=True)  # streams have no epochs
+        raise ConfigError(
+            "trainer.max_steps=null lets a training deadline decide the step count, but "
+            "deadline.max_minutes is null: set one of them"
+        )
+    number(
+        cfg,
+        "deadline.max_steps" if cfg.trainer.max_steps is None else "trainer.max_steps",
+        0,
+        strict=True,
+        integer=True,
+    )  # streams have no epochs
     number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
     number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
     if str(cfg.trainer.get("precision")) not in PRECISIONS:
@@ -157,9 +175,11 @@ def check_parallel(cfg: DictConfig) -> None:
         return
     target = _strategy_target(cfg)
     if target not in SEQUENCE_PARALLEL_STRATEGIES or cfg.trainer.strategy.get("sequence_parallel") != p:
-        raise ConfigError(f"parallel.sequence={p} needs a multi-process trainer that splits clips over ranks: "
-                          f"trainer=ddp_cpu / fsdp_cpu (CPU processes) or trainer=ddp / fsdp (GPUs), not trainer.strategy="
-                          f"{target or cfg.trainer.get('strategy')!r}")
+        raise ConfigError(
+            f"parallel.sequence={p} needs a multi-process trainer that splits clips over ranks: "
+            f"trainer=ddp_cpu / fsdp_cpu (CPU processes) or trainer=ddp / fsdp (GPUs), not trainer.strategy="
+            f"{target or cfg.trainer.get('strategy')!r}"
+        )
     devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
     if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % p:
         raise ConfigError(f"parallel.sequence={p} must divide trainer.devices x trainer.num_nodes = {devices * nodes}")
@@ -172,20 +192,26 @@ def check_fsdp(cfg: DictConfig) -> None:
     if _strategy_target(cfg) != FSDP2_STRATEGY:
         return
     if cfg.get("compile"):  # tried once: dynamo meets FSDP2's hooks inside the fullgraph training-step graph
-        raise ConfigError(f"compile={cfg.compile} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: its "
-                          "hooks break the one-graph training step; use compile=false")
+        raise ConfigError(
+            f"compile={cfg.compile} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: its "
+            "hooks break the one-graph training step; use compile=false"
+        )
     finetune = cfg.get("finetune") or {}
     if finetune.get("name") == "lora" or (finetune.get("freeze") and cfg.get("init_from")):
         what = "finetune=lora" if finetune.get("name") == "lora" else f"finetune.freeze={list(finetune.freeze)}"
-        raise ConfigError(f"{what} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: use trainer=ddp / "
-                          "ddp_cpu (docs/parallel.md)")
+        raise ConfigError(
+            f"{what} is not supported with trainer=fsdp / fsdp_cpu (FSDP2) yet: use trainer=ddp / "
+            "ddp_cpu (docs/parallel.md)"
+        )
 
 
 def check_nodes(cfg: DictConfig) -> None:
     """The vae and text_encoder nodes agree with the data and with model.cond (StaleConfig checks cond itself)."""
     if not has_autoencoder(cfg) and is_latent_data(cfg):
-        raise ConfigError("data=latents holds latents of an autoencoder: add vae=diffusers "
-                          "vae.pretrained=<the folder or hub id stale-encode used>")
+        raise ConfigError(
+            "data=latents holds latents of an autoencoder: add vae=diffusers "
+            "vae.pretrained=<the folder or hub id stale-encode used>"
+        )
     if has_autoencoder(cfg) and (OmegaConf.is_missing(cfg.vae, "pretrained") or not cfg.vae.get("pretrained")):
         raise ConfigError("vae=diffusers needs vae.pretrained=<a diffusers autoencoder folder or hub id>")
     cond = cfg.model.get("cond", "label")
@@ -194,12 +220,17 @@ def check_nodes(cfg: DictConfig) -> None:
     except TextEncoderError as e:
         raise ConfigError(str(e)) from None
     if cond == "text" and name is None:
-        raise ConfigError("model.cond=text needs a text encoder: text_encoder=hf text_encoder.pretrained=DIR_OR_HUB_ID, "
-                          "or text_encoder=learned (no download)")
+        raise ConfigError(
+            "model.cond=text needs a text encoder: text_encoder=hf text_encoder.pretrained=DIR_OR_HUB_ID, "
+            "or text_encoder=learned (no download)"
+        )
     if cond == "label" and name is not None:
         raise ConfigError(f"text_encoder={name} conditions on captions: add model.cond=text")
-    if cond == "text" and name == "hf" and (OmegaConf.is_missing(cfg.text_encoder, "pretrained")
-                                            or not cfg.text_encoder.get("pretrained")):
+    if (
+        cond == "text"
+        and name == "hf"
+        and (OmegaConf.is_missing(cfg.text_encoder, "pretrained") or not cfg.text_encoder.get("pretrained"))
+    ):
         raise ConfigError("text_encoder=hf needs text_encoder.pretrained=<a transformers folder or hub id>")
 
 
@@ -210,9 +241,11 @@ def check_clip(cfg: DictConfig, autoencoder) -> None:
     frames, size = (cfg.model.frames, cfg.model.size) if autoencoder is not None else (cfg.data.frames, cfg.data.size)
     if frames % patch[0] or size % patch[1] or size % patch[2]:
         if autoencoder is not None:
-            raise ConfigError(f"the latent clip of {frames} x {size} x {size} (data.frames={cfg.data.frames} and "
-                              f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
-                              f"model.patch={patch}: choose a smaller model.patch or a larger clip")
+            raise ConfigError(
+                f"the latent clip of {frames} x {size} x {size} (data.frames={cfg.data.frames} and "
+                f"data.size={cfg.data.size} through {autoencoder.cls}) must be divisible by "
+                f"model.patch={patch}: choose a smaller model.patch or a larger clip"
+            )
         raise ConfigError(f"data.frames={frames} and data.size={size} must be divisible by model.patch={patch}")
     if cfg.data.get("buckets") is not None:
         check_buckets(cfg, patch, autoencoder)
@@ -224,8 +257,10 @@ def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
     a stale-encode cache's buckets (resolve copied them from its info.json)."""
     buckets = cfg.data.buckets
     try:
-        parsed = parse_buckets(OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets,
-                               tuple(patch) if autoencoder is None else None)
+        parsed = parse_buckets(
+            OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets,
+            tuple(patch) if autoencoder is None else None,
+        )
     except BucketError as e:
         raise ConfigError(str(e)) from None
     grids = [(b.frames, b.height, b.width) for b in parsed]  # the model's input clips
@@ -238,14 +273,19 @@ def check_buckets(cfg: DictConfig, patch: list, autoencoder) -> None:
             except AutoencoderError as e:
                 raise ConfigError(f"{e} (the bucket {b.name})") from None
             if any(n % p for n, p in zip(grids[i], patch)):
-                raise ConfigError(f"data.buckets[{i}]: the bucket {b.name} is the latent clip "
-                                  f"{'x'.join(map(str, grids[i]))} through {autoencoder.cls}, which model.patch={patch} "
-                                  "does not divide")
+                raise ConfigError(
+                    f"data.buckets[{i}]: the bucket {b.name} is the latent clip "
+                    f"{'x'.join(map(str, grids[i]))} through {autoencoder.cls}, which model.patch={patch} "
+                    "does not divide"
+                )
     if cfg.model.get("pos_base") is None:
         side = round(max(h * w for _, h, w in grids) ** 0.5 / patch[1])
-        log.warning("data.buckets with model.pos_base=null: integer positions (sin-cos or RoPE) held up far worse than "
-                    "resolution-scaled ones on grids not trained on (docs/buckets.md); consider model.pos_base=%d "
-                    "(the largest bucket's grid side)", side)
+        log.warning(
+            "data.buckets with model.pos_base=null: integer positions (sin-cos or RoPE) held up far worse than "
+            "resolution-scaled ones on grids not trained on (docs/buckets.md); consider model.pos_base=%d "
+            "(the largest bucket's grid side)",
+            side,
+        )
 
 
 def check_model(cfg: DictConfig, model: StaleConfig) -> None:
@@ -254,8 +294,12 @@ def check_model(cfg: DictConfig, model: StaleConfig) -> None:
     p = cfg.parallel.sequence
     latent_frames = model.frames // model.patch[0]
     if latent_frames < p:
-        raise ConfigError(f"parallel.sequence={p} splits each clip's {latent_frames} latent frames over {p} ranks: "
-                          f"use at most {latent_frames} (every rank needs a frame)")
+        raise ConfigError(
+            f"parallel.sequence={p} splits each clip's {latent_frames} latent frames over {p} ranks: "
+            f"use at most {latent_frames} (every rank needs a frame)"
+        )
     if p > 1 and "full" in model.modes and model.heads < p:
-        raise ConfigError(f"parallel.sequence={p} with full attention splits model.heads={model.heads} over the "
-                          f"ranks (Ulysses): use at most {model.heads}")
+        raise ConfigError(
+            f"parallel.sequence={p} with full attention splits model.heads={model.heads} over the "
+            f"ranks (Ulysses): use at most {model.heads}"
+        )

@@ -16,19 +16,32 @@ from stale.system.training_samples import log_videos, sample_to_disk
 def sample_and_save(cfg: DictConfig, system: StaleSystem, out: Path, loggers: list, step: int) -> dict:
     """Sample with the EMA weights (the EMA callback copied them into the model at the end of fit)."""
     s = cfg.sample
-    paths = sample_to_disk(system, out / "samples", num_videos=s.num_videos, steps=s.steps, sampler=s.sampler,
-                           guidance=s.guidance, seed=s.seed, progress=s.get("progress", False),
-                           classifier_guidance=s.get("classifier_guidance", 0.0), prompts=system.prompts)
+    paths = sample_to_disk(
+        system,
+        out / "samples",
+        num_videos=s.num_videos,
+        steps=s.steps,
+        sampler=s.sampler,
+        guidance=s.guidance,
+        seed=s.seed,
+        progress=s.get("progress", False),
+        classifier_guidance=s.get("classifier_guidance", 0.0),
+        prompts=system.prompts,
+    )
     log_videos(loggers, paths, step)
     return {"samples": out / "samples", "contact sheet": paths["contact_sheet"], "gif grid": paths["gif"]}
 
 
-def finish(cfg: DictConfig, system: StaleSystem, trainer: L.Trainer, callbacks: list, loggers: list,
-           out: Path) -> None:
+def finish(cfg: DictConfig, system: StaleSystem, trainer: L.Trainer, callbacks: list, loggers: list, out: Path) -> None:
     """Rank 0: sample, flush the loggers and print where everything is."""
     budget = next(c for c in callbacks if isinstance(c, ComputeBudget))
-    report = {"run dir": out, "checkpoint": out / "checkpoints" / "last.ckpt", "steps": trainer.global_step,
-              "spend": budget.summary(), **({"stopped by": budget.stop_reason} if budget.stop_reason else {})}
+    report = {
+        "run dir": out,
+        "checkpoint": out / "checkpoints" / "last.ckpt",
+        "steps": trainer.global_step,
+        "spend": budget.summary(),
+        **({"stopped by": budget.stop_reason} if budget.stop_reason else {}),
+    }
     report.update(system.loss_summary())
     for c in callbacks:
         if isinstance(c, TrainingDeadline):

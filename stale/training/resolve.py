@@ -22,8 +22,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stale.data.captions import read_captions
 from stale.data.latent_cache import cache_buckets, cache_info, check_cache_clip
 from stale.models.stale_transformer import StaleConfig, model_config
-from stale.training.checks import (ConfigError, build, check_clip, check_composed, check_model, has_autoencoder,
-                                   is_latent_data)
+from stale.training.checks import (
+    ConfigError,
+    build,
+    check_clip,
+    check_composed,
+    check_model,
+    has_autoencoder,
+    is_latent_data,
+)
 
 
 @dataclass
@@ -58,8 +65,9 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
             check_model_config(run)
         return resolved
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True
-    resolved.datamodule = datamodule if datamodule is not None else instantiate(run.data, _convert_="all",
-                                                                                captions=text)
+    resolved.datamodule = (
+        datamodule if datamodule is not None else instantiate(run.data, _convert_="all", captions=text)
+    )
     if text:
         resolved.text_encoder, resolved.empty_text, derived = resolve_text(run, resolved.datamodule)
         resolved.config = run = _with(run, derived)
@@ -101,8 +109,9 @@ def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
             info, info_path = cache_info(cfg.data.shards, "data.shards")
             check_cache_clip(info, info_path, cfg.data.get("frames"), cfg.data.get("size"))
             # a cache encoded with buckets trains with them: data.buckets may only repeat its list
-            buckets = cache_buckets(info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets)
-                                    else buckets)
+            buckets = cache_buckets(
+                info, info_path, OmegaConf.to_container(buckets) if OmegaConf.is_config(buckets) else buckets
+            )
         except ValueError as e:  # CacheError, ShardError
             raise ConfigError(str(e)) from None
         frames, size = info["frames"], info["size"]
@@ -112,18 +121,24 @@ def resolve_autoencoder(cfg: DictConfig) -> tuple[Any, dict]:
     autoencoder = build(cfg.vae, **stats, _convert_="all")  # a bad vae.pretrained stops here, naming the path
     try:
         if info is not None and info["vae"]["sha256"] != autoencoder.source["sha256"]:
-            raise ConfigError(f"data.shards: the cache {info_path} was encoded by the autoencoder at "
-                              f"{info['vae']['pretrained']!r} (weights sha256 {info['vae']['sha256'][:12]}...), "
-                              f"but vae.pretrained={cfg.vae.pretrained!r} holds other weights "
-                              f"({autoencoder.source['sha256'][:12]}...)")
+            raise ConfigError(
+                f"data.shards: the cache {info_path} was encoded by the autoencoder at "
+                f"{info['vae']['pretrained']!r} (weights sha256 {info['vae']['sha256'][:12]}...), "
+                f"but vae.pretrained={cfg.vae.pretrained!r} holds other weights "
+                f"({autoencoder.source['sha256'][:12]}...)"
+            )
         c, t, h, _ = autoencoder.latent_shape(frames, size)
     except AutoencoderError as e:
         raise ConfigError(str(e)) from None
     derived = {
         "data": data,
         "model": {"in_channels": c, "frames": t, "size": h},
-        "vae": {"shift": [float(v) for v in autoencoder.shift], "scale": [float(v) for v in autoencoder.scale],
-                "sha256": autoencoder.source["sha256"], "normalization": autoencoder.normalization},
+        "vae": {
+            "shift": [float(v) for v in autoencoder.shift],
+            "scale": [float(v) for v in autoencoder.scale],
+            "sha256": autoencoder.source["sha256"],
+            "normalization": autoencoder.normalization,
+        },
     }
     if cfg.diffusion.get("prior_scale") is None:
         derived["diffusion"] = {"prior_scale": math.sqrt(3.0)}
@@ -147,16 +162,19 @@ def resolve_text(cfg: DictConfig, datamodule) -> tuple[Any, Any, dict]:
     derived = {"text_encoder": {"sha256": encoder.source["sha256"]}, "model": {"text_len": encoder.max_length}}
     if learned:
         derived["text_encoder"]["words"] = list(encoder.words)
-        derived["model"].update(text_vocab=encoder.vocab_size, text_layers=encoder.layers,
-                                text_dim=0)  # the model's width
+        derived["model"].update(
+            text_vocab=encoder.vocab_size, text_layers=encoder.layers, text_dim=0
+        )  # the model's width
     else:
         derived["model"].update(text_dim=encoder.dim, text_vocab=0)
     cached = getattr(datamodule, "text_info", None)  # a stale-encode cache with caption embeddings
     if cached is None:
         return encoder, encoder.empty(), derived
     if cached["sha256"] != encoder.source["sha256"] or cached["max_length"] != encoder.max_length:
-        raise ConfigError(f"data.shards: the cache's captions were encoded by {cached['pretrained']!r} "
-                          f"(sha256 {cached['sha256'][:12]}..., max_length {cached['max_length']}), not by "
-                          f"text_encoder.pretrained={cfg.text_encoder.pretrained!r} (sha256 "
-                          f"{encoder.source['sha256'][:12]}..., max_length {encoder.max_length})")
+        raise ConfigError(
+            f"data.shards: the cache's captions were encoded by {cached['pretrained']!r} "
+            f"(sha256 {cached['sha256'][:12]}..., max_length {cached['max_length']}), not by "
+            f"text_encoder.pretrained={cfg.text_encoder.pretrained!r} (sha256 "
+            f"{encoder.source['sha256'][:12]}..., max_length {encoder.max_length})"
+        )
     return encoder, datamodule.empty_text, derived

@@ -14,8 +14,19 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("stale", "torch", "lightning", "hydra-core", "omegaconf", "webdataset", "av", "wandb", "einops",
-            "safetensors", "numpy")
+PACKAGES = (
+    "stale",
+    "torch",
+    "lightning",
+    "hydra-core",
+    "omegaconf",
+    "webdataset",
+    "av",
+    "wandb",
+    "einops",
+    "safetensors",
+    "numpy",
+)
 
 
 def git_state(path: str | Path | None = None) -> dict:
@@ -36,8 +47,11 @@ def git_state(path: str | Path | None = None) -> dict:
             return none
         dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
         diff = git("diff", "HEAD").stdout if dirty else ""
-        return {"commit": head.stdout.strip(), "dirty": dirty,
-                "diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if dirty else None}
+        return {
+            "commit": head.stdout.strip(),
+            "dirty": dirty,
+            "diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if dirty else None,
+        }
     except (OSError, subprocess.SubprocessError):
         return none
 
@@ -65,5 +79,10 @@ def shard_list(datamodule) -> dict:
 
 def provenance() -> dict:
     """Computed once when a run starts: the code that was imported is the code that trained."""
-    return {"git": git_state(), "packages": package_versions(), "argv": list(sys.argv),
-            "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "git": git_state(),
+        "packages": package_versions(),
+        "argv": list(sys.argv),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

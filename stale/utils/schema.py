@@ -92,9 +92,9 @@ class UnknownKeyError(ValueError):
 FORWARDS = {
     "lightning.pytorch.loggers.wandb.WandbLogger": ("wandb.init", set()),  # self._wandb_init.update(**kwargs)
     "lightning.pytorch.strategies.ddp.DDPStrategy":  # DistributedDataParallel(module=, device_ids=, **kwargs)
-        ("torch.nn.parallel.DistributedDataParallel", {"module", "device_ids"}),
+    ("torch.nn.parallel.DistributedDataParallel", {"module", "device_ids"}),
     "lightning.pytorch.callbacks.throughput_monitor.ThroughputMonitor":  # Throughput(available_flops=, world_size=, **)
-        ("lightning.fabric.utilities.throughput.Throughput", {"available_flops", "world_size"}),
+    ("lightning.fabric.utilities.throughput.Throughput", {"available_flops", "world_size"}),
 }
 
 
@@ -181,8 +181,20 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in ("model", "data", "diffusion", "optim", "schedule", "vae", "text_encoder", "trainer", "nan_guard",
-                 "budget", "deadline", "finetune"):
+    for name in (
+        "model",
+        "data",
+        "diffusion",
+        "optim",
+        "schedule",
+        "vae",
+        "text_encoder",
+        "trainer",
+        "nan_guard",
+        "budget",
+        "deadline",
+        "finetune",
+    ):
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():

@@ -112,14 +112,25 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str = "m
         writer = csv.writer(f)
         writer.writerow(["trial", metric, "status", "overrides", "output_dir"])
         for r in records:
-            writer.writerow([r["trial"], "" if r[metric] is None else repr(r[metric]), r["status"],
-                             " ".join(r["overrides"]), r["output_dir"]])
+            writer.writerow(
+                [
+                    r["trial"],
+                    "" if r[metric] is None else repr(r[metric]),
+                    r["status"],
+                    " ".join(r["overrides"]),
+                    r["output_dir"],
+                ]
+            )
 
     # The markdown table shows the overrides that differ between trials; the rest once, above it.
     sets = [set(r["overrides"]) for r in records]
     common = set.intersection(*sets) if len(records) > 1 else set()
-    lines = [f"common overrides: `{' '.join(o for o in records[0]['overrides'] if o in common)}`", "",
-             f"| trial | {metric} | status | overrides |", "|---:|---:|---|---|"]
+    lines = [
+        f"common overrides: `{' '.join(o for o in records[0]['overrides'] if o in common)}`",
+        "",
+        f"| trial | {metric} | status | overrides |",
+        "|---:|---:|---|---|",
+    ]
     for r in records:
         value = "" if r[metric] is None else f"{r[metric]:.6g}"
         varying = " ".join(o for o in r["overrides"] if o not in common)
@@ -135,11 +146,20 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str = "m
 
     best_file = sweep_dir / "best_trial.yaml"
     if best is not None:
-        best_file.write_text(yaml.safe_dump({
-            "trial": best["trial"], "metric": metric, "direction": direction, "value": best[metric],
-            "overrides": best["overrides"], "output_dir": best["output_dir"],
-            "command": shlex.join(["stale-train", *best["overrides"]]),
-        }, sort_keys=False))
+        best_file.write_text(
+            yaml.safe_dump(
+                {
+                    "trial": best["trial"],
+                    "metric": metric,
+                    "direction": direction,
+                    "value": best[metric],
+                    "overrides": best["overrides"],
+                    "output_dir": best["output_dir"],
+                    "command": shlex.join(["stale-train", *best["overrides"]]),
+                },
+                sort_keys=False,
+            )
+        )
     else:
         best_file.unlink(missing_ok=True)
         log.warning("no trial of the sweep in %s returned a finite %s: no best trial", sweep_dir, metric)
@@ -149,8 +169,10 @@ def write_summary(sweep_dir: Path, metric: str = "val/loss", direction: str = "m
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m stale.utils.sweep",
-                                     description="Write sweep_summary.{csv,md} and best_trial.yaml for a sweep dir.")
+    parser = argparse.ArgumentParser(
+        prog="python -m stale.utils.sweep",
+        description="Write sweep_summary.{csv,md} and best_trial.yaml for a sweep dir.",
+    )
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--metric", default="val/loss")
     parser.add_argument("--direction", default="minimize", choices=["minimize", "maximize"])
