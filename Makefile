@@ -10,7 +10,7 @@ ARGS ?=
 # pytest workers (pytest-xdist): auto = one per core; the suite took 259 s with 2 workers and 425 s with 1 on 2 cores
 TEST_WORKERS ?= auto
 
-.PHONY: train test install install-dev clean-venv
+.PHONY: train test test-docs install install-dev clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,15 @@ MAKE_STARTED := $(shell date +%s)
 train: install
 	STALE_DEADLINE_FROM=$(MAKE_STARTED) $(BIN)/stale-train $(ARGS)
 
-# ruff first: a lint error or an unformatted file fails in seconds, before the suite's minutes
+# ruff first: a lint error or an unformatted file fails in seconds, before the suite's minutes. The docs test
+# (every shell command of README.md and docs/, ~3 min on 2 cores) is `make test-docs`; CI runs both (.ci/run)
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=15 -m "not docs" $(ARGS)
+
+test-docs: install-dev
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=5 -m docs $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
