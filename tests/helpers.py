@@ -724,6 +724,24 @@ MIXED_VIDEOS = (
 MIXED_IMAGES = ((90, 160), (160, 90), (120, 120), (90, 160), (160, 90), (120, 120))
 
 
+def mixed_shards_64(root) -> str:
+    """The mixed folder (6 videos, 3 images) as stale-shards' default 64 px aspect shards of <= 4 clips each (3 train
+    shards); returns their pattern."""
+    from stale.data.shards import ShardsConfig, convert
+
+    folder = mixed_shape_folder(Path(root) / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
+    config = ShardsConfig(
+        input=str(folder),
+        out=str(Path(root) / "shards"),
+        size=64,
+        grid=16,
+        maxcount=4,
+        split={"train": 1.0},
+        progress=False,
+    )
+    return convert(config)["splits"]["train"]["pattern"]
+
+
 def captioned_manifest(tmp_path) -> Path:
     """A manifest.csv of the mixed folder (6 videos, 3 images) whose captions name each file's class and name."""
     folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])

@@ -453,22 +453,11 @@ def test_latent_training_with_buckets_encodes_every_shape(tmp_path, tmp_path_fac
     """vae=diffusers with data.buckets: every bucket is checked against the autoencoder's shape rules and the
     latent patch before training (naming the bucket), then each batch is encoded at its own shape and trained:
     every bucket's clips reach the model, and the final samples decode to pixels."""
-    from helpers import tiny_vae
+    from helpers import mixed_shards_64, tiny_vae
     from stale.train import ConfigError, check_config, train
 
     vae = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
-    folder = mixed_shape_folder(tmp_path / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
-    shards = convert(
-        ShardsConfig(
-            input=str(folder),
-            out=str(tmp_path / "shards"),
-            size=64,
-            grid=16,
-            maxcount=4,
-            split={"train": 1.0},
-            progress=False,
-        )
-    )["splits"]["train"]["pattern"]
+    shards = mixed_shards_64(tmp_path)
     # the default preset's 8-frame buckets are not 1 + 4k frames: the error names the bucket and the nearest counts
     with pytest.raises(
         ConfigError,

@@ -20,13 +20,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from helpers import (
     BUCKET_RUN,
-    MIXED_IMAGES,
-    MIXED_VIDEOS,
     MeanPixel,
     RecordBatches,
     captioned_manifest,
     fit_steps,
-    mixed_shape_folder,
+    mixed_shards_64,
     no_synthetic_keys,
     tiny_vae,
 )
@@ -72,18 +70,7 @@ PLAIN_KEYS = {
 def data(tmp_path_factory):
     """mp4 shards of the mixed shapes (3 shards of <= 4 clips), the tiny Wan autoencoder and a bucketed cache."""
     base = tmp_path_factory.mktemp("latent-buckets")
-    folder = mixed_shape_folder(base / "media", videos=MIXED_VIDEOS[:6], images=MIXED_IMAGES[:3])
-    shards = convert(
-        ShardsConfig(
-            input=str(folder),
-            out=str(base / "shards"),
-            size=64,
-            grid=16,
-            maxcount=4,
-            split={"train": 1.0},
-            progress=False,
-        )
-    )["splits"]["train"]["pattern"]
+    shards = mixed_shards_64(base)
     vae = tiny_vae(tmp_path_factory, "AutoencoderKLWan")
     result = encode_shards(
         shards,
