@@ -854,3 +854,73 @@ def resumes_exactly(tmp_path: Path, run: str, overrides: list[str], losses: dict
     w3 = weights_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     for k in weights:
         torch.testing.assert_close(w3[k], weights[k], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny random-init diffusers pipelines (Wan-style, LTX-style) saved to folders with save_pretrained, so that tests
+# load them through exactly the code a user runs with a hub id (model.pretrained=FOLDER). Constructor arguments
+# follow diffusers' own pipeline tests (2 layers, 2 heads of 12), with the TINY_VAES autoencoders and the tiny
+# text encoders above (UMT5 for Wan, T5 for LTX), whose widths the transformers' text widths match.
+
+TINY_TRANSFORMERS = {
+    "wan": dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ),
+    "ltx": dict(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=2,
+        caption_channels=16,
+    ),
+}
+
+
+def save_tiny_pipeline(family: str, folder: Path, seed: int = 0, shift: float = 3.0) -> Path:
+    """A whole random-init pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+    scheduler/) of `family` ("wan": WanPipeline, "ltx": LTXPipeline), with a FlowMatchEulerDiscreteScheduler."""
+    import diffusers
+    from transformers import AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+
+    text = save_tiny_umt5 if family == "wan" else save_tiny_t5
+    words = text(Path(folder) / "_text", seed=seed)
+    vae_cls = {"wan": "AutoencoderKLWan", "ltx": "AutoencoderKLLTXVideo"}[family]
+    torch.manual_seed(seed)
+    vae = getattr(diffusers, vae_cls)(**TINY_VAES[vae_cls][0])
+    torch.manual_seed(seed)
+    cls = {"wan": diffusers.WanTransformer3DModel, "ltx": diffusers.LTXVideoTransformer3DModel}[family]
+    transformer = cls(**TINY_TRANSFORMERS[family])
+    encoder = (UMT5EncoderModel if family == "wan" else T5EncoderModel).from_pretrained(str(words))
+    pipeline = {"wan": diffusers.WanPipeline, "ltx": diffusers.LTXPipeline}[family](
+        transformer=transformer,
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=AutoTokenizer.from_pretrained(str(words)),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift),
+    )
+    pipeline.save_pretrained(str(folder))
+    shutil.rmtree(Path(folder) / "_text")
+    return Path(folder)
+
+
+def tiny_pipeline(tmp_path_factory, family: str) -> Path:
+    """One saved pipeline folder per family for the whole session."""
+    folder = Path(tmp_path_factory.getbasetemp()) / f"pipeline-{family}"
+    if not (folder / "model_index.json").is_file():
+        save_tiny_pipeline(family, folder)
+    return folder
