@@ -43,7 +43,11 @@ def train(cfg: DictConfig, datamodule: L.LightningDataModule | None = None, call
     n_params = sum(p.numel() for p in system.model.parameters())
     n_train = sum(p.numel() for p in system.model.parameters() if p.requires_grad)
     log.info(
-        "model %s: %.2fM parameters (%s trainable); outputs in %s", cfg.model.name, n_params / 1e6, f"{n_train:,}", out
+        "model %s: %.2fM parameters (%s trainable); outputs in %s",
+        cfg.model.get("name") or cfg.model.get("pretrained"),
+        n_params / 1e6,
+        f"{n_train:,}",
+        out,
     )
 
     preempt = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)

@@ -21,11 +21,18 @@ def _options(group: str) -> list[str]:
 
 
 # options that pass the key schema and then stop at the next check, which needs files they name
-NEEDS_FILES = {("data", "latents"): "data=latents holds latents", ("vae", "diffusers"): "needs vae.pretrained"}
+NEEDS_FILES = {
+    ("data", "latents"): "data=latents holds latents",
+    ("vae", "diffusers"): "needs vae.pretrained",
+    ("model", "diffusers"): "model.cond=text needs a text encoder",
+    ("backbone", "wan"): "Missing mandatory value: pipeline",
+    ("backbone", "ltx"): "Missing mandatory value: pipeline",
+}
 
 
 @pytest.mark.parametrize(
-    "group", ["model", "data", "trainer", "schedule", "logger", "diffusion", "debug", "hparams_search", "vae"]
+    "group",
+    ["model", "data", "trainer", "schedule", "logger", "diffusion", "debug", "hparams_search", "vae", "backbone"],
 )
 def test_every_shipped_config_passes_the_schema(group):
     for option in _options(group):

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from stale.diffusion.objective import StaleObjective
-from stale.models import build_model
+from stale.models import build_model, load_backbone
 
 # Spelled as in conf/model/*.yaml and conf/diffusion/*.yaml. Extend here when stale gains a model or objective.
 ALLOWED_TARGETS: dict[str, Callable[..., Any]] = {
     "stale.models.build_model": build_model,
+    "stale.models.load_backbone": load_backbone,
     "stale.diffusion.objective.StaleObjective": StaleObjective,
 }
 

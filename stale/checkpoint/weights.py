@@ -184,10 +184,11 @@ class Prepared:
     base: dict | None = None  # {"init_from", "sha256"} when the frozen tensors come from init_from
 
 
-def check_base(finetune: dict | None, init_path: str | None) -> Finetune:
-    """The finetune node, built (its own checks), against init_from: LoRA needs a frozen base to adapt."""
+def check_base(finetune: dict | None, init_path: str | None, pretrained: bool = False) -> Finetune:
+    """The finetune node, built (its own checks), against init_from: LoRA needs a frozen base to adapt (init_from,
+    or a pretrained backbone's own weights)."""
     ft = Finetune(**{k: v for k, v in (finetune or {}).items() if k != "_target_"})
-    if ft.lora and not init_path:
+    if ft.lora and not init_path and not pretrained:
         raise InitFromError(
             "finetune=lora needs init_from=CKPT_OR_EXPORT_DIR: adapters on a random base learn "
             "nothing useful (use finetune=full to train from scratch)"
@@ -197,9 +198,15 @@ def check_base(finetune: dict | None, init_path: str | None) -> Finetune:
 
 def prepare(model: nn.Module, finetune: dict | None, init_path: str | None, strict: bool = True) -> Prepared:
     """init_from, then the finetune mode: the model stale-train trains (and export rebuilds)."""
-    ft = check_base(finetune, init_path)
+    pretrained = getattr(model, "pretrained_base", None)  # a pretrained backbone brings its own base weights
+    ft = check_base(finetune, init_path, pretrained is not None)
     report, base = init_from(model, init_path, strict) if init_path else (None, None)
-    apply_finetune(model, ft, train_anyway=tuple(report.untrained) if report else ())
+    if base is None and pretrained is not None and (ft.lora or ft.freeze):
+        base = pretrained()  # hashed before the adapters rename the layers
+    # what no base filled trains whatever the mode: init_from's new layers, a backbone's hinge head
+    apply_finetune(
+        model, ft, train_anyway=tuple(report.untrained) if report else tuple(getattr(model, "untrained", ()))
+    )
     frozen = any(not p.requires_grad for p in model.parameters())
     return Prepared(model, report, base if frozen else None)
 
@@ -209,14 +216,24 @@ def rebuild(ckpt: StaleCheckpoint) -> nn.Module:
     set-up of the run, then the checkpoint's own tensors."""
     run, base = ckpt.run_config, ckpt.extra["finetune_base"]
     model = build({**run["model"], "grad_checkpointing": False}, where=f"{ckpt.path}: run_config.model")
-    path = Path(base["init_from"])
-    found = sha256(path / WEIGHTS_FILE if path.is_dir() else path) if path.exists() else None
-    if found != base["sha256"]:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} holds only its trained tensors; its frozen base is init_from={path}, which "
-            f"{'is missing' if found is None else 'has changed (sha256 differs)'}: restore that file"
-        )
-    prepare(model, run.get("finetune"), str(path), strict=bool(run.get("init_from_strict", True)))
+    if "pretrained" in base:  # a pretrained backbone: built from its own weights, which must be the same
+        found = model.pretrained_base()["sha256"]
+        if found != base["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds only its trained tensors; its frozen base is model.pretrained="
+                f"{base['pretrained']}, whose weights have changed (sha256 {found[:12]}..., not "
+                f"{base['sha256'][:12]}...): restore them"
+            )
+        prepare(model, run.get("finetune"), None)
+    else:
+        path = Path(base["init_from"])
+        found = sha256(path / WEIGHTS_FILE if path.is_dir() else path) if path.exists() else None
+        if found != base["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds only its trained tensors; its frozen base is init_from={path}, "
+                f"which {'is missing' if found is None else 'has changed (sha256 differs)'}: restore that file"
+            )
+        prepare(model, run.get("finetune"), str(path), strict=bool(run.get("init_from_strict", True)))
     full = model.state_dict()
     extra = sorted(set(ckpt.state_dict) - set(full))
     if extra:

@@ -22,12 +22,13 @@ optimiser and Lightning's device moves, and the EMA callback's deep copy shares 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import torch
+
+from stale.utils.hashing import weights_sha256
 
 # diffusers' autoencoder classes stale reads, by the `_class_name` of their config.json
 CLASSES = (
@@ -79,16 +80,6 @@ def _constants(cls: str, model, channels: int) -> tuple[torch.Tensor, torch.Tens
             )
         return mean, factor / std
     return ones * float(getattr(c, "shift_factor", None) or 0.0), ones * float(factor)
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """A hash of the weights themselves (names, dtypes, shapes, bytes): the same for a hub download, a local
-    copy or a re-saved folder of the same autoencoder."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _nearest(valid, value: int) -> str:

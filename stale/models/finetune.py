@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 MODES = ("full", "lora")
+# LoRA's targets when finetune.target_modules is null: the model's own `lora_targets` (a pretrained family's
+# attention and feed-forward projections), else the Stale Transformer's attention projections and MLPs
 DEFAULT_TARGETS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.0", "blocks.*.mlp.2")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -41,7 +43,7 @@ class Finetune:
     rank: int = 8  # lora: r
     alpha: float = 8.0  # lora: the update is (alpha / rank) B A
     dropout: float = 0.0  # lora: dropout on the adapter's input
-    target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # lora: nn.Linear module patterns
+    target_modules: list | None = None  # lora: nn.Linear module patterns; None = the model's defaults
     train: list = field(
         default_factory=list
     )  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
@@ -49,13 +51,14 @@ class Finetune:
     def __post_init__(self):
         if self.name not in MODES:
             raise ValueError(f"finetune.name={self.name!r} is not one of {MODES}")
-        self.freeze, self.target_modules = list(self.freeze or []), list(self.target_modules or [])
+        self.freeze = list(self.freeze or [])
+        self.target_modules = None if self.target_modules is None else list(self.target_modules)
         self.train = list(self.train or [])
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"finetune.rank={self.rank!r} must be an integer >= 1")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"finetune.dropout={self.dropout} must be in [0, 1)")
-        if self.name == "lora" and not self.target_modules:
+        if self.name == "lora" and self.target_modules is not None and not self.target_modules:
             raise ValueError("finetune.target_modules is empty: LoRA needs at least one module pattern")
 
     @property
@@ -97,7 +100,10 @@ def apply_finetune(model: nn.Module, ft: Finetune, train_anyway: tuple = ()) -> 
         from peft import inject_adapter_in_model
 
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        targets = matching(linears, ft.target_modules, "finetune.target_modules")
+        patterns = (
+            ft.target_modules if ft.target_modules is not None else getattr(model, "lora_targets", DEFAULT_TARGETS)
+        )
+        targets = matching(linears, patterns, "finetune.target_modules")
         inject_adapter_in_model(lora_config(ft, targets), model)
         extra = set(matching([n for n, _ in model.named_parameters()], ft.train, "finetune.train"))
         for name, p in model.named_parameters():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from stale.models.pretrained.backbone import BackboneConfig, backbone_flops
 from stale.models.stale_transformer import StaleConfig
 
 FREQ_DIM = 256  # TimestepEmbedder's sinusoid width
@@ -115,12 +116,14 @@ def _text_flops(config: StaleConfig, tokens: int) -> dict[str, float]:
 
 
 def forward_flops(
-    config: StaleConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
+    config: StaleConfig | BackboneConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
 ) -> dict[str, float]:
     """Forward FLOPs per clip of T=frames and H=W=size, or (H, W)=size for non-square buckets (defaults: the
     config's clip), by part; 'total' sums them."""
     T = config.frames if frames is None else frames
     H, W = (config.size, config.size) if size is None else (size, size) if isinstance(size, int) else size
+    if isinstance(config, BackboneConfig):  # a pretrained family's block stack (stale/models/pretrained)
+        return backbone_flops(config, T, H, W)
     pt, ph, pw = config.patch
     if T % pt or H % ph or W % pw:
         raise ValueError(f"clip (T, H, W)=({T}, {H}, {W}) is not divisible by model.patch={list(config.patch)}")
@@ -158,7 +161,7 @@ def forward_flops(
 
 
 def training_flops_per_clip(
-    config: StaleConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
+    config: StaleConfig | BackboneConfig, frames: int | None = None, size: int | tuple[int, int] | None = None
 ) -> float:
     """Analytic training FLOPs (forward + backward = 3 x forward) per clip of T=frames, H=W=size or (H, W)=size."""
     return 3.0 * forward_flops(config, frames, size)["total"]

@@ -402,10 +402,11 @@ class StaleSystem(L.LightningModule):
         base = checkpoint.get("finetune_base")
         if base:
             if not self.finetune_base or self.finetune_base["sha256"] != base["sha256"]:
+                key = "model.pretrained" if "pretrained" in base else "init_from"
                 raise ValueError(
-                    f"this checkpoint holds only its trained tensors, on top of init_from="
-                    f"{base['init_from']} (sha256 {base['sha256'][:12]}); resume it with that init_from "
-                    f"(this run has {self.finetune_base})"
+                    f"this checkpoint holds only its trained tensors, on top of {key}="
+                    f"{base.get('pretrained', base.get('init_from'))} (sha256 {base['sha256'][:12]}); resume it "
+                    f"with that {key} (this run has {self.finetune_base})"
                 )
             own = {f"model.{k}": v for k, v in self.model.state_dict().items()}
             for key in ("state_dict", "current_model_state"):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from stale.utils.hashing import weights_sha256
+
 log = logging.getLogger("stale")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,7 +124,7 @@ class HFTextEncoder(_Encoder):
             raise TextEncoderError(f"{where}: cannot load a text encoder and its tokenizer ({e})") from None
         self.model = self.model.eval().requires_grad_(False).to(device)
         self.dim = int(self.model.config.hidden_size)
-        digest = _weights_sha256(self.model)
+        digest = weights_sha256(self.model)
         if sha256 and sha256 != digest:
             raise TextEncoderError(
                 f"{where} holds other weights (sha256 {digest[:12]}...) than the ones recorded ({sha256[:12]}...)"
@@ -238,14 +240,6 @@ def _require_tokenizers() -> None:
         raise TextEncoderError(
             f"text_encoder=learned needs the tokenizers package: pip install 'stale[text]' ({e})"
         ) from None
-
-
-def _weights_sha256(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 TARGETS = {"stale.text.encoders.HFTextEncoder": "hf", "stale.text.encoders.LearnedTokenizer": "learned"}

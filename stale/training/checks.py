@@ -9,7 +9,6 @@ check_composed(cfg) needs nothing loaded; check_clip and check_model run once th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from stale.checkpoint.weights import check_base
 from stale.data.buckets import BucketError, parse_buckets
+from stale.models import MODEL_NODES, StaleConfig, config_of
 from stale.models.finetune import require_peft
-from stale.models.stale_transformer import StaleConfig
 from stale.system.stale_system import StaleSystem
 from stale.text.encoders import TextEncoderError, text_encoder_kind
 from stale.utils.schema import MOVED_KEYS, UnknownKeyError, check_train_keys, target_keys, unknown_key_message
@@ -104,7 +103,8 @@ def check_keys(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, old) is not None:
             path, _, key = old.rpartition(".")
             raise ConfigError(unknown_key_message(path, key, set()))
-    keys = {"model": {"name"} | {f.name for f in dataclasses.fields(StaleConfig)}}  # build_model's **overrides
+    target = OmegaConf.select(cfg, "model._target_") or "stale.models.build_model"
+    keys = {"model": MODEL_NODES[target][1]} if target in MODEL_NODES else {}  # the model config's fields
     if OmegaConf.select(cfg, "optim._target_"):  # the optimiser's arguments, less what the system passes it
         keys["optim"] = (target_keys(cfg.optim._target_) or set()) - set(StaleSystem.OPTIMIZER_ARGS)
     try:
@@ -123,7 +123,7 @@ def check_files(cfg: DictConfig) -> None:
         )
     finetune = OmegaConf.to_container(cfg.finetune, resolve=True) if cfg.get("finetune") else None
     try:
-        if check_base(finetune, cfg.get("init_from")).lora:
+        if check_base(finetune, cfg.get("init_from"), bool(cfg.model.get("pretrained"))).lora:
             require_peft()
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
@@ -234,10 +234,18 @@ def check_nodes(cfg: DictConfig) -> None:
         raise ConfigError("text_encoder=hf needs text_encoder.pretrained=<a transformers folder or hub id>")
 
 
+def model_patch(cfg: DictConfig) -> tuple:
+    """The patch of a model node that does not list it (a pretrained backbone's comes from its config.json)."""
+    try:
+        return config_of(OmegaConf.to_container(cfg.model, resolve=True)).patch
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_clip(cfg: DictConfig, autoencoder) -> None:
     """The model's clip (pixels, or the autoencoder's latent clip) and every bucket are divisible by model.patch;
     with an autoencoder every bucket must be a clip it takes. `cfg` is the resolved config."""
-    patch = list(cfg.model.get("patch", [1, 1, 1]))
+    patch = list(cfg.model.get("patch") or model_patch(cfg))
     frames, size = (cfg.model.frames, cfg.model.size) if autoencoder is not None else (cfg.data.frames, cfg.data.size)
     if frames % patch[0] or size % patch[1] or size % patch[2]:
         if autoencoder is not None:

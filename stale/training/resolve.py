@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stale.data.captions import read_captions
 from stale.data.latent_cache import cache_buckets, cache_info, check_cache_clip
-from stale.models.stale_transformer import StaleConfig, model_config
+from stale.models import config_of
 from stale.training.checks import (
     ConfigError,
     build,
@@ -80,11 +80,11 @@ def check_config(cfg: DictConfig) -> Resolved:
     return resolve(cfg, data=False)
 
 
-def check_model_config(cfg: DictConfig) -> StaleConfig:
-    """The model's StaleConfig (its own ranges checked by its constructor), checked against parallelism."""
-    node = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+def check_model_config(cfg: DictConfig):
+    """The model's config (StaleConfig or BackboneConfig: its own ranges checked by its constructor), checked against
+    parallelism."""
     try:
-        model = model_config(**node)
+        model = config_of(OmegaConf.to_container(cfg.model, resolve=True))
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     check_model(cfg, model)

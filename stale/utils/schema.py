@@ -78,6 +78,7 @@ class TrainSchema:
     finetune: dict  # a target node
     paths: dict  # free: interpolation values
     hydra: dict  # Hydra's own node (present with return_hydra_config)
+    pipeline: Any = None  # backbone=wan|ltx: the pipeline repository its model, vae and text encoder come from
 
 
 OPEN = None  # "any key": a node whose keys this schema does not constrain

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stale.models.stale_transformer import HingeHead, _check_joy_token, joy_vector
+from stale.utils.hashing import weights_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NUM_TRAIN_TIMESTEPS = 1000  # the families' timestep scale: timestep = sigma * 1000
@@ -123,6 +124,22 @@ class PretrainedBackbone(nn.Module):
         self.register_load_state_dict_pre_hook(_check_joy_token)
         self.head = HingeHead(config.dim, config.head_outputs)
         self.sequence_parallel = None  # set by stale.parallel for sequence-parallel steps
+
+    @property
+    def untrained(self) -> tuple:
+        """Parameters the pretrained weights do not hold (the hinge head): they train in every fine-tuning mode."""
+        return tuple(f"head.{n}" for n, _ in self.head.named_parameters())
+
+    def pretrained_base(self) -> dict:
+        """The frozen base a fine-tuning checkpoint leaves out (LoRA, freeze patterns): the pretrained weights,
+        recognised by their hash when the checkpoint is resumed or exported (call before adapters are injected)."""
+        c = self.config
+        return {
+            "pretrained": c.pretrained,
+            "subfolder": c.subfolder,
+            "revision": c.revision,
+            "sha256": weights_sha256(self.transformer),
+        }
 
     @staticmethod
     def widths(transformer_config: dict) -> dict:
@@ -265,3 +282,28 @@ def load_backbone(pretrained: str | None = None, subfolder: str | None = "transf
     except (OSError, ValueError) as err:
         raise BackboneError(f"model.pretrained={pretrained} model.subfolder={subfolder}: {err}") from None
     return adapter(transformer, config)
+
+
+def backbone_flops(config: BackboneConfig, frames: int, height: int, width: int) -> dict[str, float]:
+    """Analytic forward FLOPs per clip (multiply-adds count 2) of a family block stack: self-attention over all S
+    tokens (+ the joy token), cross-attention to L caption tokens and a feed-forward of width ffn_dim in every
+    block, as Wan and LTX are built; the patch embedding, caption projection and output projection around them.
+    Small terms (norms, RoPE, the time embedding, modulation) are left out, as stale.models.flops does."""
+    pt, ph, pw = config.patch
+    d, c, f, L, dt = config.dim, config.in_channels, config.ffn_dim, config.text_len, config.text_dim
+    pvol = pt * ph * pw
+    patches = (frames // pt) * (height // ph) * (width // pw)
+    s = patches + int(config.joy)
+    per_block = {
+        "self_attention_linear": 2 * s * d * 4 * d,  # q, k, v, out
+        "self_attention": 4 * s * s * d,  # Q K^T and A V
+        "cross_attention_linear": 2 * s * d * 2 * d + 2 * L * d * 2 * d,  # q, out over the clip; k, v over the caption
+        "cross_attention": 4 * s * L * d,
+        "feed_forward": 2 * s * d * 2 * f,
+    }
+    parts = {k: float(config.depth * v) for k, v in per_block.items()}
+    parts["patch_embed"] = float(2 * patches * c * pvol * d)
+    parts["caption_projection"] = float(2 * L * (dt * d + d * d))
+    parts["final"] = float(2 * patches * d * pvol * c + 2 * d * config.head_outputs)
+    parts["total"] = sum(parts.values())
+    return parts
