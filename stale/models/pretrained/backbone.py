@@ -281,7 +281,7 @@ def load_backbone(pretrained: str | None = None, subfolder: str | None = "transf
         transformer = cls.from_pretrained(**source, torch_dtype=DTYPES[config.dtype])
     except (OSError, ValueError) as err:
         raise BackboneError(f"model.pretrained={pretrained} model.subfolder={subfolder}: {err}") from None
-    return adapter(transformer, config)
+    return adapter(transformer, config).train()  # from_pretrained leaves eval mode; a new nn.Module trains
 
 
 def backbone_flops(config: BackboneConfig, frames: int, height: int, width: int) -> dict[str, float]:

@@ -1,0 +1,110 @@
+"""Training a pretrained diffusers backbone (model=diffusers, backbone=wan|ltx pipeline=FOLDER) with stale's objective:
+tiny random-init pipelines saved to folders and loaded through the code a user runs with a hub id. LoRA and full
+fine-tunes, Gaussian and uniform priors, exact resume of a LoRA run whose checkpoints hold only the trained tensors,
+and the errors a user meets first (a missing folder, an unknown class, a frame count the family cannot take)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import StopAt, compose_train, nested_equal, save_tiny_pipeline, tiny_pipeline
+from stale.checkpoint import read_checkpoint
+from stale.models.finetune import unmerged_base
+from stale.train import ConfigError, build_system, check_config, resolve, train
+
+# the synthetic captioned clips (shape, colour and motion told by the caption) at a Wan-valid clip: 1 + 4k frames
+# of 16 x 16 pixels, through the pipeline's VAE (8x spatial, 4x temporal) -> a 3 x 2 x 2 latent clip
+WAN_RUN = [
+    "backbone=wan",
+    "data.style=captioned",
+    "data.frames=9",
+    "data.size=16",
+    "data.batch_size=4",
+    "text_encoder.max_length=8",
+    "debug=smoke",
+    "logger=csv",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "trainer.deterministic=true",
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "sample_every_n_steps=0",
+    "callbacks.ema.decay=0.5",
+    "optim.lr=0.01",
+]
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory, "wan")
+
+
+def run(out, pipeline, *overrides, callbacks=()):
+    cfg = compose_train(*WAN_RUN, f"pipeline={pipeline}", f"paths.output_dir={out}", *overrides)
+    return train(cfg, callbacks=callbacks)
+
+
+def test_backbone_config_comes_from_the_pipeline_folder(wan, tmp_path):
+    """backbone=wan fills the model, vae and text encoder from one folder; the widths are the transformer's."""
+    system = build_system(resolve(compose_train(*WAN_RUN, f"pipeline={wan}", f"paths.output_dir={tmp_path}")))
+    c = system.model.config
+    own = json.loads((wan / "transformer" / "config.json").read_text())
+    assert (c.family, c.in_channels, c.text_dim) == (own["_class_name"], own["in_channels"], own["text_dim"])
+    assert (c.frames, c.size) == (3, 2)  # the latent clip of 9 x 16 x 16 pixels
+    assert system.autoencoder.cls == "AutoencoderKLWan"
+    assert system.text_encoder.source["class"] == "UMT5EncoderModel"
+
+
+@pytest.mark.parametrize("mode, prior", [("full", "uniform"), ("lora", "gaussian")])
+def test_fine_tunes_train_and_the_base_moves_only_where_it_should(wan, tmp_path, mode, prior):
+    run(tmp_path, wan, f"finetune={mode}", f"diffusion.prior={prior}")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    model = ckpt.build_model()
+    base = load_file(str(wan / "transformer" / "diffusion_pytorch_model.safetensors"))
+    state, plain = model.state_dict(), unmerged_base(model)  # plain: the base layers under their own names
+    changed = [k for k, v in base.items() if not torch.equal(plain[f"transformer.{k}"], v)]
+    if mode == "full":
+        assert len(changed) > len(base) // 2  # a full fine-tune moves (nearly) every tensor
+    else:  # LoRA: the base stays, the adapters and the hinge head hold the change
+        assert changed == []
+        assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())
+        raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+        assert all(".lora_" in k or ".head." in k for k in raw["state_dict"])  # the base is left out
+        assert raw["finetune_base"]["pretrained"] == str(wan)
+
+
+def test_lora_resume_is_exact_and_refuses_another_base(wan, tmp_path, tmp_path_factory):
+    args = ["finetune=lora", "finetune.rank=2"]
+    run(tmp_path / "straight", wan, *args)
+    run(tmp_path / "stopped", wan, *args, callbacks=[StopAt(2)])
+    run(tmp_path / "resumed", wan, *args, f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    assert nested_equal(a["state_dict"], b["state_dict"])
+    assert nested_equal(a["current_model_state"], b["current_model_state"])
+    # the same checkpoint on a pipeline whose transformer holds other weights is refused, naming the key
+    other = save_tiny_pipeline("wan", tmp_path / "other", seed=1)
+    with pytest.raises(Exception, match="resume it with that model.pretrained"):
+        run(tmp_path / "wrong", other, *args, f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}")
+
+
+def test_bad_backbones_fail_before_training_naming_the_key(wan, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.pretrained=/nowhere.*no such folder"):
+        check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "model.pretrained=/nowhere"))
+    with pytest.raises(ConfigError, match=r"transformer/config.json does not exist \(a transformer folder"):
+        check_config(compose_train(*WAN_RUN, f"pipeline={wan}", f"model.pretrained={wan}/transformer"))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel"}))
+    with pytest.raises(ConfigError, match=r"CogVideoXTransformer3DModel is not adapted yet.*supported: \[.*Wan"):
+        check_config(compose_train(*WAN_RUN, f"pipeline={wan}", f"model.pretrained={odd}", "model.subfolder=null"))
+    with pytest.raises(ConfigError, match=r"data.frames=8: AutoencoderKLWan.*nearest valid: data.frames=5 or 9"):
+        check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "data.frames=8"))
+    with pytest.raises(ConfigError, match=r"model.frobnicate"):
+        check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "+model.frobnicate=1"))
