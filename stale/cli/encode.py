@@ -1,5 +1,8 @@
 """stale-encode: `stale-encode input=SHARDS out=DIR vae.pretrained=VAE frames=T size=S [buckets=...]` (docs/latent.md)."""
 
+import shlex
+
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from stale.cli import packaged_config, stale_app
@@ -12,7 +15,13 @@ def main(cfg: DictConfig) -> None:
 
     options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     options["device"] = resolve_device(options["device"])
+    pipeline, _ = options.pop("pipeline"), options.pop("model")  # backbone=...: its vae and text encoder nodes
     result = encode_shards(**options)
+    if pipeline:  # the training command names the same backbone and pipeline, which also brings its transformer
+        backbone = HydraConfig.get().runtime.choices.get("backbone")
+        result["command"] = result["command"].replace(
+            "stale-train ", f"stale-train backbone={backbone} pipeline={shlex.quote(str(pipeline))} ", 1
+        )
     info = result["info"]
     print("\nstale-encode finished:")
     print(
