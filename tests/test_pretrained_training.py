@@ -106,6 +106,10 @@ def test_bad_backbones_fail_before_training_naming_the_key(wan, tmp_path):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", f"model.pretrained={odd}", "model.subfolder=null"))
     with pytest.raises(ConfigError, match=r"data.frames=8: AutoencoderKLWan.*nearest valid: data.frames=5 or 9"):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "data.frames=8"))
+    with pytest.raises(ConfigError, match=r"parallel.sequence=2 is not supported with a pretrained backbone"):
+        check_config(
+            compose_train(*WAN_RUN, f"pipeline={wan}", "trainer=ddp_cpu", "trainer.devices=2", "parallel.sequence=2")
+        )
     with pytest.raises(ConfigError, match=r"model.frobnicate"):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "+model.frobnicate=1"))
 
@@ -153,3 +157,23 @@ def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cac
     run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a red square", "steps=2")
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["prompts"] == ["a red square"]
     assert (tmp_path / "s" / "sample_000.mp4").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_fsdp2_shards_the_family_blocks_and_trains_like_ddp(wan, tmp_path):
+    """trainer=fsdp_cpu shards each WanTransformerBlock (model.blocks) and the rest: two gloo processes train as DDP
+    does (losses and final weights), and rank 0 samples from the gathered copy."""
+    from helpers import losses_of, run_cli, weights_of
+
+    common = [*WAN_RUN, f"pipeline={wan}", "trainer.devices=2", "trainer.deterministic=false", "threads=1"]
+    run_cli("stale-train", *common, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}")
+    run_cli("stale-train", *common, "trainer=fsdp_cpu", "sample_every_n_steps=2", f"hydra.run.dir={tmp_path / 'fsdp'}")
+    ddp, fsdp = losses_of(tmp_path / "ddp"), losses_of(tmp_path / "fsdp")
+    assert sorted(fsdp) == [0, 1, 2, 3] and fsdp == pytest.approx(ddp, rel=1e-5, abs=0)
+    w1, w2 = (weights_of(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("ddp", "fsdp"))
+    assert w1.keys() == w2.keys() and any(".blocks.1." in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+    assert list((tmp_path / "fsdp" / "samples").glob("step0000002/*.mp4"))

@@ -4,6 +4,7 @@ import dataclasses
 
 from stale.models.flops import count_parameters, training_flops_per_clip
 from stale.models.pretrained import BackboneConfig, backbone_config, load_backbone
+from stale.models.pretrained.backbone import blank_backbone
 from stale.models.stale_transformer import SIZES, StaleBlock, StaleConfig, StaleTransformer, build_model, model_config
 
 # The model nodes a config may name (conf/model/*.yaml `_target_`): each builds a model, and its config function
@@ -22,6 +23,11 @@ def config_of(node: dict):
     return MODEL_NODES[target][0](**{k: v for k, v in node.items() if k != "_target_"})
 
 
+def blank_model(config):
+    """A model of `config` (a StaleConfig or BackboneConfig) with fresh weights, to load a whole state dict into."""
+    return blank_backbone(config) if isinstance(config, BackboneConfig) else StaleTransformer(config)
+
+
 __all__ = [
     "MODEL_NODES",
     "SIZES",
@@ -30,6 +36,7 @@ __all__ = [
     "StaleConfig",
     "StaleTransformer",
     "backbone_config",
+    "blank_model",
     "build_model",
     "config_of",
     "count_parameters",

@@ -1,7 +1,7 @@
 """FSDP2 (`trainer=fsdp`, `trainer=fsdp_cpu`): per-block `fully_shard`, the EMA as shards, whole copies for sampling.
 
-`shard_model` applies torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) to every StaleBlock and then to the
-whole model (embeddings, head, final layer). Each parameter becomes a DTensor sharded along dim 0 over all W
+`shard_model` applies torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) to every block (`model.blocks`: the
+StaleBlocks, or a pretrained family's transformer blocks) and then to the whole model (embeddings, head, final layer). Each parameter becomes a DTensor sharded along dim 0 over all W
 processes (a 1-D mesh of the world: with `parallel.sequence=P` the P ranks of a clip shard too, so the
 reduce-scatter averages over all W ranks, the same mean that DDP's all-reduce takes; docs/parallel.md). A block's
 parameters are all-gathered just before it runs and freed after; its gradients are reduce-scattered as soon as
@@ -28,13 +28,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from stale.models.stale_transformer import StaleBlock, StaleTransformer
+from stale.models import blank_model
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0 only, in CPU memory
 
 
 def shard_model(model: nn.Module, device_type: str, world_size: int, precision: str) -> None:
-    """fully_shard each StaleBlock, then the root (which takes the remaining parameters). Idempotent.
+    """fully_shard each block, then the root (which takes the remaining parameters). Idempotent.
 
     precision bf16-mixed: blocks compute with bf16 copies of the parameters (half the all-gather) and gradients
     are reduced in fp32; the sharded parameters, the optimiser and the EMA stay fp32. Otherwise plain fp32."""
@@ -45,9 +45,8 @@ def shard_model(model: nn.Module, device_type: str, world_size: int, precision: 
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
-    for block in model.modules():
-        if isinstance(block, StaleBlock):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+    for block in model.blocks:  # the Stale Transformer's StaleBlocks, or a pretrained family's blocks
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
@@ -69,8 +68,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def gathered_copy(model: nn.Module) -> StaleTransformer | None:
-    """A plain (unsharded) copy of a sharded StaleTransformer with its whole weights, on rank 0; None elsewhere.
+def gathered_copy(model: nn.Module) -> nn.Module | None:
+    """A plain (unsharded) copy of a sharded model with its whole weights, on rank 0; None elsewhere.
 
     Collective: every rank must call it. Built from model.config like every other reader of stale weights."""
     state = get_model_state_dict(model, options=FULL)
@@ -78,7 +77,7 @@ def gathered_copy(model: nn.Module) -> StaleTransformer | None:
         return None
     shard = _local(next(model.parameters()))
     with torch.random.fork_rng(devices=[]):  # the throwaway initialisation leaves training's RNG alone
-        plain = StaleTransformer(model.config)  # not type(model): fully_shard made that an FSDP subclass
+        plain = blank_model(model.config)  # not type(model): fully_shard made that an FSDP subclass
     plain.to(device=shard.device, dtype=shard.dtype).load_state_dict(state, strict=True)
     return plain
 

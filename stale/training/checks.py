@@ -300,6 +300,11 @@ def check_model(cfg: DictConfig, model: StaleConfig) -> None:
     """The model's StaleConfig against parallelism: at least one latent frame per sequence-parallel rank, and one
     head per rank for full attention (Ulysses; docs/parallel.md)."""
     p = cfg.parallel.sequence
+    if p > 1 and not getattr(model, "sequence_parallel", True):
+        raise ConfigError(
+            f"parallel.sequence={p} is not supported with a pretrained backbone ({model.family}) yet: shard it "
+            "with trainer=fsdp (per transformer block) and gradient checkpointing (model.grad_checkpointing=true)"
+        )
     latent_frames = model.frames // model.patch[0]
     if latent_frames < p:
         raise ConfigError(

@@ -61,7 +61,8 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
     resolved = Resolved(run, autoencoder=autoencoder)
     text = run.model.get("cond", "label") == "text"
     if not data:
-        if not text:  # a text model's config needs its encoder's widths: checked with the data
+        # a text model's config needs its encoder's widths (checked with the data), a pretrained backbone's are its own
+        if not text or run.model.get("pretrained"):
             check_model_config(run)
         return resolved
     # _convert_: plain lists in the DataModule's hparams, so checkpoints load with weights_only=True

@@ -95,6 +95,10 @@ class BackboneConfig:
     def modes(self) -> tuple:
         return ("full",) * self.depth  # every family block attends over all tokens of the clip
 
+    # stale's Ulysses sequence parallelism runs inside the Stale Transformer's own attention; a family's attention
+    # processors are diffusers' (its context-parallel plan is not wired in yet): refused before training
+    sequence_parallel: ClassVar[bool] = False
+
 
 def family(class_name: str):
     """Register an adapter class for the diffusers transformer `class_name`."""
@@ -111,7 +115,7 @@ class PretrainedBackbone(nn.Module):
     """A diffusers video transformer behind stale's forward. Subclasses set the class attributes and write `run`."""
 
     class_name: ClassVar[str] = ""
-    blocks: ClassVar[str] = "transformer.blocks"  # the block list: FSDP2 shards and checkpointing recompute per block
+    block_path: ClassVar[str] = "transformer.blocks"  # the family's block list (FSDP2 shards per block)
     # LoRA's default target modules (fnmatch patterns on module names), the family's attention and feed-forward
     lora_targets: ClassVar[tuple] = ()
 
@@ -124,6 +128,11 @@ class PretrainedBackbone(nn.Module):
         self.register_load_state_dict_pre_hook(_check_joy_token)
         self.head = HingeHead(config.dim, config.head_outputs)
         self.sequence_parallel = None  # set by stale.parallel for sequence-parallel steps
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The family's transformer blocks, as StaleTransformer.blocks: FSDP2 shards each (stale.parallel.fsdp)."""
+        return self.get_submodule(self.block_path)
 
     @property
     def untrained(self) -> tuple:
@@ -307,3 +316,13 @@ def backbone_flops(config: BackboneConfig, frames: int, height: int, width: int)
     parts["final"] = float(2 * patches * d * pvol * c + 2 * d * config.head_outputs)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def blank_backbone(config: BackboneConfig) -> PretrainedBackbone:
+    """The backbone of `config` with freshly initialised weights (its transformer from its config.json alone), to load
+    a whole state dict into: a gathered copy of a sharded model, nothing read twice."""
+    import diffusers
+
+    cls = getattr(diffusers, config.family)
+    transformer = cls.from_config(read_config(config.pretrained, config.subfolder, config.revision))
+    return FAMILIES[config.family](transformer.to(DTYPES[config.dtype]), config)

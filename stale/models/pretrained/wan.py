@@ -22,7 +22,7 @@ from stale.models.pretrained.backbone import NUM_TRAIN_TIMESTEPS, PretrainedBack
 
 @family("WanTransformer3DModel")
 class WanBackbone(PretrainedBackbone):
-    blocks = "transformer.blocks"
+    block_path = "transformer.blocks"
     lora_targets = (
         "transformer.blocks.*.attn1.to_q",
         "transformer.blocks.*.attn1.to_k",
