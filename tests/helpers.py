@@ -924,3 +924,27 @@ def tiny_pipeline(tmp_path_factory, family: str) -> Path:
     if not (folder / "model_index.json").is_file():
         save_tiny_pipeline(family, folder)
     return folder
+
+
+# A tiny backbone=wan training run (tests/test_pretrained_*.py): the synthetic captioned clips (shape, colour and
+# motion told by the caption) at a Wan-valid clip: 1 + 4k frames of 16 x 16 pixels, through the pipeline's VAE (8x
+# spatial, 4x temporal) -> a 3 x 2 x 2 latent clip
+WAN_RUN = [
+    "backbone=wan",
+    "data.style=captioned",
+    "data.frames=9",
+    "data.size=16",
+    "data.batch_size=4",
+    "text_encoder.max_length=8",
+    "debug=smoke",
+    "logger=csv",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "trainer.deterministic=true",
+    "sample.num_videos=1",
+    "sample.steps=1",
+    "sample_every_n_steps=0",
+    "callbacks.ema.decay=0.5",
+    "optim.lr=0.01",
+]

@@ -11,32 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import StopAt, compose_train, nested_equal, save_tiny_pipeline, tiny_pipeline
+from helpers import WAN_RUN, StopAt, compose_train, nested_equal, save_tiny_pipeline, tiny_pipeline
 from stale.checkpoint import read_checkpoint
 from stale.models.finetune import unmerged_base
 from stale.train import ConfigError, build_system, check_config, resolve, train
-
-# the synthetic captioned clips (shape, colour and motion told by the caption) at a Wan-valid clip: 1 + 4k frames
-# of 16 x 16 pixels, through the pipeline's VAE (8x spatial, 4x temporal) -> a 3 x 2 x 2 latent clip
-WAN_RUN = [
-    "backbone=wan",
-    "data.style=captioned",
-    "data.frames=9",
-    "data.size=16",
-    "data.batch_size=4",
-    "text_encoder.max_length=8",
-    "debug=smoke",
-    "logger=csv",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=4",
-    "callbacks.model_checkpoint.every_n_train_steps=2",
-    "trainer.deterministic=true",
-    "sample.num_videos=1",
-    "sample.steps=1",
-    "sample_every_n_steps=0",
-    "callbacks.ema.decay=0.5",
-    "optim.lr=0.01",
-]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Read an export folder (stale-export's output; layout.py): its JSON config (allow-listed targets only), its
 safetensors weights, and the frozen parts it carries (vae/, text_encoder/). No pickle anywhere. StalePipeline and
-init_from read exports through this one function."""
+init_from read exports through this one function. A pretrained backbone's export (config.json "transformer") is
+rebuilt from its own transformer/ folder, or from its pretrained base (checked by hash) plus its diffusers-format
+LoRA, with stale's own parts from model.safetensors."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 from stale.checkpoint.frozen_parts import autoencoder_from_node, text_encoder_from_node
 from stale.checkpoint.layout import CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
 from stale.checkpoint.registry import build, check_targets
+from stale.models.pretrained.lora import PREFIX, base_sha256, load_diffusers_lora
 
 
 class ExportError(ValueError):
@@ -29,6 +32,33 @@ class Export:
     objective: object  # the StaleObjective of config.json's "diffusion" node (its prior and scale)
     autoencoder: object = None  # a latent model's stale.latent Autoencoder, from the export's own copy
     text_encoder: object = None  # a model.cond=text model's stale.text encoder
+
+
+def backbone_node(path: Path, config: dict) -> dict:
+    """The model node of a backbone export, its own transformer folder resolved against the export folder."""
+    node, transformer = dict(config["model"]), config["transformer"]
+    if "folder" in transformer:
+        folder = path / str(transformer["folder"])
+        if not (folder / "config.json").is_file():
+            raise ExportError(
+                f"{path / CONFIG_FILE}: transformer.folder={transformer['folder']!r} is no model folder "
+                f"inside {path} ({folder / 'config.json'} does not exist)"
+            )
+        node.update(pretrained=str(folder), subfolder=None, revision=None)
+    elif "base" not in transformer or "lora" not in transformer:
+        raise ExportError(f"{path / CONFIG_FILE}: 'transformer' names neither a folder nor a base and a lora")
+    return node
+
+
+def check_base(model: torch.nn.Module, base: dict, cfg_path: Path) -> None:
+    """A LoRA goes only onto the base it was trained on: the same weights, by their hash."""
+    found = base_sha256(model)
+    if found != base.get("sha256"):
+        raise ExportError(
+            f"{cfg_path}: the LoRA's base model.pretrained={base.get('pretrained')} (subfolder "
+            f"{base.get('subfolder')}) holds other weights than it was trained on (sha256 {found[:12]}..., not "
+            f"{str(base.get('sha256'))[:12]}...): restore that base"
+        )
 
 
 def read_export(
@@ -59,16 +89,33 @@ def read_export(
         if not isinstance(config.get(key), dict):
             raise ExportError(f"{cfg_path} has no '{key}' mapping")
     check_targets(config, str(cfg_path))  # refuse before building anything
-    model = build(config["model"], where=f"{cfg_path}: model")
+    transformer = config.get("transformer")  # a pretrained backbone's: where its diffusers module is
+    if transformer is not None and not isinstance(transformer, dict):
+        raise ExportError(f"{cfg_path}: 'transformer' must be a mapping, got {transformer!r}")
+    model = build(backbone_node(path, config) if transformer else config["model"], where=f"{cfg_path}: model")
     objective = build(config["diffusion"], where=f"{cfg_path}: diffusion")  # validates the prior
+    if transformer and "base" in transformer:
+        check_base(model, transformer["base"], cfg_path)
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise ExportError(f"{weights_path} is not a readable safetensors file: {err}") from None
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=not transformer)
     except RuntimeError as err:
         raise ExportError(f"{weights_path} does not fit the model in {cfg_path}: {err}") from None
+    if transformer:  # stale's own parts only: the transformer's weights came from its folder or the base
+        missing = [k for k in result.missing_keys if not k.startswith(PREFIX)]
+        if missing or result.unexpected_keys:
+            raise ExportError(
+                f"{weights_path} does not fit the backbone in {cfg_path}: missing {missing[:4]}, "
+                f"unexpected {list(result.unexpected_keys)[:4]}"
+            )
+        if "lora" in transformer:
+            try:
+                load_diffusers_lora(model, path / str(transformer["lora"]))
+            except (ValueError, RuntimeError, OSError, SafetensorError) as err:
+                raise ExportError(f"{cfg_path}: transformer.lora: {err}") from None
     if lora is not None:
         from stale.models.finetune import load_adapter  # imports peft: only when asked for
 

@@ -6,12 +6,40 @@ config.json         {"format", "format_version", "model": {"_target_": MODEL_TAR
                      ["text_encoder"]}
 provenance.json     what produced it (stale/export/export.py)
 vae/, text_encoder/, lora/, denoiser.onnx, denoiser.pt2   optional, listed under config.json "files"
+
+A pretrained backbone's export (model._target_ = BACKBONE_TARGET, stale/models/pretrained) is at the same time a
+diffusers folder: stale reads config.json, diffusers reads model_index.json and the component subfolders, and each
+ignores the other's files.
+
+config.json         as above; its "model" node rebuilds the backbone (the BackboneConfig fields the run gave, not the
+                    widths its transformer's config.json holds). "transformer" says where the transformer is:
+                    {"folder": "transformer"}: the export's own copy (a full fine-tune, or a LoRA with merge=true);
+                        the model node then names pretrained="transformer", subfolder=null, which the reader resolves
+                        against the export folder, never the original pretrained path
+                    {"base": {pretrained, subfolder, revision, sha256}, "lora": LORA_WEIGHTS_FILE}: a LoRA with
+                        merge=false: the pretrained base (hub id or folder, refused if its weights' sha256 differs)
+                        plus the adapter
+model.safetensors   stale's own parts only: joy_token and head.* (the hinge head); the transformer's weights live in
+                    transformer/ or the base
+transformer/        the diffusers module's save_pretrained (config.json + diffusion_pytorch_model.safetensors):
+                    WanTransformer3DModel.from_pretrained(EXPORT, subfolder="transformer"). A model trained with a
+                    prior other than the Gaussian adds "stale_prior" to its config.json (diffusers ignores the key,
+                    with a warning that names it)
+pytorch_lora_weights.safetensors   (LoRA, merge=false) diffusers' key format (transformer.blocks.0.attn1.to_q.lora_A.weight)
+                    with the LoraConfig as metadata: `pipe.load_lora_weights(EXPORT)` on the base pipeline
+model_index.json    (with transformer/, when the vae and the text encoder came from the transformer's own pipeline)
+                    that pipeline's index; vae/ and text_encoder/ are stale's copies (both save_pretrained folders),
+                    its other components (tokenizer/, scheduler/, ...) are copied from the source pipeline:
+                    WanPipeline.from_pretrained(EXPORT)
+README.md           how diffusers loads it, and the prior it must be sampled from (NOTES_FILE)
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+
+from stale.models.pretrained.lora import LORA_WEIGHTS
 
 FORMAT = "stale-export"
 FORMAT_VERSION = 1
@@ -21,6 +49,11 @@ TEXT_FOLDER = "text_encoder"
 ONNX_FILE, PROGRAM_FILE = "denoiser.onnx", "denoiser.pt2"
 LORA_DIR = "lora"
 MODEL_TARGET = "stale.models.build_model"
+BACKBONE_TARGET = "stale.models.load_backbone"  # a pretrained diffusers backbone's model node
+TRANSFORMER_FOLDER = "transformer"  # a backbone's diffusers module (its save_pretrained)
+LORA_WEIGHTS_FILE = LORA_WEIGHTS  # a backbone's LoRA in diffusers' format (stale/models/pretrained/lora.py)
+PIPELINE_INDEX = "model_index.json"  # diffusers' pipeline index
+NOTES_FILE = "README.md"
 DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
 # from the run's `sample` node: StalePipeline's default settings, with these values where the run has none
 SAMPLE_DEFAULTS = {"steps": 50, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0}

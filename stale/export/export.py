@@ -16,6 +16,11 @@ An export folder:
     lora/               (a LoRA checkpoint with merge=false) the adapter in peft's layout; model.safetensors is
                         then the base without it: `stale-sample model=OUT lora=OUT/lora`. merge=true (the
                         default) folds the adapter into model.safetensors instead.
+
+A pretrained backbone (model=diffusers) exports a folder that diffusers reads too (stale/export/backbone.py,
+layout in stale/checkpoint/layout.py): transformer/ (full, or LoRA merged) or pytorch_lora_weights.safetensors (LoRA,
+merge=false), model_index.json when the vae and text encoder came from the transformer's pipeline, README.md, and
+model.safetensors with stale's own parts only (joy token, hinge head).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from stale.checkpoint.layout import (
 )
 from stale.checkpoint.registry import build
 from stale.checkpoint.weights import read_checkpoint
+from stale.export.backbone import is_backbone, save_backbone, save_pipeline_index, write_notes
 from stale.export.onnx import check_onnx, export_onnx, export_program
 from stale.models.finetune import Finetune, has_adapters, merged, save_adapter, unmerged_base
 from stale.utils.provenance import provenance
@@ -83,14 +89,22 @@ def save_pretrained(
     provenance_record: dict | None = None,
     autoencoder=None,
     text_encoder=None,
+    merge: bool = True,
 ) -> dict[str, Path]:
     """Write model.safetensors, config.json and provenance.json for `model` into `out` (and the autoencoder's
     copy into out/vae/ for a latent model; a text model's encoder: text_encoder=hf's copy, with its tokenizer,
-    into out/text_encoder/, the learned encoder's vocabulary into config.json)."""
+    into out/text_encoder/, the learned encoder's vocabulary into config.json). A pretrained backbone also writes
+    its diffusers parts (stale/export/backbone.py); merge: a backbone's LoRA folded into transformer/ (true) or
+    written as pytorch_lora_weights.safetensors (false)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    backbone = None
+    if is_backbone(model):
+        backbone = save_backbone(model, out, merge, build(diffusion_node(diffusion), where="diffusion").prior)
+        state = backbone.state
+    else:
+        # safetensors refuses tensors that share memory or are not contiguous: store independent copies.
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     paths = {"weights": out / WEIGHTS_FILE}
     save_file(
         state, str(paths["weights"]), metadata={"format": "pt", "stale_export": str(FORMAT_VERSION), "weights": weights}
@@ -98,12 +112,16 @@ def save_pretrained(
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": model_node(model, name),
+        "model": backbone.node if backbone else model_node(model, name),
         "diffusion": diffusion_node(diffusion),
         "sample": {k: v for k, v in (sample or {}).items() if k in SAMPLE_DEFAULTS},
         "weights": weights,
         "files": {"weights": WEIGHTS_FILE},
     }
+    if backbone:
+        config["transformer"] = backbone.entry
+        paths.update(backbone.paths)
+        config["files"].update(backbone.files)
     if autoencoder is not None:
         paths["vae"] = autoencoder.save(out / VAE_FOLDER)
         config["vae"] = {**autoencoder.node(), "source": autoencoder.source["pretrained"], "pretrained": VAE_FOLDER}
@@ -115,9 +133,35 @@ def save_pretrained(
             node.update(source=node["pretrained"], pretrained=TEXT_FOLDER, subfolder=None, tokenizer_subfolder=None)
             config["files"]["text_encoder"] = TEXT_FOLDER
         config["text_encoder"] = node
+    if backbone and "folder" in backbone.entry:  # a whole transformer: a diffusers pipeline folder when it can be
+        index = save_pipeline_index(out, model, autoencoder, text_encoder)
+        if index is not None:
+            paths["pipeline"] = index
+            config["files"]["pipeline"] = index.name
+    if backbone:
+        paths["notes"] = write_notes(out, config)
+        config["files"]["notes"] = paths["notes"].name
     paths["config"] = _json(out / CONFIG_FILE, config)
     paths["provenance"] = _json(out / PROVENANCE_FILE, provenance_record or {"export": provenance()})
     return paths
+
+
+def check_backbone_export(source, model: torch.nn.Module, merge: bool, onnx: bool, torch_export: bool) -> None:
+    """What a backbone's export cannot write, refused before anything is written."""
+    if onnx or torch_export:
+        raise ValueError(
+            f"onnx=true / torch_export=true: not supported for a pretrained backbone ({model.config.family}); "
+            "export with onnx=false torch_export=false (diffusers reads transformer/)"
+        )
+    if merge or not has_adapters(model):
+        return
+    # merge=false keeps the pretrained base as it is: a base tensor that trained beside the adapter has no place
+    trained = [k for k in source.state_dict if k.startswith("transformer.") and ".lora_" not in k]
+    if trained:
+        raise ValueError(
+            f"merge=false: {len(trained)} tensors of the pretrained transformer trained beside the LoRA "
+            f"({', '.join(trained[:3])}), which diffusers' LoRA format cannot carry: export with merge=true"
+        )
 
 
 def export_checkpoint(
@@ -139,7 +183,10 @@ def export_checkpoint(
     model = source.build_model()
     run = source.run_config
     adapter = None
-    if has_adapters(model):
+    backbone = is_backbone(model)
+    if backbone:
+        check_backbone_export(source, model, merge, onnx, torch_export)
+    elif has_adapters(model):
         adapter = None if merge else model
         model = merged(model) if merge else build({**run["model"], "grad_checkpointing": False}, where=str(ckpt))
         if not merge:
@@ -174,6 +221,7 @@ def export_checkpoint(
         provenance_record=record,
         autoencoder=source.build_autoencoder(),
         text_encoder=source.build_text_encoder(),
+        merge=merge,
     )
     result: dict = {"paths": paths, "checks": {}}
     config = json.loads(paths["config"].read_text())

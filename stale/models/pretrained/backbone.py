@@ -118,6 +118,8 @@ class PretrainedBackbone(nn.Module):
     block_path: ClassVar[str] = "transformer.blocks"  # the family's block list (FSDP2 shards per block)
     # LoRA's default target modules (fnmatch patterns on module names), the family's attention and feed-forward
     lora_targets: ClassVar[tuple] = ()
+    # the family's diffusers pipeline class: its LoRA writer (save_lora_weights) and its model_index.json
+    pipeline_class: ClassVar[str] = ""
 
     def __init__(self, transformer: nn.Module, config: BackboneConfig):
         super().__init__()

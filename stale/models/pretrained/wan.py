@@ -23,6 +23,7 @@ from stale.models.pretrained.backbone import NUM_TRAIN_TIMESTEPS, PretrainedBack
 @family("WanTransformer3DModel")
 class WanBackbone(PretrainedBackbone):
     block_path = "transformer.blocks"
+    pipeline_class = "WanPipeline"
     lora_targets = (
         "transformer.blocks.*.attn1.to_q",
         "transformer.blocks.*.attn1.to_k",
