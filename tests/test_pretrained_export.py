@@ -145,6 +145,8 @@ def test_lora_exports_diffusers_lora_weights_that_load_lora_weights_loads(wan, l
     assert torch.equal(velocity(stale.model), velocity(model))
     sample_to_dir(tmp_path / "s", model=out, prompt="a red square", num_videos=1, steps=2, device="cpu", progress=False)
     assert (tmp_path / "s" / "sample_000.mp4").stat().st_size > 0
+    stale.save_pretrained(tmp_path / "again", merge=False)  # a loaded LoRA writes the same adapter back
+    assert torch.equal(velocity(StalePipeline.from_pretrained(tmp_path / "again").model), velocity(model))
 
     # a LoRA refuses a base whose weights are not the ones it trained on
     config = json.loads((out / "config.json").read_text())

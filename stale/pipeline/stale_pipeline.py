@@ -4,7 +4,9 @@
     videos = pipe(num_videos=4, label=2, steps=50, sampler="euler", guidance=2.0, seed=0)  # uint8 (B, C, T, H, W)
 
 A latent model's export carries its autoencoder (vae/ beside the weights): the pipeline decodes through it and
-returns pixels, as stale-train's samples do.
+returns pixels, as stale-train's samples do. A pretrained backbone's export (stale/export/backbone.py) is rebuilt
+from the folder alone: its transformer/ (or its pretrained base plus pytorch_lora_weights.safetensors), its joy token
+and hinge head, its prior.
 
 Sampling is stale.diffusion.generate, the same function StaleSystem.sample (what stale-train writes after
 training) calls, so a seed gives the same videos from the Lightning checkpoint and from its export; this
@@ -98,11 +100,13 @@ class StalePipeline:
             text_encoder=source.build_text_encoder(device),
         )
 
-    def save_pretrained(self, out: str | Path) -> dict[str, Path]:
-        """Write this pipeline as an export folder (model.safetensors, config.json, provenance.json)."""
+    def save_pretrained(self, out: str | Path, merge: bool = True) -> dict[str, Path]:
+        """Write this pipeline as an export folder (model.safetensors, config.json, provenance.json). merge: a
+        backbone's LoRA folded into transformer/ (true) or written in diffusers' LoRA format (false)."""
         return save_pretrained(
             self.model,
             out,
+            merge=merge,
             name=self.name,
             diffusion=self.diffusion,
             sample=self.defaults,
