@@ -29,11 +29,12 @@ TEXT_LEN = 16  # caption tokens: the tiny encoder's captions are short, so the p
 
 def diffusers_sigmas(config: dict, steps: int, tokens: int, linear: bool) -> torch.Tensor:
     """The sigmas the family's pipeline sets: diffusers' own scheduler, mu from diffusers' own calculate_shift."""
+    import diffusers
     import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    config = dict(config)
+    scheduler = getattr(diffusers, config.pop("_class_name", "FlowMatchEulerDiscreteScheduler"))(**config)
     kw = {}
     if config.get("use_dynamic_shifting"):
         c = scheduler.config
@@ -44,6 +45,7 @@ def diffusers_sigmas(config: dict, steps: int, tokens: int, linear: bool) -> tor
     return scheduler.sigmas
 
 
+UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
 GRIDS = {
     "wan-480p": (dict(shift=3.0), False),
     "wan-720p": (dict(shift=5.0), False),
@@ -55,6 +57,9 @@ GRIDS = {
     ),
     "dynamic-linear-type": (dict(use_dynamic_shifting=True, time_shift_type="linear"), False),
     "fixed-linear-sigmas": (dict(shift=7.0), True),  # HunyuanVideoPipeline's: fixed flow_shift, linear sigmas
+    # the Wan hub repositories' own scheduler (stale's Euler on its grid)
+    "wan-hub-unipc": (dict(_class_name="UniPCMultistepScheduler", **UNIPC, flow_shift=3.0), False),
+    "unipc-linear-sigmas": (dict(_class_name="UniPCMultistepScheduler", **UNIPC, flow_shift=5.0), True),
 }
 
 
@@ -67,16 +72,18 @@ def test_scheduler_times_are_the_schedulers_sigmas(name, steps):
     config, linear = GRIDS[name]
     tokens = 3 * 30 * 44  # an LTX-like latent clip: the dynamic shift depends on it
     ts = scheduler_times(steps, {**config, "sigmas": "linear" if linear else None}, tokens)
-    assert ts.shape == (steps + 1,) and ts[0].item() == pytest.approx(0.0, abs=1e-6) and ts[-1].item() == 1.0
+    assert ts.shape == (steps + 1,) and ts[0].item() == pytest.approx(0.0, abs=2e-6) and ts[-1].item() == 1.0
     assert bool((ts[1:] > ts[:-1]).all())  # stale's samplers take an increasing grid
     torch.testing.assert_close(1 - ts, diffusers_sigmas(config, steps, tokens, linear), atol=1e-6, rtol=0)
 
 
 def test_scheduler_times_refuse_what_they_do_not_reproduce():
-    with pytest.raises(
-        ValueError, match="_class_name='UniPCMultistepScheduler' is not FlowMatchEulerDiscreteScheduler"
-    ):
-        scheduler_times(4, {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0}, 64)
+    with pytest.raises(ValueError, match="_class_name='UniPCMultistepScheduler' is not a flow-matching scheduler"):
+        scheduler_times(4, {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0}, 64)  # no flow sigmas
+    with pytest.raises(ValueError, match="_class_name='DDIMScheduler' is not a flow-matching scheduler"):
+        scheduler_times(4, {"_class_name": "DDIMScheduler"}, 64)
+    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min' is not supported; supported: flow_shift"):
+        scheduler_times(4, {"_class_name": "UniPCMultistepScheduler", **UNIPC, "final_sigmas_type": "sigma_min"}, 64)
     with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported; supported: shift"):
         scheduler_times(4, {"use_karras_sigmas": True}, 64)
     with pytest.raises(ValueError, match=r"sample.scheduler.sigmas='even' is not one of \[None, 'linear'\]"):

@@ -38,7 +38,8 @@ def time_grid(steps: int, device=None) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, device=device)
 
 
-FLOW_MATCH_EULER = "FlowMatchEulerDiscreteScheduler"
+# diffusers' flow schedulers whose sigma grid stale reproduces, and each one's key for a fixed shift
+SCHEDULER_SHIFT = {"FlowMatchEulerDiscreteScheduler": "shift", "UniPCMultistepScheduler": "flow_shift"}
 # scheduler options that change the grid in ways stale does not reproduce: refused rather than silently ignored
 UNSUPPORTED_SCHEDULER_KEYS = (
     "invert_sigmas",
@@ -57,58 +58,71 @@ def calculate_shift(tokens: int, base_seq_len=256, max_seq_len=4096, base_shift=
     return tokens * slope + base_shift - slope * base_seq_len
 
 
+def _check_scheduler(scheduler: dict) -> str:
+    """The scheduler's class name, or a one-line error naming the key that stale's grid cannot follow."""
+    name = scheduler.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if name not in SCHEDULER_SHIFT or (name == "UniPCMultistepScheduler" and not scheduler.get("use_flow_sigmas")):
+        raise ValueError(
+            f"sample.scheduler: _class_name={name!r} is not a flow-matching scheduler stale follows; supported: "
+            "FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler with use_flow_sigmas=true (e.g. {shift: 3.0})"
+        )
+    refused = [k for k in UNSUPPORTED_SCHEDULER_KEYS if scheduler.get(k)]
+    if scheduler.get("final_sigmas_type", "zero") != "zero":
+        refused.append("final_sigmas_type")
+    if refused:
+        raise ValueError(
+            f"sample.scheduler: {refused[0]}={scheduler[refused[0]]!r} is not supported; supported: "
+            f"{SCHEDULER_SHIFT[name]}, use_dynamic_shifting (base_shift, max_shift, base_image_seq_len, "
+            f"max_image_seq_len, time_shift_type), shift_terminal, num_train_timesteps, sigmas {list(PIPELINE_SIGMAS)}"
+        )
+    if scheduler.get("sigmas") not in PIPELINE_SIGMAS:
+        raise ValueError(f"sample.scheduler.sigmas={scheduler['sigmas']!r} is not one of {list(PIPELINE_SIGMAS)}")
+    if scheduler.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        raise ValueError(
+            f"sample.scheduler.time_shift_type={scheduler['time_shift_type']!r} is not one of ['exponential', 'linear']"
+        )
+    return name
+
+
 def scheduler_times(steps: int, scheduler: dict, tokens: int, device=None) -> torch.Tensor:
-    """stale's time grid (steps + 1,), t = 1 - sigma, of a diffusers FlowMatchEulerDiscreteScheduler, so that
-    generate() integrates on the family's own grid (a diffusers pipeline's, e.g. WanPipeline's or LTXPipeline's).
+    """stale's time grid (steps + 1,), t = 1 - sigma, of a diffusers flow scheduler, so that generate() integrates
+    on the family's own grid (its diffusers pipeline's: WanPipeline's, LTXPipeline's).
 
     `scheduler` is the scheduler's config (its scheduler_config.json keys; missing keys take its defaults) plus one
     key of stale's, `sigmas`: the pipeline's `sigmas` argument to set_timesteps, None (WanPipeline passes none) or
     "linear" (linspace(1, 1/n, n): LTXPipeline, HunyuanVideoPipeline, FluxPipeline). `tokens`: the clip's tokens
     T' H' W' as the transformer sees them (LTXPipeline's video_sequence_length; its patch is 1).
 
-    The sigmas follow diffusers 0.42's FlowMatchEulerDiscreteScheduler (schedulers/
-    scheduling_flow_match_euler_discrete.py):
-    - __init__: the training sigmas i / N, i = N..1 (N = num_train_timesteps), shifted by `shift` unless
-      use_dynamic_shifting; sigma_max = 1 and sigma_min are their ends (so a fixed shift moves sigma_min too).
-    - set_timesteps: without the pipeline's sigmas, linspace(sigma_max N, sigma_min N, n) / N; then the shift, again:
-      fixed, s sigma / (1 + (s - 1) sigma), or dynamic (time_shift): e^mu / (e^mu + (1 / sigma - 1)) ("exponential")
-      or mu / (mu + (1 / sigma - 1)) ("linear"), mu = calculate_shift(tokens, ...); with shift_terminal
-      (LTX-Video 0.9.1+), stretch_shift_to_terminal: 1 - sigma scaled so that the last sigma is shift_terminal;
-      then a final sigma = 0.
+    The sigmas follow diffusers 0.42's set_timesteps (schedulers/scheduling_flow_match_euler_discrete.py and, for
+    the Wan hub repositories' default, scheduling_unipc_multistep.py with use_flow_sigmas):
+    - Without the pipeline's sigmas, FlowMatchEulerDiscreteScheduler takes linspace(sigma_max N, sigma_min N, n) / N
+      (N = num_train_timesteps), whose ends come from __init__'s training sigmas i / N, i = N..1, shifted by `shift`
+      unless use_dynamic_shifting (so a fixed shift moves sigma_min, and is applied again below);
+      UniPCMultistepScheduler takes linspace(1, 1 / N, n + 1)[:-1].
+    - The shift: fixed, s sigma / (1 + (s - 1) sigma) (s = shift, UniPC's flow_shift), or dynamic (time_shift):
+      e^mu / (e^mu + (1 / sigma - 1)) ("exponential") or mu / (mu + (1 / sigma - 1)) ("linear"), with
+      mu = calculate_shift(tokens, ...) as the dynamic pipelines compute it.
+    - shift_terminal (LTX-Video 0.9.1+): stretch_shift_to_terminal scales 1 - sigma so the last sigma is it.
+    - UniPC moves a first sigma of 1 to 1 - 1e-6; both append a final sigma = 0.
     The family's Euler step x + (sigma' - sigma) prediction is stale's x + (t' - t) v (v = -prediction), so
-    sample_euler on this grid takes the pipeline's steps.
+    sample_euler on this grid takes FlowMatchEulerDiscreteScheduler's steps (on UniPC's grid it is Euler, not UniPC).
     """
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    name = scheduler.get("_class_name", FLOW_MATCH_EULER)
-    if name != FLOW_MATCH_EULER:
-        raise ValueError(
-            f"sample.scheduler: _class_name={name!r} is not {FLOW_MATCH_EULER}, whose grid stale's samplers follow; "
-            f"give a {FLOW_MATCH_EULER} config (e.g. {{shift: 3.0}} for a flow_shift of 3)"
-        )
-    refused = [k for k in UNSUPPORTED_SCHEDULER_KEYS if scheduler.get(k)]
-    if refused:
-        raise ValueError(
-            f"sample.scheduler: {refused[0]}={scheduler[refused[0]]!r} is not supported; supported: shift, "
-            "use_dynamic_shifting (base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type), "
-            f"shift_terminal, num_train_timesteps, sigmas {list(PIPELINE_SIGMAS)}"
-        )
-    spacing = scheduler.get("sigmas")
-    if spacing not in PIPELINE_SIGMAS:
-        raise ValueError(f"sample.scheduler.sigmas={spacing!r} is not one of {list(PIPELINE_SIGMAS)}")
+    name = _check_scheduler(scheduler)
     n_train = int(scheduler.get("num_train_timesteps", 1000))
-    shift = float(scheduler.get("shift", 1.0))
+    shift = float(scheduler.get(SCHEDULER_SHIFT[name], 1.0))
     dynamic = bool(scheduler.get("use_dynamic_shifting", False))
-    kind = scheduler.get("time_shift_type", "exponential")
-    if kind not in ("exponential", "linear"):
-        raise ValueError(f"sample.scheduler.time_shift_type={kind!r} is not one of ['exponential', 'linear']")
-
-    if spacing is None:
-        # __init__'s sigma_min: 1 / N, shifted unless dynamic, a float32 item of its torch sigmas
+    terminal = scheduler.get("shift_terminal")
+    if terminal and steps == 1:  # the stretch divides by 1 - sigma_last = 0 (diffusers returns nan)
+        raise ValueError(f"steps=1 with sample.scheduler.shift_terminal={terminal}: use steps >= 2")
+    if scheduler.get("sigmas") == "linear":
+        sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64)  # (n,)
+    elif name == "UniPCMultistepScheduler":
+        sigmas = torch.linspace(1.0, 1 / n_train, steps + 1, dtype=torch.float64)[:-1]  # (n,)
+    else:  # __init__'s sigma_min: 1 / N, shifted unless dynamic, a float32 item of its torch sigmas
         low = 1 - shift_time(torch.tensor(1 - 1 / n_train, dtype=torch.float64), 1.0 if dynamic else shift)
         sigmas = torch.linspace(n_train, low.float().item() * n_train, steps, dtype=torch.float64) / n_train  # (n,)
-    else:
-        sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64)  # (n,)
     if dynamic:
         mu = calculate_shift(
             tokens,
@@ -117,16 +131,15 @@ def scheduler_times(steps: int, scheduler: dict, tokens: int, device=None) -> to
             scheduler.get("base_shift", 0.5),
             scheduler.get("max_shift", 1.15),
         )
-        shift = math.exp(mu) if kind == "exponential" else mu
+        shift = math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
     # every shift here is SD3's s sigma / (1 + (s - 1) sigma) (flow.shift_time in t): the fixed one with s = shift,
     # time_shift's e^mu / (e^mu + 1 / sigma - 1) with s = e^mu, its "linear" mu / (mu + 1 / sigma - 1) with s = mu
     sigmas = 1 - shift_time(1 - sigmas, shift)
-    terminal = scheduler.get("shift_terminal")
-    if terminal and steps == 1:  # the stretch divides by 1 - sigma_last = 0 (diffusers returns nan)
-        raise ValueError(f"steps=1 with sample.scheduler.shift_terminal={terminal}: use steps >= 2")
     if terminal:  # stretch_shift_to_terminal, in t = 1 - sigma: t * (1 - terminal) / t_last
         sigmas = 1 - (1 - sigmas) * (1 - terminal) / (1 - sigmas[-1])
-    sigmas = sigmas.float()  # float32, as the scheduler keeps them
+    if name == "UniPCMultistepScheduler" and abs(sigmas[0].item() - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    sigmas = sigmas.float()  # float32, as the schedulers keep them
     return torch.cat([1 - sigmas, torch.ones(1)]).to(device)  # (n + 1,): the final sigma = 0 is t = 1
 
 
