@@ -20,10 +20,13 @@ Two rules shared by every sampler:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from stale.diffusion.flow import shift_time
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,6 +36,98 @@ def time_grid(steps: int, device=None) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
+FLOW_MATCH_EULER = "FlowMatchEulerDiscreteScheduler"
+# scheduler options that change the grid in ways stale does not reproduce: refused rather than silently ignored
+UNSUPPORTED_SCHEDULER_KEYS = (
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
+PIPELINE_SIGMAS = (None, "linear")  # the pipeline's `sigmas` argument: none (WanPipeline) | linspace(1, 1/n, n) (LTX)
+
+
+def calculate_shift(tokens: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """The dynamic shift mu of a clip of `tokens` tokens: linear in the token count, base_shift at base_seq_len and
+    max_shift at max_seq_len (diffusers' pipelines/ltx/pipeline_ltx.py calculate_shift, as in Flux)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return tokens * slope + base_shift - slope * base_seq_len
+
+
+def scheduler_times(steps: int, scheduler: dict, tokens: int, device=None) -> torch.Tensor:
+    """stale's time grid (steps + 1,), t = 1 - sigma, of a diffusers FlowMatchEulerDiscreteScheduler, so that
+    generate() integrates on the family's own grid (a diffusers pipeline's, e.g. WanPipeline's or LTXPipeline's).
+
+    `scheduler` is the scheduler's config (its scheduler_config.json keys; missing keys take its defaults) plus one
+    key of stale's, `sigmas`: the pipeline's `sigmas` argument to set_timesteps, None (WanPipeline passes none) or
+    "linear" (linspace(1, 1/n, n): LTXPipeline, HunyuanVideoPipeline, FluxPipeline). `tokens`: the clip's tokens
+    T' H' W' as the transformer sees them (LTXPipeline's video_sequence_length; its patch is 1).
+
+    The sigmas follow diffusers 0.42's FlowMatchEulerDiscreteScheduler (schedulers/
+    scheduling_flow_match_euler_discrete.py):
+    - __init__: the training sigmas i / N, i = N..1 (N = num_train_timesteps), shifted by `shift` unless
+      use_dynamic_shifting; sigma_max = 1 and sigma_min are their ends (so a fixed shift moves sigma_min too).
+    - set_timesteps: without the pipeline's sigmas, linspace(sigma_max N, sigma_min N, n) / N; then the shift, again:
+      fixed, s sigma / (1 + (s - 1) sigma), or dynamic (time_shift): e^mu / (e^mu + (1 / sigma - 1)) ("exponential")
+      or mu / (mu + (1 / sigma - 1)) ("linear"), mu = calculate_shift(tokens, ...); with shift_terminal
+      (LTX-Video 0.9.1+), stretch_shift_to_terminal: 1 - sigma scaled so that the last sigma is shift_terminal;
+      then a final sigma = 0.
+    The family's Euler step x + (sigma' - sigma) prediction is stale's x + (t' - t) v (v = -prediction), so
+    sample_euler on this grid takes the pipeline's steps.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    name = scheduler.get("_class_name", FLOW_MATCH_EULER)
+    if name != FLOW_MATCH_EULER:
+        raise ValueError(
+            f"sample.scheduler: _class_name={name!r} is not {FLOW_MATCH_EULER}, whose grid stale's samplers follow; "
+            f"give a {FLOW_MATCH_EULER} config (e.g. {{shift: 3.0}} for a flow_shift of 3)"
+        )
+    refused = [k for k in UNSUPPORTED_SCHEDULER_KEYS if scheduler.get(k)]
+    if refused:
+        raise ValueError(
+            f"sample.scheduler: {refused[0]}={scheduler[refused[0]]!r} is not supported; supported: shift, "
+            "use_dynamic_shifting (base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type), "
+            f"shift_terminal, num_train_timesteps, sigmas {list(PIPELINE_SIGMAS)}"
+        )
+    spacing = scheduler.get("sigmas")
+    if spacing not in PIPELINE_SIGMAS:
+        raise ValueError(f"sample.scheduler.sigmas={spacing!r} is not one of {list(PIPELINE_SIGMAS)}")
+    n_train = int(scheduler.get("num_train_timesteps", 1000))
+    shift = float(scheduler.get("shift", 1.0))
+    dynamic = bool(scheduler.get("use_dynamic_shifting", False))
+    kind = scheduler.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"sample.scheduler.time_shift_type={kind!r} is not one of ['exponential', 'linear']")
+
+    if spacing is None:
+        # __init__'s sigma_min: 1 / N, shifted unless dynamic, a float32 item of its torch sigmas
+        low = 1 - shift_time(torch.tensor(1 - 1 / n_train, dtype=torch.float64), 1.0 if dynamic else shift)
+        sigmas = torch.linspace(n_train, low.float().item() * n_train, steps, dtype=torch.float64) / n_train  # (n,)
+    else:
+        sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64)  # (n,)
+    if dynamic:
+        mu = calculate_shift(
+            tokens,
+            scheduler.get("base_image_seq_len", 256),
+            scheduler.get("max_image_seq_len", 4096),
+            scheduler.get("base_shift", 0.5),
+            scheduler.get("max_shift", 1.15),
+        )
+        shift = math.exp(mu) if kind == "exponential" else mu
+    # every shift here is SD3's s sigma / (1 + (s - 1) sigma) (flow.shift_time in t): the fixed one with s = shift,
+    # time_shift's e^mu / (e^mu + 1 / sigma - 1) with s = e^mu, its "linear" mu / (mu + 1 / sigma - 1) with s = mu
+    sigmas = 1 - shift_time(1 - sigmas, shift)
+    terminal = scheduler.get("shift_terminal")
+    if terminal and steps == 1:  # the stretch divides by 1 - sigma_last = 0 (diffusers returns nan)
+        raise ValueError(f"steps=1 with sample.scheduler.shift_terminal={terminal}: use steps >= 2")
+    if terminal:  # stretch_shift_to_terminal, in t = 1 - sigma: t * (1 - terminal) / t_last
+        sigmas = 1 - (1 - sigmas) * (1 - terminal) / (1 - sigmas[-1])
+    sigmas = sigmas.float()  # float32, as the scheduler keeps them
+    return torch.cat([1 - sigmas, torch.ones(1)]).to(device)  # (n + 1,): the final sigma = 0 is t = 1
 
 
 def _project(x: torch.Tensor, clamp: bool) -> torch.Tensor:
