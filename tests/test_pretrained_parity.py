@@ -123,7 +123,7 @@ def test_the_caption_mask_is_honoured(family, models):
 def first_block_rope(model, x, t, text, mask):
     """The RoPE (cos, sin) the first transformer block receives (Wan (1, S, 1, d), LTX (B, S, D))."""
     seen = {}
-    block = model.get_submodule(model.blocks)[0]
+    block = model.blocks[0]
     handle = block.register_forward_pre_hook(lambda module, args: seen.update(rope=args[3]))  # returns None
     try:
         with torch.no_grad():
@@ -162,7 +162,7 @@ def test_gradients_reach_the_hinge_head_and_the_transformer(family, folder):
     _, scores = model(x, t, None, text, mask)
     scores.sum().backward()  # the scores alone: the joy token's state comes through every block
     assert model.head.linear.weight.grad.abs().sum() > 0
-    blocks = model.get_submodule(model.blocks)
+    blocks = model.blocks
     assert blocks[0].attn1.to_q.weight.grad.abs().sum() > 0 and blocks[-1].attn2.to_v.weight.grad.abs().sum() > 0
     assert model.joy_token.grad is None and not model.joy_token.requires_grad
 
@@ -171,7 +171,7 @@ def test_a_bf16_base_trains_in_the_callers_dtype(family, folder):
     """dtype=bfloat16 (a frozen bf16 base for LoRA): the module's own dtype, though Wan keeps some parts in float32;
     the velocity in the caller's dtype and the scores from the float32 hinge head."""
     model = load_backbone(str(folder), dtype="bfloat16").train()
-    assert model.get_submodule(model.blocks)[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     x, t, text, mask = inputs(per_frame=True)
     v, scores = model(x, t, None, text, mask)
     assert v.dtype == scores.dtype == torch.float32 and torch.isfinite(v).all() and torch.isfinite(scores).all()
@@ -194,7 +194,7 @@ def test_widths_and_lora_targets_come_from_the_module(family, models):
     plain, _, _ = models
     c = plain.config
     assert c.family == CLASSES[family] and c.in_channels == 4 and c.text_dim == 16 and c.depth == 2 and c.heads == 2
-    first = plain.get_submodule(plain.blocks)[0]
+    first = plain.blocks[0]
     ffn_in = next(m for n, m in first.named_modules() if n.endswith("net.0.proj"))  # the feed-forward's first linear
     assert c.dim == first.attn1.to_q.in_features and c.ffn_dim == ffn_in.out_features
     names = [n for n, _ in plain.named_modules()]

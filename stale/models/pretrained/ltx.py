@@ -48,7 +48,7 @@ def unpack(tokens: torch.Tensor, grid: tuple, pt: int, p: int) -> torch.Tensor:
 
 @family("LTXVideoTransformer3DModel")
 class LTXBackbone(PretrainedBackbone):
-    blocks = "transformer.transformer_blocks"
+    block_path = "transformer.transformer_blocks"
     default_rope_scale = ROPE_SCALE
     lora_targets = (
         "transformer.transformer_blocks.*.attn1.to_q",
