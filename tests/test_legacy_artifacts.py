@@ -1,6 +1,6 @@
 """A checkpoint and an export written by stale before "The house in order" (commit 02ef3fd, the debug model;
-tests/fixtures/legacy/make_legacy.py says how) still load, resume and sample bit-identically with today's code.
-A change to model building, checkpoint reading or export that breaks old files fails here."""
+tests/fixtures/legacy/make_legacy.py says how) still load to the same weights, resume and sample bit-identically
+with today's code. A change to model building, checkpoint reading or export that breaks old files fails here."""
 
 from pathlib import Path
 
@@ -40,12 +40,23 @@ def pipelines():
 
 
 def test_legacy_checkpoint_and_export_build_the_same_model():
-    want = expected()
+    # The weights are the bit-exact check: export/model.safetensors is what the old code read out of step4.ckpt.
+    old_weights = load_file(str(LEGACY / "export" / "model.safetensors"))
     from_ckpt, from_export = pipelines()
     for pipe in (from_ckpt, from_export):
-        with torch.no_grad():
-            out = pipe.model(want["input"], want["t"], want["label"])
-        assert torch.equal(out[0] if isinstance(out, tuple) else out, want["velocity"])
+        weights = pipe.model.state_dict()
+        assert weights.keys() == old_weights.keys()
+        for key, value in old_weights.items():
+            assert torch.equal(weights[key], value), key
+    want = expected()
+    with torch.no_grad():
+        out = [pipe.model(want["input"], want["t"], want["label"]) for pipe in (from_ckpt, from_export)]
+    velocity = [o[0] if isinstance(o, tuple) else o for o in out]
+    assert torch.equal(velocity[0], velocity[1])
+    # The recorded velocity came from another CPU: its float kernels round differently in the last bit (measured
+    # 4.8e-7 on values up to 4.6, on the AMD EPYC of CI and of this machine), so float slack only; a changed
+    # layer or a misread weight moves it by orders of magnitude more.
+    torch.testing.assert_close(velocity[0], want["velocity"], rtol=1e-6, atol=1e-6)
 
 
 def test_legacy_checkpoint_and_export_sample_bit_identically():

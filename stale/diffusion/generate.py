@@ -14,7 +14,9 @@ from stale.diffusion import context as frame_context
 from stale.diffusion import flow
 from stale.diffusion.guidance import Velocity, classifier_free, classifier_guided, input_gradient
 from stale.diffusion.hinge import margin
-from stale.diffusion.samplers import get_sampler, time_grid
+from stale.diffusion.samplers import get_sampler, scheduler_times, time_grid
+
+OUTPUT_TYPES = ("uint8", "latent")
 
 
 def text_model(model: nn.Module, text: tuple, negative: tuple):
@@ -88,6 +90,8 @@ def generate(
     time_shift_scale: float = 1.0,
     text: tuple | None = None,
     negative: tuple | None = None,
+    scheduler: dict | None = None,
+    output_type: str = "uint8",
 ) -> torch.Tensor:
     """uint8 videos (B, C, T, H, W) on the CPU for `labels` (B,), on the model's device.
 
@@ -105,8 +109,15 @@ def generate(
 
     text, negative (model.cond=text): the encoded prompts (text (B, L[, D]), mask (B, L)) and what guidance runs
     against (the negative prompt's or the empty caption's encoding, 1 or B rows); `labels` only count the videos.
+
+    scheduler: a diffusers FlowMatchEulerDiscreteScheduler config (samplers.scheduler_times): integrate on that
+    scheduler's grid, with its own shift, as the family's pipeline does, instead of the even grid shifted by
+    time_shift_base/scale (which then only shape the training times). output_type: "uint8" (the videos) or "latent":
+    the sampler's float result (B, C, T, H, W) on the CPU, before the autoencoder (diffusers' output_type="latent").
     """
     solve = get_sampler(sampler)  # fails on an unknown name before any work
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not one of {list(OUTPUT_TYPES)}")
     cfg = model.config
     if (cfg.cond == "text") != (text is not None) or (text is not None and negative is None):
         raise ValueError(
@@ -161,9 +172,11 @@ def generate(
             )
         given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
         noise[:, :, :k] = flow.to_unit_range(context)
-    ts = flow.shift_time(
-        time_grid(steps, device), flow.token_shift(flow.tokens(shape, cfg.patch), time_shift_base, time_shift_scale)
-    )
+    n_tokens = flow.tokens(shape, cfg.patch)
+    if scheduler is None:
+        ts = flow.shift_time(time_grid(steps, device), flow.token_shift(n_tokens, time_shift_base, time_shift_scale))
+    else:
+        ts = scheduler_times(steps, scheduler, n_tokens, device)
     labels = labels.to(device)
     chunk = batch_size or len(labels)
     was_training = model.training
@@ -179,10 +192,15 @@ def generate(
             )
             velocity = guided_velocity(model, labels[i : i + chunk], guidance, classifier_guidance, given, part, neg)
             x = solve(velocity, noise[i : i + chunk].to(device), ts, clamp=clamp, progress=progress)
+            if output_type == "latent":
+                out.append(x.float().cpu())
+                continue
             out.append(flow.to_uint8(x if autoencoder is None else autoencoder.decode(x)).cpu())
     finally:
         model.train(was_training)
     videos = torch.cat(out)
+    if output_type == "latent":
+        return videos
     if context is not None:  # bit-exact: the field is 0 there, and this also undoes any float round trip
         videos[:, :, : context.shape[2]] = context
     return videos

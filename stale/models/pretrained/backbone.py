@@ -68,6 +68,10 @@ class BackboneConfig:
     text_len: int = 512  # caption tokens L (text_encoder.max_length fills it)
     frames: int = 8  # T of the latent training clips (resolve fills it from the vae and data)
     size: int = 16  # H = W of the latent training clips
+    # RoPE's (time, height, width) coordinate scale, where the family's RoPE takes one (LTX: LTXPipeline's
+    # rope_interpolation_scale, vae temporal compression / frame rate and vae spatial compression twice); null: the
+    # adapter's default_rope_scale (LTX: (8/25, 32, 32), its own VAE at 25 fps); Wan's RoPE takes none (null only)
+    rope_scale: tuple | None = None
     joy: bool = True  # append the fixed joy token (false: the family's own forward, bit for bit)
     joy_seed: int = 0x1F602  # the joy token is drawn once from this seed, as in the Stale Transformer
     grad_checkpointing: bool = False  # recompute each transformer block in backward
@@ -83,6 +87,10 @@ class BackboneConfig:
             raise BackboneError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.cond != "text":
             raise BackboneError(f"model.cond={self.cond!r}: a pretrained backbone is text-conditioned (cond=text)")
+        if self.rope_scale is not None:
+            if len(self.rope_scale) != 3:
+                raise BackboneError(f"model.rope_scale={list(self.rope_scale)} must be [time, height, width] or null")
+            self.rope_scale = tuple(float(s) for s in self.rope_scale)
         for name in ("frames", "size", "text_len"):
             if getattr(self, name) < 1:
                 raise BackboneError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -120,6 +128,8 @@ class PretrainedBackbone(nn.Module):
     lora_targets: ClassVar[tuple] = ()
     # the family's diffusers pipeline class: its LoRA writer (save_lora_weights) and its model_index.json
     pipeline_class: ClassVar[str] = ""
+    # the family's RoPE coordinate scale when model.rope_scale is null; None: its RoPE takes none
+    default_rope_scale: ClassVar[tuple | None] = None
 
     def __init__(self, transformer: nn.Module, config: BackboneConfig):
         super().__init__()
@@ -151,6 +161,12 @@ class PretrainedBackbone(nn.Module):
             "revision": c.revision,
             "sha256": weights_sha256(self.transformer),
         }
+
+    @staticmethod
+    def rope_scale_of(temporal: int, spatial: int, frame_rate: float = 25.0) -> tuple | None:
+        """model.rope_scale for a VAE of these compressions at this frame rate, as the family's pipeline computes
+        it (None: the family's RoPE takes no scale)."""
+        return None
 
     @staticmethod
     def widths(transformer_config: dict) -> dict:
@@ -206,10 +222,14 @@ class PretrainedBackbone(nn.Module):
                 f"{None if text is None else tuple(text.shape)} and "
                 f"{None if text_mask is None else tuple(text_mask.shape)}"
             )
-        dtype = next(self.transformer.parameters()).dtype
+        # diffusers' own dtype (what its pipelines cast latents to): the first parameter may be one the family
+        # keeps in float32 under a bf16 base (Wan's _keep_in_fp32_modules)
+        dtype = self.transformer.dtype
         pred, joy = self.run(x.to(dtype), 1 - t, text.to(dtype), text_mask.bool())
-        scores = self.head(joy) if joy is not None else pred.new_zeros(b, cfg.head_outputs)
-        return -pred, scores  # the families predict noise - data; stale's velocity is data - noise
+        head_dtype = self.head.linear.weight.dtype  # the hinge head trains in its own (float32) weights
+        scores = self.head(joy.to(head_dtype)) if joy is not None else x.new_zeros(b, cfg.head_outputs)
+        # the families predict noise - data; stale's velocity is data - noise, in the caller's dtype
+        return (-pred).to(x.dtype), scores
 
 
 def _source(pretrained: str, subfolder: str | None, revision: str | None) -> dict:
@@ -268,14 +288,23 @@ def backbone_config(pretrained: str | None = None, subfolder: str | None = "tran
     raw = read_config(pretrained, subfolder, fields.get("revision"))
     adapter = adapter_of(raw.get("_class_name"), f"model.pretrained={pretrained} model.subfolder={subfolder}")
     own = adapter.widths(raw)
-    for name in ("in_channels", "text_dim"):  # the run's (from the vae, the text encoder) must fit the module's
+    # The module's own widths come from its config.json; one given by the run (in_channels from the vae, text_dim from
+    # the text encoder, any other set by hand) must agree with it
+    source = {"in_channels": " (from the vae)", "text_dim": " (from the text encoder)"}
+    for name in own:
         given = fields.pop(name, None)
-        if given not in (None, 0, own[name]):
+        if given in (None, 0):
+            continue
+        if (tuple(int(g) for g in given) if name == "patch" else given) != own[name]:
             raise BackboneError(
-                f"model.{name}={given} (from the {'vae' if name == 'in_channels' else 'text encoder'}) does not "
-                f"fit {adapter.class_name} at model.pretrained={pretrained}, which takes {own[name]}"
+                f"model.{name}={given}{source.get(name, '')} does not fit {adapter.class_name} at "
+                f"model.pretrained={pretrained}, which has {name}={own[name]}"
             )
     fields = {k: v for k, v in fields.items() if v is not None}
+    if fields.get("rope_scale") is not None and adapter.default_rope_scale is None:
+        raise BackboneError(
+            f"model.rope_scale={list(fields['rope_scale'])}: {adapter.class_name}'s RoPE takes no scale; use null"
+        )
     return BackboneConfig(pretrained=str(pretrained), subfolder=subfolder, family=adapter.class_name, **own, **fields)
 
 
