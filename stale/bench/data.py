@@ -196,7 +196,10 @@ def run(
             )
             for w in workers:
                 runs = [  # raw decode and loader take turns
-                    (raw_rate(blobs), loader_rate(train_datamodule(pattern, w, 256, num_classes=8, **shape), w, batches))
+                    (
+                        raw_rate(blobs),
+                        loader_rate(train_datamodule(pattern, w, 256, num_classes=8, **shape), w, batches),
+                    )
                     for _ in range(repeats)
                 ]
                 raw, load = [r for r, _ in runs], [ld for _, ld in runs]
