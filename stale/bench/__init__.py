@@ -11,6 +11,7 @@ synthetic in-memory batches.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -131,13 +132,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable, device: str) -> float:
-    """Wall seconds of fn(), with the device synchronised before and after."""
+def timed(fn: Callable, device: str, n: int = 1) -> float:
+    """Wall seconds of one of n calls of fn() in a row (their mean), the device synchronised before and after."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(n):
+        fn()
     sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / n
+
+
+def take_turns(variants: dict[str, Callable], rounds: int, device: str = "cpu", n: int = 1) -> dict[str, list]:
+    """{name: seconds of one call per round}: each round times n calls of every variant in turn (timed), the order
+    rotating, so that a change in the machine's load reaches all of them alike."""
+    names, times = list(variants), {name: [] for name in variants}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(variants[name], device, n))
+    return times
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to n (None: left as they are) inside, and given back after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield previous
+    finally:
+        torch.set_num_threads(previous)
 
 
 def median(xs) -> float:

@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import statistics
-import time
 
 import torch
 
-from stale.bench import random_batches, sync
+from stale.bench import random_batches, timed, torch_threads
 from stale.bench.memory import PeakMemory
 from stale.bench.step import TrainStep, make_system
 from stale.models import build_model
@@ -51,33 +50,21 @@ def measure(
     threads: int | None = None,
     seed: int = 0,
 ) -> dict:
-    """One training-step measurement in this process. Returns one result row."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed)
-    finally:
-        torch.set_num_threads(previous)  # leave the process as it was (matters when not isolated)
-
-
-def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, steps, warmup, device, seed) -> dict:
-    torch.manual_seed(seed)
-    model = build_model(
-        model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern, **(model_overrides or {})
-    )
-    cfg = model.config
-    step = TrainStep(make_system(model), device)
-    clips = random_batches(1, batch, frames, image, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
-    meter = PeakMemory(device)
-    base = meter.reset()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step(clips)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    """One training-step measurement in this process (threads: torch's, given back after). Returns one result row."""
+    with torch_threads(threads):  # leave the process as it was (matters when not isolated)
+        torch.manual_seed(seed)
+        model = build_model(
+            model_size, frames=frames, size=image, patch=tuple(patch), pattern=pattern, **(model_overrides or {})
+        )
+        cfg = model.config
+        step = TrainStep(make_system(model), device)
+        clips = random_batches(1, batch, frames, image, cfg.num_classes, seed=seed, channels=cfg.in_channels)[0]
+        meter = PeakMemory(device)
+        base = meter.reset()
+        for _ in range(warmup):
+            step(clips)
+        times = [timed(lambda: step(clips), device) for _ in range(steps)]
+        n_threads = torch.get_num_threads()
     peak = meter.peak()
     step_s = statistics.median(times)
     flops = training_flops_per_clip(cfg)
@@ -94,16 +81,12 @@ def _measure(frames, pattern, model_size, image, patch, model_overrides, batch, 
         "tokens": (frames // pt) * ((image // ph) * (image // pw) + 1),  # per clip, joy tokens included
         "params": count_parameters(model),
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": n_threads,
         "step_s": step_s,
         "peak_mem_mb": max(0, peak - base) / 2**20,
         "train_gflop_per_clip": flops / 1e9,
         "gflop_per_s": flops * batch / step_s / 1e9,
     }
-
-
-def _measure_kwargs(kwargs: dict) -> dict:
-    return measure(**kwargs)
 
 
 def run(
@@ -152,7 +135,7 @@ def run(
             try:
                 if isolate:
                     with mp.get_context("spawn").Pool(1) as pool:
-                        row = pool.apply(_measure_kwargs, (kwargs,))
+                        row = pool.apply(measure, kwds=kwargs)
                 else:
                     row = measure(**kwargs)
             except Exception as e:  # noqa: BLE001 - a failed configuration is a result, not a crash

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from stale.bench import build, median
+from stale.bench import build, median, take_turns, timed
 from stale.bench.step import TrainStep, make_system
 from stale.diffusion.objective import StaleObjective
 
@@ -78,16 +76,11 @@ def train_tokens(
     useful = sum(u for *_, u in bucketed) // (patch[0] * patch[1] * patch[2])
     kept = sum(x.shape[0] * tc * side * side for x, _ in cropped) / (patch[0] * patch[1] * patch[2])
     variants = {"buckets": [(x, y) for x, y, _ in bucketed], "pad_to_largest": padded, "crop_to_common": cropped}
-    for batches in variants.values():  # warm-up: one step of each shape
-        for x, y in batches[:1]:
-            step((x, y))
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, batches in variants.items():
-            t0 = time.perf_counter()
-            for x, y in batches:
-                step((x, y))
-            times[name].append(time.perf_counter() - t0)
+    for batches in variants.values():  # warm-up: the first batch of each
+        step(batches[0])
+    times = take_turns(
+        {name: lambda b=batches: [step(batch) for batch in b] for name, batches in variants.items()}, rounds
+    )
     rows = []
     for name in variants:
         s = median(times[name])
@@ -137,11 +130,8 @@ def image_step(
     for _ in range(rounds):
         for name in times:
             with mock.patch.object(Attention, "forward", through_sdpa) if name == "sdpa" else mock.MagicMock():
-                step((x, y))
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step((x, y))
-                times[name].append((time.perf_counter() - t0) / steps)
+                step((x, y))  # warm-up
+                times[name].append(timed(lambda: step((x, y)), "cpu", steps))
     fast, slow = median(times["one_token_path"]), median(times["sdpa"])
     return {
         "rows": [
@@ -171,58 +161,30 @@ def _aspect_shards(root: Path, size: int, clips: int) -> tuple[str, list]:
     return pattern, [[16, h, w, 8] for h, w in shapes]
 
 
-def _loader(pattern: str, buckets: list | None, workers: int, batches: int, square: int = 64) -> tuple[float, float]:
-    """(wall clips/s per worker, clips per CPU second of the decoding processes) of the bucketed loader, or with
-    buckets=None the square loader (16 x square x square clips: short side resized, cropped) on the same shards."""
-    from stale.bench.data import cpu_seconds
-    from stale.data.datamodule import VideoDataModule
-
-    shape = {"buckets": buckets} if buckets else {"frames": 16, "size": square, "batch_size": 8}
-    dm = VideoDataModule(
-        pattern,
-        num_workers=workers,
-        shuffle_buffer=64,
-        prefetch_factor=4,
-        num_classes=8,
-        label_key=None,
-        bucket_scan=False,
-        **shape,
-    )
-    loader = dm.train_dataloader()
-    it = loader.iter_meta()
-    for _ in range(2 * max(1, workers) + 2):
-        next(it)
-    pids = [w.pid for w in loader._iterator._workers] if workers else []
-    cpu0 = sum(cpu_seconds(p) for p in pids) if pids else time.process_time()
-    t, clips = time.perf_counter(), 0
-    for _ in range(batches):
-        clips += len(next(it)[1])
-    wall = time.perf_counter() - t
-    cpu = (sum(cpu_seconds(p) for p in pids) if pids else time.process_time()) - cpu0
-    loader.close()
-    return clips / wall / max(1, workers), clips / cpu
-
-
 def loader_rate(
     sizes: tuple = (64, 128), workers: tuple = (0, 2), clips: int = 64, batches: int = 12, repeats: int = 3
 ) -> dict:
-    from stale.bench.data import raw_rate, read_samples
+    """Per size and worker count: raw decode, the bucketed loader and the square loader (16 x size x size clips:
+    short side resized, cropped) on the same shards, taking turns; clips/s per worker and clips per CPU second."""
+    from stale.bench import data
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="stale-bench-buckets-"))
     try:
         for size in sizes:
             pattern, buckets = _aspect_shards(root, size, clips)
-            blobs = [s["mp4"] for s in read_samples(pattern)]
+            blobs = [s["mp4"] for s in data.read_samples(pattern)]
+            shapes = ({"buckets": buckets}, {"frames": 16, "size": size, "batch_size": 8})  # bucketed, square
             for w in workers:
-                raw, load, square = [], [], []
-                for _ in range(repeats):
-                    raw.append(raw_rate(blobs))
-                    load.append(_loader(pattern, buckets, w, batches))
-                    square.append(_loader(pattern, None, w, batches, square=size))
-                rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
-                lw, lc = (statistics.median(x[i] for x in load) for i in (0, 1))
-                sw, sc = (statistics.median(x[i] for x in square) for i in (0, 1))
+
+                def rates(shape: dict, w: int = w) -> tuple:
+                    dm = data.train_datamodule(
+                        pattern, w, 64, num_classes=8, label_key=None, bucket_scan=False, **shape
+                    )
+                    return data.loader_rate(dm, w, batches)
+
+                runs = [(data.raw_rate(blobs), *map(rates, shapes)) for _ in range(repeats)]  # taking turns
+                (rw, rc), (lw, lc, *_), (sw, sc, *_) = (data.medians(list(col)) for col in zip(*runs))
                 rows.append(
                     {
                         "size": size,

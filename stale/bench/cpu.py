@@ -11,11 +11,10 @@ reaches all of them. Compile time is the extra wall time of the compiled variant
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 
-from stale.bench import build, median, random_batches
+from stale.bench import build, median, random_batches, timed, torch_threads
 
 
 def _variant_name(threads: int, compiled: bool, fused: bool) -> str:
@@ -43,10 +42,9 @@ def run(
 
     if not str(device).startswith("cpu"):
         return {"rows": [{"variant": "not measured (a CPU section; this run's device is CUDA)"}]}
-    previous = torch.get_num_threads()
     batches = random_batches(4, batch_size, frames, size, seed=seed)
     trainers, first_s, times = {}, {}, {}
-    try:
+    with torch_threads(None):  # each variant sets its own; the bench's count comes back after
         for r in range(rounds):
             for n_threads, compiled, fuse in itertools.product(threads, compile, fused):
                 torch.set_num_threads(int(n_threads))
@@ -57,16 +55,9 @@ def run(
                     if not fuse:  # the same AdamW on torch's per-tensor loop: the flag is read at every step
                         for group in trainers[name].optimizer.param_groups:
                             group["fused"] = None
-                    t0 = time.perf_counter()
-                    for b in batches[:2]:
-                        trainers[name](b)
-                    first_s[name] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    trainers[name](batches[i % len(batches)])
-                times.setdefault(name, []).append((time.perf_counter() - t0) / steps)
-    finally:
-        torch.set_num_threads(previous)
+                    first_s[name] = timed(lambda: [trainers[name](b) for b in batches[:2]], "cpu")
+                cycle = itertools.cycle(batches)
+                times.setdefault(name, []).append(timed(lambda: trainers[name](next(cycle)), "cpu", steps))
     base = _variant_name(int(max(threads)), False, bool(fused[0]))  # one thread per core (torch's default), eager
     rows = []
     for name, ts in times.items():

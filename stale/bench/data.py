@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shutil
@@ -135,42 +134,37 @@ def raw_rate(blobs: list[bytes]) -> tuple[float, float]:
     return len(blobs) / (time.perf_counter() - t), len(blobs) / (time.process_time() - c)
 
 
-def _loader(
-    pattern: str, frames: int, size: int, workers: int, batch_size: int, batches: int, labelled: bool = True
-) -> tuple[float, float, float, int]:
+def loader_rate(dm: VideoDataModule, workers: int, batches: int) -> tuple[float, float, float, int]:
     """(wall clips/s per worker, clips per CPU second of the decoding processes, main-process CPU ms per clip,
-    batches measured)."""
-    dm = VideoDataModule(
-        pattern,
-        frames=frames,
-        size=size,
-        num_classes=8,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle_buffer=256,
-        prefetch_factor=PREFETCH,
-        label_key="label" if labelled else None,
-    )
+    batches measured) of dm's training loader, once its workers run and its shuffle buffers are full."""
     loader = dm.train_dataloader()
-    it = iter(loader)
+    it = loader.iter_meta()
     for _ in range(2 * max(1, workers) + 2):  # start the workers, fill the shuffle buffers
         next(it)
     # The workers hold prefetch_factor batches each, decoded before the clock starts: measure past them, or the
     # window reads ready batches (on 16 cores, 8 workers and 6 batches measured no worker CPU time at all).
     batches = max(batches, 2 * workers * PREFETCH)
-    pids = [p.pid for p in multiprocessing.active_children()] if workers else []  # the loader's worker processes
-    cpu0 = sum(cpu_seconds(p) for p in pids)
-    main0 = time.process_time()
-    t = time.perf_counter()
+    pids = [w.pid for w in loader._iterator._workers] if workers else []  # the loader's worker processes
+    cpu0, main0, t, clips = sum(cpu_seconds(p) for p in pids), time.process_time(), time.perf_counter(), 0
     for _ in range(batches):
-        next(it)
-    wall = time.perf_counter() - t
-    main = time.process_time() - main0
+        clips += len(next(it)[1])
+    wall, main = time.perf_counter() - t, time.process_time() - main0
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0 if pids else main
     loader.close()
-    clips = batches * batch_size
     per_cpu = clips / cpu if cpu > 0 else float("nan")
     return clips / wall / max(1, workers), per_cpu, (main * 1e3 / clips if pids else 0.0), batches
+
+
+def train_datamodule(pattern: str, workers: int, shuffle_buffer: int, **shape) -> VideoDataModule:
+    """The training data module stale-train builds, with the bench's workers and prefetch."""
+    return VideoDataModule(
+        pattern, num_workers=workers, shuffle_buffer=shuffle_buffer, prefetch_factor=PREFETCH, **shape
+    )
+
+
+def medians(runs: list[tuple]) -> tuple:
+    """The median of each field of repeated measurements [(a, b, ...), ...]."""
+    return tuple(statistics.median(field) for field in zip(*runs))
 
 
 def run(
@@ -197,13 +191,19 @@ def run(
         for kind in kinds:
             pattern, frames, size = make_shards(root, kind, clips)
             blobs = [s["mp4"] for s in read_samples(pattern)]
+            shape = dict(
+                frames=frames, size=size, batch_size=batch_size, label_key="label" if kind == "synthetic" else None
+            )
             for w in workers:
-                raw, load = [], []
-                for _ in range(repeats):
-                    raw.append(raw_rate(blobs))
-                    load.append(_loader(pattern, frames, size, w, batch_size, batches, kind == "synthetic"))
-                rw, rc = (statistics.median(x[i] for x in raw) for i in (0, 1))
-                lw, lc, lm = (statistics.median(x[i] for x in load) for i in (0, 1, 2))
+                runs = [  # raw decode and loader take turns
+                    (
+                        raw_rate(blobs),
+                        loader_rate(train_datamodule(pattern, w, 256, num_classes=8, **shape), w, batches),
+                    )
+                    for _ in range(repeats)
+                ]
+                raw, load = [r for r, _ in runs], [ld for _, ld in runs]
+                (rw, rc), (lw, lc, lm, _) = medians(raw), medians(load)
                 results["rows"].append(
                     {
                         "data": kind,

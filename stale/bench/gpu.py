@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stale.bench import build, random_batches, sync
+from stale.bench import build, random_batches, sync, timed
 from stale.bench.memory import PeakMemory
-from stale.bench.step import TrainStep, make_system
+from stale.bench.step import TrainStep, make_system, resolve_precision
 from stale.models.flops import training_flops_per_clip
 
 # Peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' data sheets; first match of the
@@ -68,16 +67,6 @@ def _backend(sdpa: str):
     if sdpa not in SDPA:
         raise ValueError(f"gpu.sdpa={sdpa!r} is not one of {sorted(SDPA)} or auto")
     return sdpa_kernel(SDPA[sdpa])
-
-
-PRECISIONS = {"bfloat16": "bf16-mixed", "bf16": "bf16-mixed", "float32": "32-true", "fp32": "32-true"}
-
-
-def precision_of(dtype: str) -> str:
-    """gpu.dtype -> the step's precision: bf16 autocast (bf16-mixed, as trainer=gpu) or float32 (32-true)."""
-    if dtype not in PRECISIONS:
-        raise ValueError(f"gpu.dtype={dtype!r} is not one of {sorted(PRECISIONS)}")
-    return PRECISIONS[dtype]
 
 
 def train_step(model, device: str, precision: str, compile: bool) -> TrainStep:
@@ -142,22 +131,29 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str, sdpa: str) -> bool:
-    """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
+def _unless_oom(fn, device: str):
+    """fn()'s result, or None when it ran out of memory; the memory it held is freed either way."""
     try:
-        trainer = train_step(build(size, frames, resolution), device, precision, compile=False)
-        batch = random_batches(1, batch_size, frames, resolution)[0]
-        with _backend(sdpa):
-            trainer(batch)
-        sync(device)
-        return True
+        return fn()
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if not _is_oom(e):
             raise
-        return False
+        return None
     finally:
-        trainer = batch = None  # noqa: F841 (drop references before freeing)
         _free(device)
+
+
+def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str, sdpa: str) -> bool:
+    """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
+
+    def step() -> bool:  # its references die with it, before _unless_oom frees the memory
+        trainer = train_step(build(size, frames, resolution), device, precision, compile=False)
+        with _backend(sdpa):
+            trainer(random_batches(1, batch_size, frames, resolution)[0])
+        sync(device)
+        return True
+
+    return bool(_unless_oom(step, device))
 
 
 def largest_fitting(
@@ -196,7 +192,7 @@ def measure(
 
     cross_check: when the FLOPs are analytic, also count them with FlopCounterMode and report both.
     """
-    precision = precision_of(dtype)
+    precision = resolve_precision(dtype, device, "gpu.dtype")
     meter = PeakMemory(device)
     meter.reset()
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
@@ -205,16 +201,8 @@ def measure(
         analytic = source.startswith("analytic")
         counted = count_flops_per_clip(model, batch, device, precision) if cross_check and analytic else None
         trainer = train_step(model, device, precision, compile)
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            trainer(batch)
-        sync(device)
-        warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer(batch)
-        sync(device)
-        step_s = (time.perf_counter() - t0) / steps
+        warm_s = timed(lambda: trainer(batch), device, warmup) * warmup if warmup else 0.0
+        step_s = timed(lambda: trainer(batch), device, steps)
     pt, ph, pw = model.config.patch
     tokens = (frames // pt) * (resolution // ph) * (resolution // pw)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
@@ -243,6 +231,10 @@ def measure(
     }
 
 
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa")  # kernel name parts, as profile_kernels groups them
+MATMUL_KERNELS = ("gemm", "sm90", "addmm", "bmm", "cutlass", "matmul", "cublas", "nvjet")
+
+
 def profile_kernels(
     size: str = "b",
     frames: int = 16,
@@ -261,16 +253,12 @@ def profile_kernels(
     from torch.profiler import ProfilerActivity, profile
 
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
-    trainer = train_step(model, device, precision_of(dtype), compile)
+    trainer = train_step(model, device, resolve_precision(dtype, device, "gpu.dtype"), compile)
+    cuda = device.startswith("cuda")  # on CPU (tests) the operators' own CPU time stands in
     with _backend(sdpa):
-        for _ in range(3):  # compile and warm up outside the profile
-            trainer(batch)
-        sync(device)
-        cuda = device.startswith("cuda")  # on CPU (tests) the operators' own CPU time stands in
+        timed(lambda: trainer(batch), device, 3)  # compile and warm up outside the profile
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                trainer(batch)
-            sync(device)
+            timed(lambda: trainer(batch), device, steps)
 
     def time_of(e) -> float:
         return e.device_time_total if cuda else e.self_cpu_time_total
@@ -280,21 +268,9 @@ def profile_kernels(
 
     def kind(name: str) -> str:
         n = name.lower()
-        if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
+        if any(k in n for k in ATTENTION_KERNELS):
             return "attention"
-        if (
-            "gemm" in n
-            or "sm90" in n
-            or n.endswith("::mm")
-            or "addmm" in n
-            or "bmm" in n
-            or "cutlass" in n
-            or "matmul" in n
-            or "cublas" in n
-            or "nvjet" in n
-        ):
-            return "matmul"
-        return "other"
+        return "matmul" if n.endswith("::mm") or any(k in n for k in MATMUL_KERNELS) else "other"
 
     shares: dict[str, float] = {}
     for e in events:
@@ -337,7 +313,7 @@ def temporal_kernels(
     from stale.models import stale_transformer
 
     model, batch = _model_and_batch(size, frames, resolution, batch_size, device, seed)
-    trainer = train_step(model, device, precision_of(dtype), compile=False)
+    trainer = train_step(model, device, resolve_precision(dtype, device, "gpu.dtype"), compile=False)
     times, errors = {b: [] for b in backends}, {}
     for _ in range(rounds):
         for name in backends:
@@ -345,14 +321,8 @@ def temporal_kernels(
                 continue
             with mock.patch.object(stale_transformer, "TEMPORAL_SDPA", [SDPA[name]]):
                 try:
-                    for _ in range(2):  # warm-up
-                        trainer(batch)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        trainer(batch)
-                    sync(device)
-                    times[name].append((time.perf_counter() - t0) / steps)
+                    timed(lambda: trainer(batch), device, 2)  # warm-up
+                    times[name].append(timed(lambda: trainer(batch), device, steps))
                 except RuntimeError as e:  # no such kernel for this device, dtype or shape: a result, not a crash
                     errors[name] = " ".join(str(e).split())[:160]
     ref = min(times[backends[0]]) if times[backends[0]] else None
@@ -398,36 +368,18 @@ def run(
             "summary": {"status": NOT_MEASURED, "target_mfu_b": TARGET_MFU_B},
             "notes": ["the gpu section needs CUDA; its code path is tested on CPU (tests/test_bench.py)"],
         }
-    rows = []
+    precision, rows = resolve_precision(dtype, device, "gpu.dtype"), []
     for s in sizes:
-        res = largest_fitting(s, frames, resolutions, batch_size, device, precision_of(dtype), sdpa)
-        if res is None:
-            rows.append(
-                {
-                    "size": s,
-                    "tokens_per_s": f"not measured (no resolution in {list(resolutions)} fits batch {batch_size})",
-                    "mfu": "not measured",
-                }
-            )
-            continue
-        try:
-            rows.append(
-                measure(
-                    s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops, peak_tflops, seed
-                )
-            )
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not _is_oom(e):
-                raise
-            rows.append(
-                {
-                    "size": s,
-                    "clip": [frames, res, res],
-                    "tokens_per_s": "not measured (compiled step OOM)",
-                    "mfu": "not measured",
-                }
-            )
-        _free(device)
+        res = largest_fitting(s, frames, resolutions, batch_size, device, precision, sdpa)
+        why = f"no resolution in {list(resolutions)} fits batch {batch_size}"
+        if res is not None:
+            why = "compiled step OOM"
+            args = (s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops, peak_tflops, seed)
+            row = _unless_oom(lambda: measure(*args), device)
+        if res is None or row is None:
+            row = {"size": s, **({"clip": [frames, res, res]} if res else {}), "tokens_per_s": f"not measured ({why})"}
+            row["mfu"] = "not measured"
+        rows.append(row)
     b = next((r for r in rows if r["size"] == "b" and isinstance(r.get("mfu"), float)), None)
     summary = {
         "target_mfu_b": TARGET_MFU_B,

@@ -14,13 +14,13 @@ take turns round by round, so a change in the machine's load reaches all of them
 from __future__ import annotations
 
 import io
+import itertools
 import json
-import time
 
 import numpy as np
 import torch
 
-from stale.bench import build, median, random_batches, sync
+from stale.bench import build, median, random_batches, take_turns, timed
 from stale.bench.step import TrainStep, make_system
 from stale.diffusion import flow
 
@@ -70,12 +70,8 @@ def run(
     pixels = random_batches(2, batch_size, frames, size, seed=seed)
     # encode: clips/s at batch 1 (stale-encode's batch_size is yours to choose; 1 bounds memory)
     clip = flow.to_unit_range(pixels[0][0][:1].to(device))
-    ae.encode(clip)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(encode_clips):
-        moments = ae.encode(clip)
-    sync(device)
-    encode_s = (time.perf_counter() - t0) / encode_clips
+    moments = ae.encode(clip)  # warm-up; its moments give the cache's bytes per clip
+    encode_s = timed(lambda: ae.encode(clip), device, encode_clips)
     cached = [(ae.encode(flow.to_unit_range(v.to(device))), y) for v, y in pixels]  # (B, 2C, T', H', W')
 
     torch.manual_seed(seed)
@@ -83,22 +79,12 @@ def run(
     torch.manual_seed(seed)
     latent_net = build(model, t, h, in_channels=c, patch=list(latent_patch))
     latent_step = TrainStep(make_system(latent_net, autoencoder=ae), device)
-    variants = {
-        "pixels": lambda i: pixel_step(pixels[i % 2]),
-        "cached latents": lambda i: latent_step(cached[i % 2]),
-        "latents encoded on the fly": lambda i: latent_step(pixels[i % 2]),
-    }
-    times: dict[str, list[float]] = {}
-    for r in range(rounds):
-        for key, fn in variants.items():
-            if r == 0:
-                fn(0)  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                fn(i)
-            sync(device)
-            times.setdefault(key, []).append((time.perf_counter() - t0) / steps)
+    plans = {"pixels": (pixel_step, pixels), "cached latents": (latent_step, cached)}
+    plans["latents encoded on the fly"] = (latent_step, pixels)
+    variants = {k: lambda step=step, it=itertools.cycle(b): step(next(it)) for k, (step, b) in plans.items()}
+    for fn in variants.values():
+        fn()  # warm-up
+    times = take_turns(variants, rounds, device, steps)
     pixel_ms = 1e3 * median(times["pixels"])
     tokens = {
         "pixels": frames * (size // 4) ** 2,

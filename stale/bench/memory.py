@@ -26,7 +26,7 @@ import sys
 import torch
 
 from stale.bench import build, random_batches, sync
-from stale.bench.step import TrainStep, make_system
+from stale.bench.step import TrainStep, make_system, resolve_precision
 
 MARK = "STALE_BENCH_MEMORY "
 MIB = 2**20
@@ -94,7 +94,7 @@ def _peaks(
     model = build(size, frames, image, grad_checkpointing=checkpointing)
     b1, b2 = batches
     data = {b: random_batches(1, b, frames, image, seed=seed)[0] for b in (b1, b2)}
-    step = TrainStep(make_system(model), device, "bf16-mixed" if device.startswith("cuda") else "32-true")
+    step = TrainStep(make_system(model), device, "auto")
     meter = PeakMemory(device)
     base = meter.reset()
     step(data[b1])  # the first step also creates AdamW's state
@@ -114,14 +114,11 @@ def _peaks(
 
 
 def _peaks_cpu_subprocess(args: dict) -> dict:
+    """_peaks(**args) on the CPU in a fresh Python process (with this one's torch threads): its own peak RSS."""
+    args = {**args, "threads": torch.get_num_threads()}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stale.bench.memory", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=args.get("timeout", 900),
-    )
+    cmd = [sys.executable, "-m", "stale.bench.memory", json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory worker for {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -144,17 +141,9 @@ def run(
     for name in sizes:
         plain_per_clip = None
         for ckpt in checkpointing:
-            args = dict(
-                size=name,
-                checkpointing=bool(ckpt),
-                frames=frames,
-                image=size,
-                batches=(b1, b2),
-                seed=seed,
-                threads=torch.get_num_threads(),
-            )
+            args = dict(size=name, checkpointing=bool(ckpt), frames=frames, image=size, batches=[b1, b2], seed=seed)
             if device.startswith("cuda"):
-                m = _peaks(name, bool(ckpt), frames, size, (b1, b2), device, seed)
+                m = _peaks(**args, device=device)
                 torch.cuda.empty_cache()
             else:
                 m = _peaks_cpu_subprocess(args)
@@ -179,7 +168,7 @@ def run(
         "setup": {
             "batches": [b1, b2],
             "device": device,
-            "precision": "bf16-mixed" if device.startswith("cuda") else "32-true",
+            "precision": resolve_precision("auto", device),
         },
         "notes": [
             "per_clip_mib = (peak(B2) - peak(B1)) / (B2 - B1); fixed_mib = peak(B1) - held before "
@@ -274,6 +263,5 @@ def longest_clip(
 
 if __name__ == "__main__":  # worker: one (size, checkpointing) row in a fresh process
     a = json.loads(sys.argv[1])
-    torch.set_num_threads(int(a["threads"]))
-    out = _peaks(a["size"], a["checkpointing"], a["frames"], a["image"], tuple(a["batches"]), "cpu", a["seed"])
-    print(MARK + json.dumps(out), flush=True)
+    torch.set_num_threads(int(a.pop("threads")))
+    print(MARK + json.dumps(_peaks(**a, device="cpu")), flush=True)

@@ -15,18 +15,16 @@ cross_attention_dim=None (no cross-attention in its blocks) and gets a dummy cap
 Latte's cross-attention to that caption (the released model's setting) for a second comparison.
 
 Timing: this machine is shared, so only in-process ratios mean anything. The steps alternate one by one
-(which one goes first alternates too), every round measures each once, and the result is the median of the
+(the order rotating), every round measures each once, and the result is the median of the
 per-round ratios stale / latte with its spread (half the inter-quartile range over the median).
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from stale.bench import build, median, random_batches, spread
+from stale.bench import build, median, random_batches, spread, take_turns, torch_threads
 from stale.bench.step import TrainStep, make_system
 from stale.diffusion.objective import StaleObjective
 
@@ -94,19 +92,13 @@ def shared_step(model: nn.Module, seed: int) -> TrainStep:
 
 
 def alternate(models: dict, batch, rounds: int, warmup: int, seed: int) -> dict[str, list[float]]:
-    """Seconds of each model's step per round: the steps alternate one by one, the order flipping every round (a
+    """Seconds of each model's step per round: the steps alternate one by one, the order rotating every round (a
     load change mid-round hits every position equally); the same seed gives every model the same noise."""
     steps = {name: shared_step(m, seed) for name, m in models.items()}
     for _ in range(warmup):
         for step in steps.values():
             step(batch)
-    times = {name: [] for name in steps}
-    for r in range(rounds):
-        for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-            t0 = time.perf_counter()
-            steps[name](batch)
-            times[name].append(time.perf_counter() - t0)
-    return times
+    return take_turns({name: lambda step=step: step(batch) for name, step in steps.items()}, rounds)
 
 
 def n_params(model) -> int:
@@ -182,10 +174,7 @@ def run(
     variants: extra stale models timed in the same rounds, name -> StaleConfig overrides (ablations)."""
     if not str(device).startswith("cpu"):
         return {"rows": [{"case": "not measured (a CPU section; this run's device is CUDA)"}]}
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
+    with torch_threads(threads) as previous:
         results = [
             compare(
                 **dict(case),
@@ -197,14 +186,12 @@ def run(
             )
             for case in cases
         ]
-    finally:
-        torch.set_num_threads(previous)
     return {
         "rows": [row for res in results for row in res["rows"]],
         "summary": {res["rows"][0]["case"]: res["rows"][0]["stale_over_latte"] for res in results},
         "notes": [
             "stale_over_latte: median over rounds of (stale step time / Latte step time) in the same round; "
-            "< 1 means stale is faster. Steps alternate one by one, the order flips every round.",
+            "< 1 means stale is faster. Steps alternate one by one, the order rotates every round.",
             f"{rounds} rounds after {warmup} warm-up steps each; step = stale.bench.step (velocity MSE, "
             "backward, clipping, fused AdamW); torch threads: "
             f"{threads or previous}",

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from stale.bench import median
+from stale.bench import median, torch_threads
 from stale.bench.step import TrainStep, make_system
 from stale.diffusion import flow
 from stale.diffusion.objective import StaleObjective
@@ -112,12 +112,9 @@ def run(
 ) -> dict:
     variants = variants or VARIANTS
     evals = {k: tuple(v) for k, v in (evals or EVAL).items()}
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
     model_kw = dict(dim=dim, depth=depth, heads=heads, frames=8, size=16, num_classes=2, patch=(1, 4, 4))
     per_seed = []
-    try:
+    with torch_threads(threads):
         for s in range(seed, seed + seeds):
             trained = train(variants, buckets, steps, s, model_kw, lr)
             for name, (model, times) in trained.items():
@@ -129,8 +126,6 @@ def run(
                         **{k: round(flow_loss(model, shape, eval_clips), 4) for k, shape in evals.items()},
                     }
                 )
-    finally:
-        torch.set_num_threads(old_threads)
     ref = next(iter(variants))
     rows = []
     for name in variants:

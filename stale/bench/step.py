@@ -20,7 +20,19 @@ from stale.diffusion.objective import StaleObjective
 from stale.system.schedules import Constant, LRSchedule
 from stale.system.stale_system import StaleSystem, noise_seed
 
-PRECISIONS = ("32-true", "bf16-mixed")
+# the two precisions of the step, under every name a bench key takes (train.precision, gpu.dtype)
+PRECISIONS = {name: "32-true" for name in ("32-true", "32", "float32", "fp32")} | {
+    name: "bf16-mixed" for name in ("bf16-mixed", "bf16", "bfloat16")
+}
+
+
+def resolve_precision(value, device: str = "cpu", key: str = "precision") -> str:
+    """32-true or bf16-mixed: `auto` is bf16-mixed on CUDA (as trainer=gpu) and 32-true elsewhere."""
+    if str(value) == "auto":
+        return "bf16-mixed" if str(device).startswith("cuda") else "32-true"
+    if str(value) not in PRECISIONS:
+        raise ValueError(f"{key}={value!r} is not one of auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[str(value)]
 
 
 def make_system(
@@ -56,10 +68,8 @@ class TrainStep:
         clip: float | None = 1.0,
         steps: int = 10_000,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
         self.system, self.device, self.clip = system.to(device).train(), device, clip
-        self.amp, self.dev_type = precision == "bf16-mixed", torch.device(device).type
+        self.amp, self.dev_type = resolve_precision(precision, device) == "bf16-mixed", torch.device(device).type
         if system.schedule_steps is None:
             system.schedule_steps = steps
         system.setup("fit")  # compiles as stale-train does when the system was built with compile=...

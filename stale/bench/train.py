@@ -48,11 +48,12 @@ import shutil
 import tempfile
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 
 from stale.bench import build, median, random_batches, spread, sync
-from stale.bench.step import InMemory, TrainStep, make_system
+from stale.bench.step import InMemory, TrainStep, make_system, resolve_precision
 
 VARIANTS = ("lightning", "no_progress_bar", "no_log", "csv_logger", "barebones", "rich", "rich_4hz", "tqdm")
 
@@ -76,16 +77,6 @@ def median_error(ratios: list) -> float:
     if len(ratios) < 4:
         return float("inf")
     return 1.2533 * spread(ratios) * 2 * median(ratios) / 1.349 / len(ratios) ** 0.5
-
-
-def _precision(precision: str, device: str) -> str:
-    if precision == "auto":
-        return "bf16-mixed" if device.startswith("cuda") else "32-true"
-    if precision in ("32", 32):
-        return "32-true"
-    if precision not in ("32-true", "bf16-mixed"):
-        raise ValueError(f"train.precision={precision!r}: the plain loop supports 32-true and bf16-mixed")
-    return precision
 
 
 @contextlib.contextmanager
@@ -124,26 +115,13 @@ def _minus(b: tuple[float, float], a: tuple[float, float], n: int = 1) -> tuple[
     return (b[0] - a[0]) / n, (b[1] - a[1]) / n
 
 
-def _block(
-    plain: TrainStep, batches: list, start: int, end: int, profiler: cProfile.Profile | None = None
-) -> tuple[float, float]:
+def _block(plain: TrainStep, batches: list, start: int, end: int, profiler=None) -> tuple[float, float]:
     """Run the plain step on every batch; return the mean (wall, cpu) step time over steps [start, end)."""
-    device, a, b = plain.device, None, None
+    recorder = _Recorder(plain.device, None, batches, start, end, profiler)
     for i, batch in enumerate(batches):
-        if i == start:
-            a = _now(device)
-            if profiler:
-                profiler.enable()
-        if i == end:
-            if profiler:
-                profiler.disable()
-            b = _now(device)
+        recorder(i)
         plain(batch)
-    if b is None:
-        b = _now(device)
-        if profiler:
-            profiler.disable()
-    return _minus(b, a, end - start)
+    return recorder.block
 
 
 class _Recorder:
@@ -194,17 +172,8 @@ class _Recorder:
             self.paired.append(_minus(self._end, a))
 
 
-def _lightning_round(
-    system,
-    batches,
-    variant: str,
-    device: str,
-    precision: str,
-    clip: float,
-    recorder: _Recorder,
-    log_every_n_steps: int,
-    logdir: str | None,
-) -> None:
+def _lightning_round(system, batches, variant: str, s, recorder: _Recorder, logdir: str) -> None:
+    """One Trainer.fit of `system` as `variant` (see the module docstring); s: run()'s settings."""
     import lightning as L
 
     class StepTimer(L.Callback):
@@ -235,18 +204,18 @@ def _lightning_round(
         enable_progress_bar=variant in ("lightning", "rich", "rich_4hz", "tqdm"),
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=log_every_n_steps,
+        log_every_n_steps=s.log_every_n_steps,
     )
     if variant == "barebones":  # it switches those off itself and refuses to be told
         kwargs = dict(barebones=True)
     trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        accelerator="gpu" if s.device.startswith("cuda") else "cpu",
         devices=1,
-        precision=precision,
+        precision=s.precision,
         max_steps=len(batches),
         max_epochs=1,
         limit_val_batches=0,
-        gradient_clip_val=clip or None,
+        gradient_clip_val=s.gradient_clip_val or None,
         callbacks=callbacks,
         default_root_dir=logdir,
         **kwargs,
@@ -317,96 +286,66 @@ def _row(name: str, lightning: list, plain: list, pairs: list) -> dict:
     }
 
 
-def _measure(
-    model: str,
-    overrides: dict,
-    frames: int,
-    size: int,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    rounds: int,
-    max_rounds: int,
-    pool: int,
-    precision: str,
-    clip: float,
-    lr: float,
-    variants: list,
-    log_every_n_steps: int,
-    timing: str,
-    profile: bool,
-    profile_top: int,
-    device: str,
-    seed: int,
-    max_seconds: float | None = None,
-) -> tuple[list, dict, int, str]:
-    torch.manual_seed(seed)
-    base = build(model, frames, size, **overrides)
+def _measure(s: SimpleNamespace, overrides: dict) -> tuple[list, dict, int, str]:
+    """Rows (plain first, then each variant), cProfile splits, parameter count and why the rounds stopped."""
+    torch.manual_seed(s.seed)
+    base = build(s.model, s.frames, s.size, **overrides)
     n_params = sum(p.numel() for p in base.parameters())
-    pool_batches = random_batches(pool, batch_size, frames, size, seed=seed)
-    n = warmup + steps + 1  # +1: a Lightning step's period ends at the next batch's start
-    batches = [pool_batches[i % pool] for i in range(n)]  # references: no extra memory
-    start, end = warmup, warmup + steps
+    pool_batches = random_batches(s.pool, s.batch_size, s.frames, s.size, seed=s.seed)
+    n = s.warmup + s.steps + 1  # +1: a Lightning step's period ends at the next batch's start
+    batches = [pool_batches[i % s.pool] for i in range(n)]  # references: no extra memory
+    start, end, variants = s.warmup, s.warmup + s.steps, s.variants
 
-    systems = {name: make_system(copy.deepcopy(base), lr).to(device) for name in ["plain", *variants]}
+    systems = {name: make_system(copy.deepcopy(base), s.lr).to(s.device) for name in ["plain", *variants]}
     lit = {name: [] for name in variants}  # Lightning (wall, cpu) samples
-    pla = {name: [] for name in variants}  # plain samples measured beside them
-    pairs = {name: [] for name in variants}  # per-sample wall ratios
+    pla = {name: [] for name in variants}  # plain samples measured beside them, one for one
+
+    def pairs(name: str) -> list[float]:  # per-sample wall ratios
+        return [lw / pw for (lw, _), (pw, _) in zip(lit[name], pla[name])]
+
     logdir = tempfile.mkdtemp(prefix="stale-bench-train-")
     profiles = {}
     began, stopped = time.perf_counter(), "max_rounds"
     with _quiet():
-        plain = TrainStep(systems.pop("plain"), device, precision, clip, steps=n * (rounds * 2 + 2))
-        for r in range(max(rounds, max_rounds)):  # at least `rounds`; more until the headline is precise
-            if r >= rounds and median_error(pairs[variants[0]]) <= TARGET_OVERHEAD:
+        plain = TrainStep(
+            systems.pop("plain"), s.device, s.precision, s.gradient_clip_val, steps=n * (s.rounds * 2 + 2)
+        )
+        for r in range(max(s.rounds, s.max_rounds)):  # at least `rounds`; more until the headline is precise
+            if r >= s.rounds and median_error(pairs(variants[0])) <= TARGET_OVERHEAD:
                 stopped = "target error reached"
                 break
-            if r >= rounds and max_seconds is not None and time.perf_counter() - began > max_seconds:
+            if r >= s.rounds and s.max_seconds is not None and time.perf_counter() - began > s.max_seconds:
                 stopped = "max_seconds"  # the section's time budget: stale-bench has 5 minutes in all
                 break
-            order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate the order
-            for name in order:
-                if timing == "step":
-                    rec = _Recorder(device, plain, batches, start, end)
-                    _lightning_round(
-                        systems[name], batches, name, device, precision, clip, rec, log_every_n_steps, logdir
-                    )
+            for name in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotate the order
+                if s.timing == "step":
+                    rec = _Recorder(s.device, plain, batches, start, end)
+                    _lightning_round(systems[name], batches, name, s, rec, logdir)
                     lit[name] += rec.lightning
                     pla[name] += rec.paired
-                    pairs[name] += [lw / pw for (lw, _), (pw, _) in zip(rec.lightning, rec.paired)]
                 else:
-                    p = _block(plain, batches, start, end)
-                    rec = _Recorder(device, None, batches, start, end)
-                    _lightning_round(
-                        systems[name], batches, name, device, precision, clip, rec, log_every_n_steps, logdir
-                    )
+                    pla[name].append(_block(plain, batches, start, end))
+                    rec = _Recorder(s.device, None, batches, start, end)
+                    _lightning_round(systems[name], batches, name, s, rec, logdir)
                     lit[name].append(rec.block)
-                    pla[name].append(p)
-                    pairs[name].append(rec.block[0] / p[0])
-        if profile:
+        if s.profile:
             prof = cProfile.Profile()
             _block(plain, batches, start, end, profiler=prof)
-            profiles["plain"] = _profile_split(prof, steps, profile_top)
+            profiles["plain"] = _profile_split(prof, s.steps, s.profile_top)
             prof = cProfile.Profile()
-            rec = _Recorder(device, None, batches, start, end, profiler=prof)
-            _lightning_round(
-                systems[variants[0]], batches, variants[0], device, precision, clip, rec, log_every_n_steps, logdir
-            )
-            profiles[variants[0]] = _profile_split(prof, steps, profile_top)
+            rec = _Recorder(s.device, None, batches, start, end, profiler=prof)
+            _lightning_round(systems[variants[0]], batches, variants[0], s, rec, logdir)
+            profiles[variants[0]] = _profile_split(prof, s.steps, s.profile_top)
     shutil.rmtree(logdir, ignore_errors=True)
 
-    rows = [_row(name, lit[name], pla[name], pairs[name]) for name in variants]
     all_plain = [w for name in variants for w, _ in pla[name]]
-    rows.insert(
-        0,
-        {
-            "loop": "plain",
-            "samples": len(all_plain),
-            "median_ms": round(1e3 * median(all_plain), 3),
-            "noise": round(spread(all_plain), 4),
-        },
-    )
-    return rows, profiles, n_params, stopped
+    head = {
+        "loop": "plain",
+        "samples": len(all_plain),
+        "median_ms": round(1e3 * median(all_plain), 3),
+        "noise": round(spread(all_plain), 4),
+    }
+    return [head, *(_row(name, lit[name], pla[name], pairs(name)) for name in variants)], profiles, n_params, stopped
 
 
 def run(
@@ -445,26 +384,9 @@ def run(
         raise ValueError(f"train: steps={steps} and rounds={rounds} must be >= 1, warmup={warmup} >= 0")
     if timing not in ("step", "block"):
         raise ValueError(f"train.timing={timing!r} is not one of step, block")
-    precision = _precision(str(precision), device)
-    common = dict(
-        steps=steps,
-        warmup=warmup,
-        rounds=rounds,
-        max_rounds=max_rounds,
-        pool=pool,
-        precision=precision,
-        clip=gradient_clip_val,
-        lr=lr,
-        variants=variants,
-        log_every_n_steps=log_every_n_steps,
-        timing=timing,
-        profile_top=profile_top,
-        device=device,
-        seed=seed,
-    )
-    rows, profiles, n_params, stopped = _measure(
-        model, {}, frames, size, batch_size, profile=profile, max_seconds=max_seconds, **common
-    )
+    precision = resolve_precision(precision, device, "train.precision")
+    s = SimpleNamespace(**{k: v for k, v in locals().items() if k != "micro"})  # the settings every fit shares
+    rows, profiles, n_params, stopped = _measure(s, {})
     head = rows[1]
     summary = {
         "framework_overhead": head["overhead_paired"],
@@ -496,9 +418,9 @@ def run(
         m = dict(micro)
         m_frames, m_size, m_batch = m.pop("frames", 2), m.pop("size", 8), m.pop("batch_size", 1)
         # Lightning's fixed ms per step, for reading beside any step time: `rounds` rounds, no error target
-        m_rows, _, m_params, _ = _measure(
-            model, m, m_frames, m_size, m_batch, profile=False, **{**common, "max_rounds": rounds}
-        )
+        m_s = SimpleNamespace(**{**vars(s), "frames": m_frames, "size": m_size, "batch_size": m_batch})
+        m_s.profile, m_s.max_rounds, m_s.max_seconds = False, rounds, None
+        m_rows, _, m_params, _ = _measure(m_s, m)
         for r in m_rows:
             r["loop"] = f"{r['loop']} (micro)"
         rows += m_rows

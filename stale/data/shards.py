@@ -50,40 +50,12 @@ from stale.data.video_io import VideoDecodeError, aspect_shape, encode_mp4, iter
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = {
-    ".mp4",
-    ".m4v",
-    ".mkv",
-    ".webm",
-    ".avi",
-    ".mov",
-    ".mpg",
-    ".mpeg",
-    ".ts",
-    ".flv",
-    ".wmv",
-    ".3gp",
-    ".ogv",
-    ".gif",
-}
+VIDEO_EXTENSIONS = set(".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .ts .flv .wmv .3gp .ogv .gif".split())
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}  # still images: one-frame samples
 STATE_DIR = ".stale-shards"
 # Options that change the shards: a resumed run must use the same values.
-OUTPUT_OPTIONS = (
-    "fps",
-    "size",
-    "frames",
-    "stride",
-    "max_clips_per_video",
-    "maxcount",
-    "maxsize",
-    "split",
-    "seed",
-    "crf",
-    "preset",
-    "resize",
-    "grid",
-    "max_frames",
+OUTPUT_OPTIONS = tuple(
+    "fps size frames stride max_clips_per_video maxcount maxsize split seed crf preset resize grid max_frames".split()
 )
 RESIZE = ("aspect", "square")
 # (size, grid) of resize=aspect -> the data.buckets preset made for the shapes it writes (stale/data/buckets.py)
