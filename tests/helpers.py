@@ -902,6 +902,10 @@ def save_tiny_pipeline(family: str, folder: Path, seed: int = 0, shift: float = 
     vae_cls = {"wan": "AutoencoderKLWan", "ltx": "AutoencoderKLLTXVideo"}[family]
     torch.manual_seed(seed)
     vae = getattr(diffusers, vae_cls)(**TINY_VAES[vae_cls][0])
+    if family == "ltx":  # LTX-Video's released VAE stores its latent statistics as buffers; random init leaves 0, 1
+        g = torch.Generator().manual_seed(seed)
+        vae.latents_mean.copy_(0.1 * torch.randn(vae.latents_mean.shape, generator=g))
+        vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=g))
     torch.manual_seed(seed)
     cls = {"wan": diffusers.WanTransformer3DModel, "ltx": diffusers.LTXVideoTransformer3DModel}[family]
     transformer = cls(**TINY_TRANSFORMERS[family])

@@ -48,8 +48,15 @@ def test_roundtrip_weights_and_settings(pipe, export_dir):
     for k, v in ref.state_dict().items():
         assert torch.equal(pipe.model.state_dict()[k], v), k
     assert pipe.prior == "uniform"
-    # `seed` is not a sample default; classifier_guidance, absent from this export, defaults to 0 (off)
-    assert pipe.defaults == {"steps": 3, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0}
+    # `seed` is not a sample default; classifier_guidance and scheduler, absent from this export, default to 0 (off)
+    # and None (stale's grid)
+    assert pipe.defaults == {
+        "steps": 3,
+        "sampler": "euler",
+        "guidance": 1.0,
+        "classifier_guidance": 0.0,
+        "scheduler": None,
+    }
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model"]["dim"] == 32 and config["model"]["patch"] == [1, 4, 4]
 

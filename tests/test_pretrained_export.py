@@ -115,6 +115,22 @@ def test_full_fine_tune_exports_a_transformer_and_a_pipeline_that_diffusers_and_
     assert torch.equal(stale.model.head.linear.weight, model.head.linear.weight)
 
 
+def test_the_export_samples_on_the_pipelines_grid(wan, full_ckpt, tmp_path):
+    """backbone=wan read the pipeline's scheduler/ once: the checkpoint and the export hold its grid, StalePipeline and
+    stale-sample follow it by default, and a scheduler= override changes the videos."""
+    on_disk = json.loads((wan / "scheduler" / "scheduler_config.json").read_text())
+    assert read_checkpoint(full_ckpt).run_config["sample"]["scheduler"]["shift"] == on_disk["shift"] == 3.0
+    export_checkpoint(full_ckpt, tmp_path / "export")
+    pipe = StalePipeline.from_pretrained(tmp_path / "export")
+    assert pipe.defaults["scheduler"]["shift"] == on_disk["shift"]
+    args = dict(num_videos=1, steps=3, seed=0, prompt="a red square moving left")
+    default = pipe(**args)
+    assert torch.equal(default, pipe(**args, scheduler={"pretrained": str(wan), "subfolder": "scheduler"}))
+    assert not torch.equal(default, pipe(**args, scheduler={"shift": 1.0}))
+    paths = sample_to_dir(tmp_path / "videos", model=tmp_path / "export", progress=False, **args)
+    assert json.loads(paths["record"].read_text())["scheduler"]["shift"] == on_disk["shift"]
+
+
 def test_lora_exports_diffusers_lora_weights_that_load_lora_weights_loads(wan, lora_ckpt, tmp_path):
     from diffusers import WanPipeline
 

@@ -15,14 +15,18 @@ guidance formula moves the latents by 1e-1 (the test checks that stale's own gri
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from helpers import tiny_pipeline
+from helpers import compose_train, tiny_pipeline
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
 from stale.diffusion.samplers import scheduler_times
 from stale.models.pretrained import load_backbone
+from stale.training.checks import ConfigError
+from stale.training.resolve import check_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 PROMPTS = ["a red square moving left", "blue"]
@@ -178,3 +182,34 @@ def test_euler_sampling_equals_the_familys_pipeline(family, guidance):
     # the grid matters: stale's even, unshifted grid lands far away, so the tolerance above can fail
     even = generate(model, labels, width=W, **common, **captions, output_type="latent")
     assert (even - expected).abs().max() > 1e3 * TOL["atol"]
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_backbone_runs_read_the_pipelines_scheduler_once(family, tmp_path_factory):
+    """backbone=wan|ltx sample on their pipeline's grid: resolve reads scheduler/scheduler_config.json into the run's
+    config (what the checkpoint and the export hold), LTX with LTXPipeline's linear sigmas."""
+    folder = tiny_pipeline(tmp_path_factory, family)
+    on_disk = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    # 9 frames, 32 pixels: a clip both families take (Wan: 1 + 4k, sides of 16k; LTX: 1 + 8k, sides of 32k)
+    cfg = compose_train(
+        f"backbone={family}", f"pipeline={folder}", "data.frames=9", "data.size=32", "data.style=captioned"
+    )
+    run = check_config(cfg).config.sample.scheduler
+    assert run["_class_name"] == on_disk["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert run["shift"] == on_disk["shift"] and run["use_dynamic_shifting"] == on_disk["use_dynamic_shifting"]
+    assert run.get("sigmas") == {"wan": None, "ltx": "linear"}[family]
+    assert "pretrained" not in run  # the grid itself, not where it came from
+
+
+def test_bad_schedulers_fail_before_training_naming_the_key(tmp_path_factory):
+    folder = tiny_pipeline(tmp_path_factory, "wan")
+    run = ["backbone=wan", f"pipeline={folder}", "data.frames=9", "data.size=16", "data.style=captioned"]
+    with pytest.raises(ConfigError, match=r"sample.scheduler.shfit: .*did you mean sample.scheduler.shift\?"):
+        check_config(compose_train(*run, "+sample.scheduler.shfit=2.0"))
+    with pytest.raises(ConfigError, match=r"sample.scheduler.pretrained: no scheduler_config.json in .*nowhere"):
+        check_config(compose_train(*run, "sample.scheduler.pretrained=/nowhere"))
+    with pytest.raises(ConfigError, match=r"sample.scheduler: use_karras_sigmas=True is not supported"):
+        check_config(compose_train(*run, "+sample.scheduler.use_karras_sigmas=true"))
+    # stale's own models may sample on a flow scheduler's grid too; a mapping, not a string
+    with pytest.raises(ConfigError, match=r"sample.scheduler='euler' must be null or a mapping"):
+        check_config(compose_train("debug=smoke", "sample.scheduler=euler"))

@@ -56,7 +56,8 @@ PIPELINE_INDEX = "model_index.json"  # diffusers' pipeline index
 NOTES_FILE = "README.md"
 DIFFUSION_TARGET = "stale.diffusion.objective.StaleObjective"
 # from the run's `sample` node: StalePipeline's default settings, with these values where the run has none
-SAMPLE_DEFAULTS = {"steps": 50, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0}
+# (scheduler: a diffusers flow scheduler's config, the sampling grid of a backbone's family; None: stale's grid)
+SAMPLE_DEFAULTS = {"steps": 50, "sampler": "euler", "guidance": 1.0, "classifier_guidance": 0.0, "scheduler": None}
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:

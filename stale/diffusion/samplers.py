@@ -20,6 +20,8 @@ Two rules shared by every sampler:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from typing import Callable
 
@@ -82,6 +84,49 @@ def _check_scheduler(scheduler: dict) -> str:
             f"sample.scheduler.time_shift_type={scheduler['time_shift_type']!r} is not one of ['exponential', 'linear']"
         )
     return name
+
+
+def read_scheduler(spec, key: str = "sample.scheduler") -> dict | None:
+    """A scheduler spec as a plain, checked scheduler config (what scheduler_times takes), or None (stale's grid).
+
+    `spec` is None, or a mapping of scheduler_config.json keys, optionally with `pretrained` (a hub id, a folder or
+    its scheduler_config.json) and `subfolder` (e.g. scheduler): that config is read with diffusers' own
+    ConfigMixin.load_config (the hub cache, offline) and the mapping's other keys go over it, so
+    {pretrained: REPO, subfolder: scheduler, sigmas: linear} is LTXPipeline's grid. The result names no file, so a
+    checkpoint or an export that holds it samples the same way on any machine. Errors name `key`."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{key}={spec!r} must be null or a mapping (e.g. {{pretrained: REPO, subfolder: scheduler}})")
+    spec = dict(spec)
+    source, subfolder = spec.pop("pretrained", None), spec.pop("subfolder", None)
+    config = {}
+    if source is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        try:  # load_config reads scheduler_config.json whatever the class; the class is checked below
+            config = dict(FlowMatchEulerDiscreteScheduler.load_config(str(source), subfolder=subfolder))
+        except (OSError, ValueError) as e:
+            where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+            raise ValueError(f"{key}.pretrained: no scheduler_config.json in {where}: {e}") from None
+    config = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    config.update(spec)
+    try:
+        name = _check_scheduler(config)
+    except ValueError as e:
+        raise ValueError(str(e).replace("sample.scheduler", key, 1)) from None
+    import diffusers  # a misspelt key would otherwise leave the grid at its default
+
+    allowed = set(inspect.signature(getattr(diffusers, name).__init__).parameters) - {"self"} | {
+        "sigmas",
+        "_class_name",
+    }
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        hint = f"; did you mean {key}.{close[0]}?" if close else ""
+        raise ValueError(f"unknown config key {key}.{unknown[0]}: {name} takes {', '.join(sorted(allowed))}{hint}")
+    return config
 
 
 def scheduler_times(steps: int, scheduler: dict, tokens: int, device=None) -> torch.Tensor:

@@ -114,6 +114,7 @@ def sample_to_dir(
     prompt: str | None = None,
     prompts: str | Path | None = None,
     negative_prompt: str | None = None,
+    scheduler: dict | None = None,
 ) -> dict[str, Path]:
     """Sample `num_videos` videos and write sample_NNN.mp4, grid.gif, contact_sheet.png, samples.json and, for
     class-conditional samples, labels.json (the class each clip was asked for: stale-eval's label agreement).
@@ -126,7 +127,9 @@ def sample_to_dir(
     num_videos = num_videos or (len(text) if text else 8)
     text = None if text is None else [text[i % len(text)] for i in range(num_videos)]
     labels = pipe.labels(num_videos, label if text is None else 0)
-    settings = pipe.settings(steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance)
+    settings = pipe.settings(
+        steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance, scheduler=scheduler
+    )
     context = conditioning(pipe, image, video, context_frames, size)
     videos = pipe(
         num_videos=num_videos,

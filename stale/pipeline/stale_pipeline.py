@@ -26,6 +26,7 @@ from stale.checkpoint.registry import build
 from stale.checkpoint.weights import read_checkpoint
 from stale.diffusion import flow
 from stale.diffusion.generate import generate
+from stale.diffusion.samplers import read_scheduler
 from stale.export.export import save_pretrained
 
 
@@ -166,16 +167,22 @@ class StalePipeline:
         width: int | None = None,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | None = None,
+        scheduler: dict | None = None,
     ) -> torch.Tensor:
         """Generate uint8 videos (B, C, T, H, W) on the CPU with stale.diffusion.generate: pixels, decoded through
         the autoencoder for a latent model (frames/size/height/width are then the pixel clip's; height and width give
-        a non-square clip). steps, sampler, guidance
-        and classifier_guidance default to the export's `sample` settings; batch_size bounds memory.
+        a non-square clip). steps, sampler, guidance, classifier_guidance and scheduler (the time grid: a diffusers
+        flow scheduler's config, stale.diffusion.samplers.read_scheduler) default to the export's `sample` settings;
+        batch_size bounds memory.
         context: uint8 (C, K, H, W) or (B, C, K, H, W), the first K frames of every video (image-to-video: K = 1).
         prompt (model.cond=text): one string for every video, or one per video; guidance runs against
         negative_prompt, else the empty caption."""
         settings = self.settings(
-            steps=steps, sampler=sampler, guidance=guidance, classifier_guidance=classifier_guidance
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            classifier_guidance=classifier_guidance,
+            scheduler=scheduler,
         )
         if context is not None and context.ndim == 4:
             context = context[None].expand(num_videos, *context.shape).contiguous()
@@ -226,4 +233,5 @@ class StalePipeline:
             "sampler": out["sampler"],
             "guidance": float(out["guidance"]),
             "classifier_guidance": float(out["classifier_guidance"]),
+            "scheduler": read_scheduler(out["scheduler"], key="scheduler"),
         }

@@ -103,6 +103,7 @@ class StaleSystem(L.LightningModule):
         text_encoder=None,
         empty_text: tuple | None = None,
         prompts: list | None = None,
+        scheduler: dict | None = None,
     ):
         super().__init__()
         self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
@@ -117,6 +118,8 @@ class StaleSystem(L.LightningModule):
         # nn.Module, like the autoencoder), the empty caption's encoding (from it, or from a stale-encode cache) and
         # the prompts sampled during and after training (None: the first training batch's captions)
         self.text_encoder, self.empty_text = text_encoder, empty_text
+        # sample.scheduler: the sampling grid of a diffusers flow scheduler (a backbone's family), None: stale's
+        self.scheduler = scheduler
         self.prompts = list(prompts) if prompts else None
         if model.config.cond == "text" and (text_encoder is None or empty_text is None):
             raise ValueError("model.cond=text needs a text encoder: text_encoder=hf|learned")
@@ -359,6 +362,7 @@ class StaleSystem(L.LightningModule):
             time_shift_scale=self.objective.time_shift_scale,
             text=text,
             negative=negative,
+            scheduler=self.scheduler,
         )
 
     @contextmanager

@@ -58,6 +58,7 @@ def build_system(run: Resolved | DictConfig) -> StaleSystem:
         text_encoder=run.text_encoder,
         empty_text=run.empty_text,
         prompts=cfg.sample.get("prompts"),
+        scheduler=OmegaConf.to_container(cfg.sample.scheduler) if cfg.sample.get("scheduler") else None,
     )
     system.clip_flops = clip_flops(cfg, system)  # each batch's FLOPs for ThroughputMonitor and the budget
     return system

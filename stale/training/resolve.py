@@ -4,7 +4,8 @@ The frozen parts are the autoencoder (vae=diffusers), a stale-encode cache's inf
 module and the text encoder (model.cond=text). They fix values the config leaves open: the latent clip
 (model.in_channels / frames / size), the normalisation and weights hash (vae.shift / scale / sha256), the uniform
 prior's scale on latents (diffusion.prior_scale = sqrt(3): docs/latent.md), a cache's clip and buckets (data.frames /
-size / buckets) and the text encoder's widths and vocabulary (model.text_*, text_encoder.words / sha256).
+size / buckets), the text encoder's widths and vocabulary (model.text_*, text_encoder.words / sha256) and the
+sampling grid of a pipeline's scheduler (sample.scheduler).
 resolve returns them with a new config holding those values (the one the checkpoint and the export record); the
 composed config is left as it was.
 """
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stale.data.captions import read_captions
 from stale.data.latent_cache import cache_buckets, cache_info, check_cache_clip
+from stale.diffusion.samplers import read_scheduler
 from stale.models import config_of
 from stale.training.checks import (
     ConfigError,
@@ -56,7 +58,7 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
     data module and the text encoder (check_config); `datamodule` replaces cfg.data (notebooks, tests)."""
     check_composed(cfg)
     autoencoder, derived = resolve_autoencoder(cfg)
-    run = _with(cfg, derived)
+    run = resolve_scheduler(_with(cfg, derived))
     check_clip(run, autoencoder)
     resolved = Resolved(run, autoencoder=autoencoder)
     text = run.model.get("cond", "label") == "text"
@@ -79,6 +81,21 @@ def resolve(cfg: DictConfig, datamodule=None, *, data: bool = True) -> Resolved:
 def check_config(cfg: DictConfig) -> Resolved:
     """Every check that needs no data: resolve without the data module and the text encoder."""
     return resolve(cfg, data=False)
+
+
+def resolve_scheduler(cfg: DictConfig) -> DictConfig:
+    """sample.scheduler as the scheduler config it names (a pipeline's scheduler/ folder read once, here), so the
+    checkpoint and the export hold the grid itself, not a path; a bad one stops here, naming the key."""
+    spec = cfg.sample.get("scheduler")
+    if spec is None:
+        return cfg
+    try:
+        config = read_scheduler(OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    with open_dict(cfg):
+        cfg.sample.scheduler = config
+    return cfg
 
 
 def check_model_config(cfg: DictConfig):

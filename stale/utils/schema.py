@@ -39,6 +39,7 @@ class SampleSchema:
     progress: bool
     seed: int
     prompts: Any  # model.cond=text
+    scheduler: Any  # null | a diffusers flow scheduler's config (stale.diffusion.samplers.read_scheduler checks it)
 
 
 @dataclasses.dataclass
