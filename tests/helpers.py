@@ -952,3 +952,5 @@ WAN_RUN = [
     "callbacks.ema.decay=0.5",
     "optim.lr=0.01",
 ]
+# The same run on the tiny LTX-Video pipeline (its tiny VAE compresses 4x in time and space: a 3 x 4 x 4 latent clip)
+LTX_RUN = ["backbone=ltx", *WAN_RUN[1:]]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import WAN_RUN, compose_train, tiny_pipeline
+from helpers import LTX_RUN, WAN_RUN, compose_train, tiny_pipeline
 from stale.checkpoint import read_checkpoint
 from stale.checkpoint.export_reader import ExportError
 from stale.export import export_checkpoint
@@ -188,3 +188,57 @@ def test_lora_merged_exports_the_full_transformer(wan, lora_ckpt, tmp_path):
     torch.testing.assert_close(velocity(StalePipeline.from_pretrained(out).model), velocity(model))
     sample_to_dir(tmp_path / "s", model=out, prompt="a red square", num_videos=1, steps=2, device="cpu", progress=False)
     assert (tmp_path / "s" / "sample_000.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_ltx_exports_load_in_diffusers_and_in_stale(mode, tmp_path_factory, tmp_path):
+    """LTX-Video too: a LoRA export loads with LTXPipeline.load_lora_weights and changes its latents, a full one with
+    LTXVideoTransformer3DModel.from_pretrained holds the fine-tuned weights; StalePipeline rebuilds either bit for bit."""
+    from diffusers import LTXPipeline, LTXVideoTransformer3DModel
+
+    ltx = tiny_pipeline(tmp_path_factory, "ltx")
+    prior = {"lora": "gaussian", "full": "uniform"}[mode]
+    cfg = compose_train(
+        *LTX_RUN,
+        f"pipeline={ltx}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"finetune={mode}",
+        f"diffusion.prior={prior}",
+    )
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    model = read_checkpoint(ckpt).build_model()
+    out = tmp_path / "export"
+    export_checkpoint(ckpt, out, merge=False)
+    if mode == "lora":
+        keys = set(load_file(str(out / "pytorch_lora_weights.safetensors")))
+        assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+        pipe = LTXPipeline.from_pretrained(str(ltx))
+        before = ltx_latents(pipe)
+        pipe.load_lora_weights(str(out))
+        assert not torch.allclose(ltx_latents(pipe), before, atol=1e-4)
+    else:
+        loaded = LTXVideoTransformer3DModel.from_pretrained(str(out / "transformer")).state_dict()
+        ours = model.transformer.state_dict()
+        assert loaded.keys() == ours.keys() and all(torch.equal(v, ours[k]) for k, v in loaded.items())
+        assert json.loads((out / "transformer/config.json").read_text())["stale_prior"] == "uniform"
+        assert torch.isfinite(ltx_latents(LTXPipeline.from_pretrained(str(out)))).all()
+    stale = StalePipeline.from_pretrained(out)
+    assert stale.prior == prior
+    assert stale.defaults["scheduler"]["sigmas"] == "linear"  # LTXPipeline's grid
+    assert torch.equal(velocity(stale.model), velocity(model))
+
+
+def ltx_latents(pipe):
+    """Two steps of LTXPipeline from a fixed seed, left in latent space (it takes sides of 32k pixels)."""
+    return pipe(
+        prompt="a red square moving left",
+        height=32,
+        width=32,
+        num_frames=9,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        max_sequence_length=8,
+    ).frames

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import WAN_RUN, StopAt, compose_train, nested_equal, save_tiny_pipeline, tiny_pipeline
+from helpers import LTX_RUN, WAN_RUN, StopAt, compose_train, nested_equal, save_tiny_pipeline, tiny_pipeline
 from stale.checkpoint import read_checkpoint
 from stale.models.finetune import unmerged_base
 from stale.train import ConfigError, build_system, check_config, resolve, train
+
+RUNS = {"wan": WAN_RUN, "ltx": LTX_RUN}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def wan(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory, "wan")
 
 
-def run(out, pipeline, *overrides, callbacks=()):
-    cfg = compose_train(*WAN_RUN, f"pipeline={pipeline}", f"paths.output_dir={out}", *overrides)
+def run(out, pipeline, *overrides, callbacks=(), family="wan"):
+    cfg = compose_train(*RUNS[family], f"pipeline={pipeline}", f"paths.output_dir={out}", *overrides)
     return train(cfg, callbacks=callbacks)
 
 
@@ -38,12 +40,21 @@ def test_backbone_config_comes_from_the_pipeline_folder(wan, tmp_path):
     assert system.text_encoder.source["class"] == "UMT5EncoderModel"
 
 
-@pytest.mark.parametrize("mode, prior", [("full", "uniform"), ("lora", "gaussian")])
-def test_fine_tunes_train_and_the_base_moves_only_where_it_should(wan, tmp_path, mode, prior):
-    run(tmp_path, wan, f"finetune={mode}", f"diffusion.prior={prior}")
+@pytest.mark.parametrize(
+    "family, mode, prior",
+    [("wan", "full", "uniform"), ("wan", "lora", "gaussian"), ("ltx", "lora", "uniform"), ("ltx", "full", "gaussian")],
+)
+def test_fine_tunes_train_and_the_base_moves_only_where_it_should(tmp_path_factory, tmp_path, family, mode, prior):
+    pipeline = tiny_pipeline(tmp_path_factory, family)
+    run(tmp_path, pipeline, f"finetune={mode}", f"diffusion.prior={prior}", family=family)
     ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt.run_config["diffusion"]["prior"] == prior
     model = ckpt.build_model()
-    base = load_file(str(wan / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert (
+        type(model.transformer).__name__
+        == json.loads((pipeline / "transformer/config.json").read_text())["_class_name"]
+    )
+    base = load_file(str(pipeline / "transformer" / "diffusion_pytorch_model.safetensors"))
     state, plain = model.state_dict(), unmerged_base(model)  # plain: the base layers under their own names
     changed = [k for k, v in base.items() if not torch.equal(plain[f"transformer.{k}"], v)]
     if mode == "full":
@@ -53,7 +64,7 @@ def test_fine_tunes_train_and_the_base_moves_only_where_it_should(wan, tmp_path,
         assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())
         raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
         assert all(".lora_" in k or ".head." in k for k in raw["state_dict"])  # the base is left out
-        assert raw["finetune_base"]["pretrained"] == str(wan)
+        assert raw["finetune_base"]["pretrained"] == str(pipeline)
 
 
 def test_lora_resume_is_exact_and_refuses_another_base(wan, tmp_path, tmp_path_factory):
@@ -92,9 +103,13 @@ def test_bad_backbones_fail_before_training_naming_the_key(wan, tmp_path):
         check_config(compose_train(*WAN_RUN, f"pipeline={wan}", "+model.frobnicate=1"))
 
 
-def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cache_and_samples(wan, tmp_path):
-    """stale-shards (captions) -> stale-encode backbone=wan (the pipeline's VAE and UMT5) -> the printed training
-    command, which trains a LoRA on the cache without running the encoders -> stale-sample prompt=... writes a video."""
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cache_exports_and_samples(
+    family, tmp_path_factory, tmp_path
+):
+    """stale-shards (captions) -> stale-encode backbone=wan|ltx (the pipeline's VAE and UMT5 / T5) -> the printed
+    training command, which trains a LoRA on the cache without running the encoders -> stale-export (diffusers' LoRA
+    format) -> stale-sample model=EXPORT prompt=... writes a video."""
     import shlex
     import shutil
 
@@ -114,10 +129,11 @@ def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cac
         "split={train: 1.0}",
         "progress=false",
     )
+    pipeline = tiny_pipeline(tmp_path_factory, family)
     encoded = run_cli(
         "stale-encode",
-        "backbone=wan",
-        f"pipeline={wan}",
+        f"backbone={family}",
+        f"pipeline={pipeline}",
         f"input={tmp_path / 'shards'}",
         f"out={tmp_path / 'latents'}",
         "frames=9",
@@ -128,11 +144,13 @@ def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cac
     ).stdout
     command = next(line.split("train with", 1)[1].strip() for line in encoded.splitlines() if "train with" in line)
     printed = shlex.split(command)
-    assert printed[:3] == ["stale-train", "backbone=wan", f"pipeline={wan}"]
-    cfg = compose_train(*printed[1:], *WAN_RUN[4:], "finetune=lora", f"paths.output_dir={tmp_path / 'run'}")
+    assert printed[:3] == ["stale-train", f"backbone={family}", f"pipeline={pipeline}"]
+    cfg = compose_train(*printed[1:], *RUNS[family][4:], "finetune=lora", f"paths.output_dir={tmp_path / 'run'}")
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    run_cli("stale-sample", f"ckpt={ckpt}", f"out={tmp_path / 's'}", "prompt=a red square", "steps=2")
+    run_cli("stale-export", f"ckpt={ckpt}", f"out={tmp_path / 'export'}", "merge=false")
+    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    run_cli("stale-sample", f"model={tmp_path / 'export'}", f"out={tmp_path / 's'}", "prompt=a red square", "steps=2")
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["prompts"] == ["a red square"]
     assert (tmp_path / "s" / "sample_000.mp4").stat().st_size > 0
 

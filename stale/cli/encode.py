@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> None:
 
     options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     options["device"] = resolve_device(options["device"])
-    pipeline, _ = options.pop("pipeline"), options.pop("model")  # backbone=...: its vae and text encoder nodes
+    pipeline, _, _ = options.pop("pipeline"), options.pop("model"), options.pop("sample")  # backbone=...: vae, text
     result = encode_shards(**options)
     if pipeline:  # the training command names the same backbone and pipeline, which also brings its transformer
         backbone = HydraConfig.get().runtime.choices.get("backbone")
