@@ -25,7 +25,8 @@ Markers (HTML comments, invisible on GitHub), on the lines right above the fence
     of its `key=` must be a key of that command's config.
 
 Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text before the shell split):
-    Wan-AI/Wan2.1-T2V-1.3B-Diffusers      a pipeline folder whose vae/ holds a tiny random-init AutoencoderKLWan
+    Wan-AI/Wan2.1-T2V-1.3B-Diffusers      a tiny random-init WanPipeline folder (helpers.save_tiny_pipeline: transformer,
+                                          AutoencoderKLWan, UMT5, tokenizer, scheduler)
     vae.pretrained=VAE                    that tiny AutoencoderKLWan's own folder
     google/t5-v1_1-xxl                    a tiny random-init T5 encoder with its tokenizer (helpers.save_tiny_t5)
     /data/clips/..., /data/...            shards of the synthetic dataset (train, val, test splits)
@@ -43,7 +44,8 @@ Substitution table (SUBSTITUTIONS, STAND_INS, SIZES; applied to the command text
     Wan clips frames=17 size=256 -> 5 x 32 x 32 (and the
     latent bucket lists likewise); pixel clips frames=16 size=64 -> 4 x 8 x 8; trainer.max_steps=3000 -> 9 (a
     resume 3 steps past the smoke run); Optuna sweeps 2 trials. Every stale-train (and scripts/torchrun.sh) gets `debug=smoke` and, unless it names them,
-    `model=debug` and (pixel space, no buckets) `data.frames=4 data.size=8` appended: the tests' tiny run.
+    `model=debug` (not with backbone=) and (pixel space, no buckets) `data.frames=4 data.size=8` appended: the tests'
+    tiny run.
 
 scripts/*.sh run with the venv's bin first on PATH; where the venv has no torchrun (torch installed outside it),
 a `torchrun` that runs this python's `-m torch.distributed.run`.
@@ -227,7 +229,7 @@ def parse_doc(doc: str) -> Doc:
 class StandIns:
     """Session-wide folders the doc commands read in place of hub ids and your data."""
 
-    wan: Path  # a diffusers pipeline folder: wan/vae/ holds the autoencoder
+    wan: Path  # a whole tiny WanPipeline folder (wan/vae/ holds the autoencoder)
     vae: Path
     t5: Path
     data: Path  # synthetic shards: train-*, val-*, test-*
@@ -247,9 +249,7 @@ def stand_ins(tmp_path_factory) -> StandIns:
 
     base = tmp_path_factory.mktemp("docs-stand-ins")
     vae = helpers.tiny_vae(tmp_path_factory, "AutoencoderKLWan")
-    wan = base / "Wan2.1-T2V-1.3B-Diffusers"
-    wan.mkdir()
-    (wan / "vae").symlink_to(vae)
+    wan = helpers.save_tiny_pipeline("wan", base / "Wan2.1-T2V-1.3B-Diffusers")
     manifest = helpers.captioned_manifest(base)
     shards = base / "shards"
     convert(
@@ -358,9 +358,10 @@ def substitute(cmd: Command, work: Path, stand: StandIns, linked: set[str]) -> l
     argv = [argv[0], *(word for a in argv[1:] for word in _sized(a))]
     if argv[0] in TRAIN_OVERRIDES_FROM:
         keys = {a.split("=", 1)[0].lstrip("+~") for a in argv[TRAIN_OVERRIDES_FROM[argv[0]] :] if "=" in a}
-        latent = "vae=diffusers" in argv or "data=latents" in argv
+        # backbone=...: the pipeline brings its model and autoencoder (a stand-in's tiny ones)
+        latent = "vae=diffusers" in argv or "data=latents" in argv or "backbone" in keys
         argv += ["debug=smoke"] if "debug" not in keys else []
-        argv += ["model=debug"] if "model" not in keys else []
+        argv += ["model=debug"] if "model" not in keys and "backbone" not in keys else []
         if not latent and "data.buckets" not in keys:
             argv += [f"{k}={v}" for k, v in (("data.frames", 4), ("data.size", 8)) if k not in keys]
         if "hparams_search=optuna" in argv and "hydra.sweeper.n_trials" not in keys:
