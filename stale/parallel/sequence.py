@@ -74,7 +74,7 @@ class SequenceParallel:
     def __init__(self, group):
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.t_sizes = self.n_sizes = self.heads = None
+        self.t_sizes = self.n_sizes = self.s_sizes = self.heads = None
         self.current = "frames"
         self.c_full = self.c_frames = None
 
@@ -130,6 +130,34 @@ class SequenceParallel:
     @property
     def n_total(self) -> int:
         return sum(self.n_sizes)
+
+    # --- a flat token sequence: a pretrained backbone's full attention (stale/models/pretrained) ------------
+    # The family's (B, S, D) tokens (its patches, then the joy token) split along S as tensor_split splits; every
+    # block attends over all tokens, so each attention exchanges heads (Ulysses) and nothing else moves.
+    def scatter_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) the whole clip -> this rank's tokens (B, S_r, ...); fixes the split for the step."""
+        s = tokens.shape[1]
+        if s < self.size:
+            raise ValueError(f"parallel.sequence={self.size} splits a clip of {s} tokens: use at most {s}")
+        self.s_sizes = split_sizes(s, self.size)
+        return self.slice_tokens(tokens)
+
+    def slice_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share along dim 1 of a per-token tensor (RoPE tables, per-token times) of the split."""
+        return x.narrow(1, sum(self.s_sizes[: self.rank]), self.s_sizes[self.rank])
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S_r, D) -> the whole (B, S, D) on every rank (its backward sums the ranks' gradients, as gather's)."""
+        return all_to_all(torch.cat([x] * self.size, dim=1), self.group, 1, [x.shape[1]] * self.size, 1, self.s_sizes)
+
+    def heads_to_tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, S_r, heads, d) -> (B, S, heads_r, d): this rank's heads over every token (as heads_to_sequence)."""
+        self.heads = u.shape[2]
+        return all_to_all(u, self.group, 2, split_sizes(self.heads, self.size), 1, self.s_sizes)
+
+    def tokens_to_heads(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, S, heads_r, d) -> (B, S_r, heads, d): back to all heads of this rank's tokens."""
+        return all_to_all(u, self.group, 1, self.s_sizes, 2, split_sizes(self.heads, self.size))
 
 
 @contextmanager

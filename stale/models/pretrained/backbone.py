@@ -103,9 +103,10 @@ class BackboneConfig:
     def modes(self) -> tuple:
         return ("full",) * self.depth  # every family block attends over all tokens of the clip
 
-    # stale's Ulysses sequence parallelism runs inside the Stale Transformer's own attention; a family's attention
-    # processors are diffusers' (its context-parallel plan is not wired in yet): refused before training
-    sequence_parallel: ClassVar[bool] = False
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the family's adapter runs stale's Ulysses sequence parallelism (else refused before training)."""
+        return FAMILIES[self.family].sequence_parallel_ready if self.family in FAMILIES else False
 
 
 def family(class_name: str):
@@ -130,6 +131,8 @@ class PretrainedBackbone(nn.Module):
     pipeline_class: ClassVar[str] = ""
     # the family's RoPE coordinate scale when model.rope_scale is null; None: its RoPE takes none
     default_rope_scale: ClassVar[tuple | None] = None
+    # whether `run` splits its tokens over stale.parallel's sequence-parallel group (self.sequence_parallel)
+    sequence_parallel_ready: ClassVar[bool] = False
 
     def __init__(self, transformer: nn.Module, config: BackboneConfig):
         super().__init__()
