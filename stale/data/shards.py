@@ -38,7 +38,7 @@ import os
 import shutil
 import tarfile
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -50,7 +50,6 @@ from stale.data.video_io import VideoDecodeError, aspect_shape, encode_mp4, iter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SPLIT = {"train": 0.9, "val": 0.05, "test": 0.05}
 VIDEO_EXTENSIONS = set(".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .ts .flv .wmv .3gp .ogv .gif".split())
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}  # still images: one-frame samples
 STATE_DIR = ".stale-shards"
@@ -84,7 +83,7 @@ class ShardsConfig:
     maxcount: int = 1000  # clips per shard at most
     maxsize: float = 1e9  # bytes per shard at most (a single larger clip still gets its own shard)
     workers: int = 1  # videos converted in parallel
-    split: dict | None = None  # ratios by source video; None = DEFAULT_SPLIT
+    split: dict = field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
     seed: int = 0  # which videos go to which split
     crf: int = 18  # H.264 quality: lower is better and bigger
     preset: str = "fast"  # x264 speed/size trade-off
@@ -92,7 +91,6 @@ class ShardsConfig:
     overwrite: bool = False  # start over when `out` holds shards made with other options
 
     def __post_init__(self):
-        self.split = dict(DEFAULT_SPLIT) if self.split is None else self.split
         if self.frames is not None and self.frames < 1:
             raise ShardsError(f"frames={self.frames} must be >= 1 (or null: each video's own length)")
         if self.max_frames < 1:
