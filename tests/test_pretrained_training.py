@@ -127,7 +127,8 @@ def test_captioned_shards_encode_with_the_pipeline_then_lora_trains_from_the_cac
         "frames=9",
         "stride=9",
         "max_clips_per_video=2",
-        "split={train: 1.0}",
+        "split.val=0",
+        "split.test=0",
         "progress=false",
     )
     pipeline = tiny_pipeline(tmp_path_factory, family)

@@ -377,7 +377,8 @@ def test_hf_text_model_trains_on_caption_shards_from_stale_shards_and_samples(tm
         "frames=8",
         "stride=8",
         "max_clips_per_video=3",
-        "split={train: 1.0}",
+        "split.val=0",
+        "split.test=0",
         "progress=false",
     )
     t5 = tiny_text_encoder(tmp_path_factory, "t5")
