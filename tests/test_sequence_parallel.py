@@ -161,14 +161,18 @@ def test_sequence_parallel_equals_one_process(case):
         assert r["seen"][1] < r["seen"][0]  # the blocks ran on this rank's share
 
 
-# a pretrained backbone (the tiny Wan pipeline's transformer, 2 heads): its S = T'H'W' tokens plus the joy token split
-# over the ranks, Ulysses through its self-attention; (model fields, latent frames, per-frame times)
+# a pretrained backbone (the tiny Wan and LTX pipelines' transformers, 2 heads): its S = T'H'W' tokens plus the joy
+# token split over the ranks, Ulysses through its self-attention; (model fields, latent frames, per-frame times)
 BACKBONE_CASES = {
     # T' = 3 of 2 x 2 latents, patch (1, 2, 2): S = 3 + 1 = 4 tokens (2 + 2)
     "wan": (dict(frames=3, size=2, text_len=8), 3, False),
     # T' = 5 of 4 x 4 latents: S = 5 x 4 + 1 = 21 tokens (11 + 10), per-frame times sliced
     # per token, the blocks recomputed in backward through the same exchange
     "wan-odd-per-frame-t-checkpointed": (dict(frames=5, size=4, text_len=8, grad_checkpointing=True), 5, True),
+    # LTX-Video (patch 1, RoPE over all heads in float32): T' = 3 of 2 x 2 latents, S = 12 + 1 = 13 tokens (7 + 6)
+    "ltx": (dict(frames=3, size=2, text_len=8), 3, False),
+    # per-frame times (its per-token time embedding sliced), checkpointed blocks
+    "ltx-per-frame-t-checkpointed": (dict(frames=3, size=2, text_len=8, grad_checkpointing=True), 3, True),
 }
 
 
@@ -179,14 +183,17 @@ def test_sequence_parallel_equals_one_process_on_a_pretrained_backbone(case, tmp
     from helpers import tiny_pipeline
 
     model_kw, frames, per_frame_t = BACKBONE_CASES[case]
-    model_kw = {**model_kw, "pipeline": tiny_pipeline(tmp_path_factory, "wan")}
+    family = case.split("-")[0]
+    model_kw = {**model_kw, "pipeline": tiny_pipeline(tmp_path_factory, family)}
     results = spawn_ranks(_forward_backward, model_kw, frames, per_frame_t, 2)
-    tokens = frames * (model_kw["size"] // 2) ** 2 + 1  # Wan's patch (1, 2, 2), then the joy token
+    side = model_kw["size"] // {"wan": 2, "ltx": 1}[family]  # the patch: Wan (1, 2, 2), LTX 1
+    tokens = frames * side**2 + 1  # then the joy token
     for r in results:
         assert r["vmax"] > 1e-3 and r["zero_grads"] == 0
         assert r["v"] < 1e-10 and r["s"] < 1e-10, r
-        # Wan's cross-attention norm is diffusers' FP32LayerNorm (float32 even in a float64 model): its gradients
-        # summed over the ranks' tokens in another order differ at float32 precision (measured 1.2e-7, 2.7e-7)
+        # Wan's cross-attention norm is diffusers' FP32LayerNorm and LTX turns RoPE in float32 (even in a float64
+        # model): gradients summed over the ranks' tokens in another order differ at float32 precision (Wan: 1.2e-7,
+        # 2.7e-7 measured)
         assert r["g"] < 1e-6, (r["worst"], r["g"])
         assert r["seen"] == (tokens, split_sizes(tokens, 2)[r["rank"]])
 

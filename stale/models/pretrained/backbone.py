@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stale.models.pretrained import ulysses
 from stale.models.stale_transformer import HingeHead, _check_joy_token, joy_vector
 from stale.utils.hashing import weights_sha256
 
@@ -192,6 +193,17 @@ class PretrainedBackbone(nn.Module):
         """The family's forward on latents x (B, C, T, H, W) at noise levels sigma (B,) or (B, T'), in the module's
         dtype: returns (its prediction (B, C, T, H, W), the joy token's final state (B, 1, D) or None)."""
         raise NotImplementedError
+
+    @staticmethod
+    def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The family's RoPE on (B, S, D) self-attention projections (sequence parallelism's attention processor)."""
+        raise NotImplementedError
+
+    def scatter_tokens(self, tokens: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, tuple]:
+        """parallel.sequence (self.sequence_parallel set): this rank's tokens (B, S_r, D) and RoPE rows, every block's
+        self-attention (`attn1`) exchanging heads (stale/models/pretrained/ulysses.py)."""
+        ulysses.install((blk.attn1 for blk in self.blocks), self.rotate)
+        return ulysses.scatter(self.sequence_parallel, tokens, rope)
 
     def block(self, module: nn.Module, *args):
         """One transformer block, recomputed in backward with config.grad_checkpointing."""

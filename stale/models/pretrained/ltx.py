@@ -50,6 +50,7 @@ def unpack(tokens: torch.Tensor, grid: tuple, pt: int, p: int) -> torch.Tensor:
 class LTXBackbone(PretrainedBackbone):
     block_path = "transformer.transformer_blocks"
     pipeline_class = "LTXPipeline"
+    sequence_parallel_ready = True  # Ulysses through its self-attention (ulysses.py)
     default_rope_scale = ROPE_SCALE
     lora_targets = (
         "transformer.transformer_blocks.*.attn1.to_q",
@@ -89,6 +90,14 @@ class LTXBackbone(PretrainedBackbone):
             text_dim=int(c.get("caption_channels", 4096)),
         )
 
+    @staticmethod
+    def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """LTX-Video's RoPE on (B, S, D) projections, over all heads at once: each (even, odd) channel pair turned
+        by its angle (cos, sin (B, S, D), repeated per pair), in float32 as LTXVideoAttnProcessor turns them."""
+        even, odd = u.unflatten(2, (-1, 2)).unbind(-1)  # (B, S, D / 2) each
+        turned = torch.stack([-odd, even], dim=-1).flatten(2)  # (B, S, D)
+        return (u.float() * cos + turned.float() * sin).to(u.dtype)
+
     def run(self, x, sigma, text, text_mask):
         ltx = self.transformer
         b, _, T, H, W = x.shape
@@ -113,8 +122,15 @@ class LTXBackbone(PretrainedBackbone):
         temb = temb.view(b, -1, temb.size(-1))  # (B, 1 or S [+ 1], 6 D)
         embedded = embedded.view(b, -1, embedded.size(-1))  # (B, 1 or S [+ 1], D)
         context = ltx.caption_projection(text).view(b, -1, tokens.size(-1))  # (B, L, D)
+        rope = (rope_cos, rope_sin)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's tokens (B, S_r, D), with their RoPE rows and per-token times
+            tokens, rope = self.scatter_tokens(tokens, rope)
+            temb = sp.slice_tokens(temb) if temb.shape[1] > 1 else temb
         for blk in ltx.transformer_blocks:
-            tokens = self.block(blk, tokens, context, temb, (rope_cos, rope_sin), bias)
+            tokens = self.block(blk, tokens, context, temb, rope, bias)
+        if sp is not None:
+            tokens = sp.gather_tokens(tokens)  # (B, S (+ 1), D) on every rank
         state = None
         if joy:
             tokens, state = tokens[:, :-1], tokens[:, -1:]  # (B, S, D), (B, 1, D)

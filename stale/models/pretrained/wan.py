@@ -17,60 +17,22 @@ so the blocks run on this rank's share of the S (+ joy) tokens, with this rank's
 per-token times; self-attention exchanges heads (DeepSpeed-Ulysses: q, k, v of all heads -> this rank's heads over
 every token, one all-to-all each, and back), while cross-attention and the feed-forward are per token. The tokens
 are gathered after the last block, so the joy token's head, norm_out and the loss run as on one process. The group
-reaches each block's attention through its RoPE tables (ShardedRope), so a block recomputed in backward
-(model.grad_checkpointing) exchanges heads again.
+reaches each block's attention through its RoPE tables (stale/models/pretrained/ulysses.py), so a block
+recomputed in backward (model.grad_checkpointing) exchanges heads again.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from stale.models.pretrained.backbone import NUM_TRAIN_TIMESTEPS, PretrainedBackbone, family
-
-
-class ShardedRope(tuple):
-    """Wan's RoPE tables (cos, sin) of this rank's tokens, carrying the sequence-parallel group `sp` to the
-    attention processor through the block's own call (WanAttnProcessor unpacks it as the plain pair)."""
-
-    sp = None
-
-
-def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on (B, S, heads, d): each (even, odd) channel pair turned by its angle (cos, sin (1, S, 1, d),
-    repeated per pair)."""
-    even, odd = u[..., 0::2], u[..., 1::2]
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(u)
-
-
-class UlyssesSelfAttention:
-    """A Wan self-attention processor for this rank's tokens: q, k, v (B, S_r, heads, d) become this rank's heads
-    over every token, attend, and come back (DeepSpeed-Ulysses). Without a group (validation, sampling, export) and
-    for cross-attention it is the module's own processor."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        sp = getattr(rotary_emb, "sp", None)
-        if sp is None or encoder_hidden_states is not None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, S_r, heads, d)
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
-        q, k, v = (sp.heads_to_tokens(u).transpose(1, 2) for u in (q, k, v))  # (B, heads_r, S, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads_r, S, d)
-        out = sp.tokens_to_heads(out.transpose(1, 2)).flatten(2, 3).type_as(q)  # (B, S_r, D)
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 @family("WanTransformer3DModel")
 class WanBackbone(PretrainedBackbone):
     block_path = "transformer.blocks"
     pipeline_class = "WanPipeline"
-    sequence_parallel_ready = True  # Ulysses through its self-attention (UlyssesSelfAttention)
+    sequence_parallel_ready = True  # Ulysses through its self-attention (ulysses.py)
     lora_targets = (
         "transformer.blocks.*.attn1.to_q",
         "transformer.blocks.*.attn1.to_k",
@@ -103,12 +65,14 @@ class WanBackbone(PretrainedBackbone):
             text_dim=int(c.get("text_dim", 4096)),
         )
 
-    def ulysses_attention(self) -> None:
-        """Each block's self-attention takes UlyssesSelfAttention (once; it defers to the module's processor
-        whenever no group comes with the RoPE tables)."""
-        for blk in self.transformer.blocks:
-            if not isinstance(blk.attn1.processor, UlyssesSelfAttention):
-                blk.attn1.set_processor(UlyssesSelfAttention(blk.attn1.processor))
+    @staticmethod
+    def rotate(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Wan's RoPE on (B, S, D) projections: per head, each (even, odd) channel pair turned by its angle (cos,
+        sin (1, S, 1, head_dim), repeated per pair), as WanAttnProcessor turns them."""
+        u = u.unflatten(2, (-1, cos.shape[-1]))  # (B, S, heads, d)
+        even, odd = u[..., 0::2], u[..., 1::2]
+        c, s = cos[..., 0::2], sin[..., 1::2]
+        return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2).type_as(u).flatten(2, 3)
 
     def run(self, x, sigma, text, text_mask):
         wan = self.transformer
@@ -136,11 +100,8 @@ class WanBackbone(PretrainedBackbone):
         rope = (rope_cos, rope_sin)
         sp = self.sequence_parallel
         if sp is not None:  # this rank's tokens (B, S_r, D), with their RoPE rows and per-token times
-            tokens = sp.scatter_tokens(tokens)
-            rope = ShardedRope((sp.slice_tokens(rope_cos), sp.slice_tokens(rope_sin)))
-            rope.sp = sp
+            tokens, rope = self.scatter_tokens(tokens, rope)
             proj = sp.slice_tokens(proj) if ts_len else proj
-            self.ulysses_attention()
         for blk in wan.blocks:
             tokens = self.block(blk, tokens, context, proj, rope)
         if sp is not None:
