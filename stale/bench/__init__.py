@@ -35,6 +35,7 @@ SECTIONS: dict[str, str] = {
     "latent": "stale.bench.latent",  # encode speed, cache bytes, latent vs pixel step (needs stale[latent]; not default)
     "buckets": "stale.bench.buckets",  # bucketed vs padded/cropped training tokens/s; bucketed loader vs raw decode (not default)
     "peer": "stale.bench.peer",  # training step vs diffusers' LatteTransformer3DModel at matched size (not default)
+    "pretrained": "stale.bench.pretrained",  # a Wan backbone: stale's adapter step vs the bare diffusers module (not default)
     "pos": "stale.bench.pos",  # sin-cos vs resolution-scaled sin-cos vs 3D RoPE: loss at trained/unseen shapes, steps/s (not default)
 }
 
@@ -110,15 +111,23 @@ def build(name: str, frames: int, image: int, num_classes: int = 4, **overrides)
 
 
 def random_batches(
-    n: int, batch_size: int, frames: int, image: int, num_classes: int = 4, seed: int = 0, channels: int = 3
+    n: int,
+    batch_size: int,
+    frames: int,
+    image: int | tuple[int, int],
+    num_classes: int = 4,
+    seed: int = 0,
+    channels: int = 3,
 ) -> list:
-    """n pre-decoded uint8 batches (B, C, T, H, W) + int64 labels: what the loader ships, held in memory."""
+    """n pre-decoded uint8 batches (B, C, T, H, W) + int64 labels: what the loader ships, held in memory.
+    image: H = W, or (H, W) for a clip that is not square."""
     import torch
 
+    h, w = (image, image) if isinstance(image, int) else image
     g = torch.Generator().manual_seed(seed)
     return [
         (
-            torch.randint(0, 256, (batch_size, channels, frames, image, image), generator=g, dtype=torch.uint8),
+            torch.randint(0, 256, (batch_size, channels, frames, h, w), generator=g, dtype=torch.uint8),
             torch.randint(0, num_classes, (batch_size,), generator=g),
         )
         for _ in range(n)

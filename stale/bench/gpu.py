@@ -131,7 +131,7 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _unless_oom(fn, device: str):
+def unless_oom(fn, device: str):
     """fn()'s result, or None when it ran out of memory; the memory it held is freed either way."""
     try:
         return fn()
@@ -146,14 +146,14 @@ def _unless_oom(fn, device: str):
 def fits(size: str, frames: int, resolution: int, batch_size: int, device: str, precision: str, sdpa: str) -> bool:
     """Whether one eager training step fits in memory (compiled steps use no more than eager ones)."""
 
-    def step() -> bool:  # its references die with it, before _unless_oom frees the memory
+    def step() -> bool:  # its references die with it, before unless_oom frees the memory
         trainer = train_step(build(size, frames, resolution), device, precision, compile=False)
         with _backend(sdpa):
             trainer(random_batches(1, batch_size, frames, resolution)[0])
         sync(device)
         return True
 
-    return bool(_unless_oom(step, device))
+    return bool(unless_oom(step, device))
 
 
 def largest_fitting(
@@ -375,7 +375,7 @@ def run(
         if res is not None:
             why = "compiled step OOM"
             args = (s, frames, res, batch_size, device, dtype, compile, sdpa, steps, warmup, flops, peak_tflops, seed)
-            row = _unless_oom(lambda: measure(*args), device)
+            row = unless_oom(lambda: measure(*args), device)
         if res is None or row is None:
             row = {"size": s, **({"clip": [frames, res, res]} if res else {}), "tokens_per_s": f"not measured ({why})"}
             row["mfu"] = "not measured"

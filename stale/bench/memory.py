@@ -17,6 +17,7 @@ What "peak" is depends on the device, and each row says which:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -32,6 +33,14 @@ MARK = "STALE_BENCH_MEMORY "
 MIB = 2**20
 
 
+def trim_allocator() -> bool:
+    """Return glibc's free heap pages to the system (malloc_trim(0)); False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
+    except (OSError, AttributeError):
+        return False
+
+
 class PeakMemory:
     """The most memory this process held since the last reset(), on `device`: the one peak-memory meter of the bench.
 
@@ -39,10 +48,16 @@ class PeakMemory:
     cpu: the peak resident set size. Writing 5 to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to
     the current RSS, so a phase's peak excludes earlier transients such as importing torch; elsewhere getrusage's
     ru_maxrss, which never resets (a fresh process per measurement keeps that usable). `method` says which.
+
+    trim (CPU): reset() first hands the C allocator's free pages back to the system (glibc's malloc_trim), so that a
+    phase in a process that already ran one (a warmed-up step) counts the memory it allocates, not 0 because the
+    allocator kept the previous phase's pages resident. Off by default: the memory section's fresh processes do
+    not need it, and its recorded numbers were measured without it.
     """
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", trim: bool = False):
         self.device, self.cuda = device, str(device).startswith("cuda")
+        self.trim = trim and not self.cuda and trim_allocator()
         if self.cuda:
             self.method = "torch.cuda.max_memory_allocated"
             return
@@ -51,6 +66,8 @@ class PeakMemory:
             self.method = "peak RSS (VmHWM, reset per phase) of a fresh process"
         except OSError:
             self.method = "peak RSS (ru_maxrss) of a fresh process"
+        if self.trim:
+            self.method += ", the allocator's free pages returned first (malloc_trim)"
 
     @staticmethod
     def reset_hwm() -> int:
@@ -73,6 +90,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
+        if self.trim:
+            trim_allocator()
         if "VmHWM" in self.method:
             return self.reset_hwm()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
