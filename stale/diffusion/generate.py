@@ -105,7 +105,9 @@ def generate(
     size, so pixels may then differ by one level).
 
     context: uint8 (B, C, K, H, W), the first K frames given (image-to-video: K = 1; continuation): they start
-    clean, stay fixed, and are copied into the output unchanged; the model generates the other frames.
+    clean, stay fixed, and are copied into the output unchanged; the model generates the other frames. A latent
+    model takes them in pixels (K frames its autoencoder encodes to K' latent frames, e.g. 1 + 4k for Wan's) and
+    starts from their encoding.
 
     text, negative (model.cond=text): the encoded prompts (text (B, L[, D]), mask (B, L)) and what guidance runs
     against (the negative prompt's or the empty caption's encoding, 1 or B rows); `labels` only count the videos.
@@ -159,19 +161,26 @@ def generate(
         autoencoder.to(device)
     given = None
     if context is not None:
-        if autoencoder is not None:
-            raise ValueError(
-                "frame conditioning (context) of a latent model is not supported yet: the given frames "
-                "would have to be encoded; use a pixel model"
-            )
         k = context.shape[2]
-        if context.dtype != torch.uint8 or context.shape[:2] != shape[:2] or context.shape[3:] != shape[3:]:
+        # the given frames are pixels: a latent model's clip is its autoencoder's pixel clip
+        pixels = (
+            (3, *(n * autoencoder.spatial for n in shape[3:])) if autoencoder is not None else shape[1:2] + shape[3:]
+        )
+        if (
+            context.dtype != torch.uint8
+            or context.shape[:2] != (shape[0], pixels[0])
+            or context.shape[3:] != pixels[1:]
+        ):
             raise ValueError(
-                f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {shape[1]}, K, {shape[3]}, "
-                f"{shape[4]}); got {context.dtype} {tuple(context.shape)}"
+                f"context must be uint8 (B, C, K, H, W) = ({shape[0]}, {pixels[0]}, K, {pixels[1]}, "
+                f"{pixels[2]}); got {context.dtype} {tuple(context.shape)}"
             )
+        if autoencoder is None:
+            noise[:, :, :k] = flow.to_unit_range(context)
+        else:  # encoded (the posterior mean, normalised): a causal autoencoder's first latent frames are theirs
+            k = autoencoder.latent_grid(k, *pixels[1:])[0]
+            noise[:, :, :k] = autoencoder.mode(autoencoder.encode(flow.to_unit_range(context))).cpu()
         given = torch.arange(shape[2] // pt, device=device) < frame_context.latent_context(k, shape[2], pt)  # (T',)
-        noise[:, :, :k] = flow.to_unit_range(context)
     n_tokens = flow.tokens(shape, cfg.patch)
     if scheduler is None:
         ts = flow.shift_time(time_grid(steps, device), flow.token_shift(n_tokens, time_shift_base, time_shift_scale))

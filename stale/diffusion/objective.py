@@ -30,6 +30,13 @@ from stale.diffusion.hinge import hinge_loss, predict
 from stale.diffusion.mixup import mixup, mixup_hinge
 
 
+def velocity_loss(err: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared velocity error (B, C, T, H, W), over the generated frames only when `keep` marks them."""
+    if keep is None:
+        return err.pow(2).mean()
+    return (err.pow(2) * keep).sum() / (keep.sum() * err[:, :, 0].numel() / err.shape[0]).clamp_min(1)
+
+
 @dataclass
 class StaleObjective:
     prior: str = "uniform"  # uniform (U[-1,1]^d, the paper's maximum-entropy prior) or gaussian (N(0, I))
@@ -113,21 +120,12 @@ class StaleObjective:
         t = flow.shift_time(
             flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
         )
-        t_in, tt, keep = t, flow.expand_t(t, x), None  # the model's times, t against x, frames in the loss
-        if self.context_frames and self.context_prob > 0:
-            pt = model.config.patch[0]
-            k = context.latent_context(self.context_frames, x.shape[2], pt)
-            ctx = context.draw_context(b, x.shape[2] // pt, k, self.context_prob, device=x.device)  # (B, T')
-            t_in = context.frame_times(t, ctx)  # (B, T'): 1 on context frames
-            tt, keep = context.expand_frames(t_in, x, pt), context.expand_frames(~ctx, x, pt)  # (B, 1, T, 1, 1)
+        t_in, tt, keep = self.frame_context(model, x, t)
         x_t = (1 - tt) * z + tt * x  # flow.interpolate, per frame; x_t = x exactly on context frames
         drop = torch.rand(b, device=x.device) < self.label_dropout
         v, _ = model(x_t, t_in, torch.where(drop, torch.full_like(y, null_label), y))
         err = v.float() - flow.velocity_target(z, x).float()  # (B, C, T, H, W)
-        if keep is None:
-            velocity = err.pow(2).mean()
-        else:  # mean over the generated frames only
-            velocity = (err.pow(2) * keep).sum() / (keep.sum() * err[:, :, 0].numel() / b).clamp_min(1)
+        velocity = velocity_loss(err, keep)
         out = {"loss": velocity, "velocity": velocity.detach()}
         if self.dog_weight > 0:  # (1 - t) is 0 on context frames: they add nothing to the band-pass term
             dog = self._dog((1 - tt.float()) * err)  # on the clean-sample error x1_hat - x
@@ -153,6 +151,18 @@ class StaleObjective:
             out["hinge_acc"] = (predict(scores) == yh).float().mean().detach()
         return out
 
+    def frame_context(self, model, x: torch.Tensor, t: torch.Tensor):
+        """Frame conditioning (context_frames, context_prob): the model's times t_in ((B,), or (B, T') with 1 on the
+        clean context frames of the clips that draw them), t against x, and the frames in the loss ((B, 1, T, 1,
+        1), None: all)."""
+        if not (self.context_frames and self.context_prob > 0):
+            return t, flow.expand_t(t, x), None
+        pt = model.config.patch[0]
+        k = context.latent_context(self.context_frames, x.shape[2], pt)
+        ctx = context.draw_context(x.shape[0], x.shape[2] // pt, k, self.context_prob, device=x.device)  # (B, T')
+        t_in = context.frame_times(t, ctx)  # (B, T'): 1 on context frames
+        return t_in, context.expand_frames(t_in, x, pt), context.expand_frames(~ctx, x, pt)  # (B, 1, T, 1, 1)
+
     def text_loss(self, model, x: torch.Tensor, text: tuple, empty: tuple) -> dict[str, torch.Tensor]:
         """cond=text: the flow loss with caption dropout; the joy head learns whether a clip matches its caption.
 
@@ -160,8 +170,6 @@ class StaleObjective:
         with its own caption (target +1) and with the caption of the next clip in the batch (target -1, or +1 when
         the two captions are the same): max(0, 1 - y s), one binary hinge over both halves.
         """
-        if self.context_frames and self.context_prob > 0:
-            raise ValueError("frame conditioning (diffusion.context_frames) with model.cond=text is not supported yet")
         b = x.shape[0]
         emb, mask = text
         z = flow.sample_prior(x.shape, self.prior, device=x.device, dtype=x.dtype, scale=self.scale)
@@ -170,17 +178,18 @@ class StaleObjective:
         t = flow.shift_time(
             flow.sample_time(b, self.time_sampling, self.time_mean, self.time_std, device=x.device), shift
         )
+        t_in, tt, keep = self.frame_context(model, x, t)
         drop = torch.rand(b, device=x.device) < self.caption_dropout
         e_emb, e_mask = (v.to(x.device).expand(b, *v.shape[1:]) for v in empty)
-        keep = drop.view(b, *([1] * (emb.ndim - 1)))
-        cond = (torch.where(keep, e_emb, emb), torch.where(drop[:, None], e_mask, mask))
+        dropped = drop.view(b, *([1] * (emb.ndim - 1)))
+        cond = (torch.where(dropped, e_emb, emb), torch.where(drop[:, None], e_mask, mask))
         y0 = torch.zeros(b, dtype=torch.long, device=x.device)
-        v, _ = model(flow.interpolate(z, x, t), t, y0, *cond)
+        v, _ = model((1 - tt) * z + tt * x, t_in, y0, *cond)
         err = v.float() - flow.velocity_target(z, x).float()
-        velocity = err.pow(2).mean()
+        velocity = velocity_loss(err, keep)
         out = {"loss": velocity, "velocity": velocity.detach(), "caption_dropped": drop.float().mean().detach()}
-        if self.dog_weight > 0:
-            dog = self._dog((1 - flow.expand_t(t, x).float()) * err)
+        if self.dog_weight > 0:  # (1 - t) is 0 on context frames
+            dog = self._dog((1 - tt.float()) * err)
             out["loss"] = out["loss"] + self.dog_weight * dog
             out["dog"] = dog.detach()
         if self.hinge_weight > 0 and b >= 2:
