@@ -35,7 +35,7 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 log = logging.getLogger(__name__)
@@ -302,9 +302,6 @@ class Scan:
     images: int
     videos: int
     clips: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def scan(urls: list[str], assigner: Assigner) -> Scan:

@@ -169,31 +169,17 @@ class VideoDataModule(L.LightningDataModule):
             bucket_specs=self.bucket_specs,
         )
 
+    def _loader(self, cls, train: bool, **kwargs):
+        hp = self.hparams
+        return cls(self._stream(train=train), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor, **kwargs)
+
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
-        return TrainLoader(
-            self._stream(train=True),
-            self.health,
-            hp.num_workers,
-            hp.pin_memory,
-            hp.prefetch_factor,
-            hp.persistent_workers,
-            epoch_batches=hp.epoch_batches,
-            mix=hp.mix_workers,
-        )
+        kw = dict(persistent_workers=hp.persistent_workers, epoch_batches=hp.epoch_batches, mix=hp.mix_workers)
+        return self._loader(TrainLoader, True, **kw)
 
     def val_dataloader(self) -> ValLoader | list:
-        if not self.val_urls:
-            return []
-        hp = self.hparams
-        return ValLoader(
-            self._stream(train=False),
-            self.health,
-            hp.num_workers,
-            hp.pin_memory,
-            hp.prefetch_factor,
-            persistent_workers=False,
-        )
+        return self._loader(ValLoader, False, persistent_workers=False) if self.val_urls else []
 
 
 class LatentDataModule(VideoDataModule):
@@ -235,9 +221,8 @@ class LatentDataModule(VideoDataModule):
             self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
             self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))
-        if (
-            self.buckets
-        ):  # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+        # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+        if self.buckets:
             shapes = [info["per_bucket"][b.name]["latent_shape"] for b in self.buckets]
             self.bucket_specs = [LatentSpec((2 * s[0], *s[1:])) for s in shapes]
 

@@ -130,10 +130,6 @@ def has_adapters(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def merged(model: nn.Module) -> nn.Module:
     """A copy of `model` with every LoRA adapter merged into its base layer (peft's merge) and unwrapped: a plain
     model whose state dict has the original names."""

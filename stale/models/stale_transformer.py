@@ -520,9 +520,8 @@ class StaleBlock(nn.Module):
         ]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp, rope)
-        if (
-            self.cross_attn is not None
-        ):  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+        # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+        if self.cross_attn is not None:
             b, t, n, d = x.shape
             x = x + self.cross_attn(self.cross_norm(x).reshape(b, t * n, d), text, text_mask).view(b, t, n, d)
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
