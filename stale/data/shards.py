@@ -703,28 +703,12 @@ def _progress(enabled: bool, **kw):
 # stale-shards synthetic
 
 
-def write_synthetic(
-    out: str,
-    frames: int = 8,
-    size: int = 16,
-    num_classes: int = 4,
-    train_clips: int = 2048,
-    val_clips: int = 128,
-    test_clips: int = 128,
-    per_shard: int = 256,
-    style: str = "simple",
-) -> dict:
-    """The embedded dataset (moving shapes) as shards under `out`; returns the split patterns."""
+def write_synthetic(out: str, style: str = "simple", **spec) -> dict:
+    """The embedded dataset (moving shapes) as shards under `out`; returns the split patterns. `spec`: the
+    SyntheticSpec.of keys (frames, size, num_classes, train_clips, val_clips, test_clips, per_shard)."""
     from stale.data.synthetic import SyntheticSpec, split_pattern, write_split
 
-    spec = SyntheticSpec(
-        frames=frames,
-        size=size,
-        num_classes=num_classes,
-        per_shard=per_shard,
-        style=style,
-        counts={"train": train_clips, "val": val_clips, "test": test_clips},
-    )
+    spec = SyntheticSpec.of(style=style, **spec)
     folder = Path(os.path.expanduser(str(out)))
     patterns = {}
     for split, n in spec.counts.items():

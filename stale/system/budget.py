@@ -51,14 +51,11 @@ class ComputeBudget(L.Callback):
         max_cost: float | None = None,
         cost_per_gpu_hour: float | None = None,
     ):
-        values = dict(
-            flops_per_clip=flops_per_clip,
-            max_flops=max_flops,
-            max_gpu_hours=max_gpu_hours,
-            max_cost=max_cost,
-            cost_per_gpu_hour=cost_per_gpu_hour,
-        )
-        for key, value in values.items():
+        self.flops_per_clip = flops_per_clip  # training FLOPs per clip (forward + backward)
+        self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
+        self.cost_per_gpu_hour = cost_per_gpu_hour
+        for key in ("flops_per_clip", "max_flops", "max_gpu_hours", "max_cost", "cost_per_gpu_hour"):
+            value = getattr(self, key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
             ):
@@ -67,9 +64,6 @@ class ComputeBudget(L.Callback):
             raise ValueError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
         if flops_per_clip is None and max_flops is not None:
             raise ValueError("budget.max_flops needs a FLOP count per clip (flops_per_clip)")
-        self.flops_per_clip = flops_per_clip  # training FLOPs per clip (forward + backward)
-        self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
-        self.cost_per_gpu_hour = cost_per_gpu_hour
         # spend so far, in the whole run (saved in checkpoints)
         self.flops = 0.0
         self.gpu_seconds = 0.0
