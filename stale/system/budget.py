@@ -1,19 +1,10 @@
-"""Compute budget: the paper's cost constraint ("xz bit / 50 cent >= 1"), made real.
+"""Compute budget: the paper's cost constraint ("xz bit / 50 cent >= 1"), made real (docs/training.md).
 
-Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`, from an
-analytic or measured count per clip), device time (`max_gpu_hours` = wall time x devices) and money
-(`max_cost` = GPU-hours x `cost_per_gpu_hour`). Spend is logged on every optimiser step (budget/*). FLOP/s and
-MFU are Lightning's ThroughputMonitor's (train/device/flops_per_sec, train/device/mfu from its device table), fed by
-the module's flops_per_batch (stale.train).
-
-Rule: after each optimiser step the callback assumes the next step costs what this one did, and stops if
-that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded when
-every batch has one shape, and the time and money budgets are overrun by at most the difference between two
-steps (plus any validation or sampling in between). With buckets (data.buckets) each batch counts the FLOPs
-of its own shape (the module's flops_per_batch), so a larger bucket after a smaller one can overrun the FLOP
-budget by that difference too; the planned step count (max_flops / the config's clip) is then an estimate. Every rank takes the same decision. The `last.ckpt` checkpoint
-callback (conf/callbacks/default.yaml) saves the state at the stop; the spend itself is part of every
-checkpoint, so a resumed run continues counting from where it stopped.
+Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`), device time
+(`max_gpu_hours` = wall time x devices) and money (`max_cost` = GPU-hours x `cost_per_gpu_hour`). After each
+optimiser step the callback assumes the next step costs what this one did and stops if it would overrun (with
+buckets a larger batch can overrun the FLOP budget by the difference). Every rank takes the same decision, and the
+spend is part of every checkpoint, so a resumed run continues counting.
 """
 
 from __future__ import annotations
