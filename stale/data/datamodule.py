@@ -1,17 +1,9 @@
-"""LightningDataModule that streams mp4 clips from WebDataset tar shards.
+"""LightningDataModule that streams mp4 clips from WebDataset tar shards (docs/data.md).
 
-`data=shards data.shards=<pattern>`: local paths, brace patterns (`/d/train-{000000..000099}.tar`),
-lists, folders (every *.tar inside), globs, and `pipe:` commands (`pipe:aws s3 cp s3://b/x-{0..9}.tar -`).
-Shards written by `stale-shards` and by video2dataset (`.mp4` + `.txt` + `.json` with caption, key,
-status; failed rows are skipped and counted) train as they are.
-
-Training: an endless resampled stream (each rank and worker draws shards with its own seed, so no
-worker ever runs dry and no splitter is needed), shuffled in a buffer, decoded by PyAV, mixed across
-workers, cut into epochs of `epoch_batches`, resumable mid-epoch. Validation: each clip read once across
-ranks and workers. See stale/data/loader.py for the pipeline and the resume design, and
-stale/data/reader.py for the shard reading and sample checks every tool shares, stale/data/health.py for
-how bad samples are counted. Batches are uint8 (B, C, T, H, W) plus int64
-labels; scaling to [-1, 1] happens on the device.
+`data=shards data.shards=<pattern>`: local paths, brace patterns, lists, folders, globs and `pipe:` commands;
+shards written by `stale-shards` and by video2dataset train as they are. The stream is stale/data/loader.py, the
+shard reading and sample checks stale/data/reader.py, bad-sample counting stale/data/health.py. Batches are uint8
+(B, C, T, H, W) plus int64 labels; scaling to [-1, 1] happens on the device.
 """
 
 from __future__ import annotations

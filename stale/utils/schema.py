@@ -82,6 +82,8 @@ class TrainSchema:
     pipeline: Any = None  # backbone=wan|ltx: the pipeline repository its model, vae and text encoder come from
 
 
+# the root's nodes built by instantiate, checked against their _target_'s signature
+TARGET_NODES = "model data diffusion optim schedule vae text_encoder trainer nan_guard budget deadline finetune".split()
 OPEN = None  # "any key": a node whose keys this schema does not constrain
 
 
@@ -183,20 +185,7 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in (
-        "model",
-        "data",
-        "diffusion",
-        "optim",
-        "schedule",
-        "vae",
-        "text_encoder",
-        "trainer",
-        "nan_guard",
-        "budget",
-        "deadline",
-        "finetune",
-    ):
+    for name in TARGET_NODES:
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
