@@ -30,9 +30,8 @@ def head_predictions(
     g = torch.Generator().manual_seed(seed)
     preds, scores = [], []
     for i in range(0, len(clips), batch):
-        x = flow.to_unit_range(
-            torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3)
-        )  # (B, C, T, H, W)
+        # (B, C, T, H, W)
+        x = flow.to_unit_range(torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3))
         tt = torch.full((x.shape[0],), float(t), device=device)
         if t < 1:
             z = flow.sample_prior(x.shape, prior, generator=g).to(device)

@@ -32,16 +32,14 @@ class Finetune:
     """conf/finetune/*.yaml: what trains."""
 
     name: str = "full"  # full | lora
-    freeze: list = field(
-        default_factory=list
-    )  # parameter-name patterns kept fixed (full); lora freezes all but adapters
+    # parameter-name patterns kept fixed (full); lora freezes all but adapters
+    freeze: list = field(default_factory=list)
     rank: int = 8  # lora: r
     alpha: float = 8.0  # lora: the update is (alpha / rank) B A
     dropout: float = 0.0  # lora: dropout on the adapter's input
     target_modules: list | None = None  # lora: nn.Linear module patterns; None = the model's defaults
-    train: list = field(
-        default_factory=list
-    )  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
+    # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
+    train: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.name not in MODES:

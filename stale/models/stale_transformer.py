@@ -494,9 +494,7 @@ class StaleBlock(nn.Module):
 
     def attend(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
-        rope = (
-            None if rope is None else rope[self.mode]
-        )  # model.pos=rope: this mode's (cos, sin) (stale/models/rope.py)
+        rope = None if rope is None else rope[self.mode]  # model.pos=rope: this mode's (cos, sin) (models/rope.py)
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d"), rope=rope).view(b, t, n, -1)
         if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'

@@ -186,20 +186,11 @@ class TrainingDeadline(L.Callback):
         effective = (step - step0) / (now - t0)
         planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
         late = now + (self.planned_steps - step) / effective > self.t_deadline
-        if late and planned < self.planned_steps:
+        faster = planned > self.planned_steps * (1 + self.RAISE_AT)  # the machine got faster (other jobs ended)
+        if (late and planned < self.planned_steps) or faster:
+            why = f"re-planned at step {step}: {effective:.3g} steps/s with validation and sampling"
             self._apply(
-                trainer,
-                pl_module,
-                planned,
-                f"re-planned at step {step}: {effective:.3g} steps/s with validation and sampling",
-            )
-        elif planned > self.planned_steps * (1 + self.RAISE_AT):  # the machine got faster (other jobs ended)
-            self._apply(
-                trainer,
-                pl_module,
-                planned,
-                f"re-planned at step {step}: {effective:.3g} steps/s with "
-                f"validation and sampling, faster than measured",
+                trainer, pl_module, planned, why if planned < self.planned_steps else f"{why}, faster than measured"
             )
 
     def summary(self) -> dict:
