@@ -1,20 +1,9 @@
 """Data benchmark: clips per second per worker of the full loader against a tight PyAV decode loop.
 
-Both read the same mp4 bytes. The raw loop holds them in memory and only decodes them the way PyAV
-is used by hand: open (with the same "mp4" format hint the loader gives), decode every frame,
-`frame.to_ndarray()` in RGB (through the same cached swscale context the loader uses, so the baseline is
-not slowed by PyAV's per-frame context), with a single-threaded decoder as in the loader's workers.
-The loader does everything a training run does: tar reading, the shuffle buffer, JSON and label
-checks, clip sampling, batching, worker IPC and the mixing across workers. Its clip size equals the
-stored size, so no resize is added on top of the decode. The ratio loader/raw is what the loader
-costs; the target is >= 0.9.
-
-Timings alternate between the two (raw, loader, raw, loader, ...) in one process run, and the median
-is reported. Two clocks: wall time (clips/s as a run sees it; on a shared machine other jobs slow it)
-and CPU time (the CPU seconds the loader's worker processes spend per clip, read from /proc, against
-the CPU seconds of the raw loop): on an otherwise idle machine with a core per worker, a worker
-delivers 1 / (its CPU seconds per clip), so the CPU ratio is the one that survives a busy machine.
-`python -m stale.bench.data` prints the table.
+Both read the same mp4 bytes: the raw loop decodes them from memory as PyAV is used by hand (same format hint,
+cached swscale context and single-threaded decoder as the loader), the loader does everything a training run does
+at the stored size. The ratio loader/raw is what the loader costs (target >= 0.9), in wall time and in CPU time,
+the one that survives a busy machine (docs/bench/data.md). `python -m stale.bench.data` prints the table.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
-"""GPU throughput: tokens/s and model FLOPs utilisation (MFU) for sizes S, B and L.
+"""GPU throughput: tokens/s and model FLOPs utilisation (MFU) for sizes S, B and L (docs/bench/overhead.md).
 
-For each size: 16-frame clips at the largest resolution of `resolutions` whose eager bf16 training
-step fits in memory, then a timed loop of stale.bench.step's training step (the system's loss, backward,
-clipping, fused AdamW) with bf16 autocast, torch.compile and the flash SDPA kernel. The loop is plain PyTorch
-so that this measures the model and the kernels; Lightning's own cost is the `train` section.
-`temporal_kernels` times the same step with temporal attention on each SDPA backend in turn.
+For each size: 16-frame clips at the largest of `resolutions` whose eager bf16 step fits, then a timed loop of
+stale.bench.step's training step with bf16 autocast, torch.compile and the flash SDPA kernel, in plain PyTorch
+(Lightning's own cost is the `train` section). `temporal_kernels` times temporal attention on each SDPA backend.
 
   tokens/s = batch x video tokens per clip / step time (the joy token and the hinge branch not counted)
   MFU      = training FLOPs per clip x batch / step time / the device's peak dense bf16 FLOP/s
 
-Training FLOPs per clip come from stale.models.flops.training_flops_per_clip ("analytic", times 1 + the
-hinge branch's share of the batch; the default), or from torch.utils.flop_counter.FlopCounterMode over one real eager training step ("counted": matmuls,
-convolutions and attention, forward and backward, hinge branch included). Each row says which; with
-analytic FLOPs the counted figure is reported beside them as a cross-check. Without CUDA the rows say "not measured (no CUDA)"; measure() itself runs on any device
-(the tests run it on CPU with a tiny model, float32 and no compile).
+FLOPs are "analytic" (stale.models.flops, with the hinge branch's share; the counted figure beside them as a
+cross-check) or "counted" (FlopCounterMode over one eager step). Without CUDA the rows say "not measured (no
+CUDA)"; measure() itself runs on any device (the tests run it on CPU).
 """
 
 from __future__ import annotations

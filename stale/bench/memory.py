@@ -1,18 +1,9 @@
 """Peak training memory per clip, for each model size, with and without gradient checkpointing.
 
-One training step is stale.bench.step's (the system's loss, backward, clipping, AdamW step, zero_grad).
-Memory per clip is the slope between two batch sizes, (peak(B2) - peak(B1)) / (B2 - B1): what each extra clip costs in
-activations and temporaries, with the fixed part (weights, gradients, optimiser state, allocator
-and library baggage) cancelled. `fixed_mib` is the rest of peak(B1) above what was held before the
-first step.
-
-What "peak" is depends on the device, and each row says which:
-  cuda: torch.cuda.max_memory_allocated() (live tensor bytes; the caching allocator's reserve is extra)
-  cpu:  the peak resident set size of a fresh Python process per (size, checkpointing) row:
-        physical memory, including the CPU allocator's and libraries' own use. On Linux the peak
-        (VmHWM) is reset before each measured step, so import-time peaks do not hide small models;
-        elsewhere ru_maxrss (never reset) is used. Steps: B1 (creates the optimiser state), B1
-        (measured), B2 (measured).
+One training step is stale.bench.step's. Memory per clip is the slope between two batch sizes,
+(peak(B2) - peak(B1)) / (B2 - B1), which cancels weights, gradients, optimiser state and library baggage
+(`fixed_mib` is that rest). cuda: torch.cuda.max_memory_allocated(); cpu: the peak resident set size of a fresh
+process per row, its high-water mark reset before each measured step on Linux (docs/bench/overhead.md).
 """
 
 from __future__ import annotations

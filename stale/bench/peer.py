@@ -1,22 +1,12 @@
 """Against the peer (issue 21): the Stale Transformer's training step vs diffusers' LatteTransformer3DModel.
 
-Latte (Ma et al. 2024) is the anchor of stale's alternating architecture; diffusers ships it. Both models are
-built at matched width, depth, heads, patch and clip from random init, and each runs stale.bench.step's training
-step on the same batch, inside a StaleSystem (Latte behind stale's model interface, LatteAsStale): the objective's
-flow-matching velocity MSE, backward, clipping, fused AdamW, with the same noise and times at every step. The
-objective runs with hinge_weight=0 and label_dropout=0: the step is the one both architectures share.
-
-Matching: Latte's `num_layers` counts (spatial, temporal) pairs, stale's `depth` counts single blocks, so
-num_layers = depth / 2. Latte's blocks are as in its released config (ada_norm_single, gelu-approximate MLP of
-4x width, attention bias, no affine on the norms, eps 1e-6), patch (1, p, p) as stale's packaged configs.
-Latte is text-conditioned; stale is class-conditioned and has no cross-attention, so the matched Latte has
-cross_attention_dim=None (no cross-attention in its blocks) and gets a dummy caption of one token of width D
-(caption_channels = D), which its caption projection maps and no block reads. `cross_attention=true` adds
-Latte's cross-attention to that caption (the released model's setting) for a second comparison.
-
-Timing: this machine is shared, so only in-process ratios mean anything. The steps alternate one by one
-(the order rotating), every round measures each once, and the result is the median of the
-per-round ratios stale / latte with its spread (half the inter-quartile range over the median).
+Latte (Ma et al. 2024) is the anchor of stale's alternating architecture. Both models are built at matched width,
+depth (Latte's `num_layers` = depth / 2: each layer is a spatial + a temporal block), heads, patch and clip from
+random init, and run stale.bench.step's training step on the same batch inside a StaleSystem (LatteAsStale), with
+hinge_weight=0 and label_dropout=0: the step both architectures share. The matched Latte has no cross-attention
+and a dummy one-token caption (`cross_attention=true` adds the released model's cross-attention). The steps
+alternate one by one; the result is the median of the per-round ratios stale / latte with its spread
+(BENCHMARKS.md has the matching in full).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""Sampler overhead and the cost of classifier-free guidance.
+"""Sampler overhead and the cost of classifier-free guidance (docs/bench/overhead.md).
 
-Overhead: for each sampler, a round times `nfe` back-to-back forwards of the velocity that
-stale.diffusion.generate integrates at guidance 1 (model(x_t, t, labels)[0]), then one sampling run with
-`steps` steps; the overhead of the round is sampling / forwards - 1, where nfe is counted by running the
-sampler once with a counting closure (Euler: steps; Heun: usually 2 x steps - 1). `per_step_ratio` is
-sampling / (steps x one forward): 1 for a perfect Euler, about 2 for Heun. The row
-`StaleSystem.sample(euler)` times the user-facing path (prior draw, sampler, uint8 conversion).
-
-Guidance (w = `cfg_weight`): generate() runs the conditional and null-label passes as one forward over the
-doubled batch (DiT's forward_with_cfg); the reference row runs them as two forwards of batch B, as stale did
-before. Both integrate with Euler from the same prior; `cfg_ratio` is batched / two-pass, in wall and in
-process CPU time (the latter is less sensitive to other jobs on a shared machine).
-
-Rounds alternate the timings so machine drift hits all of them; the headline is the median over rounds.
+Overhead: a round times `nfe` back-to-back forwards of the velocity generate() integrates, then one sampling run of
+`steps` steps; overhead = sampling / forwards - 1 (nfe counted with a counting closure), `per_step_ratio` =
+sampling / (steps x one forward). Guidance: generate()'s one forward over the doubled batch against two forwards of
+batch B, in wall and process CPU time. Rounds alternate the timings; the headline is the median over rounds.
 """
 
 from __future__ import annotations

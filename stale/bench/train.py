@@ -1,38 +1,12 @@
 """Framework overhead: the Lightning training step versus a plain PyTorch loop doing the same work.
 
-Both sides get the same model (identical initial weights) and the same pre-decoded uint8 batches held in
-memory (so no data loader is measured here); the plain side is stale.bench.step.TrainStep, the step every
-section times: the system's own loss, optimiser and LR schedule, the same gradient clipping and precision
-(a test checks that k steps of each land on the same losses and weights). Lightning's step time is the period
-between the starts of consecutive batches, so everything the framework does per step (hooks, self.log, logger,
-progress bar, scheduler, fetching the next batch) is inside it.
-
-Two timings:
-  block  (default) each fit and each plain run is timed as a whole (device synchronised only at the
-         two ends of the measured steps), so background threads (a progress bar redrawing), periodic
-         logging, asynchronous GPU execution and any syncs Lightning adds (a progress bar reading the
-         loss with .item()) count as they do in training; fits alternate with plain runs, and the ratio
-         is also taken per pair.
-  step   the plain step runs inside Lightning's on_train_batch_start, so the two loops alternate step
-         by step and load changes on a shared machine reach both alike; every step boundary
-         synchronises the device, and a background thread's cost is shared by both loops, so this
-         understates progress-bar costs. Many more samples: use it on a noisy machine.
-The first `warmup` steps of every fit are dropped; variants take turns (order rotated each round).
-
-Lightning variants (each a real Trainer.fit of the real StaleSystem, log_every_n_steps as in
-conf/trainer/*.yaml):
-  lightning        logger=False, checkpointing off, stale-train's progress bar (conf/callbacks/default.yaml:
-                   TQDM redrawn every 10 steps), to stderr (redirected)
-  no_progress_bar  as lightning, without the progress bar
-  no_log           as no_progress_bar, with StaleSystem.log/log_dict replaced by no-ops
-  csv_logger       as no_progress_bar, with a CSVLogger
-  barebones        Trainer(barebones=True): Lightning's own minimal loop (self.log returns at once)
-  rich             as lightning, with Lightning's own default bar (Rich, up to 100 redraws a second from a
-                   thread, metrics read every step) rendering as on a terminal, into /dev/null
-  rich_4hz         as rich, with RichProgressBar(refresh_rate=4)
-  tqdm             as lightning, with TQDMProgressBar (redraws every batch, in the training thread)
-With `profile=true` one more fit of the first variant and one plain run go under cProfile, and the
-time per step is split by where the Python code lives (lightning, torch, stale, C builtins).
+Both sides get the same model (identical initial weights) and the same pre-decoded uint8 batches in memory; the
+plain side is stale.bench.step.TrainStep (a test checks that k steps of each land on the same losses and weights).
+Lightning's step time is the period between the starts of consecutive batches, so everything the framework does per
+step is inside it. `timing=block` times each fit and plain run as a whole; `timing=step` runs the plain step inside
+Lightning's on_train_batch_start, so the two alternate step by step. The variants (lightning, no_progress_bar,
+no_log, csv_logger, barebones, rich, rich_4hz, tqdm), the timings' trade-offs and `profile=true` are in
+docs/bench/overhead.md.
 """
 
 from __future__ import annotations

@@ -7,31 +7,12 @@ config.json         {"format", "format_version", "model": {"_target_": MODEL_TAR
 provenance.json     what produced it (stale/export/export.py)
 vae/, text_encoder/, lora/, denoiser.onnx, denoiser.pt2   optional, listed under config.json "files"
 
-A pretrained backbone's export (model._target_ = BACKBONE_TARGET, stale/models/pretrained) is at the same time a
-diffusers folder: stale reads config.json, diffusers reads model_index.json and the component subfolders, and each
-ignores the other's files.
-
-config.json         as above; its "model" node rebuilds the backbone (the BackboneConfig fields the run gave, not the
-                    widths its transformer's config.json holds). "transformer" says where the transformer is:
-                    {"folder": "transformer"}: the export's own copy (a full fine-tune, or a LoRA with merge=true);
-                        the model node then names pretrained="transformer", subfolder=null, which the reader resolves
-                        against the export folder, never the original pretrained path
-                    {"base": {pretrained, subfolder, revision, sha256}, "lora": LORA_WEIGHTS_FILE}: a LoRA with
-                        merge=false: the pretrained base (hub id or folder, refused if its weights' sha256 differs)
-                        plus the adapter
-model.safetensors   stale's own parts only: joy_token and head.* (the hinge head); the transformer's weights live in
-                    transformer/ or the base
-transformer/        the diffusers module's save_pretrained (config.json + diffusion_pytorch_model.safetensors):
-                    WanTransformer3DModel.from_pretrained(EXPORT, subfolder="transformer"). A model trained with a
-                    prior other than the Gaussian adds "stale_prior" to its config.json (diffusers ignores the key,
-                    with a warning that names it)
-pytorch_lora_weights.safetensors   (LoRA, merge=false) diffusers' key format (transformer.blocks.0.attn1.to_q.lora_A.weight)
-                    with the LoraConfig as metadata: `pipe.load_lora_weights(EXPORT)` on the base pipeline
-model_index.json    (with transformer/, when the vae and the text encoder came from the transformer's own pipeline)
-                    that pipeline's index; vae/ and text_encoder/ are stale's copies (both save_pretrained folders),
-                    its other components (tokenizer/, scheduler/, ...) are copied from the source pipeline:
-                    WanPipeline.from_pretrained(EXPORT)
-README.md           how diffusers loads it, and the prior it must be sampled from (NOTES_FILE)
+A pretrained backbone's export (model._target_ = BACKBONE_TARGET) is at the same time a diffusers folder: stale
+reads config.json, diffusers reads model_index.json and the component subfolders (transformer/,
+pytorch_lora_weights.safetensors), and each ignores the other's files. model.safetensors then holds only stale's
+own parts (joy_token, head.*), and config.json's "transformer" says where the transformer is: {"folder":
+"transformer"} (the export's own copy, resolved against the export folder) or {"base": {pretrained, subfolder,
+revision, sha256}, "lora": LORA_WEIGHTS_FILE}. docs/export.md has the table of files.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Safe loading of Lightning checkpoints: `torch.load(weights_only=True)` and nothing else.
 
-A checkpoint is a pickle. Unpickling an untrusted pickle can run any code (an object's `__reduce__` names
-a callable and its arguments, and the unpickler calls it). `weights_only=True` swaps in PyTorch's
-restricted unpickler, which only rebuilds tensors and plain containers (dict, list, tuple, str, numbers)
-and refuses every other global. A checkpoint written by `stale-train` holds only those, so it loads; one
-that names any other global is refused here with the file and the global in the message, and there is
-deliberately no switch to fall back to full unpickling.
-
-Layout written by Lightning with the EMA callback (WeightAveraging) (conf/callbacks/default.yaml):
-  state_dict           the EMA ("stale") weights, keys prefixed "model."
-  current_model_state  the raw (last optimiser step) weights, same keys
-  hyper_parameters     {"run_config": the resolved Hydra config, with "provenance"}
-  finetune_base        (fine-tuning from init_from only) {"init_from", "sha256"}: the state dicts then hold only
-                       the trained tensors; the frozen ones are rebuilt from that file (stale/checkpoint/weights.py)
+A checkpoint is a pickle, and unpickling an untrusted pickle can run any code. `weights_only=True` swaps in
+PyTorch's restricted unpickler, which only rebuilds tensors and plain containers and refuses every other global. A
+checkpoint written by `stale-train` holds only those, so it loads; one that names any other global is refused with
+the file and the global in the message, and there is deliberately no switch to fall back to full unpickling. The
+checkpoint's layout: stale/checkpoint/weights.py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Console entry points: thin @hydra.main apps over library functions.
 
-Every app is declared with `stale_app`, which is `hydra.main(version_base="1.3", ...)` plus two things Hydra
-does not do:
-- when a command-line key is misspelt, Hydra says only "Could not override 'optim.lrr'" and suggests appending
-  it with `+`; stale_app then also prints every key that node accepts and the nearest one;
-- a bad input (a ValueError: a config value, a file, a shard, a checkpoint; every stale error that names one is
-  one) ends the command with one line `stale-X: error: <message>` and exit code 2, no traceback. The traceback
-  stays one environment variable away: HYDRA_FULL_ERROR=1.
-
-It also keeps the console quiet (quiet_console): each log line printed once (PrintedOnce, named by
-conf/hydra/default.yaml), and the warnings libraries raise about their own code on every stale run filtered by
-message, category and module (LIBRARY_WARNINGS): none a user can act on, none silenced beyond that, and the
-adverts in Lightning's log lines (ADVERTS).
+Every app is declared with `stale_app`: `hydra.main(version_base="1.3", ...)` that also, on a misspelt command-line
+key, prints every key that node accepts and the nearest one (Hydra only suggests appending it with `+`), and ends a
+bad input (a ValueError, also inside Hydra's instantiate) with one line `stale-X: error: <message>` and exit code 2,
+the traceback one environment variable away (HYDRA_FULL_ERROR=1). quiet_console keeps the console quiet: each log
+line printed once (PrintedOnce), and only the library warnings in LIBRARY_WARNINGS and the ADVERTS filtered.
 """
 
 from __future__ import annotations

@@ -1,31 +1,12 @@
 """Buckets: clips of many shapes trained in batches of one shape each (docs/buckets.md).
 
 A bucket is (frames, height, width, batch_size, keep_prob). `data.buckets` is a preset name (PRESETS) or a
-list of buckets; every batch the loader makes holds clips of one bucket's shape, so the model sees each
-shape at its own cost instead of every clip padded or cropped to the largest one.
-
-The rule that puts a clip of (T, h, w) (the shape its .json records; stale-shards writes it) into a bucket:
-
-- it *fits* a bucket when it has the frames ((frames - 1) x frame_stride + 1 <= T) and, resized to cover the
-  bucket's height x width keeping its aspect, it is scaled up at most `max_upscale` times and its crop
-  throws away at most `max_crop` of the resized picture (so a 16:9 clip fits a 16:9 bucket, not a square one);
-- it goes to the *largest* bucket it fits (most pixels frames x height x width), kept there with that bucket's
-  `keep_prob`, else offered to the next largest it fits, and so on; the smallest it fits takes it always;
-- in the bucket it is resized to cover height x width and cropped (random or centre, data.train_crop), and
-  `frames` consecutive frames (every frame_stride-th) are taken from a random start, as without buckets.
-
-A still image (T = 1) fits only T = 1 buckets; a video fits T = 1 buckets too (one of its frames), so image
-and video training mix in one run: with `image_share` the loader keeps images and videos with the
-probabilities that make that share of the clips images (from the counts of `scan`). A clip that fits no
-bucket is skipped and counted as `no_bucket` (outside the skip rate: it is the bucket list, not the data).
-
-The draws are seeded by the sample's place in the stream (like its crop), so a resumed run puts every clip
-in the same bucket again; the partly filled buckets of each worker are part of the loader's state
-(stale/data/loader.py).
-
-A stale-encode cache encoded with buckets (stale/latent/cache.py) applied the rule once, without the keep draws:
-each clip is stored at its largest bucket's shape and its .json names that bucket, which `CacheAssigner` reads at
-train time instead of fitting the clip again.
+list of buckets; every batch the loader makes holds clips of one bucket's shape. A clip of (T, h, w) (the shape its
+.json records) goes to the largest bucket it *fits* (enough frames, scaled up at most `max_upscale` and cropped by
+at most `max_crop` to cover the bucket), kept there with that bucket's `keep_prob`, else offered to the next largest;
+`image_share` thins images or videos to a share of the clips (from `scan`'s counts). The draws are seeded by the
+sample's place in the stream, so a resumed run puts every clip in the same bucket again. A stale-encode cache
+names each clip's bucket in its .json, which `CacheAssigner` reads instead of fitting the clip again.
 """
 
 from __future__ import annotations
@@ -35,7 +16,7 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 log = logging.getLogger(__name__)
@@ -302,9 +283,6 @@ class Scan:
     images: int
     videos: int
     clips: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def scan(urls: list[str], assigner: Assigner) -> Scan:

@@ -1,17 +1,9 @@
-"""LightningDataModule that streams mp4 clips from WebDataset tar shards.
+"""LightningDataModule that streams mp4 clips from WebDataset tar shards (docs/data.md).
 
-`data=shards data.shards=<pattern>`: local paths, brace patterns (`/d/train-{000000..000099}.tar`),
-lists, folders (every *.tar inside), globs, and `pipe:` commands (`pipe:aws s3 cp s3://b/x-{0..9}.tar -`).
-Shards written by `stale-shards` and by video2dataset (`.mp4` + `.txt` + `.json` with caption, key,
-status; failed rows are skipped and counted) train as they are.
-
-Training: an endless resampled stream (each rank and worker draws shards with its own seed, so no
-worker ever runs dry and no splitter is needed), shuffled in a buffer, decoded by PyAV, mixed across
-workers, cut into epochs of `epoch_batches`, resumable mid-epoch. Validation: each clip read once across
-ranks and workers. See stale/data/loader.py for the pipeline and the resume design, and
-stale/data/reader.py for the shard reading and sample checks every tool shares, stale/data/health.py for
-how bad samples are counted. Batches are uint8 (B, C, T, H, W) plus int64
-labels; scaling to [-1, 1] happens on the device.
+`data=shards data.shards=<pattern>`: local paths, brace patterns, lists, folders, globs and `pipe:` commands;
+shards written by `stale-shards` and by video2dataset train as they are. The stream is stale/data/loader.py, the
+shard reading and sample checks stale/data/reader.py, bad-sample counting stale/data/health.py. Batches are uint8
+(B, C, T, H, W) plus int64 labels; scaling to [-1, 1] happens on the device.
 """
 
 from __future__ import annotations
@@ -169,31 +161,17 @@ class VideoDataModule(L.LightningDataModule):
             bucket_specs=self.bucket_specs,
         )
 
+    def _loader(self, cls, train: bool, **kwargs):
+        hp = self.hparams
+        return cls(self._stream(train=train), self.health, hp.num_workers, hp.pin_memory, hp.prefetch_factor, **kwargs)
+
     def train_dataloader(self) -> TrainLoader:
         hp = self.hparams
-        return TrainLoader(
-            self._stream(train=True),
-            self.health,
-            hp.num_workers,
-            hp.pin_memory,
-            hp.prefetch_factor,
-            hp.persistent_workers,
-            epoch_batches=hp.epoch_batches,
-            mix=hp.mix_workers,
-        )
+        kw = dict(persistent_workers=hp.persistent_workers, epoch_batches=hp.epoch_batches, mix=hp.mix_workers)
+        return self._loader(TrainLoader, True, **kw)
 
     def val_dataloader(self) -> ValLoader | list:
-        if not self.val_urls:
-            return []
-        hp = self.hparams
-        return ValLoader(
-            self._stream(train=False),
-            self.health,
-            hp.num_workers,
-            hp.pin_memory,
-            hp.prefetch_factor,
-            persistent_workers=False,
-        )
+        return self._loader(ValLoader, False, persistent_workers=False) if self.val_urls else []
 
 
 class LatentDataModule(VideoDataModule):
@@ -235,9 +213,8 @@ class LatentDataModule(VideoDataModule):
             self.text_members, self.text_info = TEXT_MEMBERS, info["text_encoder"]
             self.empty_text = load_empty_text(path.parent)
         self.train_spec = self.val_spec = LatentSpec((2 * c, t, h, w))
-        if (
-            self.buckets
-        ):  # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+        # each bucket's moments: (2C, T', H', W') of its latent clip (data.bucket_batch_max kept names)
+        if self.buckets:
             shapes = [info["per_bucket"][b.name]["latent_shape"] for b in self.buckets]
             self.bucket_specs = [LatentSpec((2 * s[0], *s[1:])) for s in shapes]
 

@@ -1,15 +1,10 @@
-"""Bad data never stops or slows a run silently: skipped samples are counted by reason and by shard.
+"""Bad data never stops or slows a run silently: skipped samples are counted by reason and by shard (docs/data.md).
 
-Where the counts live:
-- Each loader worker keeps a `SkipCounter` (stale.data.reader, with the reasons: every reader shares them). Whatever it counted since its last batch travels *inside*
-  that batch (the batch's third element, stripped by the loader in the main process), so counts arrive
-  in order with the data, need no shared memory, and are exact when a run resumes mid-epoch.
-- The main process sums them in the DataModule's `DataHealth` (per split: "train", "val").
-- `DataHealthMonitor`, a Lightning callback, sums the training counts over ranks every few steps,
-  logs them (`data/skipped`, `data/skip_rate`, `data/skipped_<reason>`) and stops training with a
-  `DataHealthError` naming the worst shards once the skip rate passes `data.max_skip_rate`.
-
-No handler sleeps: WebDataset's `warn_and_continue` sleeps 0.5 s per bad sample; ours only count.
+Each loader worker's `SkipCounter` (stale.data.reader) sends what it counted *inside* the next batch, so counts
+arrive in order with the data, need no shared memory and are exact on resume; the main process sums them in the
+DataModule's `DataHealth` (per split), and `DataHealthMonitor` sums them over ranks, logs them (data/*) and stops
+training with a `DataHealthError` naming the worst shards once the skip rate passes `data.max_skip_rate`. No
+handler sleeps (WebDataset's `warn_and_continue` sleeps 0.5 s per bad sample).
 """
 
 from __future__ import annotations

@@ -1,45 +1,11 @@
 """The streaming loader behind VideoDataModule: WebDataset tar shards of mp4 clips -> uint8 batches.
 
-Inside each DataLoader worker (`VideoStream`):
-
-    training    shards drawn with replacement, seeded by (seed, epoch, rank, worker)  -> every rank and
-                worker reads its own endless sequence: the stream is split by node and by worker
-                -> tar members grouped into samples (stale.data.reader.read_shard)
-                -> shuffle buffer (webdataset.shuffle, seeded the same way)
-                -> checks, decode + clip + augment (stale.data.reader.decode_sample; per-sample RNG
-                   seeded by its position: sample_seed)
-                -> batch, with the skip counts and the stream position attached
-    validation  the shard list split by rank and by worker (or, when there are fewer shards than
-                rank x worker slots, every worker reads every shard and keeps every n-th sample),
-                read once: every clip is seen exactly once across ranks and workers.
-
-In the main process, `TrainLoader` takes one batch from each worker per round, mixes the samples of
-the round across those batches (the "shuffle after the loader": a batch never holds only one worker's
-shards), strips the metadata, sums the skip counts into the DataModule's `DataHealth`, and stops after
-`epoch_batches` batches (WebDataset's `with_epoch`: every rank yields the same number of batches).
-
-Mid-epoch resume (why not torchdata's StatefulDataLoader): Lightning saves the state of any train
-loader that has `state_dict`/`load_state_dict` (the protocol StatefulDataLoader implements) under
-`checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]` and hands it back before the first
-batch on resume. Only rank 0 writes the checkpoint, so under DDP the state gathers every rank's part
-(Lightning builds the checkpoint dict on every rank) and each rank takes its own back. Our state is tiny: the epoch, how many batches it has yielded, and, per worker, how many
-shuffled samples it had consumed at the start of the current round. Everything random is a function
-of (seed, epoch, rank, worker, position), so on resume each worker replays its shard sequence and
-shuffle buffer and skips the consumed samples *without decoding them*, and the loader skips the
-batches of the current round it had already yielded. The stream continues exactly where it stopped.
-StatefulDataLoader's generic fallback for an IterableDataset without its own state replays and decodes
-the whole epoch, and it would be a new dependency. Because the loader has a length (epoch_batches),
-Lightning does not prefetch a batch ahead, so the saved state is exactly the batches trained on.
-
-Buckets (`data.buckets`, stale/data/buckets.py): each worker keeps one partly filled batch per bucket and
-yields whichever fills first, so every batch has one shape, no worker ever waits on one bucket, and every
-rank still yields `epoch_batches` batches (equal optimiser steps under DDP). Batches are then not mixed
-across workers (shapes differ). The state adds, per worker, the stream positions of the clips sitting in
-partly filled buckets at the start of the round: on resume those few samples are decoded again (their
-bucket and crop are functions of their position) while the rest of the replay is skipped undecoded.
-From a stale-encode cache with buckets the same holds for latents: each sample's .json names its bucket
-(stale.data.buckets.CacheAssigner) and each bucket's batch is float32 moments of its own latent shape (a LatentSpec
-per bucket).
+`VideoStream` runs inside each DataLoader worker: training draws shards with replacement seeded by (seed, epoch,
+rank, worker), shuffles, decodes and batches (stale.data.reader); validation splits the shard list so every clip is
+read once across ranks and workers. `TrainLoader` mixes each round of worker batches in the main process, strips the
+metadata into `DataHealth`, and stops after `epoch_batches`. Its `state_dict` resumes mid-epoch without decoding the
+replay, buckets included (docs/data.md "Mid-epoch resume" says why not torchdata's StatefulDataLoader;
+docs/buckets.md "Workers and ranks stay in step").
 """
 
 from __future__ import annotations

@@ -3,11 +3,7 @@
 Next to the mp4 codec (video_io) so that every writer of samples (stale-train's sampling, stale-sample, the
 ablation script) imports it from below: training does not import evaluation, and `utils` imports no stale module.
 The sidecar, <folder>/labels.json, says which class each clip was asked for, so stale-eval can measure label
-agreement (read back by stale.eval.sample_folder.read_labels):
-
-    {"format": "stale-samples", "version": 1,
-     "labels": {"sample_000.mp4": 0, "sample_001.mp4": 1, ...},   # required: file name -> requested class
-     "num_classes": 4, "guidance": 1.0, "sampler": "euler", "steps": 50, "seed": 0}   # optional, recorded
+agreement (its format: docs/evaluation.md; read back by stale.eval.sample_folder.read_labels).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Reading WebDataset shards of mp4 clips, for every tool: training, stale-eval and stale-contamination.
 
-One module, no Lightning: shard patterns (`expand_shards`), tar members grouped into samples
-(`read_shard`), one parsing rule for a sample's .json, label and video (`check_sample`, `decode_sample`)
-and one skip-and-count rule (`SkipCounter`, `REASONS`): a bad sample or shard is skipped and counted by
-reason, never raised, and when nothing at all decodes the error counts the skips by reason and names the
-likely fix (`all_skipped`).
-
-A sample is `<key>.mp4` + optional `<key>.json` (an object; `label_key` names its integer label) or
-`<key>.cls` (the label as text), + anything else (`.txt` captions are carried, not read). video2dataset's
-rows carry `status` in their .json; a row whose status is not "success" has no video and is skipped as
-`failed_row`. A latent sample (stale-encode's cache, docs/latent.md) has `<key>.latent.npy` in place of the
-mp4 and is read with a `LatentSpec` through the same functions.
+One module, no Lightning: shard patterns (`expand_shards`), tar members grouped into samples (`read_shard`), one
+parsing rule for a sample's .json, label and video (`check_sample`, `decode_sample`) and one skip-and-count rule
+(`SkipCounter`, `REASONS`): a bad sample or shard is skipped and counted by reason, never raised, and when nothing
+decodes the error names the likely fix (`all_skipped`). A sample is `<key>.mp4` + optional `<key>.json` (its
+`label_key` the integer label) or `<key>.cls`; video2dataset rows whose status is not "success" are skipped as
+`failed_row`; a latent sample (docs/latent.md) has `<key>.latent.npy` instead and is read with a `LatentSpec`.
 """
 
 from __future__ import annotations

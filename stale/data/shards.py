@@ -1,30 +1,16 @@
-"""stale-shards: turn a folder or a manifest of videos into WebDataset shards of short H.264 clips.
+"""stale-shards: turn a folder or a manifest of videos into WebDataset shards of short H.264 clips (docs/data.md).
 
     input   a folder (every video file below it; the first subfolder level names the labels),
             a manifest.csv (columns path[,label][,caption]) or a manifest.jsonl (same keys).
     out     <out>/{train,val,test}-NNNNNN.tar, <out>/info.json (patterns, counts, classes, the command
             that trains on them), <out>/sources.jsonl (which video went to which split).
 
-Every video FFmpeg reads through PyAV works (mp4, mkv, webm, avi, mov; H.264, VP9, MPEG-4, ...), and still
-images (png, jpg, webp) become one-frame samples. Each video is resampled to `fps` and resized:
-`resize=aspect` (the default) keeps its aspect ratio at about size x size pixels, each side a multiple of
-`grid` (never scaled up; docs/buckets.md); `resize=square` resizes the short side to `size` and centre-crops.
-Then it is cut into clips of `frames` frames every `stride` frames (at most `max_clips_per_video`, spread
-over the whole video); `frames=null` (the default) keeps each video's own length: back-to-back clips of at
-most `max_frames`, the last one shorter. A sample is `<key>.mp4` (H.264) + `<key>.json` (source, split,
-start/end time, fps, frames, height, width, duration, label, class_name, caption) + `<key>.txt` (caption,
-when there is one).
-
-Splits are drawn by *source video*: all clips of a video land in the same split, so no video leaks from
-train into val or test. Videos are converted in parallel (`workers`) and written in a fixed order, so
-the shards are the same whatever the worker count.
-
-Resumable: a shard is written under a temporary name and renamed when complete, and a marker records
-where in the video list it ended (and the clip shapes it holds). A second run with the same options keeps every
-finished shard, skips the videos they hold, and continues after the last one.
-
-The training command it prints takes every clip the shards hold (_clip_keys): the bucket preset made for its
-(size, grid), else one clip shape as data.frames/data.size, else a data.buckets list of the shapes written.
+A sample is `<key>.mp4` (H.264) + `<key>.json` (source, split, start/end time, fps, frames, height, width,
+duration, label, class_name, caption) + `<key>.txt` (the caption, when there is one). Splits are drawn by source
+video, so no video leaks from train into val or test; videos are converted in parallel and written in a fixed
+order, so the shards are the same whatever the worker count. Resumable: a shard is renamed when complete and a
+marker records where in the video list it ended. The training command it prints takes every clip the shards hold
+(_clip_keys).
 """
 
 from __future__ import annotations
@@ -703,28 +689,12 @@ def _progress(enabled: bool, **kw):
 # stale-shards synthetic
 
 
-def write_synthetic(
-    out: str,
-    frames: int = 8,
-    size: int = 16,
-    num_classes: int = 4,
-    train_clips: int = 2048,
-    val_clips: int = 128,
-    test_clips: int = 128,
-    per_shard: int = 256,
-    style: str = "simple",
-) -> dict:
-    """The embedded dataset (moving shapes) as shards under `out`; returns the split patterns."""
+def write_synthetic(out: str, style: str = "simple", **spec) -> dict:
+    """The embedded dataset (moving shapes) as shards under `out`; returns the split patterns. `spec`: the
+    SyntheticSpec.of keys (frames, size, num_classes, train_clips, val_clips, test_clips, per_shard)."""
     from stale.data.synthetic import SyntheticSpec, split_pattern, write_split
 
-    spec = SyntheticSpec(
-        frames=frames,
-        size=size,
-        num_classes=num_classes,
-        per_shard=per_shard,
-        style=style,
-        counts={"train": train_clips, "val": val_clips, "test": test_clips},
-    )
+    spec = SyntheticSpec.of(style=style, **spec)
     folder = Path(os.path.expanduser(str(out)))
     patterns = {}
     for split, n in spec.counts.items():

@@ -70,6 +70,11 @@ class SyntheticSpec:
         if self.style not in STYLES:
             raise ValueError(f"data.style={self.style!r} is not one of {STYLES}")
 
+    @classmethod
+    def of(cls, train_clips: int = 2048, val_clips: int = 128, test_clips: int = 128, **fields) -> SyntheticSpec:
+        """The spec with the split sizes as flat keys (data=synthetic, stale-shards synthetic)."""
+        return cls(counts={"train": train_clips, "val": val_clips, "test": test_clips}, **fields)
+
     def fingerprint(self) -> str:
         fields = asdict(self)
         if fields["style"] == "varied":  # the style field came later: keep the caches written before it

@@ -31,19 +31,12 @@ class SyntheticDataModule(VideoDataModule):
         style: str = "simple",
         **loader_kwargs,
     ):
-        spec = SyntheticSpec(
-            frames=frames,
-            size=size,
-            num_classes=num_classes,
-            style=style,
-            counts={"train": train_clips, "val": val_clips, "test": test_clips},
-        )
+        shape = dict(frames=frames, size=size, num_classes=num_classes)
+        spec = SyntheticSpec.of(train_clips, val_clips, test_clips, style=style, **shape)
         self.folder = ensure_synthetic(root or default_cache_root(), spec)
         super().__init__(
             shards=split_pattern(self.folder, "train"),
             val_shards=split_pattern(self.folder, "val"),
-            frames=frames,
-            size=size,
-            num_classes=num_classes,
+            **shape,
             **loader_kwargs,
         )

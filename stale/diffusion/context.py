@@ -1,13 +1,10 @@
 """Frame conditioning: the first K frames of a clip given as clean context (image-to-video, continuation).
 
-The LTX-Video recipe (HaCohen et al. 2024, "LTX-Video: Realtime Video Latent Diffusion", sec. 3.3): a context
-frame sits at the clean end of the path (t = 1, x_t = x), the model gets one time per latent frame, and the
-context frames are left out of the loss. No new layer: the adaLN-Zero modulation of each frame already reads its
-own time, so a model trained without context can be fine-tuned into one with context (init_from) and the same
-weights still generate from noise alone. docs/finetune.md says why this and not Open-Sora 2.0's channel concat.
-
-Times here are per latent frame: context_frames counts frames of the clip the model sees, and must be a multiple
-of the temporal patch pt.
+The LTX-Video recipe (HaCohen et al. 2024, sec. 3.3): a context frame sits at the clean end of the path (t = 1,
+x_t = x), the model gets one time per latent frame, and the context frames are left out of the loss. No new layer:
+each frame's adaLN-Zero modulation already reads its own time, so a model trained without context can be
+fine-tuned into one with it (docs/finetune.md says why not Open-Sora 2.0's channel concat). context_frames counts
+frames of the clip the model sees and must be a multiple of the temporal patch pt.
 """
 
 from __future__ import annotations

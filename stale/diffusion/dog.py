@@ -1,30 +1,19 @@
-"""The paper's "old-school Difference-of-Gaussians objective", made a band-pass loss term.
+"""The paper's "old-school Difference-of-Gaussians objective", made a band-pass loss term (docs/training.md).
 
-DoG_s = G_s - G_{k s} with k = 1.6 (Marr & Hildreth 1980: the DoG that best approximates the Laplacian of
-Gaussian). Its frequency response is H(w) = exp(-s^2 w^2 / 2) - exp(-k^2 s^2 w^2 / 2), which peaks at
-w* = sqrt(4 ln k / (k^2 - 1)) / s = 1.098 / s rad/px. Bands s in {0.6, 1, 2, 4} px: METHOD.md's octaves,
-except that the finest band is 0.6 px instead of 0.5 px (why: below).
+DoG_s = G_s - G_{k s} with k = 1.6 (Marr & Hildreth 1980). Its frequency response is
+H(w) = exp(-s^2 w^2 / 2) - exp(-k^2 s^2 w^2 / 2), which peaks at w* = 1.098 / s rad/px. Bands s in {0.6, 1, 2, 4} px:
+a sampled Gaussian of 0.5 px aliases (its band is a high-pass), and 0.6 px is the finest band whose realised peak is
+within METHOD.md's 10% (tests/test_diffusion_dog.py measures it); a finer band works but `DoGLoss` warns.
 
-Gaussian filtering is separable and matches `scipy.ndimage.gaussian_filter(..., mode="reflect",
-truncate=4.0)`: the same sampled, normalised kernel of radius int(4 s + 0.5), and scipy's default
-"reflect" boundary (d c b a | a b c d | d c b a, the edge sample repeated), implemented by index
-arithmetic so that a kernel wider than the clip (s = 4 on 16 px) is still exact.
-
-Why 0.6 px, not 0.5 px (measured in tests/test_diffusion_dog.py): a *sampled* Gaussian of s = 0.5 px
-aliases, so a 0.5 px band's response keeps rising up to Nyquist (pi rad/px = 1.57 / s) instead of peaking
-at 2.2 rad/px: it is a high-pass, not a band. The realised peak is 24% off at 0.55 px, 8.6% at 0.6 px,
-1.1% at 0.7 px and within 0.3% from 1 px on. METHOD.md asks for both scipy-exact sampled kernels and a
-peak within 10% of 1.10 / s; 0.6 px is the finest band that honours both, so it is the default. A finer
-band still works (it is the user's choice) but `DoGLoss` warns with its realised peak.
-
+Gaussian filtering is separable and matches `scipy.ndimage.gaussian_filter(..., mode="reflect", truncate=4.0)`,
+with the reflection done by index arithmetic so that a kernel wider than the clip (s = 4 on 16 px) is still exact.
 Because DoG is linear, the loss on the clean-sample error x1_hat - x = (1 - t)(v - u) is
 
     L_dog = sum_b w_b mean((1 - t)^2 DoG_b(v - u)^2),
 
-with w_b = 1 / (n_bands * g_b), g_b the white-noise power gain of band b on the clip's own size
-(reflected boundaries included): every band then weighs the same, and for white-noise errors
-E L_dog = E L_velocity exactly.
-DoG of a constant is 0, so L_dog only ever adds to the velocity loss (it cannot pin the mean).
+with w_b = 1 / (n_bands * g_b), g_b the white-noise power gain of band b on the clip's own size: every band weighs
+the same, and for white-noise errors E L_dog = E L_velocity. DoG of a constant is 0, so L_dog only ever adds to the
+velocity loss.
 """
 
 from __future__ import annotations

@@ -1,25 +1,20 @@
 """Guidance: classifier-free guidance on labels, and classifier guidance from the hinge head's margin.
 
-Both wrap a velocity field and return a velocity field with the samplers' signature v(x (B, ...), t (B,)).
+Both wrap a velocity field and return one with the samplers' signature v(x (B, ...), t (B,)).
 
 Classifier-free guidance (Ho & Salimans 2022): train with the label dropped (p = 0.1), then
     v = v_null + w (v_label - v_null);  w = 1 is the plain conditional model, w = 0 the unconditional one.
 
-Classifier guidance (Dhariwal & Nichol 2021), for flow matching. With a Gaussian prior the velocity and
-the score of p_t are tied by Tweedie's identity, v(x, t) = (x + (1 - t) grad log p_t(x)) / t, so adding
-grad log p(y | x_t) to the score adds to the velocity
+Classifier guidance (Dhariwal & Nichol 2021), for flow matching: with a Gaussian prior Tweedie's identity
+v = (x + (1 - t) grad log p_t(x)) / t turns a classifier's gradient into
 
-    v_y(x, t) = v(x, t) + (1 - t) / t * grad_x log p(y | x_t).
+    v_y(x, t) = v(x, t) + (1 - t) / t * grad_x log p(y | x_t)
 
-tests/test_diffusion_guidance.py checks this against the exact oracle: for the Gaussian prior the guided
-unconditional oracle equals the class-conditional oracle. Two caveats make the model's version a
-heuristic. (1) The hinge head's margin s_y - max_{j != y} s_j stands in for log p(y | x_t); it is not a
-calibrated log-probability. (2) With the uniform prior there is no Tweedie identity at all: p_t is a
-mixture of boxes, so its score is 0 almost everywhere while v* is not, and the exact p(y | x_t) is
-piecewise constant, with zero gradient almost everywhere (the same test shows the guided oracle does not
-move). For the uniform prior the margin gradient is therefore only a push towards clips the head
-scores as class y, scaled like the Gaussian case. The factor (1 - t) / t is capped at t_min, since a
-learned margin has no reason to vanish at t = 0 as the exact log p(y | x_0) does.
+(tests/test_diffusion_guidance.py checks it against the exact oracle). The model's version is a heuristic: the
+head's margin s_y - max_{j != y} s_j is no calibrated log-probability, and with the uniform prior there is no
+Tweedie identity at all (the exact p(y | x_t) is piecewise constant; docs/convergence.md), so there the margin
+gradient is only a push towards clips the head scores as y. The factor (1 - t) / t is capped at t_min, since a
+learned margin has no reason to vanish at t = 0.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """The Stale objective: L = L_velocity + lambda_dog L_dog + lambda_hinge L_hinge (METHOD.md).
 
-One code path for every setting: the prior (uniform or Gaussian), the time sampler and the weights only
-change numbers, never which functions run, so `diffusion.prior=gaussian diffusion.dog_weight=0.1` trains
-exactly like the default.
-
-Flow branch: x_t = (1 - t) z + t x, target u = x - z, labels dropped with `label_dropout` for
-classifier-free guidance. L_velocity = mean ||v - u||^2; L_dog is the band-pass loss on the clean-sample
-error (1 - t)(v - u) (stale/diffusion/dog.py).
-
-Frame conditioning (context_frames K, context_prob p): with probability p per clip the first K frames are
-given clean (t = 1 for those frames, one time per latent frame) and left out of the loss
-(stale/diffusion/context.py). With K = 0 or p = 0 the model sees one time per clip, as without it.
-
-Hinge branch: the head must not see the label it predicts, so it is a second, label-free forward pass on
-a fraction of the batch at fresh times (x_t, t, null label). Cost: about `hinge_fraction` extra forward
-and backward work per step (0.25 by default). Mixup ("mess-up") applies here only, never to the flow
-target (stale/diffusion/mixup.py says why).
+One code path for every setting: the prior, the time sampler and the weights only change numbers, never which
+functions run. Flow branch: x_t = (1 - t) z + t x, target u = x - z, labels dropped with `label_dropout`;
+L_dog is the band-pass loss on the clean-sample error (1 - t)(v - u) (dog.py). Frame conditioning gives the
+first K frames clean to a share `context_prob` of the clips, left out of the loss (context.py). Hinge branch: the
+head must not see the label it predicts, so it is a second, label-free forward pass on `hinge_fraction` of the
+batch at fresh times; mixup applies here only, never to the flow target (mixup.py says why).
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""The exact optimal velocity for a finite data set: the oracle the samplers are measured against.
+"""The exact optimal velocity for a finite data set: the oracle the samplers are measured against (METHOD.md).
 
-For data {y_i}, i = 1..N (each with mass 1/N) and prior p0, the minimiser of the flow-matching loss
-E ||v(x_t, t) - (x - z)||^2 is v*(x, t) = E[x - z | x_t = x] (METHOD.md):
-
-    v*(x, t) = sum_i w_i (y_i - x) / (1 - t),   w_i = p0((x - t y_i) / (1 - t)) / sum_j p0((x - t y_j) / (1 - t))
-
-Gaussian prior: w = softmax_i(-||x - t y_i||^2 / (2 (1 - t)^2)).
-Uniform prior:  w_i is proportional to 1{||x - t y_i||_inf <= 1 - t} (point i is *active*), so v* is
-(mean of the active y_i - x) / (1 - t); at t = 0 every point is active. A discretised path can leave
-every box (the active set is empty: p_t(x) = 0 there); the oracle then falls back to the nearest box in
-L-inf distance, i.e. the i minimising ||x - t y_i||_inf (ties share the weight).
-
-Flattens each datum to a vector; computes in the data's dtype (use float64 for convergence studies).
+For data {y_i} (mass 1/N each) and prior p0, v*(x, t) = sum_i w_i (y_i - x) / (1 - t) with
+w_i proportional to p0((x - t y_i) / (1 - t)): a softmax for the Gaussian prior; for the uniform prior the indicator
+of ||x - t y_i||_inf <= 1 - t (point i is *active*). A discretised path can leave every box; the oracle then falls
+back to the nearest box in L-inf distance (ties share the weight). Computes in the data's dtype (use float64 for
+convergence studies).
 """
 
 from __future__ import annotations

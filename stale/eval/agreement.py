@@ -1,14 +1,9 @@
-"""Label agreement: does the hinge head recognise the class that a sample was asked for?
+"""Label agreement: does the hinge head recognise the class that a sample was asked for? (docs/evaluation.md)
 
-The Stale Transformer's joy-token head is a noise-aware classifier: it scores the classes of x_t at time t
-with the null label (the label must not leak into its own prediction). For finished samples we ask it at
-t = 1 by default, where x_t = x exactly: the samples are the clean end of the path, so no prior noise has
-to be drawn and the number is deterministic. The head was trained at logit-normal times (few near 1), so
-its accuracy on *real* clips at the same t is reported next to the agreement as the ceiling to read it
-against; `t` < 1 evaluates on x_t = (1 - t) z + t x with a fixed-seed prior draw z instead.
-
-stale-eval loads the model with stale.checkpoint.read_checkpoint, the one checkpoint reader
-(weights_only, allow-listed targets, EMA weights).
+The joy-token head scores x_t with the null label. Samples are asked at t = 1 by default, where x_t = x exactly, so
+no prior noise is drawn and the number is deterministic; the head's accuracy on *real* clips at the same t is
+reported beside it as the ceiling to read it against (`t` < 1 uses a fixed-seed prior draw). The model is read with
+stale.checkpoint.read_checkpoint, the one checkpoint reader.
 """
 
 from __future__ import annotations
@@ -35,9 +30,8 @@ def head_predictions(
     g = torch.Generator().manual_seed(seed)
     preds, scores = [], []
     for i in range(0, len(clips), batch):
-        x = flow.to_unit_range(
-            torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3)
-        )  # (B, C, T, H, W)
+        # (B, C, T, H, W)
+        x = flow.to_unit_range(torch.as_tensor(clips[i : i + batch]).to(device).permute(0, 4, 1, 2, 3))
         tt = torch.full((x.shape[0],), float(t), device=device)
         if t < 1:
             z = flow.sample_prior(x.shape, prior, generator=g).to(device)

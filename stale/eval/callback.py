@@ -1,19 +1,10 @@
-"""FDDCallback: log a small Fréchet DoG distance on validation during training (`val/fdd`).
+"""FDDCallback: log a small Fréchet DoG distance on validation during training (`val/fdd`; docs/evaluation.md).
 
-At the end of each validation run it samples `num_videos` clips (labels cycling through the classes,
-fixed seed) with the weights validation used, and compares their frame features with those of the
-validation clips just seen (up to `max_real`). Small sets make the number noisy and biased upwards: it
-is a trend line for one run, not a number to compare across set sizes (stale-eval is for that).
-Cost per validation: one sampling run of `num_videos` clips x `steps` model calls.
-
-Enable with a callbacks entry, e.g. in conf/callbacks/default.yaml:
-
-    fdd:
-      _target_: stale.eval.callback.FDDCallback
-      num_videos: 16
-      steps: 10
-
-Under DDP each rank sees its own share of the validation clips; rank 0 samples and logs.
+At the end of each validation run rank 0 samples `num_videos` clips (labels cycling through the classes, fixed
+seed) with the weights validation used and compares their frame features with those of the validation clips just
+seen (up to `max_real`). Small sets make the number noisy and biased upwards: a trend line for one run, not a
+number to compare across set sizes (stale-eval is for that). Enable it with a `callbacks` entry
+(`_target_: stale.eval.callback.FDDCallback`, `num_videos`, `steps`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """Train-test contamination: fingerprint every clip of two shard sets, find near-duplicate pairs, clean the test set.
 
-The paper leaves "train-test contamination" as future work; this is the tool that lets a user show there
-is none. Steps:
+The paper leaves "train-test contamination" as future work; this is the tool that lets a user show there is none
+(docs/evaluation.md): fingerprint_shards (dHash of a few evenly spaced frames per clip, stale.eval.fingerprint),
+find_pairs (median matched-frame Hamming distance <= threshold, XOR + popcount in cache-sized tiles;
+docs/bench/contamination.md), clean_test_shards (the flagged test shards rewritten without those clips).
 
-1. fingerprint_shards: read the shards with stale.data.reader (bad samples skipped and listed), decode
-   every clip (PyAV) and take the dHash of a few evenly spaced frames
-   (stale.eval.fingerprint), keeping each clip's key and shard.
-2. find_pairs: all pairs whose median matched-frame Hamming distance is <= threshold. Brute force, but
-   vectorised: XOR + popcount over uint64 in cache-sized tiles (about 1 ns per frame comparison on one
-   core; docs/bench/contamination.md), with an exact pigeonhole prefilter (below).
-3. clean_test_shards: rewrite the test shards that hold flagged clips without them (byte-exact copies of
-   every other member) and list the clean shard set, one path per line.
-
-Prefilter. With K frames per clip, "median <= threshold" needs at least need = ceil(K/2) frames within the
-threshold, so at least one of any K - need + 1 frames is within it. The search therefore scans only the
-first K - need + 1 frames (3 of 5), and checks the exact median on the few pairs that pass.
+Prefilter: with K frames per clip, "median <= threshold" needs need = ceil(K/2) frames within the threshold, so at
+least one of any K - need + 1 frames is within it; the search scans only those and checks the exact median on the
+few pairs that pass.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """evaluate(): Fréchet DoG distance, label agreement and (optionally) FVD of a samples folder against real shards.
 
-    FDD   always; weight-free (stale.eval.features): per-frame DoG energies, colour and frame-difference
-          statistics of the generated clips against real held-out clips, Fréchet distance of the two sets.
-    label agreement   when a checkpoint is given and the samples carry requested labels (labels.json); the real
-          clips' labels (label_key) are read for it alone, as the head's accuracy on real clips, so a Fréchet
-          distance without a checkpoint takes unlabelled shards as they are.
-    FVD   when `i3d` points to an I3D TorchScript file (none can be downloaded here).
-
-Real clips are cut and resized exactly as the training loader does (first T frames, short side to the
-sample size, centre crop), so the two sets differ only in where they came from.
+FDD always (weight-free features, stale.eval.features); label agreement when a checkpoint is given and the samples
+carry requested labels (labels.json); FVD when `i3d` points to an I3D TorchScript file (docs/evaluation.md). Real
+clips are cut and resized exactly as the training loader does, so the two sets differ only in where they came from.
 """
 
 from __future__ import annotations

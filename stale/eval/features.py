@@ -1,4 +1,4 @@
-"""Old-school, weight-free video features for the Fréchet DoG distance (FDD, METHOD.md).
+"""Old-school, weight-free video features for the Fréchet DoG distance (FDD, METHOD.md; docs/evaluation.md).
 
 Per frame (frames 1..T-1 of every clip; frame 0 has no predecessor), 25 numbers in 8-bit pixel units:
 
@@ -6,13 +6,9 @@ Per frame (frames 1..T-1 of every clip; frame 0 has no predecessor), 25 numbers 
     colour statistics    6  mean and standard deviation of R, G, B
     frame differences    7  RMS of (frame_t - frame_{t-1}) per channel, and RMS of DoG_s of the grey difference
 
-DoG_s = G_s - G_{k s}, k = 1.6 (Marr & Hildreth 1980): a band-pass around spatial frequency 1.10 / s.
-The filter and its bands are the DoG loss's (stale/diffusion/dog.py: scipy-exact Gaussians, bands
-0.6, 1, 2, 4 px, because a 0.5 px band aliases into a high-pass).
-The energies say how much structure the frames hold at each scale (blur and high-frequency noise both
-show up), the colour moments catch colour casts, and the difference statistics catch motion that is too
-slow, too fast or flickering. Pixel units keep the numbers readable: a colour mean off by 10 grey levels
-adds 100 to the FDD.
+The filter and its bands are the DoG loss's (stale/diffusion/dog.py). The energies catch blur and noise, the
+colour moments colour casts, the differences motion that is too slow, too fast or flickering. Pixel units keep the
+numbers readable: a colour mean off by 10 grey levels adds 100 to the FDD.
 """
 
 from __future__ import annotations

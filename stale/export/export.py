@@ -1,26 +1,11 @@
 """Export a trained model out of Lightning: safetensors weights + plain-JSON config, and optional graphs.
 
-An export folder:
-
-    model.safetensors   the weights (EMA by default), no pickle
-    config.json         {"model": {"_target_": "stale.models.build_model", name, every StaleConfig field},
-                         "diffusion": {"_target_": "stale.diffusion.objective.StaleObjective", ...},
-                         "sample": default sampling settings, "weights": "ema" | "raw", "files": {...}}
-    provenance.json     what produced it: the training run's git commit and package versions, its full
-                        resolved config, the checkpoint (path, sha256, step) and the exporting environment
-    vae/                (latent runs) the autoencoder's own copy (diffusers save_pretrained, safetensors);
-                        config.json's "vae" node records its class, source, weights sha256 and normalisation
-    denoiser.onnx       (onnx=true) one velocity evaluation, dynamic batch; see stale/export/onnx.py
-    denoiser.pt2        (torch_export=true) the same as a torch.export program (torch.export.load it; that
-                        loader may unpickle, so load only .pt2 files you trust; StalePipeline never reads it)
-    lora/               (a LoRA checkpoint with merge=false) the adapter in peft's layout; model.safetensors is
-                        then the base without it: `stale-sample model=OUT lora=OUT/lora`. merge=true (the
-                        default) folds the adapter into model.safetensors instead.
-
-A pretrained backbone (model=diffusers) exports a folder that diffusers reads too (stale/export/backbone.py,
-layout in stale/checkpoint/layout.py): transformer/ (full, or LoRA merged) or pytorch_lora_weights.safetensors (LoRA,
-merge=false), model_index.json when the vae and text encoder came from the transformer's pipeline, README.md, and
-model.safetensors with stale's own parts only (joy token, hinge head).
+The folder's files (stale/checkpoint/layout.py, docs/export.md): model.safetensors (the EMA weights by default, no
+pickle), config.json (the model and diffusion nodes, default sampling settings, weights, files), provenance.json
+(the training run's commit, packages and config, the checkpoint, the exporting environment), and optionally vae/,
+denoiser.onnx (stale/export/onnx.py), denoiser.pt2 (torch.export; its loader may unpickle, so StalePipeline never
+reads it) and lora/ (merge=false: the adapter in peft's layout, model.safetensors the base without it). A
+pretrained backbone's export is a diffusers folder too (stale/export/backbone.py).
 """
 
 from __future__ import annotations

@@ -5,19 +5,13 @@
     z = ae.sample(moments)                          # one posterior draw, normalised (B, C, T', H', W')
     pixels = ae.decode(z)                           # normalised latents -> pixels [-1, 1] (B, 3, T, H, W)
 
-Layouts, as read in diffusers' source (models/autoencoders/): AutoencoderKLWan, AutoencoderKLCogVideoX,
-AutoencoderKLLTXVideo and AutoencoderKLHunyuanVideo encode (B, C, T, H, W) videos to a
-DiagonalGaussianDistribution over (B, C', T', H', W') and decode (B, C', T', H', W') back; all four are
-causal in time (the first frame alone, then groups of `temporal` frames: T = 1 + temporal * k, T' = 1 + k).
-AutoencoderKL is an image autoencoder: (B*T, C, H, W) frame by frame, T' = T.
+The video classes (CLASSES) are causal in time: the first frame alone, then groups of `temporal` frames
+(T = 1 + temporal * k, T' = 1 + k); AutoencoderKL encodes frame by frame, T' = T. `moments` are the posterior's
+mean and log-variance on the channel axis; normalisation z = (latent - shift) * scale per channel comes from the
+autoencoder's own constants, else from statistics measured on the data (docs/latent.md).
 
-`moments` are the posterior's mean and log-variance stacked on the channel axis (the stale-encode cache stores
-them, docs/latent.md says why). Normalisation: z = (latent - shift) * scale per channel, from the
-autoencoder's own constants (latents_mean/latents_std, scaling_factor, shift_factor), else from per-channel
-statistics measured on the data (stale-encode stores them in the cache's info.json).
-
-This is deliberately not an nn.Module: held by the LightningModule it stays out of its state_dict, its
-optimiser and Lightning's device moves, and the EMA callback's deep copy shares it instead of copying it.
+Deliberately not an nn.Module: held by the LightningModule it stays out of its state_dict, its optimiser and
+Lightning's device moves, and the EMA callback's deep copy shares it instead of copying it.
 """
 
 from __future__ import annotations

@@ -1,36 +1,19 @@
-"""stale-encode: mp4 shards -> latent shards (WebDataset), one sample per clip, resumable.
+"""stale-encode: mp4 shards -> latent shards (WebDataset), one sample per clip, resumable (docs/latent.md).
 
     stale-encode input='shards/train-{000000..000009}.tar' out=LAT vae.pretrained=VAE frames=9 size=64
 
-Each input shard is read with the training reader (stale.data.reader: read_shard, decode_sample) with the
-validation clip rule (centre start and crop, no flip) and becomes `<stem>-NNN.tar` in `out` (WebDataset's
-ShardWriter, `maxcount` clips per file). A sample is
+Each input shard is read with the training reader and the validation clip rule (centre start and crop, no flip)
+and becomes `<stem>-NNN.tar` in `out`. A sample is
 
     <key>.latent.npy   the posterior moments: mean and log-variance stacked on channels, (2C, T', H', W')
-    <key>.json         {"label", "source": "<shard>:<key>", "clip": {"frames", "size"}, "latent_shape"}
+    <key>.json         {"label", "source": "<shard>:<key>", "clip": {"frames", "size"}, "latent_shape"[, "bucket"]}
     <key>.txt          the caption, when the source sample had one
 
-and later stages add their own members under the same key (e.g. a text encoder's `<key>.t5.npy`, issue 18).
-The files of an input shard are written under out/.partial/ and moved into `out` when the whole input shard is
-done; `progress.jsonl` records each finished input shard (its outputs, clip and skip counts, and the per-channel
-sums of the statistics), so a killed run restarts at the first unfinished input shard. `info.json` is rewritten
-after every finished input shard: the autoencoder (source and weights hash), the pixel and latent clip shapes,
-and the per-channel mean and std of the latents (a running sum over every clip, kept per input shard in
-progress.jsonl, so a resumed run measures what an uninterrupted one does): the normalisation when the autoencoder
-has no constants or vae.normalization=data, which therefore needs no statistics here (the cache holds raw moments).
-Clips that fail to decode are skipped and counted by reason, never raised. The result carries the stale-train
-command for the cache (`train_command`), built from the settings the cache was encoded with.
-
-This module writes caches (stale-encode: `encode_shards` and its helpers); reading one (data=latents:
-`cache_info`, `cache_buckets`, `load_empty_text`) is stale/data/latent_cache.py, below the model in the layering.
-
-With `buckets=` (a preset name or a list, as data.buckets: docs/buckets.md) the cache holds clips of many shapes:
-each clip goes to the largest bucket it fits (stale.data.buckets' fit rule with frame_stride, bucket_max_crop and
-bucket_max_upscale; keep_prob is a training-time draw and does not apply: a cache stores each clip once), is cut
-like a validation clip at that bucket's shape, and is encoded in batches of that one shape. Its .json adds
-`"bucket": "<frames>x<height>x<width>"` and `clip` records the bucket's frames, height and width; info.json adds
-the bucket list, the fit rule, and per bucket its latent shape and clip count (`per_bucket`). A clip that fits no
-bucket is skipped and counted as `no_bucket`. `stale-train data=latents` takes the bucket list from info.json.
+An input shard's files are written under out/.partial/ and moved into `out` when it is done; `progress.jsonl`
+records each finished one (outputs, counts and the per-channel sums of the statistics), so a killed run restarts
+at the first unfinished input shard and measures what an uninterrupted one does; `info.json` is rewritten after
+each. With `buckets=` each clip goes to the largest bucket it fits (no keep draws: a cache stores each clip once).
+Reading a cache (data=latents) is stale/data/latent_cache.py, below the model in the layering.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Fine-tuning a Stale Transformer: which tensors train (full, frozen by name, or LoRA adapters through peft).
 
     finetune=full                      every parameter trains (the default), except those matching `freeze`
-    finetune=lora finetune.rank=8      low-rank adapters (Hu et al. 2021) on the attention projections and the
-                                       MLPs of every block, injected by peft; the base weights are frozen
+    finetune=lora finetune.rank=8      peft LoRA adapters (Hu et al. 2021) on the blocks' attention and MLPs
 
-Patterns are fnmatch patterns on full names (`blocks.*.attn.qkv`, `head.*`); `*` also matches dots.
-Whatever the mode, tensors that init_from could not fill (new or reshaped layers: a new label table, a new
-head) train, since a frozen random layer is no use. The joy token is a buffer: nothing here can make it train.
-
-Adapters are peft LoRA layers inside the model itself (peft.inject_adapter_in_model), so the model keeps its
-class, its `config` and its forward; names gain `.base_layer.` and `.lora_A.default.` parts. merged() folds them
-back into a plain StaleTransformer (export with merge=true); adapter_state() / load_adapter() are peft's own
-file layout (adapter_config.json + adapter_model.safetensors), so peft-aware tools read our adapters.
+Patterns are fnmatch patterns on full names (`blocks.*.attn.qkv`, `head.*`). Tensors that init_from could not fill
+(a new label table, a new head) train whatever the mode: a frozen random layer is no use. Adapters live inside the
+model (peft.inject_adapter_in_model), so it keeps its class, config and forward; merged() folds them back into a
+plain model, adapter_state() / load_adapter() use peft's own file layout (docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -37,16 +32,14 @@ class Finetune:
     """conf/finetune/*.yaml: what trains."""
 
     name: str = "full"  # full | lora
-    freeze: list = field(
-        default_factory=list
-    )  # parameter-name patterns kept fixed (full); lora freezes all but adapters
+    # parameter-name patterns kept fixed (full); lora freezes all but adapters
+    freeze: list = field(default_factory=list)
     rank: int = 8  # lora: r
     alpha: float = 8.0  # lora: the update is (alpha / rank) B A
     dropout: float = 0.0  # lora: dropout on the adapter's input
     target_modules: list | None = None  # lora: nn.Linear module patterns; None = the model's defaults
-    train: list = field(
-        default_factory=list
-    )  # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
+    # lora: parameter patterns that train too (e.g. y_embed.* for new classes)
+    train: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.name not in MODES:
@@ -128,10 +121,6 @@ def has_adapters(model: nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def merged(model: nn.Module) -> nn.Module:

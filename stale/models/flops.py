@@ -1,25 +1,12 @@
 """Parameters and analytic FLOPs of the Stale Transformer, for compute budgets, MFU and benchmarks.
 
-Convention (that of torch.utils.flop_counter.FlopCounterMode, Kaplan et al. 2020 and PaLM's MFU): count
-matrix products and convolutions only, 2 FLOPs per multiply-add; norms, softmax, activations,
-embedding look-ups and positional codes (the sin-cos addition, model.pos=rope's rotations of q and k) are not
-counted. Training = 3 x forward (the backward computes two products per
-forward product: the gradient of the input and of the weight). Exactly, the backward skips the input
-gradient of the patch embedding and of the first time-MLP layer, whose inputs need no gradient, so
-3 x forward overstates FlopCounterMode by about 0.3% for `tiny` and under 0.01% from `s` up. Gradient
-checkpointing recomputes the forward (4 x forward executed); by the MFU convention that is not counted.
-
-Attention counts Q K^T and A V: 4 L^2 D per sequence of length L (all heads together). Spatial blocks run
-B T' sequences of H'W'+1 tokens and temporal blocks B (H'W'+1) sequences of T' tokens, so their cost is
-linear in T; full blocks run one sequence of T'(H'W'+1) tokens, quadratic in T. At T' = 1 (images) temporal
-attention is each token's value (Attention._single): its q, k projections and attention are not run or counted.
-
-Note for measuring with FlopCounterMode on a CPU: the default CPU kernel of scaled_dot_product_attention
-(_scaled_dot_product_flash_attention_for_cpu) has no FLOP formula and counts as 0; wrap the step in
-`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` to count attention.
-
-The objective's hinge branch runs a second forward and backward on `diffusion.hinge_fraction` of the
-batch; a training step therefore costs about (1 + hinge_fraction) x training_flops_per_clip per clip.
+Convention (torch.utils.flop_counter.FlopCounterMode's, Kaplan et al. 2020, PaLM's MFU): matrix products and
+convolutions only, 2 FLOPs per multiply-add; training = 3 x forward (overstating FlopCounterMode by about 0.3% for
+`tiny`, under 0.01% from `s` up: the backward skips the input gradient of the patch embedding and the first
+time-MLP layer); gradient checkpointing's recomputation is not counted. Attention counts Q K^T and A V, 4 L^2 D per
+sequence of length L; at T' = 1 temporal attention is each token's value (Attention._single) and is not counted.
+On a CPU, FlopCounterMode counts the default SDPA kernel as 0: wrap the step in sdpa_kernel(SDPBackend.MATH).
+The hinge branch adds about hinge_fraction x training_flops_per_clip per clip.
 """
 
 from __future__ import annotations

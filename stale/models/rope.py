@@ -1,28 +1,15 @@
 """3D axial rotary position embeddings (model.pos=rope): q and k rotated by the token's (t, h, w) inside attention.
 
-RoPE (Su et al. 2021, "RoFormer") rotates each pair of query/key channels by an angle proportional to the
-token's position, so that the score q_i . k_j depends on the positions only through i - j. For video the head
-dimension is split into three parts, one per axis, each rotated by its own coordinate: Wan 2.1's split
-(rope_params in wan/modules/model.py: d - 4 (d // 6) channels for time, 2 (d // 6) each for height and width),
-as HunyuanVideo (rope_dim_list, e.g. [16, 56, 56] of 128) and Open-Sora 2 (after HunyuanVideo) do with theta
-10000 per axis.
+RoPE (Su et al. 2021) rotates each pair of query/key channels by an angle proportional to the token's position, so
+q_i . k_j depends on the positions only through i - j. The head dimension is split into time, height and width parts
+as Wan 2.1 does (d - 4 (d // 6) channels for time, 2 (d // 6) each for height and width), theta 10000 per axis.
+Spatial attention rotates by (h, w), temporal attention by t, full attention by (t, h, w); a part a mode does not
+rotate keeps angle 0. The joy token's (h, w) parts are never rotated (it scores as if at the origin, as ViT's class
+token under 2D RoPE; docs/buckets.md says why), its time part turns with its frame's t. That also keeps sequence
+parallelism free of rank offsets: every mode's table covers an axis its ranks hold whole (see `tables`).
 
-Which coordinates each attention mode rotates by: spatial attention (the N tokens of one frame) by (h, w);
-temporal attention (one position across frames) by t; full attention by (t, h, w). A part of the head that a
-mode does not rotate is left as it is (angle 0). The joy token has no place in the frame, so its (h, w) parts
-are never rotated: in spatial attention it is wholly the identity. Under RoPE the identity is the rotation of
-position 0, so relative to the patches the joy token scores as if it sat at the origin (0, 0): it has no place of
-its own, and making one up (the grid's centre, a place outside it) would tie it to the resolution or to an
-arbitrary convention. It is what ViT models with 2D RoPE do with their class token, which also reads the whole
-image (Heo et al. 2024, "Rotary Position Embedding for Vision Transformer", naver-ai/rope-vit: only the patch
-tokens are rotated), and it needs no table entry of its own. Its time part turns with its frame's t like every
-token's, which is what the sin-cos code gives it too (time(k), no spatial code): the joy tokens of different
-frames still know their order, and the hinge head averages them over frames as before. That choice also keeps sequence parallelism free of
-rank offsets: every mode's table covers an axis its ranks hold whole (see `tables`).
-
-The tables are computed once per forward for the clip's grid (T', H', W') and shared by every block; they are a
-pure function of the grid (any (T, H, W) the patch divides), built from arange, outer products, cos and sin,
-and applied with slices, multiplies and a concatenation: plain ops that torch.export and ONNX write as they are.
+The tables are computed once per forward for the clip's grid and shared by every block, from plain ops (arange,
+outer products, cos, sin, slices) that torch.export and ONNX write as they are.
 """
 
 from __future__ import annotations

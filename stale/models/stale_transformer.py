@@ -494,9 +494,7 @@ class StaleBlock(nn.Module):
 
     def attend(self, x: torch.Tensor, sp=None, rope=None) -> torch.Tensor:  # x: (B, T', N, D), N = H'W' + 1 (joy last)
         b, t, n, _ = x.shape
-        rope = (
-            None if rope is None else rope[self.mode]
-        )  # model.pos=rope: this mode's (cos, sin) (stale/models/rope.py)
+        rope = None if rope is None else rope[self.mode]  # model.pos=rope: this mode's (cos, sin) (models/rope.py)
         if self.mode == "spatial":  # the N tokens of one frame see each other: B T' sequences of length N
             return self.attn(rearrange(x, "b t n d -> (b t) n d"), rope=rope).view(b, t, n, -1)
         if self.mode == "temporal":  # one position sees itself across frames: B N sequences of length T'
@@ -520,9 +518,8 @@ class StaleBlock(nn.Module):
         ]  # (B, 1 or T', 1, 6D): one modulation per clip or per frame
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods.chunk(6, dim=-1)
         x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), sp, rope)
-        if (
-            self.cross_attn is not None
-        ):  # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+        # every token (of this rank's share) attends to the whole caption: (B, T' N, D) queries
+        if self.cross_attn is not None:
             b, t, n, d = x.shape
             x = x + self.cross_attn(self.cross_norm(x).reshape(b, t * n, d), text, text_mask).view(b, t, n, d)
         x = x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))

@@ -1,18 +1,12 @@
 """FSDP2 (`trainer=fsdp`, `trainer=fsdp_cpu`): per-block `fully_shard`, the EMA as shards, whole copies for sampling.
 
-`shard_model` applies torch's FSDP2 (`torch.distributed.fsdp.fully_shard`) to every block (`model.blocks`: the
-StaleBlocks, or a pretrained family's transformer blocks) and then to the whole model (embeddings, head, final layer). Each parameter becomes a DTensor sharded along dim 0 over all W
-processes (a 1-D mesh of the world: with `parallel.sequence=P` the P ranks of a clip shard too, so the
-reduce-scatter averages over all W ranks, the same mean that DDP's all-reduce takes; docs/parallel.md). A block's
-parameters are all-gathered just before it runs and freed after; its gradients are reduce-scattered as soon as
-its backward ends. Activation checkpointing is the model's own (`model.grad_checkpointing`: torch.utils.checkpoint
-around each block call, inside which the block's FSDP hooks gather again for the recomputation).
+`shard_model` applies torch's `fully_shard` to every block (`model.blocks`) and then to the whole model, over a 1-D
+mesh of all W processes (with `parallel.sequence=P` the P ranks of a clip shard too, so the reduce-scatter takes
+the same mean as DDP's all-reduce; docs/parallel.md). Activation checkpointing is the model's own.
 
-`ShardedEMA` is the EMA for such a model: Lightning's WeightAveraging deep-copies the module, which FSDP2 refuses,
-so each rank keeps the average of the shards it holds (same placements as the parameters) and updates it with
-the same foreach lerp (stale.system.ema). The whole average exists only when gathered: for a checkpoint (the
-EMA is swapped into the model and read with torch's `get_model_state_dict(full_state_dict=True)`, so it is
-saved exactly like the EMA of a DDP run) and for sampling (`gathered_copy`).
+`ShardedEMA` is the EMA for such a model (Lightning's WeightAveraging deep-copies the module, which FSDP2 refuses):
+each rank averages the shards it holds with stale.system.ema's foreach lerp; the whole average exists only when
+gathered, for a checkpoint (saved exactly like a DDP run's EMA) and for sampling (`gathered_copy`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The ("dp", "sp") device mesh of a run: data parallelism over clips, sequence parallelism inside one clip.
 
-`parallel.sequence=P` splits the W = trainer.devices x trainer.num_nodes processes into W / P data-parallel
-groups of P consecutive ranks (rank = dp_rank x P + sp_rank, torch's init_device_mesh order). The P ranks of a
-group hold the same clips (the data modules split the stream by the dp rank: `distributed_sampler_kwargs`) and
-draw the same noise (the system seeds it by the dp rank), and each holds 1/P of every clip's tokens inside the
-blocks (stale/parallel/sequence.py).
-
-Gradients need nothing new: every rank of a group holds the whole clip's loss, so the strategy's average over
-all W ranks (DDP's all-reduce, FSDP2's reduce-scatter) is the data-parallel average over the W / P groups
-(docs/parallel.md has the derivation). With P = 1 no mesh is built and nothing changes.
+`parallel.sequence=P` splits the W processes into W / P data-parallel groups of P consecutive ranks (torch's
+init_device_mesh order). The P ranks of a group hold the same clips (split by the dp rank:
+`distributed_sampler_kwargs`), draw the same noise and each hold 1/P of every clip's tokens inside the blocks
+(stale/parallel/sequence.py); gradients need nothing new (docs/parallel.md). With P = 1 no mesh is built.
 """
 
 from __future__ import annotations

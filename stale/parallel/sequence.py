@@ -6,28 +6,11 @@ over the P ranks of a sequence-parallel group in one of two layouts:
     frames     (B, T'_r, N, D)   rank r holds whole frames:     spatial attention (over N) is local
     positions  (B, T', N_r, D)   rank r holds whole positions:  temporal attention (over T') is local
 
-`layout(x, mode)` moves the tokens into the layout a block needs with one all-to-all (torch.distributed's
-functional all_to_all_single, differentiable: its backward is the inverse all-to-all), and only when the mode
-changes: the alternating pattern pays one all-to-all per block, no attention ever needs a ring (Open-Sora 1.2's
-and DSP's design). Full attention (`model.pattern=full`) stays in the frames layout and exchanges heads
-inside attention instead (DeepSpeed-Ulysses): q, k, v go from (all heads, this rank's tokens) to (this rank's
-heads, all tokens), and the output comes back; heads split like frames (model.heads >= P).
-
-Uneven shapes: T' and N are split as torch.tensor_split splits (the first T' mod P ranks hold one frame more),
-and the all-to-all sends uneven pieces (flattened, with per-rank split sizes), so no frame or position is ever
-padded and nothing needs a mask: odd frame counts and the odd N = H'W' + 1 are exact.
-
-The joy token is position N - 1 like any other: in the frames layout each rank holds the joy tokens of its own
-frames, in the positions layout the last rank holds all T' of them. Nothing is replicated, so there is no
-gradient to reduce for it. model.pos=rope's rotation tables (stale/models/rope.py) need no slicing: spatial blocks
-rotate by (h, w) over whole frames, temporal ones by t over whole positions, full attention after heads_to_sequence
-(all tokens). `gather` assembles the whole (B, T', N, D) on every rank after the last block, so the
-hinge head, the final layer and the loss run unchanged and every rank of the group holds the same loss.
-
-Gradients: each rank's backward returns, through the collectives, the gradient of every group rank's loss; the
-losses are equal, so a rank's parameter gradient is P times its share of the clip's gradient. Data parallelism
-over all ranks (DDP's or FSDP2's average over dp x sp ranks) divides by P x dp, which leaves exactly the
-data-parallel mean over the dp groups of a run without sequence parallelism (docs/parallel.md).
+`layout(x, mode)` moves the tokens with one differentiable all-to-all, only when the mode changes; full attention
+stays in the frames layout and exchanges heads inside attention (DeepSpeed-Ulysses). T' and N split as
+torch.tensor_split splits, with uneven all-to-all pieces: nothing is padded or masked. `gather` assembles the whole
+clip on every rank after the last block, so the head, the final layer and the loss run unchanged. docs/parallel.md
+has the design, the joy token's and RoPE's place in it, and why the gradients need no rescaling.
 """
 
 from __future__ import annotations

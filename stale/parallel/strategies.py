@@ -1,22 +1,11 @@
 """DDP and FSDP strategies that keep one Hydra output dir per run, also inside a Hydra multirun.
 
-When Lightning starts the other ranks itself (one machine, `trainer.devices=N`, no torchrun or SLURM), its
-subprocess launcher re-runs the command line: `sys.argv + hydra.run.dir=<hydra.run.dir>`. That is right for a
-single run, but under `stale-train -m a=1,2` every child would get `-m a=1,2` back and start the whole sweep
-again, in the sweep's `hydra.run.dir` rather than in the job's own dir (Lightning-AI/pytorch-lightning#11300,
-#18175). The launcher below starts each child as a single run of exactly this job instead:
-
-    python <script> <this job's overrides> hydra.mode=RUN hydra.run.dir=<this job's output dir>
-           hydra.output_subdir=null hydra.job.name=<job name>_rank<r>
-
-so every rank of every trial composes the same config and writes into the same folder; only rank zero writes
-`.hydra/`. When the trial's fit ends, rank zero waits for its children (or, if the fit failed, stops them),
-destroys the process group and puts back the environment variables the launch set (LOCAL_RANK, WORLD_SIZE,
-MASTER_PORT, ...): otherwise the next trial of the sweep would find `LOCAL_RANK` set, take itself for an
-externally launched rank, and reuse the dead process group.
-
-Processes started by torchrun or SLURM are not launched here (Lightning sees the cluster environment
-`creates_processes_externally`): for those, pass the same `hydra.run.dir` to every rank (see scripts/).
+Lightning's subprocess launcher re-runs `sys.argv`, so under `stale-train -m a=1,2` every child rank would start
+the whole sweep again (Lightning-AI/pytorch-lightning#11300, #18175). The launcher below starts each child as a
+single run of exactly this job (`hydra_child_command`; docs/scaling.md), and when the trial's fit ends it reaps the
+children, destroys the process group and restores the launch's environment variables, so the next trial of the
+sweep launches afresh. Processes started by torchrun or SLURM are not launched here: for those, pass the same
+`hydra.run.dir` to every rank (see scripts/).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Compute budget: the paper's cost constraint ("xz bit / 50 cent >= 1"), made real.
+"""Compute budget: the paper's cost constraint ("xz bit / 50 cent >= 1"), made real (docs/training.md).
 
-Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`, from an
-analytic or measured count per clip), device time (`max_gpu_hours` = wall time x devices) and money
-(`max_cost` = GPU-hours x `cost_per_gpu_hour`). Spend is logged on every optimiser step (budget/*). FLOP/s and
-MFU are Lightning's ThroughputMonitor's (train/device/flops_per_sec, train/device/mfu from its device table), fed by
-the module's flops_per_batch (stale.train).
-
-Rule: after each optimiser step the callback assumes the next step costs what this one did, and stops if
-that step would overrun a budget; so the FLOP budget, whose per-step cost is exact, is never exceeded when
-every batch has one shape, and the time and money budgets are overrun by at most the difference between two
-steps (plus any validation or sampling in between). With buckets (data.buckets) each batch counts the FLOPs
-of its own shape (the module's flops_per_batch), so a larger bucket after a smaller one can overrun the FLOP
-budget by that difference too; the planned step count (max_flops / the config's clip) is then an estimate. Every rank takes the same decision. The `last.ckpt` checkpoint
-callback (conf/callbacks/default.yaml) saves the state at the stop; the spend itself is part of every
-checkpoint, so a resumed run continues counting from where it stopped.
+Training stops cleanly at the first of three budgets it would overrun: FLOPs (`max_flops`), device time
+(`max_gpu_hours` = wall time x devices) and money (`max_cost` = GPU-hours x `cost_per_gpu_hour`). After each
+optimiser step the callback assumes the next step costs what this one did and stops if it would overrun (with
+buckets a larger batch can overrun the FLOP budget by the difference). Every rank takes the same decision, and the
+spend is part of every checkpoint, so a resumed run continues counting.
 """
 
 from __future__ import annotations
@@ -51,14 +42,11 @@ class ComputeBudget(L.Callback):
         max_cost: float | None = None,
         cost_per_gpu_hour: float | None = None,
     ):
-        values = dict(
-            flops_per_clip=flops_per_clip,
-            max_flops=max_flops,
-            max_gpu_hours=max_gpu_hours,
-            max_cost=max_cost,
-            cost_per_gpu_hour=cost_per_gpu_hour,
-        )
-        for key, value in values.items():
+        self.flops_per_clip = flops_per_clip  # training FLOPs per clip (forward + backward)
+        self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
+        self.cost_per_gpu_hour = cost_per_gpu_hour
+        for key in ("flops_per_clip", "max_flops", "max_gpu_hours", "max_cost", "cost_per_gpu_hour"):
+            value = getattr(self, key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
             ):
@@ -67,9 +55,6 @@ class ComputeBudget(L.Callback):
             raise ValueError("budget.max_cost is set but budget.cost_per_gpu_hour is null: set the price of a GPU-hour")
         if flops_per_clip is None and max_flops is not None:
             raise ValueError("budget.max_flops needs a FLOP count per clip (flops_per_clip)")
-        self.flops_per_clip = flops_per_clip  # training FLOPs per clip (forward + backward)
-        self.max_flops, self.max_gpu_hours, self.max_cost = max_flops, max_gpu_hours, max_cost
-        self.cost_per_gpu_hour = cost_per_gpu_hour
         # spend so far, in the whole run (saved in checkpoints)
         self.flops = 0.0
         self.gpu_seconds = 0.0

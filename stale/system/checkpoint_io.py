@@ -1,15 +1,10 @@
 """Checkpoint writing that is atomic on every local filesystem and fails loudly when the disk is full.
 
-Lightning's own writer goes through an fsspec transaction whose temporary file lives in the system temp
-dir (tempfile.mkstemp) and is committed with shutil.move. When checkpoints are on another filesystem than
-/tmp (the usual cluster layout: local /tmp, checkpoints on NFS or Lustre), that move is a copy that first
-truncates the existing checkpoint: a crash or a full disk during the copy destroys the last good
-checkpoint, and a large checkpoint can fill /tmp. Measured here with a tmpfs: see
-tests/test_crash_signals.py. This plugin writes a temporary file beside the target, fsyncs it and
-renames it into place (os.replace: atomic within one filesystem), then fsyncs the folder.
-
-A full disk raises CheckpointWriteError naming the checkpoint, the free space and that the previous
-checkpoint is intact. Remote paths (s3://, gs://, ...) keep Lightning's writer.
+Lightning's writer commits a temporary file from the system temp dir with shutil.move: with checkpoints on another
+filesystem than /tmp that move is a copy that first truncates the last good checkpoint (RELIABILITY.md,
+tests/test_crash_signals.py). This plugin writes beside the target, fsyncs, renames into place (os.replace) and
+fsyncs the folder; a full disk raises CheckpointWriteError naming the checkpoint and the free space, the previous
+checkpoint intact. Remote paths (s3://, gs://, ...) keep Lightning's writer.
 """
 
 from __future__ import annotations

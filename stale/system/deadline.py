@@ -1,25 +1,14 @@
 """A training deadline: plan the number of steps so that training ends on time, whatever the machine's speed.
 
-Machines of one kind differ by 2x in speed from day to day, so a fixed step count that fits a 10-minute
-quick start on a fast day overruns it on a slow one. `deadline.max_minutes` turns the step count into an
-outcome: the callback measures the optimiser-step rate during the learning-rate warmup, sets the number of
-steps that fit before the deadline (at most `max_steps`), and stretches the learning-rate schedule over
-exactly those steps, so the arctan decay completes instead of being cut off halfway.
+Machines of one kind differ by 2x in speed from day to day, so a fixed step count that fits a 10-minute quick start
+on a fast day overruns it on a slow one. The callback measures the optimiser-step rate during the warmup, sets
 
   planned = step + floor(rate x (deadline - now) x (1 - margin)),  capped at max_steps
 
-`margin` pays for what a step-rate measurement does not see: validation, periodic samples and checkpoints.
-After every validation the plan is checked against the effective rate so far (those costs included):
-lowered if the run would finish late, raised if the machine got faster (at least 5% more steps: a make train
-that began beside other jobs which then ended finished a minute early); a hard stop at the deadline is the
-last guard. The decision is
-printed, logged as deadline/*, written to <out_dir>/deadline.json and saved in every checkpoint: a resumed
-run keeps the planned step count and has no deadline of its own.
-
-The clock starts when the callback is built (train() builds it before the data is generated), so the
-deadline covers data generation, training, validation and periodic sampling; the final sampling after
-training is not included. `make train` starts the clock earlier, when make itself starts
-($STALE_DEADLINE_FROM), so that the set-up (venv, pip install) counts too.
+and stretches the learning-rate schedule over exactly those steps, so the decay completes instead of being cut off.
+After every validation the plan is lowered if the run would finish late, or raised by at least 5% if the machine got
+faster; a hard stop at the deadline is the last guard. The clock starts when the callback is built (or at
+$STALE_DEADLINE_FROM); a resumed run keeps the planned step count. docs/training.md has the settings.
 """
 
 from __future__ import annotations
@@ -197,20 +186,11 @@ class TrainingDeadline(L.Callback):
         effective = (step - step0) / (now - t0)
         planned = plan_steps(step, effective, self.t_deadline - now, self.margin, self.max_steps)
         late = now + (self.planned_steps - step) / effective > self.t_deadline
-        if late and planned < self.planned_steps:
+        faster = planned > self.planned_steps * (1 + self.RAISE_AT)  # the machine got faster (other jobs ended)
+        if (late and planned < self.planned_steps) or faster:
+            why = f"re-planned at step {step}: {effective:.3g} steps/s with validation and sampling"
             self._apply(
-                trainer,
-                pl_module,
-                planned,
-                f"re-planned at step {step}: {effective:.3g} steps/s with validation and sampling",
-            )
-        elif planned > self.planned_steps * (1 + self.RAISE_AT):  # the machine got faster (other jobs ended)
-            self._apply(
-                trainer,
-                pl_module,
-                planned,
-                f"re-planned at step {step}: {effective:.3g} steps/s with "
-                f"validation and sampling, faster than measured",
+                trainer, pl_module, planned, why if planned < self.planned_steps else f"{why}, faster than measured"
             )
 
     def summary(self) -> dict:

@@ -1,15 +1,9 @@
-"""NaN/inf guard: skip an optimiser step whose loss or gradient is not finite, stop after too many.
+"""NaN/inf guard: skip an optimiser step whose loss or gradient is not finite, stop after too many (RELIABILITY.md).
 
-A week-long run should survive one bad batch but not a diverged model. On every optimiser step the guard
-measures the global gradient norm (before clipping; logged as train/grad_norm) and checks it, and every
-micro-batch loss since the last step, for NaN/inf. The flag is summed over all ranks, so every rank
-takes the same action:
-
-- skip: all gradients are dropped (set to None), so AdamW leaves the weights and its moments untouched.
-  The batch still counts as a step: the step counter, the learning-rate schedule and the compute budget
-  move on, the data is not replayed.
-- stop: after `max_skips` skipped steps in the run (the count survives resume), the next non-finite step
-  raises NonFiniteLossError with the step, the loss components and the gradient norm.
+On every optimiser step the guard measures the global gradient norm (before clipping; train/grad_norm) and checks
+it and the micro-batch losses for NaN/inf; the flag is summed over ranks, so every rank acts alike. skip: all
+gradients are dropped, so AdamW leaves weights and moments untouched while the step counter, schedule and budget
+move on. stop: after `max_skips` skipped steps (counted across resume) the next one raises NonFiniteLossError.
 """
 
 from __future__ import annotations

@@ -151,9 +151,8 @@ class StaleSystem(L.LightningModule):
         # After the callbacks' setup, so that the EMA callback (WeightAveraging) deep-copies the plain module. nn.Module.compile
         # compiles in place: parameter names and checkpoints are the same with and without it.
         if stage == "fit" and self.compile_options is not None and not self._compiled:
-            self.model.compile(
-                **{k: v for k, v in self.compile_options.items() if k != "fullgraph"}
-            )  # validation, sampling
+            # the module itself: validation and sampling run compiled too
+            self.model.compile(**{k: v for k, v in self.compile_options.items() if k != "fullgraph"})
             # The training step's loss (both branches of the objective, noise draws included) is one graph: any
             # graph break is an error, not a silent slowdown (tests/test_system.py checks there is none).
             self._loss_parts = torch.compile(self._loss_parts, **{"fullgraph": True, **self.compile_options})

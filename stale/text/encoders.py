@@ -1,15 +1,12 @@
 """Text encoders: captions -> what a cond=text model is given (docs/text.md).
 
-    text_encoder=hf       a frozen transformers encoder and its tokenizer from one folder or hub id
-                          (T5EncoderModel, UMT5EncoderModel, CLIPTextModel, or any AutoModel with a
-                          last_hidden_state): captions -> embeddings (B, L, hidden) and a padding mask (B, L)
-    text_encoder=learned  a word-level tokenizer (the `tokenizers` library) built on the dataset's own captions:
-                          captions -> token ids (B, L) and a mask; the encoder itself is a few Transformer layers
-                          inside the model (stale.models.stale_transformer.LearnedTextEncoder), trained with it
+    text_encoder=hf       a frozen transformers encoder and its tokenizer (one folder or hub id): captions ->
+                          embeddings (B, L, hidden) and a padding mask (B, L)
+    text_encoder=learned  a word-level tokenizer built on the dataset's captions: captions -> token ids (B, L) and a
+                          mask; the encoder is inside the model (LearnedTextEncoder), trained with it
 
-Both pad every caption to `max_length` tokens (fixed shapes: batches stack, caches hold one shape, exports take
-one input), truncate longer captions and COUNT them (`truncated`), never raise. The empty caption's encoding
-(`empty`) is the unconditional branch of classifier-free guidance and what caption dropout puts in.
+Both pad every caption to `max_length` tokens (fixed shapes), truncate longer ones and count them (`truncated`).
+`empty`, the empty caption's encoding, is the unconditional branch of guidance and what caption dropout puts in.
 """
 
 from __future__ import annotations

@@ -137,13 +137,8 @@ def check_trainer(cfg: DictConfig) -> None:
             "trainer.max_steps=null lets a training deadline decide the step count, but "
             "deadline.max_minutes is null: set one of them"
         )
-    number(
-        cfg,
-        "deadline.max_steps" if cfg.trainer.max_steps is None else "trainer.max_steps",
-        0,
-        strict=True,
-        integer=True,
-    )  # streams have no epochs
+    steps_key = "deadline.max_steps" if cfg.trainer.max_steps is None else "trainer.max_steps"
+    number(cfg, steps_key, 0, strict=True, integer=True)  # streams have no epochs
     number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
     number(cfg, "trainer.gradient_clip_val", 0, optional=True)  # 0 or null: no clipping
     if str(cfg.trainer.get("precision")) not in PRECISIONS:

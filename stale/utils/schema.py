@@ -1,18 +1,12 @@
 """The key schema of stale's configs: which keys each node accepts, and errors that list them.
 
-Hydra's struct mode refuses a typo on the command line (`optim.lrr=0.1`) but names only the key, and then
-suggests `+optim.lrr=0.1`, which it accepts silently; so is a typo inside a YAML file. A misspelt key that
-trains with the default is the worst kind of error in a sweep. check_keys() closes both holes before any
-data is generated: every key of the composed config must be in the schema of its node, and the error names
-the key, every key its node accepts, and the nearest one.
-
-The schema comes from the code, so it cannot drift from it:
-- a node with `_target_` accepts the target's parameters (following `**kwargs` up the class hierarchy while
-  each __init__ passes them on; a target that swallows arbitrary kwargs, such as WandbLogger, is open);
-- the model node (build_model's `**overrides`) takes the keys its caller passes (stale.training.checks:
-  StaleConfig's fields), so that utils imports no other stale package;
-- plain nodes (the root, sample, parallel) are the dataclasses below; `logger` and `callbacks` are dicts of
-  target nodes with names of the user's choice; `paths` and `hydra` are free.
+Hydra's struct mode refuses a typo on the command line (`optim.lrr=0.1`) but names only the key, then suggests
+`+optim.lrr=0.1`, which it accepts silently; so is a typo inside a YAML file, and a misspelt key that trains with
+the default is the worst kind of error in a sweep. check_train_keys() refuses every key its node's schema lacks,
+naming the nodes' keys and the nearest one. The schema comes from the code, so it cannot drift from it: a
+`_target_` node accepts its target's parameters (following `**kwargs` up stale's class hierarchy, and into
+FORWARDS for third-party classes; docs/training.md), the model node the keys its caller passes, plain nodes the
+dataclasses below; `logger` and `callbacks` are dicts of target nodes, `paths` and `hydra` are free.
 """
 
 from __future__ import annotations
@@ -82,6 +76,8 @@ class TrainSchema:
     pipeline: Any = None  # backbone=wan|ltx: the pipeline repository its model, vae and text encoder come from
 
 
+# the root's nodes built by instantiate, checked against their _target_'s signature
+TARGET_NODES = "model data diffusion optim schedule vae text_encoder trainer nan_guard budget deadline finetune".split()
 OPEN = None  # "any key": a node whose keys this schema does not constrain
 
 
@@ -183,20 +179,7 @@ def check_train_keys(cfg: DictConfig, keys: dict[str, set[str]]) -> None:
     """Raise UnknownKeyError for the first key of a stale-train config that nothing accepts. `keys` gives the
     keys of nodes whose target's signature does not list them (the model's **overrides)."""
     _check_dataclass(cfg, "", TrainSchema)
-    for name in (
-        "model",
-        "data",
-        "diffusion",
-        "optim",
-        "schedule",
-        "vae",
-        "text_encoder",
-        "trainer",
-        "nan_guard",
-        "budget",
-        "deadline",
-        "finetune",
-    ):
+    for name in TARGET_NODES:
         _check_target_node(cfg.get(name), name, keys)
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():

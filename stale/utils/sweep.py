@@ -1,20 +1,10 @@
-"""A Hydra callback that writes a sweep's summary: one row per trial and the best trial.
+"""A Hydra callback that writes a sweep's summary: one row per trial and the best trial (docs/scaling.md).
 
-Hydra calls `on_job_end` inside each job (for the SLURM launcher that is on the compute node) and
-`on_multirun_end` in the process that ran the sweep, once every job has returned. So each job records its
-own result in its output dir (`sweep_result.json`), and the end of the sweep gathers those files:
-
-    <sweep dir>/sweep_summary.csv   trial, metric, status, overrides, output dir (every job)
-    <sweep dir>/sweep_summary.md    the same as a table, showing only the overrides that vary
-    <sweep dir>/best_trial.yaml     the best trial's metric, overrides, output dir and command line
-
-The metric is the job's return value: `stale-train` returns `val/loss`. Trials that failed, or returned
-no finite number, are listed but never chosen as best. Enabled in conf/hydra/default.yaml as
-`hydra.callbacks.sweep_summary`; it does nothing in plain (non `-m`) runs.
-
-A sweep that stops early (a failed trial stops Hydra's basic sweeper; the launching process may be killed)
-never reaches `on_multirun_end`; the trials that finished still have their result files, and
-`python -m stale.utils.sweep SWEEP_DIR [--direction maximize]` writes the summary from them.
+Each job records its result in its output dir (`sweep_result.json`, in `on_job_end`, on the node that ran it) and
+`on_multirun_end` gathers them into sweep_summary.csv, sweep_summary.md and best_trial.yaml. The metric is the job's
+return value (`stale-train` returns `val/loss`); failed or non-finite trials are listed, never chosen as best. A
+sweep that stops early never reaches `on_multirun_end`: `python -m stale.utils.sweep SWEEP_DIR [--direction
+maximize]` writes the summary from the result files.
 """
 
 from __future__ import annotations
