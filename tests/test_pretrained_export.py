@@ -67,12 +67,13 @@ def diffusers_velocity(transformer, seed=0):
     return -transformer.eval()(hidden_states=x, timestep=(1 - t) * 1000, encoder_hidden_states=text)[0]
 
 
-def latents(pipe):
-    """Two Euler steps of the diffusers pipeline from a fixed seed, left in latent space."""
+def latents(pipe, side: int = 16):
+    """Two Euler steps of the diffusers pipeline from a fixed seed, left in latent space (LTXPipeline takes sides of
+    32k pixels)."""
     return pipe(
         prompt="a red square moving left",
-        height=16,
-        width=16,
+        height=side,
+        width=side,
         num_frames=9,
         num_inference_steps=2,
         guidance_scale=1.0,
@@ -214,31 +215,16 @@ def test_ltx_exports_load_in_diffusers_and_in_stale(mode, tmp_path_factory, tmp_
         keys = set(load_file(str(out / "pytorch_lora_weights.safetensors")))
         assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
         pipe = LTXPipeline.from_pretrained(str(ltx))
-        before = ltx_latents(pipe)
+        before = latents(pipe, 32)
         pipe.load_lora_weights(str(out))
-        assert not torch.allclose(ltx_latents(pipe), before, atol=1e-4)
+        assert not torch.allclose(latents(pipe, 32), before, atol=1e-4)
     else:
         loaded = LTXVideoTransformer3DModel.from_pretrained(str(out / "transformer")).state_dict()
         ours = model.transformer.state_dict()
         assert loaded.keys() == ours.keys() and all(torch.equal(v, ours[k]) for k, v in loaded.items())
         assert json.loads((out / "transformer/config.json").read_text())["stale_prior"] == "uniform"
-        assert torch.isfinite(ltx_latents(LTXPipeline.from_pretrained(str(out)))).all()
+        assert torch.isfinite(latents(LTXPipeline.from_pretrained(str(out)), 32)).all()
     stale = StalePipeline.from_pretrained(out)
     assert stale.prior == prior
     assert stale.defaults["scheduler"]["sigmas"] == "linear"  # LTXPipeline's grid
     assert torch.equal(velocity(stale.model), velocity(model))
-
-
-def ltx_latents(pipe):
-    """Two steps of LTXPipeline from a fixed seed, left in latent space (it takes sides of 32k pixels)."""
-    return pipe(
-        prompt="a red square moving left",
-        height=32,
-        width=32,
-        num_frames=9,
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-        max_sequence_length=8,
-    ).frames
